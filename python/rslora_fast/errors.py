@@ -1,0 +1,37 @@
+"""Exception hierarchy shared by the Python package and the Rust extension.
+
+Every error rslora_fast raises on purpose derives from :class:`RsloraError`. The Rust side
+(``src/python/errors.rs``) raises the classes defined in ``rslora_fast._core`` with the same names;
+they are re-exported here when the extension is present so ``except rslora_fast.RsloraError`` catches
+both.
+"""
+
+from __future__ import annotations
+
+try:  # the extension defines the canonical classes (so Rust can raise them)
+    from ._core import (  # type: ignore[attr-defined]
+        CudaError,
+        KernelsUnavailableError,
+        OffloadError,
+        QuantFormatError,
+        RsloraError,
+    )
+except ImportError:  # pure-Python source tree without the built extension
+
+    class RsloraError(Exception):
+        """Base class of every error raised by rslora_fast."""
+
+    class CudaError(RsloraError):
+        """A CUDA driver call or kernel launch failed."""
+
+    class KernelsUnavailableError(RsloraError):
+        """The compiled kernels are missing or cannot load on this machine."""
+
+    class QuantFormatError(RsloraError, ValueError):
+        """A quantized tensor or its serialized state is malformed."""
+
+    class OffloadError(RsloraError):
+        """The activation-offload scheduler was misused or ran out of host memory."""
+
+
+__all__ = ["CudaError", "KernelsUnavailableError", "OffloadError", "QuantFormatError", "RsloraError"]

@@ -1,0 +1,343 @@
+//! The GPU bridge: the primary context of a device (the one PyTorch uses), the embedded kernel
+//! modules (loaded once per device), raw-stream launches and events.
+//!
+//! Rules we keep (design.md §3.4): never create or destroy a context, never own PyTorch's stream or
+//! memory (streams and pointers arrive as plain integers), check every driver call. We use cudarc's
+//! `sys` layer because its safe types would take ownership of what PyTorch owns.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CStr, CString};
+use std::sync::{Mutex, OnceLock};
+
+use cudarc::driver::sys;
+
+use crate::{Error, Result};
+
+pub mod fatbins;
+
+/// A CUDA stream handle borrowed from PyTorch (`torch.cuda.current_stream().cuda_stream`).
+/// `0` is the legacy default stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawStream(pub usize);
+
+impl RawStream {
+    fn as_sys(self) -> sys::CUstream {
+        self.0 as sys::CUstream
+    }
+}
+
+/// Turn a driver result into our error, naming the operation.
+pub fn check(res: sys::CUresult, context: &str) -> Result<()> {
+    if res == sys::CUresult::CUDA_SUCCESS {
+        return Ok(());
+    }
+    Err(Error::Cuda {
+        context: context.to_string(),
+        code: res as i32,
+        message: error_text(res),
+    })
+}
+
+fn error_text(res: sys::CUresult) -> String {
+    let mut name: *const std::ffi::c_char = std::ptr::null();
+    let mut text: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: the driver writes pointers to static strings (or leaves them null on failure).
+    unsafe {
+        sys::cuGetErrorName(res, &mut name);
+        sys::cuGetErrorString(res, &mut text);
+    }
+    let read = |p: *const std::ffi::c_char| {
+        if p.is_null() {
+            None
+        } else {
+            // SAFETY: non-null pointers from the driver are NUL-terminated static strings.
+            Some(unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+        }
+    };
+    match (read(name), read(text)) {
+        (Some(n), Some(t)) => format!("{n}: {t}"),
+        (Some(n), None) => n,
+        _ => format!("unknown CUDA error {}", res as i32),
+    }
+}
+
+/// Load the driver library and run `cuInit` once per process.
+pub fn init() -> Result<()> {
+    static INIT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    INIT.get_or_init(|| {
+        // SAFETY: only checks whether libcuda can be opened.
+        if !unsafe { sys::is_culib_present() } {
+            return Err("libcuda.so could not be loaded (no NVIDIA driver on this machine)".into());
+        }
+        // SAFETY: cuInit has no preconditions; it is idempotent.
+        check(unsafe { sys::cuInit(0) }, "cuInit").map_err(|e| e.to_string())
+    })
+    .clone()
+    .map_err(Error::CudaUnavailable)
+}
+
+/// Number of CUDA devices, or 0 when there is no driver.
+pub fn device_count() -> i32 {
+    if init().is_err() {
+        return 0;
+    }
+    let mut n = 0;
+    // SAFETY: writes one int.
+    match check(unsafe { sys::cuDeviceGetCount(&mut n) }, "cuDeviceGetCount") {
+        Ok(()) => n,
+        Err(_) => 0,
+    }
+}
+
+/// The driver's CUDA version as `major * 1000 + minor * 10` (e.g. 13000).
+pub fn driver_version() -> Result<i32> {
+    init()?;
+    let mut v = 0;
+    // SAFETY: writes one int.
+    check(
+        unsafe { sys::cuDriverGetVersion(&mut v) },
+        "cuDriverGetVersion",
+    )?;
+    Ok(v)
+}
+
+fn device_handle(ordinal: i32) -> Result<sys::CUdevice> {
+    init()?;
+    let n = device_count();
+    if ordinal < 0 || ordinal >= n {
+        return Err(Error::invalid(format!(
+            "CUDA device index {ordinal} out of range: this machine has {n} device(s)"
+        )));
+    }
+    let mut dev: sys::CUdevice = 0;
+    // SAFETY: ordinal was range-checked; writes one handle.
+    check(
+        unsafe { sys::cuDeviceGet(&mut dev, ordinal) },
+        "cuDeviceGet",
+    )?;
+    Ok(dev)
+}
+
+/// Name and compute capability of a device.
+pub fn device_info(ordinal: i32) -> Result<(String, i32, i32)> {
+    let dev = device_handle(ordinal)?;
+    let mut buf = [0 as std::ffi::c_char; 256];
+    // SAFETY: the buffer holds 256 bytes and the driver NUL-terminates within `len`.
+    check(
+        unsafe { sys::cuDeviceGetName(buf.as_mut_ptr(), buf.len() as i32, dev) },
+        "cuDeviceGetName",
+    )?;
+    // SAFETY: NUL-terminated by the driver.
+    let name = unsafe { CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    let attr = |a: sys::CUdevice_attribute| -> Result<i32> {
+        let mut v = 0;
+        // SAFETY: writes one int for a valid device and attribute.
+        check(
+            unsafe { sys::cuDeviceGetAttribute(&mut v, a, dev) },
+            "cuDeviceGetAttribute",
+        )?;
+        Ok(v)
+    };
+    let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+    let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+    Ok((name, major, minor))
+}
+
+/// Primary contexts we retained, by device ordinal. Retained once and kept for the life of the
+/// process (PyTorch does the same), so we never destroy what PyTorch is using.
+fn primary_contexts() -> &'static Mutex<HashMap<i32, usize>> {
+    static CTX: OnceLock<Mutex<HashMap<i32, usize>>> = OnceLock::new();
+    CTX.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Make the primary context of `ordinal` current on this thread.
+pub fn bind_device(ordinal: i32) -> Result<()> {
+    let ctx = {
+        let mut map = primary_contexts()
+            .lock()
+            .map_err(|_| Error::invalid("context table poisoned"))?;
+        match map.get(&ordinal) {
+            Some(&c) => c,
+            None => {
+                let dev = device_handle(ordinal)?;
+                let mut ctx: sys::CUcontext = std::ptr::null_mut();
+                // SAFETY: retains (never creates anew) the device's primary context.
+                check(
+                    unsafe { sys::cuDevicePrimaryCtxRetain(&mut ctx, dev) },
+                    "cuDevicePrimaryCtxRetain",
+                )?;
+                map.insert(ordinal, ctx as usize);
+                ctx as usize
+            }
+        }
+    };
+    // SAFETY: `ctx` is a retained primary context, valid for the life of the process.
+    check(
+        unsafe { sys::cuCtxSetCurrent(ctx as sys::CUcontext) },
+        "cuCtxSetCurrent",
+    )
+}
+
+/// A loaded kernel function handle, cached per (device, kernel).
+#[derive(Clone, Copy)]
+struct Function(usize);
+
+fn function_cache() -> &'static Mutex<HashMap<(i32, &'static str), Function>> {
+    static F: OnceLock<Mutex<HashMap<(i32, &'static str), Function>>> = OnceLock::new();
+    F.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn module_cache() -> &'static Mutex<HashMap<(i32, &'static str), usize>> {
+    static M: OnceLock<Mutex<HashMap<(i32, &'static str), usize>>> = OnceLock::new();
+    M.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Load (once per device) the module compiled from `kernels/<module>.cu`.
+fn load_module(ordinal: i32, module: &'static str) -> Result<sys::CUmodule> {
+    let mut cache = module_cache()
+        .lock()
+        .map_err(|_| Error::invalid("module table poisoned"))?;
+    if let Some(&m) = cache.get(&(ordinal, module)) {
+        return Ok(m as sys::CUmodule);
+    }
+    let image = fatbins::fatbin(module)?;
+    // The driver wants the image suitably aligned; `include_bytes!` gives no alignment guarantee.
+    let mut aligned = vec![0u64; image.len().div_ceil(8)];
+    // SAFETY: `aligned` has at least `image.len()` bytes; the regions do not overlap.
+    unsafe {
+        std::ptr::copy_nonoverlapping(image.as_ptr(), aligned.as_mut_ptr() as *mut u8, image.len())
+    };
+    let mut m: sys::CUmodule = std::ptr::null_mut();
+    // SAFETY: the primary context is current (bind_device) and the image is a valid fatbin.
+    check(
+        unsafe { sys::cuModuleLoadData(&mut m, aligned.as_ptr() as *const c_void) },
+        &format!("cuModuleLoadData({module}.fatbin)"),
+    )?;
+    cache.insert((ordinal, module), m as usize);
+    Ok(m)
+}
+
+fn function(ordinal: i32, module: &'static str, kernel: &'static str) -> Result<sys::CUfunction> {
+    if let Some(f) = function_cache()
+        .lock()
+        .map_err(|_| Error::invalid("function table poisoned"))?
+        .get(&(ordinal, kernel))
+    {
+        return Ok(f.0 as sys::CUfunction);
+    }
+    let m = load_module(ordinal, module)?;
+    let cname = CString::new(kernel).map_err(|_| Error::invalid("kernel name has NUL"))?;
+    let mut f: sys::CUfunction = std::ptr::null_mut();
+    // SAFETY: `m` is a loaded module; `cname` is NUL-terminated.
+    check(
+        unsafe { sys::cuModuleGetFunction(&mut f, m, cname.as_ptr()) },
+        &format!("cuModuleGetFunction({kernel})"),
+    )?;
+    function_cache()
+        .lock()
+        .map_err(|_| Error::invalid("function table poisoned"))?
+        .insert((ordinal, kernel), Function(f as usize));
+    Ok(f)
+}
+
+/// Grid / block shape and dynamic shared memory of one launch.
+#[derive(Clone, Copy, Debug)]
+pub struct LaunchConfig {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shared_mem_bytes: u32,
+}
+
+impl LaunchConfig {
+    /// A 1-D launch of `blocks` blocks of `threads` threads.
+    pub fn linear(blocks: u32, threads: u32) -> Self {
+        LaunchConfig {
+            grid: (blocks.max(1), 1, 1),
+            block: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+/// Launch `kernel` from `kernels/<module>.cu` on a borrowed stream of device `ordinal`.
+///
+/// # Safety
+/// `args` must point to values whose types and count match the kernel's parameters exactly, and
+/// every device pointer among them must be valid for the accesses the kernel makes on `ordinal`.
+pub unsafe fn launch(
+    ordinal: i32,
+    stream: RawStream,
+    module: &'static str,
+    kernel: &'static str,
+    cfg: LaunchConfig,
+    args: &mut [*mut c_void],
+) -> Result<()> {
+    bind_device(ordinal)?;
+    let f = function(ordinal, module, kernel)?;
+    // SAFETY: the caller guarantees `args` matches the kernel signature; the stream is borrowed.
+    let res = unsafe {
+        sys::cuLaunchKernel(
+            f,
+            cfg.grid.0,
+            cfg.grid.1,
+            cfg.grid.2,
+            cfg.block.0,
+            cfg.block.1,
+            cfg.block.2,
+            cfg.shared_mem_bytes,
+            stream.as_sys(),
+            args.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    };
+    check(res, &format!("launch of kernel {kernel}"))
+}
+
+/// Number of streaming multiprocessors of a device (for grid sizing), cached.
+pub fn sm_count(ordinal: i32) -> Result<u32> {
+    static SMS: OnceLock<Mutex<HashMap<i32, u32>>> = OnceLock::new();
+    let map = SMS.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(&n) = map
+        .lock()
+        .map_err(|_| Error::invalid("poisoned"))?
+        .get(&ordinal)
+    {
+        return Ok(n);
+    }
+    let dev = device_handle(ordinal)?;
+    let mut v = 0;
+    // SAFETY: writes one int.
+    check(
+        unsafe {
+            sys::cuDeviceGetAttribute(
+                &mut v,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                dev,
+            )
+        },
+        "cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)",
+    )?;
+    let n = v.max(1) as u32;
+    map.lock()
+        .map_err(|_| Error::invalid("poisoned"))?
+        .insert(ordinal, n);
+    Ok(n)
+}
+
+/// Which kernel modules this build carries and for which architectures (for `info`).
+pub fn kernel_modules() -> Vec<&'static str> {
+    fatbins::FATBINS.iter().map(|(name, _)| *name).collect()
+}
+
+/// Load every module on `ordinal` to check the kernels run on this GPU.
+pub fn load_all_modules(ordinal: i32) -> Result<Vec<&'static str>> {
+    bind_device(ordinal)?;
+    let mut loaded = Vec::new();
+    for (name, _) in fatbins::FATBINS {
+        load_module(ordinal, name)?;
+        loaded.push(*name);
+    }
+    Ok(loaded)
+}

@@ -1,0 +1,56 @@
+//! One typed launcher per `kernels/*.cu` file: argument checks, launch shape, dtype dispatch.
+//! Tensors arrive as raw device pointers (owned by PyTorch) plus element counts.
+
+use crate::{Error, Result};
+
+pub mod swiglu;
+
+/// Floating-point element types our kernels are compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    /// Parse the torch dtype name (`"float32"`, `"float16"`, `"bfloat16"`).
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "float32" | "float" | "f32" => Ok(DType::F32),
+            "float16" | "half" | "f16" => Ok(DType::F16),
+            "bfloat16" | "bf16" => Ok(DType::BF16),
+            other => Err(Error::invalid(format!(
+                "unsupported dtype {other:?}; expected one of float32, float16, bfloat16"
+            ))),
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+/// True when every pointer is 16-byte aligned (so kernels may use 16-byte vector access).
+pub(crate) fn all_aligned16(ptrs: &[usize]) -> bool {
+    ptrs.iter().all(|p| p % 16 == 0)
+}
+
+/// Grid for a grid-stride elementwise kernel over `n` elements moved as `per_thread`-element
+/// vectors: enough blocks to fill every SM several times, never more than the work needs.
+pub(crate) fn elementwise_grid(n: usize, per_thread: usize, threads: u32, sms: u32) -> u32 {
+    let needed = n.div_ceil(per_thread).div_ceil(threads as usize).max(1);
+    let cap = (sms as usize) * 8;
+    needed.min(cap.max(1)) as u32
+}
+
+pub(crate) fn check_ptrs(what: &str, ptrs: &[usize]) -> Result<()> {
+    if ptrs.contains(&0) {
+        return Err(Error::invalid(format!("{what}: null device pointer")));
+    }
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! Activation offload for "unsloth" gradient checkpointing: pinned host pool + scheduler.

@@ -1,0 +1,24 @@
+//! The only place that knows PyO3: thin wrappers over the pure-Rust core and the error mapping.
+//! Every binding runs its body through [`guard`] so a panic becomes a Python exception instead
+//! of crossing the FFI boundary.
+
+use pyo3::prelude::*;
+
+mod cuda;
+pub(crate) mod errors;
+mod kernels;
+mod offload;
+mod quant;
+
+pub(crate) use errors::guard;
+
+/// `rslora_fast._core`: the compiled extension.
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::register(m)?;
+    cuda::register(m)?;
+    kernels::register(m)?;
+    quant::register(m)?;
+    offload::register(m)?;
+    Ok(())
+}

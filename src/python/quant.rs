@@ -1,0 +1,6 @@
+//! Python bindings of `crate::quant`.
+use pyo3::prelude::*;
+
+pub(crate) fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+    Ok(())
+}
