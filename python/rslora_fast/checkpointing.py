@@ -1,0 +1,116 @@
+"""Gradient-checkpointing modes for ``get_peft_model(use_gradient_checkpointing=...)``.
+
+Modes:
+
+* ``False`` (or ``None``): no checkpointing (turned off if the model had it on).
+* ``True``: every decoder layer is checkpointed: only its inputs are kept in forward and the layer is
+  recomputed in backward.
+* ``"unsloth"``: currently the same as ``True`` (plain per-decoder-layer checkpointing). The
+  activation-offload version (decoder-layer inputs kept in pinned host memory) replaces it behind
+  this same function, :func:`apply_gradient_checkpointing`.
+
+Both reentrant and non-reentrant ``torch.utils.checkpoint`` are supported. Non-reentrant is the
+default. With reentrant checkpointing a checkpointed block whose inputs do not require grad would
+give the LoRA weights no gradient, so the output of the input embeddings is made to require grad.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch import nn
+
+ACCEPTED_MODES = (False, True, "unsloth")
+
+
+def validate_mode(mode: Any) -> bool | str:
+    """Normalize and check a ``use_gradient_checkpointing`` value.
+
+    Args:
+        mode: ``False``, ``None``, ``True`` or ``"unsloth"``.
+
+    Returns:
+        ``False``, ``True`` or ``"unsloth"``.
+
+    Raises:
+        ValueError: for anything else, listing the accepted modes.
+    """
+    if mode is None or mode is False:
+        return False
+    if mode is True:
+        return True
+    if isinstance(mode, str) and mode == "unsloth":
+        return "unsloth"
+    raise ValueError(f"use_gradient_checkpointing must be one of {list(ACCEPTED_MODES)}, got {mode!r}")
+
+
+def _make_inputs_require_grad(model: nn.Module) -> None:
+    if callable(getattr(model, "enable_input_require_grads", None)):
+        model.enable_input_require_grads()
+        return
+    emb = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    if emb is None:
+        raise ValueError(
+            "reentrant gradient checkpointing needs the model's input embeddings "
+            "(get_input_embeddings()) to make the checkpointed inputs require grad; use use_reentrant=False"
+        )
+
+    def hook(_module, _inputs, output):
+        output.requires_grad_(True)
+
+    model._rslora_input_grad_hook = emb.register_forward_hook(hook)
+
+
+def _undo_inputs_require_grad(model: nn.Module) -> None:
+    if callable(getattr(model, "disable_input_require_grads", None)) and hasattr(
+        model, "_require_grads_hook"
+    ):
+        model.disable_input_require_grads()
+    handle = model.__dict__.pop("_rslora_input_grad_hook", None)
+    if handle is not None:
+        handle.remove()
+
+
+def apply_gradient_checkpointing(
+    model: nn.Module, mode: Any, max_seq_length: int = 2048, *, use_reentrant: bool = False
+) -> bool | str:
+    """Install (or remove) gradient checkpointing on a transformers model.
+
+    Args:
+        model: the unwrapped transformers model (a ``PreTrainedModel`` that supports checkpointing).
+        mode: ``False``/``None``, ``True`` or ``"unsloth"`` (see the module docstring; ``"unsloth"``
+            is plain per-decoder-layer checkpointing for now).
+        max_seq_length: the training sequence length; unused by plain checkpointing, kept so the
+            offloading implementation can pick its strategy (it falls back to plain below ~512).
+        use_reentrant: use reentrant ``torch.utils.checkpoint``; the input embeddings' output is then
+            made to require grad so LoRA weights inside checkpointed layers still get gradients.
+
+    Returns:
+        The normalized mode.
+
+    Raises:
+        ValueError: for an unknown mode. A model without per-layer checkpointing support gets a
+            warning and no checkpointing (the return value is then ``False``).
+    """
+    mode = validate_mode(mode)
+    if mode is False:
+        if getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_disable()
+        _undo_inputs_require_grad(model)
+        return False
+    if not (
+        callable(getattr(model, "gradient_checkpointing_enable", None))
+        and getattr(model, "supports_gradient_checkpointing", False)
+    ):
+        warnings.warn(
+            f"use_gradient_checkpointing={mode!r}: {type(model).__name__} does not support per-layer "
+            "gradient checkpointing (a transformers PreTrainedModel with supports_gradient_checkpointing is "
+            "needed); training without checkpointing",
+            stacklevel=2,
+        )
+        return False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": bool(use_reentrant)})
+    if use_reentrant:
+        _make_inputs_require_grad(model)
+    return mode

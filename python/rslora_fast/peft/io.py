@@ -1,0 +1,131 @@
+"""PEFT-format adapter files: ``adapter_model.safetensors`` keys and their mapping onto a model."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .layer import LoraLinear, ModulesToSaveWrapper
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def peft_named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of the adapted model under its PEFT checkpoint key.
+
+    The key is ``base_model.model.<name>`` where modules_to_save copies appear under the name of the
+    module they replace and the originals they keep are left out.
+
+    Args:
+        model: the transformers model with adapters injected.
+
+    Returns:
+        ``{peft_key: live tensor}``.
+    """
+    wrappers = [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        for w in wrappers:
+            if name.startswith(w + ".original_module."):
+                name = ""
+                break
+            if name.startswith(w + ".modules_to_save."):
+                name = w + "." + name[len(w + ".modules_to_save.") :]
+                break
+        if name:
+            out[PREFIX + name] = t
+    return out
+
+
+def adapter_state_dict(model: nn.Module, config: LoraConfig) -> dict[str, torch.Tensor]:
+    """The tensors ``save_pretrained`` writes, under PEFT's key names.
+
+    LoRA ``A``/``B`` weights, the modules_to_save copies, and biases according to ``config.bias``
+    (``"all"``: every bias; ``"lora_only"``: the biases of adapted layers).
+
+    Args:
+        model: the transformers model with adapters injected.
+        config: its adapter config.
+
+    Returns:
+        ``{peft_key: detached tensor}``.
+    """
+    named = peft_named_tensors(model)
+    keep: set[str] = set()
+    wrappers = [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            keep.add(f"{PREFIX}{name}.lora_A.weight")
+            keep.add(f"{PREFIX}{name}.lora_B.weight")
+            if config.bias == "lora_only" and module.bias is not None:
+                keep.add(f"{PREFIX}{name}.base_layer.bias")
+    for w in wrappers:
+        keep.update(k for k in named if k.startswith(f"{PREFIX}{w}."))
+    if config.bias == "all":
+        keep.update(k for k in named if k.endswith(".bias"))
+    return {k: named[k].detach() for k in named if k in keep}
+
+
+def save_adapter(model: nn.Module, config: LoraConfig, save_directory: str | os.PathLike) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``).
+
+    Args:
+        model: the transformers model with adapters injected.
+        config: its adapter config (written with ``inference_mode: true``).
+        save_directory: output folder, created if missing.
+    """
+    from safetensors.torch import save_file
+
+    os.makedirs(save_directory, exist_ok=True)
+    tensors = {k: v.to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, config).items()}
+    save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    to_save = dataclasses.replace(config, inference_mode=True)
+    if to_save.init_lora_weights == "loftq":
+        # the LoftQ starting point lives in the saved A/B (and the modified base weights); a loader
+        # must not run LoftQ again
+        to_save.init_lora_weights = True
+    to_save.save_pretrained(save_directory)
+
+
+def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Copy the tensors of ``adapter_model.safetensors`` into an adapted model.
+
+    Args:
+        model: the transformers model with adapters injected for the same config.
+        directory: folder holding ``adapter_model.safetensors`` (or PEFT's ``adapter_model.bin``).
+
+    Raises:
+        FileNotFoundError: if no weights file is found.
+        ValueError: if the file has keys the model lacks, misses LoRA weights the model has, or a
+            shape differs.
+    """
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.isfile(path):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    elif os.path.isfile(os.path.join(directory, "adapter_model.bin")):
+        state = torch.load(
+            os.path.join(directory, "adapter_model.bin"), map_location="cpu", weights_only=True
+        )
+    else:
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {os.fspath(directory)!r}")
+    named = peft_named_tensors(model)
+    unexpected = sorted(k for k in state if k not in named)
+    if unexpected:
+        raise ValueError(f"adapter file has {len(unexpected)} keys the model lacks, e.g. {unexpected[:5]}")
+    lora_keys = {k for k in named if ".lora_A." in k or ".lora_B." in k}
+    missing = sorted(lora_keys - set(state))
+    if missing:
+        raise ValueError(f"adapter file misses {len(missing)} LoRA weights, e.g. {missing[:5]}")
+    with torch.no_grad():
+        for key, value in state.items():
+            target = named[key]
+            if tuple(target.shape) != tuple(value.shape):
+                raise ValueError(f"shape of {key}: file {tuple(value.shape)}, model {tuple(target.shape)}")
+            target.copy_(value.to(target.device, target.dtype))

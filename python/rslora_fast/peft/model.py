@@ -1,0 +1,581 @@
+"""``get_peft_model`` and ``PeftModel``: inject LoRA adapters and drive them like HF PEFT."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import numbers
+import os
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpointing import apply_gradient_checkpointing, validate_mode
+from . import init as _init
+from .config import DEFAULT_TARGET_MODULES, LoraConfig
+from .io import load_adapter_weights, save_adapter
+from .layer import LoraLinear, ModulesToSaveWrapper
+from .targets import find_targets, is_4bit_linear, output_head_name, pattern_value
+
+ACCEPTED_KWARGS = (
+    "modules_to_save",
+    "layers_to_transform",
+    "layers_pattern",
+    "exclude_modules",
+    "init_lora_weights",
+    "rank_pattern",
+    "alpha_pattern",
+    "task_type",
+    "use_reentrant",
+    "use_dora",
+    "fan_in_fan_out",
+    "lora_bias",
+)
+
+# target names that mean "train this embedding / head in full" (moved to modules_to_save)
+_FULL_TRAIN_TARGETS = ("embed_tokens", "lm_head")
+
+
+# ---------------------------------------------------------------------- injection helpers
+def _parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _init_layer(layer: LoraLinear, init: bool | str, gen: torch.Generator, loftq_iter: int) -> None:
+    if layer.lora_A.weight.is_meta:
+        return
+    r, fan_in, out = layer.r, layer.in_features, layer.out_features
+    if init == "loftq":
+        base = layer.base_layer
+        if is_4bit_linear(base):
+            dense = base.dequantize()
+            deq, a, b = _init.loftq_init(dense, r, layer.scaling, loftq_iter)
+            base.requantize_(deq.to(dense.dtype))
+        else:
+            deq, a, b = _init.loftq_init(base.weight, r, layer.scaling, loftq_iter)
+            with torch.no_grad():
+                base.weight.copy_(deq.to(base.weight.dtype))
+    elif init is False:
+        a = _init.kaiming_uniform_a_sqrt5((r, fan_in), gen)
+        b = _init.kaiming_uniform_a_sqrt5((out, r), gen)
+    else:
+        if init == "gaussian":
+            a = _init.gaussian((r, fan_in), 1.0 / r, gen)
+        else:
+            a = _init.kaiming_uniform_a_sqrt5((r, fan_in), gen)
+        b = torch.zeros((out, r), dtype=torch.float32)
+    layer.set_adapter_weights(a, b)
+
+
+def _inject(model: nn.Module, config: LoraConfig, gen: torch.Generator) -> None:
+    targets = find_targets(model, config)
+    if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+        # like PEFT >= 0.15: record the resolved full module paths so the saved config is explicit
+        config.target_modules = list(targets)
+    loftq_iter = int(config.loftq_config.get("loftq_iter", 1)) if config.loftq_config else 1
+    init = "loftq" if config.uses_loftq else config.init_lora_weights
+    for name in targets:
+        parent, child = _parent_of(model, name)
+        r = pattern_value(config.rank_pattern, name, config.r)
+        alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
+        layer = LoraLinear(getattr(parent, child), r, alpha, config.lora_dropout, config.use_rslora)
+        _init_layer(layer, init, gen, loftq_iter)
+        setattr(parent, child, layer)
+    if config.modules_to_save:
+        found = set()
+        names = [n for n, _ in model.named_modules()]
+        for name in names:
+            hit = next((m for m in config.modules_to_save if name == m or name.endswith("." + m)), None)
+            if hit is None or any(name.startswith(f + ".") for f in found):
+                continue
+            parent, child = _parent_of(model, name)
+            setattr(parent, child, ModulesToSaveWrapper(getattr(parent, child)))
+            found.add(name)
+        missing = [m for m in config.modules_to_save if not any(f == m or f.endswith("." + m) for f in found)]
+        if missing:
+            raise ValueError(f"modules_to_save entries {missing} match no module of the model")
+
+
+def _set_trainable(model: nn.Module, config: LoraConfig, trainable: bool) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if not trainable:
+        return
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            module.lora_A.weight.requires_grad_(True)
+            module.lora_B.weight.requires_grad_(True)
+            if config.bias == "lora_only" and module.bias is not None:
+                module.bias.requires_grad_(True)
+        elif isinstance(module, ModulesToSaveWrapper):
+            for p in module.modules_to_save.parameters():
+                p.requires_grad_(True)
+    if config.bias == "all":
+        for name, p in model.named_parameters():
+            if (name == "bias" or name.endswith(".bias")) and ".original_module." not in name:
+                p.requires_grad_(True)
+
+
+def _has_adapters(model: nn.Module) -> bool:
+    return any(isinstance(m, (LoraLinear, ModulesToSaveWrapper)) for m in model.modules())
+
+
+class LoraModel(nn.Module):
+    """Holds the adapted transformers model as ``.model`` (so state-dict keys read ``base_model.model.*``).
+
+    Args:
+        model: the transformers model (adapters already injected).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the wrapped model."""
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("model", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self.model, name)
+
+
+class PeftModel(nn.Module):
+    """A transformers model with LoRA adapters, behaving as the wrapped model.
+
+    Attribute access, ``forward`` (with ``labels=`` returning the loss), ``generate``, ``config``
+    and ``gradient_checkpointing_enable`` pass through to the transformers model, so HF ``Trainer``
+    accepts it. The structure mirrors HF PEFT: ``peft_model.base_model.model`` is the transformers
+    model, and adapter tensors are named ``base_model.model.<module>.lora_A.weight`` etc.
+
+    One adapter (named ``"default"``) is supported per model.
+
+    Build one with :func:`get_peft_model` or :meth:`from_pretrained`, not directly.
+
+    Args:
+        model: the transformers model.
+        config: the adapter settings.
+        random_state: seed of the private generator used for the adapter initialization.
+        trainable: whether the adapter (and bias / modules_to_save settings) is trainable.
+    """
+
+    def __init__(
+        self, model: nn.Module, config: LoraConfig, random_state: int | None = 3407, trainable: bool = True
+    ) -> None:
+        super().__init__()
+        self._requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
+        self._checkpointing_before = bool(getattr(model, "is_gradient_checkpointing", False))
+        self._forward_override = None
+        self._requested_settings = config.settings()
+        _inject(model, config, _init.make_generator(random_state))
+        _set_trainable(model, config, trainable)
+        self.base_model = LoraModel(model)
+        self.peft_config = {"default": config}
+        self.active_adapter = "default"
+
+    # ---------------------------------------------------------------- pass-through
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self.base_model.model, name)
+
+    @property
+    def forward(self):
+        """The wrapped model's ``forward`` (same signature, so ``Trainer`` keeps the right columns)."""
+        override = self.__dict__.get("_forward_override")
+        if override is not None:
+            return override
+        inner = self.base_model.model
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return inner(*args, **kwargs)
+
+        forward.__wrapped__ = inner.forward  # inspect.signature follows this
+        forward.__doc__ = getattr(inner.forward, "__doc__", None)
+        return forward
+
+    @forward.setter
+    def forward(self, value: Any) -> None:  # accelerate wraps model.forward for autocast
+        self.__dict__["_forward_override"] = value
+
+    @forward.deleter
+    def forward(self) -> None:
+        self.__dict__["_forward_override"] = None
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``generate`` of the wrapped model (adapters active)."""
+        return self.base_model.model.generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        """Return the wrapped transformers model (adapters still injected)."""
+        return self.base_model.model
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict | None = None, **_: Any
+    ) -> None:
+        """Checkpoint every decoder layer (reentrant or not, LoRA weights still get gradients).
+
+        Args:
+            gradient_checkpointing_kwargs: ``{"use_reentrant": bool}``; default non-reentrant.
+        """
+        kw = gradient_checkpointing_kwargs or {}
+        apply_gradient_checkpointing(
+            self.base_model.model, True, use_reentrant=bool(kw.get("use_reentrant", False))
+        )
+
+    # ---------------------------------------------------------------- counting
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """Count parameters the way HF PEFT does.
+
+        Packed 4-bit weights count as ``numel * 2 * element_size`` so "all params" matches the
+        unquantized model; shared parameters are counted once.
+
+        Returns:
+            ``(trainable, all)``.
+        """
+        packed: dict[int, torch.Tensor] = {}
+        for m in self.modules():
+            w = getattr(m, "weight", None) if is_4bit_linear(m) else None
+            if isinstance(w, torch.Tensor):
+                packed[id(w)] = w
+        trainable = total = 0
+        seen: set[int] = set()
+        for _, p in self.named_parameters():
+            n = p.numel()
+            if id(p) in packed:
+                n *= 2 * p.element_size()
+                seen.add(id(p))
+            total += n
+            if p.requires_grad:
+                trainable += n
+        for key, w in packed.items():
+            if key not in seen:
+                total += w.numel() * 2 * w.element_size()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print ``trainable params: T || all params: A || trainable%: P`` exactly as HF PEFT does."""
+        t, a = self.get_nb_trainable_parameters()
+        print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}")
+
+    # ---------------------------------------------------------------- adapters on / off
+    def _adapter_modules(self) -> Iterator[nn.Module]:
+        for m in self.base_model.model.modules():
+            if isinstance(m, (LoraLinear, ModulesToSaveWrapper)):
+                yield m
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context manager running the base model alone (LoRA off, original modules_to_save)."""
+        mods = list(self._adapter_modules())
+        before = [m.disabled for m in mods]
+        for m in mods:
+            m.disabled = True
+        try:
+            yield
+        finally:
+            for m, b in zip(mods, before):
+                m.disabled = b
+
+    # ---------------------------------------------------------------- save / load
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's layout.
+
+        Args:
+            save_directory: output folder (created if missing).
+            **kwargs: accepted for compatibility (``safe_serialization`` etc.); ignored.
+        """
+        save_adapter(self.base_model.model, self.peft_config["default"], save_directory)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: LoraConfig | None = None,
+        **kwargs: Any,
+    ) -> PeftModel:
+        """Load a PEFT-format LoRA adapter (ours or HF PEFT's) from a local folder onto ``model``.
+
+        Args:
+            model: the transformers model the adapter was trained on.
+            model_id: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+            adapter_name: only ``"default"`` is supported.
+            is_trainable: keep the adapter trainable; by default it is frozen and the model is put in
+                eval mode.
+            config: use this config instead of the folder's.
+
+        Returns:
+            The :class:`PeftModel`.
+
+        Raises:
+            FileNotFoundError: if the folder lacks the files.
+            ValueError: if the config uses unsupported PEFT features or the weights do not fit.
+        """
+        if adapter_name != "default":
+            raise ValueError(f"only the adapter name 'default' is supported, got {adapter_name!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if _has_adapters(model):
+            raise ValueError("model already has LoRA adapters; use PeftModel.load_adapter on its PeftModel")
+        cfg = config if config is not None else LoraConfig.from_pretrained(model_id)
+        cfg = dataclasses.replace(
+            cfg,
+            inference_mode=not is_trainable,
+            init_lora_weights=True if cfg.uses_loftq else cfg.init_lora_weights,
+            loftq_config={},
+        )
+        peft_model = cls(model, cfg, random_state=0, trainable=is_trainable)
+        load_adapter_weights(peft_model.base_model.model, model_id)
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Replace the adapter's weights (and scaling) with a saved adapter of the same structure.
+
+        Args:
+            model_id: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+            adapter_name: only ``"default"`` is supported (one adapter per model).
+            is_trainable: leave the loaded adapter trainable.
+
+        Raises:
+            ValueError: if the saved adapter targets other modules or ranks.
+        """
+        if adapter_name != "default":
+            raise ValueError(f"only one adapter ('default') is supported, got adapter_name={adapter_name!r}")
+        cfg = LoraConfig.from_pretrained(model_id)
+        model = self.base_model.model
+        for name, m in model.named_modules():
+            if isinstance(m, LoraLinear):
+                r = pattern_value(cfg.rank_pattern, name, cfg.r)
+                if r != m.r:
+                    raise ValueError(f"{name}: saved adapter has rank {r}, this model's adapter has {m.r}")
+                m.lora_alpha = pattern_value(cfg.alpha_pattern, name, cfg.lora_alpha)
+                m.use_rslora = cfg.use_rslora
+                m.scaling = m.lora_alpha / (m.r**0.5 if cfg.use_rslora else m.r)
+        load_adapter_weights(model, model_id)
+        cfg = dataclasses.replace(
+            cfg,
+            inference_mode=not is_trainable,
+            loftq_config={},
+            init_lora_weights=True if cfg.uses_loftq else cfg.init_lora_weights,
+        )
+        self.peft_config["default"] = cfg
+        _set_trainable(model, cfg, is_trainable)
+
+    # ---------------------------------------------------------------- removing adapters
+    def _remove_adapters(self, merge: bool) -> nn.Module:
+        model = self.base_model.model
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LoraLinear):
+                if merge:
+                    module.merge()
+                parent, child = _parent_of(model, name)
+                setattr(parent, child, module.base_layer)
+            elif isinstance(module, ModulesToSaveWrapper):
+                parent, child = _parent_of(model, name)
+                setattr(parent, child, module.modules_to_save if merge else module.original_module)
+        for p, flag in self._requires_grad_before:
+            p.requires_grad_(flag)
+        if not self._checkpointing_before and getattr(model, "is_gradient_checkpointing", False):
+            apply_gradient_checkpointing(model, False)
+        return model
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Fold ``scaling * B @ A`` into every adapted weight and return the plain transformers model.
+
+        modules_to_save copies replace the originals. 4-bit bases are dequantized, merged and
+        requantized (lossy); merge into a 16-bit model for an accurate export.
+
+        Returns:
+            The transformers model without adapter modules.
+        """
+        return self._remove_adapters(merge=True)
+
+    def unload(self) -> nn.Module:
+        """Remove the adapters without merging: the base model comes back as it was.
+
+        Returns:
+            The transformers model with its original modules and ``requires_grad`` flags.
+        """
+        return self._remove_adapters(merge=False)
+
+
+# ---------------------------------------------------------------------- public entry point
+def get_peft_model(
+    model: nn.Module,
+    r: int = 16,
+    target_modules: list[str] | str = DEFAULT_TARGET_MODULES,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0,
+    bias: str = "none",
+    use_gradient_checkpointing: bool | str = "unsloth",
+    random_state: int = 3407,
+    max_seq_length: int = 2048,
+    use_rslora: bool = False,
+    loftq_config: dict | None = None,
+    **kwargs: Any,
+) -> PeftModel:
+    """Add LoRA adapters to a transformers model.
+
+    Every targeted linear layer (``nn.Linear`` or 4-bit) becomes a :class:`LoraLinear`; the base
+    model is frozen and only the adapters (plus biases per ``bias`` and ``modules_to_save``) train.
+
+    The adapter initialization draws from a private ``torch.Generator`` seeded with
+    ``random_state``: the same seed gives bit-identical adapters, and the global RNG state
+    (``torch.manual_seed`` etc.) is left exactly as it was.
+
+    Args:
+        model: a transformers model (any ``torch.nn.Module`` with linear layers).
+        r: LoRA rank, a positive int.
+        target_modules: list of names (exact full name or ``"." + name`` suffix), a regex string
+            (``re.fullmatch`` on the full module name) or ``"all-linear"`` (every linear layer except
+            the output head). ``"embed_tokens"`` / ``"lm_head"`` in a list are trained in full
+            (moved to ``modules_to_save``).
+        lora_alpha: positive scaling numerator.
+        lora_dropout: dropout on the LoRA branch, in ``[0, 1)``; 0 runs no dropout code.
+        bias: ``"none"``, ``"all"`` or ``"lora_only"``.
+        use_gradient_checkpointing: ``False``, ``True`` (checkpoint each decoder layer) or
+            ``"unsloth"`` (currently the same as ``True``; see :mod:`rslora_fast.checkpointing`).
+        random_state: seed of the adapter initialization (int, or None for a fresh random seed).
+        max_seq_length: training sequence length (passed to the checkpointing mode).
+        use_rslora: scale by ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``.
+        loftq_config: ``{"loftq_bits": 4, "loftq_iter": T}`` to initialize with LoftQ (NF4).
+        **kwargs: ``modules_to_save``, ``layers_to_transform``, ``layers_pattern``,
+            ``exclude_modules``, ``init_lora_weights`` (True, False, "gaussian", "loftq"),
+            ``rank_pattern``, ``alpha_pattern``, ``task_type`` (default ``"CAUSAL_LM"``),
+            ``use_reentrant`` (checkpointing flavour, default False), and ``use_dora``,
+            ``fan_in_fan_out``, ``lora_bias`` (only False is supported).
+
+    Returns:
+        A :class:`PeftModel`. Called on a :class:`PeftModel` with the same settings, returns it
+        unchanged (with a warning).
+
+    Raises:
+        TypeError: ``model`` is not a torch module, or an unknown keyword argument is given.
+        ValueError: a setting is out of range or unknown (the message names it and what is
+            accepted), ``target_modules`` matches nothing, ``layers_to_transform`` is out of range,
+            or the model already has adapters with different settings.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    unknown = sorted(set(kwargs) - set(ACCEPTED_KWARGS))
+    if unknown:
+        raise TypeError(
+            f"get_peft_model() got unexpected keyword argument(s) {unknown}; accepted extra keyword "
+            f"arguments: {list(ACCEPTED_KWARGS)}"
+        )
+    for flag in ("use_dora", "fan_in_fan_out", "lora_bias"):
+        if kwargs.get(flag, False):
+            raise ValueError(
+                f"{flag}={kwargs[flag]!r} is not supported by rslora_fast; only False is accepted"
+            )
+    mode = validate_mode(use_gradient_checkpointing)
+    if random_state is not None and (
+        isinstance(random_state, bool) or not isinstance(random_state, numbers.Integral)
+    ):
+        raise ValueError(f"random_state must be an int or None, got {random_state!r}")
+    if (
+        isinstance(max_seq_length, bool)
+        or not isinstance(max_seq_length, numbers.Integral)
+        or max_seq_length <= 0
+    ):
+        raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
+    use_reentrant = kwargs.get("use_reentrant", False)
+    if not isinstance(use_reentrant, bool):
+        raise ValueError(f"use_reentrant must be a bool, got {use_reentrant!r}")
+
+    modules_to_save = kwargs.get("modules_to_save")
+    modules_to_save = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save or [])
+    if isinstance(target_modules, (list, tuple, set)):
+        tm = list(target_modules)
+        inner = model.base_model.model if isinstance(model, PeftModel) else model
+        head = output_head_name(inner)
+        full = [t for t in tm if t in _FULL_TRAIN_TARGETS or (head is not None and t == head)]
+        for t in full:
+            tm.remove(t)
+            if t not in modules_to_save:
+                modules_to_save.append(t)
+        if full and not tm:
+            raise ValueError(
+                f"target_modules={list(target_modules)!r} names only modules trained in full ({full}); "
+                "add at least one linear layer name"
+            )
+        target_modules = tm
+
+    init = kwargs.get("init_lora_weights", True)
+    loftq = dict(loftq_config or {})
+    if loftq and init is True:
+        init = "loftq"
+    if init == "loftq" and not loftq:
+        loftq = {"loftq_bits": 4, "loftq_iter": 1}
+    if loftq and init != "loftq":
+        raise ValueError(
+            f"loftq_config is given but init_lora_weights={init!r}; use 'loftq' (or leave it True)"
+        )
+
+    inner = model.base_model.model if isinstance(model, PeftModel) else model
+    cfg_obj = getattr(inner, "config", None)
+    config = LoraConfig(
+        r=r,
+        target_modules=target_modules,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        bias=bias,
+        use_rslora=use_rslora,
+        modules_to_save=modules_to_save or None,
+        layers_to_transform=kwargs.get("layers_to_transform"),
+        layers_pattern=kwargs.get("layers_pattern"),
+        exclude_modules=kwargs.get("exclude_modules"),
+        init_lora_weights=init,
+        rank_pattern=kwargs.get("rank_pattern") or {},
+        alpha_pattern=kwargs.get("alpha_pattern") or {},
+        task_type=kwargs.get("task_type", "CAUSAL_LM"),
+        loftq_config=loftq,
+        base_model_name_or_path=getattr(cfg_obj, "_name_or_path", None)
+        or getattr(inner, "name_or_path", None),
+    )
+
+    if isinstance(model, PeftModel):
+        ours = config.settings()
+        theirs = model._requested_settings
+        if ours == theirs:
+            warnings.warn(
+                "the model already has LoRA adapters with these settings; returning it unchanged",
+                stacklevel=2,
+            )
+            return model
+        diff = sorted(k for k in ours if ours[k] != theirs.get(k))
+        raise ValueError(
+            f"the model already has LoRA adapters with different settings (differing: {diff}); call "
+            "get_peft_model on the base model (peft_model.unload()) to start again"
+        )
+    if _has_adapters(model):
+        raise ValueError("the model already contains LoRA layers; pass its PeftModel instead")
+
+    peft_model = PeftModel(model, config, random_state=random_state)
+    if mode is not False:
+        apply_gradient_checkpointing(model, mode, max_seq_length, use_reentrant=use_reentrant)
+    return peft_model

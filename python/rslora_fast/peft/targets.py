@@ -1,0 +1,185 @@
+"""Which modules of a model get a LoRA adapter (PEFT's matching rules)."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from .config import LoraConfig
+
+ALL_LINEAR = "all-linear"
+
+
+def is_4bit_linear(module: nn.Module) -> bool:
+    """True for a packed 4-bit linear layer (any class with ``is_4bit_linear = True``)."""
+    return bool(getattr(type(module), "is_4bit_linear", False))
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """True for ``nn.Linear`` and 4-bit linear layers: the modules LoRA can wrap."""
+    return isinstance(module, nn.Linear) or is_4bit_linear(module)
+
+
+def _skip_adapter_internals(model: nn.Module):
+    """``named_modules`` without the insides of modules rslora_fast itself added."""
+    from .layer import LoraLinear, ModulesToSaveWrapper
+
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in skip):
+            continue
+        if isinstance(module, (LoraLinear, ModulesToSaveWrapper)):
+            skip.append(name)
+        yield name, module
+
+
+def output_head_name(model: nn.Module) -> str | None:
+    """Full name of the model's output head (``get_output_embeddings()``), if it has one."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if head is None:
+        return None
+    for name, module in model.named_modules():
+        if module is head:
+            return name
+    return None
+
+
+def linear_leaf_names(model: nn.Module) -> list[str]:
+    """Sorted distinct last components of the names of every linear-like module."""
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and is_linear_like(m)}
+    )
+
+
+def _name_matches_list(name: str, entries) -> bool:
+    return name in entries or any(name.endswith("." + e) for e in entries)
+
+
+def layer_index(name: str, layers_pattern) -> int | None:
+    """Decoder-layer index in a module name (PEFT's rule), or None.
+
+    Without a pattern the first ``<something>.<digits>.`` component pair is used; with one, the
+    digits after ``<pattern>.``.
+    """
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+        m = None
+        for pattern in patterns:
+            m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+            if m is not None:
+                break
+    return int(m.group(1)) if m else None
+
+
+def _is_excluded(name: str, config: LoraConfig) -> bool:
+    ex = config.exclude_modules
+    if ex:
+        if isinstance(ex, str):
+            if re.fullmatch(ex, name):
+                return True
+        elif _name_matches_list(name, ex):
+            return True
+    for m in config.modules_to_save or []:
+        if re.match(rf"(^|.*\.){m}($|\..*)", name):
+            return True
+    return False
+
+
+def _target_matches(name: str, config: LoraConfig) -> bool:
+    tm = config.target_modules
+    if isinstance(tm, str):
+        return re.fullmatch(tm, name) is not None
+    if name in tm:
+        return True
+    if not any(name.endswith("." + t) for t in tm):
+        return False
+    wanted = config.layers_to_transform
+    if wanted is None or (isinstance(wanted, list) and not wanted):
+        return True
+    idx = layer_index(name, config.layers_pattern)
+    if idx is None:
+        return False
+    return idx == wanted if isinstance(wanted, int) else idx in wanted
+
+
+def resolve_all_linear(model: nn.Module) -> list[str]:
+    """Full names of every linear-like module except the output head."""
+    head = output_head_name(model)
+    return [name for name, m in _skip_adapter_internals(model) if name and is_linear_like(m) and name != head]
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Full names of the modules ``config`` adapts, in ``named_modules`` order.
+
+    Args:
+        model: the (unwrapped) transformers model.
+        config: the adapter settings; ``target_modules == "all-linear"`` is resolved here.
+
+    Returns:
+        The list of module names to wrap with :class:`~rslora_fast.peft.layer.LoraLinear`.
+
+    Raises:
+        ValueError: if nothing matches (the message lists the model's linear leaf names), if a
+            matched module is not a linear layer, or if ``layers_to_transform`` names a layer the
+            model does not have.
+    """
+    wanted = config.layers_to_transform
+    if wanted is not None and not (isinstance(wanted, list) and not wanted):
+        present = sorted(
+            {
+                i
+                for name, m in model.named_modules()
+                if is_linear_like(m) and (i := layer_index(name, config.layers_pattern)) is not None
+            }
+        )
+        asked = [wanted] if isinstance(wanted, int) else wanted
+        bad = [i for i in asked if i not in present]
+        if bad:
+            rng = f"0..{present[-1]}" if present else "none found"
+            raise ValueError(
+                f"layers_to_transform={wanted!r} names layer(s) {bad} that the model does not have "
+                f"(layer indices present: {rng}; layers_pattern={config.layers_pattern!r})"
+            )
+
+    if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
+        names = [n for n in resolve_all_linear(model) if not _is_excluded(n, config)]
+        if not names:
+            raise ValueError("target_modules='all-linear' found no linear layers in the model")
+        return names
+
+    out: list[str] = []
+    not_linear: list[str] = []
+    for name, module in _skip_adapter_internals(model):
+        if not name or _is_excluded(name, config) or not _target_matches(name, config):
+            continue
+        if is_linear_like(module):
+            out.append(name)
+        elif any(True for _ in module.parameters(recurse=False)):
+            not_linear.append(f"{name} ({type(module).__name__})")
+    if not_linear:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched modules that are not linear layers: "
+            f"{not_linear}; LoRA here supports nn.Linear and 4-bit linear layers only "
+            "(put embeddings or heads in modules_to_save to train them in full)"
+        )
+    if not out:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched no module of the model "
+            f"(layers_to_transform={config.layers_to_transform!r}, exclude_modules={config.exclude_modules!r}); "
+            f"the model's linear layer names are: {linear_leaf_names(model)}"
+        )
+    return out
+
+
+def pattern_value(patterns: dict, name: str, default):
+    """Per-module override from ``rank_pattern`` / ``alpha_pattern`` (first regex whose match ends the name)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default

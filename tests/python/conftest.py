@@ -1,0 +1,62 @@
+"""Shared pytest helpers. Fixture names carry a per-area prefix (``peft_`` ...) so areas do not collide."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+_PY = os.path.join(os.path.dirname(__file__), "..", "..", "python")
+if os.path.isdir(_PY) and os.path.abspath(_PY) not in [os.path.abspath(p) for p in sys.path]:
+    sys.path.insert(0, os.path.abspath(_PY))
+
+
+# ---------------------------------------------------------------------- peft_: tiny HF models
+PEFT_TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+
+
+def _peft_tiny_config(family: str, **overrides):
+    import transformers
+
+    common = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    cls = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "gemma": transformers.GemmaConfig,
+        "phi3": transformers.Phi3Config,
+    }[family]
+    if family in ("qwen3", "gemma"):
+        common["head_dim"] = 8
+    if family == "phi3":
+        common.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    common.update(overrides)
+    return cls(**common)
+
+
+def peft_build_tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    """A tiny causal LM (hidden 32, 2 layers, vocab 128) built from config, float32, eval mode."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = _peft_tiny_config(family, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    return model.float().eval()
+
+
+@pytest.fixture
+def peft_tiny_model():
+    """Factory fixture: ``peft_tiny_model(family="llama", seed=0, **config_overrides)``."""
+    return peft_build_tiny_model
