@@ -1,0 +1,312 @@
+"""``Linear4bit``: a frozen NF4/FP4 linear layer that keeps its weight in 4 bits.
+
+The weight lives once, as packed bytes plus a :class:`~rslora_fast.quant.functional.QuantState`.
+Each forward (and each backward) dequantizes it into a scratch buffer shared by every
+``Linear4bit`` on the same device and dtype, hands that to the matmul, and forgets it. The
+scratch is safe to share because the matmul that reads it is queued on the same stream right
+after the dequantize that wrote it, and the next dequantize is queued after that matmul.
+
+``state_dict`` uses bitsandbytes' key layout (``weight``, ``weight.absmax``, ``weight.quant_map``,
+``weight.nested_absmax``, ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``,
+``bias``), so checkpoints move between rslora_fast and transformers + bitsandbytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import QuantFormatError
+from .functional import QuantState, dequantize_4bit, quantize_4bit
+
+__all__ = ["Linear4bit", "check_quant_args"]
+
+_QUANT_TYPES = ("nf4", "fp4")
+# Sentinel module prefix used to talk to QuantState's (de)serializers, whatever their separator
+# convention; keys are re-rooted under the real state_dict prefix afterwards.
+_SENTINEL = "__rslora_q__"
+
+
+def check_quant_args(blocksize: int, quant_type: str) -> None:
+    """Raise :class:`QuantFormatError` unless ``blocksize``/``quant_type`` are supported.
+
+    Blocksizes are powers of two from 32 to 4096; quant types are ``"nf4"`` and ``"fp4"``.
+    """
+    if quant_type not in _QUANT_TYPES:
+        raise QuantFormatError(f"unknown 4-bit quant type {quant_type!r}; expected one of {_QUANT_TYPES}")
+    if (
+        isinstance(blocksize, bool)
+        or not isinstance(blocksize, int)
+        or blocksize < 32
+        or blocksize > 4096
+        or blocksize & (blocksize - 1)
+    ):
+        raise QuantFormatError(f"blocksize {blocksize!r} not allowed; expected a power of two in 32..4096")
+
+
+# (device, dtype) -> flat buffer, grown to the largest weight dequantized so far on that device.
+_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _scratch(device: torch.device, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+    """A view of the shared scratch buffer for ``(device, dtype)`` with ``shape``."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    key = (torch.device(device), dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < numel:
+        # Drop the old buffer first so the caching allocator can reuse its memory.
+        _SCRATCH.pop(key, None)
+        buf = torch.empty(numel, device=device, dtype=dtype)
+        _SCRATCH[key] = buf
+    return buf[:numel].view(shape)
+
+
+def clear_scratch() -> None:
+    """Release every shared dequantization scratch buffer (they are re-created on demand)."""
+    _SCRATCH.clear()
+
+
+def _dequant_into_scratch(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+    out = _scratch(packed.device, dtype, torch.Size(state.shape))
+    res = dequantize_4bit(packed, state, out=out, dtype=dtype)
+    return out if res is None else res
+
+
+class _Matmul4bit(torch.autograd.Function):
+    """``y = x @ W.T + b`` with ``W`` dequantized on the fly, forward and backward.
+
+    Only ``x``'s shape-free inputs are kept for backward (the packed bytes and the state, which
+    the module holds anyway); the dense weight is never saved, so activation memory does not grow
+    by one dense weight per layer.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, packed: torch.Tensor, state: QuantState,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        w = _dequant_into_scratch(packed, state, x.dtype)
+        ctx.packed = packed
+        ctx.state = state
+        ctx.has_bias = bias is not None
+        return torch.nn.functional.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = _dequant_into_scratch(ctx.packed, ctx.state, grad_out.dtype)
+            grad_x = grad_out @ w
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, None, grad_bias
+
+
+class Linear4bit(nn.Module):
+    """A linear layer whose frozen weight is stored 4-bit quantized (bitsandbytes-compatible).
+
+    Attributes:
+        in_features: input width.
+        out_features: output width.
+        weight: frozen ``nn.Parameter`` holding the packed uint8 codes, shape ``[ceil(in*out/2), 1]``
+            (so ``weight.numel() * 2`` counts the logical parameters, as PEFT does).
+        quant_state: the :class:`QuantState` (block scales, shape, original dtype, ...), or ``None``
+            for an empty shell that has not been quantized or loaded yet.
+        bias: a 16/32-bit ``nn.Parameter`` of shape ``[out_features]`` or ``None``.
+        compute_dtype: dtype the weight is dequantized to and the matmul runs in.
+        blocksize, quant_type, compress_statistics: quantization settings for
+            :meth:`requantize_` (a loaded state keeps its own).
+
+    Build one with :meth:`from_linear`, or construct an empty shell (e.g. on the ``meta`` device)
+    and fill it with :meth:`requantize_` or ``load_state_dict``.
+    """
+
+    is_4bit_linear = True
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 compute_dtype: torch.dtype | None = None, blocksize: int = 64, quant_type: str = "nf4",
+                 compress_statistics: bool = True, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        """Create an empty (not yet quantized) shell; ``dtype`` is the bias/compute dtype."""
+        super().__init__()
+        check_quant_args(blocksize, quant_type)
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"Linear4bit needs positive sizes, got in={in_features}, out={out_features}")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.blocksize = blocksize
+        self.quant_type = quant_type
+        self.compress_statistics = bool(compress_statistics)
+        self.compute_dtype = compute_dtype or dtype or torch.get_default_dtype()
+        n = self.in_features * self.out_features
+        self.weight = nn.Parameter(torch.zeros((n + 1) // 2, 1, dtype=torch.uint8, device=device),
+                                   requires_grad=False)
+        self.quant_state: QuantState | None = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=self.compute_dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, quant_type: str = "nf4",
+                    compress_statistics: bool = True, device: torch.device | str | None = None,
+                    compute_dtype: torch.dtype | None = None) -> Linear4bit:
+        """Quantize a dense ``nn.Linear`` into a new ``Linear4bit`` (on ``device``, default its own).
+
+        The original dtype is recorded in the state; ``compute_dtype`` defaults to it.
+        """
+        w = linear.weight.detach()
+        dev = torch.device(device) if device is not None else w.device
+        compute_dtype = compute_dtype or w.dtype
+        mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                  compute_dtype=compute_dtype, blocksize=blocksize, quant_type=quant_type,
+                  compress_statistics=compress_statistics, device="meta")
+        mod.requantize_(w.to(dev))
+        if linear.bias is not None:
+            mod.bias = nn.Parameter(linear.bias.detach().to(dev, compute_dtype).clone(),
+                                    requires_grad=linear.bias.requires_grad)
+        return mod
+
+    @torch.no_grad()
+    def requantize_(self, dense: torch.Tensor) -> Linear4bit:
+        """Replace the stored weight by ``dense`` ``[out, in]`` quantized in place (on its device)."""
+        if tuple(dense.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"requantize_: expected a weight of shape {(self.out_features, self.in_features)}, "
+                f"got {tuple(dense.shape)}"
+            )
+        if not dense.is_floating_point():
+            raise TypeError(f"requantize_: expected a floating weight, got {dense.dtype}")
+        packed, state = quantize_4bit(dense.contiguous(), blocksize=self.blocksize, quant_type=self.quant_type,
+                                      compress_statistics=self.compress_statistics)
+        self._set_quantized(packed, state)
+        return self
+
+    def _set_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
+        shape = tuple(int(s) for s in state.shape)
+        if shape != (self.out_features, self.in_features):
+            raise QuantFormatError(
+                f"quantized weight has shape {shape}, layer expects {(self.out_features, self.in_features)}"
+            )
+        n = self.out_features * self.in_features
+        if packed.dtype != torch.uint8:
+            # bitsandbytes may store the bytes viewed as another dtype (quant_storage); undo the view.
+            packed = packed.contiguous().view(torch.uint8)
+        packed = packed.reshape(-1, 1)
+        if packed.shape[0] != (n + 1) // 2:
+            raise QuantFormatError(f"packed weight has {packed.shape[0]} bytes, expected {(n + 1) // 2} for {shape}")
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.quant_state = state
+        self.blocksize = int(state.blocksize)
+        self.quant_type = state.quant_type
+        self.compress_statistics = state.nested_absmax is not None
+
+    # ------------------------------------------------------------------ compute
+    def _require_state(self) -> QuantState:
+        if self.quant_state is None:
+            raise QuantFormatError("Linear4bit has no quantized weight yet (empty shell); load or requantize_ it first")
+        return self.quant_state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + b`` in ``compute_dtype``; the result is cast back to ``x``'s dtype."""
+        state = self._require_state()
+        in_dtype = x.dtype
+        dt = self.compute_dtype
+        if x.device.type != "cpu" and torch.is_autocast_enabled(x.device.type):
+            dt = torch.get_autocast_dtype(x.device.type)
+        xc = x.to(dt)
+        bias = None if self.bias is None else self.bias.to(dt)
+        y = _Matmul4bit.apply(xc, self.weight, state, bias)
+        return y.to(in_dtype) if in_dtype.is_floating_point else y
+
+    @torch.no_grad()
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight ``[out, in]`` in ``dtype`` (default ``compute_dtype``), freshly allocated."""
+        return dequantize_4bit(self.weight, self._require_state(), dtype=dtype or self.compute_dtype)
+
+    # ------------------------------------------------------------------ devices
+    def _apply(self, fn, recurse: bool = True):
+        """Move the packed bytes and the state with ``fn`` but never cast them.
+
+        ``model.to(torch.bfloat16)`` / ``.half()`` reach here too: those change ``compute_dtype``
+        and the bias, while the uint8 codes and the fp32 scales keep their dtypes.
+        """
+        packed = self._parameters["weight"]
+        # Hide the weight from nn.Module._apply (which handles the bias); same key keeps order.
+        self._parameters["weight"] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._parameters["weight"] = packed
+        with torch.no_grad():
+            moved = fn(packed.data)
+            if moved.dtype != torch.uint8:
+                moved = packed.data.to(moved.device)
+            probe = fn(torch.empty(0, dtype=self.compute_dtype, device=packed.device))
+        if moved is not packed.data:
+            self._parameters["weight"] = nn.Parameter(moved, requires_grad=False)
+        if self.quant_state is not None and moved.device != packed.device:
+            self.quant_state = self.quant_state.to(moved.device)
+        if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+            self.compute_dtype = probe.dtype
+        return self
+
+    # ------------------------------------------------------------------ (de)serialization
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        state = self._require_state()
+        packed = self.weight if keep_vars else self.weight.detach()
+        for key, t in state.as_bnb_dict(_SENTINEL, packed).items():
+            rest = key[len(_SENTINEL):].lstrip(".")
+            destination[prefix + rest] = t
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        wkey = prefix + "weight"
+        if wkey not in state_dict:
+            missing_keys.append(wkey)
+        else:
+            parts = {k: v for k, v in state_dict.items() if k == wkey or k.startswith(wkey + ".")}
+            w = parts[wkey]
+            try:
+                if len(parts) == 1 and w.is_floating_point():
+                    # A dense nn.Linear checkpoint: quantize it as it arrives.
+                    self.requantize_(w.to(self.weight.device if self.weight.device.type != "meta" else w.device))
+                else:
+                    tensors = {f"{_SENTINEL}.{k[len(prefix):]}": v for k, v in parts.items()}
+                    packed, qstate = QuantState.from_bnb_dict(_SENTINEL, tensors)
+                    dev = self.weight.device if self.weight.device.type != "meta" else packed.device
+                    self._set_quantized(packed.to(dev), qstate.to(dev))
+            except (QuantFormatError, ValueError, KeyError, TypeError) as exc:
+                error_msgs.append(f"while loading 4-bit weight {wkey!r}: {exc}")
+        bkey = prefix + "bias"
+        if self.bias is not None:
+            if bkey not in state_dict:
+                missing_keys.append(bkey)
+            else:
+                b = state_dict[bkey]
+                if tuple(b.shape) != (self.out_features,):
+                    error_msgs.append(f"size mismatch for {bkey}: got {tuple(b.shape)}, expected {(self.out_features,)}")
+                else:
+                    dev = self.bias.device if self.bias.device.type != "meta" else b.device
+                    with torch.no_grad():
+                        self.bias = nn.Parameter(b.detach().to(dev, self.bias.dtype).clone(),
+                                                 requires_grad=self.bias.requires_grad)
+        if strict:
+            for k in state_dict:
+                if k.startswith(prefix) and not (k == wkey or k.startswith(wkey + ".") or k == bkey):
+                    rest = k[len(prefix):]
+                    if "." not in rest:
+                        unexpected_keys.append(k)
+
+    def extra_repr(self) -> str:
+        """Shape, quant type, blocksize and whether the block scales are double-quantized."""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.compress_statistics}, "
+            f"compute_dtype={self.compute_dtype}"
+        )
