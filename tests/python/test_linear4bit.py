@@ -19,8 +19,12 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 def _bnb_dense(w: torch.Tensor, blocksize: int, quant_type: str, dq: bool) -> torch.Tensor:
     """Independent reference: bitsandbytes quantizes and dequantizes the same weight (CPU)."""
-    packed, st = bnbf.quantize_4bit(w.detach().float().cpu().contiguous(), blocksize=blocksize,
-                                    compress_statistics=dq, quant_type=quant_type)
+    packed, st = bnbf.quantize_4bit(
+        w.detach().float().cpu().contiguous(),
+        blocksize=blocksize,
+        compress_statistics=dq,
+        quant_type=quant_type,
+    )
     return bnbf.dequantize_4bit(packed, st).double()
 
 
@@ -35,12 +39,15 @@ def _linear(out_f: int, in_f: int, bias: bool, dtype: torch.dtype, seed: int) ->
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape,blocksize,qt,dq,bias", [
-    ((64, 128), 64, "nf4", True, True),
-    ((33, 67), 64, "nf4", False, True),     # odd element count, partial last block
-    ((40, 96), 128, "fp4", True, False),
-    ((17, 300), 32, "nf4", True, True),
-])
+@pytest.mark.parametrize(
+    "shape,blocksize,qt,dq,bias",
+    [
+        ((64, 128), 64, "nf4", True, True),
+        ((33, 67), 64, "nf4", False, True),  # odd element count, partial last block
+        ((40, 96), 128, "fp4", True, False),
+        ((17, 300), 32, "nf4", True, True),
+    ],
+)
 def test_forward_backward_match_reference(dtype, shape, blocksize, qt, dq, bias):
     out_f, in_f = shape
     lin = _linear(out_f, in_f, bias, dtype, seed=out_f * 7 + in_f)
@@ -64,7 +71,9 @@ def test_forward_backward_match_reference(dtype, shape, blocksize, qt, dq, bias)
     assert (x.grad.double() - x64.grad).abs().max().item() <= tol * (x64.grad.abs().max().item() + 1.0)
     assert mod.weight.grad is None and not mod.weight.requires_grad
     if bias:
-        assert (mod.bias.grad.double() - bias64.grad).abs().max().item() <= tol * (bias64.grad.abs().max().item() + 1)
+        assert (mod.bias.grad.double() - bias64.grad).abs().max().item() <= tol * (
+            bias64.grad.abs().max().item() + 1
+        )
 
 
 def test_dequantize_equals_bitsandbytes():
@@ -102,8 +111,9 @@ def test_state_dict_has_bitsandbytes_layout_and_round_trips():
     lin = _linear(24, 70, True, torch.bfloat16, seed=4)
     mod = Linear4bit.from_linear(lin, compress_statistics=True)
     sd = mod.state_dict()
-    packed, st = bnbf.quantize_4bit(lin.weight.detach(), blocksize=64, compress_statistics=True,
-                                    quant_type="nf4")
+    packed, st = bnbf.quantize_4bit(
+        lin.weight.detach(), blocksize=64, compress_statistics=True, quant_type="nf4"
+    )
     ref = {"weight": packed, "bias": lin.bias.detach()}
     ref.update({f"weight.{k}": v for k, v in st.as_dict(packed=True).items()})
     assert set(sd) == set(ref)

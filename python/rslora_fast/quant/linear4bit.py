@@ -85,8 +85,9 @@ class _Matmul4bit(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, packed: torch.Tensor, state: QuantState,
-                bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         w = _dequant_into_scratch(packed, state, x.dtype)
         ctx.packed = packed
         ctx.state = state
@@ -125,10 +126,19 @@ class Linear4bit(nn.Module):
 
     is_4bit_linear = True
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 compute_dtype: torch.dtype | None = None, blocksize: int = 64, quant_type: str = "nf4",
-                 compress_statistics: bool = True, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        compute_dtype: torch.dtype | None = None,
+        blocksize: int = 64,
+        quant_type: str = "nf4",
+        compress_statistics: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         """Create an empty (not yet quantized) shell; ``dtype`` is the bias/compute dtype."""
         super().__init__()
         check_quant_args(blocksize, quant_type)
@@ -141,8 +151,9 @@ class Linear4bit(nn.Module):
         self.compress_statistics = bool(compress_statistics)
         self.compute_dtype = compute_dtype or dtype or torch.get_default_dtype()
         n = self.in_features * self.out_features
-        self.weight = nn.Parameter(torch.zeros((n + 1) // 2, 1, dtype=torch.uint8, device=device),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.zeros((n + 1) // 2, 1, dtype=torch.uint8, device=device), requires_grad=False
+        )
         self.quant_state: QuantState | None = None
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=self.compute_dtype))
@@ -151,9 +162,15 @@ class Linear4bit(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, quant_type: str = "nf4",
-                    compress_statistics: bool = True, device: torch.device | str | None = None,
-                    compute_dtype: torch.dtype | None = None) -> Linear4bit:
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        blocksize: int = 64,
+        quant_type: str = "nf4",
+        compress_statistics: bool = True,
+        device: torch.device | str | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ) -> Linear4bit:
         """Quantize a dense ``nn.Linear`` into a new ``Linear4bit`` (on ``device``, default its own).
 
         The original dtype is recorded in the state; ``compute_dtype`` defaults to it.
@@ -161,13 +178,21 @@ class Linear4bit(nn.Module):
         w = linear.weight.detach()
         dev = torch.device(device) if device is not None else w.device
         compute_dtype = compute_dtype or w.dtype
-        mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                  compute_dtype=compute_dtype, blocksize=blocksize, quant_type=quant_type,
-                  compress_statistics=compress_statistics, device="meta")
+        mod = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=compute_dtype,
+            blocksize=blocksize,
+            quant_type=quant_type,
+            compress_statistics=compress_statistics,
+            device="meta",
+        )
         mod.requantize_(w.to(dev))
         if linear.bias is not None:
-            mod.bias = nn.Parameter(linear.bias.detach().to(dev, compute_dtype).clone(),
-                                    requires_grad=linear.bias.requires_grad)
+            mod.bias = nn.Parameter(
+                linear.bias.detach().to(dev, compute_dtype).clone(), requires_grad=linear.bias.requires_grad
+            )
         return mod
 
     @torch.no_grad()
@@ -180,8 +205,12 @@ class Linear4bit(nn.Module):
             )
         if not dense.is_floating_point():
             raise TypeError(f"requantize_: expected a floating weight, got {dense.dtype}")
-        packed, state = quantize_4bit(dense.contiguous(), blocksize=self.blocksize, quant_type=self.quant_type,
-                                      compress_statistics=self.compress_statistics)
+        packed, state = quantize_4bit(
+            dense.contiguous(),
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+            compress_statistics=self.compress_statistics,
+        )
         self._set_quantized(packed, state)
         return self
 
@@ -197,7 +226,9 @@ class Linear4bit(nn.Module):
             packed = packed.contiguous().view(torch.uint8)
         packed = packed.reshape(-1, 1)
         if packed.shape[0] != (n + 1) // 2:
-            raise QuantFormatError(f"packed weight has {packed.shape[0]} bytes, expected {(n + 1) // 2} for {shape}")
+            raise QuantFormatError(
+                f"packed weight has {packed.shape[0]} bytes, expected {(n + 1) // 2} for {shape}"
+            )
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.quant_state = state
         self.blocksize = int(state.blocksize)
@@ -207,7 +238,9 @@ class Linear4bit(nn.Module):
     # ------------------------------------------------------------------ compute
     def _require_state(self) -> QuantState:
         if self.quant_state is None:
-            raise QuantFormatError("Linear4bit has no quantized weight yet (empty shell); load or requantize_ it first")
+            raise QuantFormatError(
+                "Linear4bit has no quantized weight yet (empty shell); load or requantize_ it first"
+            )
         return self.quant_state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -259,13 +292,14 @@ class Linear4bit(nn.Module):
         state = self._require_state()
         packed = self.weight if keep_vars else self.weight.detach()
         for key, t in state.as_bnb_dict(_SENTINEL, packed).items():
-            rest = key[len(_SENTINEL):].lstrip(".")
+            rest = key[len(_SENTINEL) :].lstrip(".")
             destination[prefix + rest] = t
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         wkey = prefix + "weight"
         if wkey not in state_dict:
             missing_keys.append(wkey)
@@ -275,9 +309,11 @@ class Linear4bit(nn.Module):
             try:
                 if len(parts) == 1 and w.is_floating_point():
                     # A dense nn.Linear checkpoint: quantize it as it arrives.
-                    self.requantize_(w.to(self.weight.device if self.weight.device.type != "meta" else w.device))
+                    self.requantize_(
+                        w.to(self.weight.device if self.weight.device.type != "meta" else w.device)
+                    )
                 else:
-                    tensors = {f"{_SENTINEL}.{k[len(prefix):]}": v for k, v in parts.items()}
+                    tensors = {f"{_SENTINEL}.{k[len(prefix) :]}": v for k, v in parts.items()}
                     packed, qstate = QuantState.from_bnb_dict(_SENTINEL, tensors)
                     dev = self.weight.device if self.weight.device.type != "meta" else packed.device
                     self._set_quantized(packed.to(dev), qstate.to(dev))
@@ -290,16 +326,19 @@ class Linear4bit(nn.Module):
             else:
                 b = state_dict[bkey]
                 if tuple(b.shape) != (self.out_features,):
-                    error_msgs.append(f"size mismatch for {bkey}: got {tuple(b.shape)}, expected {(self.out_features,)}")
+                    error_msgs.append(
+                        f"size mismatch for {bkey}: got {tuple(b.shape)}, expected {(self.out_features,)}"
+                    )
                 else:
                     dev = self.bias.device if self.bias.device.type != "meta" else b.device
                     with torch.no_grad():
-                        self.bias = nn.Parameter(b.detach().to(dev, self.bias.dtype).clone(),
-                                                 requires_grad=self.bias.requires_grad)
+                        self.bias = nn.Parameter(
+                            b.detach().to(dev, self.bias.dtype).clone(), requires_grad=self.bias.requires_grad
+                        )
         if strict:
             for k in state_dict:
                 if k.startswith(prefix) and not (k == wkey or k.startswith(wkey + ".") or k == bkey):
-                    rest = k[len(prefix):]
+                    rest = k[len(prefix) :]
                     if "." not in rest:
                         unexpected_keys.append(k)
 
