@@ -7,9 +7,14 @@ import sys
 
 import pytest
 
-_PY = os.path.join(os.path.dirname(__file__), "..", "..", "python")
-if os.path.isdir(_PY) and os.path.abspath(_PY) not in [os.path.abspath(p) for p in sys.path]:
-    sys.path.insert(0, os.path.abspath(_PY))
+# Test the installed package (a wheel, or `maturin develop`); fall back to the source tree only when
+# nothing is installed (pure-Python parts then work without the extension).
+try:
+    import rslora_fast as _installed  # noqa: F401
+except ImportError:
+    _PY = os.path.join(os.path.dirname(__file__), "..", "..", "python")
+    if os.path.isdir(_PY):
+        sys.path.insert(0, os.path.abspath(_PY))
 
 
 # ---------------------------------------------------------------------- peft_: tiny HF models
