@@ -36,6 +36,8 @@ template <typename T> __device__ __forceinline__ void store_vec(T* p, const Vec<
   *reinterpret_cast<uint4*>(p) = r.raw;
 }
 
-__device__ __forceinline__ float sigmoidf_fast(float x) { return 1.0f / (1.0f + __expf(-x)); }
+// 1 / (1 + e^-x) with a hardware exp and an IEEE reciprocal (no full-precision divide, which
+// costs a slow-path branch per element); e^-x = inf gives exactly 0.
+__device__ __forceinline__ float sigmoidf_fast(float x) { return __frcp_rn(1.0f + __expf(-x)); }
 
 }  // namespace rf

@@ -1,0 +1,93 @@
+"""Bandwidth of each memory-bound kernel as a fraction of the measured device-to-device copy bandwidth,
+beside the eager PyTorch expression, medians of repeated runs (CUDA events).
+
+    python benches/kernels.py --out results/kernels.jsonl
+
+Prints a table; appends one JSON line per row to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _gpu_timing import copy_bandwidth_gbs, median_ms  # noqa: E402
+
+from rslora_fast.ops.swiglu import swiglu_bwd, swiglu_fwd  # noqa: E402
+
+
+def eager_swiglu_bwd(dh, g, u):
+    s = torch.sigmoid(g)
+    return dh * u * s * (1 + g * (1 - s)), dh * g * s
+
+
+def swiglu_rows(n: int, dtype: torch.dtype) -> list:
+    g = torch.randn(n, device="cuda", dtype=dtype)
+    u = torch.randn(n, device="cuda", dtype=dtype)
+    dh = torch.randn(n, device="cuda", dtype=dtype)
+    size = g.element_size()
+    cases = [
+        ("swiglu fwd", 3 * n * size, lambda: swiglu_fwd(g, u), lambda: F.silu(g) * u),
+        ("swiglu bwd", 5 * n * size, lambda: swiglu_bwd(dh, g, u), lambda: eager_swiglu_bwd(dh, g, u)),
+    ]
+    return cases
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--elements", type=int, default=64 * 1024 * 1024)
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--out", default="results/kernels.jsonl")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("benches/kernels.py needs a CUDA GPU")
+        return 1
+    copy = copy_bandwidth_gbs()
+    gpu = torch.cuda.get_device_name()
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for name, nbytes, ours, eager in swiglu_rows(args.elements, dtype):
+            ours_ms, ours_spread = median_ms(ours, repeat=args.repeat)
+            eager_ms, _ = median_ms(eager, repeat=args.repeat)
+            gbs = nbytes / (ours_ms * 1e-3) / 1e9
+            rows.append(
+                {
+                    "kernel": name,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "elements": args.elements,
+                    "ours_ms": round(ours_ms, 4),
+                    "ours_spread_ms": round(ours_spread, 4),
+                    "eager_ms": round(eager_ms, 4),
+                    "ours_GBps": round(gbs, 1),
+                    "pct_of_copy": round(100 * gbs / copy, 1),
+                    "speedup_vs_eager": round(eager_ms / ours_ms, 2),
+                    "copy_GBps": round(copy, 1),
+                    "gpu": gpu,
+                    "torch": torch.__version__,
+                    "date": time.strftime("%Y-%m-%d"),
+                }
+            )
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    print(f"{gpu}; device-to-device copy {copy:.0f} GB/s (read + write); {args.elements:,} elements")
+    print("| kernel | dtype | ours (ms) | GB/s | % of copy | eager (ms) | speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['kernel']} | {r['dtype']} | {r['ours_ms']:.3f} | {r['ours_GBps']:.0f} | {r['pct_of_copy']:.1f}% "
+            f"| {r['eager_ms']:.3f} | {r['speedup_vs_eager']:.2f}x |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

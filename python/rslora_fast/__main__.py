@@ -1,0 +1,28 @@
+"""The ``rslora-fast`` command (also ``python -m rslora_fast``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="rslora-fast", description="Fast LoRA / QLoRA fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, GPU, and whether the CUDA kernels load")
+    sub.add_parser("selfcheck", help="run every kernel against its reference on this machine")
+    args = parser.parse_args(argv)
+
+    from . import info
+
+    if args.command == "info":
+        return info.print_info()
+    if args.command == "selfcheck":
+        return info.selfcheck()
+    parser.error(f"unknown command {args.command!r}")  # pragma: no cover
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""SwiGLU ``h = silu(g) * u`` as a ``torch.library`` custom op with autograd and a fake kernel.
+
+CUDA tensors run ``kernels/swiglu.cu`` through the Rust launcher; CPU tensors run the plain-torch
+expression (the reference). Non-contiguous inputs are made contiguous (one copy) rather than rejected.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._launch import core, dtype_name, stream_of
+
+
+def swiglu_reference(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Plain-torch SwiGLU, computed in float32 and cast back (what the kernel must match)."""
+    return (F.silu(g.float()) * u.float()).to(g.dtype)
+
+
+def swiglu_backward_reference(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
+    """Plain-torch gradients (dg, du) of SwiGLU, in float32 and cast back."""
+    gf, uf, dhf = g.float(), u.float(), dh.float()
+    s = torch.sigmoid(gf)
+    du = dhf * gf * s
+    dg = dhf * uf * s * (1 + gf * (1 - s))
+    return dg.to(g.dtype), du.to(u.dtype)
+
+
+def _check_pair(g: torch.Tensor, u: torch.Tensor, op: str) -> None:
+    if g.shape != u.shape:
+        raise ValueError(f"{op}: gate shape {tuple(g.shape)} and up shape {tuple(u.shape)} differ")
+    if g.dtype != u.dtype:
+        raise ValueError(f"{op}: gate dtype {g.dtype} and up dtype {u.dtype} differ")
+    if g.device != u.device:
+        raise ValueError(f"{op}: gate on {g.device} and up on {u.device}")
+
+
+@torch.library.custom_op("rslora_fast::swiglu_fwd", mutates_args=())
+def swiglu_fwd(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Forward: ``silu(g) * u``."""
+    _check_pair(g, u, "swiglu")
+    if g.device.type != "cuda":
+        return swiglu_reference(g, u)
+    g, u = g.contiguous(), u.contiguous()
+    h = torch.empty_like(g)
+    device, stream = stream_of(g)
+    core().swiglu_fwd(
+        g.data_ptr(), u.data_ptr(), h.data_ptr(), g.numel(), dtype_name(g, "swiglu"), device, stream
+    )
+    return h
+
+
+@swiglu_fwd.register_fake
+def _(g, u):
+    _check_pair(g, u, "swiglu")
+    return torch.empty_like(g, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("rslora_fast::swiglu_bwd", mutates_args=())
+def swiglu_bwd(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward: ``(dg, du)`` from the output gradient and the saved inputs."""
+    _check_pair(g, u, "swiglu backward")
+    _check_pair(dh, g, "swiglu backward")
+    if g.device.type != "cuda":
+        return swiglu_backward_reference(dh, g, u)
+    dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()
+    dg, du = torch.empty_like(g), torch.empty_like(u)
+    device, stream = stream_of(g)
+    core().swiglu_bwd(
+        dh.data_ptr(),
+        g.data_ptr(),
+        u.data_ptr(),
+        dg.data_ptr(),
+        du.data_ptr(),
+        g.numel(),
+        dtype_name(g, "swiglu"),
+        device,
+        stream,
+    )
+    return dg, du
+
+
+@swiglu_bwd.register_fake
+def _(dh, g, u):
+    return (
+        torch.empty_like(g, memory_format=torch.contiguous_format),
+        torch.empty_like(u, memory_format=torch.contiguous_format),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    g, u = inputs
+    ctx.save_for_backward(g, u)
+
+
+def _backward(ctx, dh):
+    g, u = ctx.saved_tensors
+    dg, du = swiglu_bwd(dh, g, u)
+    return dg, du
+
+
+swiglu_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``silu(g) * u`` through our kernel on CUDA (plain torch on CPU), differentiable in both inputs.
+
+    Args:
+        g: gate projection output, any shape; float32, float16 or bfloat16.
+        u: up projection output, same shape, dtype and device as ``g``.
+
+    Returns:
+        A new contiguous tensor of the same shape and dtype.
+
+    Raises:
+        ValueError: shapes, dtypes or devices of ``g`` and ``u`` differ, or the dtype is unsupported.
+    """
+    return swiglu_fwd(g, u)

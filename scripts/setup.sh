@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a development / CI environment on a fresh machine with Rust and Python 3.10+:
+#   .venv/          torch (PyPI build), transformers, test-only deps (peft, bitsandbytes), maturin, ruff
+#   .cuda-toolkit/  a pinned CUDA 13.0 compiler from PyPI, for build.rs (nvcc; kernels are compiled
+#                   ahead of time even on machines without a GPU)
+# then builds the extension and installs rslora_fast (editable) into .venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+if [ ! -f .venv/.deps-ok ] || [ scripts/requirements-dev.txt -nt .venv/.deps-ok ]; then
+  python -m pip install -q -r scripts/requirements-dev.txt
+  touch .venv/.deps-ok
+fi
+
+# nvcc from PyPI: CUDA 13.0.x is the newest toolkit whose PTX the H200's driver 580 (CUDA 13.0) can JIT;
+# the 12.x PyPI wheels ship only ptxas (no nvcc/cicc). A full local toolkit in CUDA_HOME also works.
+if [ -z "${CUDA_HOME:-}" ] || [ ! -x "${CUDA_HOME}/bin/nvcc" ]; then
+  if [ ! -x .cuda-toolkit/nvidia/cu13/bin/nvcc ]; then
+    python -m pip install -q --no-deps --target .cuda-toolkit \
+      nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 \
+      nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85
+  fi
+  export CUDA_HOME="$PWD/.cuda-toolkit/nvidia/cu13"
+fi
+
+maturin develop --release -q
