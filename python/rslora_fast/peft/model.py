@@ -173,7 +173,6 @@ class PeftModel(nn.Module):
         super().__init__()
         self._requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
         self._checkpointing_before = bool(getattr(model, "is_gradient_checkpointing", False))
-        self._forward_override = None
         self._requested_settings = config.settings()
         _inject(model, config, _init.make_generator(random_state))
         _set_trainable(model, config, trainable)
@@ -190,28 +189,28 @@ class PeftModel(nn.Module):
                 raise
             return getattr(self.base_model.model, name)
 
-    @property
-    def forward(self):
-        """The wrapped model's ``forward`` (same signature, so ``Trainer`` keeps the right columns)."""
-        override = self.__dict__.get("_forward_override")
-        if override is not None:
-            return override
-        inner = self.base_model.model
+    def forward(
+        self,
+        input_ids: Any = None,
+        attention_mask: Any = None,
+        *args: Any,
+        inputs_embeds: Any = None,
+        labels: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Call the wrapped model (positional arguments in its order; ``labels=`` gives the loss).
 
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return inner(*args, **kwargs)
-
-        forward.__wrapped__ = inner.forward  # inspect.signature follows this
-        forward.__doc__ = getattr(inner.forward, "__doc__", None)
-        return forward
-
-    @forward.setter
-    def forward(self, value: Any) -> None:  # accelerate wraps model.forward for autocast
-        self.__dict__["_forward_override"] = value
-
-    @forward.deleter
-    def forward(self) -> None:
-        self.__dict__["_forward_override"] = None
+        ``labels`` and ``inputs_embeds`` are named here so HF ``Trainer`` finds them in the signature;
+        they (and trailing ``None`` positionals) are only passed on when given.
+        """
+        pos = [input_ids, attention_mask, *args]
+        while pos and pos[-1] is None:
+            pos.pop()
+        if inputs_embeds is not None:
+            kwargs["inputs_embeds"] = inputs_embeds
+        if labels is not None:
+            kwargs["labels"] = labels
+        return self.base_model.model(*pos, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``generate`` of the wrapped model (adapters active)."""
