@@ -1,0 +1,5 @@
+"""4-bit (NF4 / FP4) quantized weights: the functional API and the ``Linear4bit`` module."""
+
+from .functional import QuantState, dequantize_4bit, quantize_4bit
+
+__all__ = ["QuantState", "dequantize_4bit", "quantize_4bit"]

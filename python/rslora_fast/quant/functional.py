@@ -1,0 +1,444 @@
+"""NF4 / FP4 blockwise quantization, byte-compatible with bitsandbytes.
+
+Format (see ``shared/reference.md`` §1): the weight is flattened row-major, split into blocks of
+``blocksize`` consecutive elements (the last block may be partial), each block is scaled by its
+absolute maximum and every element is replaced by the index of the nearest of 16 code values
+(ties go to the lower code). Two codes share a byte, the first element in the high nibble.
+With double quantization ("compress_statistics") the float32 block scales are themselves
+quantized to 8 bits (blockwise 256, signed dynamic map) around their mean.
+
+Paths: CUDA tensors go through our kernels (``kernels/nf4.cu``), CPU tensors through the Rust core
+(``src/quant``); ``quantize_4bit_reference`` / ``dequantize_4bit_reference`` are plain-torch
+versions of the same arithmetic, used by the tests and as the fallback when the extension is
+not built.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..errors import QuantFormatError
+
+__all__ = [
+    "QuantState",
+    "dequantize_4bit",
+    "dequantize_4bit_reference",
+    "dynamic_map",
+    "get_4bit_code",
+    "quantize_4bit",
+    "quantize_4bit_reference",
+]
+
+QUANT_TYPES = ("nf4", "fp4")
+NESTED_BLOCKSIZE = 256
+
+# Code values (float32), index = the 4-bit code. FP4: bit 3 is the sign, magnitudes /12.
+_NF4 = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+_FP4_MAG = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
+_FP4 = tuple(m / 12.0 for m in _FP4_MAG) + tuple(-m / 12.0 for m in _FP4_MAG)
+# Ascending order of the FP4 codes; the two zeros (+0 at 0, -0 at 8) keep index order, which is
+# what bitsandbytes' encoder uses (a value in (0, first midpoint] encodes as code 8, i.e. -0).
+_FP4_ORDER = (11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3)
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+
+
+def _check(blocksize: int, quant_type: str) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise QuantFormatError(f"unknown 4-bit quant type {quant_type!r}; expected 'nf4' or 'fp4'")
+    if (
+        isinstance(blocksize, bool)
+        or not isinstance(blocksize, int)
+        or not 32 <= blocksize <= 4096
+        or blocksize & (blocksize - 1)
+    ):
+        raise QuantFormatError(f"blocksize {blocksize!r} not allowed; expected a power of two in 32..4096")
+
+
+def get_4bit_code(quant_type: str = "nf4", device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16 float32 code values of ``quant_type`` (bitsandbytes' ``quant_map``)."""
+    if quant_type not in QUANT_TYPES:
+        raise QuantFormatError(f"unknown 4-bit quant type {quant_type!r}; expected 'nf4' or 'fp4'")
+    return torch.tensor(_NF4 if quant_type == "nf4" else _FP4, dtype=torch.float32, device=device)
+
+
+@functools.cache
+def _dynamic_map_cpu() -> torch.Tensor:
+    # Signed dynamic map, 7 exponent bits, 8 bits total: for exponent step i (0..6) the means of
+    # the 2**i + 1 evenly spaced float32 points of [0.1, 1], scaled by 10**(i - 6), with both
+    # signs; plus 0 and 1: 254 + 2 = 256 sorted values. The points follow torch.linspace's
+    # float32 arithmetic (a fused multiply-add from the nearer end), as bitsandbytes builds them.
+    f32 = torch.float32
+    vals: list[torch.Tensor] = []
+    for i in range(7):
+        k = 2**i + 1
+        start, end = torch.tensor(0.1, dtype=f32), torch.tensor(1.0, dtype=f32)
+        step = (end - start) / (k - 1)
+        j = torch.arange(k, dtype=torch.float64)
+        lo = start.double() + step.double() * j  # exact product: one rounding, like an fma
+        hi = end.double() - step.double() * (k - 1 - j)
+        pts = torch.where(j < k // 2, lo, hi).to(f32)
+        means = (pts[:-1] + pts[1:]) / 2.0
+        scale = torch.tensor(10.0 ** (i - 6), dtype=f32)
+        vals += [means * scale, -(means * scale)]
+    vals += [torch.zeros(1, dtype=f32), torch.ones(1, dtype=f32)]
+    return torch.sort(torch.cat(vals)).values
+
+
+def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The signed 8-bit dynamic map (256 sorted float32 values, -0.99296875 .. 1.0)."""
+    return _dynamic_map_cpu().to(device)
+
+
+@functools.cache
+def _dynamic_lut_cpu() -> torch.Tensor:
+    # bitsandbytes' CPU blockwise quantizer: [-1, 1] is cut into 65536 evenly spaced points and
+    # each point gets the index of the nearest code (count of float32 midpoints below it).
+    code = _dynamic_map_cpu()
+    mids = (code[:-1] + code[1:]) * 0.5
+    i = torch.arange(65536, dtype=torch.float32)
+    pts = -1.0 + (2.0 * i) / 65535.0
+    return torch.bucketize(pts, mids, right=False).to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------- state
+@dataclass
+class QuantState:
+    """Everything needed to dequantize one 4-bit weight (the packed bytes live beside it).
+
+    ``absmax`` is float32 ``[nblocks]``, or uint8 ``[nblocks]`` with double quantization, in
+    which case ``nested_absmax`` (float32 ``[ceil(nblocks / 256)]``), ``nested_code`` (float32
+    ``[256]``) and ``nested_offset`` are set.
+    """
+
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int = 64
+    quant_type: str = "nf4"
+    code: torch.Tensor | None = None
+    nested_absmax: torch.Tensor | None = None
+    nested_code: torch.Tensor | None = None
+    nested_offset: float | None = None
+    nested_blocksize: int = NESTED_BLOCKSIZE
+
+    @property
+    def nested(self) -> bool:
+        """True when the block scales are double-quantized."""
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        """Number of elements of the original weight."""
+        return math.prod(self.shape)
+
+    def to(self, device) -> QuantState:
+        """A copy with every tensor on ``device``."""
+
+        def mv(t):
+            return None if t is None else t.to(device)
+
+        return replace(
+            self,
+            absmax=self.absmax.to(device),
+            code=mv(self.code),
+            nested_absmax=mv(self.nested_absmax),
+            nested_code=mv(self.nested_code),
+        )
+
+    def block_scales(self) -> torch.Tensor:
+        """The float32 per-block scales (undoing double quantization when present)."""
+        if not self.nested:
+            return self.absmax.float()
+        code = self.nested_code if self.nested_code is not None else dynamic_map(self.absmax.device)
+        nb = self.absmax.numel()
+        nested = self.nested_absmax.to(self.absmax.device).float()
+        idx = torch.arange(nb, device=self.absmax.device) // self.nested_blocksize
+        scales = code.to(self.absmax.device)[self.absmax.long()] * nested[idx]
+        return scales + torch.tensor(self.nested_offset, dtype=torch.float32, device=scales.device)
+
+    def json_dict(self) -> dict:
+        """The ``quant_state`` JSON object bitsandbytes stores (keys in its order)."""
+        d = {
+            "quant_type": self.quant_type,
+            "blocksize": self.blocksize,
+            "dtype": _DTYPE_NAMES.get(self.dtype, str(self.dtype).removeprefix("torch.")),
+            "shape": list(self.shape),
+        }
+        if self.nested:
+            d["nested_blocksize"] = self.nested_blocksize
+            d["nested_dtype"] = "float32"
+            d["nested_offset"] = float(self.nested_offset)
+        return d
+
+    def as_bnb_dict(self, prefix: str, packed: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Tensors in bitsandbytes' serialized layout, under module prefix ``prefix``.
+
+        Keys: ``{prefix}.weight`` (the packed bytes), ``.weight.absmax``, ``.weight.quant_map``,
+        with double quantization ``.weight.nested_absmax`` and ``.weight.nested_quant_map``, and
+        ``.weight.quant_state.bitsandbytes__<quant_type>`` (uint8 bytes of the JSON state).
+        An empty ``prefix`` gives keys starting at ``weight``.
+        """
+        base = f"{prefix.rstrip('.')}.weight" if prefix else "weight"
+        code = self.code if self.code is not None else get_4bit_code(self.quant_type)
+        out = {base: packed, f"{base}.absmax": self.absmax, f"{base}.quant_map": code.to(torch.float32)}
+        if self.nested:
+            nc = self.nested_code if self.nested_code is not None else dynamic_map()
+            out[f"{base}.nested_absmax"] = self.nested_absmax
+            out[f"{base}.nested_quant_map"] = nc
+        raw = json.dumps(self.json_dict()).encode("utf-8")
+        out[f"{base}.quant_state.bitsandbytes__{self.quant_type}"] = torch.tensor(list(raw), dtype=torch.uint8)
+        return out
+
+    @classmethod
+    def from_bnb_dict(
+        cls, prefix: str, tensors: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, QuantState]:
+        """Read ``(packed, state)`` from bitsandbytes' layout (see :meth:`as_bnb_dict`).
+
+        ``prefix`` is the module prefix (keys ``{prefix}.weight...``); the weight key itself
+        (``{prefix}`` ending in ``.weight``) is accepted too. Raises :class:`QuantFormatError`
+        naming the key when something is missing or malformed.
+        """
+        p = prefix.rstrip(".")
+        base = f"{p}.weight" if p else "weight"
+        if base not in tensors and p in tensors:
+            base = p
+        if base not in tensors:
+            raise QuantFormatError(f"missing packed 4-bit weight {base!r}")
+        packed = tensors[base]
+        qs_keys = [k for k in tensors if k.startswith(f"{base}.quant_state.")]
+        if len(qs_keys) != 1:
+            raise QuantFormatError(
+                f"expected exactly one {base}.quant_state.bitsandbytes__nf4/fp4 entry, found {qs_keys}"
+            )
+        qkey = qs_keys[0]
+        suffix = qkey.rsplit(".", 1)[-1]
+        if suffix not in ("bitsandbytes__nf4", "bitsandbytes__fp4"):
+            raise QuantFormatError(f"unknown quant_state key {qkey!r}")
+        meta = parse_quant_state(bytes(tensors[qkey].to(torch.uint8).flatten().tolist()), qkey)
+        if meta["quant_type"] != suffix.removeprefix("bitsandbytes__"):
+            raise QuantFormatError(f"{qkey}: key says {suffix} but the JSON says {meta['quant_type']!r}")
+
+        def need(name):
+            key = f"{base}.{name}"
+            if key not in tensors:
+                raise QuantFormatError(f"missing {key!r} (needed by {qkey})")
+            return tensors[key]
+
+        shape = torch.Size(meta["shape"])
+        n = math.prod(shape)
+        nblocks = -(-n // meta["blocksize"])
+        if packed.dtype != torch.uint8:
+            packed = packed.contiguous().view(torch.uint8)
+        if packed.numel() != (n + 1) // 2:
+            raise QuantFormatError(
+                f"{base}: packed weight has {packed.numel()} bytes, shape {list(shape)} needs {(n + 1) // 2}"
+            )
+        absmax = need("absmax")
+        if absmax.numel() != nblocks:
+            raise QuantFormatError(f"{base}.absmax has {absmax.numel()} entries, expected {nblocks}")
+        code = tensors.get(f"{base}.quant_map")
+        state = cls(
+            absmax=absmax,
+            shape=shape,
+            dtype=_NAME_DTYPES[meta["dtype"]],
+            blocksize=meta["blocksize"],
+            quant_type=meta["quant_type"],
+            code=code.float() if code is not None else get_4bit_code(meta["quant_type"], packed.device),
+        )
+        if "nested_offset" in meta:
+            if absmax.dtype != torch.uint8:
+                raise QuantFormatError(f"{base}.absmax must be uint8 with double quantization, got {absmax.dtype}")
+            nested = need("nested_absmax")
+            nb2 = -(-nblocks // meta["nested_blocksize"])
+            if nested.numel() != nb2:
+                raise QuantFormatError(f"{base}.nested_absmax has {nested.numel()} entries, expected {nb2}")
+            state.nested_absmax = nested.float()
+            state.nested_code = need("nested_quant_map").float()
+            state.nested_offset = float(meta["nested_offset"])
+            state.nested_blocksize = meta["nested_blocksize"]
+        elif absmax.dtype != torch.float32:
+            raise QuantFormatError(f"{base}.absmax must be float32 without double quantization, got {absmax.dtype}")
+        return packed.reshape(-1, 1), state
+
+
+def parse_quant_state(raw: bytes, what: str = "quant_state") -> dict:
+    """Parse and check bitsandbytes' ``quant_state`` JSON; :class:`QuantFormatError` if malformed."""
+    core = _core_or_none()
+    if core is not None:
+        return core.parse_quant_state(raw)
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise QuantFormatError(f"{what}: not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise QuantFormatError(f"{what}: expected a JSON object")
+    for key, typ in (("quant_type", str), ("blocksize", int), ("dtype", str), ("shape", list)):
+        if not isinstance(meta.get(key), typ):
+            raise QuantFormatError(f"{what}: missing or mistyped {key!r}")
+    _check(meta["blocksize"], meta["quant_type"])
+    if meta["dtype"] not in _NAME_DTYPES:
+        raise QuantFormatError(f"{what}: unsupported dtype {meta['dtype']!r}")
+    if not all(isinstance(s, int) and s >= 0 for s in meta["shape"]):
+        raise QuantFormatError(f"{what}: bad shape {meta['shape']!r}")
+    nested = [k for k in ("nested_blocksize", "nested_dtype", "nested_offset") if k in meta]
+    if nested and len(nested) != 3:
+        raise QuantFormatError(f"{what}: incomplete nested statistics (have {nested})")
+    if nested:
+        if meta["nested_dtype"] != "float32" or not isinstance(meta["nested_blocksize"], int):
+            raise QuantFormatError(f"{what}: bad nested_dtype / nested_blocksize")
+        if not isinstance(meta["nested_offset"], (int, float)):
+            raise QuantFormatError(f"{what}: bad nested_offset")
+    return meta
+
+
+@functools.cache
+def _core_or_none():
+    try:
+        from .. import _core
+    except ImportError:
+        return None
+    return _core if hasattr(_core, "nf4_quantize_cpu") else None
+
+
+# ----------------------------------------------------------------------- plain-torch reference
+def _encode_4bit(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
+    code = get_4bit_code(quant_type, scaled.device)
+    if quant_type == "nf4":
+        order = torch.arange(16, device=scaled.device)
+    else:
+        order = torch.tensor(_FP4_ORDER, device=scaled.device)
+    srt = code[order]
+    mids = (srt[:-1] + srt[1:]) / 2
+    return order[torch.bucketize(scaled, mids, right=False)].to(torch.uint8)
+
+
+def _blockwise_scaled(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Mirrors bitsandbytes' arithmetic exactly: full blocks multiply by the float32 reciprocal
+    # of the (clamped) absmax, the partial last block divides by it.
+    n = flat.numel()
+    rem = n % blocksize
+    full = n - rem
+    blocks = flat[:full].reshape(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1) if full else flat.new_zeros(0)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1), -1, 1).reshape(-1)
+    if rem:
+        am = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, am.view(1)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / am, -1, 1)])
+    return scaled, absmax
+
+
+def _double_quant_reference(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    offset = absmax.mean()
+    x = absmax - offset
+    n = x.numel()
+    nb = -(-n // NESTED_BLOCKSIZE)
+    pad = nb * NESTED_BLOCKSIZE - n
+    xb = torch.nn.functional.pad(x, (0, pad)).view(nb, NESTED_BLOCKSIZE)
+    nested = xb.abs().amax(dim=1)
+    zero = (nested == 0).view(-1, 1)
+    inv = 1.0 / torch.where(nested == 0, torch.ones_like(nested), nested)
+    v = torch.clamp(xb * inv.view(-1, 1), -1, 1)
+    idx = (((v + 1.0) * 0.5) * 65535.0 + 0.5).to(torch.int64)  # truncates (v >= -1)
+    q = _dynamic_lut_cpu().to(x.device)[idx]
+    q = torch.where(zero, torch.zeros_like(q), q)  # an all-zero block encodes as code 0
+    return q.reshape(-1)[:n].contiguous(), nested, float(offset.item())
+
+
+def quantize_4bit_reference(
+    weight: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", compress_statistics: bool = True
+) -> tuple[torch.Tensor, QuantState]:
+    """Plain-torch 4-bit quantization with bitsandbytes' exact arithmetic (test reference)."""
+    _check(blocksize, quant_type)
+    flat = weight.detach().reshape(-1).float()
+    scaled, absmax = _blockwise_scaled(flat, blocksize)
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    q = _encode_4bit(scaled, quant_type)
+    packed = ((q[0::2] << 4) | q[1::2]).view(-1, 1)
+    state = QuantState(
+        absmax=absmax,
+        shape=weight.shape,
+        dtype=weight.dtype,
+        blocksize=blocksize,
+        quant_type=quant_type,
+        code=get_4bit_code(quant_type, weight.device),
+    )
+    if compress_statistics:
+        q8, nested, offset = _double_quant_reference(absmax)
+        state.absmax = q8
+        state.nested_absmax = nested
+        state.nested_code = dynamic_map(weight.device)
+        state.nested_offset = offset
+    return packed, state
+
+
+def dequantize_4bit_reference(
+    packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Plain-torch dequantization: ``code[nibble] * scale`` in float32, then cast (test reference)."""
+    n = state.numel
+    b = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
+    nib = torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)[:n].long()
+    code = get_4bit_code(state.quant_type, b.device)
+    scales = state.block_scales().to(b.device)
+    idx = torch.arange(n, device=b.device) // state.blocksize
+    vals = code[nib] * scales[idx]
+    return vals.to(dtype or state.dtype).reshape(state.shape)
+
+
+# ----------------------------------------------------------------------------- public API
+def quantize_4bit(
+    weight: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", compress_statistics: bool = True
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize ``weight`` to packed 4-bit codes; returns ``(packed uint8 [(n+1)//2, 1], state)``.
+
+    Byte-identical to ``bitsandbytes.functional.quantize_4bit`` with the same arguments. Runs our
+    CUDA kernel when ``weight`` is on a GPU, the Rust CPU path otherwise.
+    """
+    _check(blocksize, quant_type)
+    if weight.dtype not in _DTYPE_NAMES:
+        raise ValueError(f"quantize_4bit: unsupported dtype {weight.dtype}; expected float32/float16/bfloat16")
+    return quantize_4bit_reference(weight, blocksize, quant_type, compress_statistics)
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    state: QuantState,
+    out: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Dequantize to ``state.shape`` in ``dtype`` (default: ``out``'s dtype, else ``state.dtype``).
+
+    When ``out`` is given (contiguous, ``state.numel`` elements) the result is written into it
+    and ``out`` is returned.
+    """
+    dtype = dtype or (out.dtype if out is not None else state.dtype)
+    res = dequantize_4bit_reference(packed, state, dtype=dtype)
+    if out is None:
+        return res
+    _check_out(out, state, dtype, packed.device)
+    out.view(state.shape).copy_(res)
+    return out
+
+
+def _check_out(out: torch.Tensor, state: QuantState, dtype: torch.dtype, device: torch.device) -> None:
+    if out.numel() != state.numel or out.dtype != dtype or not out.is_contiguous() or out.device != device:
+        raise ValueError(
+            f"dequantize_4bit: out must be a contiguous {dtype} tensor of {state.numel} elements on "
+            f"{device}, got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
