@@ -33,13 +33,19 @@ fn fetch<T: Transport>(s: &mut Scheduler<T>, h: u64) -> Vec<u8> {
 #[test]
 fn size_classes_waste_at_most_a_sixteenth() {
     let mut prev = 0;
-    for n in (1..300_000).step_by(97).chain([1 << 20, (1 << 20) + 1, 12_345_678, 1 << 33]) {
+    for n in (1..300_000)
+        .step_by(97)
+        .chain([1 << 20, (1 << 20) + 1, 12_345_678, 1 << 33])
+    {
         let c = size_class(n);
         assert!(c >= n, "class {c} below request {n}");
         assert!(c >= prev || n < 300_000, "classes must not shrink");
         prev = c;
         if n > 65_536 {
-            assert!((c - n) as f64 <= n as f64 / 16.0, "{n} -> {c} wastes too much");
+            assert!(
+                (c - n) as f64 <= n as f64 / 16.0,
+                "{n} -> {c} wastes too much"
+            );
         }
         assert_eq!(size_class(c), c, "a class is its own class");
     }
@@ -88,7 +94,10 @@ fn pool_is_reused_across_steps_and_stays_near_the_offloaded_bytes() {
             reserved_after_first = st.pinned_bytes;
             assert_eq!(st.allocations, 4);
         }
-        assert_eq!(st.pinned_bytes, reserved_after_first, "pool grew at step {step}");
+        assert_eq!(
+            st.pinned_bytes, reserved_after_first,
+            "pool grew at step {step}"
+        );
         assert_eq!(st.allocations, 4, "pool allocated again at step {step}");
     }
     let st = s.stats().pool;
@@ -198,14 +207,20 @@ fn misuse_is_reported_not_ignored() {
     assert!(is_offload_err(unsafe { s.prefetch(h, 0, S) }), "null dst");
     unsafe { s.prefetch(h, d, S).unwrap() };
     // SAFETY: as above.
-    assert!(is_offload_err(unsafe { s.prefetch(h, d, S) }), "double prefetch");
+    assert!(
+        is_offload_err(unsafe { s.prefetch(h, d, S) }),
+        "double prefetch"
+    );
     s.wait(h, S).unwrap();
     s.wait(h, S).unwrap(); // waiting twice is harmless
     s.release(h).unwrap();
     assert!(is_offload_err(s.release(h)), "double release");
     assert!(is_offload_err(s.wait(h, S)), "wait after release");
     // SAFETY: the calls are rejected before any copy.
-    assert!(matches!(unsafe { s.offload(0, 10, S) }, Err(Error::Offload(_))));
+    assert!(matches!(
+        unsafe { s.offload(0, 10, S) },
+        Err(Error::Offload(_))
+    ));
     assert!(matches!(
         unsafe { s.offload(a.as_ptr() as usize, 0, S) },
         Err(Error::Offload(_))
@@ -226,7 +241,11 @@ fn a_block_released_while_its_copy_to_host_is_in_flight_is_not_reused_early() {
     assert_eq!(s.stats().pool.pending_blocks, 1);
     // Same size class: had h1's block been handed out, h1's late copy would overwrite b's bytes.
     let h2 = offload(&mut s, &b).unwrap();
-    assert_eq!(s.stats().pool.allocations, 2, "a second block, not the busy one");
+    assert_eq!(
+        s.stats().pool.allocations,
+        2,
+        "a second block, not the busy one"
+    );
     assert_eq!(fetch(&mut s, h2), b);
     s.release(h2).unwrap();
     // Both copies have run now: the next offload reuses a block.
@@ -244,7 +263,11 @@ fn under_a_cap_a_busy_block_is_waited_for_instead_of_failing() {
     let h1 = offload(&mut s, &a).unwrap();
     s.release(h1).unwrap();
     let h2 = offload(&mut s, &b).unwrap();
-    assert_eq!(s.stats().pool.allocations, 1, "the one block, after its copy finished");
+    assert_eq!(
+        s.stats().pool.allocations,
+        1,
+        "the one block, after its copy finished"
+    );
     assert_eq!(fetch(&mut s, h2), b);
 }
 
@@ -260,7 +283,11 @@ fn a_block_released_while_its_copy_to_device_is_in_flight_is_not_reused_early() 
     unsafe { s.prefetch(h1, dst.as_mut_ptr() as usize, S).unwrap() };
     s.release(h1).unwrap(); // released with both copies still queued
     let h2 = offload(&mut s, &b).unwrap();
-    assert_eq!(s.stats().pool.allocations, 2, "a second block, not the busy one");
+    assert_eq!(
+        s.stats().pool.allocations,
+        2,
+        "a second block, not the busy one"
+    );
     s.transport_mut().synchronize_all().unwrap();
     assert_eq!(dst, a, "the late copy back read h1's bytes, not h2's");
     assert_eq!(fetch(&mut s, h2), b);
