@@ -66,22 +66,22 @@ def _nf4_roundtrip_torch(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
 
 
 def nf4_roundtrip(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
-    """``dequant(quant_nf4(w))`` in float32.
+    """``dequant(quant_nf4(w))`` in float32 (float32 block scales, no double quantization).
 
-    Uses ``rslora_fast.quant.functional`` (bitsandbytes-compatible) when it is importable, else a
-    pure-torch blockwise NF4 quantizer with float32 block scales.
+    Uses ``rslora_fast.quant.functional`` (bitsandbytes-compatible) when it is importable, else the
+    pure-torch blockwise NF4 quantizer of this module.
     """
     try:
         from ..quant.functional import dequantize_4bit, quantize_4bit  # type: ignore[import-not-found]
     except Exception:  # noqa: BLE001 - the quant package is optional here
         return _nf4_roundtrip_torch(w, blocksize)
-    qs = quantize_4bit(
+    packed, state = quantize_4bit(
         w.detach().to(torch.float32).contiguous(),
         blocksize=blocksize,
         quant_type="nf4",
         compress_statistics=False,
     )
-    return dequantize_4bit(qs, dtype=torch.float32).reshape(w.shape)
+    return dequantize_4bit(packed, state, dtype=torch.float32).reshape(w.shape)
 
 
 def loftq_init(

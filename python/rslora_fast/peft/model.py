@@ -52,6 +52,12 @@ def _init_layer(layer: LoraLinear, init: bool | str, gen: torch.Generator, loftq
     if init == "loftq":
         base = layer.base_layer
         if is_4bit_linear(base):
+            warnings.warn(
+                "LoftQ on a layer that is already 4-bit: its full-precision weight is gone, so the "
+                "adapters can only fit the requantization error (close to zero); load the model in "
+                "16 bits to get LoftQ's benefit",
+                stacklevel=4,
+            )
             dense = base.dequantize()
             deq, a, b = _init.loftq_init(dense, r, layer.scaling, loftq_iter)
             base.requantize_(deq.to(dense.dtype))
