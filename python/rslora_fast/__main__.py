@@ -12,6 +12,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, GPU, and whether the CUDA kernels load")
     sub.add_parser("selfcheck", help="run every kernel against its reference on this machine")
+    from .finetune import build_parser
+
+    build_parser(sub.add_parser("finetune", help="LoRA / QLoRA fine-tune (the embedded demo by default)"))
     args = parser.parse_args(argv)
 
     from . import info
@@ -20,6 +23,11 @@ def main(argv: list[str] | None = None) -> int:
         return info.print_info()
     if args.command == "selfcheck":
         return info.selfcheck()
+    if args.command == "finetune":
+        from .finetune import run
+
+        run(args)
+        return 0
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2
 
