@@ -1,0 +1,55 @@
+"""The training-step benchmark harness runs end to end on CPU with a tiny shape (so it cannot rot)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benches" / "train_step.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("train_step_bench", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_train_step_harness_tiny_cpu(tmp_path):
+    bench = _load_bench()
+    out = tmp_path / "rows.jsonl"
+    systems = "rslora_fast:4bit:unsloth,rslora_fast:16bit:true"
+    argv = [
+        "--shape",
+        "tiny",
+        "--systems",
+        systems,
+        "--batch",
+        "2",
+        "--seq-len",
+        "32",
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+        "--in-process",
+    ]
+    assert bench.main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["system"] for r in rows] == systems.split(",")
+    for r in rows:
+        assert r["losses_finite"] and r["tokens_per_s"] > 0 and len(str(r["final_loss"])) > 0
+        assert r["step_s_median"] > 0
+
+
+def test_unknown_system_is_reported(tmp_path):
+    bench = _load_bench()
+    with pytest.raises(ValueError, match="unknown system"):
+        bench.load_system("nope:bf16", tmp_path, 8, 4)
