@@ -69,9 +69,16 @@ def assert_bitwise(a, b, what):
     assert torch.equal(a, b), f"{what}: max diff {(a.float() - b.float()).abs().max().item()}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("lookahead", [0, 1, 2])
-@pytest.mark.parametrize("input_grad", [False, True])
+@pytest.mark.parametrize(
+    ("dtype", "lookahead", "input_grad"),
+    [
+        (torch.float32, 1, False),
+        (torch.float32, 0, True),
+        (torch.float32, 2, False),
+        (torch.bfloat16, 1, True),
+        (torch.bfloat16, 2, False),
+    ],
+)
 def test_losses_and_grads_equal_plain_checkpointing_bitwise(dtype, lookahead, input_grad):
     base = tiny_llama(dtype)
     ref = reference_copy(base)
