@@ -260,7 +260,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                 torch.cuda.set_rng_state(s, d)
             with torch.enable_grad(), _ReplayAutocast(call.autocast):
                 if call.owner._wants_measure(call):
-                    with _SavedBytes() as counted:
+                    with _SavedBytes(list(call.owner._frozen_and_trainable(call))) as counted:
                         out = call.run(x, grad_args)
                     call.owner._record_measure(call, counted.total)
                 else:
@@ -302,16 +302,17 @@ class _ReplayAutocast:
 class _SavedBytes:
     """Count the bytes autograd saves for backward inside the block (budget-mode measurement)."""
 
-    def __init__(self):
+    def __init__(self, exclude: list):
         self.total = 0
-        self._seen: set = set()
+        # Weights are saved too but are not activations: they stay whatever the policy.
+        self._seen: set = {p.untyped_storage().data_ptr() for p in exclude}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if key not in self._seen:
+        key = t.untyped_storage().data_ptr()
+        if key not in self._seen:  # one storage counts once, whole (that is what stays alive)
             self._seen.add(key)
-            self.total += t.numel() * t.element_size()
+            self.total += t.untyped_storage().nbytes()
         return t
 
     def __enter__(self):
@@ -522,6 +523,9 @@ class OffloadedCheckpointing:
             self._kept_bytes += need
             return True
         return False
+
+    def _frozen_and_trainable(self, call: _Call):
+        return self._states[call.index].layer.parameters()
 
     def _wants_measure(self, call: _Call) -> bool:
         return self._budget is not None and call.index not in self._bytes_per_token
