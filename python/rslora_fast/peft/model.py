@@ -126,6 +126,26 @@ def _set_trainable(model: nn.Module, config: LoraConfig, trainable: bool) -> Non
                 p.requires_grad_(True)
 
 
+@torch.no_grad()
+def _dense_linear(base: nn.Module, lora: LoraLinear | None) -> nn.Linear:
+    """A dense ``nn.Linear`` (compute dtype, same device) holding a 4-bit layer's weight (+ LoRA update)."""
+    if not callable(getattr(base, "dequantize", None)):
+        raise TypeError(f"cannot dequantize {type(base).__name__}: it has no dequantize() method")
+    w = base.dequantize(torch.float32)
+    if lora is not None:
+        w = w + lora.get_delta_weight().to(w.device)
+    dtype = getattr(base, "compute_dtype", None) or torch.get_default_dtype()
+    bias = getattr(base, "bias", None)
+    lin = torch.nn.utils.skip_init(
+        nn.Linear, base.in_features, base.out_features, bias=bias is not None, device=w.device, dtype=dtype
+    )
+    lin.weight.copy_(w.to(dtype))
+    if bias is not None:
+        lin.bias.copy_(bias.to(dtype))
+    lin.requires_grad_(False)
+    return lin
+
+
 def _has_adapters(model: nn.Module) -> bool:
     return any(isinstance(m, (LoraLinear, ModulesToSaveWrapper)) for m in model.modules())
 
@@ -185,6 +205,9 @@ class PeftModel(nn.Module):
         self.base_model = LoraModel(model)
         self.peft_config = {"default": config}
         self.active_adapter = "default"
+        # Training forward with labels computes the loss chunk by chunk without the full logits
+        # (rslora_fast.models.causal_lm); set False to get transformers' own forward (and logits).
+        self.fused_loss = True
 
     # ---------------------------------------------------------------- pass-through
     def __getattr__(self, name: str) -> Any:
@@ -209,6 +232,12 @@ class PeftModel(nn.Module):
         ``labels`` and ``inputs_embeds`` are named here so HF ``Trainer`` finds them in the signature;
         they (and trailing ``None`` positionals) are only passed on when given.
         """
+        model = self.base_model.model
+        if labels is not None and self.fused_loss and not args and inputs_embeds is None:
+            from ..models.causal_lm import fused_loss_forward, fused_loss_supported
+
+            if fused_loss_supported(model, labels, kwargs) is None:
+                return fused_loss_forward(model, input_ids, attention_mask, labels, **kwargs)
         pos = [input_ids, attention_mask, *args]
         while pos and pos[-1] is None:
             pos.pop()
@@ -389,17 +418,28 @@ class PeftModel(nn.Module):
         _set_trainable(model, cfg, is_trainable)
 
     # ---------------------------------------------------------------- removing adapters
-    def _remove_adapters(self, merge: bool) -> nn.Module:
+    def _remove_adapters(self, merge: bool, dequantize: bool = False) -> nn.Module:
         model = self.base_model.model
         for name, module in list(model.named_modules()):
             if isinstance(module, LoraLinear):
+                parent, child = _parent_of(model, name)
+                if merge and dequantize and module.is_4bit:
+                    setattr(parent, child, _dense_linear(module.base_layer, module))
+                    continue
                 if merge:
                     module.merge()
-                parent, child = _parent_of(model, name)
                 setattr(parent, child, module.base_layer)
             elif isinstance(module, ModulesToSaveWrapper):
                 parent, child = _parent_of(model, name)
                 setattr(parent, child, module.modules_to_save if merge else module.original_module)
+        if merge and dequantize:
+            for name, module in list(model.named_modules()):
+                if is_4bit_linear(module):
+                    parent, child = _parent_of(model, name)
+                    setattr(parent, child, _dense_linear(module, None))
+            cfg = getattr(model, "config", None)
+            if cfg is not None and getattr(cfg, "quantization_config", None) is not None:
+                del cfg.quantization_config
         for p, flag in self._requires_grad_before:
             p.requires_grad_(flag)
         if not self._checkpointing_before and getattr(model, "is_gradient_checkpointing", False):
@@ -407,17 +447,59 @@ class PeftModel(nn.Module):
         return model
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+        dequantize: bool = False,
     ) -> nn.Module:
         """Fold ``scaling * B @ A`` into every adapted weight and return the plain transformers model.
 
-        modules_to_save copies replace the originals. 4-bit bases are dequantized, merged and
-        requantized (lossy); merge into a 16-bit model for an accurate export.
+        modules_to_save copies replace the originals. By default 4-bit bases are dequantized,
+        merged and requantized (lossy: the result stays 4-bit). With ``dequantize=True`` every 4-bit
+        layer becomes a dense ``nn.Linear`` in its compute dtype instead, holding the dequantized
+        weight plus the update (the accurate route: it computes what the trained model computes).
+
+        Args:
+            progressbar: accepted for HF PEFT compatibility; ignored.
+            safe_merge: accepted for HF PEFT compatibility; ignored.
+            adapter_names: accepted for HF PEFT compatibility (one adapter only); ignored.
+            dequantize: replace 4-bit layers by dense ``nn.Linear`` (merged where adapted).
 
         Returns:
             The transformers model without adapter modules.
+
+        Raises:
+            TypeError: a 4-bit base layer without ``dequantize()`` / ``requantize_()``.
         """
-        return self._remove_adapters(merge=True)
+        return self._remove_adapters(merge=True, dequantize=dequantize)
+
+    def save_pretrained_merged(
+        self,
+        save_directory: str | os.PathLike,
+        tokenizer: Any = None,
+        save_method: str = "merged_16bit",
+        max_shard_size: int | str = "5GB",
+        dtype: torch.dtype | None = None,
+    ) -> Any:
+        """Save the adapter (``"lora"``) or a merged 16-bit model plain transformers loads.
+
+        The live model is left untouched; see :func:`rslora_fast.export.save_pretrained_merged` for
+        the arguments.
+
+        Returns:
+            The output folder as a ``pathlib.Path``.
+        """
+        from ..export import save_pretrained_merged
+
+        return save_pretrained_merged(
+            self,
+            save_directory,
+            tokenizer,
+            save_method=save_method,
+            max_shard_size=max_shard_size,
+            dtype=dtype,
+        )
 
     def unload(self) -> nn.Module:
         """Remove the adapters without merging: the base model comes back as it was.
