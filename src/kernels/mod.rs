@@ -3,6 +3,7 @@
 
 use crate::{Error, Result};
 
+pub mod nf4;
 pub mod swiglu;
 
 /// Floating-point element types our kernels are compiled for.

@@ -80,7 +80,7 @@ pub const FP4: [f32; 16] = [
     0.0,
     0.0625 / 12.0,
     8.0 / 12.0,
-    12.0 / 12.0,
+    1.0,
     4.0 / 12.0,
     6.0 / 12.0,
     2.0 / 12.0,
@@ -88,7 +88,7 @@ pub const FP4: [f32; 16] = [
     -0.0,
     -0.0625 / 12.0,
     -8.0 / 12.0,
-    -12.0 / 12.0,
+    -1.0,
     -4.0 / 12.0,
     -6.0 / 12.0,
     -2.0 / 12.0,
@@ -143,10 +143,10 @@ static FP4_ENCODER: Encoder4 = Encoder4::new(&FP4, FP4_ORDER);
 /// total_bits=8)`).
 ///
 /// Definition: for each exponent step `i` in 0..7, take the `2^i + 1` evenly spaced float32
-/// points of [0.1, 1], average neighbours, scale by `10^(i-6)`, and keep both signs; add 0 and
-/// 1. The points use torch.linspace's float32 arithmetic (`start + step * j` as one fused
-/// multiply-add for the lower half, `end - step * (k-1-j)` for the upper), which is what makes
-/// the float32 values agree with bitsandbytes bit for bit.
+/// points of [0.1, 1], average neighbours, scale by `10^(i-6)`, and keep both signs; add 0
+/// and 1. The points use torch.linspace's float32 arithmetic (`start + step * j` as one fused
+/// multiply-add for the lower half, `end - step * (k-1-j)` for the upper): that is what
+/// makes the float32 values agree with bitsandbytes bit for bit.
 pub fn dynamic_map() -> &'static [f32; 256] {
     static MAP: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
     MAP.get_or_init(|| {

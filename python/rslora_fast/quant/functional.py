@@ -402,18 +402,71 @@ def dequantize_4bit_reference(
 
 
 # ----------------------------------------------------------------------------- public API
+def _stream(t: torch.Tensor) -> tuple[int, int]:
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return index, torch.cuda.current_stream(index).cuda_stream
+
+
+def _quantize_rust(
+    weight: torch.Tensor, blocksize: int, quant_type: str, compress_statistics: bool, core
+) -> tuple[torch.Tensor, QuantState]:
+    n = weight.numel()
+    dev = weight.device
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=dev)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=dev)
+    if dev.type == "cuda":
+        src = weight.detach().contiguous()
+        index, stream = _stream(src)
+        core.nf4_quantize_cuda(
+            src.data_ptr(), _DTYPE_NAMES[src.dtype], n, blocksize, quant_type,
+            packed.data_ptr(), absmax.data_ptr(), index, stream,
+        )  # fmt: skip
+    else:
+        src = weight.detach().reshape(-1).to(torch.float32).contiguous()
+        core.nf4_quantize_cpu(src.data_ptr(), n, blocksize, quant_type, packed.data_ptr(), absmax.data_ptr())
+    state = QuantState(
+        absmax=absmax,
+        shape=weight.shape,
+        dtype=weight.dtype,
+        blocksize=blocksize,
+        quant_type=quant_type,
+        code=get_4bit_code(quant_type, dev),
+    )
+    if compress_statistics and n:
+        # The offset is torch's float32 mean, exactly as bitsandbytes computes it.
+        offset = absmax.mean()
+        if dev.type == "cuda":
+            # Scales are small (1/blocksize of the weight): the plain-torch path on the GPU does
+            # the same float32 arithmetic as the CPU path.
+            q8, nested, off = _double_quant_reference(absmax)
+        else:
+            q8 = torch.empty(absmax.numel(), dtype=torch.uint8)
+            nested = torch.empty(-(-absmax.numel() // NESTED_BLOCKSIZE), dtype=torch.float32)
+            off = float(offset.item())
+            core.double_quant_cpu(absmax.data_ptr(), absmax.numel(), off, q8.data_ptr(), nested.data_ptr())
+        state.absmax, state.nested_absmax, state.nested_offset = q8, nested, off
+        state.nested_code = dynamic_map(dev)
+    return packed, state
+
+
 def quantize_4bit(
     weight: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", compress_statistics: bool = True
 ) -> tuple[torch.Tensor, QuantState]:
     """Quantize ``weight`` to packed 4-bit codes; returns ``(packed uint8 [(n+1)//2, 1], state)``.
 
-    Byte-identical to ``bitsandbytes.functional.quantize_4bit`` with the same arguments. Runs our
-    CUDA kernel when ``weight`` is on a GPU, the Rust CPU path otherwise.
+    Byte-identical to ``bitsandbytes.functional.quantize_4bit`` with the same arguments (CPU).
+    Runs our CUDA kernel when ``weight`` is on a GPU, the Rust CPU path otherwise (the
+    plain-torch reference when the extension is not built).
     """
     _check(blocksize, quant_type)
     if weight.dtype not in _DTYPE_NAMES:
-        raise ValueError(f"quantize_4bit: unsupported dtype {weight.dtype}; expected float32/float16/bfloat16")
-    return quantize_4bit_reference(weight, blocksize, quant_type, compress_statistics)
+        raise ValueError(
+            f"quantize_4bit: unsupported dtype {weight.dtype}; expected float32/float16/bfloat16"
+        )
+    core = _core_or_none()
+    if core is None or weight.device.type not in ("cpu", "cuda"):
+        return quantize_4bit_reference(weight, blocksize, quant_type, compress_statistics)
+    return _quantize_rust(weight, blocksize, quant_type, compress_statistics, core)
 
 
 def dequantize_4bit(
@@ -424,16 +477,65 @@ def dequantize_4bit(
 ) -> torch.Tensor:
     """Dequantize to ``state.shape`` in ``dtype`` (default: ``out``'s dtype, else ``state.dtype``).
 
-    When ``out`` is given (contiguous, ``state.numel`` elements) the result is written into it
-    and ``out`` is returned.
+    When ``out`` is given (contiguous, ``state.numel`` elements, on ``packed``'s device) the
+    result is written into it and ``out`` is returned.
     """
     dtype = dtype or (out.dtype if out is not None else state.dtype)
-    res = dequantize_4bit_reference(packed, state, dtype=dtype)
-    if out is None:
-        return res
-    _check_out(out, state, dtype, packed.device)
-    out.view(state.shape).copy_(res)
-    return out
+    dev = packed.device
+    n = state.numel
+    if out is not None:
+        _check_out(out, state, dtype, dev)
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"dequantize_4bit: unsupported dtype {dtype}")
+    if packed.numel() * packed.element_size() != (n + 1) // 2:
+        raise QuantFormatError(
+            f"dequantize_4bit: packed has {packed.numel() * packed.element_size()} bytes, "
+            f"shape {list(state.shape)} needs {(n + 1) // 2}"
+        )
+    core = _core_or_none()
+    if core is None or dev.type not in ("cpu", "cuda") or n == 0:
+        res = dequantize_4bit_reference(packed, state, dtype=dtype)
+        if out is None:
+            return res
+        out.view(state.shape).copy_(res)
+        return out
+    p = packed.contiguous().view(-1).view(torch.uint8)
+    if dev.type == "cuda":
+        res = out if out is not None else torch.empty(state.shape, dtype=dtype, device=dev)
+        index, stream = _stream(p)
+        if state.nested:
+            q = state.absmax.to(dev, torch.uint8).contiguous()
+            nested = state.nested_absmax.to(dev, torch.float32).contiguous()
+            ncode = (state.nested_code if state.nested_code is not None else dynamic_map()).to(
+                dev, torch.float32
+            ).contiguous()
+            ptrs = (0, q.data_ptr(), nested.data_ptr(), ncode.data_ptr(), float(state.nested_offset))
+        else:
+            a = state.absmax.to(dev, torch.float32).contiguous()
+            ptrs = (a.data_ptr(), 0, 0, 0, 0.0)
+        core.nf4_dequantize_cuda(
+            p.data_ptr(), *ptrs, res.data_ptr(), n, state.blocksize, state.quant_type,
+            _DTYPE_NAMES[dtype], index, stream,
+        )  # fmt: skip
+        return res.view(state.shape) if out is None else out
+    # CPU: float32 scales (undoing double quantization in Rust), then float32 values, then cast.
+    if state.nested:
+        q = state.absmax.to(torch.uint8).contiguous()
+        nested = state.nested_absmax.to(torch.float32).contiguous()
+        scales = torch.empty(q.numel(), dtype=torch.float32)
+        core.dequant_scales_cpu(q.data_ptr(), nested.data_ptr(), float(state.nested_offset), q.numel(),
+                                scales.data_ptr())  # fmt: skip
+    else:
+        scales = state.absmax.to(torch.float32).contiguous()
+    f32_out = out if (out is not None and dtype == torch.float32) else torch.empty(n, dtype=torch.float32)
+    core.nf4_dequantize_cpu(p.data_ptr(), scales.data_ptr(), n, state.blocksize, state.quant_type,
+                            f32_out.data_ptr())  # fmt: skip
+    if out is f32_out:
+        return out
+    if out is not None:
+        out.view(-1).copy_(f32_out)
+        return out
+    return f32_out.to(dtype).view(state.shape)
 
 
 def _check_out(out: torch.Tensor, state: QuantState, dtype: torch.dtype, device: torch.device) -> None:

@@ -1,0 +1,184 @@
+// NF4 / FP4 blockwise 4-bit dequantization and quantization, byte-compatible with bitsandbytes
+// (format: shared/reference.md §1; the CPU twin is src/quant/blockwise.rs).
+//
+// Dequantize is memory-bound (0.5 B read, 2-4 B written per element): each thread turns 8
+// packed bytes (16 elements, never straddling a quantization block since blocks are >= 32
+// elements) into 16-byte vector stores, with the 16-entry table and, for double quantization,
+// the 256-entry nested map in shared memory. The block scale is loaded (and, with double
+// quantization, rebuilt) once per 16 elements.
+//
+// Float arithmetic uses the _rn intrinsics where bitsandbytes' result depends on a separate
+// rounding (a fused multiply-add would change the bytes or the values).
+#include "common.cuh"
+
+namespace {
+
+__constant__ float kNF4[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+__constant__ float kFP4[16] = {
+    0.0f, 0.0625f / 12.0f, 8.0f / 12.0f, 12.0f / 12.0f, 4.0f / 12.0f, 6.0f / 12.0f, 2.0f / 12.0f,
+    3.0f / 12.0f, -0.0f, -0.0625f / 12.0f, -8.0f / 12.0f, -12.0f / 12.0f, -4.0f / 12.0f,
+    -6.0f / 12.0f, -2.0f / 12.0f, -3.0f / 12.0f};
+
+// Ascending order of the FP4 codes (+0 before -0, as bitsandbytes sorts them).
+__constant__ unsigned char kFP4Order[16] = {11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3};
+
+constexpr int kThreads = 256;
+constexpr int kPer = 16;  // elements per thread per step (8 packed bytes)
+
+// Scale of quantization block `b`: float32 absmax, or rebuilt from the nested statistics as
+// map[q] * nested[b / 256] + offset (multiply, then add: two roundings like bitsandbytes).
+__device__ __forceinline__ float block_scale(int64_t b, const float* __restrict__ absmax,
+                                             const uint8_t* __restrict__ absmax_q,
+                                             const float* __restrict__ nested,
+                                             const float* s_ncode, float offset) {
+  if (absmax_q == nullptr) return __ldg(absmax + b);
+  float c = s_ncode[__ldg(absmax_q + b)];
+  return __fadd_rn(__fmul_rn(c, __ldg(nested + (b >> 8))), offset);
+}
+
+template <typename T>
+__device__ __forceinline__ void store16(T* dst, const float (&v)[kPer]) {
+  constexpr int N = rf::Vec<T>::N;
+#pragma unroll
+  for (int s = 0; s < kPer / N; ++s) {
+    rf::Vec<T> o;
+#pragma unroll
+    for (int k = 0; k < N; ++k) o.v[k] = rf::from_f32<T>(v[s * N + k]);
+    rf::store_vec(dst + s * N, o);
+  }
+}
+
+template <typename T>
+__device__ void dequant(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
+                        const uint8_t* __restrict__ absmax_q, const float* __restrict__ nested,
+                        const float* __restrict__ nested_code, float offset, int quant_type,
+                        T* __restrict__ out, int64_t n, int bs_log2, int vec_ok) {
+  __shared__ float s_code[16];
+  __shared__ float s_ncode[256];
+  if (threadIdx.x < 16) s_code[threadIdx.x] = quant_type == 0 ? kNF4[threadIdx.x] : kFP4[threadIdx.x];
+  if (absmax_q != nullptr) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) s_ncode[i] = nested_code[i];
+  }
+  __syncthreads();
+
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  int64_t done = 0;
+  if (vec_ok) {
+    const int64_t nvec = n / kPer;
+    for (int64_t v = tid; v < nvec; v += stride) {
+      const int64_t e0 = v * kPer;
+      const uint2 raw = __ldg(reinterpret_cast<const uint2*>(packed) + v);
+      const float s = block_scale(e0 >> bs_log2, absmax, absmax_q, nested, s_ncode, offset);
+      float vals[kPer];
+#pragma unroll
+      for (int w = 0; w < 2; ++w) {
+        const uint32_t word = w == 0 ? raw.x : raw.y;
+#pragma unroll
+        for (int byte = 0; byte < 4; ++byte) {
+          const uint32_t b = (word >> (8 * byte)) & 0xFFu;
+          vals[w * 8 + byte * 2] = __fmul_rn(s_code[b >> 4], s);
+          vals[w * 8 + byte * 2 + 1] = __fmul_rn(s_code[b & 15u], s);
+        }
+      }
+      store16<T>(out + e0, vals);
+    }
+    done = nvec * kPer;
+  }
+  // Tail (and unaligned buffers): one element per thread.
+  for (int64_t i = done + tid; i < n; i += stride) {
+    const uint8_t b = packed[i >> 1];
+    const int c = (i & 1) ? (b & 15) : (b >> 4);
+    const float s = block_scale(i >> bs_log2, absmax, absmax_q, nested, s_ncode, offset);
+    out[i] = rf::from_f32<T>(__fmul_rn(s_code[c], s));
+  }
+}
+
+// Midpoint encoder of a value already clamped to [-1, 1]: count of sorted-code midpoints strictly
+// below x (ties go low), mapped back to the code index.
+__device__ __forceinline__ uint8_t encode4(float x, const float* mids, int quant_type) {
+  int slot = 0;
+#pragma unroll
+  for (int i = 0; i < 15; ++i) slot += x > mids[i];
+  return quant_type == 0 ? (uint8_t)slot : kFP4Order[slot];
+}
+
+__device__ __forceinline__ float clamp1(float x) { return fminf(fmaxf(x, -1.0f), 1.0f); }
+
+// One warp per quantization block (grid-stride over blocks): warp max-reduce of |x| (exact in
+// any order), then each lane encodes pairs of elements into whole bytes.
+template <typename T>
+__device__ void quant(const T* __restrict__ src, uint8_t* __restrict__ packed,
+                      float* __restrict__ absmax, int64_t n, int blocksize, int quant_type) {
+  __shared__ float s_mid[15];
+  if (threadIdx.x < 15) {
+    int a = threadIdx.x, b = threadIdx.x + 1;
+    float lo, hi;
+    if (quant_type == 0) {
+      lo = kNF4[a];
+      hi = kNF4[b];
+    } else {
+      lo = kFP4[kFP4Order[a]];
+      hi = kFP4[kFP4Order[b]];
+    }
+    s_mid[threadIdx.x] = __fdiv_rn(__fadd_rn(lo, hi), 2.0f);
+  }
+  __syncthreads();
+  float mids[15];
+#pragma unroll
+  for (int i = 0; i < 15; ++i) mids[i] = s_mid[i];
+
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (int64_t)gridDim.x * (blockDim.x / 32);
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  for (int64_t blk = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; blk < nblocks;
+       blk += warps) {
+    const int64_t start = blk * blocksize;
+    const int64_t end = min(start + (int64_t)blocksize, n);
+    float am = 0.0f;
+    for (int64_t i = start + lane; i < end; i += 32) am = fmaxf(am, fabsf(rf::to_f32(src[i])));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, o));
+    const bool full = end - start == blocksize;
+    const float den = fmaxf(am, 1e-38f);
+    const float inv = __fdiv_rn(1.0f, den);
+    if (lane == 0) absmax[blk] = full ? am : den;
+    const uint8_t pad = encode4(0.0f, mids, quant_type);
+    for (int64_t p = start + 2 * lane; p < end; p += 64) {
+      float x0 = rf::to_f32(src[p]);
+      float s0 = full ? __fmul_rn(x0, inv) : __fdiv_rn(x0, den);
+      uint8_t hi = encode4(clamp1(s0), mids, quant_type);
+      uint8_t lo = pad;
+      if (p + 1 < end) {
+        float x1 = rf::to_f32(src[p + 1]);
+        float s1 = full ? __fmul_rn(x1, inv) : __fdiv_rn(x1, den);
+        lo = encode4(clamp1(s1), mids, quant_type);
+      }
+      packed[p >> 1] = (uint8_t)((hi << 4) | lo);
+    }
+  }
+}
+
+}  // namespace
+
+#define NF4_ENTRY(SUFFIX, T)                                                                    \
+  extern "C" __global__ void __launch_bounds__(kThreads) nf4_dequant_##SUFFIX(                  \
+      const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* nested, \
+      const float* nested_code, float offset, int quant_type, T* out, int64_t n, int bs_log2,   \
+      int vec_ok) {                                                                             \
+    dequant<T>(packed, absmax, absmax_q, nested, nested_code, offset, quant_type, out, n,       \
+               bs_log2, vec_ok);                                                                \
+  }                                                                                             \
+  extern "C" __global__ void __launch_bounds__(kThreads) nf4_quant_##SUFFIX(                    \
+      const T* src, uint8_t* packed, float* absmax, int64_t n, int blocksize, int quant_type) { \
+    quant<T>(src, packed, absmax, n, blocksize, quant_type);                                    \
+  }
+
+NF4_ENTRY(f32, float)
+NF4_ENTRY(f16, __half)
+NF4_ENTRY(bf16, __nv_bfloat16)

@@ -1,0 +1,181 @@
+//! Launchers for `kernels/nf4.cu`: NF4/FP4 dequantize (plain or double-quantized scales) into a
+//! caller-provided buffer, and quantize (same bytes as the CPU path in `crate::quant`).
+
+use std::ffi::c_void;
+
+use super::{all_aligned16, check_ptrs, elementwise_grid, DType};
+use crate::cuda::{self, LaunchConfig, RawStream};
+use crate::quant::{check_blocksize, QuantType};
+use crate::{Error, Result};
+
+const THREADS: u32 = 256;
+/// Elements each dequantize thread handles per step (8 packed bytes).
+const PER_THREAD: usize = 16;
+
+fn dequant_kernel(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "nf4_dequant_f32",
+        DType::F16 => "nf4_dequant_f16",
+        DType::BF16 => "nf4_dequant_bf16",
+    }
+}
+
+fn quant_kernel(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "nf4_quant_f32",
+        DType::F16 => "nf4_quant_f16",
+        DType::BF16 => "nf4_quant_bf16",
+    }
+}
+
+fn qt_code(qt: QuantType) -> i32 {
+    match qt {
+        QuantType::Nf4 => 0,
+        QuantType::Fp4 => 1,
+    }
+}
+
+/// Where the block scales of a dequantize come from.
+#[derive(Clone, Copy, Debug)]
+pub enum ScalesPtr {
+    /// float32 `[nblocks]`.
+    Plain(usize),
+    /// Double quantization: uint8 codes `[nblocks]`, float32 nested absmax
+    /// `[ceil(nblocks/256)]`, float32 nested map `[256]`, and the offset.
+    Nested {
+        codes: usize,
+        nested_absmax: usize,
+        nested_code: usize,
+        offset: f32,
+    },
+}
+
+/// Dequantize `n` elements of packed NF4/FP4 codes into `out` (`dtype`).
+///
+/// # Safety
+/// Every pointer must be a device pointer on `device`: `packed` to `ceil(n/2)` bytes, the scale
+/// buffers to the sizes [`ScalesPtr`] names, `out` to `n` elements of `dtype` not overlapping
+/// the inputs; all live until the launch has run on `stream`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn dequantize(
+    packed: usize,
+    scales: ScalesPtr,
+    out: usize,
+    n: usize,
+    blocksize: usize,
+    qt: QuantType,
+    dtype: DType,
+    device: i32,
+    stream: RawStream,
+) -> Result<()> {
+    check_blocksize(blocksize)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let (mut absmax, mut codes, mut nested, mut ncode, mut offset) = match scales {
+        ScalesPtr::Plain(p) => (p, 0usize, 0usize, 0usize, 0f32),
+        ScalesPtr::Nested {
+            codes,
+            nested_absmax,
+            nested_code,
+            offset,
+        } => {
+            check_ptrs(
+                "nf4 dequantize (nested scales)",
+                &[codes, nested_absmax, nested_code],
+            )?;
+            (0, codes, nested_absmax, nested_code, offset)
+        }
+    };
+    check_ptrs("nf4 dequantize", &[packed, out])?;
+    if absmax == 0 && codes == 0 {
+        return Err(Error::invalid("nf4 dequantize: null scale pointer"));
+    }
+    // The vector body reads 8 packed bytes and writes 16 elements per step.
+    let mut vec_ok = (packed % 8 == 0 && all_aligned16(&[out])) as i32;
+    let blocks = elementwise_grid(n, PER_THREAD, THREADS, cuda::sm_count(device)?);
+    let mut qt_i = qt_code(qt);
+    let mut n64 = n as i64;
+    let mut bs_log2 = blocksize.trailing_zeros() as i32;
+    let (mut packed, mut out) = (packed, out);
+    let mut args = [
+        &mut packed as *mut usize as *mut c_void,
+        &mut absmax as *mut usize as *mut c_void,
+        &mut codes as *mut usize as *mut c_void,
+        &mut nested as *mut usize as *mut c_void,
+        &mut ncode as *mut usize as *mut c_void,
+        &mut offset as *mut f32 as *mut c_void,
+        &mut qt_i as *mut i32 as *mut c_void,
+        &mut out as *mut usize as *mut c_void,
+        &mut n64 as *mut i64 as *mut c_void,
+        &mut bs_log2 as *mut i32 as *mut c_void,
+        &mut vec_ok as *mut i32 as *mut c_void,
+    ];
+    // SAFETY: args match `nf4_dequant_<dtype>(const uint8_t*, const float*, const uint8_t*,
+    // const float*, const float*, float, int, T*, int64_t, int, int)`; the caller guarantees
+    // the pointers (null scale pointers select the other scale source).
+    unsafe {
+        cuda::launch(
+            device,
+            stream,
+            "nf4",
+            dequant_kernel(dtype),
+            LaunchConfig::linear(blocks, THREADS),
+            &mut args,
+        )
+    }
+}
+
+/// Quantize `n` contiguous elements of `src` (`dtype`) into `packed` (`ceil(n/2)` bytes) and
+/// `absmax` (float32, `ceil(n/blocksize)`), byte-identical to [`crate::quant::quantize_4bit`].
+///
+/// # Safety
+/// `src`, `packed` and `absmax` must be device pointers on `device` of the sizes above, not
+/// overlapping, live until the launch has run on `stream`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn quantize(
+    src: usize,
+    packed: usize,
+    absmax: usize,
+    n: usize,
+    blocksize: usize,
+    qt: QuantType,
+    dtype: DType,
+    device: i32,
+    stream: RawStream,
+) -> Result<()> {
+    check_blocksize(blocksize)?;
+    if n == 0 {
+        return Ok(());
+    }
+    check_ptrs("nf4 quantize", &[src, packed, absmax])?;
+    // One warp per quantization block; 8 warps per CTA; enough CTAs to fill the GPU.
+    let nblocks = n.div_ceil(blocksize);
+    let warps_per_cta = (THREADS / 32) as usize;
+    let cap = cuda::sm_count(device)? as usize * 16;
+    let ctas = nblocks.div_ceil(warps_per_cta).clamp(1, cap.max(1)) as u32;
+    let (mut src, mut packed, mut absmax) = (src, packed, absmax);
+    let mut n64 = n as i64;
+    let mut bs = blocksize as i32;
+    let mut qt_i = qt_code(qt);
+    let mut args = [
+        &mut src as *mut usize as *mut c_void,
+        &mut packed as *mut usize as *mut c_void,
+        &mut absmax as *mut usize as *mut c_void,
+        &mut n64 as *mut i64 as *mut c_void,
+        &mut bs as *mut i32 as *mut c_void,
+        &mut qt_i as *mut i32 as *mut c_void,
+    ];
+    // SAFETY: args match `nf4_quant_<dtype>(const T*, uint8_t*, float*, int64_t, int, int)`;
+    // the caller guarantees the pointers.
+    unsafe {
+        cuda::launch(
+            device,
+            stream,
+            "nf4",
+            quant_kernel(dtype),
+            LaunchConfig::linear(ctas, THREADS),
+            &mut args,
+        )
+    }
+}
