@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# What we run on the lent H200 (see docs/gpu.md): install the wheel built here, then the phases asked
+# for. Results and logs go to $OUT (or ./gpu-out). Usage: bash scripts/gpu_run.sh tests kernels train
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-deps --no-index --target /tmp/site target/wheels/*.whl || exit 1
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+[ -d .whl/bnbsite ] && export PYTHONPATH=$PYTHONPATH:$PWD/.whl/bnbsite   # bitsandbytes, baseline only
+export PYTHONUNBUFFERED=1
+for phase in "$@"; do
+  echo "=== $phase ($(date +%T))"
+  case "$phase" in
+    tests)
+      (cd /tmp && python3 -m rslora_fast info && python3 -m rslora_fast selfcheck) 2>&1 | tee "$OUT/info.log"
+      python3 -m pytest -m cuda tests/python -q -p no:cacheprovider -x 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
+      ;;
+    kernels)
+      python3 benches/kernels.py --out "$OUT/kernels.jsonl" 2>&1 | tail -12
+      [ -f benches/nf4.py ] && python3 benches/nf4.py --out "$OUT/nf4.jsonl" 2>&1 | tail -12
+      ;;
+    offload)
+      [ -f benches/offload_step.py ] && python3 benches/offload_step.py --out "$OUT/offload.jsonl" 2>&1 | tail -20
+      ;;
+    load)
+      python3 benches/train_step.py --systems "" --cache bench-cache >/dev/null 2>&1
+      python3 benches/load.py --dir bench-cache/llama-3-8b --out "$OUT/load.jsonl" 2>&1 | tail -10
+      ;;
+    train)
+      python3 benches/train_step.py --cache bench-cache --out "$OUT/train_step.jsonl" \
+        --systems "${SYSTEMS:-rslora_fast:4bit:unsloth,rslora_fast:4bit:true,rslora_fast:16bit:unsloth,hf_peft:bf16,hf_peft_bnb:nf4}" \
+        2>"$OUT/train_step.err" | tail -12
+      ;;
+    *) echo "unknown phase $phase" ;;
+  esac
+done
