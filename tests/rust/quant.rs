@@ -246,7 +246,7 @@ fn json_round_trip_and_exact_bytes() {
         blocksize: 64,
         dtype: "bfloat16".into(),
         shape: vec![8, 9],
-        nested: Some((256, 1.55859375)),
+        nested: Some((256, 399.0 / 256.0)), // 1.55859375
     };
     let raw = st.to_json();
     assert_eq!(
