@@ -30,6 +30,7 @@ ACCEPTED_KWARGS = (
     "alpha_pattern",
     "task_type",
     "use_reentrant",
+    "max_memory_gb",
     "use_dora",
     "fan_in_fan_out",
     "lora_bias",
@@ -264,9 +265,14 @@ class PeftModel(nn.Module):
             gradient_checkpointing_kwargs: ``{"use_reentrant": bool}``; default non-reentrant.
         """
         kw = gradient_checkpointing_kwargs or {}
-        apply_gradient_checkpointing(
-            self.base_model.model, True, use_reentrant=bool(kw.get("use_reentrant", False))
-        )
+        reentrant = bool(kw.get("use_reentrant", False))
+        mode = apply_gradient_checkpointing(self.base_model.model, True, use_reentrant=reentrant)
+        prev = getattr(self, "_gradient_checkpointing", None) or {}
+        self._gradient_checkpointing = {
+            "mode": mode,
+            "max_seq_length": prev.get("max_seq_length", 2048),
+            "use_reentrant": reentrant,
+        }
 
     # ---------------------------------------------------------------- counting
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -545,7 +551,8 @@ def get_peft_model(
         lora_dropout: dropout on the LoRA branch, in ``[0, 1)``; 0 runs no dropout code.
         bias: ``"none"``, ``"all"`` or ``"lora_only"``.
         use_gradient_checkpointing: ``False``, ``True`` (checkpoint each decoder layer) or
-            ``"unsloth"`` (currently the same as ``True``; see :mod:`rslora_fast.checkpointing`).
+            ``"unsloth"`` (checkpointing with the layer inputs offloaded to pinned host memory; see
+            :mod:`rslora_fast.checkpointing`).
         random_state: seed of the adapter initialization (int, or None for a fresh random seed).
         max_seq_length: training sequence length (passed to the checkpointing mode).
         use_rslora: scale by ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``.
@@ -553,7 +560,8 @@ def get_peft_model(
         **kwargs: ``modules_to_save``, ``layers_to_transform``, ``layers_pattern``,
             ``exclude_modules``, ``init_lora_weights`` (True, False, "gaussian", "loftq"),
             ``rank_pattern``, ``alpha_pattern``, ``task_type`` (default ``"CAUSAL_LM"``),
-            ``use_reentrant`` (checkpointing flavour, default False), and ``use_dora``,
+            ``use_reentrant`` (checkpointing flavour, default False), ``max_memory_gb`` (with
+            ``"unsloth"``: GPU budget for layer activations kept without recompute), and ``use_dora``,
             ``fan_in_fan_out``, ``lora_bias`` (only False is supported).
 
     Returns:
@@ -664,5 +672,17 @@ def get_peft_model(
 
     peft_model = PeftModel(model, config, random_state=random_state)
     if mode is not False:
-        apply_gradient_checkpointing(model, mode, max_seq_length, use_reentrant=use_reentrant)
+        mode = apply_gradient_checkpointing(
+            model,
+            mode,
+            max_seq_length,
+            use_reentrant=use_reentrant,
+            max_memory_gb=kwargs.get("max_memory_gb"),
+        )
+    # Remembered so FastLanguageModel.for_training can switch the configured mode back on.
+    peft_model._gradient_checkpointing = {
+        "mode": mode,
+        "max_seq_length": int(max_seq_length),
+        "use_reentrant": use_reentrant,
+    }
     return peft_model
