@@ -5,9 +5,11 @@ Modes:
 * ``False`` (or ``None``): no checkpointing (turned off if the model had it on).
 * ``True``: every decoder layer is checkpointed: only its inputs are kept in forward and the layer is
   recomputed in backward.
-* ``"unsloth"``: currently the same as ``True`` (plain per-decoder-layer checkpointing). The
-  activation-offload version (decoder-layer inputs kept in pinned host memory) replaces it behind
-  this same function, :func:`apply_gradient_checkpointing`.
+* ``"unsloth"``: checkpointing with activation offload (:mod:`rslora_fast.offload`): each decoder
+  layer's input is copied to pinned host memory on a side stream while the layer computes, and
+  brought back (prefetched one layer ahead) just in time for its recompute in backward. The last
+  layer's input stays on the GPU; sequences under 512 tokens fall back to plain checkpointing.
+  With ``max_memory_gb`` the layers whose activations fit in that budget are not recomputed at all.
 
 Both reentrant and non-reentrant ``torch.utils.checkpoint`` are supported. Non-reentrant is the
 default. With reentrant checkpointing a checkpointed block whose inputs do not require grad would
@@ -73,18 +75,23 @@ def _undo_inputs_require_grad(model: nn.Module) -> None:
 
 
 def apply_gradient_checkpointing(
-    model: nn.Module, mode: Any, max_seq_length: int = 2048, *, use_reentrant: bool = False
+    model: nn.Module,
+    mode: Any,
+    max_seq_length: int = 2048,
+    *,
+    use_reentrant: bool = False,
+    max_memory_gb: float | None = None,
 ) -> bool | str:
     """Install (or remove) gradient checkpointing on a transformers model.
 
     Args:
         model: the unwrapped transformers model (a ``PreTrainedModel`` that supports checkpointing).
-        mode: ``False``/``None``, ``True`` or ``"unsloth"`` (see the module docstring; ``"unsloth"``
-            is plain per-decoder-layer checkpointing for now).
+        mode: ``False``/``None``, ``True`` or ``"unsloth"`` (see the module docstring).
         max_seq_length: the training sequence length; unused by plain checkpointing, kept so the
             offloading implementation can pick its strategy (it falls back to plain below ~512).
         use_reentrant: use reentrant ``torch.utils.checkpoint``; the input embeddings' output is then
             made to require grad so LoRA weights inside checkpointed layers still get gradients.
+        max_memory_gb: ``"unsloth"`` only: GPU memory budget for activations kept without recompute.
 
     Returns:
         The normalized mode.
@@ -94,6 +101,7 @@ def apply_gradient_checkpointing(
             warning and no checkpointing (the return value is then ``False``).
     """
     mode = validate_mode(mode)
+    _uninstall_offload(model)
     if mode is False:
         if getattr(model, "is_gradient_checkpointing", False):
             model.gradient_checkpointing_disable()
@@ -113,4 +121,28 @@ def apply_gradient_checkpointing(
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": bool(use_reentrant)})
     if use_reentrant:
         _make_inputs_require_grad(model)
+    if mode == "unsloth":
+        # Installed after gradient_checkpointing_enable: it takes over the layers' own flags, so the
+        # two checkpoints never nest.
+        from .offload import install_offloaded_checkpointing
+
+        try:
+            handle = install_offloaded_checkpointing(model, max_memory_gb=max_memory_gb)
+        except ValueError as exc:  # no decoder-layer list found: plain checkpointing still works
+            warnings.warn(
+                f'use_gradient_checkpointing="unsloth": {exc}; using plain checkpointing', stacklevel=2
+            )
+        else:
+            model.__dict__["_rslora_offload"] = handle
     return mode
+
+
+def offload_handle(model: nn.Module):
+    """The offloaded-checkpointing handle installed on ``model`` (``stats()``, ``release_all()``), or None."""
+    return model.__dict__.get("_rslora_offload")
+
+
+def _uninstall_offload(model: nn.Module) -> None:
+    handle = model.__dict__.pop("_rslora_offload", None)
+    if handle is not None:
+        handle.uninstall()
