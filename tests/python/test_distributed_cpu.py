@@ -1,0 +1,227 @@
+"""DDP on the CPU: 2 processes (gloo) launched by ``torchrun`` train a tiny llama with LoRA.
+
+One ``torchrun --nproc-per-node 2`` job (this file run as a script) goes through every case (16-bit
+and 4-bit base x each checkpointing mode, plus reentrant checkpointing and the offloaded autograd
+function forced on short sequences), saving each rank's LoRA weights and the global-mean losses.
+The pytest process then trains the same model in one process on the combined batch (no DDP, no
+process group) and checks: the LoRA weights are bitwise identical on both ranks, and equal to the
+single-process result within float32 rounding; the losses agree too. Launching once keeps the cost
+of starting two interpreters (torch + transformers imports) to one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+STEPS = 3
+LOCAL_BATCH = 2
+SEQ = 12
+WORLD = 2
+# (name, load_in_4bit, checkpointing mode, use_reentrant, force the offloaded autograd function)
+CASES = [
+    ("bf16base-nockpt", False, False, False, False),
+    ("bf16base-ckpt", False, True, False, False),
+    ("bf16base-ckpt-reentrant", False, True, True, False),
+    ("bf16base-unsloth", False, "unsloth", False, False),
+    ("bf16base-offload-forced", False, False, False, True),
+    ("4bit-nockpt", True, False, False, False),
+    ("4bit-ckpt", True, True, False, False),
+    ("4bit-unsloth", True, "unsloth", False, False),
+    ("4bit-offload-forced", True, False, False, True),
+]
+CFG = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- shared by both sides
+def _global_batches() -> torch.Tensor:
+    """``[STEPS, WORLD * LOCAL_BATCH, SEQ]`` token ids; every row is full length (no padding), so the
+    global mean loss is the mean of the per-rank means."""
+    g = torch.Generator().manual_seed(77)
+    return torch.randint(3, CFG["vocab_size"], (STEPS, WORLD * LOCAL_BATCH, SEQ), generator=g)
+
+
+def _build(path: str, four_bit: bool, mode, reentrant: bool, force_offload: bool, device):
+    # the 16-bit base is loaded in float32 on the CPU: "16-bit" = not quantized; fp32 keeps the
+    # single-process vs DDP comparison at float32 rounding
+    from rslora_fast import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(
+        path, SEQ, dtype=torch.float32, load_in_4bit=four_bit, device_map=device, progress=False
+    )
+    model = FastLanguageModel.get_peft_model(
+        model, r=4, lora_alpha=8, lora_dropout=0.0, use_gradient_checkpointing=mode, use_reentrant=reentrant,
+        random_state=3407, max_seq_length=SEQ,
+    )  # fmt: skip
+    handle = None
+    if force_offload:
+        from rslora_fast.offload import install_offloaded_checkpointing
+
+        handle = install_offloaded_checkpointing(model, min_tokens=0)
+    model.train()
+    return model, handle
+
+
+def _lora_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _train(model, step_fn, rows: slice):
+    """Plain loop: AdamW on the trainable weights; returns per-step losses of ``rows``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+    losses = []
+    for ids in _global_batches():
+        ids = ids[rows]
+        loss = step_fn(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    return losses
+
+
+# ----------------------------------------------------------------------------- the torchrun worker
+def _worker(model_dir: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from rslora_fast.distributed import dist_env, init_distributed, prepare_ddp, save_adapter_rank0, unwrap
+
+    torch.set_num_threads(1)
+    device = init_distributed()
+    env = dist_env()
+    assert env.world_size == WORLD and dist.get_backend() == "gloo"
+    rows = slice(env.rank * LOCAL_BATCH, (env.rank + 1) * LOCAL_BATCH)
+    report = {}
+    for name, four_bit, mode, reentrant, force in CASES:
+        model, handle = _build(model_dir, four_bit, mode, reentrant, force, device)
+        ddp = prepare_ddp(model)
+
+        def step(ids, ddp=ddp):
+            return ddp(input_ids=ids, labels=ids).loss
+
+        local = _train(ddp, step, rows)
+        glob = []
+        for loss in local:  # the global-batch mean loss (equal token counts per rank)
+            t = loss.clone()
+            dist.all_reduce(t)
+            glob.append(t.item() / WORLD)
+        torch.save(_lora_state(unwrap(ddp)), Path(out_dir) / f"{name}.rank{env.rank}.pt")
+        info = {"losses": glob}
+        if handle is not None:
+            info["offload_stats"] = {k: v for k, v in handle.stats().items() if isinstance(v, (int, float))}
+            handle.uninstall()
+        if name == "4bit-unsloth":
+            save_adapter_rank0(ddp, Path(out_dir) / "adapter")
+            info["saved_on_this_rank"] = (Path(out_dir) / "adapter" / "adapter_model.safetensors").exists()
+        report[name] = info
+    (Path(out_dir) / f"report.rank{env.rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- pytest side
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_model(path: Path) -> None:
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(1234)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG)).eval()
+    with torch.no_grad():  # default init is tiny; widen so 4-bit and LoRA effects are visible
+        for p in model.parameters():
+            p.normal_(0, 0.1) if p.dim() == 2 else p.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, CFG["vocab_size"])}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>"
+    ).save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """Run the 2-rank job once; returns (model_dir, out_dir, per-rank reports)."""
+    model_dir = tmp_path_factory.mktemp("dist_model")
+    out_dir = tmp_path_factory.mktemp("dist_out")
+    _write_model(model_dir)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONWARNINGS": "ignore",
+    }
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(WORLD),
+        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+        __file__, str(model_dir), str(out_dir),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    reports = [json.loads((out_dir / f"report.rank{r}.json").read_text()) for r in range(WORLD)]
+    return model_dir, out_dir, reports
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_ddp_matches_single_process_on_the_combined_batch(ddp_run, case):
+    model_dir, out_dir, reports = ddp_run
+    name, four_bit, mode, reentrant, force = case
+    ranks = [torch.load(out_dir / f"{name}.rank{r}.pt") for r in range(WORLD)]
+    assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) == 2 * 7 * CFG["num_hidden_layers"]
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), f"{name}: {key} differs between ranks"
+
+    # independent reference: one process, no process group, the whole global batch per step
+    torch.manual_seed(0)
+    model, handle = _build(str(model_dir), four_bit, mode, reentrant, force, torch.device("cpu"))
+    start = _lora_state(model)
+    ref_losses = _train(model, lambda ids: model(input_ids=ids, labels=ids).loss, slice(None))
+    ref = _lora_state(model)
+    if handle is not None:
+        handle.uninstall()
+    if force:  # the offloaded autograd function really ran under DDP (one offload per layer and step)
+        assert reports[0][name]["offload_stats"]["offloads"] >= STEPS
+    for key in ref:
+        assert not torch.equal(ref[key], start[key]), f"{key} did not train"
+        torch.testing.assert_close(ranks[0][key], ref[key], rtol=1e-4, atol=2e-5, msg=f"{name}: {key}")
+    torch.testing.assert_close(
+        torch.tensor(reports[0][name]["losses"], dtype=torch.float64),
+        torch.stack(ref_losses).double(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert reports[0][name]["losses"] == reports[1][name]["losses"]
+
+
+def test_adapter_saved_once_by_rank0_and_loads(ddp_run):
+    from safetensors.torch import load_file
+
+    _, out_dir, reports = ddp_run
+    assert (
+        reports[0]["4bit-unsloth"]["saved_on_this_rank"] and reports[1]["4bit-unsloth"]["saved_on_this_rank"]
+    )
+    saved = load_file(out_dir / "adapter" / "adapter_model.safetensors")
+    trained = torch.load(out_dir / "4bit-unsloth.rank1.pt")
+    assert len(saved) == len(trained)
+    for key, value in trained.items():
+        peft_key = key.replace(".default", "")
+        assert torch.equal(saved[peft_key], value), key
+
+
+if __name__ == "__main__":  # the torchrun worker
+    _worker(sys.argv[1], sys.argv[2])
