@@ -37,6 +37,8 @@ CASES = [
     ("4bit-unsloth", True, "unsloth", False, False),
     ("4bit-offload-forced", True, False, False, True),
 ]
+# FSDP2 (fully_shard) cases: 16-bit base only (4-bit sharding is not implemented)
+FSDP_CASES = [("fsdp2-nockpt", False), ("fsdp2-ckpt", True), ("fsdp2-unsloth", "unsloth")]
 CFG = dict(
     vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
@@ -95,7 +97,15 @@ def _train(model, step_fn, rows: slice):
 def _worker(model_dir: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from rslora_fast.distributed import dist_env, init_distributed, prepare_ddp, save_adapter_rank0, unwrap
+    from rslora_fast.distributed import (
+        dist_env,
+        frozen_state_names,
+        fully_shard_lora,
+        init_distributed,
+        prepare_ddp,
+        save_adapter_rank0,
+        unwrap,
+    )
 
     torch.set_num_threads(1)
     device = init_distributed()
@@ -106,6 +116,8 @@ def _worker(model_dir: str, out_dir: str) -> None:
     for name, four_bit, mode, reentrant, force in CASES:
         model, handle = _build(model_dir, four_bit, mode, reentrant, force, device)
         ddp = prepare_ddp(model)
+        # nothing frozen is broadcast or reduced: DDP ignores it
+        assert set(frozen_state_names(model)) <= ddp.parameters_to_ignore
 
         def step(ids, ddp=ddp):
             return ddp(input_ids=ids, labels=ids).loss
@@ -125,6 +137,26 @@ def _worker(model_dir: str, out_dir: str) -> None:
             save_adapter_rank0(ddp, Path(out_dir) / "adapter")
             info["saved_on_this_rank"] = (Path(out_dir) / "adapter" / "adapter_model.safetensors").exists()
         report[name] = info
+    for name, mode in FSDP_CASES:
+        model, _ = _build(model_dir, False, mode, False, False, device)
+        fully_shard_lora(model)
+        shards = {n: p.to_local().numel() for n, p in model.named_parameters() if p.requires_grad}
+        full_numel = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+        local = _train(model, lambda ids, model=model: model(input_ids=ids, labels=ids).loss, rows)
+        glob = []
+        for loss in local:
+            t = loss.clone()
+            dist.all_reduce(t)
+            glob.append(t.item() / WORLD)
+        full = {n: p.full_tensor().detach() for n, p in model.named_parameters() if p.requires_grad}
+        torch.save(full, Path(out_dir) / f"{name}.rank{env.rank}.pt")
+        report[name] = {
+            "losses": glob,
+            "local_numel": sum(shards.values()),
+            "full_numel": sum(full_numel.values()),
+        }
+        if name == "fsdp2-unsloth":
+            save_adapter_rank0(model, Path(out_dir) / "adapter_fsdp2")
     (Path(out_dir) / f"report.rank{env.rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 
@@ -177,8 +209,10 @@ def ddp_run(tmp_path_factory):
     return model_dir, out_dir, reports
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_ddp_matches_single_process_on_the_combined_batch(ddp_run, case):
+@pytest.mark.parametrize(
+    "case", CASES + [(n, False, m, False, False) for n, m in FSDP_CASES], ids=lambda c: c[0]
+)
+def test_matches_single_process_on_the_combined_batch(ddp_run, case):
     model_dir, out_dir, reports = ddp_run
     name, four_bit, mode, reentrant, force = case
     ranks = [torch.load(out_dir / f"{name}.rank{r}.pt") for r in range(WORLD)]
@@ -194,6 +228,9 @@ def test_ddp_matches_single_process_on_the_combined_batch(ddp_run, case):
     ref = _lora_state(model)
     if handle is not None:
         handle.uninstall()
+    if name.startswith("fsdp2"):  # really sharded: each rank holds about 1/WORLD of the LoRA weights
+        info = reports[0][name]
+        assert info["local_numel"] <= info["full_numel"] // WORLD + 64 * len(ref)
     if force:  # the offloaded autograd function really ran under DDP (one offload per layer and step)
         assert reports[0][name]["offload_stats"]["offloads"] >= STEPS
     for key in ref:
@@ -208,19 +245,24 @@ def test_ddp_matches_single_process_on_the_combined_batch(ddp_run, case):
     assert reports[0][name]["losses"] == reports[1][name]["losses"]
 
 
-def test_adapter_saved_once_by_rank0_and_loads(ddp_run):
+@pytest.mark.parametrize("name,folder", [("4bit-unsloth", "adapter"), ("fsdp2-unsloth", "adapter_fsdp2")])
+def test_adapter_saved_by_rank0_in_peft_format(ddp_run, name, folder):
     from safetensors.torch import load_file
 
+    _, out_dir, reports = ddp_run
+    saved = load_file(out_dir / folder / "adapter_model.safetensors")
+    assert json.loads((out_dir / folder / "adapter_config.json").read_text())["r"] == 4
+    trained = torch.load(out_dir / f"{name}.rank1.pt")
+    assert len(saved) == len(trained)
+    for key, value in trained.items():
+        assert torch.equal(saved[key.replace(".default", "")], value), key
+
+
+def test_every_rank_waits_for_the_rank0_save(ddp_run):
     _, out_dir, reports = ddp_run
     assert (
         reports[0]["4bit-unsloth"]["saved_on_this_rank"] and reports[1]["4bit-unsloth"]["saved_on_this_rank"]
     )
-    saved = load_file(out_dir / "adapter" / "adapter_model.safetensors")
-    trained = torch.load(out_dir / "4bit-unsloth.rank1.pt")
-    assert len(saved) == len(trained)
-    for key, value in trained.items():
-        peft_key = key.replace(".default", "")
-        assert torch.equal(saved[peft_key], value), key
 
 
 if __name__ == "__main__":  # the torchrun worker
