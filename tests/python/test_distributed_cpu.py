@@ -161,6 +161,33 @@ def _worker(model_dir: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+def _trainer(model, out_dir: str, batch: int, **extra):
+    """HF Trainer with settings that make one step a plain AdamW step on the batch's mean loss."""
+    from transformers import Trainer, TrainingArguments
+
+    rows = [{"input_ids": r, "labels": r} for r in _global_batches().reshape(-1, SEQ)]
+    args = TrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=batch, max_steps=STEPS, learning_rate=1e-2,
+        lr_scheduler_type="constant", max_grad_norm=0.0, use_cpu=True, report_to=[], save_strategy="no",
+        disable_tqdm=True, dataloader_num_workers=0, seed=5, **extra,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    return trainer
+
+
+def _trainer_worker(model_dir: str, out_dir: str) -> None:
+    # accelerate (inside Trainer) reads the torchrun env, joins a gloo group and wraps in DDP itself.
+    # 4-bit base with reentrant checkpointing: the case that needs ddp_find_unused_parameters=False.
+    torch.set_num_threads(1)
+    model, _ = _build(model_dir, True, True, True, False, torch.device("cpu"))
+    trainer = _trainer(model, str(Path(out_dir) / "trainer"), LOCAL_BATCH, ddp_find_unused_parameters=False)
+    import torch.distributed as dist
+
+    assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
+    torch.save(_lora_state(model), Path(out_dir) / f"trainer.rank{dist.get_rank()}.pt")
+
+
 # ----------------------------------------------------------------------------- pytest side
 def _free_port() -> int:
     with socket.socket() as s:
@@ -186,12 +213,7 @@ def _write_model(path: Path) -> None:
     ).save_pretrained(path)
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    """Run the 2-rank job once; returns (model_dir, out_dir, per-rank reports)."""
-    model_dir = tmp_path_factory.mktemp("dist_model")
-    out_dir = tmp_path_factory.mktemp("dist_out")
-    _write_model(model_dir)
+def _torchrun(model_dir: Path, out_dir: Path, *extra: str) -> None:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -201,10 +223,25 @@ def ddp_run(tmp_path_factory):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(WORLD),
         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-        __file__, str(model_dir), str(out_dir),
+        __file__, str(model_dir), str(out_dir), *extra,
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+
+
+@pytest.fixture(scope="module")
+def dist_model_dir(tmp_path_factory):
+    """The tiny llama checkpoint (config, random weights, tokenizer) every rank loads."""
+    model_dir = tmp_path_factory.mktemp("dist_model")
+    _write_model(model_dir)
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def ddp_run(dist_model_dir, tmp_path_factory):
+    """Run the 2-rank job once; returns (model_dir, out_dir, per-rank reports)."""
+    model_dir, out_dir = dist_model_dir, tmp_path_factory.mktemp("dist_out")
+    _torchrun(model_dir, out_dir)
     reports = [json.loads((out_dir / f"report.rank{r}.json").read_text()) for r in range(WORLD)]
     return model_dir, out_dir, reports
 
@@ -265,5 +302,21 @@ def test_every_rank_waits_for_the_rank0_save(ddp_run):
     )
 
 
-if __name__ == "__main__":  # the torchrun worker
-    _worker(sys.argv[1], sys.argv[2])
+def test_hf_trainer_under_torchrun_matches_single_process_trainer(dist_model_dir, tmp_path):
+    _torchrun(dist_model_dir, tmp_path, "trainer")
+    ranks = [torch.load(tmp_path / f"trainer.rank{r}.pt") for r in range(WORLD)]
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    # one process, per-device batch = the global batch: with the same seed the sampler yields the same
+    # permutation, and accelerate gives rank r the r-th half of each global batch
+    model, _ = _build(str(dist_model_dir), True, True, True, False, torch.device("cpu"))
+    start = _lora_state(model)
+    _trainer(model, str(tmp_path / "single"), WORLD * LOCAL_BATCH)
+    ref = _lora_state(model)
+    for key in ref:
+        assert not torch.equal(ref[key], start[key]), key
+        torch.testing.assert_close(ranks[0][key], ref[key], rtol=1e-4, atol=2e-5, msg=key)
+
+
+if __name__ == "__main__":  # the torchrun workers
+    (_trainer_worker if sys.argv[3:] == ["trainer"] else _worker)(sys.argv[1], sys.argv[2])
