@@ -1,0 +1,155 @@
+"""Type stubs for ``rslora_fast._core``, the compiled Rust extension.
+
+Kept in step with ``src/python/*.rs`` by ``scripts/check_stubs.py`` (run in CI). Pointers are plain
+integers (``tensor.data_ptr()``), streams are ``torch.cuda.current_stream().cuda_stream`` integers,
+dtypes are strings (``"float32"``, ``"float16"``, ``"bfloat16"``).
+"""
+
+from typing import Any
+
+# ---------------------------------------------------------------------------- exceptions
+class RsloraError(Exception):
+    """Base class of every error raised by the extension."""
+
+class InvalidArgumentError(RsloraError):
+    """A shape, size, pointer or option the call cannot accept."""
+
+class CudaError(RsloraError):
+    """A CUDA driver call failed (the message names the call and the CUDA error)."""
+
+class KernelsUnavailableError(RsloraError):
+    """The embedded kernels cannot run here (no driver, no GPU, or an unsupported architecture)."""
+
+class QuantFormatError(RsloraError):
+    """A 4-bit format problem: unknown quant type, blocksize not allowed, malformed quant state."""
+
+class OffloadError(RsloraError):
+    """Misuse of the offload scheduler (unknown or released handle, cap exceeded)."""
+
+# ---------------------------------------------------------------------------- CUDA bridge
+def cuda_info() -> dict[str, Any]:
+    """Driver version, device count, embedded kernel modules and the architectures they target."""
+
+def device_info(device: int) -> tuple[str, int, int]:
+    """Name and compute capability ``(major, minor)`` of CUDA device ``device``."""
+
+def load_kernels(device: int) -> list[str]:
+    """Load every embedded kernel module on ``device``; returns the module names."""
+
+# ---------------------------------------------------------------------------- kernels
+def swiglu_fwd(g: int, u: int, h: int, n: int, dtype: str, device: int, stream: int) -> None:
+    """``h = silu(g) * u`` over ``n`` contiguous elements (CUDA device pointers)."""
+
+def swiglu_bwd(
+    dh: int, g: int, u: int, dg: int, du: int, n: int, dtype: str, device: int, stream: int
+) -> None:
+    """Gradients of SwiGLU into ``dg`` and ``du``."""
+
+# ---------------------------------------------------------------------------- 4-bit quantization
+def nf4_quantize_cpu(src: int, n: int, blocksize: int, quant_type: str, packed: int, absmax: int) -> None:
+    """Quantize ``n`` float32 host values into packed bytes and float32 block scales."""
+
+def nf4_dequantize_cpu(packed: int, absmax: int, n: int, blocksize: int, quant_type: str, out: int) -> None:
+    """Dequantize ``n`` elements into the float32 host buffer ``out``."""
+
+def double_quant_cpu(absmax: int, n: int, offset: float, codes: int, nested_absmax: int) -> None:
+    """Double-quantize ``n`` block scales (minus ``offset``) to uint8 codes + nested scales."""
+
+def dequant_scales_cpu(codes: int, nested_absmax: int, offset: float, n: int, out: int) -> None:
+    """Undo double quantization of ``n`` block scales into float32 ``out``."""
+
+def dynamic_map() -> list[float]:
+    """The signed 8-bit dynamic map (256 sorted float32 values) used for double quantization."""
+
+def parse_quant_state(raw: bytes) -> dict[str, Any]:
+    """Parse and validate bitsandbytes' ``quant_state`` JSON."""
+
+def quant_state_json(
+    quant_type: str, blocksize: int, dtype: str, shape: list[int], nested_offset: float | None = None
+) -> bytes:
+    """The ``quant_state`` JSON bytes bitsandbytes writes."""
+
+def nf4_dequantize_cuda(
+    packed: int,
+    absmax: int,
+    absmax_q: int,
+    nested_absmax: int,
+    nested_code: int,
+    offset: float,
+    out: int,
+    n: int,
+    blocksize: int,
+    quant_type: str,
+    out_dtype: str,
+    device: int,
+    stream: int,
+) -> None:
+    """Dequantize on the GPU (plain or double-quantized scales) into ``out`` of ``out_dtype``."""
+
+def nf4_quantize_cuda(
+    src: int,
+    src_dtype: str,
+    n: int,
+    blocksize: int,
+    quant_type: str,
+    packed: int,
+    absmax: int,
+    device: int,
+    stream: int,
+) -> None:
+    """Quantize on the GPU; the same bytes as :func:`nf4_quantize_cpu`."""
+
+# ---------------------------------------------------------------------------- offload
+class OffloadScheduler:
+    """Pinned host-memory pool + offload / prefetch / wait scheduler (host or CUDA transport)."""
+
+    def __new__(
+        cls, device: int | None = None, lookahead: int = 1, host_cap_bytes: int | None = None
+    ) -> OffloadScheduler: ...
+    @property
+    def device(self) -> int | None:
+        """The CUDA device index, or ``None`` for the host transport."""
+
+    @property
+    def copy_stream(self) -> int:
+        """The scheduler's copy stream as an integer (``0`` for the host transport)."""
+
+    @property
+    def lookahead(self) -> int:
+        """The prefetch depth given at construction."""
+
+    def offload(self, src_ptr: int, nbytes: int, stream: int = 0) -> int:
+        """Copy ``nbytes`` at ``src_ptr`` to a host block after the work queued on ``stream``."""
+
+    def prefetch(self, handle: int, dst_ptr: int, stream: int = 0) -> None:
+        """Copy a handle's data back to ``dst_ptr`` after the work queued on ``stream``."""
+
+    def wait(self, handle: int, stream: int = 0) -> None:
+        """Make ``stream`` wait for the handle's copy back."""
+
+    def release(self, handle: int) -> None:
+        """Return a handle's host block to the pool."""
+
+    def release_all(self) -> int:
+        """Release every live handle; returns how many there were."""
+
+    def plan_prefetch(self, before: int) -> list[int]:
+        """Handles to prefetch next (lookahead policy), newest first."""
+
+    def next_handle(self) -> int:
+        """The handle the next offload will get."""
+
+    def nbytes(self, handle: int) -> int:
+        """Size of a live handle's data."""
+
+    def state(self, handle: int) -> str:
+        """``"offloaded"``, ``"prefetched"`` or ``"ready"``."""
+
+    def take_warning(self) -> str | None:
+        """The pageable-memory fallback warning, returned once."""
+
+    def trim(self) -> None:
+        """Wait for copies in flight and free every idle host block."""
+
+    def stats(self) -> dict[str, int]:
+        """Pool and transfer counters."""
