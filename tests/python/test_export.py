@@ -109,6 +109,10 @@ def test_merged_4bit_base_equals_trained_4bit_model(export_base_dir, tmp_path, d
     got = _logits(plain, ids)
     tol = dict(atol=2e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
     torch.testing.assert_close(got, want, **tol)
+    with pm.disable_adapter():
+        base = _logits(pm, ids)
+    # the export is much closer to the trained model than the adapter's own effect on the logits
+    assert (got - want).abs().max() < 0.1 * (base - want).abs().max()
 
     # merged into the *dequantized* 4-bit weight, not into the original 16-bit weight
     layer = pm.base_model.model.get_submodule(PROJ)
@@ -233,3 +237,6 @@ def test_merged_4bit_bf16_on_gpu(export_base_dir, tmp_path):
     ).cuda()
     got = _logits(plain.eval(), ids)
     torch.testing.assert_close(got, want, atol=0.1, rtol=0.05)
+    with pm.disable_adapter():
+        base = _logits(pm, ids)
+    assert (got - want).abs().max() < 0.1 * (base - want).abs().max()

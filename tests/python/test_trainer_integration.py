@@ -213,17 +213,23 @@ def test_generate_4bit_lora_with_kv_cache_matches_no_cache(trainer_base_dir):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_generate_4bit_lora_kv_cache_gpu_bf16(trainer_base_dir):
-    model, tok = from_pretrained(
-        trainer_base_dir, load_in_4bit=True, dtype=torch.bfloat16, device_map="cuda:0"
-    )
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generate_4bit_lora_kv_cache_gpu(trainer_base_dir, dtype):
+    model, tok = from_pretrained(trainer_base_dir, load_in_4bit=True, dtype=dtype, device_map="cuda:0")
     pm = get_peft_model(model, r=8, random_state=1)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.05).to(p.device))
     FastLanguageModel.for_inference(pm)
-    enc = tok(["the cat sat"], return_tensors="pt").to("cuda")
+    enc = tok(["the cat sat", "rain fell on the old"], return_tensors="pt", padding=True, padding_side="left")
+    enc = enc.to("cuda")
     kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
     with torch.no_grad():
         a = pm.generate(**enc, use_cache=True, **kw)
         b = pm.generate(**enc, use_cache=False, **kw)
-    # bf16 kernels may differ by a rounding between the two paths; the first tokens must agree
     n0 = enc["input_ids"].shape[1]
-    assert torch.equal(a[:, : n0 + 4], b[:, : n0 + 4])
+    # float32: identical; bf16 may flip a near-tie late in the sequence, the first tokens must agree
+    keep = a.shape[1] if dtype == torch.float32 else n0 + 4
+    assert torch.equal(a[:, :keep], b[:, :keep])
