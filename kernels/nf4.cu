@@ -1,11 +1,11 @@
 // NF4 / FP4 blockwise 4-bit dequantization and quantization, byte-compatible with bitsandbytes
 // (format: shared/reference.md §1; the CPU twin is src/quant/blockwise.rs).
 //
-// Dequantize is memory-bound (0.5 B read, 2-4 B written per element): each thread turns 8
-// packed bytes (16 elements, never straddling a quantization block since blocks are >= 32
-// elements) into 16-byte vector stores, with the 16-entry table and, for double quantization,
+// Dequantize is memory-bound (0.5 B read, 2-4 B written per element): each 16-byte store unit
+// (8 or 4 elements, never straddling a quantization block since blocks are >= 32 elements) is
+// written by one thread, consecutive units by consecutive threads, with the 16-entry table and, for double quantization,
 // the 256-entry nested map in shared memory. The block scale is loaded (and, with double
-// quantization, rebuilt) once per 16 elements.
+// quantization, rebuilt) once per unit (cached loads: neighbouring threads share a block).
 //
 // Float arithmetic uses the _rn intrinsics where bitsandbytes' result depends on a separate
 // rounding (a fused multiply-add would change the bytes or the values).
@@ -28,7 +28,12 @@ __constant__ float kFP4[16] = {
 __constant__ unsigned char kFP4Order[16] = {11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3};
 
 constexpr int kThreads = 256;
-constexpr int kPer = 16;  // elements per thread per step (8 packed bytes)
+// Dequantize works in units of one 16-byte output store: 8 elements (4 packed bytes) for 16-bit
+// outputs, 4 elements (2 packed bytes) for fp32. Consecutive threads take consecutive units, so a
+// warp's loads and stores are each one contiguous span (full 32-byte sectors; a thread writing
+// several adjacent vectors instead leaves every store instruction half-coalesced). Each thread
+// handles kUnroll units per trip, loads first, to keep enough bytes in flight.
+constexpr int kUnroll = 4;
 
 // Scale of quantization block `b`: float32 absmax, or rebuilt from the nested statistics as
 // map[q] * nested[b / 256] + offset (multiply, then add: two roundings like bitsandbytes).
@@ -41,16 +46,27 @@ __device__ __forceinline__ float block_scale(int64_t b, const float* __restrict_
   return __fadd_rn(__fmul_rn(c, __ldg(nested + (b >> 8))), offset);
 }
 
-template <typename T>
-__device__ __forceinline__ void store16(T* dst, const float (&v)[kPer]) {
-  constexpr int N = rf::Vec<T>::N;
-#pragma unroll
-  for (int s = 0; s < kPer / N; ++s) {
-    rf::Vec<T> o;
-#pragma unroll
-    for (int k = 0; k < N; ++k) o.v[k] = rf::from_f32<T>(v[s * N + k]);
-    rf::store_vec(dst + s * N, o);
+template <typename T> struct Unit {
+  static constexpr int N = rf::Vec<T>::N;  // elements per unit
+  static constexpr int BYTES = N / 2;      // packed bytes per unit
+  __device__ static __forceinline__ uint32_t load(const uint8_t* packed, int64_t u) {
+    if constexpr (BYTES == 4) return __ldg(reinterpret_cast<const uint32_t*>(packed) + u);
+    else return __ldg(reinterpret_cast<const unsigned short*>(packed) + u);
   }
+};
+
+// One unit: packed bytes (high nibble first, lowest address in the lowest bits) -> one store.
+template <typename T>
+__device__ __forceinline__ void emit_unit(T* dst, uint32_t word, float s, const float* code) {
+  constexpr int N = Unit<T>::N;
+  rf::Vec<T> o;
+#pragma unroll
+  for (int byte = 0; byte < N / 2; ++byte) {
+    const uint32_t b = (word >> (8 * byte)) & 0xFFu;
+    o.v[2 * byte] = rf::from_f32<T>(__fmul_rn(code[b >> 4], s));
+    o.v[2 * byte + 1] = rf::from_f32<T>(__fmul_rn(code[b & 15u], s));
+  }
+  rf::store_vec(dst, o);
 }
 
 template <typename T>
@@ -66,29 +82,31 @@ __device__ void dequant(const uint8_t* __restrict__ packed, const float* __restr
   }
   __syncthreads();
 
+  constexpr int N = Unit<T>::N;
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   int64_t done = 0;
   if (vec_ok) {
-    const int64_t nvec = n / kPer;
-    for (int64_t v = tid; v < nvec; v += stride) {
-      const int64_t e0 = v * kPer;
-      const uint2 raw = __ldg(reinterpret_cast<const uint2*>(packed) + v);
-      const float s = block_scale(e0 >> bs_log2, absmax, absmax_q, nested, s_ncode, offset);
-      float vals[kPer];
+    const int64_t units = n / N;
+    int64_t u = tid;
+    for (; u + (kUnroll - 1) * stride < units; u += kUnroll * stride) {
+      uint32_t w[kUnroll];
+      float sc[kUnroll];
 #pragma unroll
-      for (int w = 0; w < 2; ++w) {
-        const uint32_t word = w == 0 ? raw.x : raw.y;
+      for (int k = 0; k < kUnroll; ++k) w[k] = Unit<T>::load(packed, u + k * stride);
 #pragma unroll
-        for (int byte = 0; byte < 4; ++byte) {
-          const uint32_t b = (word >> (8 * byte)) & 0xFFu;
-          vals[w * 8 + byte * 2] = __fmul_rn(s_code[b >> 4], s);
-          vals[w * 8 + byte * 2 + 1] = __fmul_rn(s_code[b & 15u], s);
-        }
-      }
-      store16<T>(out + e0, vals);
+      for (int k = 0; k < kUnroll; ++k)
+        sc[k] = block_scale(((u + k * stride) * N) >> bs_log2, absmax, absmax_q, nested, s_ncode,
+                            offset);
+#pragma unroll
+      for (int k = 0; k < kUnroll; ++k) emit_unit<T>(out + (u + k * stride) * N, w[k], sc[k], s_code);
     }
-    done = nvec * kPer;
+    for (; u < units; u += stride) {
+      emit_unit<T>(out + u * N, Unit<T>::load(packed, u),
+                   block_scale((u * N) >> bs_log2, absmax, absmax_q, nested, s_ncode, offset),
+                   s_code);
+    }
+    done = units * N;
   }
   // Tail (and unaligned buffers): one element per thread.
   for (int64_t i = done + tid; i < n; i += stride) {

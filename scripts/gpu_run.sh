@@ -13,14 +13,16 @@ for phase in "$@"; do
   case "$phase" in
     tests)
       (cd /tmp && python3 -m rslora_fast info && python3 -m rslora_fast selfcheck) 2>&1 | tee "$OUT/info.log"
-      python3 -m pytest -m cuda tests/python -q -p no:cacheprovider -x 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
+      python3 -m pytest -m cuda tests/python -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
       ;;
     kernels)
       python3 benches/kernels.py --out "$OUT/kernels.jsonl" 2>&1 | tail -12
+      [ -n "${WAVES_EXPERIMENT:-}" ] && RSLORA_FAST_MAX_WAVES=0 python3 benches/kernels.py --out "$OUT/kernels_w0.jsonl" 2>&1 | tail -8
       [ -f benches/nf4.py ] && python3 benches/nf4.py --out "$OUT/nf4.jsonl" 2>&1 | tail -12
+      [ -n "${WAVES_EXPERIMENT:-}" ] && RSLORA_FAST_MAX_WAVES=0 python3 benches/nf4.py --out "$OUT/nf4_w0.jsonl" 2>&1 | tail -10
       ;;
     offload)
-      [ -f benches/offload_step.py ] && python3 benches/offload_step.py --out "$OUT/offload.jsonl" 2>&1 | tail -20
+      [ -f benches/offload_step.py ] && python3 benches/offload_step.py --seq 16384 --modes plain offload budget --budget-gb 16 2>&1 | tee "$OUT/offload.log" | tail -20
       ;;
     load)
       python3 benches/train_step.py --systems "" --cache bench-cache >/dev/null 2>&1

@@ -269,6 +269,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         remove_unused_columns=False,
         include_num_input_tokens_seen=True,
         dataloader_pin_memory=use_cuda,
+        # Only LoRA weights train and every one is used each step; Trainer would otherwise turn on
+        # find_unused_parameters for a non-PreTrainedModel, which breaks reentrant checkpointing.
+        ddp_find_unused_parameters=False,
     )
     trainer = _make_trainer_class()(
         model=model, args=targs, train_dataset=rows, data_collator=PadCollator(tokenizer.pad_token_id)

@@ -326,6 +326,43 @@ pub fn sm_count(ordinal: i32) -> Result<u32> {
     Ok(n)
 }
 
+/// Blocks of `threads` threads that can be resident at once on the whole device for `kernel`
+/// (SM count x occupancy), cached. Grid-stride kernels launched with exactly this many blocks run
+/// in one wave, so no partial second wave leaves most SMs idle at the end.
+pub fn resident_blocks(
+    ordinal: i32,
+    module: &'static str,
+    kernel: &'static str,
+    threads: u32,
+) -> Result<u32> {
+    type Key = (i32, &'static str, u32);
+    static OCC: OnceLock<Mutex<HashMap<Key, u32>>> = OnceLock::new();
+    let map = OCC.get_or_init(|| Mutex::new(HashMap::new()));
+    let key = (ordinal, kernel, threads);
+    if let Some(&n) = map
+        .lock()
+        .map_err(|_| Error::invalid("poisoned"))?
+        .get(&key)
+    {
+        return Ok(n);
+    }
+    bind_device(ordinal)?;
+    let f = function(ordinal, module, kernel)?;
+    let mut per_sm = 0;
+    // SAFETY: `f` is a loaded function; writes one int.
+    check(
+        unsafe {
+            sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut per_sm, f, threads as i32, 0)
+        },
+        &format!("cuOccupancyMaxActiveBlocksPerMultiprocessor({kernel})"),
+    )?;
+    let n = sm_count(ordinal)? * (per_sm.max(1) as u32);
+    map.lock()
+        .map_err(|_| Error::invalid("poisoned"))?
+        .insert(key, n);
+    Ok(n)
+}
+
 /// Which kernel modules this build carries and for which architectures (for `info`).
 pub fn kernel_modules() -> Vec<&'static str> {
     fatbins::FATBINS.iter().map(|(name, _)| *name).collect()

@@ -41,12 +41,25 @@ pub(crate) fn all_aligned16(ptrs: &[usize]) -> bool {
     ptrs.iter().all(|p| p % 16 == 0)
 }
 
-/// Grid for a grid-stride elementwise kernel over `n` elements moved as `per_thread`-element
-/// vectors: enough blocks to fill every SM several times, never more than the work needs.
-pub(crate) fn elementwise_grid(n: usize, per_thread: usize, threads: u32, sms: u32) -> u32 {
+/// Grid for a grid-stride elementwise kernel over `n` elements with `per_thread` elements per
+/// thread per trip: no more blocks than the work needs, and at most `waves` full waves of
+/// `resident` blocks (see [`crate::cuda::resident_blocks`]). `RSLORA_FAST_MAX_WAVES` overrides the
+/// default of one wave (0 = as many blocks as the work needs); it exists for benchmarking.
+pub(crate) fn elementwise_grid(n: usize, per_thread: usize, threads: u32, resident: u32) -> u32 {
+    static WAVES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let waves = *WAVES.get_or_init(|| {
+        std::env::var("RSLORA_FAST_MAX_WAVES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1)
+    });
     let needed = n.div_ceil(per_thread).div_ceil(threads as usize).max(1);
-    let cap = (sms as usize) * 8;
-    needed.min(cap.max(1)) as u32
+    let cap = if waves == 0 {
+        usize::MAX
+    } else {
+        waves * resident.max(1) as usize
+    };
+    needed.min(cap).min(i32::MAX as usize) as u32
 }
 
 pub(crate) fn check_ptrs(what: &str, ptrs: &[usize]) -> Result<()> {

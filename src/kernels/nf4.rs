@@ -9,9 +9,6 @@ use crate::quant::{check_blocksize, QuantType};
 use crate::{Error, Result};
 
 const THREADS: u32 = 256;
-/// Elements each dequantize thread handles per step (8 packed bytes).
-const PER_THREAD: usize = 16;
-
 fn dequant_kernel(dtype: DType) -> &'static str {
     match dtype {
         DType::F32 => "nf4_dequant_f32",
@@ -91,9 +88,11 @@ pub unsafe fn dequantize(
     if absmax == 0 && codes == 0 {
         return Err(Error::invalid("nf4 dequantize: null scale pointer"));
     }
-    // The vector body reads 8 packed bytes and writes 16 elements per step.
-    let mut vec_ok = (packed % 8 == 0 && all_aligned16(&[out])) as i32;
-    let blocks = elementwise_grid(n, PER_THREAD, THREADS, cuda::sm_count(device)?);
+    // The vector body reads 4 (2 for fp32) packed bytes and writes one 16-byte vector per unit.
+    let mut vec_ok = (packed % 4 == 0 && all_aligned16(&[out])) as i32;
+    let resident = cuda::resident_blocks(device, "nf4", dequant_kernel(dtype), THREADS)?;
+    // Four 16-byte units per thread per grid-stride trip (kUnroll in nf4.cu).
+    let blocks = elementwise_grid(n, 4 * (16 / dtype.size()), THREADS, resident);
     let mut qt_i = qt_code(qt);
     let mut n64 = n as i64;
     let mut bs_log2 = blocksize.trailing_zeros() as i32;
