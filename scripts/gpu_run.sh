@@ -17,9 +17,9 @@ for phase in "$@"; do
       ;;
     kernels)
       python3 benches/kernels.py --out "$OUT/kernels.jsonl" 2>&1 | tail -12
-      [ -n "${WAVES_EXPERIMENT:-}" ] && RSLORA_FAST_MAX_WAVES=0 python3 benches/kernels.py --out "$OUT/kernels_w0.jsonl" 2>&1 | tail -8
+      [ -n "${WAVES_EXPERIMENT:-}" ] && RSLORA_FAST_MAX_WAVES=1 python3 benches/kernels.py --out "$OUT/kernels_w1.jsonl" 2>&1 | tail -8
       [ -f benches/nf4.py ] && python3 benches/nf4.py --out "$OUT/nf4.jsonl" 2>&1 | tail -12
-      [ -n "${WAVES_EXPERIMENT:-}" ] && RSLORA_FAST_MAX_WAVES=0 python3 benches/nf4.py --out "$OUT/nf4_w0.jsonl" 2>&1 | tail -10
+      [ -n "${WAVES_EXPERIMENT:-}" ] && RSLORA_FAST_MAX_WAVES=1 python3 benches/nf4.py --out "$OUT/nf4_w1.jsonl" 2>&1 | tail -10
       ;;
     offload)
       [ -f benches/offload_step.py ] && python3 benches/offload_step.py --seq 16384 --modes plain offload budget --budget-gb 16 2>&1 | tee "$OUT/offload.log" | tail -20

@@ -17,7 +17,7 @@ Use::
     uninstall_offloaded_checkpointing(handle)
 
 Correctness rules kept here: the caching allocator may not reuse a tensor a copy still reads or
-writes (``Tensor.record_stream`` on the copy stream); RNG state (dropout) and autocast state are
+writes (we hold it until the compute stream has waited for that copy; see ``_HostCopy``); RNG state (dropout) and autocast state are
 replayed on recompute as ``torch.utils.checkpoint`` does, so results equal plain checkpointing
 bitwise; parameter gradients are returned by the autograd function itself, so LoRA weights get
 gradients even when no layer input requires grad; every host buffer is released when its graph
@@ -101,18 +101,42 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
 # --------------------------------------------------------------------------------------------
 
 
-def _release_quietly(sched, handle: int) -> None:
-    # Runs from a finalizer (any thread, maybe at shutdown): never raise.
+def _release_quietly(sched, handle: int, stream: int, src: list) -> None:
+    # Runs from a finalizer (any thread, maybe at shutdown): never raise. A source still held means
+    # the copy out was never settled: order the compute stream after it before the memory goes back.
     try:
+        if src and src[0] is not None:
+            sched.wait(handle, stream)
+            src[0] = None
         sched.release(handle)
     except Exception:  # noqa: BLE001 - already released or interpreter shutting down
         pass
 
 
 class _HostCopy:
-    """A layer input parked in the host pool; releases its block when it is freed."""
+    """A layer input parked in the host pool; releases its block when it is freed.
 
-    __slots__ = ("__weakref__", "_done", "device", "dst", "dtype", "handle", "owner", "sched", "shape")
+    Stream safety without ``record_stream`` (whose host-side bookkeeping keeps a block busy until
+    the host *observes* the copy's event, so a host running ahead of the GPU would see every
+    offloaded input still allocated): the source tensor is held here until :meth:`settle` makes the
+    compute stream wait for the copy out; after that the allocator may reuse it in stream order.
+    Likewise the prefetch buffer is only dropped after the compute stream waited for the copy in.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_done",
+        "_src",
+        "_waited",
+        "device",
+        "dst",
+        "dtype",
+        "handle",
+        "owner",
+        "sched",
+        "shape",
+        "stream",
+    )
 
     def __init__(self, owner: OffloadedCheckpointing, x: torch.Tensor):
         self.owner = owner
@@ -121,17 +145,23 @@ class _HostCopy:
         self.dtype = x.dtype
         self.device = x.device
         self.dst: torch.Tensor | None = None
+        self._waited = False
         src = x if x.is_contiguous() else x.contiguous()
-        stream = owner._stream_int(x.device)
-        if x.is_cuda:
-            # The caching allocator must not hand this memory out again before our copy read it.
-            src.record_stream(owner._copy_stream(x.device))
-        self.handle = self.sched.offload(src.data_ptr(), src.numel() * src.element_size(), stream)
-        self._done = weakref.finalize(self, _release_quietly, self.sched, self.handle)
+        self.stream = owner._stream_int(x.device)
+        self.handle = self.sched.offload(src.data_ptr(), src.numel() * src.element_size(), self.stream)
+        # A one-slot list shared with the finalizer, so settling is visible to it.
+        self._src = [src if x.is_cuda else None]  # host transport copies synchronously
+        self._done = weakref.finalize(self, _release_quietly, self.sched, self.handle, self.stream, self._src)
         owner._register(self)
         warning = self.sched.take_warning()
         if warning:
             warnings.warn(warning, RuntimeWarning, stacklevel=2)
+
+    def settle(self) -> None:
+        """Order the compute stream after the copy out and let the source go (no host sync)."""
+        if self._src[0] is not None:
+            self.sched.wait(self.handle, self.stream)
+            self._src[0] = None
 
     def prefetch(self) -> None:
         """Start the copy back into a fresh device buffer (no-op when already started)."""
@@ -142,21 +172,24 @@ class _HostCopy:
                 "an offloaded activation was used after its release (backward through an offloaded "
                 "checkpoint twice, e.g. retain_graph=True, is not supported)"
             )
+        self.settle()
         dst = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        if dst.is_cuda:
-            # Not reusable by the allocator before our copy wrote it, even if dropped early.
-            dst.record_stream(self.owner._copy_stream(self.device))
         self.sched.prefetch(self.handle, dst.data_ptr(), self.owner._stream_int(self.device))
         self.dst = dst
+        self._waited = False
 
     def fetch(self) -> torch.Tensor:
         """The input back on the device, ordered before later work on the current stream."""
         self.prefetch()
         self.sched.wait(self.handle, self.owner._stream_int(self.device))
+        self._waited = True
         return self.dst
 
     def release(self) -> None:
         """Give the host block back (idempotent)."""
+        if self.dst is not None and not self._waited and self._done.alive:
+            # Prefetched but never used: the copy may still be writing into dst.
+            self.sched.wait(self.handle, self.owner._stream_int(self.device))
         self._done()
         self.dst = None
 
@@ -229,14 +262,17 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
             call.rng_device = ([idx], [torch.cuda.get_rng_state(idx)])
         call.autocast = _autocast_state()
+        if call.offload:  # started before the layer runs, so the copy overlaps its compute
+            call.host = _HostCopy(call.owner, x)
+            call.owner._settle_older(call.host)
         out = call.run(x, grad_args)
         leaves, call.out_spec = tree_flatten(out)
         call.out_tensor_idx = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
         call.out_leaves = [None if isinstance(t, torch.Tensor) else t for t in leaves]
         if call.offload:
-            call.host = _HostCopy(call.owner, x)
             ctx.save_for_backward(*grad_args)
         else:
+            call.owner._settle_older(None)  # last layer: every copy out may finish now
             ctx.save_for_backward(x, *grad_args)
         return tuple(leaves[i] for i in call.out_tensor_idx)
 
@@ -372,6 +408,7 @@ class OffloadedCheckpointing:
         self._schedulers: dict[Any, Any] = {}
         self._copy_streams: dict[Any, Any] = {}
         self._records: dict[tuple[int, int], weakref.ref] = {}
+        self._unsettled: list[weakref.ref] = []
         self._lock = threading.Lock()
         self._logged: set[str] = set()
         self._states: list[_LayerState] = []
@@ -427,6 +464,19 @@ class OffloadedCheckpointing:
             host = ref() if ref is not None else None
             if host is not None:
                 host.prefetch()
+
+    def _settle_older(self, newest: _HostCopy | None) -> None:
+        """Settle every copy out but ``newest`` (which overlaps the layer about to run).
+
+        Each layer's input copy thus has its own layer and the next one to finish before the compute
+        stream waits for it; the source's memory is then free in stream order.
+        """
+        for ref in self._unsettled:
+            h = ref()
+            if h is not None and h is not newest and h._done.alive:
+                h.settle()
+        # weak: an abandoned graph (exception) must still free its copies
+        self._unsettled = [weakref.ref(newest)] if newest is not None else []
 
     def _forget_dead_records(self) -> None:
         dead = [k for k, r in self._records.items() if r() is None or not r()._done.alive]
@@ -557,6 +607,7 @@ class OffloadedCheckpointing:
                 host.release()
                 n += 1
         self._records.clear()
+        self._unsettled = []
         for sched in list(self._schedulers.values()):
             n += sched.release_all()
         return n

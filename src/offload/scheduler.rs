@@ -201,17 +201,17 @@ impl<T: Transport> Scheduler<T> {
         Ok(())
     }
 
-    /// Make `compute` wait for the handle's copy back; the host does not block. After this the
-    /// device buffer given to [`Scheduler::prefetch`] may be read on `compute`.
+    /// Make `compute` wait for the handle's latest copy; the host does not block. After a
+    /// prefetch, the device buffer given to [`Scheduler::prefetch`] may then be read on `compute`;
+    /// right after an offload, the source may then be freed or overwritten in `compute`'s order
+    /// (no `record_stream`, whose host-side bookkeeping keeps blocks busy while the host runs ahead).
     pub fn wait(&mut self, handle: u64, compute: RawStream) -> Result<()> {
         let entry = self
             .entries
             .get_mut(&handle)
             .ok_or_else(|| unknown(handle))?;
         match entry.state {
-            HandleState::Offloaded => Err(Error::Offload(format!(
-                "wait on handle {handle} before prefetch: nothing is coming back to wait for"
-            ))),
+            HandleState::Offloaded => self.transport.wait(entry.last_copy, compute),
             HandleState::Prefetched | HandleState::Ready => {
                 self.transport.wait(entry.last_copy, compute)?;
                 entry.state = HandleState::Ready;
