@@ -183,6 +183,7 @@ def train_steps(model, batch: int, seq_len: int, vocab: int, warmup: int, steps:
     import torch
 
     device = next(p for p in model.parameters()).device
+    model.train()  # from_pretrained returns eval mode; checkpointing only acts in training mode
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4)
     gen = torch.Generator().manual_seed(0)
