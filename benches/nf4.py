@@ -58,7 +58,13 @@ def main() -> int:
             scale_bytes += s.nested_absmax.numel() * 4 + 256 * 4
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             out = torch.empty(n, dtype=dtype, device="cuda")
-            add("rslora_fast", dq, dtype, lambda p=p, s=s, out=out: F.dequantize_4bit(p, s, out=out), scale_bytes)
+            add(
+                "rslora_fast",
+                dq,
+                dtype,
+                lambda p=p, s=s, out=out: F.dequantize_4bit(p, s, out=out),
+                scale_bytes,
+            )
         try:
             import bitsandbytes.functional as bnbf
 

@@ -58,7 +58,11 @@ def test_bytes_equal_bitsandbytes(quant_type, compress, blocksize):
             assert s.nested_offset == ref_s.offset.item(), ctx
         # Dequantized values: float64 math on bitsandbytes' own scales, rounded to float32 once.
         n = w.numel()
-        scales = ref_s.absmax if not compress else bnbf.dequantize_blockwise(ref_s.absmax, ref_s.state2) + ref_s.offset
+        scales = (
+            ref_s.absmax
+            if not compress
+            else bnbf.dequantize_blockwise(ref_s.absmax, ref_s.state2) + ref_s.offset
+        )
         want = _f64_dequant(ref_p, scales.float(), ref_s.code, blocksize, n)
         got = F.dequantize_4bit(p, s, dtype=torch.float32).reshape(-1)
         torch.testing.assert_close(got.double(), want, rtol=2**-23, atol=0)

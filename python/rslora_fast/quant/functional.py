@@ -199,7 +199,9 @@ class QuantState:
             out[f"{base}.nested_absmax"] = self.nested_absmax
             out[f"{base}.nested_quant_map"] = nc
         raw = json.dumps(self.json_dict()).encode("utf-8")
-        out[f"{base}.quant_state.bitsandbytes__{self.quant_type}"] = torch.tensor(list(raw), dtype=torch.uint8)
+        out[f"{base}.quant_state.bitsandbytes__{self.quant_type}"] = torch.tensor(
+            list(raw), dtype=torch.uint8
+        )
         return out
 
     @classmethod
@@ -261,7 +263,9 @@ class QuantState:
         )
         if "nested_offset" in meta:
             if absmax.dtype != torch.uint8:
-                raise QuantFormatError(f"{base}.absmax must be uint8 with double quantization, got {absmax.dtype}")
+                raise QuantFormatError(
+                    f"{base}.absmax must be uint8 with double quantization, got {absmax.dtype}"
+                )
             nested = need("nested_absmax")
             nb2 = -(-nblocks // meta["nested_blocksize"])
             if nested.numel() != nb2:
@@ -271,7 +275,9 @@ class QuantState:
             state.nested_offset = float(meta["nested_offset"])
             state.nested_blocksize = meta["nested_blocksize"]
         elif absmax.dtype != torch.float32:
-            raise QuantFormatError(f"{base}.absmax must be float32 without double quantization, got {absmax.dtype}")
+            raise QuantFormatError(
+                f"{base}.absmax must be float32 without double quantization, got {absmax.dtype}"
+            )
         return packed.reshape(-1, 1), state
 
 
@@ -506,9 +512,11 @@ def dequantize_4bit(
         if state.nested:
             q = state.absmax.to(dev, torch.uint8).contiguous()
             nested = state.nested_absmax.to(dev, torch.float32).contiguous()
-            ncode = (state.nested_code if state.nested_code is not None else dynamic_map()).to(
-                dev, torch.float32
-            ).contiguous()
+            ncode = (
+                (state.nested_code if state.nested_code is not None else dynamic_map())
+                .to(dev, torch.float32)
+                .contiguous()
+            )
             ptrs = (0, q.data_ptr(), nested.data_ptr(), ncode.data_ptr(), float(state.nested_offset))
         else:
             a = state.absmax.to(dev, torch.float32).contiguous()
