@@ -33,6 +33,9 @@ for phase in "$@"; do
         --systems "${SYSTEMS:-rslora_fast:4bit:unsloth,rslora_fast:4bit:true,rslora_fast:16bit:unsloth,hf_peft:bf16,hf_peft_bnb:nf4}" \
         2>"$OUT/train_step.err" | tail -12
       ;;
+    profile)
+      python3 benches/profile_step.py --cache bench-cache --out "$OUT/profile.txt" 2>&1 | tail -45
+      ;;
     *) echo "unknown phase $phase" ;;
   esac
 done
