@@ -106,7 +106,19 @@ class LoraLinear(nn.Module):
         if a.dtype != h.dtype:
             a = a.to(h.dtype)
             b = b.to(h.dtype)
-        update = F.linear(F.linear(h, a), b) * self.scaling
+        down = F.linear(h, a)
+        if down.dtype == result.dtype and result.is_contiguous():
+            # One GEMM adds the scaled update into the base output (C + s * down @ B^T, accumulated
+            # in fp32 in cuBLAS's epilogue): no separate full-size scale and add kernels, forward or
+            # backward.
+            out2d = torch.addmm(
+                result.reshape(-1, result.shape[-1]),
+                down.reshape(-1, down.shape[-1]),
+                b.t(),
+                alpha=self.scaling,
+            )
+            return out2d.view(result.shape)
+        update = F.linear(down, b) * self.scaling
         if update.dtype != result.dtype:
             update = update.to(result.dtype)
         return result + update
