@@ -2,7 +2,7 @@
 
     python benches/profile_step.py --system rslora_fast:4bit:unsloth --out results/profile.txt
 
-Loads the shape through ``benches/train_step.py``'s loader, runs warm-up steps, profiles two steps and
+Loads the shape through ``rslora_fast.bench``'s loader, runs warm-up steps, profiles two steps and
 prints the kernels by self CUDA time plus totals per category (GEMM, attention, NF4 dequantize,
 copies, elementwise/other).
 """
@@ -10,7 +10,6 @@ copies, elementwise/other).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -19,9 +18,7 @@ from pathlib import Path
 
 import torch
 
-_spec = importlib.util.spec_from_file_location("train_step", Path(__file__).with_name("train_step.py"))
-train_step = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_step)
+from rslora_fast import bench as train_step
 
 CATEGORIES = [
     ("gemm", ("gemm", "cutlass", "sm90_xmma", "cublas", "nvjet")),

@@ -15,6 +15,17 @@ def main(argv: list[str] | None = None) -> int:
     from .finetune import build_parser
 
     build_parser(sub.add_parser("finetune", help="LoRA / QLoRA fine-tune (the embedded demo by default)"))
+    sub.add_parser(
+        "bench",
+        help="training-step benchmark against the baselines (see rslora-fast bench -h)",
+        add_help=False,
+    )
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["bench"]:  # the harness owns its arguments
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = parser.parse_args(argv)
 
     from . import info

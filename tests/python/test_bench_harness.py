@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benches" / "train_step.py"
-
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("train_step_bench", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from rslora_fast import bench
+
+    return bench
 
 
 def test_train_step_harness_tiny_cpu(tmp_path):
