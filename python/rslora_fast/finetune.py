@@ -53,12 +53,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help="checkpointing mode",
     )
     p.add_argument("--optim", default="adamw_torch")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-4; 2e-3 for the demo)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-4; 3e-3 for the demo)")
     p.add_argument("--lr-scheduler", default="linear")
     p.add_argument("--warmup-steps", type=int, default=5)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (demo: 150)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (demo: 600)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p.add_argument("--packing", action="store_true", help="concatenate examples into full-length rows")
@@ -210,8 +210,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     demo = args.model is None
     model_path = args.model or str(build_demo_model())
     # The demo's base is random, so it needs a livelier learning rate and a fixed number of steps.
-    lr = args.lr if args.lr is not None else (2e-3 if demo else 2e-4)
-    max_steps = args.max_steps if args.max_steps is not None else (150 if demo else -1)
+    lr = args.lr if args.lr is not None else (3e-3 if demo else 2e-4)
+    max_steps = args.max_steps if args.max_steps is not None else (600 if demo else -1)
     data_path = args.data or str(demo_data_path())
     use_cuda = torch.cuda.is_available()
     dtype = getattr(torch, args.dtype) if args.dtype else None
