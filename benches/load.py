@@ -1,7 +1,7 @@
 """Load benchmark: rslora_fast.from_pretrained(load_in_4bit=True) vs transformers + bitsandbytes.
 
-Writes a checkpoint of random bf16 weights with a real model's shapes (default: Llama-3-8B,
-sharded like the hub's, plus a tiny tokenizer), then loads it in a fresh subprocess per loader and
+Writes (once, into ``--cache``, with ``rslora_fast.bench.build_checkpoint``) a checkpoint of random bf16
+weights with a real model's shapes (default: Llama-3-8B), then loads it in a fresh subprocess per loader and
 reports load time, peak host RSS, peak GPU memory during the load and GPU memory after it.
 
     python benches/load.py --out load.jsonl                  # Llama-3-8B shape, needs a GPU, ~17 GB disk
@@ -17,76 +17,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-SHAPES = {
-    "llama3-8b": dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-    ),
-    "tiny": dict(
-        vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-    ),
-}  # fmt: skip
-
-
-def write_checkpoint(out: Path, shape: str, shard_bytes: int = 5 << 30) -> None:
-    """Random bf16 weights (std 0.02, norms 1) with ``shape``'s names/shapes, written shard by shard."""
-    import torch
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
-
-    if (out / "config.json").exists():
-        print(f"reusing checkpoint in {out}")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = LlamaConfig(**SHAPES[shape])
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    gen_dev = "cuda" if torch.cuda.is_available() else "cpu"
-    items = list(meta.state_dict().items())
-    total = sum(t.numel() * 2 for _, t in items)
-    groups: list[list[tuple[str, torch.Tensor]]] = [[]]
-    size = 0
-    for name, t in items:  # plan shards first so file names carry the right count
-        if groups[-1] and size + t.numel() * 2 > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append((name, t))
-        size += t.numel() * 2
-    nshards = len(groups)
-    weight_map = {}
-    g = torch.Generator(device=gen_dev).manual_seed(0)
-    t0 = time.time()
-    for idx, group in enumerate(groups, 1):
-        shard = {}
-        for name, t in group:
-            if t.dim() == 1:
-                shard[name] = torch.ones(t.shape, dtype=torch.bfloat16)
-            else:
-                x = torch.randn(t.shape, generator=g, device=gen_dev, dtype=torch.float32) * 0.02
-                shard[name] = x.to(torch.bfloat16).cpu()
-        fname = "model.safetensors" if nshards == 1 else f"model-{idx:05d}-of-{nshards:05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, fname))
-        del shard
-    if nshards > 1:
-        (out / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-        )
-    cfg.save_pretrained(out)
-    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>"
-    ).save_pretrained(out)
-    print(f"wrote {total / 1e9:.2f} GB in {nshards} shard(s) to {out} in {time.time() - t0:.1f}s")
-
+# The checkpoint is the training-step harness's (same shapes, same random bf16 weights, one writer).
+from rslora_fast.bench import SHAPES, build_checkpoint  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys, time, threading
@@ -141,14 +75,14 @@ def run_child(which: str, path: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
-    ap.add_argument("--dir", type=Path, default=None, help="checkpoint directory (written if missing)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3-8b")
+    ap.add_argument(
+        "--cache", type=Path, default=Path("bench-cache"), help="checkpoint cache (written if missing)"
+    )
     ap.add_argument("--out", type=Path, default=Path("load_bench.jsonl"))
-    ap.add_argument("--shard-gb", type=float, default=5.0, help="shard size of the written checkpoint")
     ap.add_argument("--no-baseline", action="store_true", help="skip transformers + bitsandbytes")
     args = ap.parse_args()
-    ckpt = args.dir or Path(f"/tmp/rslora_bench_{args.shape}_random_bf16")
-    write_checkpoint(ckpt, args.shape, int(args.shard_gb * (1 << 30)))
+    ckpt = build_checkpoint(args.shape, args.cache)
 
     loaders = ["rslora_fast"]
     if not args.no_baseline:

@@ -26,7 +26,7 @@ for phase in "$@"; do
       ;;
     load)
       python3 benches/train_step.py --systems "" --cache bench-cache >/dev/null 2>&1
-      python3 benches/load.py --dir bench-cache/llama-3-8b --out "$OUT/load.jsonl" 2>&1 | tail -10
+      python3 benches/load.py --cache bench-cache --out "$OUT/load.jsonl" 2>&1 | tail -10
       ;;
     train)
       python3 benches/train_step.py --cache bench-cache --out "$OUT/train_step.jsonl" \
