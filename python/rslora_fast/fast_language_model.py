@@ -94,6 +94,7 @@ class FastLanguageModel:
                 mode,
                 cfg.get("max_seq_length", 2048),
                 use_reentrant=bool(cfg.get("use_reentrant", False)),
+                max_memory_gb=cfg.get("max_memory_gb"),
             )
         _set_use_cache(inner, False)
         model.train()

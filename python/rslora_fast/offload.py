@@ -101,13 +101,14 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
 # --------------------------------------------------------------------------------------------
 
 
-def _release_quietly(sched, handle: int, stream: int, src: list) -> None:
-    # Runs from a finalizer (any thread, maybe at shutdown): never raise. A source still held means
-    # the copy out was never settled: order the compute stream after it before the memory goes back.
+def _release_quietly(sched, handle: int, stream: int, busy: list) -> None:
+    # Runs from a finalizer (any thread, maybe at shutdown): never raise. ``busy`` holds the device
+    # tensors a copy may still be reading (the source) or writing (a prefetch buffer nobody waited
+    # for); the compute stream is ordered after that copy before they go back to the allocator.
     try:
-        if src and src[0] is not None:
+        if any(t is not None for t in busy):
             sched.wait(handle, stream)
-            src[0] = None
+            busy[:] = [None] * len(busy)
         sched.release(handle)
     except Exception:  # noqa: BLE001 - already released or interpreter shutting down
         pass
@@ -118,25 +119,14 @@ class _HostCopy:
 
     Stream safety without ``record_stream`` (whose host-side bookkeeping keeps a block busy until
     the host *observes* the copy's event, so a host running ahead of the GPU would see every
-    offloaded input still allocated): the source tensor is held here until :meth:`settle` makes the
-    compute stream wait for the copy out; after that the allocator may reuse it in stream order.
-    Likewise the prefetch buffer is only dropped after the compute stream waited for the copy in.
+    offloaded input still allocated): a device tensor that a copy reads or writes is held in
+    ``_busy`` until the compute stream has waited (on the device) for that copy; only then may the
+    allocator reuse it, in stream order. The finalizer does the same for copies nobody waited for
+    (an abandoned graph, an exception between prefetch and use).
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_done",
-        "_src",
-        "_waited",
-        "device",
-        "dst",
-        "dtype",
-        "handle",
-        "owner",
-        "sched",
-        "shape",
-        "stream",
-    )
+    __slots__ = ("__weakref__", "_busy", "_done", "device", "dst", "dtype", "handle", "owner", "sched", "shape",
+                 "stream")  # fmt: skip
 
     def __init__(self, owner: OffloadedCheckpointing, x: torch.Tensor):
         self.owner = owner
@@ -145,13 +135,15 @@ class _HostCopy:
         self.dtype = x.dtype
         self.device = x.device
         self.dst: torch.Tensor | None = None
-        self._waited = False
         src = x if x.is_contiguous() else x.contiguous()
         self.stream = owner._stream_int(x.device)
         self.handle = self.sched.offload(src.data_ptr(), src.numel() * src.element_size(), self.stream)
-        # A one-slot list shared with the finalizer, so settling is visible to it.
-        self._src = [src if x.is_cuda else None]  # host transport copies synchronously
-        self._done = weakref.finalize(self, _release_quietly, self.sched, self.handle, self.stream, self._src)
+        # [source being read, prefetch buffer being written]; shared with the finalizer. The host
+        # transport copies synchronously, so nothing is busy there.
+        self._busy: list = [src if x.is_cuda else None, None]
+        self._done = weakref.finalize(
+            self, _release_quietly, self.sched, self.handle, self.stream, self._busy
+        )
         owner._register(self)
         warning = self.sched.take_warning()
         if warning:
@@ -159,9 +151,9 @@ class _HostCopy:
 
     def settle(self) -> None:
         """Order the compute stream after the copy out and let the source go (no host sync)."""
-        if self._src[0] is not None:
+        if self._busy[0] is not None:
             self.sched.wait(self.handle, self.stream)
-            self._src[0] = None
+            self._busy[0] = None
 
     def prefetch(self) -> None:
         """Start the copy back into a fresh device buffer (no-op when already started)."""
@@ -176,20 +168,18 @@ class _HostCopy:
         dst = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         self.sched.prefetch(self.handle, dst.data_ptr(), self.owner._stream_int(self.device))
         self.dst = dst
-        self._waited = False
+        if dst.is_cuda:
+            self._busy[1] = dst
 
     def fetch(self) -> torch.Tensor:
         """The input back on the device, ordered before later work on the current stream."""
         self.prefetch()
         self.sched.wait(self.handle, self.owner._stream_int(self.device))
-        self._waited = True
+        self._busy[1] = None
         return self.dst
 
     def release(self) -> None:
-        """Give the host block back (idempotent)."""
-        if self.dst is not None and not self._waited and self._done.alive:
-            # Prefetched but never used: the copy may still be writing into dst.
-            self.sched.wait(self.handle, self.owner._stream_int(self.device))
+        """Give the host block back (idempotent); waits on the device for any copy still running."""
         self._done()
         self.dst = None
 
@@ -214,6 +204,7 @@ class _Call:
     index: int
     tokens: int
     before: int = 0
+    pass_start: int = 0
     sched: Any = None
     host: _HostCopy | None = None
     out_spec: Any = None
@@ -409,6 +400,7 @@ class OffloadedCheckpointing:
         self._copy_streams: dict[Any, Any] = {}
         self._records: dict[tuple[int, int], weakref.ref] = {}
         self._unsettled: list[weakref.ref] = []
+        self._pass_start: int | None = None
         self._lock = threading.Lock()
         self._logged: set[str] = set()
         self._states: list[_LayerState] = []
@@ -460,6 +452,8 @@ class OffloadedCheckpointing:
         if self.lookahead <= 0 or call.sched is None:
             return
         for h in call.sched.plan_prefetch(call.before):
+            if h < call.pass_start:  # another graph's input (two graphs alive): not ours to fetch
+                continue
             ref = self._records.get((id(call.sched), h))
             host = ref() if ref is not None else None
             if host is not None:
@@ -512,6 +506,7 @@ class OffloadedCheckpointing:
         tokens = x.numel() // max(1, x.shape[-1])
         if st.index == 0:
             self._kept_bytes = 0  # a new forward pass begins
+            self._pass_start = None
             self._forget_dead_records()
         if self._keep_on_device(st, x, tokens):
             return st.orig_forward(x, *rest, **kwargs)
@@ -544,8 +539,11 @@ class OffloadedCheckpointing:
         )
         if x.device.type in ("cuda", "cpu") and self.lookahead > 0:
             call.sched = self._scheduler(x.device)
-            # Offloads made before this point belong to earlier layers.
+            # Offloads made before this point belong to earlier layers (of this pass from pass_start).
             call.before = call.sched.next_handle()
+            if self._pass_start is None:
+                self._pass_start = call.before
+            call.pass_start = self._pass_start
         outs = _OffloadedCheckpoint.apply(call, x, *grad_args, *params)
         if not isinstance(outs, tuple):
             outs = (outs,)

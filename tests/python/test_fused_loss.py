@@ -96,3 +96,30 @@ def test_eval_mode_keeps_logits():
     ids = torch.randint(0, 97, (1, 7))
     out = model(input_ids=ids, labels=ids)
     assert out.logits is not None and out.logits.shape == (1, 7, 97)
+
+
+def test_autocast_gradients_match_torch_under_autocast():
+    # fp32 hidden and head under bf16 autocast (an fp32 model trained with bf16=True)
+    torch.manual_seed(0)
+    h = torch.randn(50, 32, requires_grad=True)
+    w = torch.randn(97, 32) / 32**0.5
+    t = torch.randint(0, 97, (50,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(h, w, t, chunk_tokens=16)
+    (g,) = torch.autograd.grad(loss, h)
+    h2 = h.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy((h2 @ w.t()).float(), t)
+    (g_ref,) = torch.autograd.grad(ref, h2)
+    assert torch.allclose(loss, ref, rtol=1e-3, atol=1e-3)
+    assert (g - g_ref).norm() / g_ref.norm() < 1e-2
+
+
+def test_return_dict_false_keeps_the_tuple_contract():
+    from rslora_fast import get_peft_model
+
+    model = get_peft_model(_tiny_llama(), r=4, use_gradient_checkpointing=False)
+    model.train()
+    ids = torch.randint(0, 97, (1, 6))
+    out = model(input_ids=ids, labels=ids, return_dict=False)
+    assert isinstance(out, tuple) and out[0].dim() == 0 and out[1].shape == (1, 6, 97)

@@ -73,3 +73,14 @@ def test_switching_modes_uninstalls_offload():
     assert offload_handle(inner) is not None
     model.unload()
     assert offload_handle(inner) is None
+
+
+def test_trainer_style_gradient_checkpointing_enable_keeps_offloading():
+    model = get_peft_model(_model(), r=4, use_gradient_checkpointing="unsloth")
+    model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+    )  # as Trainer does
+    assert offload_handle(model.base_model.model) is not None
+    plain = get_peft_model(_model(), r=4, use_gradient_checkpointing=False)
+    plain.gradient_checkpointing_enable()
+    assert offload_handle(plain.base_model.model) is None and plain.base_model.model.is_gradient_checkpointing

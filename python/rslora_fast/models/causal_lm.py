@@ -31,8 +31,10 @@ def fused_loss_supported(model: nn.Module, labels: Any, kwargs: dict) -> str | N
     """``None`` when the fused loss can replace the model's forward, else the reason it cannot."""
     if labels is None or not model.training:
         return "not training with labels"
-    if any(kwargs.get(k) not in (None, True, 0) for k in _UNSUPPORTED_KWARGS):
-        return "logits_to_keep / return_dict given"
+    if kwargs.get("return_dict") is False:
+        return "return_dict=False asks for a tuple"
+    if any(kwargs.get(k) not in (None, 0) for k in ("logits_to_keep", "num_logits_to_keep")):
+        return "logits_to_keep given"
     head = _head(model)
     if type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad:
         return "output head is not a frozen bias-free nn.Linear"
@@ -70,8 +72,8 @@ def fused_loss_forward(
         shift_labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     h = hidden.reshape(-1, hidden.shape[-1])
     w = head.weight
-    if h.dtype != w.dtype:  # e.g. autocast: compute the head in the activation dtype
-        w = w.to(h.dtype)
+    if h.dtype != w.dtype and not torch.is_autocast_enabled(h.device.type):
+        w = w.to(h.dtype)  # compute the head in the activation dtype
     loss = fused_linear_cross_entropy(
         h, w, shift_labels.reshape(-1).to(h.device), num_items_in_batch=num_items_in_batch
     )

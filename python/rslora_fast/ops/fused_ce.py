@@ -81,6 +81,19 @@ def fused_linear_cross_entropy(
     Raises:
         ValueError: on mismatched shapes, dtypes or devices.
     """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Autocast would run the forward's matmul in its dtype but not the backward's recompute
+        # (backward runs outside autocast): cast once here and run the whole function without it.
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return fused_linear_cross_entropy(
+                hidden.to(dtype),
+                weight.to(dtype),
+                targets,
+                num_items_in_batch=num_items_in_batch,
+                chunk_tokens=chunk_tokens,
+            )
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden {tuple(hidden.shape)} and head weight {tuple(weight.shape)} do not fit")
     if targets.shape != hidden.shape[:1]:

@@ -264,17 +264,29 @@ class PeftModel(nn.Module):
     ) -> None:
         """Checkpoint every decoder layer (reentrant or not, LoRA weights still get gradients).
 
+        This is what HF ``Trainer`` calls for ``gradient_checkpointing=True``. A model set up with
+        ``use_gradient_checkpointing="unsloth"`` keeps its offloaded checkpointing (only the
+        reentrant flavour is updated); otherwise plain per-layer checkpointing is installed.
+
         Args:
             gradient_checkpointing_kwargs: ``{"use_reentrant": bool}``; default non-reentrant.
         """
         kw = gradient_checkpointing_kwargs or {}
         reentrant = bool(kw.get("use_reentrant", False))
-        mode = apply_gradient_checkpointing(self.base_model.model, True, use_reentrant=reentrant)
         prev = getattr(self, "_gradient_checkpointing", None) or {}
+        wanted = "unsloth" if prev.get("mode") == "unsloth" else True
+        mode = apply_gradient_checkpointing(
+            self.base_model.model,
+            wanted,
+            prev.get("max_seq_length", 2048),
+            use_reentrant=reentrant,
+            max_memory_gb=prev.get("max_memory_gb"),
+        )
         self._gradient_checkpointing = {
             "mode": mode,
             "max_seq_length": prev.get("max_seq_length", 2048),
             "use_reentrant": reentrant,
+            "max_memory_gb": prev.get("max_memory_gb"),
         }
 
     # ---------------------------------------------------------------- counting
@@ -690,5 +702,6 @@ def get_peft_model(
         "mode": mode,
         "max_seq_length": int(max_seq_length),
         "use_reentrant": use_reentrant,
+        "max_memory_gb": kwargs.get("max_memory_gb"),
     }
     return peft_model
