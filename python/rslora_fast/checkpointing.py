@@ -8,7 +8,8 @@ Modes:
 * ``"unsloth"``: checkpointing with activation offload (:mod:`rslora_fast.offload`): each decoder
   layer's input is copied to pinned host memory on a side stream while the layer computes, and
   brought back (prefetched one layer ahead) just in time for its recompute in backward. The last
-  layer's input stays on the GPU; sequences under 512 tokens fall back to plain checkpointing.
+  layer's input stays on the GPU; layer calls with fewer than 512 tokens (batch x sequence) use plain
+  checkpointing, since the copy would not pay.
   With ``max_memory_gb`` the layers whose activations fit in that budget are not recomputed at all.
 
 Both reentrant and non-reentrant ``torch.utils.checkpoint`` are supported. Non-reentrant is the
@@ -87,8 +88,8 @@ def apply_gradient_checkpointing(
     Args:
         model: the unwrapped transformers model (a ``PreTrainedModel`` that supports checkpointing).
         mode: ``False``/``None``, ``True`` or ``"unsloth"`` (see the module docstring).
-        max_seq_length: the training sequence length; unused by plain checkpointing, kept so the
-            offloading implementation can pick its strategy (it falls back to plain below ~512).
+        max_seq_length: the training sequence length; recorded for ``for_training``. The offloaded
+            mode decides per call from the actual token count (plain checkpointing below 512).
         use_reentrant: use reentrant ``torch.utils.checkpoint``; the input embeddings' output is then
             made to require grad so LoRA weights inside checkpointed layers still get gradients.
         max_memory_gb: ``"unsloth"`` only: GPU memory budget for activations kept without recompute.

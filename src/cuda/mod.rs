@@ -152,8 +152,28 @@ fn primary_contexts() -> &'static Mutex<HashMap<i32, usize>> {
     CTX.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-/// Make the primary context of `ordinal` current on this thread.
-pub fn bind_device(ordinal: i32) -> Result<()> {
+/// Restores the thread's previous CUDA context when dropped (see [`bind_device`]).
+#[must_use = "the previous context is restored when the guard is dropped"]
+pub struct ContextGuard {
+    previous: Option<usize>,
+}
+
+impl Drop for ContextGuard {
+    fn drop(&mut self) {
+        if let Some(prev) = self.previous.take() {
+            // SAFETY: `prev` was the thread's current context (possibly null) when we switched.
+            // A failure can only mean that context is gone; there is nothing better to restore.
+            let _ = unsafe { sys::cuCtxSetCurrent(prev as sys::CUcontext) };
+        }
+    }
+}
+
+/// Make the primary context of `ordinal` current on this thread until the returned guard drops.
+///
+/// The CUDA runtime (and so `torch.cuda.current_device()`) follows the driver's current context,
+/// so a launch on another device than torch's current one must not leave its context behind.
+/// When the context is already current (the usual case) nothing is switched.
+pub fn bind_device(ordinal: i32) -> Result<ContextGuard> {
     let ctx = {
         let mut map = primary_contexts()
             .lock()
@@ -173,11 +193,23 @@ pub fn bind_device(ordinal: i32) -> Result<()> {
             }
         }
     };
+    let mut current: sys::CUcontext = std::ptr::null_mut();
+    // SAFETY: writes one context handle (null when the thread has none).
+    check(
+        unsafe { sys::cuCtxGetCurrent(&mut current) },
+        "cuCtxGetCurrent",
+    )?;
+    if current as usize == ctx {
+        return Ok(ContextGuard { previous: None });
+    }
     // SAFETY: `ctx` is a retained primary context, valid for the life of the process.
     check(
         unsafe { sys::cuCtxSetCurrent(ctx as sys::CUcontext) },
         "cuCtxSetCurrent",
-    )
+    )?;
+    Ok(ContextGuard {
+        previous: Some(current as usize),
+    })
 }
 
 /// A loaded kernel function handle, cached per (device, kernel).
@@ -274,7 +306,7 @@ pub unsafe fn launch(
     cfg: LaunchConfig,
     args: &mut [*mut c_void],
 ) -> Result<()> {
-    bind_device(ordinal)?;
+    let _ctx = bind_device(ordinal)?;
     let f = function(ordinal, module, kernel)?;
     // SAFETY: the caller guarantees `args` matches the kernel signature; the stream is borrowed.
     let res = unsafe {
@@ -346,7 +378,7 @@ pub fn resident_blocks(
     {
         return Ok(n);
     }
-    bind_device(ordinal)?;
+    let _ctx = bind_device(ordinal)?;
     let f = function(ordinal, module, kernel)?;
     let mut per_sm = 0;
     // SAFETY: `f` is a loaded function; writes one int.
@@ -370,7 +402,7 @@ pub fn kernel_modules() -> Vec<&'static str> {
 
 /// Load every module on `ordinal` to check the kernels run on this GPU.
 pub fn load_all_modules(ordinal: i32) -> Result<Vec<&'static str>> {
-    bind_device(ordinal)?;
+    let _ctx = bind_device(ordinal)?;
     let mut loaded = Vec::new();
     for (name, _) in fatbins::FATBINS {
         load_module(ordinal, name)?;

@@ -90,9 +90,10 @@ pub unsafe fn dequantize(
     }
     // The vector body reads 4 (2 for fp32) packed bytes and writes one 16-byte vector per unit.
     let mut vec_ok = (packed % 4 == 0 && all_aligned16(&[out])) as i32;
-    let resident = cuda::resident_blocks(device, "nf4", dequant_kernel(dtype), THREADS)?;
     // Four 16-byte units per thread per grid-stride trip (kUnroll in nf4.cu).
-    let blocks = elementwise_grid(n, 4 * (16 / dtype.size()), THREADS, resident);
+    let blocks = elementwise_grid(n, 4 * (16 / dtype.size()), THREADS, || {
+        cuda::resident_blocks(device, "nf4", dequant_kernel(dtype), THREADS)
+    })?;
     let mut qt_i = qt_code(qt);
     let mut n64 = n as i64;
     let mut bs_log2 = blocksize.trailing_zeros() as i32;

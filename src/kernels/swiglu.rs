@@ -39,8 +39,9 @@ pub unsafe fn forward(
     check_ptrs("swiglu forward", &[g, u, h])?;
     let mut vec_ok = all_aligned16(&[g, u, h]) as i32;
     let per = 16 / dtype.size();
-    let resident = cuda::resident_blocks(device, "swiglu", kernel_name(true, dtype), THREADS)?;
-    let blocks = elementwise_grid(n, 2 * per, THREADS, resident);
+    let blocks = elementwise_grid(n, 2 * per, THREADS, || {
+        cuda::resident_blocks(device, "swiglu", kernel_name(true, dtype), THREADS)
+    })?;
     let (mut g, mut u, mut h, mut n64) = (g, u, h, n as i64);
     let mut args = [
         &mut g as *mut usize as *mut c_void,
@@ -85,8 +86,9 @@ pub unsafe fn backward(
     check_ptrs("swiglu backward", &[dh, g, u, dg, du])?;
     let mut vec_ok = all_aligned16(&[dh, g, u, dg, du]) as i32;
     let per = 16 / dtype.size();
-    let resident = cuda::resident_blocks(device, "swiglu", kernel_name(false, dtype), THREADS)?;
-    let blocks = elementwise_grid(n, per, THREADS, resident);
+    let blocks = elementwise_grid(n, per, THREADS, || {
+        cuda::resident_blocks(device, "swiglu", kernel_name(false, dtype), THREADS)
+    })?;
     let (mut dh, mut g, mut u, mut dg, mut du, mut n64) = (dh, g, u, dg, du, n as i64);
     let mut args = [
         &mut dh as *mut usize as *mut c_void,

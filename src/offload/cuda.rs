@@ -43,7 +43,7 @@ fn raw_stream(s: RawStream) -> sys::CUstream {
 impl CudaTransport {
     /// A transport on device `device` (its primary context) with a fresh non-blocking stream.
     pub fn new(device: i32) -> Result<Self> {
-        bind_device(device)?;
+        let _ctx = bind_device(device)?;
         let mut stream: sys::CUstream = std::ptr::null_mut();
         // SAFETY: the primary context is current; writes one stream handle, which we own.
         check(
@@ -140,7 +140,7 @@ impl Transport for CudaTransport {
     }
 
     fn alloc_pinned(&mut self, bytes: usize) -> Result<NonNull<u8>> {
-        bind_device(self.device)?;
+        let _ctx = bind_device(self.device)?;
         let mut p: *mut c_void = std::ptr::null_mut();
         // SAFETY: writes one host pointer; PORTABLE makes the block pinned for every context.
         let res =
@@ -151,7 +151,7 @@ impl Transport for CudaTransport {
     }
 
     unsafe fn free_pinned(&mut self, ptr: NonNull<u8>, _bytes: usize) {
-        let _ = bind_device(self.device);
+        let _ctx = bind_device(self.device).ok();
         // SAFETY: the caller guarantees `ptr` came from cuMemHostAlloc, once, with no copy in
         // flight. A failure here can only mean a dead context; nothing is left to do.
         let _ = unsafe { sys::cuMemFreeHost(ptr.as_ptr() as *mut c_void) };
@@ -164,7 +164,7 @@ impl Transport for CudaTransport {
         bytes: usize,
         compute: RawStream,
     ) -> Result<CudaEvent> {
-        bind_device(self.device)?;
+        let _ctx = bind_device(self.device)?;
         self.follow(compute)?;
         // SAFETY: the caller keeps `src` (device) and `dst` (host) valid for `bytes` until the
         // returned event completes; the copy runs on our stream after `compute`'s queued work.
@@ -189,7 +189,7 @@ impl Transport for CudaTransport {
         bytes: usize,
         compute: RawStream,
     ) -> Result<CudaEvent> {
-        bind_device(self.device)?;
+        let _ctx = bind_device(self.device)?;
         self.follow(compute)?;
         // SAFETY: as in copy_to_host, with the directions swapped.
         check(
@@ -207,7 +207,7 @@ impl Transport for CudaTransport {
     }
 
     fn wait(&mut self, event: CudaEvent, compute: RawStream) -> Result<()> {
-        bind_device(self.device)?;
+        let _ctx = bind_device(self.device)?;
         // SAFETY: our event; `compute` is the caller's live stream of this device.
         check(
             unsafe { sys::cuStreamWaitEvent(raw_stream(compute), event.raw(), 0) },
@@ -216,7 +216,7 @@ impl Transport for CudaTransport {
     }
 
     fn is_complete(&mut self, event: CudaEvent) -> Result<bool> {
-        bind_device(self.device)?;
+        let _ctx = bind_device(self.device)?;
         // SAFETY: our event.
         let res = unsafe { sys::cuEventQuery(event.raw()) };
         if res == sys::CUresult::CUDA_ERROR_NOT_READY {
@@ -227,7 +227,7 @@ impl Transport for CudaTransport {
     }
 
     fn synchronize(&mut self, event: CudaEvent) -> Result<()> {
-        bind_device(self.device)?;
+        let _ctx = bind_device(self.device)?;
         // SAFETY: our event; blocks until the copy behind it has finished.
         check(
             unsafe { sys::cuEventSynchronize(event.raw()) },
@@ -240,7 +240,7 @@ impl Transport for CudaTransport {
     }
 
     fn synchronize_all(&mut self) -> Result<()> {
-        bind_device(self.device)?;
+        let _ctx = bind_device(self.device)?;
         // SAFETY: our stream.
         check(
             unsafe { sys::cuStreamSynchronize(self.own_stream()) },
@@ -252,9 +252,9 @@ impl Transport for CudaTransport {
 impl Drop for CudaTransport {
     fn drop(&mut self) {
         // Errors here mean the context is already gone (interpreter shutdown); ignore them.
-        if bind_device(self.device).is_err() {
+        let Ok(_ctx) = bind_device(self.device) else {
             return;
-        }
+        };
         // SAFETY: our stream and events; the stream is drained before anything is destroyed.
         unsafe {
             let _ = sys::cuStreamSynchronize(self.own_stream());

@@ -170,3 +170,16 @@ def test_out_buffer_is_written():
         res = F.dequantize_4bit(p, s, out=out)
         assert res is out
         assert torch.equal(out.view(33, 17), F.dequantize_4bit_reference(p, s, dtype=dt))
+
+
+def test_truncated_code_tables_are_rejected():
+    from rslora_fast.errors import QuantFormatError
+    from rslora_fast.quant.functional import QuantState, quantize_4bit
+
+    packed, state = quantize_4bit(torch.randn(64, 48), blocksize=64, compress_statistics=True)
+    good = state.as_bnb_dict("w", packed)
+    for key, n in (("w.weight.nested_quant_map", 255), ("w.weight.quant_map", 15)):
+        bad = dict(good)
+        bad[key] = good[key][:n]
+        with pytest.raises(QuantFormatError, match="entries"):
+            QuantState.from_bnb_dict("w", bad)

@@ -253,6 +253,9 @@ class QuantState:
         if absmax.numel() != nblocks:
             raise QuantFormatError(f"{base}.absmax has {absmax.numel()} entries, expected {nblocks}")
         code = tensors.get(f"{base}.quant_map")
+        # Like bitsandbytes, values come from the built-in table; the stored map must still be one.
+        if code is not None and code.numel() != 16:
+            raise QuantFormatError(f"{base}.quant_map has {code.numel()} entries, expected 16")
         state = cls(
             absmax=absmax,
             shape=shape,
@@ -271,7 +274,12 @@ class QuantState:
             if nested.numel() != nb2:
                 raise QuantFormatError(f"{base}.nested_absmax has {nested.numel()} entries, expected {nb2}")
             state.nested_absmax = nested.float()
-            state.nested_code = need("nested_quant_map").float()
+            nested_code = need("nested_quant_map")
+            if nested_code.numel() != 256:  # the dequantize kernel reads exactly 256 entries
+                raise QuantFormatError(
+                    f"{base}.nested_quant_map has {nested_code.numel()} entries, expected 256"
+                )
+            state.nested_code = nested_code.float()
             state.nested_offset = float(meta["nested_offset"])
             state.nested_blocksize = meta["nested_blocksize"]
         elif absmax.dtype != torch.float32:
