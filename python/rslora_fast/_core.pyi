@@ -45,6 +45,41 @@ def swiglu_bwd(
 ) -> None:
     """Gradients of SwiGLU into ``dg`` and ``du``."""
 
+def rms_norm_fwd(
+    x: int,
+    w: int,
+    y: int,
+    rstd: int,
+    rows: int,
+    cols: int,
+    eps: float,
+    gemma: bool,
+    dtype: str,
+    device: int,
+    stream: int,
+) -> None:
+    """RMSNorm of ``rows`` contiguous rows of ``cols`` elements into ``y`` and float32 ``rstd``."""
+
+def rms_norm_bwd_partial_rows(rows: int, cols: int, device: int) -> int:
+    """Rows of the float32 ``[n, cols]`` partial-``dw`` buffer that ``rms_norm_bwd`` fills."""
+
+def rms_norm_bwd(
+    dy: int,
+    x: int,
+    w: int,
+    rstd: int,
+    dx: int,
+    partial: int,
+    partial_rows: int,
+    rows: int,
+    cols: int,
+    gemma: bool,
+    dtype: str,
+    device: int,
+    stream: int,
+) -> None:
+    """Gradient of RMSNorm into ``dx`` and partial sums of ``dw`` into ``partial``."""
+
 # ---------------------------------------------------------------------------- 4-bit quantization
 def nf4_quantize_cpu(src: int, n: int, blocksize: int, quant_type: str, packed: int, absmax: int) -> None:
     """Quantize ``n`` float32 host values into packed bytes and float32 block scales."""

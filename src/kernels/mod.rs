@@ -4,6 +4,7 @@
 use crate::{Error, Result};
 
 pub mod nf4;
+pub mod rms_norm;
 pub mod swiglu;
 
 /// Floating-point element types our kernels are compiled for.

@@ -1,0 +1,251 @@
+// RMSNorm over the last dimension of a contiguous [rows, cols] tensor, and its backward.
+//   rstd = rsqrt(mean(x^2) + eps)       (fp32, one per row, saved for backward)
+//   Llama: y = T(T(x * rstd) * w)         (normalized value rounded to T before the weight)
+//   Gemma: y = T(x * rstd * (1 + w))      (fp32 all the way, one rounding)
+// Backward, with g = dy * w_eff (w_eff = w or 1 + w) and xn = x * rstd:
+//   dx = rstd * (g - xn * mean(g * xn)),   dw = sum over rows of dy * xn (Llama: dy * T(xn))
+// dw is summed per "group" into its own fp32 row of `partial` (no atomics, so deterministic);
+// the caller then reduces `partial` over its rows.
+//
+// A group of `group` threads owns one row at a time: a warp (group = 32, narrow rows, several rows
+// per block) or the whole block (group = blockDim.x). Thread `lane` of a group always owns the same
+// columns, so its dw accumulator and its cached x never move between threads.
+// Fast path (`fast` = 1): 16-byte aligned rows whose width fits in K vectors per thread; the row
+// is loaded once into registers in forward (consecutive lanes on consecutive 16-byte chunks);
+// backward keeps the dw accumulator there and re-reads x/dy for dx (cache hits). Generic path:
+// element by element, re-reading from global (L1/L2) and accumulating dw in `partial` directly.
+#include "common.cuh"
+
+namespace {
+
+constexpr int MAX_THREADS = 512;
+// Elements of a row held per thread on the fast path: K = ELEMS / (elements per vector).
+constexpr int ELEMS = 32;
+
+// Sum of `v` over the group; every thread of the group gets the same value, in a fixed order.
+__device__ __forceinline__ float group_sum(float v, int group, float* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (group == 32) return v;
+  const int warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  __syncthreads();  // the previous row's readers of `red` are done
+  if ((threadIdx.x & 31) == 0) red[warp] = v;
+  __syncthreads();
+  float t = 0.0f;
+  for (int i = 0; i < nw; ++i) t += red[i];
+  return t;
+}
+
+struct Groups {
+  int lane;     // position in the group
+  int64_t id;   // this group's index over the grid (its row of `partial`)
+  int64_t n;    // groups in the grid
+};
+
+__device__ __forceinline__ Groups groups(int group) {
+  const int per_block = blockDim.x / group;
+  return {static_cast<int>(threadIdx.x % group),
+          (int64_t)blockIdx.x * per_block + threadIdx.x / group, (int64_t)gridDim.x * per_block};
+}
+
+template <typename T>
+__device__ __forceinline__ T norm_out(float xn, float w, int gemma) {
+  // Llama rounds the normalized value to T, then multiplies by the weight (one more rounding).
+  return gemma ? rf::from_f32<T>(xn * (1.0f + w))
+               : rf::from_f32<T>(rf::to_f32(rf::from_f32<T>(xn)) * w);
+}
+
+template <typename T>
+__device__ void fwd_fast(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+                         float* __restrict__ rstd, int64_t rows, int64_t cols, float eps, int gemma,
+                         int group, float* red) {
+  constexpr int N = rf::Vec<T>::N, K = ELEMS / N;
+  const Groups gr = groups(group);
+  const int64_t nvec = cols / N;
+  const float inv_cols = 1.0f / (float)cols;
+  for (int64_t r = gr.id; r < rows; r += gr.n) {
+    const T* xr = x + r * cols;
+    rf::Vec<T> buf[K];
+    float ss = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t v = gr.lane + (int64_t)k * group;
+      if (v < nvec) {
+        buf[k] = rf::load_vec(xr + v * N);
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          const float f = rf::to_f32(buf[k].v[j]);
+          ss += f * f;
+        }
+      }
+    }
+    const float rs = rsqrtf(group_sum(ss, group, red) * inv_cols + eps);
+    if (gr.lane == 0) rstd[r] = rs;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t v = gr.lane + (int64_t)k * group;
+      if (v < nvec) {
+        const rf::Vec<T> wv = rf::load_vec(w + v * N);
+        rf::Vec<T> out;
+#pragma unroll
+        for (int j = 0; j < N; ++j)
+          out.v[j] = norm_out<T>(rf::to_f32(buf[k].v[j]) * rs, rf::to_f32(wv.v[j]), gemma);
+        rf::store_vec(y + r * cols + v * N, out);
+      }
+    }
+  }
+}
+
+template <typename T>
+__device__ void fwd_generic(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+                            float* __restrict__ rstd, int64_t rows, int64_t cols, float eps,
+                            int gemma, int group, float* red) {
+  const Groups gr = groups(group);
+  const float inv_cols = 1.0f / (float)cols;
+  for (int64_t r = gr.id; r < rows; r += gr.n) {
+    const T* xr = x + r * cols;
+    float ss = 0.0f;
+    for (int64_t c = gr.lane; c < cols; c += group) {
+      const float f = rf::to_f32(xr[c]);
+      ss += f * f;
+    }
+    const float rs = rsqrtf(group_sum(ss, group, red) * inv_cols + eps);
+    if (gr.lane == 0) rstd[r] = rs;
+    for (int64_t c = gr.lane; c < cols; c += group)
+      y[r * cols + c] = norm_out<T>(rf::to_f32(xr[c]) * rs, rf::to_f32(w[c]), gemma);
+  }
+}
+
+// What the weight multiplied in forward: T(xn) for Llama, xn for Gemma.
+template <typename T>
+__device__ __forceinline__ float dw_term(float xn, int gemma) {
+  return gemma ? xn : rf::to_f32(rf::from_f32<T>(xn));
+}
+
+template <typename T>
+__device__ void bwd_fast(const T* __restrict__ dy, const T* __restrict__ x,
+                         const T* __restrict__ w, const float* __restrict__ rstd,
+                         T* __restrict__ dx, float* __restrict__ partial, int64_t rows,
+                         int64_t cols, int gemma, int group, float* red) {
+  constexpr int N = rf::Vec<T>::N, K = ELEMS / N;
+  const Groups gr = groups(group);
+  const int64_t nvec = cols / N;
+  const float inv_cols = 1.0f / (float)cols;
+  const float w_add = gemma ? 1.0f : 0.0f;
+  float acc[K][N];
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+#pragma unroll
+    for (int j = 0; j < N; ++j) acc[k][j] = 0.0f;
+
+  for (int64_t r = gr.id; r < rows; r += gr.n) {
+    const T* xr = x + r * cols;
+    const T* dyr = dy + r * cols;
+    const float rs = rstd[r];
+    float dot = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t v = gr.lane + (int64_t)k * group;
+      if (v < nvec) {
+        const rf::Vec<T> xb = rf::load_vec(xr + v * N), gb = rf::load_vec(dyr + v * N);
+        const rf::Vec<T> wv = rf::load_vec(w + v * N);
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          const float xn = rf::to_f32(xb.v[j]) * rs, d = rf::to_f32(gb.v[j]);
+          dot += d * (rf::to_f32(wv.v[j]) + w_add) * xn;
+          acc[k][j] += d * dw_term<T>(xn, gemma);
+        }
+      }
+    }
+    const float mean_dot = group_sum(dot, group, red) * inv_cols;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t v = gr.lane + (int64_t)k * group;
+      if (v < nvec) {
+        // Second read of x, dy and w by the same thread: cache hits, not DRAM traffic (holding
+        // them in registers as well as the dw accumulator would cost occupancy or spill).
+        const rf::Vec<T> xb = rf::load_vec(xr + v * N), gb = rf::load_vec(dyr + v * N);
+        const rf::Vec<T> wv = rf::load_vec(w + v * N);
+        rf::Vec<T> out;
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          const float xn = rf::to_f32(xb.v[j]) * rs;
+          const float g = rf::to_f32(gb.v[j]) * (rf::to_f32(wv.v[j]) + w_add);
+          out.v[j] = rf::from_f32<T>(rs * (g - xn * mean_dot));
+        }
+        rf::store_vec(dx + r * cols + v * N, out);
+      }
+    }
+  }
+  // Every group writes its whole partial row (zeros when it had no rows).
+  float* pr = partial + gr.id * cols;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int64_t v = gr.lane + (int64_t)k * group;
+    if (v < nvec) {
+#pragma unroll
+      for (int j = 0; j < N; j += 4)  // N is 4 or 8: whole float4 stores, 16-byte aligned
+        *reinterpret_cast<float4*>(pr + v * N + j) =
+            make_float4(acc[k][j], acc[k][j + 1], acc[k][j + 2], acc[k][j + 3]);
+    }
+  }
+}
+
+template <typename T>
+__device__ void bwd_generic(const T* __restrict__ dy, const T* __restrict__ x,
+                            const T* __restrict__ w, const float* __restrict__ rstd,
+                            T* __restrict__ dx, float* __restrict__ partial, int64_t rows,
+                            int64_t cols, int gemma, int group, float* red) {
+  const Groups gr = groups(group);
+  const float inv_cols = 1.0f / (float)cols;
+  const float w_add = gemma ? 1.0f : 0.0f;
+  // Each thread touches only its own columns of its own partial row: no synchronization needed.
+  float* pr = partial + gr.id * cols;
+  for (int64_t c = gr.lane; c < cols; c += group) pr[c] = 0.0f;
+  for (int64_t r = gr.id; r < rows; r += gr.n) {
+    const T* xr = x + r * cols;
+    const T* dyr = dy + r * cols;
+    const float rs = rstd[r];
+    float dot = 0.0f;
+    for (int64_t c = gr.lane; c < cols; c += group) {
+      const float xn = rf::to_f32(xr[c]) * rs, d = rf::to_f32(dyr[c]);
+      dot += d * (rf::to_f32(w[c]) + w_add) * xn;
+      pr[c] += d * dw_term<T>(xn, gemma);
+    }
+    const float mean_dot = group_sum(dot, group, red) * inv_cols;
+    for (int64_t c = gr.lane; c < cols; c += group) {
+      const float xn = rf::to_f32(xr[c]) * rs;
+      const float g = rf::to_f32(dyr[c]) * (rf::to_f32(w[c]) + w_add);
+      dx[r * cols + c] = rf::from_f32<T>(rs * (g - xn * mean_dot));
+    }
+  }
+}
+
+}  // namespace
+
+// `group` is 32 or blockDim.x (a multiple of 32, at most MAX_THREADS); `fast` is set by the
+// launcher only when every pointer is 16-byte aligned, cols is a multiple of the vector width and
+// cols <= ELEMS * group.
+#define RMS_NORM_ENTRY(SUFFIX, T)                                                                \
+  extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                      \
+      rms_norm_fwd_##SUFFIX(const T* x, const T* w, T* y, float* rstd, int64_t rows,             \
+                            int64_t cols, float eps, int gemma, int group, int fast) {           \
+    __shared__ float red[MAX_THREADS / 32];                                                      \
+    if (fast)                                                                                    \
+      fwd_fast<T>(x, w, y, rstd, rows, cols, eps, gemma, group, red);                            \
+    else                                                                                         \
+      fwd_generic<T>(x, w, y, rstd, rows, cols, eps, gemma, group, red);                         \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(MAX_THREADS) rms_norm_bwd_##SUFFIX(               \
+      const T* dy, const T* x, const T* w, const float* rstd, T* dx, float* partial,             \
+      int64_t rows, int64_t cols, int gemma, int group, int fast) {                              \
+    __shared__ float red[MAX_THREADS / 32];                                                      \
+    if (fast)                                                                                    \
+      bwd_fast<T>(dy, x, w, rstd, dx, partial, rows, cols, gemma, group, red);                   \
+    else                                                                                         \
+      bwd_generic<T>(dy, x, w, rstd, dx, partial, rows, cols, gemma, group, red);                \
+  }
+
+RMS_NORM_ENTRY(f32, float)
+RMS_NORM_ENTRY(f16, __half)
+RMS_NORM_ENTRY(bf16, __nv_bfloat16)

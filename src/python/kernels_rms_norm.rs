@@ -1,0 +1,112 @@
+//! Bindings of the RMSNorm launchers (`crate::kernels::rms_norm`). Python passes `data_ptr()`s,
+//! the row count and width, the dtype name, the device index and torch's current stream; the op
+//! layer (`python/rslora_fast/ops/rms_norm.py`) has already checked shapes, dtypes and contiguity.
+
+use pyo3::prelude::*;
+
+use super::guard;
+use crate::cuda::RawStream;
+use crate::kernels::{rms_norm, DType};
+
+/// rms_norm_fwd(x, w, y, rstd, rows, cols, eps, gemma, dtype, device, stream) -> None
+///
+/// RMSNorm of ``rows`` contiguous rows of ``cols`` elements into ``y`` (same dtype) and ``rstd``
+/// (``rows`` float32); ``gemma`` selects ``(1 + w)``. Pointers are CUDA device addresses.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn rms_norm_fwd(
+    py: Python<'_>,
+    x: usize,
+    w: usize,
+    y: usize,
+    rstd: usize,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+    gemma: bool,
+    dtype: &str,
+    device: i32,
+    stream: usize,
+) -> PyResult<()> {
+    let dtype = guard(|| DType::parse(dtype))?;
+    // SAFETY: the Python op passes live contiguous tensors of the stated sizes on `device`, with
+    // fresh outputs `y` and `rstd`.
+    py.detach(|| {
+        guard(|| unsafe {
+            rms_norm::forward(
+                dtype,
+                x,
+                w,
+                y,
+                rstd,
+                rows,
+                cols,
+                eps,
+                gemma,
+                device,
+                RawStream(stream),
+            )
+        })
+    })
+}
+
+/// rms_norm_bwd_partial_rows(rows, cols, device) -> int
+///
+/// Rows of the float32 ``[n, cols]`` buffer that ``rms_norm_bwd`` fills with partial sums of
+/// ``dw`` (sum it over dim 0).
+#[pyfunction]
+fn rms_norm_bwd_partial_rows(rows: usize, cols: usize, device: i32) -> PyResult<usize> {
+    guard(|| rms_norm::backward_partial_rows(rows, cols, device))
+}
+
+/// rms_norm_bwd(dy, x, w, rstd, dx, partial, partial_rows, rows, cols, gemma, dtype, device, stream) -> None
+///
+/// Gradient of RMSNorm into ``dx`` and per-group float32 partial sums of ``dw`` into
+/// ``partial`` (``partial_rows`` from ``rms_norm_bwd_partial_rows``).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn rms_norm_bwd(
+    py: Python<'_>,
+    dy: usize,
+    x: usize,
+    w: usize,
+    rstd: usize,
+    dx: usize,
+    partial: usize,
+    partial_rows: usize,
+    rows: usize,
+    cols: usize,
+    gemma: bool,
+    dtype: &str,
+    device: i32,
+    stream: usize,
+) -> PyResult<()> {
+    let dtype = guard(|| DType::parse(dtype))?;
+    // SAFETY: as in rms_norm_fwd; `dx` and `partial` are fresh outputs allocated by torch.
+    py.detach(|| {
+        guard(|| unsafe {
+            rms_norm::backward(
+                dtype,
+                dy,
+                x,
+                w,
+                rstd,
+                dx,
+                partial,
+                partial_rows,
+                rows,
+                cols,
+                gemma,
+                device,
+                RawStream(stream),
+            )
+        })
+    })
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(rms_norm_fwd, m)?)?;
+    m.add_function(wrap_pyfunction!(rms_norm_bwd_partial_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(rms_norm_bwd, m)?)?;
+    Ok(())
+}
