@@ -1,0 +1,179 @@
+"""RMSNorm over the last dimension as ``torch.library`` custom ops with autograd and fake kernels.
+
+Matches transformers' numerics: ``LlamaRMSNorm`` (normalize in float32, round the normalized value
+to the input dtype, then multiply by the weight) and, with ``gemma=True``, ``GemmaRMSNorm``
+(``x_hat * (1 + w)`` in float32, one rounding). CUDA tensors run ``kernels/rms_norm.cu`` through
+the Rust launcher; CPU tensors run the plain-torch expressions below (the reference). Backward
+saves only ``x``, the weight (a reference to the parameter) and ``rstd`` (float32, one per row).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._launch import core, dtype_name, stream_of
+
+
+def rms_norm_reference(x: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool = False):
+    """Plain-torch RMSNorm as transformers computes it; returns ``(y, rstd)`` (rstd float32)."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xn = xf * rstd
+    y = (xn * (1.0 + w.float())).to(x.dtype) if gemma else w * xn.to(x.dtype)
+    return y, rstd.squeeze(-1)
+
+
+def rms_norm_backward_reference(
+    dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, gemma: bool = False
+):
+    """Plain-torch ``(dx, dw)`` of RMSNorm in float32, cast back to the input dtypes."""
+    r = rstd.unsqueeze(-1)
+    xn = x.float() * r
+    g = dy.float() * (w.float() + 1.0 if gemma else w.float())
+    dx = r * (g - xn * (g * xn).mean(-1, keepdim=True))
+    # What the weight multiplied in forward: Llama's x_hat was rounded to the input dtype first.
+    seen = xn if gemma else xn.to(x.dtype).float()
+    dw = (dy.float() * seen).reshape(-1, x.shape[-1]).sum(0)
+    return dx.to(x.dtype), dw.to(w.dtype)
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, op: str) -> None:
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: input needs a non-empty last dimension, got shape {tuple(x.shape)}")
+    if w.dim() != 1 or w.shape[0] != x.shape[-1]:
+        raise ValueError(f"{op}: weight shape {tuple(w.shape)} does not match last dimension {x.shape[-1]}")
+    if w.dtype != x.dtype:
+        raise ValueError(f"{op}: weight dtype {w.dtype} differs from input dtype {x.dtype}")
+    if w.device != x.device:
+        raise ValueError(f"{op}: weight on {w.device} and input on {x.device}")
+
+
+@torch.library.custom_op("rslora_fast::rms_norm_fwd", mutates_args=())
+def rms_norm_fwd(
+    x: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: ``(y, rstd)`` with ``rstd`` float32 of shape ``x.shape[:-1]``."""
+    _check(x, w, "rms_norm")
+    if x.device.type != "cuda":
+        return rms_norm_reference(x, w, eps, gemma)
+    x, w = x.contiguous(), w.contiguous()
+    cols = x.shape[-1]
+    rows = x.numel() // cols
+    y = torch.empty_like(x)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if rows:
+        device, stream = stream_of(x)
+        core().rms_norm_fwd(
+            x.data_ptr(),
+            w.data_ptr(),
+            y.data_ptr(),
+            rstd.data_ptr(),
+            rows,
+            cols,
+            eps,
+            gemma,
+            dtype_name(x, "rms_norm"),
+            device,
+            stream,
+        )
+    return y, rstd
+
+
+@rms_norm_fwd.register_fake
+def _(x, w, eps, gemma):
+    _check(x, w, "rms_norm")
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return y, x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("rslora_fast::rms_norm_bwd", mutates_args=())
+def rms_norm_bwd(
+    dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, gemma: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward: ``(dx, dw)`` from the output gradient, the saved input, the weight and ``rstd``."""
+    _check(x, w, "rms_norm backward")
+    if dy.shape != x.shape or rstd.shape != x.shape[:-1]:
+        raise ValueError(
+            f"rms_norm backward: grad shape {tuple(dy.shape)} / rstd shape {tuple(rstd.shape)} "
+            f"do not match input shape {tuple(x.shape)}"
+        )
+    if x.device.type != "cuda":
+        return rms_norm_backward_reference(dy, x, w, rstd, gemma)
+    dy, x, w = dy.to(x.dtype).contiguous(), x.contiguous(), w.contiguous()
+    rstd = rstd.float().contiguous()
+    cols = x.shape[-1]
+    rows = x.numel() // cols
+    dx = torch.empty_like(x)
+    if rows == 0:
+        return dx, torch.zeros_like(w)
+    device, stream = stream_of(x)
+    n = core().rms_norm_bwd_partial_rows(rows, cols, device)
+    partial = torch.empty(n, cols, dtype=torch.float32, device=x.device)
+    core().rms_norm_bwd(
+        dy.data_ptr(),
+        x.data_ptr(),
+        w.data_ptr(),
+        rstd.data_ptr(),
+        dx.data_ptr(),
+        partial.data_ptr(),
+        n,
+        rows,
+        cols,
+        gemma,
+        dtype_name(x, "rms_norm"),
+        device,
+        stream,
+    )
+    # torch's reduction of a fixed shape runs in a fixed order: dw is deterministic.
+    return dx, partial.sum(0).to(w.dtype)
+
+
+@rms_norm_bwd.register_fake
+def _(dy, x, w, rstd, gemma):
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(w, memory_format=torch.contiguous_format),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, _eps, gemma = inputs
+    _y, rstd = output
+    ctx.save_for_backward(x, w, rstd)
+    ctx.gemma = gemma
+    ctx.mark_non_differentiable(rstd)
+
+
+def _backward(ctx, dy, _drstd):
+    x, w, rstd = ctx.saved_tensors
+    dx, dw = rms_norm_bwd(dy, x, w, rstd, ctx.gemma)
+    return (
+        dx if ctx.needs_input_grad[0] else None,
+        dw if ctx.needs_input_grad[1] else None,
+        None,
+        None,
+    )
+
+
+rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, gemma: bool = False) -> torch.Tensor:
+    """RMSNorm over the last dimension through our kernel on CUDA (plain torch on CPU).
+
+    Args:
+        x: input of any shape ``[..., hidden]``; float32, float16 or bfloat16 on CUDA.
+        weight: ``[hidden]`` in ``x``'s dtype and on its device.
+        eps: added to the mean square before the reciprocal square root.
+        gemma: ``False`` for ``LlamaRMSNorm`` (``weight * x_hat`` with ``x_hat`` rounded to the input
+            dtype first), ``True`` for ``GemmaRMSNorm`` (``x_hat * (1 + weight)`` in float32).
+
+    Returns:
+        A new contiguous tensor shaped and typed like ``x``; differentiable in ``x`` and ``weight``.
+
+    Raises:
+        ValueError: the weight does not match the last dimension, dtype or device of ``x``, the last
+            dimension is empty, or the dtype is unsupported on CUDA.
+    """
+    y, _rstd = rms_norm_fwd(x, weight, eps, gemma)
+    return y

@@ -1,0 +1,300 @@
+"""RMSNorm op: reference on CPU (opcheck + float64 + transformers), our kernel on CUDA (marker ``cuda``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from rslora_fast.ops.rms_norm import rms_norm, rms_norm_bwd, rms_norm_fwd
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# relative-norm tolerances against a float64 reference (the op rounds to dtype, Llama twice)
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+# one-element tolerance against transformers' own module in the same dtype: two units in the last place
+ULP2 = {torch.float32: 2.0**-22, torch.float16: 2.0**-9, torch.bfloat16: 2.0**-6}
+EPS = 1e-6
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def rel_dx(got, ref, x64, w64, dy, gemma) -> float:
+    """Error of dx relative to the size of the two terms it is the difference of.
+
+    dx = rstd * (g - x_hat * mean(g * x_hat)) cancels almost exactly when a row is one element
+    wide, so its own norm is no scale for rounding errors; rstd * g is.
+    """
+    rstd = torch.rsqrt(x64.detach().pow(2).mean(-1, keepdim=True) + EPS)
+    scale = (rstd * dy.double() * (w64.detach() + (1 if gemma else 0))).norm()
+    return float((got.double() - ref).norm() / torch.maximum(ref.norm(), scale).clamp_min(1e-30))
+
+
+def float64_reference(x: torch.Tensor, w: torch.Tensor, gemma: bool) -> torch.Tensor:
+    """Exact RMSNorm in float64 (no intermediate rounding), differentiable."""
+    xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS)
+    return xn * (1 + w) if gemma else xn * w
+
+
+def make_inputs(device, dtype, shape, gemma):
+    x = torch.randn(shape, device=device) * 2 + 0.5  # non-zero mean: the dot term of dx matters
+    w = torch.randn(shape[-1], device=device) * (0.1 if gemma else 1.0) + (0.0 if gemma else 1.0)
+    return x.to(dtype), w.to(dtype)
+
+
+def check_against_float64(device, dtype, shape, gemma, make=lambda t: t, make_w=lambda t: t):
+    x0, w0 = make_inputs(device, dtype, shape, gemma)
+    x, w = make(x0).requires_grad_(), make_w(w0).requires_grad_()
+    y = rms_norm(x, w, EPS, gemma)
+    assert y.shape == x.shape and y.dtype == dtype
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = float64_reference(x64, w64, gemma)
+    ref.backward(dy.double())
+    tol = TOL[dtype]
+    for got in (y, x.grad, w.grad):
+        assert torch.isfinite(got).all()
+    assert rel(y, ref) < tol, "output"
+    assert rel_dx(x.grad, x64.grad, x64, w64, dy, gemma) < tol, "dx"
+    assert rel(w.grad, w64.grad) < tol, "dw"
+
+
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 5, 64)])
+def test_cpu_matches_float64(dtype, shape, gemma):
+    check_against_float64("cpu", dtype, shape, gemma)
+
+
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_is_transformers_exactly(dtype, gemma):
+    x, w = make_inputs("cpu", dtype, (4, 48), gemma)
+    module = (GemmaRMSNorm if gemma else LlamaRMSNorm)(48, eps=EPS).to(dtype)
+    with torch.no_grad():
+        module.weight.copy_(w)
+        assert torch.equal(rms_norm(x, w, EPS, gemma), module(x))
+
+
+@pytest.mark.parametrize("gemma", [False, True])
+def test_opcheck_cpu(gemma):
+    x = torch.randn(3, 17, dtype=torch.float32, requires_grad=True)
+    w = torch.randn(17, dtype=torch.float32, requires_grad=True)
+    torch.library.opcheck(rms_norm_fwd, (x, w, EPS, gemma))
+    _, rstd = rms_norm_fwd(x.detach(), w.detach(), EPS, gemma)
+    torch.library.opcheck(rms_norm_bwd, (torch.randn(3, 17), x.detach(), w.detach(), rstd, gemma))
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 4, 9, dtype=torch.bfloat16)
+        y, rstd = rms_norm_fwd(x, torch.empty(9, dtype=torch.bfloat16), EPS, False)
+        assert y.shape == (2, 4, 9) and y.dtype == torch.bfloat16
+        assert rstd.shape == (2, 4) and rstd.dtype == torch.float32
+
+
+def test_bad_input_names_the_problem():
+    with pytest.raises(ValueError, match="weight shape"):
+        rms_norm(torch.randn(3, 4), torch.randn(5))
+    with pytest.raises(ValueError, match="dtype"):
+        rms_norm(torch.randn(3, 4), torch.randn(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="last dimension"):
+        rms_norm(torch.randn(3, 0), torch.randn(0))
+
+
+def test_non_contiguous_cpu():
+    check_against_float64("cpu", torch.float32, (40, 24), False, make=lambda t: t.t().contiguous().t())
+    check_against_float64("cpu", torch.float32, (24, 40), True, make=lambda t: t.repeat(1, 2)[:, ::2])
+
+
+def test_frozen_weight_gets_no_gradient():
+    x = torch.randn(3, 8, requires_grad=True)
+    w = torch.randn(8)
+    rms_norm(x, w).sum().backward()
+    assert x.grad is not None and w.grad is None
+
+
+# ---------------------------------------------------------------- GPU (our kernel)
+
+# Warp-per-row and block-per-row layouts, widths that are not multiples of the vector (generic
+# path), one row, very wide rows (16384 fast path, 20000 generic), rows not a multiple of 8.
+CUDA_SHAPES = [
+    (1, 1),
+    (1, 8),
+    (3, 7),
+    (13, 512),
+    (5, 1000),
+    (2, 3, 1024),
+    (4, 1031),
+    (6, 4096),
+    (3, 5000),
+    (2, 16384),
+    (1, 16383),
+    (2, 20000),
+    (257, 96),
+]
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+def test_cuda_matches_float64(dtype, shape, gemma):
+    check_against_float64("cuda", dtype, shape, gemma)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_realistic_size_matches_float64(dtype, gemma):
+    # many rows per group in backward: the per-group dw partial sums and their reduction
+    check_against_float64("cuda", dtype, (4, 2048, 4096), gemma)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 64), (5, 4096), (3, 16384), (7, 1031)])
+def test_cuda_matches_transformers_module(dtype, shape, gemma):
+    x, w = make_inputs("cuda", dtype, shape, gemma)
+    module = (GemmaRMSNorm if gemma else LlamaRMSNorm)(shape[-1], eps=EPS).to("cuda", dtype)
+    with torch.no_grad():
+        module.weight.copy_(w)
+        ref = module(x)
+    y = rms_norm(x, w, EPS, gemma)
+    # the kernel's sum of squares runs in another order: allow two units in the last place
+    torch.testing.assert_close(y, ref, rtol=ULP2[dtype], atol=1e-6)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(13, 512), (5, 4096), (3, 1031), (2, 20000), (1000, 64)])
+def test_cuda_poisoned_outputs_are_all_written(dtype, shape, gemma):
+    from rslora_fast import _core
+
+    x, w = make_inputs("cuda", dtype, shape, gemma)
+    dy = torch.randn_like(x)
+    rows, cols = shape
+    y = torch.full_like(x, float("nan"))
+    rstd = torch.full((rows,), float("nan"), device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+    _core.rms_norm_fwd(
+        x.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(), rows, cols, EPS, gemma, name, 0, stream
+    )
+    n = _core.rms_norm_bwd_partial_rows(rows, cols, 0)
+    dx = torch.full_like(x, float("nan"))
+    partial = torch.full((n, cols), float("nan"), device="cuda")
+    _core.rms_norm_bwd(
+        dy.data_ptr(),
+        x.data_ptr(),
+        w.data_ptr(),
+        rstd.data_ptr(),
+        dx.data_ptr(),
+        partial.data_ptr(),
+        n,
+        rows,
+        cols,
+        gemma,
+        name,
+        0,
+        stream,
+    )
+    torch.cuda.synchronize()
+    for t in (y, rstd, dx, partial):
+        assert torch.isfinite(t).all()
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = float64_reference(x64, w64, gemma)
+    ref.backward(dy.double())
+    ref_rstd = torch.rsqrt(x.double().pow(2).mean(-1) + EPS)
+    assert rel(rstd, ref_rstd) < 1e-6
+    assert rel(y, ref) < TOL[dtype]
+    assert rel_dx(dx, x64.grad, x64, w64, dy, gemma) < TOL[dtype]
+    assert rel(partial.sum(0), w64.grad) < TOL[dtype]
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_non_contiguous_and_unaligned(dtype):
+    # transposed input, a last-dimension stride of 2 and a strided weight view
+    check_against_float64("cuda", dtype, (96, 80), False, make=lambda t: t.t().contiguous().t())
+    check_against_float64(
+        "cuda",
+        dtype,
+        (80, 96),
+        True,
+        make=lambda t: t.repeat(1, 2)[:, ::2],
+        make_w=lambda t: t.repeat(2)[::2],
+    )
+    check_against_float64("cuda", dtype, (64, 48), False, make=lambda t: t.t())
+    # an odd storage offset breaks 16-byte alignment although the width is whole vectors
+    storage = torch.randn(3 * 1024 + 1, device="cuda", dtype=dtype)
+    x = storage[1:].view(3, 1024).requires_grad_()
+    w = (torch.randn(1024 + 1, device="cuda", dtype=dtype)[1:] * 0.5 + 1).requires_grad_()
+    y = rms_norm(x, w, EPS)
+    dy = torch.randn_like(y).t().contiguous().t()  # non-contiguous incoming gradient
+    y.backward(dy)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = float64_reference(x64, w64, False)
+    ref.backward(dy.double())
+    assert rel(y, ref) < TOL[dtype]
+    assert rel_dx(x.grad, x64.grad, x64, w64, dy, False) < TOL[dtype]
+    assert rel(w.grad, w64.grad) < TOL[dtype]
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("gemma", [False, True])
+def test_cuda_backward_is_deterministic(gemma):
+    x, w = make_inputs("cuda", torch.bfloat16, (3000, 2048), gemma)
+    dy = torch.randn_like(x)
+    _, rstd = rms_norm_fwd(x, w, EPS, gemma)
+    first = rms_norm_bwd(dy, x, w, rstd, gemma)
+    for _ in range(3):
+        again = rms_norm_bwd(dy, x, w, rstd, gemma)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_opcheck():
+    x = torch.randn(5, 33, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(33, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    torch.library.opcheck(rms_norm_fwd, (x, w, EPS, False))
+    torch.library.opcheck(rms_norm_fwd, (x, w, EPS, True))
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_empty_rows():
+    x = torch.empty(0, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = rms_norm(x, w)
+    y.sum().backward()
+    assert y.shape == (0, 64) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_side_stream():
+    x, w = make_inputs("cuda", torch.bfloat16, (4096, 4096), False)
+    ref = rms_norm(x, w)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y = rms_norm(x, w)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    assert torch.equal(y, ref)
