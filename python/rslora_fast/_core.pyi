@@ -45,6 +45,14 @@ def swiglu_bwd(
 ) -> None:
     """Gradients of SwiGLU into ``dg`` and ``du``."""
 
+def geglu_fwd(g: int, u: int, h: int, n: int, dtype: str, approximate: str, device: int, stream: int) -> None:
+    """``h = gelu(g, approximate) * u`` over ``n`` contiguous elements; ``approximate`` is "tanh" or "none"."""
+
+def geglu_bwd(
+    dh: int, g: int, u: int, dg: int, du: int, n: int, dtype: str, approximate: str, device: int, stream: int
+) -> None:
+    """Gradients of GeGLU into ``dg`` and ``du``."""
+
 def rms_norm_fwd(
     x: int,
     w: int,

@@ -3,6 +3,7 @@
 
 use crate::{Error, Result};
 
+pub mod geglu;
 pub mod nf4;
 pub mod rms_norm;
 pub mod swiglu;

@@ -1,0 +1,158 @@
+"""GeGLU ``h = gelu(g) * u`` as a ``torch.library`` custom op with autograd and a fake kernel.
+
+Both gelu variants of ``torch.nn.functional.gelu``: ``approximate="tanh"`` (Gemma's
+``gelu_pytorch_tanh``) and ``approximate="none"`` (exact, erf). CUDA tensors run
+``kernels/geglu.cu`` through the Rust launcher; CPU tensors run the plain-torch expression (the
+reference). Non-contiguous inputs are made contiguous (one copy) rather than rejected.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._launch import core, dtype_name, stream_of
+
+APPROXIMATE = ("tanh", "none")
+
+
+def _check_approximate(approximate: str, op: str) -> None:
+    if approximate not in APPROXIMATE:
+        raise ValueError(f'{op}: approximate={approximate!r}; expected "tanh" or "none"')
+
+
+def geglu_reference(g: torch.Tensor, u: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """Plain-torch GeGLU, computed in float32 and cast back (what the kernel must match)."""
+    return (F.gelu(g.float(), approximate=approximate) * u.float()).to(g.dtype)
+
+
+def _gelu_and_grad(x: torch.Tensor, approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gelu(x)`` and ``gelu'(x)`` from the closed forms (x is float32)."""
+    if approximate == "tanh":
+        k = math.sqrt(2.0 / math.pi)
+        t = torch.tanh(k * (x + 0.044715 * x**3))
+        act = 0.5 * x * (1 + t)
+        dact = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + 3 * 0.044715 * x * x)
+    else:
+        cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2.0)))
+        act = x * cdf
+        dact = cdf + x * torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    return act, dact
+
+
+def geglu_backward_reference(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, approximate: str = "tanh"):
+    """Plain-torch gradients (dg, du) of GeGLU, in float32 and cast back."""
+    gf, uf, dhf = g.float(), u.float(), dh.float()
+    act, dact = _gelu_and_grad(gf, approximate)
+    return (dhf * uf * dact).to(g.dtype), (dhf * act).to(u.dtype)
+
+
+def _check_pair(g: torch.Tensor, u: torch.Tensor, op: str) -> None:
+    if g.shape != u.shape:
+        raise ValueError(f"{op}: gate shape {tuple(g.shape)} and up shape {tuple(u.shape)} differ")
+    if g.dtype != u.dtype:
+        raise ValueError(f"{op}: gate dtype {g.dtype} and up dtype {u.dtype} differ")
+    if g.device != u.device:
+        raise ValueError(f"{op}: gate on {g.device} and up on {u.device}")
+
+
+@torch.library.custom_op("rslora_fast::geglu_fwd", mutates_args=())
+def geglu_fwd(g: torch.Tensor, u: torch.Tensor, approximate: str) -> torch.Tensor:
+    """Forward: ``gelu(g, approximate) * u``."""
+    _check_pair(g, u, "geglu")
+    _check_approximate(approximate, "geglu")
+    if g.device.type != "cuda":
+        return geglu_reference(g, u, approximate)
+    g, u = g.contiguous(), u.contiguous()
+    h = torch.empty_like(g)
+    device, stream = stream_of(g)
+    core().geglu_fwd(
+        g.data_ptr(),
+        u.data_ptr(),
+        h.data_ptr(),
+        g.numel(),
+        dtype_name(g, "geglu"),
+        approximate,
+        device,
+        stream,
+    )
+    return h
+
+
+@geglu_fwd.register_fake
+def _(g, u, approximate):
+    _check_pair(g, u, "geglu")
+    _check_approximate(approximate, "geglu")
+    return torch.empty_like(g, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("rslora_fast::geglu_bwd", mutates_args=())
+def geglu_bwd(
+    dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, approximate: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward: ``(dg, du)`` from the output gradient and the saved inputs."""
+    _check_pair(g, u, "geglu backward")
+    _check_pair(dh, g, "geglu backward")
+    _check_approximate(approximate, "geglu backward")
+    if g.device.type != "cuda":
+        return geglu_backward_reference(dh, g, u, approximate)
+    dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()
+    dg, du = torch.empty_like(g), torch.empty_like(u)
+    device, stream = stream_of(g)
+    core().geglu_bwd(
+        dh.data_ptr(),
+        g.data_ptr(),
+        u.data_ptr(),
+        dg.data_ptr(),
+        du.data_ptr(),
+        g.numel(),
+        dtype_name(g, "geglu"),
+        approximate,
+        device,
+        stream,
+    )
+    return dg, du
+
+
+@geglu_bwd.register_fake
+def _(dh, g, u, approximate):
+    return (
+        torch.empty_like(g, memory_format=torch.contiguous_format),
+        torch.empty_like(u, memory_format=torch.contiguous_format),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    g, u, approximate = inputs
+    ctx.approximate = approximate
+    ctx.save_for_backward(g, u)
+
+
+def _backward(ctx, dh):
+    g, u = ctx.saved_tensors
+    dg, du = geglu_bwd(dh, g, u, ctx.approximate)
+    return dg, du, None
+
+
+geglu_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def geglu(g: torch.Tensor, u: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """``gelu(g, approximate) * u`` through our kernel on CUDA (plain torch on CPU), differentiable in both inputs.
+
+    Args:
+        g: gate projection output, any shape; float32, float16 or bfloat16.
+        u: up projection output, same shape, dtype and device as ``g``.
+        approximate: ``"tanh"`` (Gemma's ``gelu_pytorch_tanh``) or ``"none"`` (exact erf gelu), as in
+            ``torch.nn.functional.gelu``.
+
+    Returns:
+        A new contiguous tensor of the same shape and dtype.
+
+    Raises:
+        ValueError: shapes, dtypes or devices of ``g`` and ``u`` differ, the dtype is unsupported, or
+            ``approximate`` is neither ``"tanh"`` nor ``"none"``.
+    """
+    return geglu_fwd(g, u, approximate)
