@@ -45,6 +45,28 @@ def swiglu_bwd(
 ) -> None:
     """Gradients of SwiGLU into ``dg`` and ``du``."""
 
+def rope_apply(
+    q: int,
+    k: int,
+    cos: int,
+    sin: int,
+    batch: int,
+    seq: int,
+    q_heads: int,
+    k_heads: int,
+    head_dim: int,
+    q_strides: tuple[int, int, int],
+    k_strides: tuple[int, int, int],
+    cos_strides: tuple[int, int],
+    sin_strides: tuple[int, int],
+    backward: bool,
+    dtype: str,
+    device: int,
+    stream: int,
+) -> None:
+    """Rotate q ``[b, hq, s, d]`` and k ``[b, hk, s, d]`` in place by cos/sin ``[b, s, d]`` (element
+    strides ``(batch, head, seq)`` / ``(batch, seq)``); ``backward`` applies the transposed rotation."""
+
 def geglu_fwd(g: int, u: int, h: int, n: int, dtype: str, approximate: str, device: int, stream: int) -> None:
     """``h = gelu(g, approximate) * u`` over ``n`` contiguous elements; ``approximate`` is "tanh" or "none"."""
 

@@ -6,6 +6,7 @@ use crate::{Error, Result};
 pub mod geglu;
 pub mod nf4;
 pub mod rms_norm;
+pub mod rope;
 pub mod swiglu;
 
 /// Floating-point element types our kernels are compiled for.

@@ -9,6 +9,7 @@ pub(crate) mod errors;
 mod kernels;
 mod kernels_geglu;
 mod kernels_rms_norm;
+mod kernels_rope;
 mod offload;
 mod quant;
 
@@ -22,6 +23,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     kernels::register(m)?;
     kernels_geglu::register(m)?;
     kernels_rms_norm::register(m)?;
+    kernels_rope::register(m)?;
     quant::register(m)?;
     offload::register(m)?;
     Ok(())

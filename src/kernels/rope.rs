@@ -1,0 +1,241 @@
+//! Launchers for `kernels/rope.cu`: rotary position embedding applied in place to q and k in one
+//! launch (forward), and its transpose applied in place to their gradients (backward).
+
+use std::ffi::c_void;
+
+use super::{all_aligned16, check_ptrs, elementwise_grid, DType};
+use crate::cuda::{self, LaunchConfig, RawStream};
+use crate::{Error, Result};
+
+const THREADS: u32 = 256;
+/// Heads each thread applies one cos/sin chunk to (`HP` in `kernels/rope.cu`).
+const HEADS_PER_THREAD: usize = 2;
+
+/// One rotary-embedding launch: q `[batch, q_heads, seq, head_dim]`, k `[batch, k_heads, seq,
+/// head_dim]`, cos/sin `[batch, seq, head_dim]`. Pointers are device addresses; strides are in
+/// elements (`[batch, head, seq]` for q/k, `[batch, seq]` for cos/sin; a batch stride of 0
+/// broadcasts one table); the last dimension of every tensor is contiguous.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RopeArgs {
+    pub dtype: DType,
+    pub q: usize,
+    pub k: usize,
+    pub cos: usize,
+    pub sin: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub q_heads: usize,
+    pub k_heads: usize,
+    pub head_dim: usize,
+    pub q_strides: [i64; 3],
+    pub k_strides: [i64; 3],
+    pub cos_strides: [i64; 2],
+    pub sin_strides: [i64; 2],
+}
+
+/// Kernel parameter block; must match `RopeParams` in `kernels/rope.cu` field for field.
+#[repr(C)]
+struct RopeParams {
+    q: usize,
+    k: usize,
+    cos: usize,
+    sin: usize,
+    batch: i64,
+    seq: i64,
+    q_heads: i64,
+    k_heads: i64,
+    half: i64,
+    q_s: [i64; 3],
+    k_s: [i64; 3],
+    c_s: [i64; 2],
+    s_s: [i64; 2],
+    backward: i32,
+    pad: i32,
+}
+
+/// What a launch looks like once the arguments are checked.
+#[derive(Debug, PartialEq, Eq)]
+struct Plan {
+    /// 16-byte vector access is legal (aligned pointers, half and strides multiples of it).
+    vec: bool,
+    /// Threads needed along x: `batch * seq * chunks` with `chunks` per half row.
+    items: usize,
+    /// Head groups along y.
+    groups: u32,
+}
+
+impl RopeArgs {
+    fn plan(&self) -> Result<Plan> {
+        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+            return Err(Error::invalid(format!(
+                "rope: head_dim must be even and positive, got {}",
+                self.head_dim
+            )));
+        }
+        let strides = self
+            .q_strides
+            .iter()
+            .chain(&self.k_strides)
+            .chain(&self.cos_strides)
+            .chain(&self.sin_strides);
+        if strides.clone().any(|&s| s < 0) {
+            return Err(Error::invalid("rope: negative strides are not supported"));
+        }
+        let half = self.head_dim / 2;
+        let n = 16 / self.dtype.size();
+        let vec = half % n == 0
+            && all_aligned16(&[self.q, self.k, self.cos, self.sin])
+            && strides.clone().all(|&s| s % n as i64 == 0);
+        let chunks = if vec { half / n } else { half };
+        let items = self
+            .batch
+            .checked_mul(self.seq)
+            .and_then(|v| v.checked_mul(chunks))
+            .ok_or_else(|| Error::invalid("rope: batch * seq * head_dim overflows"))?;
+        let groups = (self.q_heads + self.k_heads).div_ceil(HEADS_PER_THREAD);
+        if groups > 65_535 {
+            return Err(Error::invalid(format!(
+                "rope: {} heads exceed the launch limit of {}",
+                self.q_heads + self.k_heads,
+                65_535 * HEADS_PER_THREAD
+            )));
+        }
+        Ok(Plan {
+            vec,
+            items,
+            groups: groups as u32,
+        })
+    }
+}
+
+fn kernel_name(vec: bool, dtype: DType) -> &'static str {
+    match (vec, dtype) {
+        (true, DType::F32) => "rope_vec_f32",
+        (true, DType::F16) => "rope_vec_f16",
+        (true, DType::BF16) => "rope_vec_bf16",
+        (false, DType::F32) => "rope_scalar_f32",
+        (false, DType::F16) => "rope_scalar_f16",
+        (false, DType::BF16) => "rope_scalar_bf16",
+    }
+}
+
+/// Rotate q and k in place: `x * cos + rotate_half(x) * sin` (forward, `backward == false`), or
+/// apply the transpose of that map in place to their gradients (`backward == true`).
+///
+/// # Safety
+/// Every pointer in `args` must be a device address on `device` of a tensor with the shape and
+/// strides `args` describes, live until the launch has run on `stream`; q and k must not
+/// overlap each other, cos or sin, and no two (batch, head, seq) rows of q (or of k) may overlap.
+pub unsafe fn apply(args: &RopeArgs, backward: bool, device: i32, stream: RawStream) -> Result<()> {
+    let plan = args.plan()?;
+    if plan.items == 0 || plan.groups == 0 {
+        return Ok(());
+    }
+    check_ptrs("rope", &[args.q, args.k, args.cos, args.sin])?;
+    let name = kernel_name(plan.vec, args.dtype);
+    let blocks = elementwise_grid(plan.items, 1, THREADS, || {
+        cuda::resident_blocks(device, "rope", name, THREADS)
+    })?;
+    let mut params = RopeParams {
+        q: args.q,
+        k: args.k,
+        cos: args.cos,
+        sin: args.sin,
+        batch: args.batch as i64,
+        seq: args.seq as i64,
+        q_heads: args.q_heads as i64,
+        k_heads: args.k_heads as i64,
+        half: (args.head_dim / 2) as i64,
+        q_s: args.q_strides,
+        k_s: args.k_strides,
+        c_s: args.cos_strides,
+        s_s: args.sin_strides,
+        backward: backward as i32,
+        pad: 0,
+    };
+    let mut kargs = [&mut params as *mut RopeParams as *mut c_void];
+    let cfg = LaunchConfig {
+        grid: (blocks, plan.groups, 1),
+        block: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the one argument is a `RopeParams`, laid out (repr(C)) exactly as the kernel's
+    // by-value struct parameter; the caller guarantees the pointers and strides it carries.
+    unsafe { cuda::launch(device, stream, "rope", name, cfg, &mut kargs) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(dtype: DType, head_dim: usize) -> RopeArgs {
+        let d = head_dim as i64;
+        RopeArgs {
+            dtype,
+            q: 4096,
+            k: 8192,
+            cos: 16384,
+            sin: 32768,
+            batch: 2,
+            seq: 5,
+            q_heads: 3,
+            k_heads: 2,
+            head_dim,
+            q_strides: [3 * 5 * d, 5 * d, d],
+            k_strides: [2 * 5 * d, 5 * d, d],
+            cos_strides: [5 * d, d],
+            sin_strides: [0, d],
+        }
+    }
+
+    #[test]
+    fn params_match_the_kernel_struct_size() {
+        // 4 pointers + 5 sizes + 10 strides + 2 ints = 19 * 8 + 8 bytes
+        assert_eq!(std::mem::size_of::<RopeParams>(), 160);
+    }
+
+    #[test]
+    fn vector_path_when_aligned() {
+        let p = args(DType::BF16, 128).plan().unwrap();
+        assert_eq!(
+            p,
+            Plan {
+                vec: true,
+                items: 2 * 5 * 8,
+                groups: 3
+            }
+        );
+    }
+
+    #[test]
+    fn scalar_path_for_odd_half_unaligned_pointer_or_stride() {
+        let p = args(DType::F16, 12).plan().unwrap(); // half 6 is not a multiple of 8
+        assert_eq!((p.vec, p.items), (false, 2 * 5 * 6));
+        let mut a = args(DType::F32, 64);
+        a.q += 4;
+        assert!(!a.plan().unwrap().vec);
+        let mut a = args(DType::F32, 64);
+        a.k_strides[2] = 66;
+        assert!(!a.plan().unwrap().vec);
+        assert!(args(DType::F32, 64).plan().unwrap().vec);
+    }
+
+    #[test]
+    fn rejects_odd_head_dim_and_negative_strides() {
+        assert!(matches!(
+            args(DType::F32, 7).plan(),
+            Err(Error::InvalidArgument(_))
+        ));
+        let mut a = args(DType::F32, 8);
+        a.q_strides[1] = -8;
+        assert!(matches!(a.plan(), Err(Error::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn empty_launch_is_a_no_op() {
+        let mut a = args(DType::BF16, 64);
+        a.seq = 0;
+        // SAFETY: nothing is launched for an empty tensor (checked before any pointer use).
+        unsafe { apply(&a, false, 0, RawStream(0)).unwrap() };
+    }
+}
