@@ -125,9 +125,7 @@ pub unsafe fn forward(
     }
     let plan = Plan::for_cols(cols);
     let mut fast = plan.fast(dtype, cols, &[x, w, y]) as i32;
-    let blocks = rows
-        .div_ceil(plan.rows_per_block())
-        .min(i32::MAX as usize) as u32;
+    let blocks = rows.div_ceil(plan.rows_per_block()).min(i32::MAX as usize) as u32;
     let (mut x, mut w, mut y, mut rstd) = (x, w, y, rstd);
     let (mut rows64, mut cols64, mut eps) = (rows as i64, cols as i64, eps);
     let (mut gemma, mut group) = (gemma as i32, plan.group as i32);

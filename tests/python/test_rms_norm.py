@@ -19,7 +19,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def rel_dx(got, ref, x64, w64, dy, gemma) -> float:
@@ -30,7 +31,8 @@ def rel_dx(got, ref, x64, w64, dy, gemma) -> float:
     """
     rstd = torch.rsqrt(x64.detach().pow(2).mean(-1, keepdim=True) + EPS)
     scale = (rstd * dy.double() * (w64.detach() + (1 if gemma else 0))).norm()
-    return float((got.double() - ref).norm() / torch.maximum(ref.norm(), scale).clamp_min(1e-30))
+    got, ref = got.detach().double(), ref.detach()
+    return float((got - ref).norm() / torch.maximum(ref.norm(), scale).clamp_min(1e-30))
 
 
 def float64_reference(x: torch.Tensor, w: torch.Tensor, gemma: bool) -> torch.Tensor:
