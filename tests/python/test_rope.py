@@ -226,6 +226,11 @@ def test_bad_input_names_the_problem():
         apply_rope_(q.transpose(-1, -2).contiguous().transpose(-1, -2), k, cos, sin)
     with pytest.raises(ValueError, match="leaf"):
         apply_rope_(q.clone().requires_grad_(), k, cos, sin)
+    leaf = torch.randn(1, 4, 2, 8, requires_grad=True)
+    q_before = q.clone()
+    with pytest.raises(ValueError, match="leaf"):
+        apply_rope_(q, leaf.transpose(1, 2), cos, sin)
+    assert torch.equal(q, q_before)  # rejected before anything was rotated
     with pytest.raises(ValueError, match="cos/sin"):
         apply_rope_(q, k, cos.requires_grad_(), sin)
 

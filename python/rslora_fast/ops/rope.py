@@ -247,8 +247,12 @@ def apply_rope_(
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         raise ValueError("rope: gradients with respect to cos/sin are not implemented")
     for name, t in (("q", q), ("k", k)):
-        if track and t.is_leaf and t.requires_grad:
-            raise ValueError(f"rope: {name} is a leaf that requires grad and cannot be rotated in place")
+        base = t if t._base is None else t._base
+        if track and t.requires_grad and base.is_leaf:
+            # autograd would refuse after the launch had already overwritten the tensor
+            raise ValueError(
+                f"rope: {name} is (a view of) a leaf that requires grad; it cannot be rotated in place"
+            )
     with torch.no_grad():
         rope_(q, k, cos, sin)
     if not track:
