@@ -1,4 +1,4 @@
-"""Bandwidth of each memory-bound kernel as a fraction of the measured device-to-device copy bandwidth,
+"""Bandwidth of each memory-bound kernel (SwiGLU, GeGLU, RMSNorm) as a fraction of the measured device-to-device copy bandwidth,
 beside the eager PyTorch expression, medians of repeated runs (CUDA events).
 
     python benches/kernels.py --out results/kernels.jsonl
@@ -40,6 +40,51 @@ def swiglu_rows(n: int, dtype: torch.dtype) -> list:
     return cases
 
 
+def geglu_rows(n: int, dtype: torch.dtype) -> list:
+    from rslora_fast.ops.geglu import geglu_bwd, geglu_fwd
+
+    g = torch.randn(n, device="cuda", dtype=dtype)
+    u = torch.randn(n, device="cuda", dtype=dtype)
+    dh = torch.randn(n, device="cuda", dtype=dtype)
+    size = g.element_size()
+
+    def eager_bwd():
+        gf = g.requires_grad_()
+        h = F.gelu(gf, approximate="tanh") * u
+        return torch.autograd.grad(h, gf, dh)
+
+    return [
+        (
+            "geglu(tanh) fwd",
+            3 * n * size,
+            lambda: geglu_fwd(g, u, "tanh"),
+            lambda: F.gelu(g, approximate="tanh") * u,
+        ),
+        ("geglu(tanh) bwd", 5 * n * size, lambda: geglu_bwd(dh, g, u, "tanh"), eager_bwd),
+    ]
+
+
+def rms_norm_rows(n: int, dtype: torch.dtype, hidden: int = 4096) -> list:
+    from rslora_fast.ops.rms_norm import rms_norm_fwd
+
+    x = torch.randn(n // hidden, hidden, device="cuda", dtype=dtype)
+    w = torch.randn(hidden, device="cuda", dtype=dtype)
+
+    def eager():  # transformers' LlamaRMSNorm
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+
+    # read x, write y (the fp32 rstd per row is negligible)
+    return [
+        (
+            "rms_norm fwd (rows of 4096)",
+            2 * x.numel() * x.element_size(),
+            lambda: rms_norm_fwd(x, w, 1e-6, False),
+            eager,
+        )
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--elements", type=int, default=64 * 1024 * 1024)
@@ -53,7 +98,9 @@ def main() -> int:
     gpu = torch.cuda.get_device_name()
     rows = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for name, nbytes, ours, eager in swiglu_rows(args.elements, dtype):
+        cases = swiglu_rows(args.elements, dtype) + geglu_rows(args.elements, dtype)
+        cases += rms_norm_rows(args.elements, dtype)
+        for name, nbytes, ours, eager in cases:
             ours_ms, ours_spread = median_ms(ours, repeat=args.repeat)
             eager_ms, _ = median_ms(eager, repeat=args.repeat)
             gbs = nbytes / (ours_ms * 1e-3) / 1e9
