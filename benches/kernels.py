@@ -48,8 +48,10 @@ def geglu_rows(n: int, dtype: torch.dtype) -> list:
     dh = torch.randn(n, device="cuda", dtype=dtype)
     size = g.element_size()
 
+    g_leaf = g.detach().requires_grad_()  # same storage; g itself stays a plain tensor for our op
+
     def eager_bwd():
-        gf = g.requires_grad_()
+        gf = g_leaf
         h = F.gelu(gf, approximate="tanh") * u
         return torch.autograd.grad(h, gf, dh)
 
