@@ -1,4 +1,4 @@
-"""Bandwidth of each memory-bound kernel (SwiGLU, GeGLU, RMSNorm) as a fraction of the measured device-to-device copy bandwidth,
+"""Bandwidth of each memory-bound kernel (SwiGLU, GeGLU, RMSNorm, RoPE) as a fraction of the measured device-to-device copy bandwidth,
 beside the eager PyTorch expression, medians of repeated runs (CUDA events).
 
     python benches/kernels.py --out results/kernels.jsonl
@@ -67,7 +67,7 @@ def geglu_rows(n: int, dtype: torch.dtype) -> list:
 
 
 def rms_norm_rows(n: int, dtype: torch.dtype, hidden: int = 4096) -> list:
-    from rslora_fast.ops.rms_norm import rms_norm_fwd
+    from rslora_fast.ops.rms_norm import rms_norm_bwd, rms_norm_fwd
 
     x = torch.randn(n // hidden, hidden, device="cuda", dtype=dtype)
     w = torch.randn(hidden, device="cuda", dtype=dtype)
@@ -76,15 +76,40 @@ def rms_norm_rows(n: int, dtype: torch.dtype, hidden: int = 4096) -> list:
         xf = x.float()
         return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
 
-    # read x, write y (the fp32 rstd per row is negligible)
+    dy = torch.randn_like(x)
+    _y, rstd = rms_norm_fwd(x, w, 1e-6, False)
+    x_leaf = x.detach().requires_grad_()
+
+    def eager_bwd():  # autograd through the same expression, input gradient only (frozen weight)
+        xf = x_leaf.float()
+        y = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+        return torch.autograd.grad(y, x_leaf, dy)
+
+    size = x.numel() * x.element_size()
+    # fwd: read x, write y; bwd: read dy and x, write dx (the fp32 rstd per row and dw are negligible)
     return [
-        (
-            "rms_norm fwd (rows of 4096)",
-            2 * x.numel() * x.element_size(),
-            lambda: rms_norm_fwd(x, w, 1e-6, False),
-            eager,
-        )
+        ("rms_norm fwd (rows of 4096)", 2 * size, lambda: rms_norm_fwd(x, w, 1e-6, False), eager),
+        ("rms_norm bwd (rows of 4096)", 3 * size, lambda: rms_norm_bwd(dy, x, w, rstd, False), eager_bwd),
     ]
+
+
+def rope_rows(dtype: torch.dtype, batch: int = 2, seq: int = 4096) -> list:
+    """q/k of Llama-3-8B attention (32 q heads, 8 kv heads, head_dim 128) as the transposed views of
+    the projection outputs that the attention forward rotates."""
+    from rslora_fast.ops.rope import rope_, rotate_half
+
+    q = torch.randn(batch, seq, 32, 128, device="cuda", dtype=dtype).transpose(1, 2)
+    k = torch.randn(batch, seq, 8, 128, device="cuda", dtype=dtype).transpose(1, 2)
+    ang = torch.rand(1, seq, 128, device="cuda") * 6.3
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+
+    def eager():  # transformers' apply_rotary_pos_emb (out of place)
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+
+    # read and write q and k, read cos and sin
+    nbytes = 2 * (q.numel() + k.numel()) * q.element_size() + 2 * cos.numel() * cos.element_size()
+    return [(f"rope q+k (2 x {seq}, 32/8 heads)", nbytes, lambda: rope_(q, k, cos, sin), eager)]
 
 
 def main() -> int:
@@ -101,7 +126,7 @@ def main() -> int:
     rows = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         cases = swiglu_rows(args.elements, dtype) + geglu_rows(args.elements, dtype)
-        cases += rms_norm_rows(args.elements, dtype)
+        cases += rms_norm_rows(args.elements, dtype) + rope_rows(dtype)
         for name, nbytes, ours, eager in cases:
             ours_ms, ours_spread = median_ms(ours, repeat=args.repeat)
             eager_ms, _ = median_ms(eager, repeat=args.repeat)

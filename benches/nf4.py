@@ -3,7 +3,8 @@
     python benches/nf4.py --out results/nf4.jsonl [--shape 14336 4096] [--repeat 50]
 
 Dequantizes one NF4 weight (double-quantized scales, blocksize 64) into bf16 (and fp16/fp32),
-times the median over repeats with CUDA events, and reports GB/s counting bytes read (packed
+times the median GPU time over repeats with CUDA events (cold L2, host launch hidden; see
+_gpu_timing.py), the host time to launch one call, and reports GB/s counting bytes read (packed
 codes + scales) and written, and the percentage of a device-to-device copy measured in the same
 run. bitsandbytes' dequantize is timed beside it when importable. Prints a table and appends
 one JSON line per row to ``--out``.
@@ -20,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _gpu_timing import copy_bandwidth_gbs, median_ms  # noqa: E402
+from _gpu_timing import copy_bandwidth_gbs, host_launch_us, median_ms  # noqa: E402
 
 from rslora_fast.quant import functional as F  # noqa: E402
 
@@ -44,11 +45,12 @@ def main() -> int:
 
     def add(impl, dq, dtype, fn, nbytes_scales):
         ms, spread = median_ms(fn, warmup=5, repeat=args.repeat)
+        launch_us = host_launch_us(fn)
         nbytes = (n + 1) // 2 + nbytes_scales + n * torch.tensor([], dtype=dtype).element_size()
         gbs = nbytes / (ms * 1e-3) / 1e9
         rows.append(dict(bench="nf4_dequant", impl=impl, shape=[rows_, cols], blocksize=args.blocksize,
                          double_quant=dq, out_dtype=str(dtype).removeprefix("torch."), ms=ms,
-                         spread_ms=spread, gbs=gbs, pct_copy=100 * gbs / copy_gbs, copy_gbs=copy_gbs,
+                         spread_ms=spread, launch_us=launch_us, gbs=gbs, pct_copy=100 * gbs / copy_gbs, copy_gbs=copy_gbs,
                          device=name, time=time.time()))  # fmt: skip
 
     for dq in (True, False):
@@ -77,10 +79,10 @@ def main() -> int:
             print(f"bitsandbytes baseline skipped: {exc}")
 
     print(f"device: {name}; copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
-    print(f"{'impl':<14}{'DQ':<6}{'out':<10}{'ms':>9}{'GB/s':>9}{'% copy':>9}")
+    print(f"{'impl':<14}{'DQ':<6}{'out':<10}{'ms':>9}{'GB/s':>9}{'% copy':>9}{'launch us':>11}")
     for r in rows:
         print(f"{r['impl']:<14}{str(r['double_quant']):<6}{r['out_dtype']:<10}{r['ms']:>9.4f}"
-              f"{r['gbs']:>9.0f}{r['pct_copy']:>8.1f}%")  # fmt: skip
+              f"{r['gbs']:>9.0f}{r['pct_copy']:>8.1f}%{r['launch_us']:>11.1f}")  # fmt: skip
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "a") as fh:
         for r in rows:
