@@ -203,9 +203,9 @@ class PeftModel(nn.Module):
         self._requested_settings = config.settings()
         _inject(model, config, _init.make_generator(random_state))
         _set_trainable(model, config, trainable)
-        from ..models.fast_mlp import install_fast_mlp
+        from ..models.fast_decoder import install_fast_decoder
 
-        install_fast_mlp(model)
+        install_fast_decoder(model)
         self.base_model = LoraModel(model)
         self.peft_config = {"default": config}
         self.active_adapter = "default"
@@ -440,10 +440,10 @@ class PeftModel(nn.Module):
 
     # ---------------------------------------------------------------- removing adapters
     def _remove_adapters(self, merge: bool, dequantize: bool = False) -> nn.Module:
-        from ..models.fast_mlp import uninstall_fast_mlp
+        from ..models.fast_decoder import uninstall_fast_decoder
 
         model = self.base_model.model
-        uninstall_fast_mlp(model)
+        uninstall_fast_decoder(model)
         for name, module in list(model.named_modules()):
             if isinstance(module, LoraLinear):
                 parent, child = _parent_of(model, name)
