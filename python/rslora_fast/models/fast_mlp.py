@@ -2,7 +2,8 @@
 
 transformers computes ``act_fn(gate_proj(x)) * up_proj(x)`` as separate kernels (SiLU, multiply, and
 more in backward); :func:`rslora_fast.ops.swiglu` does it in one pass each way. The projections stay
-whatever they are (``nn.Linear``, ``Linear4bit``, LoRA-wrapped). Installed per MLP instance by
+whatever they are (``nn.Linear``, ``Linear4bit``, LoRA-wrapped); gate and up run as one fused LoRA
+node (:func:`rslora_fast.ops.lora_linear.lora_linears`) when they qualify. Installed per MLP instance by
 ``get_peft_model`` and removed by ``unload`` / ``merge_and_unload``.
 """
 
@@ -14,6 +15,7 @@ from collections import Counter
 
 from torch import nn
 
+from ..ops.lora_linear import lora_linears
 from ..ops.swiglu import swiglu
 
 logger = logging.getLogger(__name__)
@@ -24,7 +26,10 @@ _MARK = "_rslora_fast_mlp"
 
 
 def _fused_forward(self, x):
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    # gate and up share x: one autograd node, one input-gradient buffer (falls back to calling the
+    # two projections when they cannot be fused).
+    gate, up = lora_linears(x, [self.gate_proj, self.up_proj])
+    return self.down_proj(swiglu(gate, up))
 
 
 def _why_not(module: nn.Module) -> str | None:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import lora_linear as _lora_linear
 from .targets import is_4bit_linear
 
 
@@ -96,7 +97,18 @@ class LoraLinear(nn.Module):
 
     # ---------------------------------------------------------------- math
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Base output plus the scaled low-rank update (skipped when disabled or merged)."""
+        """Base output plus the scaled low-rank update (skipped when disabled or merged).
+
+        Takes the fused single-node path of :mod:`rslora_fast.ops.lora_linear` when it applies
+        (dropout 0, frozen ``nn.Linear``/``Linear4bit`` base, one math dtype), else the generic one.
+        """
+        if not args and not kwargs:
+            y = _lora_linear.fused_single(x, self)
+            if y is not None:
+                return y
+        return self._generic_forward(x, *args, **kwargs)
+
+    def _generic_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled or self.merged:
             return result
