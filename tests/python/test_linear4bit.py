@@ -234,3 +234,107 @@ def test_cuda_forward_backward_and_moves(dtype):
     assert torch.equal(mod.weight, packed) and mod.quant_state.absmax.device.type == "cpu"
     mod.cuda()
     assert mod.weight.is_cuda and torch.equal(mod.weight.cpu(), packed)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize(
+    "shape,dq,carrier",
+    [
+        ((33, 67), False, torch.float32),  # odd byte counts: every carrier is zero-padded
+        ((33, 67), True, torch.bfloat16),
+        ((40, 96), True, torch.float16),
+        ((17, 300), True, torch.float32),
+    ],
+)
+def test_exposed_storage_is_floating_and_behaves_the_same(shape, dq, carrier):
+    # what FSDP2 needs: codes and scales as frozen floating Parameters holding the same bytes
+    out_f, in_f = shape
+    lin = _linear(out_f, in_f, True, torch.float32, seed=out_f + in_f)
+    plain = Linear4bit.from_linear(lin, compress_statistics=dq)
+    mod = Linear4bit.from_linear(lin, compress_statistics=dq)
+    mod._expose_storage_as_params(carrier)
+    mod._expose_storage_as_params(carrier)  # idempotent
+    names = ["weight", "bias", "absmax"] + (["nested_absmax"] if dq else [])
+    assert [n for n, _ in mod.named_parameters()] == names and mod.storage_exposed
+    for n in ("weight", "absmax", "nested_absmax")[: 3 if dq else 2]:
+        p = getattr(mod, n)
+        assert p.dtype == carrier and not p.requires_grad and p.is_contiguous()
+    assert mod.weight.shape[1] == 1 and mod.weight.numel() * carrier.itemsize >= (out_f * in_f + 1) // 2
+    state = mod.quant_state
+    assert torch.equal(state.absmax, plain.quant_state.absmax) and state.absmax.dtype == (
+        torch.uint8 if dq else torch.float32
+    )
+    w_ref = _bnb_dense(lin.weight, 64, "nf4", dq)
+    assert torch.allclose(mod.dequantize().double(), w_ref, rtol=1e-6, atol=1e-9)
+
+    x = torch.randn(2, 3, in_f, requires_grad=True)
+    y = mod(x)
+    x64 = x.detach().double().requires_grad_(True)
+    y_ref = torch.nn.functional.linear(x64, w_ref, lin.bias.detach().double())
+    assert (y.double() - y_ref).abs().max().item() <= 1e-4 * (y_ref.abs().max().item() + 1)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    y_ref.backward(gy.double())
+    assert (x.grad.double() - x64.grad).abs().max().item() <= 1e-4 * (x64.grad.abs().max().item() + 1)
+
+    # state_dict: bitsandbytes keys, dtypes and bytes, exactly as without exposing
+    sd, ref = mod.state_dict(), plain.state_dict()
+    assert sd.keys() == ref.keys()
+    for k in ref:
+        assert sd[k].dtype == ref[k].dtype and torch.equal(sd[k], ref[k]), k
+        assert not isinstance(sd[k], nn.Parameter), k
+
+    # moves and casts never touch the carriers; loading and requantizing keep the storage exposed
+    before = {n: p.detach().clone() for n, p in mod.named_parameters() if n != "bias"}
+    mod.to(torch.bfloat16).half()
+    assert mod.compute_dtype == torch.float16
+    for n, t in before.items():
+        # compare bytes: a carrier may hold NaN bit patterns
+        assert getattr(mod, n).dtype == carrier and torch.equal(_bytes(getattr(mod, n)), _bytes(t)), n
+    fresh = Linear4bit.from_linear(_linear(out_f, in_f, True, torch.float32, seed=1), compress_statistics=dq)
+    fresh._expose_storage_as_params(carrier)
+    fresh.load_state_dict(ref)
+    assert fresh.storage_exposed and fresh.weight.dtype == carrier
+    assert torch.equal(fresh.dequantize(torch.float32), plain.dequantize(torch.float32))
+    dense = torch.randn(out_f, in_f)
+    fresh.requantize_(dense)
+    assert fresh.storage_exposed and fresh.weight.dtype == carrier
+    assert torch.allclose(
+        fresh.dequantize(torch.float32).double(), _bnb_dense(dense, 64, "nf4", dq), atol=1e-9
+    )
+    with pytest.raises(TypeError):
+        fresh._expose_storage_as_params(torch.float64 if carrier != torch.float64 else torch.float32)
+    with pytest.raises(TypeError):
+        Linear4bit.from_linear(lin)._expose_storage_as_params(torch.int32)
+    with pytest.raises(QuantFormatError):
+        Linear4bit(8, 8)._expose_storage_as_params()
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("carrier", [torch.bfloat16, torch.float32])
+def test_cuda_exposed_storage_forward_backward(carrier):
+    lin = _linear(257, 131, True, torch.bfloat16, seed=10)
+    mod = Linear4bit.from_linear(lin, device="cuda")
+    mod._expose_storage_as_params(carrier)
+    assert mod.weight.is_cuda and mod.absmax.is_cuda and mod.weight.dtype == carrier
+    w_ref = _bnb_dense(lin.weight, 64, "nf4", True).cuda()
+    x = torch.randn(2, 9, 131, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = mod(x)
+    x64 = x.detach().double().requires_grad_(True)
+    y_ref = torch.nn.functional.linear(x64, w_ref, lin.bias.detach().double().cuda())
+    tol = TOL[torch.bfloat16]
+    assert (y.double() - y_ref).abs().max().item() <= tol * (y_ref.abs().max().item() + 1)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    y_ref.backward(gy.double())
+    assert (x.grad.double() - x64.grad).abs().max().item() <= tol * (x64.grad.abs().max().item() + 1)
+    before = mod.weight.detach().cpu().clone()
+    mod.cpu()
+    assert (
+        torch.equal(_bytes(mod.weight), _bytes(before)) and mod.quant_state.nested_code.device.type == "cpu"
+    )
+    assert torch.allclose(mod.dequantize(torch.float32).double(), w_ref.cpu(), rtol=1e-6, atol=1e-9)

@@ -9,10 +9,18 @@ after the dequantize that wrote it, and the next dequantize is queued after that
 ``state_dict`` uses bitsandbytes' key layout (``weight``, ``weight.absmax``, ``weight.quant_map``,
 ``weight.nested_absmax``, ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``,
 ``bias``), so checkpoints move between rslora_fast and transformers + bitsandbytes.
+
+FSDP2 (:func:`rslora_fast.distributed.fully_shard_lora`) can only shard floating-point Parameters and
+swaps a module's Parameters for gathered ones around forward/backward. For it,
+:meth:`Linear4bit._expose_storage_as_params` carries the packed codes and the block scales as
+frozen Parameters of a floating "carrier" dtype holding the same bytes (as bitsandbytes'
+``quant_storage`` does for the codes), and :attr:`Linear4bit.quant_state` becomes a view rebuilt
+from whatever Parameters the module holds when it is read.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -27,6 +35,8 @@ _QUANT_TYPES = ("nf4", "fp4")
 # Sentinel module prefix used to talk to QuantState's (de)serializers, whatever their separator
 # convention; keys are re-rooted under the real state_dict prefix afterwards.
 _SENTINEL = "__rslora_q__"
+# Parameters holding the 4-bit storage once it is exposed (never cast, never trained).
+_STORAGE_PARAMS = ("weight", "absmax", "nested_absmax")
 
 
 def check_quant_args(blocksize: int, quant_type: str) -> None:
@@ -70,10 +80,27 @@ def clear_scratch() -> None:
     _SCRATCH.clear()
 
 
+def _packed_bytes(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """``packed`` as its ``ceil(n/2)`` uint8 code bytes (undoes a padded carrier-dtype view)."""
+    nbytes = (state.numel + 1) // 2
+    if packed.dtype == torch.uint8 and packed.numel() == nbytes:
+        return packed
+    return packed.reshape(-1).view(torch.uint8)[:nbytes].view(-1, 1)
+
+
 def _dequant_into_scratch(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+    packed = _packed_bytes(packed, state)
     out = _scratch(packed.device, dtype, torch.Size(state.shape))
     res = dequantize_4bit(packed, state, out=out, dtype=dtype)
     return out if res is None else res
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 class _Matmul4bit(torch.autograd.Function):
@@ -159,6 +186,113 @@ class Linear4bit(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=self.compute_dtype))
         else:
             self.register_parameter("bias", None)
+
+    # ------------------------------------------------------------------ quant state
+    @property
+    def quant_state(self) -> QuantState | None:
+        """The :class:`QuantState` of the stored weight (``None`` for an empty shell).
+
+        Once :meth:`_expose_storage_as_params` ran, this is a fresh view on each read: the state's
+        fixed fields (shape, blocksize, code tables, nested offset) with ``absmax`` /
+        ``nested_absmax`` read from the Parameters the module holds right now (under FSDP2: the
+        gathered ones inside forward and backward; outside, the local shards, left as DTensors).
+        """
+        template = self.__dict__.get("_qs_template")
+        if template is None:
+            return self.__dict__.get("_qs")
+        return replace(
+            template,
+            absmax=self._storage_view("absmax"),
+            nested_absmax=self._storage_view("nested_absmax") if template.nested else None,
+        )
+
+    @quant_state.setter
+    def quant_state(self, state: QuantState | None) -> None:
+        if state is not None and self.storage_exposed:
+            # stays exposed: the new weight bytes and scales become the carrier Parameters
+            self._register_storage(self._parameters["weight"], state, self.__dict__["_carrier"])
+        else:
+            self.__dict__["_qs_template"] = None
+            self.__dict__["_qs"] = state
+
+    @property
+    def storage_exposed(self) -> bool:
+        """Whether codes and scales are carrier Parameters (see :meth:`_expose_storage_as_params`)."""
+        return self.__dict__.get("_qs_template") is not None
+
+    def _expose_storage_as_params(self, carrier: torch.dtype | None = None) -> None:
+        """Hold the packed codes and the block scales as frozen floating Parameters, for FSDP2.
+
+        FSDP2 shards only floating-point Parameters and replaces them by the gathered ones around
+        forward and backward. Afterwards ``weight`` holds the code bytes, ``absmax`` the block
+        scales (float32, or uint8 with double quantization) and, with double quantization,
+        ``nested_absmax`` their float32 scales, each reinterpreted (not converted) as ``carrier``
+        elements, zero-padded to whole elements: ``weight`` ``[ceil(bytes / size), 1]``, the others
+        1-D. The 16/256-entry code tables and the nested offset stay in the state (replicated).
+        Forward, backward, :meth:`dequantize`, ``quant_state`` and ``state_dict`` (bitsandbytes keys
+        and dtypes) read through the carriers, so they behave as before. Idempotent.
+
+        Args:
+            carrier: a floating dtype; default ``compute_dtype``. Under an FSDP2
+                ``MixedPrecisionPolicy(param_dtype=...)`` pass that dtype: FSDP2 then has nothing
+                to cast (a cast would destroy the bytes).
+
+        Raises:
+            QuantFormatError: for an empty shell (nothing quantized or loaded yet).
+            TypeError: if ``carrier`` is not a floating dtype, or the storage is already exposed
+                with another carrier.
+        """
+        carrier = carrier or self.compute_dtype
+        if not carrier.is_floating_point:
+            raise TypeError(f"_expose_storage_as_params: carrier must be a floating dtype, got {carrier}")
+        if self.storage_exposed:
+            if carrier != self.__dict__["_carrier"]:
+                raise TypeError(
+                    f"storage already exposed as {self.__dict__['_carrier']}, cannot re-expose as {carrier}"
+                )
+            return
+        state = self._require_state()
+        self._register_storage(self._parameters["weight"], state, carrier)
+        self.__dict__.pop("_qs", None)
+
+    def _register_storage(self, packed: torch.Tensor, state: QuantState, carrier: torch.dtype) -> None:
+        packed = _packed_bytes(packed.detach(), state)
+        tensors = {"weight": packed, "absmax": state.absmax}
+        if state.nested:
+            tensors["nested_absmax"] = state.nested_absmax
+        else:
+            self._parameters.pop("nested_absmax", None)
+        layout = {}
+        for name, t in tensors.items():
+            t = t.detach().contiguous()
+            raw = t.reshape(-1).view(torch.uint8)
+            size = torch.empty(0, dtype=carrier).element_size()
+            if raw.numel() % size:
+                raw = torch.cat([raw, raw.new_zeros(size - raw.numel() % size)])
+            data = raw.view(carrier)
+            setattr(
+                self, name, nn.Parameter(data.view(-1, 1) if name == "weight" else data, requires_grad=False)
+            )
+            layout[name] = (t.dtype, t.numel() * t.element_size(), t.shape)
+        self.__dict__["_carrier"] = carrier
+        self.__dict__["_layout"] = layout
+        # The template keeps no reference to the full scales: once FSDP2 swapped in its shards the
+        # full tensors can be freed.
+        empty = state.absmax.new_empty(0)
+        self.__dict__["_qs_template"] = replace(
+            state, absmax=empty, nested_absmax=empty.float() if state.nested else None
+        )
+
+    def _storage_view(self, name: str) -> torch.Tensor:
+        """Carrier Parameter ``name`` read back in its own dtype and shape (a view, no copy).
+
+        A sharded DTensor (FSDP2 outside forward) is returned as it is: its bytes are a slice.
+        """
+        param = self._parameters[name]
+        dtype, nbytes, shape = self.__dict__["_layout"][name]
+        if _is_dtensor(param):
+            return param
+        return param.reshape(-1).view(torch.uint8)[:nbytes].view(dtype).view(shape)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -258,7 +392,8 @@ class Linear4bit(nn.Module):
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight ``[out, in]`` in ``dtype`` (default ``compute_dtype``), freshly allocated."""
-        return dequantize_4bit(self.weight, self._require_state(), dtype=dtype or self.compute_dtype)
+        state = self._require_state()
+        return dequantize_4bit(_packed_bytes(self.weight, state), state, dtype=dtype or self.compute_dtype)
 
     # ------------------------------------------------------------------ devices
     def _apply(self, fn, recurse: bool = True):
@@ -267,22 +402,28 @@ class Linear4bit(nn.Module):
         ``model.to(torch.bfloat16)`` / ``.half()`` reach here too: those change ``compute_dtype``
         and the bias, while the uint8 codes and the fp32 scales keep their dtypes.
         """
-        packed = self._parameters["weight"]
-        # Hide the weight from nn.Module._apply (which handles the bias); same key keeps order.
-        self._parameters["weight"] = None
+        storage = {n: self._parameters[n] for n in _STORAGE_PARAMS if self._parameters.get(n) is not None}
+        packed = storage["weight"]
+        # Hide the storage from nn.Module._apply (which handles the bias); same keys keep order.
+        for name in storage:
+            self._parameters[name] = None
         try:
             super()._apply(fn, recurse)
         finally:
-            self._parameters["weight"] = packed
+            self._parameters.update(storage)
         with torch.no_grad():
-            moved = fn(packed.data)
-            if moved.dtype != torch.uint8:
-                moved = packed.data.to(moved.device)
+            for name, param in storage.items():
+                moved = fn(param.data)
+                if moved.dtype != param.dtype:
+                    moved = param.data.to(moved.device)
+                if moved is not param.data:
+                    self._parameters[name] = nn.Parameter(moved, requires_grad=False)
             probe = fn(torch.empty(0, dtype=self.compute_dtype, device=packed.device))
-        if moved is not packed.data:
-            self._parameters["weight"] = nn.Parameter(moved, requires_grad=False)
-        if self.quant_state is not None and moved.device != packed.device:
-            self.quant_state = self.quant_state.to(moved.device)
+        new_device = self._parameters["weight"].device
+        if new_device != packed.device:
+            for key in ("_qs", "_qs_template"):  # the code tables (and placeholders) follow
+                if self.__dict__.get(key) is not None:
+                    self.__dict__[key] = self.__dict__[key].to(new_device)
         if isinstance(probe, torch.Tensor) and probe.is_floating_point():
             self.compute_dtype = probe.dtype
         return self
@@ -291,6 +432,12 @@ class Linear4bit(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         state = self._require_state()
         packed = self.weight if keep_vars else self.weight.detach()
+        if self.storage_exposed:
+            # bitsandbytes bytes and dtypes from the carriers; FSDP2's local shards stay DTensors
+            packed = packed if _is_dtensor(packed) else _packed_bytes(packed, state)
+            if not keep_vars:
+                nested = state.nested_absmax.detach() if state.nested else None
+                state = replace(state, absmax=state.absmax.detach(), nested_absmax=nested)
         for key, t in state.as_bnb_dict(_SENTINEL, packed).items():
             rest = key[len(_SENTINEL) :].lstrip(".")
             destination[prefix + rest] = t
