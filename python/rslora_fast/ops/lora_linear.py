@@ -138,7 +138,9 @@ def cast_adapter(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     hit = _CASTS.get(p)
     if hit is not None and hit[0] == key:
         return hit[1]
-    with torch.no_grad():
+    # Made outside inference mode even when called from generate(): an inference tensor in the
+    # cache could not be used by a later training forward.
+    with torch.inference_mode(False), torch.no_grad():
         copy = p.detach().to(dtype)
     _CASTS[p] = (key, copy)
     _install_invalidation(p)
@@ -395,7 +397,12 @@ def lora_linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> tuple[torch.Te
         (which is what runs when the group cannot be fused; see :func:`fusable`).
     """
     layers = list(layers)
-    if _ENABLED and layers and not _global_hooks() and all(_reason(m, own_hooks=True) is None for m in layers):
+    if (
+        _ENABLED
+        and layers
+        and not _global_hooks()
+        and all(_reason(m, own_hooks=True) is None for m in layers)
+    ):
         lora_cls = _lora_class()
         members = [_Member(m, lora_cls) for m in layers]
         if _call_reason(x, layers, members) is None:
