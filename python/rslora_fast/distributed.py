@@ -252,15 +252,23 @@ def _save_with_plain_params(peft: nn.Module, full: dict[str, torch.Tensor], save
 def fully_shard_lora(
     model: nn.Module, *, reshard_after_forward: bool = True, **fsdp_kwargs: Any
 ) -> nn.Module:
-    """Shard a 16-bit-base LoRA model with FSDP2 (``torch.distributed.fsdp.fully_shard``).
+    """Shard a LoRA model (16-bit or 4-bit base) with FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
-    Every decoder layer becomes one FSDP unit (its frozen 16-bit weights and its LoRA weights are
-    sharded across ranks and gathered just in time), and the root takes the embeddings, the final
-    norm and the head. 4-bit bases are not supported yet: their packed codes and scales are not
-    plain parameters FSDP can flatten and shard.
+    Every decoder layer becomes one FSDP unit: its frozen base weights, its LoRA weights and its
+    norms are sharded 1/N across ranks and all-gathered just before the layer's forward (and again
+    for its backward / recompute); the root unit takes the embeddings, the final norm and the head.
+
+    4-bit bases: each ``Linear4bit`` first gets its packed codes and block scales (``absmax``, and
+    with double quantization the uint8 ``absmax`` plus the float32 ``nested_absmax``) as frozen
+    Parameters of a floating carrier dtype holding the same bytes (FSDP2 shards only floating
+    Parameters); the layer then dequantizes from the gathered bytes. The carrier is the
+    ``mp_policy``'s ``param_dtype`` when one is given, so FSDP2 has nothing to cast (a cast would
+    destroy the bytes), else each layer's compute dtype. The 16-entry code table, the 256-entry
+    nested table and the nested offset stay replicated (a few hundred bytes per layer).
 
     Args:
-        model: a :class:`~rslora_fast.PeftModel` over a 16-bit transformers decoder model.
+        model: a :class:`~rslora_fast.PeftModel` over a transformers decoder model, on this rank's
+            device (each rank loaded the whole base; the parts it does not own are freed here).
         reshard_after_forward: free each layer's gathered weights after its forward (ZeRO-3 style).
         **fsdp_kwargs: other ``fully_shard`` options (``mp_policy``, ``mesh`` ...).
 
@@ -269,7 +277,8 @@ def fully_shard_lora(
 
     Raises:
         RuntimeError: if no process group is initialized.
-        NotImplementedError: for a model holding 4-bit linear layers.
+        NotImplementedError: for a 4-bit layer type that cannot expose its storage.
+        TypeError: if ``mp_policy.param_dtype`` is not a floating dtype.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -280,8 +289,17 @@ def fully_shard_lora(
         raise RuntimeError(
             "fully_shard_lora needs an initialized process group: call init_distributed() first"
         )
-    if any(is_4bit_linear(m) for m in model.modules()):
-        raise NotImplementedError("FSDP2 sharding of 4-bit bases is not supported yet; use DDP")
+    mp = fsdp_kwargs.get("mp_policy")
+    carrier = getattr(mp, "param_dtype", None)
+    for module in model.modules():
+        if not is_4bit_linear(module):
+            continue
+        expose = getattr(module, "_expose_storage_as_params", None)
+        if expose is None:
+            raise NotImplementedError(
+                f"FSDP2: {type(module).__name__} cannot expose its 4-bit storage as parameters; use DDP"
+            )
+        expose(carrier)
     for layer in find_decoder_layers(model):
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **fsdp_kwargs)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **fsdp_kwargs)
