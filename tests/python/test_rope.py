@@ -11,7 +11,14 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from rslora_fast.ops.rope import apply_rope_, rope_, rope_backward_, rope_grad_
+from rslora_fast.ops.rope import (
+    apply_rope_,
+    rope_,
+    rope_backward_,
+    rope_backward_reference,
+    rope_grad_,
+    rope_reference,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # relative-norm tolerances against float64 (the op rounds its result to dtype once)
@@ -233,6 +240,25 @@ def test_bad_input_names_the_problem():
     assert torch.equal(q, q_before)  # rejected before anything was rotated
     with pytest.raises(ValueError, match="cos/sin"):
         apply_rope_(q, k, cos.requires_grad_(), sin)
+
+
+def test_overlapping_q_and_k_are_refused_but_disjoint_parts_of_one_buffer_work():
+    cos, sin = cos_sin(1, 4, 8)
+    buf = torch.randn(2, 1, 4, 8)  # q and k as the two halves of one buffer
+    q, k = buf[0:1], buf[1:2]
+    qkv = torch.randn(1, 4, 3, 8)  # [b, s, heads, d]
+    want_q, want_k = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
+    apply_rope_(q, k, cos, sin)
+    torch.testing.assert_close(q, want_q)
+    torch.testing.assert_close(k, want_k)
+    with pytest.raises(ValueError, match="overlap"):
+        apply_rope_(qkv[:, :, 0:2].transpose(1, 2), qkv[:, :, 1:2].transpose(1, 2), cos, sin)
+    with pytest.raises(ValueError, match="overlap"):
+        rope_backward_(q, q, cos, sin)
+    g = torch.randn(1, 1, 4, 8)  # one gradient alone (what autograd hands over) is not an "overlap"
+    want = rope_backward_reference(g, cos, sin)
+    rope_grad_(g, cos, sin)
+    torch.testing.assert_close(g, want)
 
 
 # ---------------------------------------------------------------- GPU (our kernel)

@@ -86,13 +86,14 @@ def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
             raise ValueError(
                 f"{op}: {name} needs a contiguous last dim and non-overlapping rows (strides {t.stride()})"
             )
-    if (
-        q.device.type == "cuda"
-        and q.numel()
-        and k.numel()
-        and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
-    ):
-        # Same storage is fine only when the element ranges are disjoint; the kernel assumes it.
+
+
+def _check_disjoint(q: torch.Tensor, k: torch.Tensor, op: str) -> None:
+    """q and k may share a storage only with disjoint element ranges (one launch writes both).
+
+    Real tensors only: fake tensors (torch.compile, opcheck) have no addresses to compare.
+    """
+    if q.numel() and k.numel() and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr():
         qa, ka = _span(q), _span(k)
         if qa[0] < ka[1] and ka[0] < qa[1]:
             raise ValueError(f"{op}: q and k overlap in memory")
@@ -141,6 +142,7 @@ def _launch(q, k, cos, sin, backward: bool) -> None:
 def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate ``q`` and ``k`` in place by ``cos``/``sin`` (one CUDA launch for both)."""
     _check(q, k, cos, sin, "rope")
+    _check_disjoint(q, k, "rope")
     if q.device.type != "cuda":
         q.copy_(rope_reference(q, cos, sin))
         k.copy_(rope_reference(k, cos, sin))
@@ -157,6 +159,7 @@ def _(q, k, cos, sin):
 def rope_backward_(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Turn the gradients of rotated q/k into gradients of the unrotated ones, in place."""
     _check(dq, dk, cos, sin, "rope backward")
+    _check_disjoint(dq, dk, "rope backward")
     if dq.device.type != "cuda":
         dq.copy_(rope_backward_reference(dq, cos, sin))
         dk.copy_(rope_backward_reference(dk, cos, sin))
