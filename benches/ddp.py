@@ -1,17 +1,22 @@
-"""DDP throughput: the train_step workload at 1 and N GPUs (torchrun), weak scaling.
+"""Multi-GPU throughput (DDP and FSDP2): the train_step workload at 1 and N GPUs (torchrun), weak scaling.
 
-    python benches/ddp.py --shape llama-3-8b --gpus 1,2 --batch 2 --seq-len 2048
-    python benches/ddp.py --shape tiny --gpus 1,2 --steps 3 --warmup 1     # CPU smoke run (gloo)
+    python benches/ddp.py --shape llama-3-8b --gpus 1,2 --mode ddp,fsdp2 --base 4bit
+    python benches/ddp.py --shape llama-3-8b --gpus 1,2 --mode fsdp2 --base 16bit
+    python benches/ddp.py --shape tiny --gpus 1,2 --mode ddp,fsdp2 --steps 3 --warmup 1   # CPU smoke (gloo)
 
-For each N in ``--gpus`` one ``torchrun --nproc-per-node N`` job runs this file as a worker: every
-rank loads the random-weight checkpoint (built once by ``benches/train_step.py``'s
-``build_checkpoint`` into ``--cache``) on its own GPU with ``rslora_fast`` (4-bit by default),
-attaches LoRA r=16 on the seven projections, wraps it with
-:func:`rslora_fast.distributed.prepare_ddp` (N > 1) and runs ``--warmup`` + ``--steps`` AdamW
-steps on ``--batch`` x ``--seq-len`` random tokens per rank. The step time of a step is the
-slowest rank's; throughput is ``N * batch * seq_len / median step time``. The table shows tokens/s,
-speedup over N=1 and scaling efficiency; the issue's target is speedup >= 1.85 at N=2. Rows are
-appended as JSON lines to ``--out``.
+For each base in ``--base``, each N in ``--gpus`` and each mode in ``--mode`` one
+``torchrun --nproc-per-node N`` job runs this file as a worker (N = 1 runs once per base, with no
+wrapper: the single-GPU baseline every mode is compared with): every rank loads the random-weight
+checkpoint (built once by ``rslora_fast.bench.build_checkpoint`` into ``--cache``) on its own GPU
+with ``rslora_fast``, attaches LoRA r=16 on the seven projections, wraps it (N > 1) with
+:func:`rslora_fast.distributed.prepare_ddp` (``ddp``: everything replicated, LoRA gradients
+all-reduced) or shards it with :func:`rslora_fast.distributed.fully_shard_lora` (``fsdp2``: frozen
+base, 4-bit codes and scales included, LoRA weights and AdamW states sharded 1/N, gathered per
+decoder layer), and runs ``--warmup`` + ``--steps`` AdamW steps on ``--batch`` x ``--seq-len``
+random tokens per rank. The time of a step is the slowest rank's; throughput is
+``N * batch * seq_len / median step time``. The table shows tokens/s, speedup over N=1 and
+scaling efficiency per mode; the issue's target is speedup >= 1.85 at N=2. Rows are appended as
+JSON lines to ``--out``.
 """
 
 from __future__ import annotations
@@ -26,30 +31,17 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-TINY = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=512, model_type="llama",
-)  # fmt: skip
-
-
-def _train_step_module():
-    sys.path.insert(0, str(HERE))
-    import train_step  # benches/train_step.py: shapes, checkpoint builder, LoRA targets
-
-    train_step.SHAPES.setdefault("tiny", TINY)
-    return train_step
-
 
 def worker(args: argparse.Namespace) -> None:
-    """One rank: load on this rank's device, wrap in DDP, time the steps; rank 0 writes the row."""
+    """One rank: load on this rank's device, wrap (DDP) or shard (FSDP2), time the steps; rank 0
+    writes the row."""
     import torch
     import torch.distributed as dist
 
     from rslora_fast import FastLanguageModel
-    from rslora_fast.distributed import dist_env, init_distributed, prepare_ddp
+    from rslora_fast import bench as ts
+    from rslora_fast.distributed import dist_env, fully_shard_lora, init_distributed, prepare_ddp
 
-    ts = _train_step_module()
     device = init_distributed()
     env = dist_env()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -65,13 +57,27 @@ def worker(args: argparse.Namespace) -> None:
     )  # fmt: skip
     model.train()
     load_s = time.perf_counter() - t_load
-    net = prepare_ddp(model) if env.world_size > 1 else model
+    net = model
+    if env.world_size > 1 and args.mode == "ddp":
+        net = prepare_ddp(model)
+    elif env.world_size > 1:
+        kwargs = {}
+        if args.fsdp_bf16:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        fully_shard_lora(model, **kwargs)
+    # after sharding: FSDP2 replaced the parameters by sharded ones
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4)
     gen = torch.Generator().manual_seed(1000 + env.rank)  # different data per rank, as in real DDP
     vocab = model.config.vocab_size
     if device.type == "cuda":
+        torch.cuda.synchronize()
+        after_wrap = torch.cuda.memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
+    else:
+        after_wrap = None
     times = []
     for i in range(args.warmup + args.steps):
         ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=gen).to(device)
@@ -96,14 +102,16 @@ def worker(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
     else:
         peaks = [peak]
+    mode = args.mode if env.world_size > 1 else "single"
     if env.is_main:
         med = statistics.median(times)
         row = {
-            "bench": "ddp", "shape": args.shape, "base": args.base, "checkpointing": args.checkpointing,
+            "bench": "ddp", "mode": mode, "fsdp_bf16": args.fsdp_bf16 and mode == "fsdp2",
+            "shape": args.shape, "base": args.base, "checkpointing": args.checkpointing,
             "gpus": env.world_size, "batch_per_rank": args.batch, "seq_len": args.seq_len,
             "step_times": times, "median_step_s": med,
             "tokens_per_s": env.world_size * args.batch * args.seq_len / med,
-            "peak_alloc_gib_per_rank": peaks, "load_s_rank0": load_s,
+            "peak_alloc_gib_per_rank": peaks, "alloc_after_wrap_gib_rank0": after_wrap, "load_s_rank0": load_s,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         }  # fmt: skip
         Path(args.result).write_text(json.dumps(row))
@@ -115,12 +123,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _csv(allowed: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if x not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {allowed}, got {text!r}")
+        return items
+
+    return parse
+
+
+def _launch(args: argparse.Namespace, model_dir: Path, n: int, base: str, mode: str) -> dict | None:
+    result = Path(args.cache) / f"ddp-result-{os.getpid()}-{base}-{mode}-{n}.json"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(n),
+        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(Path(__file__).resolve()),
+        "--worker", "--model-dir", str(model_dir), "--result", str(result), "--shape", args.shape,
+        "--base", base, "--mode", mode, "--checkpointing", args.checkpointing, "--batch", str(args.batch),
+        "--seq-len", str(args.seq_len), "--warmup", str(args.warmup), "--steps", str(args.steps),
+        *(["--fsdp-bf16"] if args.fsdp_bf16 else []),
+    ]  # fmt: skip
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0 or not result.exists():
+        print(f"{base} {mode} N={n}: torchrun failed (exit {proc.returncode})", file=sys.stderr)
+        return None
+    row = json.loads(result.read_text())
+    result.unlink()
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments; as the orchestrator launch one torchrun job per GPU count and print the table."""
+    """Parse arguments; as the orchestrator launch one torchrun job per (base, GPU count, mode) and
+    print the table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama-3-8b")
     p.add_argument("--gpus", default="1,2", help="comma-separated process counts, e.g. 1,2 or 1,2,4,8")
-    p.add_argument("--base", choices=["4bit", "16bit"], default="4bit")
+    p.add_argument("--base", type=_csv(("4bit", "16bit")), default=["4bit"], help="4bit, 16bit or both")
+    p.add_argument("--mode", type=_csv(("ddp", "fsdp2")), default=["ddp"], help="ddp, fsdp2 or both")
+    p.add_argument(
+        "--fsdp-bf16",
+        action="store_true",
+        help="fsdp2: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) (LoRA gathered in bf16)",
+    )
     p.add_argument("--checkpointing", choices=["unsloth", "true", "false"], default="unsloth")
     p.add_argument("--batch", type=int, default=2, help="sequences per rank")
     p.add_argument("--seq-len", type=int, default=2048)
@@ -133,39 +180,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
+        args.base, args.mode = args.base[0], args.mode[0]
         worker(args)
         return 0
 
-    model_dir = _train_step_module().build_checkpoint(args.shape, Path(args.cache))
+    from rslora_fast.bench import build_checkpoint
+
+    model_dir = build_checkpoint(args.shape, Path(args.cache))
     rows = []
-    for n in [int(x) for x in args.gpus.split(",")]:
-        result = Path(args.cache) / f"ddp-result-{os.getpid()}-{n}.json"
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(n),
-            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(Path(__file__).resolve()),
-            "--worker", "--model-dir", str(model_dir), "--result", str(result), "--shape", args.shape,
-            "--base", args.base, "--checkpointing", args.checkpointing, "--batch", str(args.batch),
-            "--seq-len", str(args.seq_len), "--warmup", str(args.warmup), "--steps", str(args.steps),
-        ]  # fmt: skip
-        env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", "1")
-        proc = subprocess.run(cmd, env=env)
-        if proc.returncode != 0 or not result.exists():
-            print(f"N={n}: torchrun failed (exit {proc.returncode})", file=sys.stderr)
-            continue
-        rows.append(json.loads(result.read_text()))
-        result.unlink()
+    for base in args.base:
+        for n in [int(x) for x in args.gpus.split(",")]:
+            for mode in args.mode if n > 1 else args.mode[:1]:  # N = 1: one unwrapped baseline
+                row = _launch(args, model_dir, n, base, mode)
+                if row is not None:
+                    rows.append(row)
     if not rows:
         return 1
-    base = next((r["tokens_per_s"] for r in rows if r["gpus"] == 1), None)
-    print(f"\n{'GPUs':>4} {'step s':>8} {'tokens/s':>10} {'speedup':>8} {'eff.':>6}  peak GiB/rank")
+    print(
+        f"\n{'base':>5} {'mode':>10} {'GPUs':>4} {'step s':>8} {'tokens/s':>10} {'speedup':>8} {'eff.':>6}"
+        "  GiB/rank after wrap  peak GiB/rank"
+    )
     for r in rows:
-        speed = r["tokens_per_s"] / base if base else float("nan")
+        single = next((x for x in rows if x["gpus"] == 1 and x["base"] == r["base"]), None)
+        speed = r["tokens_per_s"] / single["tokens_per_s"] if single else float("nan")
         r["speedup_vs_1"] = speed
         peaks = ", ".join(f"{x:.1f}" for x in r["peak_alloc_gib_per_rank"] if x is not None) or "-"
+        wrap = r.get("alloc_after_wrap_gib_rank0")
+        mode = r["mode"] + ("+bf16" if r.get("fsdp_bf16") else "")
         print(
-            f"{r['gpus']:>4} {r['median_step_s']:>8.3f} {r['tokens_per_s']:>10.0f} {speed:>8.2f}"
-            f" {speed / r['gpus']:>6.0%}  {peaks}"
+            f"{r['base']:>5} {mode:>10} {r['gpus']:>4} {r['median_step_s']:>8.3f} {r['tokens_per_s']:>10.0f}"
+            f" {speed:>8.2f} {speed / r['gpus']:>6.0%}  {'-' if wrap is None else f'{wrap:.2f}':>19}  {peaks}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
