@@ -148,10 +148,28 @@ def cast_adapter(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------- fusability
-def _lora_class() -> type:
-    from ..peft.layer import LoraLinear  # lazy: peft.layer imports this module
+_LORA_CLS: type | None = None
 
-    return LoraLinear
+
+def _lora_class() -> type:
+    global _LORA_CLS
+    if _LORA_CLS is None:
+        from ..peft.layer import LoraLinear  # lazy: peft.layer imports this module
+
+        _LORA_CLS = LoraLinear
+    return _LORA_CLS
+
+
+class _Member:
+    """One projection of a group: where its frozen weight lives and its adapter, if any."""
+
+    __slots__ = ("a", "b", "bias", "compute_dtype", "out", "packed", "scaling", "state", "weight")
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """The frozen weight ``[out, in]`` in ``dtype`` (4-bit: freshly dequantized into scratch)."""
+        if self.weight is not None:
+            return self.weight
+        return _dequant_into_scratch(self.packed, self.state, dtype)
 
 
 def _hook_reason(m: nn.Module, what: str) -> str | None:
@@ -164,43 +182,64 @@ def _hook_reason(m: nn.Module, what: str) -> str | None:
     return None
 
 
-def _base_reason(base: nn.Module, what: str) -> str | None:
+def _base_member(base: nn.Module, what: str) -> _Member | str:
+    # Parameters and submodules are read from their dicts: nn.Module.__getattr__ is slow and this
+    # runs for every projection call.
+    m = _Member()
+    params = base._parameters
     if isinstance(base, Linear4bit):
         if type(base).forward is not Linear4bit.forward:
             return f"{what} overrides Linear4bit.forward"
-        if base.quant_state is None:
+        state = base.quant_state
+        if state is None:
             return f"{what} is an empty Linear4bit shell"
+        m.weight, m.packed, m.state, m.compute_dtype = None, params["weight"], state, base.compute_dtype
     elif isinstance(base, nn.Linear):
         if type(base).forward is not nn.Linear.forward:
             return f"{what} is a {type(base).__name__} with its own forward"
-        if base.weight.requires_grad:
+        w = params["weight"]
+        if w.requires_grad:
             return f"{what} weight is trainable"
+        m.weight, m.packed, m.state, m.compute_dtype = w, None, None, w.dtype
     else:
         return f"{what} is a {type(base).__name__}, not nn.Linear or Linear4bit"
-    bias = getattr(base, "bias", None)
+    bias = params.get("bias")
     if bias is not None and bias.requires_grad:
         return f"{what} bias is trainable"
-    return _hook_reason(base, what)
-
-
-def _reason(layer: nn.Module, own_hooks: bool) -> str | None:
-    lora_cls = _lora_class()
-    if isinstance(layer, lora_cls):
-        if type(layer).forward is not lora_cls.forward:
-            return f"{type(layer).__name__} overrides LoraLinear.forward"
-        if layer.lora_dropout_p != 0 or layer.lora_dropout is not None:
-            return "LoRA dropout > 0"
-        if layer.disabled:
-            return "adapter disabled"
-        if layer.merged:
-            return "adapter merged"
-        if layer.lora_A.bias is not None or layer.lora_B.bias is not None:
-            return "adapter has a bias"
-        reason = _base_reason(layer.base_layer, "base layer")
-        if reason is None and own_hooks:
-            reason = _hook_reason(layer, "LoRA layer")
+    reason = _hook_reason(base, what)
+    if reason is not None:
         return reason
-    return _base_reason(layer, "layer")
+    m.bias, m.out = bias, int(base.out_features)
+    m.a = m.b = None
+    m.scaling = 0.0
+    return m
+
+
+def _member(layer: nn.Module, own_hooks: bool) -> _Member | str:
+    """The plan for ``layer`` in a fused group, or the reason it cannot join one."""
+    lora_cls = _lora_class()
+    if not isinstance(layer, lora_cls):
+        return _base_member(layer, "layer")
+    if type(layer).forward is not lora_cls.forward:
+        return f"{type(layer).__name__} overrides LoraLinear.forward"
+    if layer.lora_dropout_p != 0:
+        return "LoRA dropout > 0"
+    if layer.disabled:
+        return "adapter disabled"
+    if layer.merged:
+        return "adapter merged"
+    mods = layer._modules
+    lin_a, lin_b = mods["lora_A"], mods["lora_B"]
+    if lin_a._parameters.get("bias") is not None or lin_b._parameters.get("bias") is not None:
+        return "adapter has a bias"
+    if own_hooks:
+        reason = _hook_reason(layer, "LoRA layer")
+        if reason is not None:
+            return reason
+    m = _base_member(mods["base_layer"], "base layer")
+    if isinstance(m, _Member):
+        m.a, m.b, m.scaling = lin_a._parameters["weight"], lin_b._parameters["weight"], float(layer.scaling)
+    return m
 
 
 def fusable(layer: nn.Module) -> str | None:
@@ -212,58 +251,28 @@ def fusable(layer: nn.Module) -> str | None:
     path would skip them. The per-call conditions (dtypes, devices, autocast) are checked by
     :func:`lora_linears` itself.
     """
-    return _reason(layer, own_hooks=True)
+    m = _member(layer, own_hooks=True)
+    return m if isinstance(m, str) else None
 
 
-# ------------------------------------------------------------------------------- group plan
-class _Member:
-    """One projection of a group: where its frozen weight lives and its adapter, if any."""
-
-    __slots__ = ("a", "b", "bias", "out", "packed", "scaling", "state", "weight")
-
-    def __init__(self, layer: nn.Module, lora_cls: type):
-        base = layer.base_layer if isinstance(layer, lora_cls) else layer
-        self.out = int(base.out_features)
-        self.bias = base.bias
-        if isinstance(base, Linear4bit):
-            self.weight = None
-            self.packed, self.state = base.weight, base.quant_state
-        else:
-            self.weight = base.weight
-            self.packed = self.state = None
-        if isinstance(layer, lora_cls):
-            self.a, self.b, self.scaling = layer.lora_A.weight, layer.lora_B.weight, float(layer.scaling)
-        else:
-            self.a = self.b = None
-            self.scaling = 0.0
-
-    def dense(self, dtype: torch.dtype) -> torch.Tensor:
-        """The frozen weight ``[out, in]`` in ``dtype`` (4-bit: freshly dequantized into scratch)."""
-        if self.weight is not None:
-            return self.weight
-        return _dequant_into_scratch(self.packed, self.state, dtype)
-
-
-def _call_reason(x: torch.Tensor, layers: Sequence[nn.Module], members: list[_Member]) -> str | None:
+def _call_reason(x: torch.Tensor, members: list[_Member]) -> str | None:
     """Per-call conditions: one math dtype (= ``x.dtype``) for every matmul, one device."""
     dt, dev = x.dtype, x.device
     if dt not in (torch.float32, torch.float16, torch.bfloat16):
         return f"input dtype {dt}"
-    if torch.is_autocast_enabled(dev.type) and torch.get_autocast_dtype(dev.type) != dt:
+    autocast = torch.is_autocast_enabled(dev.type)
+    if autocast and torch.get_autocast_dtype(dev.type) != dt:
         return "autocast would change the math dtype"
-    for layer, m in zip(layers, members):
-        base = layer.base_layer if m.a is not None else layer
+    for m in members:
         if m.weight is not None:
             if m.weight.dtype != dt or m.weight.device != dev:
                 return "base weight dtype/device differs from the input"
             if m.bias is not None and (m.bias.dtype != dt or m.bias.device != dev):
                 return "base bias dtype/device differs from the input"
         else:
-            # Linear4bit's own rule: compute_dtype, or the autocast dtype off the CPU.
-            cdt = base.compute_dtype
-            if dev.type != "cpu" and torch.is_autocast_enabled(dev.type):
-                cdt = torch.get_autocast_dtype(dev.type)
-            if cdt != dt or m.packed.device != dev:
+            # Linear4bit's own rule: compute_dtype, or the autocast dtype off the CPU (which equals
+            # dt when we get here).
+            if (m.compute_dtype != dt and not (autocast and dev.type != "cpu")) or m.packed.device != dev:
                 return "4-bit compute dtype/device differs from the input"
             if m.bias is not None and m.bias.device != dev:
                 return "base bias device differs from the input"
@@ -273,12 +282,28 @@ def _call_reason(x: torch.Tensor, layers: Sequence[nn.Module], members: list[_Me
 
 
 # ------------------------------------------------------------------------------- autograd
-def _scaled(t: torch.Tensor, s: float, dtype: torch.dtype) -> torch.Tensor:
-    """``s * t`` in ``dtype`` in one kernel (``t`` is a scratch result that may be overwritten)."""
-    if t.dtype == dtype:
-        return t.mul_(s) if s != 1.0 else t
-    out = torch.empty(t.shape, dtype=dtype, device=t.device)
-    return torch.mul(t, s, out=out)
+# (device type, input dtype, output dtype) -> whether addmm's out_dtype overload runs there (CUDA
+# has it for bf16/fp16 -> fp32; CPU does not).
+_OUT_DTYPE_OK: dict[tuple[str, torch.dtype, torch.dtype], bool] = {}
+
+
+def _mm_scaled(a: torch.Tensor, b: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
+    """``alpha * (a @ b)`` as a new ``dtype`` tensor, in one GEMM where the backend allows.
+
+    The scale rides in the GEMM epilogue (``beta=0``: the uninitialized ``input`` is ignored) and an
+    fp32 result for bf16/fp16 operands comes straight out of the fp32 accumulator, instead of a
+    matmul followed by small scale and cast kernels.
+    """
+    out = torch.empty((a.shape[0], b.shape[1]), dtype=dtype, device=a.device)
+    if a.dtype == dtype:
+        return torch.addmm(out, a, b, beta=0, alpha=alpha)
+    key = (a.device.type, a.dtype, dtype)
+    if _OUT_DTYPE_OK.get(key, True):
+        try:
+            return torch.addmm(out, a, b, out_dtype=dtype, beta=0, alpha=alpha)
+        except (RuntimeError, NotImplementedError, TypeError):
+            _OUT_DTYPE_OK[key] = False
+    return torch.mul(torch.mm(a, b), alpha, out=out)
 
 
 class _LoraLinearsFunction(torch.autograd.Function):
@@ -355,15 +380,13 @@ class _LoraLinearsFunction(torch.autograd.Function):
             need_a, need_b = need[k], need[k + 1]
             da = db = None
             if need_x or need_a:
-                gs = torch.mm(dy2, b).mul_(m.scaling)  # s * dy B, [tokens, r]
+                gs = _mm_scaled(dy2, b, m.scaling, dt)  # s * dy B, [tokens, r]
                 if need_x:
                     dx2.addmm_(gs, a)
                 if need_a:
-                    da = torch.mm(gs.t(), x2)
-                    if da.dtype != m.a.dtype:
-                        da = da.to(m.a.dtype)
+                    da = _mm_scaled(gs.t(), x2, 1.0, m.a.dtype)
             if need_b:
-                db = _scaled(torch.mm(dy2.t(), downs[j]), m.scaling, m.b.dtype)
+                db = _mm_scaled(dy2.t(), downs[j], m.scaling, m.b.dtype)
             grads += [da, db]
             j, k = j + 1, k + 2
         dx = None if dx2 is None else dx2.view(ctx.x_shape)
@@ -396,16 +419,9 @@ def lora_linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> tuple[torch.Te
         Each layer's output ``[..., out_i]``, equal to ``tuple(layer(x) for layer in layers)``
         (which is what runs when the group cannot be fused; see :func:`fusable`).
     """
-    layers = list(layers)
-    if (
-        _ENABLED
-        and layers
-        and not _global_hooks()
-        and all(_reason(m, own_hooks=True) is None for m in layers)
-    ):
-        lora_cls = _lora_class()
-        members = [_Member(m, lora_cls) for m in layers]
-        if _call_reason(x, layers, members) is None:
+    if _ENABLED and layers and not _global_hooks():
+        members = [_member(layer, own_hooks=True) for layer in layers]
+        if not any(isinstance(m, str) for m in members) and _call_reason(x, members) is None:
             return _apply(x, members)
     return tuple(layer(x) for layer in layers)
 
@@ -415,9 +431,9 @@ def fused_single(x: torch.Tensor, layer: nn.Module) -> torch.Tensor | None:
 
     The layer's own hooks already ran (it is being called), so only its base's are checked.
     """
-    if not _ENABLED or _global_hooks() or _reason(layer, own_hooks=False) is not None:
+    if not _ENABLED or _global_hooks():
         return None
-    members = [_Member(layer, _lora_class())]
-    if _call_reason(x, [layer], members) is not None:
+    m = _member(layer, own_hooks=False)
+    if isinstance(m, str) or _call_reason(x, [m]) is not None:
         return None
-    return _apply(x, members)[0]
+    return _apply(x, [m])[0]
