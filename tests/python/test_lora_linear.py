@@ -538,3 +538,12 @@ def test_cuda_cast_cache_fresh_after_fused_adamw():
         after = _fused_out(layer, x)
         assert (after.float() - before.float()).abs().max() > 0.1  # the step moved the output
         _close(after, _generic_out(layer, x), torch.bfloat16)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_adapter_grads_come_straight_from_the_fp32_accumulator(dtype):
+    """The addmm ``out_dtype`` overload is used on CUDA (a speed check: the fallback is also correct)."""
+    _check_group("4bit", dtype, "cuda", (4, 33), n_in=515, seed=3)
+    assert ll._OUT_DTYPE_OK.get(("cuda", dtype, torch.float32), True)

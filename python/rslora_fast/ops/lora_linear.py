@@ -294,16 +294,18 @@ def _mm_scaled(a: torch.Tensor, b: torch.Tensor, alpha: float, dtype: torch.dtyp
     fp32 result for bf16/fp16 operands comes straight out of the fp32 accumulator, instead of a
     matmul followed by small scale and cast kernels.
     """
-    out = torch.empty((a.shape[0], b.shape[1]), dtype=dtype, device=a.device)
+    shape = (a.shape[0], b.shape[1])
     if a.dtype == dtype:
-        return torch.addmm(out, a, b, beta=0, alpha=alpha)
+        return torch.addmm(torch.empty(shape, dtype=dtype, device=a.device), a, b, beta=0, alpha=alpha)
     key = (a.device.type, a.dtype, dtype)
     if _OUT_DTYPE_OK.get(key, True):
+        # The overload wants ``input`` in the operands' dtype and of the result's shape.
+        ignored = torch.empty(shape, dtype=a.dtype, device=a.device)
         try:
-            return torch.addmm(out, a, b, out_dtype=dtype, beta=0, alpha=alpha)
+            return torch.addmm(ignored, a, b, out_dtype=dtype, beta=0, alpha=alpha)
         except (RuntimeError, NotImplementedError, TypeError):
             _OUT_DTYPE_OK[key] = False
-    return torch.mul(torch.mm(a, b), alpha, out=out)
+    return torch.mul(torch.mm(a, b), alpha, out=torch.empty(shape, dtype=dtype, device=a.device))
 
 
 class _LoraLinearsFunction(torch.autograd.Function):
