@@ -24,6 +24,17 @@ for phase in "$@"; do
     offload)
       [ -f benches/offload_step.py ] && python3 benches/offload_step.py --seq 16384 --modes plain offload budget --budget-gb 16 2>&1 | tee "$OUT/offload.log" | tail -20
       ;;
+    longctx)  # longest batch-1 sequence under a 24 GiB cap, per checkpointing mode (4-bit base)
+      python3 benches/train_step.py --cache bench-cache --out "$OUT/longctx.jsonl" --mode longctx --cap-gib 24 \
+        --len-step 4096 --max-len 131072 \
+        --systems "${LONGCTX_SYSTEMS:-rslora_fast:4bit:unsloth,rslora_fast:4bit:true,rslora_fast:4bit:false}" \
+        2>"$OUT/longctx.err" | tail -8
+      ;;
+    budget)  # tokens/s when a memory budget lets layers skip recompute (activation budgets in GiB)
+      python3 benches/train_step.py --cache bench-cache --out "$OUT/budget.jsonl" \
+        --systems "rslora_fast:4bit:unsloth,rslora_fast:4bit:unsloth:budget=7,rslora_fast:4bit:unsloth:budget=21" \
+        2>"$OUT/budget.err" | tail -6
+      ;;
     load)
       python3 benches/train_step.py --systems "" --cache bench-cache >/dev/null 2>&1
       python3 benches/load.py --cache bench-cache --out "$OUT/load.jsonl" 2>&1 | tail -10

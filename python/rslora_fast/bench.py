@@ -254,7 +254,7 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def longctx_worker(args: argparse.Namespace) -> dict:
-    """Longest batch-1 sequence (multiple of 1024) that trains one full step under a memory cap."""
+    """Longest batch-1 sequence (multiple of ``--len-step``) that trains one full step under a memory cap."""
     import torch
 
     model_dir = Path(args.model_dir)
@@ -262,13 +262,14 @@ def longctx_worker(args: argparse.Namespace) -> dict:
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total))
     model = load_system(args.system, model_dir, args.max_len, args.r)
-    lo, hi, best = 1, args.max_len // 1024, None
+    unit = args.len_step
+    lo, hi, best = 1, args.max_len // unit, None
     while lo <= hi:
         mid = (lo + hi) // 2
         try:
-            res = train_steps(model, 1, mid * 1024, vocab, 0, 1)
+            res = train_steps(model, 1, mid * unit, vocab, 0, 1)
             best = {
-                "seq_len": mid * 1024,
+                "seq_len": mid * unit,
                 "step_s": res["step_times"][0],
                 "peak_alloc_gib": res["peak_alloc_gib"],
             }
@@ -284,6 +285,7 @@ def longctx_worker(args: argparse.Namespace) -> dict:
         "mode": "longctx",
         "cap_gib": args.cap_gib,
         "longest_seq_len": best and best["seq_len"],
+        "len_step": unit,
         "tokens_per_s": best and round(best["seq_len"] / best["step_s"], 1),
         "peak_alloc_gib": best and best["peak_alloc_gib"],
         "date": time.strftime("%Y-%m-%d"),
@@ -330,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--cap-gib", type=float, default=24.0)
     p.add_argument("--max-len", type=int, default=131072)
+    p.add_argument("--len-step", type=int, default=1024, help="longctx: search granularity in tokens")
     p.add_argument("--cache", default="bench-cache")
     p.add_argument("--out", default="results/train_step.jsonl")
     p.add_argument("--in-process", action="store_true", help="run systems in this process (tests)")
@@ -372,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             str(args.cap_gib),
             "--max-len",
             str(args.max_len),
+            "--len-step",
+            str(args.len_step),
         ]
         result = Path(args.cache) / f"result-{os.getpid()}.json"
         if args.in_process:
