@@ -33,7 +33,7 @@ constexpr int kThreads = 256;
 // warp's loads and stores are each one contiguous span (full 32-byte sectors; a thread writing
 // several adjacent vectors instead leaves every store instruction half-coalesced). Each thread
 // handles kUnroll units per trip, loads first, to keep enough bytes in flight.
-constexpr int kUnroll = 4;
+constexpr int kUnroll = 8;
 
 // Scale of quantization block `b`: float32 absmax, or rebuilt from the nested statistics as
 // map[q] * nested[b / 256] + offset (multiply, then add: two roundings like bitsandbytes).
