@@ -35,6 +35,12 @@ for phase in "$@"; do
         --systems "rslora_fast:4bit:unsloth,rslora_fast:4bit:unsloth:budget=7,rslora_fast:4bit:unsloth:budget=21" \
         2>"$OUT/budget.err" | tail -6
       ;;
+    multi)  # needs 2+ GPUs (kind nvidia-h200-x2): NCCL tests, then DDP / FSDP2 throughput at 1 and 2 GPUs
+      python3 -m pytest -m cuda tests/python/test_distributed_cpu.py -q -p no:cacheprovider 2>&1 \
+        | tee "$OUT/pytest_multi_gpu.log" | tail -8
+      python3 benches/ddp.py --shape llama-3-8b --gpus 1,2 --mode "${DIST_MODES:-ddp,fsdp2}" --base 4bit \
+        --cache bench-cache --out "$OUT/ddp.jsonl" 2>"$OUT/ddp.err" | tail -12
+      ;;
     load)
       python3 benches/train_step.py --systems "" --cache bench-cache >/dev/null 2>&1
       python3 benches/load.py --cache bench-cache --out "$OUT/load.jsonl" 2>&1 | tail -10
