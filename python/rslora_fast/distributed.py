@@ -1,4 +1,4 @@
-"""Multi-GPU training through ``torch.distributed``: DDP helpers (FSDP2 for 16-bit bases).
+"""Multi-GPU training through ``torch.distributed``: DDP and FSDP2 helpers (16-bit and 4-bit bases).
 
 Nothing here distributes anything by itself: PyTorch's DDP / FSDP2 do the work. These helpers pick
 the options that fit a LoRA model, so that under ``torchrun --nproc-per-node N`` a training script
@@ -14,17 +14,28 @@ reads::
     ... loop: ddp(input_ids=..., labels=...).loss.backward(); opt.step() ...
     save_adapter_rank0(ddp, "out/adapter")
 
+or, sharding instead of replicating, ``fully_shard_lora(model)`` in place of ``prepare_ddp`` (then
+build the optimizer, and call the model itself).
+
 Why these choices:
 
-* Each rank loads (and quantizes, on its own GPU) the whole frozen base; it is deterministic, so
-  every rank holds the same bytes and nothing frozen ever crosses the wire. DDP is told to ignore
-  every parameter and buffer that does not require grad: its start-up broadcast then only covers
-  the trainable (LoRA) weights instead of the whole model, and its reducer never saw frozen weights
-  anyway.
+* DDP: each rank loads (and quantizes, on its own GPU) the whole frozen base; it is deterministic,
+  so every rank holds the same bytes and nothing frozen ever crosses the wire. DDP is told to
+  ignore every parameter and buffer that does not require grad: its start-up broadcast then only
+  covers the trainable (LoRA) weights instead of the whole model, and its reducer never saw frozen
+  weights anyway.
 * ``static_graph=True`` by default: a LoRA step uses the same parameters every iteration, and a
   static graph is what lets DDP accept gradients produced inside a recompute (reentrant
   checkpointing, the offloaded "unsloth" mode) without "marked ready twice" errors.
   ``find_unused_parameters`` stays ``False`` (every LoRA weight gets a gradient each step).
+* FSDP2: one ``fully_shard`` unit per decoder layer plus the root, so one layer's weights are
+  gathered at a time. For a 4-bit base the packed codes and the block scales (``absmax``; with
+  double quantization the uint8 ``absmax`` and the float32 ``nested_absmax``) are sharded too:
+  FSDP2 shards only floating Parameters and swaps them for the gathered ones around forward and
+  backward, so each ``Linear4bit`` first carries its storage bytes in frozen Parameters of a
+  floating dtype (the mixed-precision ``param_dtype`` when given, so FSDP2 casts nothing) and reads
+  its quantization state from whatever Parameters it holds when it runs. The code tables and the
+  nested offset (a few hundred bytes) stay replicated.
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@ function forced on short sequences), saving each rank's LoRA weights and the glo
 The pytest process then trains the same model in one process on the combined batch (no DDP, no
 process group) and checks: the LoRA weights are bitwise identical on both ranks, and equal to the
 single-process result within float32 rounding; the losses agree too. Launching once keeps the cost
-of starting two interpreters (torch + transformers imports) to one. FSDP2 cases (16-bit base) and
-HF Trainer under torchrun are checked the same way; a ``cuda`` test repeats the job on 2 GPUs (NCCL).
+of starting two interpreters (torch + transformers imports) to one. FSDP2 cases (16-bit and 4-bit
+base; for 4-bit also: codes and scales sharded 1/N, gathered byte-exact before every forward, the
+sharded state_dict, a bf16 mixed-precision policy that must not cast them) and HF Trainer under
+torchrun are checked the same way; a ``cuda`` test repeats the job on 2 GPUs (NCCL).
 """
 
 from __future__ import annotations
