@@ -64,14 +64,10 @@ def _generic(model):
     """Run ``model`` on transformers' own forwards (fast decoder removed, fused LoRA op off)."""
     inner = model.base_model.model
     uninstall_fast_decoder(inner)
-    try:
-        from rslora_fast.ops import lora_linear
+    from rslora_fast.ops.lora_linear import fused_lora_disabled
 
-        off = lora_linear.disabled()
-    except (ImportError, AttributeError):
-        off = contextlib.nullcontext()
     try:
-        with off:
+        with fused_lora_disabled():
             yield
     finally:
         install_fast_decoder(inner)

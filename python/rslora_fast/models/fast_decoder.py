@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..ops.lora_linear import lora_linears
 from ..ops.rms_norm import rms_norm
 from ..ops.rope import apply_rope_
 from . import fast_mlp
@@ -67,10 +68,6 @@ def _rms_norm_why_not(module: nn.Module) -> str | None:
 
 # ---------------------------------------------------------------------------- attention
 def _projections(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    try:
-        from ..ops.lora_linear import lora_linears
-    except ImportError:  # the fused projection op is optional: one call per projection
-        return self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
     q, k, v = lora_linears(hidden_states, (self.q_proj, self.k_proj, self.v_proj))
     return q, k, v
 
