@@ -45,6 +45,36 @@ def swiglu_bwd(
 ) -> None:
     """Gradients of SwiGLU into ``dg`` and ``du``."""
 
+def cross_entropy_fwd(
+    logits: int,
+    ld: int,
+    targets: int,
+    lse: int,
+    loss: int,
+    rows: int,
+    cols: int,
+    ignore_index: int,
+    dtype: str,
+    device: int,
+    stream: int,
+) -> None:
+    """Per-row float32 log-sum-exp and ``lse - logits[i, targets[i]]`` (0 for ignored rows)."""
+
+def cross_entropy_bwd(
+    logits: int,
+    ld: int,
+    lse: int,
+    targets: int,
+    scale: int,
+    rows: int,
+    cols: int,
+    ignore_index: int,
+    dtype: str,
+    device: int,
+    stream: int,
+) -> None:
+    """In place: ``logits[i, j] = (exp(logits[i, j] - lse[i]) - [j == targets[i]]) * scale[i]``."""
+
 def rope_apply(
     q: int,
     k: int,

@@ -3,6 +3,7 @@
 
 use crate::{Error, Result};
 
+pub mod cross_entropy;
 pub mod geglu;
 pub mod nf4;
 pub mod rms_norm;

@@ -7,6 +7,7 @@ use pyo3::prelude::*;
 mod cuda;
 pub(crate) mod errors;
 mod kernels;
+mod kernels_cross_entropy;
 mod kernels_geglu;
 mod kernels_rms_norm;
 mod kernels_rope;
@@ -21,6 +22,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     cuda::register(m)?;
     kernels::register(m)?;
+    kernels_cross_entropy::register(m)?;
     kernels_geglu::register(m)?;
     kernels_rms_norm::register(m)?;
     kernels_rope::register(m)?;

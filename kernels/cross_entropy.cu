@@ -1,0 +1,194 @@
+// Cross-entropy rows for large vocabularies: one block per row of `logits [rows, V]` (row stride
+// `ld` elements, last dim contiguous), fp32 math, never an fp32 copy of the row.
+//   forward:  lse_i = log(sum_j e^{l_ij}) with an online max/sum in one pass over the row;
+//             loss_i = lse_i - l_{i,t_i}, 0 where t_i == ignore (NaN for a target outside [0, V)).
+//   backward, in place: l_ij <- T((e^{l_ij - lse_i} - [j == t_i]) * scale_i).
+// Each row is walked as a scalar head up to the first 16-byte boundary, then 16-byte vectors
+// (consecutive threads on consecutive vectors: coalesced), then a scalar tail; so any row stride
+// and any vocabulary size take the vector path for nearly all of the row.
+#include <math.h>
+
+#include "common.cuh"
+
+namespace {
+
+constexpr int MAX_THREADS = 512;
+
+// Running (max, sum of e^{x - max}) pair. `m == -inf` means "nothing finite seen": its sum is 0.
+struct MaxSum {
+  float m;
+  float s;
+};
+
+__device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
+  const float m = fmaxf(a.m, b.m);
+  if (m == -INFINITY) return {m, 0.0f};  // both empty (avoids -inf - -inf = NaN)
+  return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
+}
+
+// Fold `k` values into the running pair: one rescale per group, one exp per value.
+template <int K>
+__device__ __forceinline__ void fold(MaxSum& acc, const float (&x)[K]) {
+  float mx = x[0];
+#pragma unroll
+  for (int k = 1; k < K; ++k) mx = fmaxf(mx, x[k]);
+  if (mx > acc.m) {
+    acc.s *= __expf(acc.m - mx);  // acc.m = -inf gives 0 * e^-inf = 0
+    acc.m = mx;
+  }
+  const float base = acc.m == -INFINITY ? 0.0f : acc.m;  // all -inf so far: every term is 0
+  float t = 0.0f;
+#pragma unroll
+  for (int k = 0; k < K; ++k) t += __expf(x[k] - base);
+  acc.s += t;
+}
+
+// Number of leading elements of a row before its first 16-byte boundary (at most `cols`).
+template <typename T>
+__device__ __forceinline__ int64_t head_len(const T* row, int64_t cols) {
+  const int64_t mis = (int64_t)(reinterpret_cast<uintptr_t>(row) & 15);
+  const int64_t head = mis == 0 ? 0 : (16 - mis) / (int64_t)sizeof(T);
+  return head < cols ? head : cols;
+}
+
+// Block-wide combine of every thread's pair; thread 0 gets the row's result.
+__device__ __forceinline__ MaxSum block_combine(MaxSum v, float* sm, float* ss) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    MaxSum w = {__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)};
+    v = combine(v, w);
+  }
+  const int warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  if (nw == 1) return v;
+  __syncthreads();  // the previous row's readers of sm/ss are done
+  if ((threadIdx.x & 31) == 0) {
+    sm[warp] = v.m;
+    ss[warp] = v.s;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    MaxSum t = {sm[0], ss[0]};
+    for (int i = 1; i < nw; ++i) t = combine(t, MaxSum{sm[i], ss[i]});
+    v = t;
+  }
+  return v;
+}
+
+template <typename T>
+__device__ void ce_fwd(const T* __restrict__ logits, int64_t ld, const int64_t* __restrict__ tgt,
+                       float* __restrict__ lse, float* __restrict__ loss, int64_t rows,
+                       int64_t cols, int64_t ignore) {
+  constexpr int N = rf::Vec<T>::N;
+  __shared__ float sm[MAX_THREADS / 32], ss[MAX_THREADS / 32];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* row = logits + r * ld;
+    const int64_t head = head_len(row, cols);
+    const T* body = row + head;
+    const int64_t nvec = (cols - head) / N;
+    MaxSum acc = {-INFINITY, 0.0f};
+    // Two vectors per trip, both loads issued before the math: more bytes in flight.
+    int64_t v = threadIdx.x;
+    for (; v + blockDim.x < nvec; v += 2 * blockDim.x) {
+      const rf::Vec<T> a = rf::load_vec(body + v * N);
+      const rf::Vec<T> b = rf::load_vec(body + (v + blockDim.x) * N);
+      float x[2 * N];
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        x[k] = rf::to_f32(a.v[k]);
+        x[N + k] = rf::to_f32(b.v[k]);
+      }
+      fold<2 * N>(acc, x);
+    }
+    if (v < nvec) {
+      const rf::Vec<T> a = rf::load_vec(body + v * N);
+      float x[N];
+#pragma unroll
+      for (int k = 0; k < N; ++k) x[k] = rf::to_f32(a.v[k]);
+      fold<N>(acc, x);
+    }
+    // Scalar head and tail: fewer than 2 * N elements in all.
+    const int64_t tail = head + nvec * N;
+    const int64_t extra = head + (cols - tail);
+    for (int64_t e = threadIdx.x; e < extra; e += blockDim.x) {
+      const int64_t c = e < head ? e : tail + (e - head);
+      const float x[1] = {rf::to_f32(row[c])};
+      fold<1>(acc, x);
+    }
+    acc = block_combine(acc, sm, ss);
+    if (threadIdx.x == 0) {
+      const float l = acc.m == -INFINITY ? -INFINITY : acc.m + logf(acc.s);
+      const int64_t t = tgt[r];
+      float out = 0.0f;
+      if (t != ignore) out = (t >= 0 && t < cols) ? l - rf::to_f32(row[t]) : NAN;
+      lse[r] = l;
+      loss[r] = out;
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T grad_one(T x, float l, float s, bool hit) {
+  return rf::from_f32<T>((__expf(rf::to_f32(x) - l) - (hit ? 1.0f : 0.0f)) * s);
+}
+
+template <typename T>
+__device__ void ce_bwd(T* logits, int64_t ld, const float* __restrict__ lse,
+                       const int64_t* __restrict__ tgt, const float* __restrict__ scale,
+                       int64_t rows, int64_t cols, int64_t ignore) {
+  constexpr int N = rf::Vec<T>::N;
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    T* row = logits + r * ld;
+    const float l = lse[r], s = scale[r];
+    // An ignored row, or a target outside [0, cols), subtracts no one-hot (-1 matches no column).
+    const int64_t t = tgt[r] == ignore ? -1 : tgt[r];
+    const int64_t head = head_len(row, cols);
+    T* body = row + head;
+    const int64_t nvec = (cols - head) / N;
+    int64_t v = threadIdx.x;
+    for (; v + blockDim.x < nvec; v += 2 * blockDim.x) {
+      const int64_t v1 = v + blockDim.x;
+      rf::Vec<T> a = rf::load_vec(body + v * N);
+      rf::Vec<T> b = rf::load_vec(body + v1 * N);
+      const int64_t c0 = head + v * N, c1 = head + v1 * N;
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        a.v[k] = grad_one(a.v[k], l, s, c0 + k == t);
+        b.v[k] = grad_one(b.v[k], l, s, c1 + k == t);
+      }
+      rf::store_vec(body + v * N, a);
+      rf::store_vec(body + v1 * N, b);
+    }
+    if (v < nvec) {
+      rf::Vec<T> a = rf::load_vec(body + v * N);
+      const int64_t c0 = head + v * N;
+#pragma unroll
+      for (int k = 0; k < N; ++k) a.v[k] = grad_one(a.v[k], l, s, c0 + k == t);
+      rf::store_vec(body + v * N, a);
+    }
+    const int64_t tail = head + nvec * N;
+    const int64_t extra = head + (cols - tail);
+    for (int64_t e = threadIdx.x; e < extra; e += blockDim.x) {
+      const int64_t c = e < head ? e : tail + (e - head);
+      row[c] = grad_one(row[c], l, s, c == t);
+    }
+  }
+}
+
+}  // namespace
+
+#define CE_ENTRY(SUFFIX, T)                                                                     \
+  extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                     \
+      cross_entropy_fwd_##SUFFIX(const T* logits, int64_t ld, const int64_t* tgt, float* lse,   \
+                                 float* loss, int64_t rows, int64_t cols, int64_t ignore) {     \
+    ce_fwd<T>(logits, ld, tgt, lse, loss, rows, cols, ignore);                                  \
+  }                                                                                             \
+  extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                     \
+      cross_entropy_bwd_##SUFFIX(T* logits, int64_t ld, const float* lse, const int64_t* tgt,   \
+                                 const float* scale, int64_t rows, int64_t cols,                \
+                                 int64_t ignore) {                                              \
+    ce_bwd<T>(logits, ld, lse, tgt, scale, rows, cols, ignore);                                 \
+  }
+
+CE_ENTRY(f32, float)
+CE_ENTRY(f16, __half)
+CE_ENTRY(bf16, __nv_bfloat16)

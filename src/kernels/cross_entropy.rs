@@ -1,0 +1,194 @@
+//! Launchers for `kernels/cross_entropy.cu`: per-row log-sum-exp and loss of `[rows, cols]`
+//! logits (forward) and the in-place logits gradient `(softmax - onehot) * scale` (backward).
+//! One block per row; rows may be strided (`ld` elements apart), columns are contiguous.
+
+use std::ffi::c_void;
+
+use super::{check_ptrs, DType};
+use crate::cuda::{self, LaunchConfig, RawStream};
+use crate::{Error, Result};
+
+/// Most threads of a block (`MAX_THREADS` in the kernel).
+const MAX_THREADS: usize = 512;
+/// Most blocks of a launch: rows beyond it are looped over by the grid.
+const MAX_BLOCKS: usize = i32::MAX as usize;
+
+fn kernel_name(fwd: bool, dtype: DType) -> &'static str {
+    match (fwd, dtype) {
+        (true, DType::F32) => "cross_entropy_fwd_f32",
+        (true, DType::F16) => "cross_entropy_fwd_f16",
+        (true, DType::BF16) => "cross_entropy_fwd_bf16",
+        (false, DType::F32) => "cross_entropy_bwd_f32",
+        (false, DType::F16) => "cross_entropy_bwd_f16",
+        (false, DType::BF16) => "cross_entropy_bwd_bf16",
+    }
+}
+
+/// Threads of the block that owns a row of `cols` elements: two 16-byte vectors per thread
+/// per trip, in whole warps, 32 to 512 (a 128k-wide bf16 row then takes ~16 trips per thread).
+pub fn threads_for(cols: usize, dtype: DType) -> u32 {
+    let vecs = cols.div_ceil(16 / dtype.size());
+    vecs.div_ceil(2).next_multiple_of(32).clamp(32, MAX_THREADS) as u32
+}
+
+fn check_shape(what: &str, rows: usize, cols: usize, ld: usize) -> Result<()> {
+    if cols == 0 {
+        return Err(Error::invalid(format!("{what}: rows of width 0")));
+    }
+    if ld < cols && rows > 1 {
+        return Err(Error::invalid(format!(
+            "{what}: row stride {ld} is smaller than the row width {cols}"
+        )));
+    }
+    if ld.max(cols) > i64::MAX as usize / rows.max(1) {
+        return Err(Error::invalid(format!(
+            "{what}: {rows} rows of stride {ld} overflow"
+        )));
+    }
+    Ok(())
+}
+
+/// Forward: `lse[i] = logsumexp(logits[i, :])` and `loss[i] = lse[i] - logits[i, targets[i]]`
+/// (0 where `targets[i] == ignore`, NaN where a target lies outside `[0, cols)`), all in fp32.
+///
+/// # Safety
+/// `logits` must be a device pointer on `device` to `rows` rows of `cols` contiguous `dtype`
+/// elements, row `i` starting at element `i * ld`; `targets` to `rows` int64; `lse` and `loss`
+/// to `rows` f32 each, overlapping nothing else; all live until the launch has run on `stream`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn forward(
+    dtype: DType,
+    logits: usize,
+    ld: usize,
+    targets: usize,
+    lse: usize,
+    loss: usize,
+    rows: usize,
+    cols: usize,
+    ignore: i64,
+    device: i32,
+    stream: RawStream,
+) -> Result<()> {
+    check_shape("cross_entropy forward", rows, cols, ld)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    check_ptrs("cross_entropy forward", &[logits, targets, lse, loss])?;
+    let threads = threads_for(cols, dtype);
+    let blocks = rows.min(MAX_BLOCKS) as u32;
+    let (mut logits, mut ld, mut targets, mut lse, mut loss) =
+        (logits, ld as i64, targets, lse, loss);
+    let (mut rows, mut cols, mut ignore) = (rows as i64, cols as i64, ignore);
+    let mut args = [
+        &mut logits as *mut usize as *mut c_void,
+        &mut ld as *mut i64 as *mut c_void,
+        &mut targets as *mut usize as *mut c_void,
+        &mut lse as *mut usize as *mut c_void,
+        &mut loss as *mut usize as *mut c_void,
+        &mut rows as *mut i64 as *mut c_void,
+        &mut cols as *mut i64 as *mut c_void,
+        &mut ignore as *mut i64 as *mut c_void,
+    ];
+    // SAFETY: args match `cross_entropy_fwd_<dtype>(const T*, int64_t, const int64_t*, float*,
+    // float*, int64_t, int64_t, int64_t)`; the caller guarantees the pointers.
+    unsafe {
+        cuda::launch(
+            device,
+            stream,
+            "cross_entropy",
+            kernel_name(true, dtype),
+            LaunchConfig::linear(blocks, threads),
+            &mut args,
+        )
+    }
+}
+
+/// Backward, in place: `logits[i, j] = T((exp(logits[i, j] - lse[i]) - [j == targets[i]]) *
+/// scale[i])`; a row whose target is `ignore` (or outside `[0, cols)`) subtracts no one-hot.
+///
+/// # Safety
+/// As [`forward`] for `logits` (read and written) and `targets`; `lse` and `scale` must point to
+/// `rows` f32 each on `device`, overlapping `logits` nowhere.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn backward(
+    dtype: DType,
+    logits: usize,
+    ld: usize,
+    lse: usize,
+    targets: usize,
+    scale: usize,
+    rows: usize,
+    cols: usize,
+    ignore: i64,
+    device: i32,
+    stream: RawStream,
+) -> Result<()> {
+    check_shape("cross_entropy backward", rows, cols, ld)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    check_ptrs("cross_entropy backward", &[logits, lse, targets, scale])?;
+    let threads = threads_for(cols, dtype);
+    let blocks = rows.min(MAX_BLOCKS) as u32;
+    let (mut logits, mut ld, mut lse, mut targets, mut scale) =
+        (logits, ld as i64, lse, targets, scale);
+    let (mut rows, mut cols, mut ignore) = (rows as i64, cols as i64, ignore);
+    let mut args = [
+        &mut logits as *mut usize as *mut c_void,
+        &mut ld as *mut i64 as *mut c_void,
+        &mut lse as *mut usize as *mut c_void,
+        &mut targets as *mut usize as *mut c_void,
+        &mut scale as *mut usize as *mut c_void,
+        &mut rows as *mut i64 as *mut c_void,
+        &mut cols as *mut i64 as *mut c_void,
+        &mut ignore as *mut i64 as *mut c_void,
+    ];
+    // SAFETY: args match `cross_entropy_bwd_<dtype>(T*, int64_t, const float*, const int64_t*,
+    // const float*, int64_t, int64_t, int64_t)`; the caller guarantees the pointers.
+    unsafe {
+        cuda::launch(
+            device,
+            stream,
+            "cross_entropy",
+            kernel_name(false, dtype),
+            LaunchConfig::linear(blocks, threads),
+            &mut args,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threads_cover_the_row_in_whole_warps() {
+        assert_eq!(threads_for(1, DType::BF16), 32);
+        assert_eq!(threads_for(1000, DType::BF16), 64); // 125 vectors -> 63 threads -> 2 warps
+        assert_eq!(threads_for(128_256, DType::BF16), 512);
+        assert_eq!(threads_for(128_256, DType::F32), 512);
+        for cols in [1, 7, 8, 9, 1000, 4096, 128_259] {
+            let t = threads_for(cols, DType::F16) as usize;
+            assert!(t % 32 == 0 && (32..=MAX_THREADS).contains(&t));
+        }
+    }
+
+    #[test]
+    fn shape_checks_name_the_problem() {
+        assert!(check_shape("ce", 4, 0, 0).is_err());
+        assert!(check_shape("ce", 4, 10, 9).is_err());
+        assert!(check_shape("ce", 1, 10, 0).is_ok()); // one row: the stride is never used
+        assert!(check_shape("ce", usize::MAX / 2, 10, 10).is_err());
+        assert!(check_shape("ce", 4, 10, 16).is_ok());
+    }
+
+    #[test]
+    fn zero_rows_launch_nothing() {
+        // SAFETY: no rows: returns before touching any pointer or the driver.
+        let r = unsafe { forward(DType::BF16, 0, 7, 0, 0, 0, 0, 7, -100, 0, RawStream(0)) };
+        assert!(r.is_ok());
+        // SAFETY: as above.
+        let r = unsafe { backward(DType::F32, 0, 7, 0, 0, 0, 0, 7, -100, 0, RawStream(0)) };
+        assert!(r.is_ok());
+    }
+}
