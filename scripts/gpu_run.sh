@@ -4,7 +4,12 @@
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-deps --no-index --target /tmp/site target/wheels/*.whl || exit 1
+# Install once per wheel (phases may run as concurrent invocations, one per GPU).
+stamp=$(sha1sum target/wheels/*.whl | cut -c1-40)
+if [ "$(cat /tmp/site/.wheel 2>/dev/null)" != "$stamp" ]; then
+  python3 -m pip install -q --no-deps --no-index --upgrade --target /tmp/site target/wheels/*.whl || exit 1
+  echo "$stamp" > /tmp/site/.wheel
+fi
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 [ -d .whl/bnbsite ] && export PYTHONPATH=$PYTHONPATH:$PWD/.whl/bnbsite   # bitsandbytes, baseline only
 export PYTHONUNBUFFERED=1
