@@ -123,3 +123,69 @@ def test_return_dict_false_keeps_the_tuple_contract():
     ids = torch.randint(0, 97, (1, 6))
     out = model(input_ids=ids, labels=ids, return_dict=False)
     assert isinstance(out, tuple) and out[0].dim() == 0 and out[1].shape == (1, 6, 97)
+
+
+@pytest.mark.parametrize("num_items", [None, 50])
+def test_kernel_branch_wiring_on_cpu(monkeypatch, num_items):
+    # the CUDA chunk loop (cross-entropy ops) run with the ops' CPU reference: same loss and dh
+    import rslora_fast.ops.fused_ce as fused_ce
+
+    monkeypatch.setattr(fused_ce, "_use_kernels", lambda hidden: True)
+    h = torch.randn(37, 16, dtype=torch.float32, requires_grad=True)
+    w = torch.randn(101, 16) / 4
+    t = torch.randint(0, 101, (37,))
+    t[::3] = -100
+    loss = fused_linear_cross_entropy(h, w, t, num_items_in_batch=num_items, chunk_tokens=8)
+    (g,) = torch.autograd.grad(loss, h)
+    h2 = h.detach().double().requires_grad_()
+    ref = _reference(h2, w, t, num_items)
+    (g_ref,) = torch.autograd.grad(ref, h2)
+    assert torch.allclose(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(g.double(), g_ref, rtol=1e-4, atol=1e-6)
+    assert g[::3].abs().max() == 0
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    "n,hdim,vocab,chunk", [(1, 64, 1000, None), (67, 128, 32003, 16), (300, 256, 128256 + 3, 97)]
+)
+def test_cuda_matches_torch_cross_entropy_on_full_logits(dtype, n, hdim, vocab, chunk):
+    import rslora_fast.ops.fused_ce as fused_ce
+
+    h = (torch.randn(n, hdim, device="cuda") * 2).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hdim, device="cuda") / hdim**0.5).to(dtype)
+    t = torch.randint(0, vocab, (n,), device="cuda")
+    t[::5] = -100
+    if n > 2:
+        t[1], t[2] = 0, vocab - 1
+    assert fused_ce._use_kernels(h)
+    loss = fused_linear_cross_entropy(h, w, t, chunk_tokens=chunk)
+    (g,) = torch.autograd.grad(loss, h)
+    # transformers' path: full logits in the dtype, upcast, F.cross_entropy (float64 for the reference)
+    h2 = h.detach().clone().requires_grad_()
+    logits = (h2 @ w.t()).double()
+    ref = F.cross_entropy(logits, t, ignore_index=-100)
+    (g_ref,) = torch.autograd.grad(ref, h2)
+    # the chunked matmul may round a few logits differently from the full one (one ulp of the dtype)
+    loss_tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 5e-3}[dtype]
+    assert abs(float(loss) - float(ref)) < loss_tol * max(1.0, abs(float(ref)))
+    tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
+    err = float((g.double() - g_ref.double()).norm() / g_ref.double().norm())
+    assert err < tol, err
+    assert g[::5].abs().max() == 0 and torch.isfinite(g).all()
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_all_ignored_gives_zero_gradient():
+    h = torch.randn(9, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(1001, 32, device="cuda", dtype=torch.bfloat16)
+    t = torch.full((9,), -100, device="cuda")
+    loss = fused_linear_cross_entropy(h, w, t, chunk_tokens=4)
+    (g,) = torch.autograd.grad(loss, h)
+    assert float(loss) == 0.0 and g.abs().max() == 0
