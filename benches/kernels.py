@@ -1,4 +1,4 @@
-"""Bandwidth of each memory-bound kernel (SwiGLU, GeGLU, RMSNorm, RoPE) as a fraction of the measured device-to-device copy bandwidth,
+"""Bandwidth of each memory-bound kernel (SwiGLU, GeGLU, RMSNorm, RoPE, cross-entropy) as a fraction of the measured device-to-device copy bandwidth,
 beside the eager PyTorch expression, medians of repeated runs (CUDA events).
 
     python benches/kernels.py --out results/kernels.jsonl
@@ -112,6 +112,53 @@ def rope_rows(dtype: torch.dtype, batch: int = 2, seq: int = 4096) -> list:
     return [(f"rope q+k (2 x {seq}, 32/8 heads)", nbytes, lambda: rope_(q, k, cos, sin), eager)]
 
 
+def cross_entropy_rows(dtype: torch.dtype, tokens: int = 4096, vocab: int = 128256) -> list:
+    """Llama-3 logits ``[4096, 128256]`` in chunks as ``ops/fused_ce.py`` splits them; forward reads each
+    chunk once, the in-place backward reads and writes it. Eager: the float32 upcast expressions."""
+    from rslora_fast.ops.cross_entropy import cross_entropy_bwd_, cross_entropy_fwd
+    from rslora_fast.ops.fused_ce import default_chunk_tokens
+
+    chunk = default_chunk_tokens(vocab)
+    logits = (torch.randn(tokens, vocab, device="cuda") * 2).to(dtype)
+    t = torch.randint(0, vocab, (tokens,), device="cuda")
+    t[::7] = -100
+    valid = t != -100
+    safe_t = torch.where(valid, t, 0)
+    lse, _ = cross_entropy_fwd(logits, t)
+    scale = valid.float() / valid.sum()
+    spans = [(s, min(tokens, s + chunk)) for s in range(0, tokens, chunk)]
+
+    def ours_fwd():
+        return [cross_entropy_fwd(logits[s:e], t[s:e]) for s, e in spans]
+
+    def eager_fwd():  # fused_ce's former chunk body
+        out = []
+        for s, e in spans:
+            lf = logits[s:e].float()
+            lse_c = torch.logsumexp(lf, dim=-1)
+            out.append((lse_c - lf.gather(1, safe_t[s:e, None]).squeeze(1)) * valid[s:e])
+        return out
+
+    work = logits.clone()  # the backward overwrites its buffer; values stay in [-1, 1] after the first call
+
+    def ours_bwd():
+        for s, e in spans:
+            cross_entropy_bwd_(work[s:e], lse[s:e], t[s:e], scale[s:e])
+
+    def eager_bwd():  # fused_ce's former backward chain, ending in the dtype the next matmul reads
+        out = []
+        for s, e in spans:
+            p = torch.exp(logits[s:e].float() - lse[s:e, None])
+            p.scatter_add_(1, safe_t[s:e, None], torch.full((e - s, 1), -1.0, device=p.device))
+            p *= scale[s:e, None]
+            out.append(p.to(dtype))
+        return out
+
+    size = logits.numel() * logits.element_size()
+    name = f"cross_entropy [{tokens}, {vocab}] in chunks of {chunk}"
+    return [(f"{name} fwd", size, ours_fwd, eager_fwd), (f"{name} bwd", 2 * size, ours_bwd, eager_bwd)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--elements", type=int, default=64 * 1024 * 1024)
@@ -127,6 +174,7 @@ def main() -> int:
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         cases = swiglu_rows(args.elements, dtype) + geglu_rows(args.elements, dtype)
         cases += rms_norm_rows(args.elements, dtype) + rope_rows(dtype)
+        cases += cross_entropy_rows(dtype)
         for name, nbytes, ours, eager in cases:
             ours_ms, ours_spread = median_ms(ours, repeat=args.repeat)
             eager_ms, _ = median_ms(eager, repeat=args.repeat)
