@@ -31,7 +31,7 @@ for phase in "$@"; do
       ;;
     longctx)  # longest batch-1 sequence under a 24 GiB cap, per checkpointing mode (4-bit base)
       python3 benches/train_step.py --cache bench-cache --out "$OUT/longctx.jsonl" --mode longctx --cap-gib 24 \
-        --len-step 4096 --max-len 131072 \
+        --len-step "${LEN_STEP:-4096}" --max-len 131072 \
         --systems "${LONGCTX_SYSTEMS:-rslora_fast:4bit:unsloth,rslora_fast:4bit:true,rslora_fast:4bit:false}" \
         2>"$OUT/longctx.err" | tail -8
       ;;

@@ -400,10 +400,10 @@ def main(argv: list[str] | None = None) -> int:
                 row = json.loads(result.read_text())
         rows.append(row)
         print(json.dumps(row), flush=True)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+        # one line per finished system, so a run cut short still leaves what it measured
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
     print_table(rows)
     return 0 if all("error" not in r for r in rows) else 1
 
