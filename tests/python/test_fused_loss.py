@@ -160,7 +160,8 @@ def test_cuda_matches_torch_cross_entropy_on_full_logits(dtype, n, hdim, vocab, 
     h = (torch.randn(n, hdim, device="cuda") * 2).to(dtype).requires_grad_()
     w = (torch.randn(vocab, hdim, device="cuda") / hdim**0.5).to(dtype)
     t = torch.randint(0, vocab, (n,), device="cuda")
-    t[::5] = -100
+    if n > 1:  # a lone ignored token would leave nothing to average (torch: nan; ours: 0, tested apart)
+        t[::5] = -100
     if n > 2:
         t[1], t[2] = 0, vocab - 1
     assert fused_ce._use_kernels(h)
@@ -177,7 +178,9 @@ def test_cuda_matches_torch_cross_entropy_on_full_logits(dtype, n, hdim, vocab, 
     tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
     err = float((g.double() - g_ref.double()).norm() / g_ref.double().norm())
     assert err < tol, err
-    assert g[::5].abs().max() == 0 and torch.isfinite(g).all()
+    assert torch.isfinite(g).all()
+    if n > 1:
+        assert g[::5].abs().max() == 0
 
 
 @cuda
