@@ -66,3 +66,47 @@ def test_fused_mlp_gradients_match_transformers():
     m(x2).backward(g)
     torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-6)
     assert m.gate_proj.lora_A.weight.grad is not None or m.gate_proj.lora_B.weight.grad is not None
+
+
+@pytest.mark.parametrize("mode", [False, True, "unsloth"])
+def test_tiled_mlp_matches_the_untiled_one(monkeypatch, mode):
+    """Long calls run the MLP tile by tile (less memory): same loss and LoRA gradients."""
+    import rslora_fast.models.fast_mlp as fast_mlp
+
+    def run(tile):
+        monkeypatch.setattr(fast_mlp, "TILE_TOKENS", tile)
+        model = get_peft_model(_model("llama"), r=4, lora_alpha=8, use_gradient_checkpointing=mode)
+        for name, p in model.named_parameters():  # non-zero B: every adapter matters
+            if "lora_B" in name:
+                p.data.copy_(torch.linspace(-0.05, 0.05, p.numel()).view_as(p))
+        model.train()
+        ids = torch.arange(2 * 37).view(2, 37) % 64
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    calls = []
+    real = fast_mlp._TiledMLP.apply
+    monkeypatch.setattr(fast_mlp._TiledMLP, "apply", lambda *a: calls.append(1) or real(*a))
+    loss_ref, g_ref = run(10**9)
+    assert not calls
+    loss_tiled, g_tiled = run(16)  # 74 tokens: tiles of 16, a partial last one
+    assert calls  # the tiled path ran
+    torch.testing.assert_close(loss_tiled, loss_ref, rtol=1e-6, atol=1e-6)
+    assert g_ref.keys() == g_tiled.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g_tiled[name], g_ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_tiled_mlp_without_grad_and_with_dropout(monkeypatch):
+    import rslora_fast.models.fast_mlp as fast_mlp
+
+    model = get_peft_model(_model("llama"), r=4, use_gradient_checkpointing=False)
+    mlp = model.base_model.model.model.layers[0].mlp
+    x = torch.randn(3, 11, 32)
+    want = mlp(x)
+    monkeypatch.setattr(fast_mlp, "TILE_TOKENS", 4)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), want, rtol=1e-6, atol=1e-6)
+    dropped = get_peft_model(_model("llama"), r=4, lora_dropout=0.1, use_gradient_checkpointing=False)
+    assert not fast_mlp._tileable(dropped.base_model.model.model.layers[0].mlp)

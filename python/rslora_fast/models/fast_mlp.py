@@ -9,10 +9,12 @@ node (:func:`rslora_fast.ops.lora_linear.lora_linears`) when they qualify. Insta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import types
 from collections import Counter
 
+import torch
 from torch import nn
 
 from ..ops.lora_linear import lora_linears
@@ -25,11 +27,84 @@ _SILU = ("silu", "swish")
 _MARK = "_rslora_fast_mlp"
 
 
-def _fused_forward(self, x):
+# Above this many tokens in one call the MLP runs in tiles of this many tokens: its three
+# [tokens, intermediate] tensors (gate, up, their product) and their gradients are the largest
+# activations of a long sequence (Llama-3-8B: about 0.08 GiB each per 1k tokens), and a token-wise
+# MLP can be computed, and differentiated, tile by tile. Costs one more MLP forward per tile in
+# backward (the tile is recomputed), paid only at lengths where memory, not speed, is the limit.
+TILE_TOKENS = 16384
+
+
+def _untiled(self, x):
     # gate and up share x: one autograd node, one input-gradient buffer (falls back to calling the
     # two projections when they cannot be fused).
     gate, up = lora_linears(x, [self.gate_proj, self.up_proj])
     return self.down_proj(swiglu(gate, up))
+
+
+def _fused_forward(self, x):
+    tokens = x.numel() // max(1, x.shape[-1])
+    if tokens <= TILE_TOKENS or not _tileable(self):
+        return _untiled(self, x)
+    params = [p for p in self.parameters() if p.requires_grad]
+    if torch.is_grad_enabled() and (x.requires_grad or params):
+        return _TiledMLP.apply(self, x, *params)
+    with torch.no_grad():  # nothing here needs a gradient
+        return _tiles(self, x, lambda xc: _untiled(self, xc))
+
+
+def _tileable(self) -> bool:
+    """Tiles give the same result only when the MLP is deterministic (no dropout anywhere)."""
+    return not any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules())
+
+
+def _tiles(self, x, fn):
+    flat = x.reshape(-1, x.shape[-1])
+    out = None
+    for s in range(0, flat.shape[0], TILE_TOKENS):
+        y = fn(flat[s : s + TILE_TOKENS])
+        if out is None:
+            out = y.new_empty(flat.shape[0], y.shape[-1])
+        out[s : s + y.shape[0]] = y
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class _TiledMLP(torch.autograd.Function):
+    """The MLP over token tiles: forward keeps only its input; backward recomputes each tile with
+    autograd and back-propagates it at once (LoRA gradients accumulate tile by tile), so one
+    tile's intermediate tensors exist at a time. The trainable parameters are inputs only so the
+    node is part of the graph even when ``x`` needs no gradient; their gradients accumulate
+    directly during the per-tile backward."""
+
+    @staticmethod
+    def forward(ctx, mlp, x, *params):  # noqa: D417
+        ctx.mlp = mlp
+        ctx.autocast = [
+            (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) for dev in ("cuda", "cpu")
+        ]
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return _tiles(mlp, x, lambda xc: _untiled(mlp, xc))
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        mlp = ctx.mlp
+        flat = x.reshape(-1, x.shape[-1])
+        dflat = dy.reshape(-1, dy.shape[-1])
+        dx = torch.empty_like(flat) if ctx.needs_input_grad[1] else None
+        with contextlib.ExitStack() as stack:
+            for dev, enabled, dtype in ctx.autocast:
+                stack.enter_context(torch.autocast(dev, dtype=dtype, enabled=enabled))
+            for s in range(0, flat.shape[0], TILE_TOKENS):
+                xc = flat[s : s + TILE_TOKENS].detach().requires_grad_(dx is not None)
+                with torch.enable_grad():
+                    yc = _untiled(mlp, xc)
+                torch.autograd.backward(yc, dflat[s : s + TILE_TOKENS])
+                if dx is not None:
+                    dx[s : s + xc.shape[0]] = xc.grad
+        grads = (None, None if dx is None else dx.view_as(x))
+        return grads + (None,) * (len(ctx.needs_input_grad) - 2)
 
 
 def _why_not(module: nn.Module) -> str | None:
