@@ -27,6 +27,7 @@ goes away, including after an exception.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import warnings
 import weakref
@@ -631,6 +632,16 @@ class OffloadedCheckpointing:
         self.installed = False
 
 
+def default_host_cap_bytes() -> int | None:
+    """Half of the host's physical memory, divided among this host's processes; ``None`` if unknown."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return total // 2 // local
+
+
 def install_offloaded_checkpointing(
     model: nn.Module,
     *,
@@ -651,8 +662,11 @@ def install_offloaded_checkpointing(
         lookahead: how many earlier layers' inputs are copied back ahead of the layer that
             recomputes in backward (0: each input is fetched just before its recompute).
         min_tokens: calls with fewer tokens (batch x sequence) use plain checkpointing, logged once.
-        host_cap_bytes: cap on the host memory each device's pool may reserve; exceeding it raises
-            ``MemoryError`` with the numbers.
+        host_cap_bytes: cap on the host memory each device's pool may reserve. Before growing past
+            it the pool frees its idle blocks of other sizes (lengths that changed); if that is not
+            enough it raises ``MemoryError`` with the numbers. Default (``None``): half of the
+            host's physical memory shared by the processes of this host (``LOCAL_WORLD_SIZE``), so
+            a run whose sequence lengths vary cannot grow the pinned pool until the OS kills it.
         max_memory_gb: optional budget (GiB) for activations kept on the device without any
             recompute: layers whose saved activations fit (measured per layer on a short probe)
             run un-checkpointed, the rest are offloaded.
@@ -667,7 +681,9 @@ def install_offloaded_checkpointing(
     if lookahead < 0 or min_tokens < 0:
         raise ValueError("lookahead and min_tokens must be >= 0")
     if host_cap_bytes is not None and host_cap_bytes <= 0:
-        raise ValueError("host_cap_bytes must be positive")
+        raise ValueError(f"host_cap_bytes must be positive, got {host_cap_bytes}")
+    if host_cap_bytes is None:
+        host_cap_bytes = default_host_cap_bytes()
     if max_memory_gb is not None and max_memory_gb < 0:
         raise ValueError("max_memory_gb must be >= 0")
     if any("_rslora_offload" in layer.__dict__ for layer in layers):

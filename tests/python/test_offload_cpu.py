@@ -232,6 +232,24 @@ def test_reaching_the_host_cap_raises_a_clear_error():
     assert torch.isfinite(loss)
 
 
+def test_changing_lengths_under_the_cap_reuse_memory_instead_of_growing():
+    """A length search (each step longer than the last) frees the idle blocks of older lengths
+    rather than holding every length's blocks at once; the default cap is half the host's RAM."""
+    from rslora_fast.offload import default_host_cap_bytes
+
+    model = tiny_llama(dropout=0.0)
+    assert (
+        install_offloaded_checkpointing(tiny_llama(), min_tokens=0).host_cap_bytes == default_host_cap_bytes()
+    )
+    longest = 2 * 400 * 64 * 4 * (LAYERS - 1)  # bytes of all offloaded inputs at the longest length
+    handle = install_offloaded_checkpointing(model, min_tokens=0, host_cap_bytes=int(1.5 * longest))
+    for n in (100, 200, 300, 400):  # unbounded, the pool would hold all four lengths: 2.5x longest
+        ids = torch.randint(0, 101, (2, n))
+        loss, _ = step(model, ids, 0)
+        assert torch.isfinite(loss)
+    assert handle.stats()["reserved_bytes"] <= 1.5 * longest
+
+
 def test_eval_and_no_grad_run_the_layers_unchanged():
     model = tiny_llama()
     plain = copy.deepcopy(model)
