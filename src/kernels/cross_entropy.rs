@@ -48,6 +48,64 @@ fn check_shape(what: &str, rows: usize, cols: usize, ld: usize) -> Result<()> {
     Ok(())
 }
 
+/// One launch of a row kernel: both kernels take `(logits, ld, p1, p2, p3, rows, cols, ignore)`.
+///
+/// # Safety
+/// As [`forward`] / [`backward`] for the pointers they name.
+#[allow(clippy::too_many_arguments)]
+unsafe fn launch_rows(
+    fwd: bool,
+    dtype: DType,
+    logits: usize,
+    ld: usize,
+    rest: [usize; 3],
+    rows: usize,
+    cols: usize,
+    ignore: i64,
+    device: i32,
+    stream: RawStream,
+) -> Result<()> {
+    let what = if fwd {
+        "cross_entropy forward"
+    } else {
+        "cross_entropy backward"
+    };
+    check_shape(what, rows, cols, ld)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    check_ptrs(what, &[logits, rest[0], rest[1], rest[2]])?;
+    let threads = threads_for(cols, dtype);
+    let blocks = rows.min(MAX_BLOCKS) as u32;
+    let [mut p1, mut p2, mut p3] = rest;
+    let (mut logits, mut ld) = (logits, ld as i64);
+    let (mut rows, mut cols, mut ignore) = (rows as i64, cols as i64, ignore);
+    let mut args = [
+        &mut logits as *mut usize as *mut c_void,
+        &mut ld as *mut i64 as *mut c_void,
+        &mut p1 as *mut usize as *mut c_void,
+        &mut p2 as *mut usize as *mut c_void,
+        &mut p3 as *mut usize as *mut c_void,
+        &mut rows as *mut i64 as *mut c_void,
+        &mut cols as *mut i64 as *mut c_void,
+        &mut ignore as *mut i64 as *mut c_void,
+    ];
+    // SAFETY: args match `cross_entropy_fwd_<dtype>(const T*, int64_t, const int64_t* targets,
+    // float* lse, float* loss, int64_t, int64_t, int64_t)` and `cross_entropy_bwd_<dtype>(T*,
+    // int64_t, const float* lse, const int64_t* targets, const float* scale, int64_t, int64_t,
+    // int64_t)`; the callers pass `rest` in those orders and guarantee the pointers.
+    unsafe {
+        cuda::launch(
+            device,
+            stream,
+            "cross_entropy",
+            kernel_name(fwd, dtype),
+            LaunchConfig::linear(blocks, threads),
+            &mut args,
+        )
+    }
+}
+
 /// Forward: `lse[i] = logsumexp(logits[i, :])` and `loss[i] = lse[i] - logits[i, targets[i]]`
 /// (0 where `targets[i] == ignore`, NaN where a target lies outside `[0, cols)`), all in fp32.
 ///
@@ -69,36 +127,19 @@ pub unsafe fn forward(
     device: i32,
     stream: RawStream,
 ) -> Result<()> {
-    check_shape("cross_entropy forward", rows, cols, ld)?;
-    if rows == 0 {
-        return Ok(());
-    }
-    check_ptrs("cross_entropy forward", &[logits, targets, lse, loss])?;
-    let threads = threads_for(cols, dtype);
-    let blocks = rows.min(MAX_BLOCKS) as u32;
-    let (mut logits, mut ld, mut targets, mut lse, mut loss) =
-        (logits, ld as i64, targets, lse, loss);
-    let (mut rows, mut cols, mut ignore) = (rows as i64, cols as i64, ignore);
-    let mut args = [
-        &mut logits as *mut usize as *mut c_void,
-        &mut ld as *mut i64 as *mut c_void,
-        &mut targets as *mut usize as *mut c_void,
-        &mut lse as *mut usize as *mut c_void,
-        &mut loss as *mut usize as *mut c_void,
-        &mut rows as *mut i64 as *mut c_void,
-        &mut cols as *mut i64 as *mut c_void,
-        &mut ignore as *mut i64 as *mut c_void,
-    ];
-    // SAFETY: args match `cross_entropy_fwd_<dtype>(const T*, int64_t, const int64_t*, float*,
-    // float*, int64_t, int64_t, int64_t)`; the caller guarantees the pointers.
+    // SAFETY: the caller's guarantees, passed on in the kernel's argument order.
     unsafe {
-        cuda::launch(
+        launch_rows(
+            true,
+            dtype,
+            logits,
+            ld,
+            [targets, lse, loss],
+            rows,
+            cols,
+            ignore,
             device,
             stream,
-            "cross_entropy",
-            kernel_name(true, dtype),
-            LaunchConfig::linear(blocks, threads),
-            &mut args,
         )
     }
 }
@@ -123,36 +164,19 @@ pub unsafe fn backward(
     device: i32,
     stream: RawStream,
 ) -> Result<()> {
-    check_shape("cross_entropy backward", rows, cols, ld)?;
-    if rows == 0 {
-        return Ok(());
-    }
-    check_ptrs("cross_entropy backward", &[logits, lse, targets, scale])?;
-    let threads = threads_for(cols, dtype);
-    let blocks = rows.min(MAX_BLOCKS) as u32;
-    let (mut logits, mut ld, mut lse, mut targets, mut scale) =
-        (logits, ld as i64, lse, targets, scale);
-    let (mut rows, mut cols, mut ignore) = (rows as i64, cols as i64, ignore);
-    let mut args = [
-        &mut logits as *mut usize as *mut c_void,
-        &mut ld as *mut i64 as *mut c_void,
-        &mut lse as *mut usize as *mut c_void,
-        &mut targets as *mut usize as *mut c_void,
-        &mut scale as *mut usize as *mut c_void,
-        &mut rows as *mut i64 as *mut c_void,
-        &mut cols as *mut i64 as *mut c_void,
-        &mut ignore as *mut i64 as *mut c_void,
-    ];
-    // SAFETY: args match `cross_entropy_bwd_<dtype>(T*, int64_t, const float*, const int64_t*,
-    // const float*, int64_t, int64_t, int64_t)`; the caller guarantees the pointers.
+    // SAFETY: the caller's guarantees, passed on in the kernel's argument order.
     unsafe {
-        cuda::launch(
+        launch_rows(
+            false,
+            dtype,
+            logits,
+            ld,
+            [lse, targets, scale],
+            rows,
+            cols,
+            ignore,
             device,
             stream,
-            "cross_entropy",
-            kernel_name(false, dtype),
-            LaunchConfig::linear(blocks, threads),
-            &mut args,
         )
     }
 }
