@@ -4,15 +4,13 @@ transformers computes ``act_fn(gate_proj(x)) * up_proj(x)`` as separate kernels 
 more in backward); :func:`rslora_fast.ops.swiglu` does it in one pass each way. The projections stay
 whatever they are (``nn.Linear``, ``Linear4bit``, LoRA-wrapped); gate and up run as one fused LoRA
 node (:func:`rslora_fast.ops.lora_linear.lora_linears`) when they qualify. Installed per MLP instance by
-``get_peft_model`` and removed by ``unload`` / ``merge_and_unload``.
+``get_peft_model`` (through :func:`rslora_fast.models.fast_decoder.install_fast_decoder`) and removed
+by ``unload`` / ``merge_and_unload``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import types
-from collections import Counter
 
 import torch
 from torch import nn
@@ -20,11 +18,8 @@ from torch import nn
 from ..ops.lora_linear import lora_linears
 from ..ops.swiglu import swiglu
 
-logger = logging.getLogger(__name__)
-
 SWIGLU_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 _SILU = ("silu", "swish")
-_MARK = "_rslora_fast_mlp"
 
 
 # Above this many tokens in one call the MLP runs in tiles of this many tokens: its three
@@ -118,32 +113,3 @@ def _why_not(module: nn.Module) -> str | None:
     ):
         return f"{name} lacks gate/up/down projections"
     return None
-
-
-def install_fast_mlp(model: nn.Module) -> int:
-    """Switch every supported MLP of ``model`` to the fused SwiGLU forward; returns how many.
-
-    Logs one line with the count and, for MLP-like modules left on the generic path, why.
-    """
-    fused, skipped = 0, Counter()
-    for module in model.modules():
-        if not type(module).__name__.endswith("MLP"):
-            continue
-        reason = _why_not(module)
-        if reason is None:
-            module.forward = types.MethodType(_fused_forward, module)
-            setattr(module, _MARK, True)
-            fused += 1
-        else:
-            skipped[reason] += 1
-    if fused or skipped:
-        rest = "; ".join(f"{n} x {r}" for r, n in skipped.items()) or "none"
-        logger.info("fast path: %d MLP(s) use the fused SwiGLU kernel; generic path: %s", fused, rest)
-    return fused
-
-
-def uninstall_fast_mlp(model: nn.Module) -> None:
-    """Restore the class ``forward`` of every MLP switched by :func:`install_fast_mlp`."""
-    for module in model.modules():
-        if module.__dict__.pop(_MARK, False):
-            module.__dict__.pop("forward", None)
