@@ -52,7 +52,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         choices=["unsloth", "true", "false"],
         help="checkpointing mode",
     )
-    p.add_argument("--optim", default="adamw_torch")
+    # fused: one kernel for all adapter tensors (the foreach AdamW took ~40 ms of a 0.4 s 8B step)
+    p.add_argument("--optim", default="adamw_torch_fused")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-4; 3e-3 for the demo)")
     p.add_argument("--lr-scheduler", default="linear")
     p.add_argument("--warmup-steps", type=int, default=5)
