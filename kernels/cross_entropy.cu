@@ -22,7 +22,9 @@ struct MaxSum {
 
 __device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
   const float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return {m, 0.0f};  // both empty (avoids -inf - -inf = NaN)
+  // Both without a finite max: the sums are 0, or NaN when a NaN was folded in (fmaxf skips NaN,
+  // so only the sum carries it); adding keeps the NaN and avoids -inf - -inf.
+  if (m == -INFINITY) return {m, a.s + b.s};
   return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
 }
 
@@ -116,7 +118,7 @@ __device__ void ce_fwd(const T* __restrict__ logits, int64_t ld, const int64_t* 
     }
     acc = block_combine(acc, sm, ss);
     if (threadIdx.x == 0) {
-      const float l = acc.m == -INFINITY ? -INFINITY : acc.m + logf(acc.s);
+      const float l = isnan(acc.s) ? NAN : (acc.m == -INFINITY ? -INFINITY : acc.m + logf(acc.s));
       const int64_t t = tgt[r];
       float out = 0.0f;
       if (t != ignore) out = (t >= 0 && t < cols) ? l - rf::to_f32(row[t]) : NAN;

@@ -174,6 +174,25 @@ def test_cuda_all_ignored_and_first_last_targets(dtype):
     check_fwd_bwd("cuda", dtype, 6, 1001, targets=t)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[cuda, pytest.mark.cuda])])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_logits_give_nan_like_torch(device, dtype):
+    # a NaN anywhere in a row (a lone NaN, a whole 16-byte vector of them, the whole row) must
+    # not be folded away: the loss of that row is NaN, as torch's logsumexp gives
+    logits = torch.zeros(4, 64, device=device, dtype=dtype)
+    logits[0, 1] = float("nan")
+    logits[1, 8:16] = float("nan")
+    logits[2] = float("nan")
+    logits[3, 63] = float("nan")
+    small = torch.tensor([[float("nan"), 0.0]], device=device, dtype=dtype)
+    for x in (logits, small):
+        t = torch.zeros(x.shape[0], dtype=torch.long, device=device)
+        lse, loss = cross_entropy_fwd(x, t, -100)
+        want = torch.logsumexp(x.double(), -1)
+        assert torch.isnan(want).all()  # the reference really is NaN for every row here
+        assert torch.isnan(lse).all() and torch.isnan(loss).all(), (lse, loss)
+
+
 @cuda
 @pytest.mark.cuda
 def test_cuda_large_logits_do_not_overflow():
