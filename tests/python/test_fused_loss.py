@@ -37,6 +37,11 @@ def test_bad_shapes():
         fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 9), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="targets"):
         fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long))
+    for bad in (0, -4):  # a non-positive chunk would skip every token and hand back garbage
+        with pytest.raises(ValueError, match=f"chunk_tokens .* got {bad}"):
+            fused_linear_cross_entropy(
+                torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), chunk_tokens=bad
+            )
 
 
 def _tiny_llama():

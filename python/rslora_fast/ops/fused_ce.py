@@ -9,8 +9,13 @@ On CUDA (float32/float16/bfloat16) each chunk runs our cross-entropy kernels ins
 (``ops/cross_entropy.py``): the forward reads the chunk's logits once for the log-sum-exp and the
 target logit, the backward turns them into their gradient in place; no float32 copy of a chunk exists.
 
-Peak extra memory is one chunk of float32 logits instead of the whole tensor (for Llama-3 at 4,096
-tokens: about 0.25 GiB instead of about 6 GiB of logits, their float32 copy and their gradients).
+Peak extra memory is one chunk of logits instead of the whole tensor: chunks are sized so that a
+float32 chunk is about 0.25 GiB (on the CUDA kernel path the chunk stays in the activation dtype, so
+a bf16 chunk is half that), instead of about 6 GiB of logits, their float32 copy and their gradients
+for Llama-3 at 4,096 tokens.
+
+A target outside ``[0, vocab)`` other than ``-100``: the CPU path raises ``IndexError``; the CUDA
+kernels give that token a NaN loss (so the step's loss is NaN) rather than stopping the device.
 """
 
 from __future__ import annotations
@@ -143,6 +148,8 @@ def fused_linear_cross_entropy(
         raise ValueError(
             f"hidden ({hidden.dtype}, {hidden.device}) and weight ({weight.dtype}, {weight.device})"
         )
+    if chunk_tokens is not None and chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be a positive number of tokens, got {chunk_tokens}")
     if num_items_in_batch is None:
         denom = (targets != IGNORE_INDEX).sum().clamp_min(1).float()
     else:
