@@ -374,7 +374,8 @@ class OffloadedCheckpointing:
     Attributes:
         lookahead: inputs being copied back ahead of the layer that recomputes.
         min_tokens: below this many tokens per layer call, plain checkpointing is used.
-        host_cap_bytes: cap on the host pool of each device (``None``: unbounded).
+        host_cap_bytes: cap on the host pool of each device (``None``: unbounded; the installer
+            passes its default cap unless asked for ``float("inf")``).
         max_memory_gb: budget for activations kept on the device without recompute (``None``:
             every layer is checkpointed).
     """
@@ -632,14 +633,49 @@ class OffloadedCheckpointing:
         self.installed = False
 
 
-def default_host_cap_bytes() -> int | None:
-    """Half of the host's physical memory, divided among this host's processes; ``None`` if unknown."""
+# Launchers' names for "processes on this host" (torchrun/accelerate, Slurm, Open MPI, MPICH/Intel MPI).
+_LOCAL_PROCESS_VARS = (
+    "LOCAL_WORLD_SIZE",
+    "SLURM_NTASKS_PER_NODE",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "MPI_LOCALNRANKS",
+)
+# cgroup v2 and v1 memory limits: a container sees the host's RAM in sysconf, not its own limit.
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def _host_memory_bytes() -> int | None:
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        return None
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    return total // 2 // local
+        total = None
+    for path in _CGROUP_LIMITS:
+        try:
+            with open(path) as fh:
+                text = fh.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max" (v2) or a huge sentinel (v1) mean no limit
+            limit = int(text)
+            total = limit if total is None else min(total, limit)
+    return total
+
+
+def _local_processes() -> int:
+    for var in _LOCAL_PROCESS_VARS:
+        value = os.environ.get(var, "")
+        head = value.split("(")[0].split(",")[0]  # Slurm may write "4(x2)" or "4,4"
+        if head.isdigit() and int(head) > 0:
+            return int(head)
+    return 1
+
+
+def default_host_cap_bytes() -> int | None:
+    """Half of the host memory this process may use (the smaller of physical RAM and a cgroup
+    limit), divided among this host's processes (torchrun, Slurm or MPI launcher variables);
+    ``None`` when unknown."""
+    total = _host_memory_bytes()
+    return None if total is None else total // 2 // _local_processes()
 
 
 def install_offloaded_checkpointing(
@@ -647,7 +683,7 @@ def install_offloaded_checkpointing(
     *,
     lookahead: int = 1,
     min_tokens: int = 512,
-    host_cap_bytes: int | None = None,
+    host_cap_bytes: int | float | None = None,
     max_memory_gb: float | None = None,
 ) -> OffloadedCheckpointing:
     """Run every decoder layer of ``model`` as an offloaded checkpoint (the "unsloth" mode).
@@ -665,8 +701,10 @@ def install_offloaded_checkpointing(
         host_cap_bytes: cap on the host memory each device's pool may reserve. Before growing past
             it the pool frees its idle blocks of other sizes (lengths that changed); if that is not
             enough it raises ``MemoryError`` with the numbers. Default (``None``): half of the
-            host's physical memory shared by the processes of this host (``LOCAL_WORLD_SIZE``), so
+            memory this process may use (physical RAM or its cgroup limit, whichever is smaller)
+            shared by the processes of this host (``LOCAL_WORLD_SIZE``, Slurm or MPI variables), so
             a run whose sequence lengths vary cannot grow the pinned pool until the OS kills it.
+            ``float("inf")``: no cap.
         max_memory_gb: optional budget (GiB) for activations kept on the device without any
             recompute: layers whose saved activations fit (measured per layer on a short probe)
             run un-checkpointed, the rest are offloaded.
@@ -680,10 +718,16 @@ def install_offloaded_checkpointing(
     layers = find_decoder_layers(model)
     if lookahead < 0 or min_tokens < 0:
         raise ValueError("lookahead and min_tokens must be >= 0")
-    if host_cap_bytes is not None and host_cap_bytes <= 0:
-        raise ValueError(f"host_cap_bytes must be positive, got {host_cap_bytes}")
+    if host_cap_bytes is not None and not host_cap_bytes > 0:
+        raise ValueError(
+            f"host_cap_bytes must be positive (or float('inf') for no cap), got {host_cap_bytes}"
+        )
     if host_cap_bytes is None:
         host_cap_bytes = default_host_cap_bytes()
+    elif host_cap_bytes == float("inf"):
+        host_cap_bytes = None  # explicitly unbounded
+    else:
+        host_cap_bytes = int(host_cap_bytes)
     if max_memory_gb is not None and max_memory_gb < 0:
         raise ValueError("max_memory_gb must be >= 0")
     if any("_rslora_offload" in layer.__dict__ for layer in layers):

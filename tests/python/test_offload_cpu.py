@@ -250,6 +250,27 @@ def test_changing_lengths_under_the_cap_reuse_memory_instead_of_growing():
     assert handle.stats()["reserved_bytes"] <= 1.5 * longest
 
 
+def test_default_host_cap_follows_cgroup_limits_and_launchers(monkeypatch, tmp_path):
+    import rslora_fast.offload as off
+
+    limit = tmp_path / "memory.max"
+    limit.write_text(str(8 << 30) + "\n")  # a container limit far below any host's RAM
+    monkeypatch.setattr(off, "_CGROUP_LIMITS", (str(limit),))
+    for var in off._LOCAL_PROCESS_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert off.default_host_cap_bytes() == 4 << 30
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4(x2)")  # Slurm's compressed form
+    assert off.default_host_cap_bytes() == 1 << 30
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's variable wins
+    assert off.default_host_cap_bytes() == 2 << 30
+    limit.write_text("max\n")  # cgroup v2 "no limit": physical RAM again
+    assert off.default_host_cap_bytes() > 2 << 30 or off._host_memory_bytes() <= 4 << 30
+    model = tiny_llama()
+    assert install_offloaded_checkpointing(model, host_cap_bytes=float("inf")).host_cap_bytes is None
+    with pytest.raises(ValueError, match="got -1"):
+        install_offloaded_checkpointing(tiny_llama(), host_cap_bytes=-1)
+
+
 def test_eval_and_no_grad_run_the_layers_unchanged():
     model = tiny_llama()
     plain = copy.deepcopy(model)
