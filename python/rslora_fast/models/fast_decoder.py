@@ -22,9 +22,10 @@ the counts and the reasons.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import sys
-import types
 from collections import Counter
 from typing import Any
 
@@ -40,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
 RMSNORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
-_MARK = "_rslora_fast_decoder"
 
 
 # ---------------------------------------------------------------------------- RMSNorm
@@ -72,9 +72,19 @@ def _projections(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch
     return q, k, v
 
 
-def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def _has_backward_hooks(*modules: nn.Module | None) -> bool:
+    """A module with a (full) backward hook returns its output through a hook node, and such an
+    output's views may not be written in place: rotating q/k in place would then fail."""
+    g = nn.modules.module
+    if g._global_backward_hooks or g._global_backward_pre_hooks:
+        return True
+    return any(m is not None and (m._backward_hooks or m._backward_pre_hooks) for m in modules)
+
+
+def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_place: bool = True):
     ok = (
-        q.dtype == k.dtype == cos.dtype == sin.dtype
+        in_place
+        and q.dtype == k.dtype == cos.dtype == sin.dtype
         and q.device == cos.device
         and q.stride(-1) == 1
         and k.stride(-1) == 1
@@ -110,7 +120,10 @@ def _fast_attention_forward(
         q, k = self.q_norm(q), self.k_norm(k)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     cos, sin = position_embeddings
-    q, k = _rotate(q, k, cos, sin)
+    hooked = _has_backward_hooks(
+        self.q_proj, self.k_proj, getattr(self, "q_norm", None), getattr(self, "k_norm", None)
+    )
+    q, k = _rotate(q, k, cos, sin, in_place=not hooked)
     if past_key_values is not None:
         k, v = past_key_values.update(k, v, self.layer_idx)
     eager = sys.modules[type(self).__module__].eager_attention_forward
@@ -148,6 +161,12 @@ def _attention_why_not(module: nn.Module) -> str | None:
     for attr in ("head_dim", "scaling", "attention_dropout", "layer_idx", "config"):
         if not hasattr(module, attr):
             return f"{name} has no {attr} (unknown transformers layout)"
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if not hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return "this transformers version has no ALL_ATTENTION_FUNCTIONS.get_interface (older layout)"
+    if "past_key_values" not in inspect.signature(type(module).forward).parameters:
+        return f"{name}.forward takes no past_key_values (older transformers cache API)"
     return None
 
 
@@ -172,10 +191,14 @@ def install_fast_decoder(model: nn.Module) -> dict[str, int]:
         for kind, why_not, forward, looks_like in _KINDS:
             if not looks_like(name):
                 continue
-            reason = why_not(module)
+            if _ours(module):
+                counts[kind] += 1  # installed already (a second get_peft_model on the same model)
+                continue
+            # someone else's per-instance forward (accelerate's device-map hooks, a profiler) stays
+            reason = "has a patched forward" if "forward" in module.__dict__ else why_not(module)
             if reason is None:
-                module.forward = types.MethodType(forward, module)
-                setattr(module, _MARK, True)
+                # a partial (not a bound method) so the model still pickles; deepcopy rebinds it
+                module.forward = functools.partial(forward, module)
                 counts[kind] += 1
             else:
                 skipped[reason] += 1
@@ -186,8 +209,17 @@ def install_fast_decoder(model: nn.Module) -> dict[str, int]:
     return counts
 
 
+_FAST_FORWARDS = {forward for _, _, forward, _ in _KINDS}
+
+
+def _ours(module: nn.Module) -> bool:
+    f = module.__dict__.get("forward")
+    return isinstance(f, functools.partial) and f.func in _FAST_FORWARDS and f.args[:1] == (module,)
+
+
 def uninstall_fast_decoder(model: nn.Module) -> None:
-    """Restore the class ``forward`` of every module switched by :func:`install_fast_decoder`."""
+    """Restore the class ``forward`` of every module switched by :func:`install_fast_decoder`
+    (a per-instance forward installed by anyone else is left alone)."""
     for module in model.modules():
-        if module.__dict__.pop(_MARK, False):
-            module.__dict__.pop("forward", None)
+        if _ours(module):
+            del module.__dict__["forward"]

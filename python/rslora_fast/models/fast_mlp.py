@@ -14,6 +14,7 @@ import contextlib
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..ops.lora_linear import lora_linears
 from ..ops.swiglu import swiglu
@@ -65,11 +66,11 @@ def _tiles(self, x, fn):
 
 
 class _TiledMLP(torch.autograd.Function):
-    """The MLP over token tiles: forward keeps only its input; backward recomputes each tile with
-    autograd and back-propagates it at once (LoRA gradients accumulate tile by tile), so one
-    tile's intermediate tensors exist at a time. The trainable parameters are inputs only so the
-    node is part of the graph even when ``x`` needs no gradient; their gradients accumulate
-    directly during the per-tile backward."""
+    """The MLP over token tiles: forward keeps only its input; backward recomputes each tile and
+    differentiates it at once, so one tile's intermediate tensors exist at a time. The trainable
+    parameters are inputs of the node and their gradients are summed over the tiles here and
+    returned to autograd once (DDP's reducer, ``torch.autograd.grad`` and post-accumulate hooks
+    then see one gradient per parameter, as with the untiled MLP)."""
 
     @staticmethod
     def forward(ctx, mlp, x, *params):  # noqa: D417
@@ -77,29 +78,39 @@ class _TiledMLP(torch.autograd.Function):
         ctx.autocast = [
             (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) for dev in ("cuda", "cpu")
         ]
-        ctx.save_for_backward(x)
+        ctx.save_for_backward(x, *params)
         with torch.no_grad():
             return _tiles(mlp, x, lambda xc: _untiled(mlp, xc))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
+        x, *params = ctx.saved_tensors
         mlp = ctx.mlp
+        want_x = ctx.needs_input_grad[1]
+        wanted = [p for p, need in zip(params, ctx.needs_input_grad[2:]) if need]
         flat = x.reshape(-1, x.shape[-1])
         dflat = dy.reshape(-1, dy.shape[-1])
-        dx = torch.empty_like(flat) if ctx.needs_input_grad[1] else None
+        dx = torch.empty_like(flat) if want_x else None
+        sums: list[torch.Tensor | None] = [None] * len(wanted)
         with contextlib.ExitStack() as stack:
             for dev, enabled, dtype in ctx.autocast:
                 stack.enter_context(torch.autocast(dev, dtype=dtype, enabled=enabled))
             for s in range(0, flat.shape[0], TILE_TOKENS):
-                xc = flat[s : s + TILE_TOKENS].detach().requires_grad_(dx is not None)
+                xc = flat[s : s + TILE_TOKENS].detach().requires_grad_(want_x)
                 with torch.enable_grad():
                     yc = _untiled(mlp, xc)
-                torch.autograd.backward(yc, dflat[s : s + TILE_TOKENS])
-                if dx is not None:
-                    dx[s : s + xc.shape[0]] = xc.grad
-        grads = (None, None if dx is None else dx.view_as(x))
-        return grads + (None,) * (len(ctx.needs_input_grad) - 2)
+                inputs = ([xc] if want_x else []) + wanted
+                grads = torch.autograd.grad(yc, inputs, dflat[s : s + TILE_TOKENS], allow_unused=True)
+                if want_x:
+                    dx[s : s + xc.shape[0]] = grads[0]
+                    grads = grads[1:]
+                for i, g in enumerate(grads):
+                    if g is not None:
+                        sums[i] = g if sums[i] is None else sums[i].add_(g)
+        it = iter(sums)
+        pgrads = tuple(next(it) if need else None for need in ctx.needs_input_grad[2:])
+        return (None, None if dx is None else dx.view_as(x), *pgrads)
 
 
 def _why_not(module: nn.Module) -> str | None:

@@ -30,16 +30,20 @@ per-op casts define the result.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..quant.linear4bit import Linear4bit, _dequant_into_scratch
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "cast_adapter",
@@ -303,8 +307,16 @@ def _mm_scaled(a: torch.Tensor, b: torch.Tensor, alpha: float, dtype: torch.dtyp
         ignored = torch.empty(shape, dtype=a.dtype, device=a.device)
         try:
             return torch.addmm(ignored, a, b, out_dtype=dtype, beta=0, alpha=alpha)
-        except (RuntimeError, NotImplementedError, TypeError):
+        except (NotImplementedError, TypeError, RuntimeError) as exc:
+            # Only "this backend has no such overload" switches the fallback on for good; any other
+            # error (out of memory, a CUDA fault) is real and must surface.
+            # (NotImplementedError subclasses RuntimeError: test for it first)
+            if not isinstance(exc, (NotImplementedError, TypeError)) and "out_dtype" not in str(exc):
+                raise
             _OUT_DTYPE_OK[key] = False
+            logger.info(
+                "addmm(out_dtype=%s) unavailable on %s for %s: matmul + cast instead", dtype, *key[:2]
+            )
     return torch.mul(torch.mm(a, b), alpha, out=torch.empty(shape, dtype=dtype, device=a.device))
 
 
@@ -348,6 +360,7 @@ class _LoraLinearsFunction(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
+    @once_differentiable  # its GEMMs write into preallocated outputs: no double backward
     def backward(ctx: Any, *dys: torch.Tensor | None):
         x, *downs = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -406,7 +419,12 @@ def _apply(x: torch.Tensor, members: list[_Member]) -> tuple[torch.Tensor, ...]:
 
 def _global_hooks() -> bool:
     mod = nn.modules.module
-    return bool(mod._global_forward_hooks or mod._global_forward_pre_hooks or mod._global_backward_hooks)
+    return bool(
+        mod._global_forward_hooks
+        or mod._global_forward_pre_hooks
+        or mod._global_backward_hooks
+        or mod._global_backward_pre_hooks
+    )
 
 
 def lora_linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> tuple[torch.Tensor, ...]:
