@@ -338,3 +338,39 @@ def test_cuda_exposed_storage_forward_backward(carrier):
         torch.equal(_bytes(mod.weight), _bytes(before)) and mod.quant_state.nested_code.device.type == "cpu"
     )
     assert torch.allclose(mod.dequantize(torch.float32).double(), w_ref.cpu(), rtol=1e-6, atol=1e-9)
+
+
+def test_sharded_layer_refuses_whole_weight_operations_by_name(monkeypatch):
+    """Outside forward an FSDP2-sharded layer holds a slice of the bytes: dequantize, requantize_
+    and load_state_dict say so instead of failing deep inside (or computing from a slice)."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        m = Linear4bit.from_linear(nn.Linear(64, 32), compute_dtype=torch.float32)
+        x = torch.randn(2, 64)
+        want = m(x)
+        saved = m.state_dict()
+        m._expose_storage_as_params(torch.float32)
+        wrapper = nn.Sequential(m)
+        fully_shard(m)
+        fully_shard(wrapper)
+        torch.testing.assert_close(wrapper(x), want)  # inside forward: gathered, as before
+        for call, what in (
+            (lambda: m.dequantize(), "dequantize"),
+            (lambda: m.requantize_(torch.randn(32, 64)), "requantize_"),
+            (lambda: m.load_state_dict(saved), "load_state_dict"),
+        ):
+            with pytest.raises(RuntimeError, match=f"{what}: the 4-bit storage is an FSDP2 shard"):
+                call()
+    finally:
+        dist.destroy_process_group()

@@ -139,7 +139,9 @@ class Linear4bit(nn.Module):
         in_features: input width.
         out_features: output width.
         weight: frozen ``nn.Parameter`` holding the packed uint8 codes, shape ``[ceil(in*out/2), 1]``
-            (so ``weight.numel() * 2`` counts the logical parameters, as PEFT does).
+            (so ``weight.numel() * 2`` counts the logical parameters, as PEFT does); once
+            :meth:`_expose_storage_as_params` ran (FSDP2), the same bytes viewed as a floating carrier
+            dtype, padded to whole elements (``absmax`` / ``nested_absmax`` likewise).
         quant_state: the :class:`QuantState` (block scales, shape, original dtype, ...), or ``None``
             for an empty shell that has not been quantized or loaded yet.
         bias: a 16/32-bit ``nn.Parameter`` of shape ``[out_features]`` or ``None``.
@@ -212,6 +214,9 @@ class Linear4bit(nn.Module):
             # stays exposed: the new weight bytes and scales become the carrier Parameters
             self._register_storage(self._parameters["weight"], state, self.__dict__["_carrier"])
         else:
+            if state is None and self.storage_exposed:  # emptied: drop the scale carriers too
+                for name in ("absmax", "nested_absmax"):
+                    self._parameters.pop(name, None)
             self.__dict__["_qs_template"] = None
             self.__dict__["_qs"] = state
 
@@ -332,6 +337,7 @@ class Linear4bit(nn.Module):
     @torch.no_grad()
     def requantize_(self, dense: torch.Tensor) -> Linear4bit:
         """Replace the stored weight by ``dense`` ``[out, in]`` quantized in place (on its device)."""
+        self._refuse_if_sharded("requantize_")
         if tuple(dense.shape) != (self.out_features, self.in_features):
             raise ValueError(
                 f"requantize_: expected a weight of shape {(self.out_features, self.in_features)}, "
@@ -369,6 +375,14 @@ class Linear4bit(nn.Module):
         self.quant_type = state.quant_type
         self.compress_statistics = state.nested_absmax is not None
 
+    def _refuse_if_sharded(self, what: str) -> None:
+        """Outside forward/backward an FSDP2-sharded layer holds only its slice of the bytes."""
+        if _is_dtensor(self._parameters["weight"]):
+            raise RuntimeError(
+                f"Linear4bit.{what}: the 4-bit storage is an FSDP2 shard outside forward; {what} is not "
+                "supported on a sharded model (save the adapter, then merge or export in one process)"
+            )
+
     # ------------------------------------------------------------------ compute
     def _require_state(self) -> QuantState:
         if self.quant_state is None:
@@ -392,6 +406,7 @@ class Linear4bit(nn.Module):
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight ``[out, in]`` in ``dtype`` (default ``compute_dtype``), freshly allocated."""
+        self._refuse_if_sharded("dequantize")
         state = self._require_state()
         return dequantize_4bit(_packed_bytes(self.weight, state), state, dtype=dtype or self.compute_dtype)
 
@@ -447,6 +462,7 @@ class Linear4bit(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
+        self._refuse_if_sharded("load_state_dict")
         wkey = prefix + "weight"
         if wkey not in state_dict:
             missing_keys.append(wkey)
