@@ -190,7 +190,21 @@ def _worker(model_dir: str, out_dir: str) -> None:
         if name in ("fsdp2-unsloth", "fsdp2-4bit-unsloth"):
             save_adapter_rank0(model, Path(out_dir) / f"adapter_{name}")
     (Path(out_dir) / f"report.rank{env.rank}.json").write_text(json.dumps(report))
+    _exit_cleanly()
+
+
+def _exit_cleanly() -> None:
+    """Leave without interpreter finalization. The DDP/FSDP2 modules built above still reference
+    the gloo process group after ``destroy_process_group``; finalizing them while gloo's worker
+    threads hold work items aborts the process now and then under CPU load ("terminate called
+    without an active exception", after every result was written): a torch/gloo teardown race,
+    not a training failure."""
+    import torch.distributed as dist
+
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _linear4bit_modules(model):
@@ -284,6 +298,7 @@ def _trainer_worker(model_dir: str, out_dir: str) -> None:
 
     assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
     torch.save(_lora_state(model), Path(out_dir) / f"trainer.rank{dist.get_rank()}.pt")
+    _exit_cleanly()
 
 
 # ----------------------------------------------------------------------------- pytest side
