@@ -18,7 +18,7 @@ from rslora_fast import get_peft_model
 from rslora_fast.models.fast_decoder import install_fast_decoder, uninstall_fast_decoder
 from rslora_fast.peft.layer import LoraLinear
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma"]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -30,6 +30,7 @@ def _config(family: str, layers: int = 2):
         "qwen2": transformers.Qwen2Config,
         "qwen3": transformers.Qwen3Config,
         "mistral": transformers.MistralConfig,
+        "gemma": transformers.GemmaConfig,
     }[family]
     return cfg_cls(
         vocab_size=96,

@@ -48,10 +48,39 @@ def test_fused_mlp_installed_and_equal(family):
     assert all("forward" not in m.__dict__ for m in mlps)
 
 
-def test_gemma_geglu_stays_on_the_generic_path():
-    model = get_peft_model(_model("gemma"), r=4, use_gradient_checkpointing=False)
-    mlps = [m for m in model.base_model.model.modules() if type(m).__name__.endswith("MLP")]
-    assert mlps and all("forward" not in m.__dict__ for m in mlps)
+@pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "gelu"])
+def test_gemma_geglu_mlp_is_fused_and_equal(act):
+    import transformers
+
+    def gemma():
+        torch.manual_seed(0)
+        cfg = transformers.GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, hidden_act=act)  # fmt: skip
+        return transformers.AutoModelForCausalLM.from_config(cfg)
+
+    ref = gemma().model.layers[0].mlp
+    model = get_peft_model(gemma(), r=4, use_gradient_checkpointing=False)
+    mlp = model.base_model.model.model.layers[0].mlp
+    assert "forward" in mlp.__dict__
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    torch.testing.assert_close(mlp(x2), ref(x), rtol=1e-6, atol=1e-6)  # B = 0: adapters add nothing
+    g = torch.randn(2, 5, 32)
+    ref(x).backward(g)
+    mlp(x2).backward(g)
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_gemma_with_another_gelu_stays_on_the_generic_path():
+    import transformers
+
+    cfg = transformers.GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, hidden_act="gelu_new")  # fmt: skip
+    model = get_peft_model(
+        transformers.AutoModelForCausalLM.from_config(cfg), r=4, use_gradient_checkpointing=False
+    )
+    mlp = model.base_model.model.model.layers[0].mlp
+    assert "forward" not in mlp.__dict__
 
 
 def test_fused_mlp_gradients_match_transformers():

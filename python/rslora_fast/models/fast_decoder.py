@@ -1,4 +1,4 @@
-"""The fast decoder-layer path for llama-family models (llama, mistral, qwen2, qwen3).
+"""The fast decoder-layer path for llama-family models (llama, mistral, qwen2, qwen3) and gemma.
 
 ``install_fast_decoder(model)`` switches, per module instance, what the generic transformers code
 does with many small kernels to our fused ones, keeping the module tree, the parameters and the
@@ -13,7 +13,7 @@ checkpointing wrappers exactly as they are:
   launch for both, instead of slice / negate / concatenate / multiply / add per tensor). The
   attention itself stays transformers' (SDPA, flash, eager: whatever the config selects), as does
   the KV cache, so ``generate`` works unchanged.
-* MLP modules run the fused SwiGLU forward of :mod:`rslora_fast.models.fast_mlp`.
+* MLP modules run the fused SwiGLU (GeGLU for gemma) forward of :mod:`rslora_fast.models.fast_mlp`.
 
 Installed by ``get_peft_model`` (after the adapters are injected) and removed by ``unload`` /
 ``merge_and_unload``. A module that does not qualify keeps its generic forward; one log line gives
@@ -39,8 +39,16 @@ from . import fast_mlp
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
-RMSNORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention", "GemmaAttention")
+RMSNORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "GemmaRMSNorm")
+# Gemma normalizes as x_hat * (1 + w) in float32 with one rounding (our op's gemma=True) and names
+# its epsilon `eps`; the llama family rounds x_hat first and names it `variance_epsilon`.
+_GEMMA_NORMS = ("GemmaRMSNorm",)
+
+
+def _norm_eps(module: nn.Module) -> float | None:
+    eps = getattr(module, "eps" if type(module).__name__ in _GEMMA_NORMS else "variance_epsilon", None)
+    return eps if isinstance(eps, float) else None
 
 
 # ---------------------------------------------------------------------------- RMSNorm
@@ -50,19 +58,15 @@ def _fast_rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # transformers then returns the weight's dtype (an fp32 weight upcasts the output): keep
         # its exact behaviour rather than widen the kernel's contract.
         return type(self).forward(self, hidden_states)
-    return rms_norm(hidden_states, w, self.variance_epsilon)
+    return rms_norm(hidden_states, w, _norm_eps(self), gemma=type(self).__name__ in _GEMMA_NORMS)
 
 
 def _rms_norm_why_not(module: nn.Module) -> str | None:
     if type(module).__name__ not in RMSNORM_CLASSES:
         return f"{type(module).__name__} is not a supported RMSNorm"
     w = getattr(module, "weight", None)
-    if (
-        not isinstance(w, torch.Tensor)
-        or w.dim() != 1
-        or not isinstance(getattr(module, "variance_epsilon", None), float)
-    ):
-        return "RMSNorm without a 1-d weight and a float variance_epsilon"
+    if not isinstance(w, torch.Tensor) or w.dim() != 1 or _norm_eps(module) is None:
+        return "RMSNorm without a 1-d weight and a float epsilon"
     return None
 
 

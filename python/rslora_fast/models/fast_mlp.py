@@ -1,4 +1,4 @@
-"""Fused SwiGLU MLP for llama-family decoder layers: ``down(swiglu(gate(x), up(x)))``.
+"""Fused gated MLP: ``down(swiglu(gate(x), up(x)))`` for the llama family, ``down(geglu(...))`` for gemma.
 
 transformers computes ``act_fn(gate_proj(x)) * up_proj(x)`` as separate kernels (SiLU, multiply, and
 more in backward); :func:`rslora_fast.ops.swiglu` does it in one pass each way. The projections stay
@@ -16,11 +16,15 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..ops.geglu import geglu
 from ..ops.lora_linear import lora_linears
 from ..ops.swiglu import swiglu
 
 SWIGLU_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+GEGLU_MLP_CLASSES = ("GemmaMLP",)
 _SILU = ("silu", "swish")
+# transformers' activation names -> torch.nn.functional.gelu(approximate=...), exactly those two
+_GELU = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
 
 # Above this many tokens in one call the MLP runs in tiles of this many tokens: its three
@@ -35,6 +39,8 @@ def _untiled(self, x):
     # gate and up share x: one autograd node, one input-gradient buffer (falls back to calling the
     # two projections when they cannot be fused).
     gate, up = lora_linears(x, [self.gate_proj, self.up_proj])
+    if type(self).__name__ in GEGLU_MLP_CLASSES:
+        return self.down_proj(geglu(gate, up, _GELU[self.config.hidden_act]))
     return self.down_proj(swiglu(gate, up))
 
 
@@ -115,9 +121,13 @@ class _TiledMLP(torch.autograd.Function):
 
 def _why_not(module: nn.Module) -> str | None:
     name = type(module).__name__
-    if name not in SWIGLU_MLP_CLASSES:
-        return f"{name} is not a supported SwiGLU MLP"
-    if getattr(getattr(module, "config", None), "hidden_act", None) not in _SILU:
+    act = getattr(getattr(module, "config", None), "hidden_act", None)
+    if name in GEGLU_MLP_CLASSES:
+        if act not in _GELU:
+            return f"{name} activation {act!r} is not gelu or gelu_pytorch_tanh"
+    elif name not in SWIGLU_MLP_CLASSES:
+        return f"{name} is not a supported gated MLP"
+    elif act not in _SILU:
         return f"{name} activation is not SiLU"
     if not all(
         isinstance(getattr(module, p, None), nn.Module) for p in ("gate_proj", "up_proj", "down_proj")
