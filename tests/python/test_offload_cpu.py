@@ -232,6 +232,24 @@ def test_reaching_the_host_cap_raises_a_clear_error():
     assert torch.isfinite(loss)
 
 
+def test_own_cgroup_and_its_parents_are_read(monkeypatch, tmp_path):
+    import rslora_fast.offload as off
+
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/slurm/job_7/step_0\n")
+    real_open = open
+
+    def fake_open(path, *a, **k):
+        return real_open(proc if path == "/proc/self/cgroup" else path, *a, **k)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    assert off._own_cgroup_limits() == [
+        "/sys/fs/cgroup/slurm/job_7/step_0/memory.max",
+        "/sys/fs/cgroup/slurm/job_7/memory.max",
+        "/sys/fs/cgroup/slurm/memory.max",
+    ]
+
+
 def test_changing_lengths_under_the_cap_reuse_memory_instead_of_growing():
     """A length search (each step longer than the last) frees the idle blocks of older lengths
     rather than holding every length's blocks at once; the default cap is half the host's RAM."""
@@ -256,11 +274,15 @@ def test_default_host_cap_follows_cgroup_limits_and_launchers(monkeypatch, tmp_p
     limit = tmp_path / "memory.max"
     limit.write_text(str(8 << 30) + "\n")  # a container limit far below any host's RAM
     monkeypatch.setattr(off, "_CGROUP_LIMITS", (str(limit),))
+    monkeypatch.setattr(off, "_own_cgroup_limits", lambda: [])
     for var in off._LOCAL_PROCESS_VARS:
         monkeypatch.delenv(var, raising=False)
     assert off.default_host_cap_bytes() == 4 << 30
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4(x2)")  # Slurm's compressed form
     assert off.default_host_cap_bytes() == 1 << 30
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE")
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "2,4")  # always set by Slurm; this node first
+    assert off.default_host_cap_bytes() == 2 << 30
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's variable wins
     assert off.default_host_cap_bytes() == 2 << 30
     limit.write_text("max\n")  # cgroup v2 "no limit": physical RAM again

@@ -99,21 +99,22 @@ class _TiledMLP(torch.autograd.Function):
         dflat = dy.reshape(-1, dy.shape[-1])
         dx = torch.empty_like(flat) if want_x else None
         sums: list[torch.Tensor | None] = [None] * len(wanted)
-        with contextlib.ExitStack() as stack:
-            for dev, enabled, dtype in ctx.autocast:
-                stack.enter_context(torch.autocast(dev, dtype=dtype, enabled=enabled))
-            for s in range(0, flat.shape[0], TILE_TOKENS):
-                xc = flat[s : s + TILE_TOKENS].detach().requires_grad_(want_x)
-                with torch.enable_grad():
-                    yc = _untiled(mlp, xc)
-                inputs = ([xc] if want_x else []) + wanted
-                grads = torch.autograd.grad(yc, inputs, dflat[s : s + TILE_TOKENS], allow_unused=True)
-                if want_x:
-                    dx[s : s + xc.shape[0]] = grads[0]
-                    grads = grads[1:]
-                for i, g in enumerate(grads):
-                    if g is not None:
-                        sums[i] = g if sums[i] is None else sums[i].add_(g)
+        for s in range(0, flat.shape[0], TILE_TOKENS):
+            xc = flat[s : s + TILE_TOKENS].detach().requires_grad_(want_x)
+            # the forward's autocast state for the recompute only; differentiate outside it, as
+            # torch.utils.checkpoint does (backward formulas must not be autocast)
+            with contextlib.ExitStack() as stack, torch.enable_grad():
+                for dev, enabled, dtype in ctx.autocast:
+                    stack.enter_context(torch.autocast(dev, dtype=dtype, enabled=enabled))
+                yc = _untiled(mlp, xc)
+            inputs = ([xc] if want_x else []) + wanted
+            grads = torch.autograd.grad(yc, inputs, dflat[s : s + TILE_TOKENS], allow_unused=True)
+            if want_x:
+                dx[s : s + xc.shape[0]] = grads[0]
+                grads = grads[1:]
+            for i, g in enumerate(grads):
+                if g is not None:  # a fresh buffer for the running sum (autograd may alias its own)
+                    sums[i] = g.clone() if sums[i] is None else sums[i].add_(g)
         it = iter(sums)
         pgrads = tuple(next(it) if need else None for need in ctx.needs_input_grad[2:])
         return (None, None if dx is None else dx.view_as(x), *pgrads)
