@@ -39,7 +39,13 @@ from . import fast_mlp
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention", "GemmaAttention")
+ATTENTION_CLASSES = (
+    "LlamaAttention",
+    "MistralAttention",
+    "Qwen2Attention",
+    "Qwen3Attention",
+    "GemmaAttention",
+)
 RMSNORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "GemmaRMSNorm")
 # Gemma normalizes as x_hat * (1 + w) in float32 with one rounding (our op's gemma=True) and names
 # its epsilon `eps`; the llama family rounds x_hat first and names it `variance_epsilon`.
