@@ -1,12 +1,9 @@
 //! Launchers for `kernels/geglu.cu`: `h = gelu(g) * u` (tanh or erf gelu) and its backward.
 
-use std::ffi::c_void;
-
-use super::{all_aligned16, check_ptrs, elementwise_grid, DType};
-use crate::cuda::{self, LaunchConfig, RawStream};
+use super::gated::{self, Kernel};
+use super::DType;
+use crate::cuda::RawStream;
 use crate::{Error, Result};
-
-const THREADS: u32 = 256;
 
 /// Which gelu the kernel computes; names follow `torch.nn.functional.gelu(approximate=...)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +45,13 @@ fn kernel_name(fwd: bool, gelu: Gelu, dtype: DType) -> &'static str {
     }
 }
 
+fn kernel(fwd: bool, gelu: Gelu, dtype: DType) -> Kernel {
+    Kernel {
+        module: "geglu",
+        name: kernel_name(fwd, gelu, dtype),
+    }
+}
+
 /// `h[i] = gelu(g[i]) * u[i]` for `n` contiguous elements.
 ///
 /// # Safety
@@ -64,35 +68,19 @@ pub unsafe fn forward(
     device: i32,
     stream: RawStream,
 ) -> Result<()> {
-    if n == 0 {
-        return Ok(());
-    }
-    check_ptrs("geglu forward", &[g, u, h])?;
-    let mut vec_ok = all_aligned16(&[g, u, h]) as i32;
-    let per = 16 / dtype.size();
-    let name = kernel_name(true, gelu, dtype);
-    // The forward body handles two vectors per thread per trip.
-    let blocks = elementwise_grid(n, 2 * per, THREADS, || {
-        cuda::resident_blocks(device, "geglu", name, THREADS)
-    })?;
-    let (mut g, mut u, mut h, mut n64) = (g, u, h, n as i64);
-    let mut args = [
-        &mut g as *mut usize as *mut c_void,
-        &mut u as *mut usize as *mut c_void,
-        &mut h as *mut usize as *mut c_void,
-        &mut n64 as *mut i64 as *mut c_void,
-        &mut vec_ok as *mut i32 as *mut c_void,
-    ];
-    // SAFETY: args match `geglu_<variant>_fwd_<dtype>(const T*, const T*, T*, int64_t, int)`;
-    // the caller guarantees the pointers.
+    // SAFETY: the caller's guarantees; `geglu_<variant>_fwd_<dtype>` takes the gated forward
+    // arguments.
     unsafe {
-        cuda::launch(
+        gated::forward(
+            kernel(true, gelu, dtype),
+            "geglu forward",
+            dtype,
+            g,
+            u,
+            h,
+            n,
             device,
             stream,
-            "geglu",
-            name,
-            LaunchConfig::linear(blocks, THREADS),
-            &mut args,
         )
     }
 }
@@ -115,36 +103,22 @@ pub unsafe fn backward(
     device: i32,
     stream: RawStream,
 ) -> Result<()> {
-    if n == 0 {
-        return Ok(());
-    }
-    check_ptrs("geglu backward", &[dh, g, u, dg, du])?;
-    let mut vec_ok = all_aligned16(&[dh, g, u, dg, du]) as i32;
-    let per = 16 / dtype.size();
-    let name = kernel_name(false, gelu, dtype);
-    let blocks = elementwise_grid(n, per, THREADS, || {
-        cuda::resident_blocks(device, "geglu", name, THREADS)
-    })?;
-    let (mut dh, mut g, mut u, mut dg, mut du, mut n64) = (dh, g, u, dg, du, n as i64);
-    let mut args = [
-        &mut dh as *mut usize as *mut c_void,
-        &mut g as *mut usize as *mut c_void,
-        &mut u as *mut usize as *mut c_void,
-        &mut dg as *mut usize as *mut c_void,
-        &mut du as *mut usize as *mut c_void,
-        &mut n64 as *mut i64 as *mut c_void,
-        &mut vec_ok as *mut i32 as *mut c_void,
-    ];
-    // SAFETY: args match
-    // `geglu_<variant>_bwd_<dtype>(const T*, const T*, const T*, T*, T*, int64_t, int)`.
+    // SAFETY: the caller's guarantees; `geglu_<variant>_bwd_<dtype>` takes the gated backward
+    // arguments.
     unsafe {
-        cuda::launch(
+        let k = kernel(false, gelu, dtype);
+        gated::backward(
+            k,
+            "geglu backward",
+            dtype,
+            dh,
+            g,
+            u,
+            dg,
+            du,
+            n,
             device,
             stream,
-            "geglu",
-            name,
-            LaunchConfig::linear(blocks, THREADS),
-            &mut args,
         )
     }
 }

@@ -4,6 +4,7 @@
 use crate::{Error, Result};
 
 pub mod cross_entropy;
+mod gated;
 pub mod geglu;
 pub mod nf4;
 pub mod rms_norm;

@@ -1,12 +1,9 @@
 //! Launchers for `kernels/swiglu.cu`: `h = silu(g) * u` and its backward.
 
-use std::ffi::c_void;
-
-use super::{all_aligned16, check_ptrs, elementwise_grid, DType};
-use crate::cuda::{self, LaunchConfig, RawStream};
+use super::gated::{self, Kernel};
+use super::DType;
+use crate::cuda::RawStream;
 use crate::Result;
-
-const THREADS: u32 = 256;
 
 fn kernel_name(fwd: bool, dtype: DType) -> &'static str {
     match (fwd, dtype) {
@@ -16,6 +13,13 @@ fn kernel_name(fwd: bool, dtype: DType) -> &'static str {
         (false, DType::F32) => "swiglu_bwd_f32",
         (false, DType::F16) => "swiglu_bwd_f16",
         (false, DType::BF16) => "swiglu_bwd_bf16",
+    }
+}
+
+fn kernel(fwd: bool, dtype: DType) -> Kernel {
+    Kernel {
+        module: "swiglu",
+        name: kernel_name(fwd, dtype),
     }
 }
 
@@ -33,33 +37,18 @@ pub unsafe fn forward(
     device: i32,
     stream: RawStream,
 ) -> Result<()> {
-    if n == 0 {
-        return Ok(());
-    }
-    check_ptrs("swiglu forward", &[g, u, h])?;
-    let mut vec_ok = all_aligned16(&[g, u, h]) as i32;
-    let per = 16 / dtype.size();
-    let blocks = elementwise_grid(n, 2 * per, THREADS, || {
-        cuda::resident_blocks(device, "swiglu", kernel_name(true, dtype), THREADS)
-    })?;
-    let (mut g, mut u, mut h, mut n64) = (g, u, h, n as i64);
-    let mut args = [
-        &mut g as *mut usize as *mut c_void,
-        &mut u as *mut usize as *mut c_void,
-        &mut h as *mut usize as *mut c_void,
-        &mut n64 as *mut i64 as *mut c_void,
-        &mut vec_ok as *mut i32 as *mut c_void,
-    ];
-    // SAFETY: args match `swiglu_fwd_<dtype>(const T*, const T*, T*, int64_t, int)`; the caller
-    // guarantees the pointers.
+    // SAFETY: the caller's guarantees; `swiglu_fwd_<dtype>` takes the gated forward arguments.
     unsafe {
-        cuda::launch(
+        gated::forward(
+            kernel(true, dtype),
+            "swiglu forward",
+            dtype,
+            g,
+            u,
+            h,
+            n,
             device,
             stream,
-            "swiglu",
-            kernel_name(true, dtype),
-            LaunchConfig::linear(blocks, THREADS),
-            &mut args,
         )
     }
 }
@@ -80,34 +69,20 @@ pub unsafe fn backward(
     device: i32,
     stream: RawStream,
 ) -> Result<()> {
-    if n == 0 {
-        return Ok(());
-    }
-    check_ptrs("swiglu backward", &[dh, g, u, dg, du])?;
-    let mut vec_ok = all_aligned16(&[dh, g, u, dg, du]) as i32;
-    let per = 16 / dtype.size();
-    let blocks = elementwise_grid(n, per, THREADS, || {
-        cuda::resident_blocks(device, "swiglu", kernel_name(false, dtype), THREADS)
-    })?;
-    let (mut dh, mut g, mut u, mut dg, mut du, mut n64) = (dh, g, u, dg, du, n as i64);
-    let mut args = [
-        &mut dh as *mut usize as *mut c_void,
-        &mut g as *mut usize as *mut c_void,
-        &mut u as *mut usize as *mut c_void,
-        &mut dg as *mut usize as *mut c_void,
-        &mut du as *mut usize as *mut c_void,
-        &mut n64 as *mut i64 as *mut c_void,
-        &mut vec_ok as *mut i32 as *mut c_void,
-    ];
-    // SAFETY: args match `swiglu_bwd_<dtype>(const T*, const T*, const T*, T*, T*, int64_t, int)`.
+    // SAFETY: the caller's guarantees; `swiglu_bwd_<dtype>` takes the gated backward arguments.
     unsafe {
-        cuda::launch(
+        gated::backward(
+            kernel(false, dtype),
+            "swiglu backward",
+            dtype,
+            dh,
+            g,
+            u,
+            dg,
+            du,
+            n,
             device,
             stream,
-            "swiglu",
-            kernel_name(false, dtype),
-            LaunchConfig::linear(blocks, THREADS),
-            &mut args,
         )
     }
 }
