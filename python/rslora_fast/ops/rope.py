@@ -138,16 +138,23 @@ def _launch(q, k, cos, sin, backward: bool) -> None:
     )
 
 
+def _rotate_pair(a: torch.Tensor, b: torch.Tensor, cos, sin, backward: bool) -> None:
+    """The forward map (``backward=False``) or its transpose, in place on both tensors."""
+    op = "rope backward" if backward else "rope"
+    _check(a, b, cos, sin, op)
+    _check_disjoint(a, b, op)
+    if a.device.type != "cuda":
+        ref = rope_backward_reference if backward else rope_reference
+        a.copy_(ref(a, cos, sin))
+        b.copy_(ref(b, cos, sin))
+        return
+    _launch(a, b, cos, sin, backward=backward)
+
+
 @torch.library.custom_op("rslora_fast::rope_", mutates_args=("q", "k"))
 def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate ``q`` and ``k`` in place by ``cos``/``sin`` (one CUDA launch for both)."""
-    _check(q, k, cos, sin, "rope")
-    _check_disjoint(q, k, "rope")
-    if q.device.type != "cuda":
-        q.copy_(rope_reference(q, cos, sin))
-        k.copy_(rope_reference(k, cos, sin))
-        return
-    _launch(q, k, cos, sin, backward=False)
+    _rotate_pair(q, k, cos, sin, backward=False)
 
 
 @rope_.register_fake
@@ -158,13 +165,7 @@ def _(q, k, cos, sin):
 @torch.library.custom_op("rslora_fast::rope_backward_", mutates_args=("dq", "dk"))
 def rope_backward_(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Turn the gradients of rotated q/k into gradients of the unrotated ones, in place."""
-    _check(dq, dk, cos, sin, "rope backward")
-    _check_disjoint(dq, dk, "rope backward")
-    if dq.device.type != "cuda":
-        dq.copy_(rope_backward_reference(dq, cos, sin))
-        dk.copy_(rope_backward_reference(dk, cos, sin))
-        return
-    _launch(dq, dk, cos, sin, backward=True)
+    _rotate_pair(dq, dk, cos, sin, backward=True)
 
 
 @rope_backward_.register_fake
