@@ -34,7 +34,7 @@ from torch import nn
 
 from ..ops.lora_linear import lora_linears
 from ..ops.rms_norm import rms_norm
-from ..ops.rope import apply_rope_
+from ..ops.rope import apply_rope_, rotate_half
 from . import fast_mlp
 
 logger = logging.getLogger(__name__)
@@ -77,11 +77,6 @@ def _rms_norm_why_not(module: nn.Module) -> str | None:
 
 
 # ---------------------------------------------------------------------------- attention
-def _projections(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v = lora_linears(hidden_states, (self.q_proj, self.k_proj, self.v_proj))
-    return q, k, v
-
-
 def _has_backward_hooks(*modules: nn.Module | None) -> bool:
     """A module with a (full) backward hook returns its output through a hook node, and such an
     output's views may not be written in place: rotating q/k in place would then fail."""
@@ -106,9 +101,7 @@ def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     )
     if ok:
         return apply_rope_(q, k, cos, sin)
-    from ..ops.rope import rotate_half  # same math as transformers' apply_rotary_pos_emb
-
-    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)  # transformers' apply_rotary_pos_emb, out of place
     return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
 
 
@@ -124,7 +117,7 @@ def _fast_attention_forward(
 
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    q, k, v = _projections(self, hidden_states)
+    q, k, v = lora_linears(hidden_states, (self.q_proj, self.k_proj, self.v_proj))
     q, k, v = q.view(hidden_shape), k.view(hidden_shape), v.view(hidden_shape)
     if getattr(self, "q_norm", None) is not None:  # Qwen3: RMSNorm over each head before rotation
         q, k = self.q_norm(q), self.k_norm(k)
