@@ -234,5 +234,11 @@ def test_cuda_50_steps_track_the_generic_path_and_hf_peft(family, tmp_path):
     assert abs(fast[0] - hf_losses[0]) < 0.01 * abs(hf_losses[0])  # same model, same adapters
     for a, b, c in zip(fast, generic, hf_losses):
         assert abs(a - b) < 0.05 * max(1.0, abs(b)) and abs(a - c) < 0.08 * max(1.0, abs(c))
-    # it trains: random tokens only allow a small drop (about 4% over 50 steps at this lr)
-    assert sum(fast[-5:]) / 5 < 0.98 * sum(fast[:5]) / 5
+
+    # It trains: random tokens allow only a small drop (about 4% over 50 steps at this lr for the
+    # llama family, under 2% for gemma), so the fast path's drop is held to HF peft's own.
+    def drop(losses):
+        return sum(losses[:5]) / 5 - sum(losses[-5:]) / 5
+
+    assert drop(hf_losses) > 0.005 * abs(hf_losses[0])
+    assert drop(fast) > 0.5 * drop(hf_losses)

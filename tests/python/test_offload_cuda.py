@@ -113,42 +113,47 @@ def test_copies_run_on_our_own_stream():
     assert sched.stats()["in_use_bytes"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: on this 8-layer model (full q/v/down weights trainable) the peak does not drop; on the "
-    "Llama-3-8B shape (benches/offload_step.py, 16k tokens) it drops by 100% of the offloaded bytes",
-)
 def test_peak_memory_drops_by_most_of_the_offloaded_bytes():
-    # Layers wide enough that each one's compute hides its input's copy, as in real models (the
-    # 8B-shape bench, benches/offload_step.py, measures the same saving at 16k tokens).
-    layers, hidden, seq = 8, 2048, 8192
+    # LoRA training as users run it: only r=8 adapters train, so the layer inputs that plain
+    # checkpointing keeps are what sets the peak (with full weights training, as in the tests above,
+    # their gradients would). Layers wide enough that each one's compute hides its input's copy, and
+    # as many as Llama-3-8B has: in backward the offloaded mode holds the input being recomputed and
+    # the one being prefetched, a fixed cost that only many layers amortize. Both modes on one
+    # model (the 8B-shape bench, benches/offload_step.py, does the same at 16k tokens).
+    from rslora_fast import get_peft_model
+    from rslora_fast.checkpointing import apply_gradient_checkpointing
+
+    layers, hidden, seq = 32, 2048, 8192
     base = llama(hidden, 5632, layers, 16, 512, torch.bfloat16, dropout=0.0, attn="sdpa")
+    model = get_peft_model(base, r=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_alpha=8,
+                           use_gradient_checkpointing=True, max_seq_length=seq)  # fmt: skip
+    model.train()
+    inner = model.get_base_model()
     ids = torch.randint(0, 512, (1, seq), device="cuda")
 
-    def peak(model):
-        step(model, ids, 0, update=False)  # warm up kernels, allocator and host pool
-        torch.cuda.synchronize()
-        gc.collect()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        step(model, ids, 0, update=False)
-        torch.cuda.synchronize()
+    def peak():
+        for _ in range(2):  # the second step is measured: kernels, allocator and host pool are warm
+            torch.cuda.synchronize()
+            gc.collect()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
+            model(input_ids=ids, labels=ids).loss.backward()
+            torch.cuda.synchronize()
+            for p in model.parameters():
+                p.grad = None
         return torch.cuda.max_memory_allocated() - start
 
-    ref = reference_copy(base)
-    peak_plain = peak(ref)
-    del ref
-    ours = copy.deepcopy(base)
-    del base
-    handle = install_offloaded_checkpointing(ours, lookahead=1)
-    peak_ours = peak(ours)
+    peak_plain = peak()
+    apply_gradient_checkpointing(inner, "unsloth", seq)
+    peak_ours = peak()
+    handle = inner.__dict__["_rslora_offload"]
+    assert handle.stats()["offloads"] == 2 * (layers - 1) and handle.stats()["pageable_bytes"] == 0
     offloaded = (layers - 1) * seq * hidden * 2
     saved = peak_plain - peak_ours
     assert saved >= 0.85 * offloaded, (
         f"peak plain {peak_plain / 2**20:.1f} MiB, offloaded {peak_ours / 2**20:.1f} MiB, "
         f"saved {saved / 2**20:.1f} MiB of {offloaded / 2**20:.1f} MiB offloaded"
     )
-    assert handle.stats()["pageable_bytes"] == 0
 
 
 def test_gpu_exception_mid_forward_releases_every_buffer_and_memory_is_stable():
