@@ -42,7 +42,7 @@ for phase in "$@"; do
       ;;
     budget)  # tokens/s when a memory budget lets layers skip recompute (activation budgets in GiB)
       python3 benches/train_step.py --cache bench-cache --out "$OUT/budget.jsonl" \
-        --systems "rslora_fast:4bit:unsloth,rslora_fast:4bit:unsloth:budget=7,rslora_fast:4bit:unsloth:budget=21" \
+        --systems "${BUDGET_SYSTEMS:-rslora_fast:4bit:unsloth,rslora_fast:4bit:unsloth:budget=7,rslora_fast:4bit:unsloth:budget=21,rslora_fast:4bit:unsloth:budget=26}" \
         2>"$OUT/budget.err" | tail -6
       ;;
     multi)  # needs 2+ GPUs (kind nvidia-h200-x2): NCCL tests, then DDP / FSDP2 throughput at 1 and 2 GPUs
