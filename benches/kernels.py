@@ -66,8 +66,20 @@ def geglu_rows(n: int, dtype: torch.dtype) -> list:
     ]
 
 
+def _under_variant(variant: str, fn):
+    """``fn`` run with ``RSLORA_FAST_RMS_NORM=variant`` (the Rust launcher reads it at every launch)."""
+
+    def run():
+        os.environ["RSLORA_FAST_RMS_NORM"] = variant
+        return fn()
+
+    return run
+
+
 def rms_norm_rows(n: int, dtype: torch.dtype, hidden: int = 4096) -> list:
-    from rslora_fast.ops.rms_norm import rms_norm_bwd, rms_norm_fwd
+    """Every kernel variant (``RSLORA_FAST_RMS_NORM``): forward, backward with dw (the op: kernel, partial
+    sum, cast) and, for v2, the dx-only backward that a frozen weight takes."""
+    from rslora_fast.ops.rms_norm import rms_norm_bwd, rms_norm_bwd_dx, rms_norm_fwd
 
     x = torch.randn(n // hidden, hidden, device="cuda", dtype=dtype)
     w = torch.randn(hidden, device="cuda", dtype=dtype)
@@ -87,10 +99,22 @@ def rms_norm_rows(n: int, dtype: torch.dtype, hidden: int = 4096) -> list:
 
     size = x.numel() * x.element_size()
     # fwd: read x, write y; bwd: read dy and x, write dx (the fp32 rstd per row and dw are negligible)
-    return [
-        ("rms_norm fwd (rows of 4096)", 2 * size, lambda: rms_norm_fwd(x, w, 1e-6, False), eager),
-        ("rms_norm bwd (rows of 4096)", 3 * size, lambda: rms_norm_bwd(dy, x, w, rstd, False), eager_bwd),
-    ]
+    rows = []
+    for v in ("v1", "v2", "v2w"):
+        fwd = _under_variant(v, lambda: rms_norm_fwd(x, w, 1e-6, False))
+        bwd = _under_variant(v, lambda: rms_norm_bwd(dy, x, w, rstd, False))
+        rows.append((f"rms_norm fwd (rows of {hidden}) [{v}]", 2 * size, fwd, eager))
+        if v != "v2w":  # v2w changes the forward only
+            rows.append((f"rms_norm bwd (rows of {hidden}) [{v}]", 3 * size, bwd, eager_bwd))
+    rows.append(
+        (
+            f"rms_norm bwd dx only (rows of {hidden}) [v2]",
+            3 * size,
+            lambda: rms_norm_bwd_dx(dy, x, w, rstd, False),
+            eager_bwd,
+        )
+    )
+    return rows
 
 
 def rope_rows(dtype: torch.dtype, batch: int = 2, seq: int = 4096) -> list:
@@ -164,6 +188,7 @@ def main() -> int:
     parser.add_argument("--elements", type=int, default=64 * 1024 * 1024)
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--out", default="results/kernels.jsonl")
+    parser.add_argument("--only", default="", help="time only the kernels whose name contains this")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("benches/kernels.py needs a CUDA GPU")
@@ -176,6 +201,8 @@ def main() -> int:
         cases += rms_norm_rows(args.elements, dtype) + rope_rows(dtype)
         cases += cross_entropy_rows(dtype)
         for name, nbytes, ours, eager in cases:
+            if args.only not in name:
+                continue
             ours_ms, ours_spread = median_ms(ours, repeat=args.repeat)
             eager_ms, _ = median_ms(eager, repeat=args.repeat)
             gbs = nbytes / (ours_ms * 1e-3) / 1e9

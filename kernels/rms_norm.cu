@@ -14,6 +14,11 @@
 // is loaded once into registers in forward (consecutive lanes on consecutive 16-byte chunks);
 // backward keeps the dw accumulator there and re-reads x/dy for dx (cache hits). Generic path:
 // element by element, re-reading from global (L1/L2) and accumulating dw in `partial` directly.
+//
+// Variant 2 (entries `*_v2*`, `*_dx*`; the launcher picks them under RSLORA_FAST_RMS_NORM=v2/v2w)
+// does the same math with the same roundings but sizes a thread's share of a row in 16-byte
+// vectors instead of elements, so a 16-bit row puts as many bytes in flight per thread as an fp32
+// one, and adds a backward without dw that keeps x/dy in registers (one pass, no partials).
 #include "common.cuh"
 
 namespace {
@@ -191,7 +196,7 @@ __device__ void bwd_fast(const T* __restrict__ dy, const T* __restrict__ x,
   }
 }
 
-template <typename T>
+template <typename T, bool DW = true>
 __device__ void bwd_generic(const T* __restrict__ dy, const T* __restrict__ x,
                             const T* __restrict__ w, const float* __restrict__ rstd,
                             T* __restrict__ dx, float* __restrict__ partial, int64_t rows,
@@ -200,8 +205,9 @@ __device__ void bwd_generic(const T* __restrict__ dy, const T* __restrict__ x,
   const float inv_cols = 1.0f / (float)cols;
   const float w_add = gemma ? 1.0f : 0.0f;
   // Each thread touches only its own columns of its own partial row: no synchronization needed.
-  float* pr = partial + gr.id * cols;
-  for (int64_t c = gr.lane; c < cols; c += group) pr[c] = 0.0f;
+  float* pr = DW ? partial + gr.id * cols : nullptr;
+  if constexpr (DW)
+    for (int64_t c = gr.lane; c < cols; c += group) pr[c] = 0.0f;
   for (int64_t r = gr.id; r < rows; r += gr.n) {
     const T* xr = x + r * cols;
     const T* dyr = dy + r * cols;
@@ -210,13 +216,137 @@ __device__ void bwd_generic(const T* __restrict__ dy, const T* __restrict__ x,
     for (int64_t c = gr.lane; c < cols; c += group) {
       const float xn = rf::to_f32(xr[c]) * rs, d = rf::to_f32(dyr[c]);
       dot += d * (rf::to_f32(w[c]) + w_add) * xn;
-      pr[c] += d * dw_term<T>(xn, gemma);
+      if constexpr (DW) pr[c] += d * dw_term<T>(xn, gemma);
     }
     const float mean_dot = group_sum(dot, group, red) * inv_cols;
     for (int64_t c = gr.lane; c < cols; c += group) {
       const float xn = rf::to_f32(xr[c]) * rs;
       const float g = rf::to_f32(dyr[c]) * (rf::to_f32(w[c]) + w_add);
       dx[r * cols + c] = rf::from_f32<T>(rs * (g - xn * mean_dot));
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ variant 2
+// K = 16-byte vectors of each tensor a thread holds per row. In-row indices are int: the fast
+// path only runs for cols <= K * N * MAX_THREADS.
+
+// Forward with the row in registers. PREFETCH_W issues the weight loads with the row's, before the
+// reduction, at the price of K more live vectors; otherwise they follow it (L1 hits after the first
+// block on an SM: the weight is one row shared by every block).
+template <typename T, int K, bool PREFETCH_W>
+__device__ void fwd_regs(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+                         float* __restrict__ rstd, int64_t rows, int cols, float eps, int gemma,
+                         int group, float* red) {
+  constexpr int N = rf::Vec<T>::N;
+  const Groups gr = groups(group);
+  const int nvec = cols / N;
+  const float inv_cols = 1.0f / (float)cols;
+  for (int64_t r = gr.id; r < rows; r += gr.n) {
+    const T* xr = x + r * cols;
+    rf::Vec<T> buf[K];
+    rf::Vec<T> wv[PREFETCH_W ? K : 1];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int v = gr.lane + k * group;
+      if (v < nvec) buf[k] = rf::load_vec(xr + v * N);
+    }
+    if constexpr (PREFETCH_W) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int v = gr.lane + k * group;
+        if (v < nvec) wv[k] = rf::load_vec(w + v * N);
+      }
+    }
+    float ss = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (gr.lane + k * group < nvec) {
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          const float f = rf::to_f32(buf[k].v[j]);
+          ss += f * f;
+        }
+      }
+    }
+    const float rs = rsqrtf(group_sum(ss, group, red) * inv_cols + eps);
+    if (gr.lane == 0) rstd[r] = rs;
+    T* yr = y + r * cols;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int v = gr.lane + k * group;
+      if (v < nvec) {
+        rf::Vec<T> wk;
+        if constexpr (PREFETCH_W)
+          wk = wv[k];
+        else
+          wk = rf::load_vec(w + v * N);
+        rf::Vec<T> out;
+#pragma unroll
+        for (int j = 0; j < N; ++j)
+          out.v[j] = norm_out<T>(rf::to_f32(buf[k].v[j]) * rs, rf::to_f32(wk.v[j]), gemma);
+        rf::store_vec(yr + v * N, out);
+      }
+    }
+  }
+}
+
+// Backward without dw (frozen weight): x and dy of the row stay in registers between the
+// reduction and the dx pass, so each is read once from DRAM and nothing but dx is written. The
+// weight is loaded in both passes instead of held (L1 hits: one row shared by every block), which
+// keeps the 16-bit K=4 kernel at 63 registers rather than 77 (8 blocks of 128 per SM, not 6).
+template <typename T, int K>
+__device__ void bwd_dx_regs(const T* __restrict__ dy, const T* __restrict__ x,
+                            const T* __restrict__ w, const float* __restrict__ rstd,
+                            T* __restrict__ dx, int64_t rows, int cols, int gemma, int group,
+                            float* red) {
+  constexpr int N = rf::Vec<T>::N;
+  const Groups gr = groups(group);
+  const int nvec = cols / N;
+  const float inv_cols = 1.0f / (float)cols;
+  const float w_add = gemma ? 1.0f : 0.0f;
+  for (int64_t r = gr.id; r < rows; r += gr.n) {
+    const T* xr = x + r * cols;
+    const T* dyr = dy + r * cols;
+    const float rs = rstd[r];
+    rf::Vec<T> xb[K], gb[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int v = gr.lane + k * group;
+      if (v < nvec) {
+        xb[k] = rf::load_vec(xr + v * N);
+        gb[k] = rf::load_vec(dyr + v * N);
+      }
+    }
+    float dot = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int v = gr.lane + k * group;
+      if (v < nvec) {
+        const rf::Vec<T> wd = rf::load_vec(w + v * N);
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          const float xn = rf::to_f32(xb[k].v[j]) * rs, d = rf::to_f32(gb[k].v[j]);
+          dot += d * (rf::to_f32(wd.v[j]) + w_add) * xn;
+        }
+      }
+    }
+    const float mean_dot = group_sum(dot, group, red) * inv_cols;
+    T* dxr = dx + r * cols;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int v = gr.lane + k * group;
+      if (v < nvec) {
+        rf::Vec<T> out;
+        const rf::Vec<T> wk = rf::load_vec(w + v * N);
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          const float xn = rf::to_f32(xb[k].v[j]) * rs;
+          const float g = rf::to_f32(gb[k].v[j]) * (rf::to_f32(wk.v[j]) + w_add);
+          out.v[j] = rf::from_f32<T>(rs * (g - xn * mean_dot));
+        }
+        rf::store_vec(dxr + v * N, out);
+      }
     }
   }
 }
@@ -249,3 +379,35 @@ __device__ void bwd_generic(const T* __restrict__ dy, const T* __restrict__ x,
 RMS_NORM_ENTRY(f32, float)
 RMS_NORM_ENTRY(f16, __half)
 RMS_NORM_ENTRY(bf16, __nv_bfloat16)
+
+// Variant 2 entries. Same arguments as above (`fast`: aligned, whole vectors and
+// cols <= K * (16 / sizeof(T)) * group); the dx entries take no partial buffer.
+#define RMS_NORM_V2_FWD(NAME, T, K, PREFETCH_W)                                                  \
+  extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                      \
+      NAME(const T* x, const T* w, T* y, float* rstd, int64_t rows, int64_t cols, float eps,     \
+           int gemma, int group, int fast) {                                                     \
+    __shared__ float red[MAX_THREADS / 32];                                                      \
+    if (fast)                                                                                    \
+      fwd_regs<T, K, PREFETCH_W>(x, w, y, rstd, rows, (int)cols, eps, gemma, group, red);        \
+    else                                                                                         \
+      fwd_generic<T>(x, w, y, rstd, rows, cols, eps, gemma, group, red);                         \
+  }
+#define RMS_NORM_DX(NAME, T, K)                                                                  \
+  extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                      \
+      NAME(const T* dy, const T* x, const T* w, const float* rstd, T* dx, int64_t rows,          \
+           int64_t cols, int gemma, int group, int fast) {                                       \
+    __shared__ float red[MAX_THREADS / 32];                                                      \
+    if (fast)                                                                                    \
+      bwd_dx_regs<T, K>(dy, x, w, rstd, dx, rows, (int)cols, gemma, group, red);                 \
+    else                                                                                         \
+      bwd_generic<T, false>(dy, x, w, rstd, dx, nullptr, rows, cols, gemma, group, red);         \
+  }
+#define RMS_NORM_V2_ENTRIES(SUFFIX, T)                                                           \
+  RMS_NORM_V2_FWD(rms_norm_fwd_v2_##SUFFIX, T, 8, false)                                         \
+  RMS_NORM_V2_FWD(rms_norm_fwd_v2w_##SUFFIX, T, 8, true)                                         \
+  RMS_NORM_DX(rms_norm_bwd_dx4_##SUFFIX, T, 4)                                                   \
+  RMS_NORM_DX(rms_norm_bwd_dx8_##SUFFIX, T, 8)
+
+RMS_NORM_V2_ENTRIES(f32, float)
+RMS_NORM_V2_ENTRIES(f16, __half)
+RMS_NORM_V2_ENTRIES(bf16, __nv_bfloat16)

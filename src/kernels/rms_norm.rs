@@ -25,6 +25,101 @@ fn kernel_name(fwd: bool, dtype: DType) -> &'static str {
     }
 }
 
+/// Which kernels the launchers use, from [`Variant::ENV`]. It is read at every launch (not
+/// cached), so a benchmark can time both families in one process by setting it between calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// `v1` (the default): 32 elements per thread for every dtype; backward always computes the
+    /// dw partials over a grid of `sm_count * 2048 / threads` blocks.
+    V1,
+    /// `v2`: forward holds 8 vectors (128 bytes) of the row per thread for every dtype (64
+    /// elements of a 16-bit row, so a block does as much work per reduction as an fp32 one);
+    /// backward with dw sizes its grid by the kernel's measured occupancy (one wave, fewer
+    /// partial rows); [`backward_dx`] (no dw) is used by the Python op for a frozen weight.
+    V2,
+    /// `v2w`: `v2` with the forward's weight loads issued before the reduction.
+    V2PrefetchW,
+}
+
+impl Variant {
+    /// The environment variable that selects the variant.
+    pub const ENV: &'static str = "RSLORA_FAST_RMS_NORM";
+
+    /// Parse a value of [`Variant::ENV`] (empty means the default).
+    pub fn parse(value: &str) -> Result<Variant> {
+        match value.trim() {
+            "" | "v1" => Ok(Variant::V1),
+            "v2" => Ok(Variant::V2),
+            "v2w" => Ok(Variant::V2PrefetchW),
+            other => Err(Error::invalid(format!(
+                "{}={other:?}: expected v1, v2 or v2w",
+                Variant::ENV
+            ))),
+        }
+    }
+
+    /// The variant the environment asks for now ([`Variant::V1`] when unset).
+    pub fn from_env() -> Result<Variant> {
+        match std::env::var(Variant::ENV) {
+            Ok(v) => Variant::parse(&v),
+            Err(std::env::VarError::NotPresent) => Ok(Variant::V1),
+            Err(std::env::VarError::NotUnicode(_)) => Err(Error::invalid(format!(
+                "{} is not valid unicode",
+                Variant::ENV
+            ))),
+        }
+    }
+
+    /// The name [`Variant::parse`] accepts for this variant.
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::V1 => "v1",
+            Variant::V2 => "v2",
+            Variant::V2PrefetchW => "v2w",
+        }
+    }
+
+    /// Forward entry and elements per thread (on the fast path) for `dtype`.
+    fn forward_kernel(self, dtype: DType) -> (&'static str, usize) {
+        let v2_elems = V2_FWD_VECS * vec_elems(dtype);
+        match (self, dtype) {
+            (Variant::V1, _) => (kernel_name(true, dtype), ELEMS),
+            (Variant::V2, DType::F32) => ("rms_norm_fwd_v2_f32", v2_elems),
+            (Variant::V2, DType::F16) => ("rms_norm_fwd_v2_f16", v2_elems),
+            (Variant::V2, DType::BF16) => ("rms_norm_fwd_v2_bf16", v2_elems),
+            (Variant::V2PrefetchW, DType::F32) => ("rms_norm_fwd_v2w_f32", v2_elems),
+            (Variant::V2PrefetchW, DType::F16) => ("rms_norm_fwd_v2w_f16", v2_elems),
+            (Variant::V2PrefetchW, DType::BF16) => ("rms_norm_fwd_v2w_bf16", v2_elems),
+        }
+    }
+}
+
+/// 16-byte vectors per thread of the variant-2 forward (`K` of `rms_norm_fwd_v2*`).
+const V2_FWD_VECS: usize = 8;
+
+/// Elements of `dtype` in one 16-byte vector.
+fn vec_elems(dtype: DType) -> usize {
+    16 / dtype.size()
+}
+
+/// Entry of the dx-only backward for `cols`-wide rows and its elements per thread: 32, as v1 (4
+/// vectors of x and 4 of dy for 16-bit types at 63 registers, 8 + 8 for fp32 at 104: about 128 KB
+/// of reads in flight per SM either way); 16-bit rows wider than 32 x 512 take the 8-vector entry
+/// so that they stay on the fast path.
+fn dx_kernel(dtype: DType, cols: usize) -> (&'static str, usize) {
+    let n = vec_elems(dtype);
+    let wide = cols > 4 * n * MAX_THREADS;
+    let k = if dtype == DType::F32 || wide { 8 } else { 4 };
+    let name = match (dtype, k) {
+        (DType::F32, _) => "rms_norm_bwd_dx8_f32",
+        (DType::F16, 4) => "rms_norm_bwd_dx4_f16",
+        (DType::F16, _) => "rms_norm_bwd_dx8_f16",
+        (DType::BF16, 4) => "rms_norm_bwd_dx4_bf16",
+        (DType::BF16, _) => "rms_norm_bwd_dx8_bf16",
+    };
+    (name, k * n)
+}
+
 /// How rows map onto threads: `group` threads own one row at a time (32 = one warp per row),
 /// `threads` per block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,23 +128,33 @@ pub struct Plan {
     pub threads: u32,
     /// Threads that share one row (32, or `threads` when the block owns the row).
     pub group: u32,
+    /// Row elements one thread holds on the fast path.
+    pub elems: u32,
 }
 
 impl Plan {
-    /// The layout for rows of `cols` elements: the fewest threads that hold the row at
-    /// [`ELEMS`] elements each, a warp per row when one warp suffices, at most 512 threads.
+    /// The v1 layout for rows of `cols` elements: [`Plan::with_elems`] at [`ELEMS`].
     pub fn for_cols(cols: usize) -> Plan {
-        let needed = cols.div_ceil(ELEMS);
+        Plan::with_elems(cols, ELEMS)
+    }
+
+    /// The fewest threads that hold a row of `cols` at `elems` elements each, a warp per row
+    /// when one warp suffices, at most 512 threads.
+    pub fn with_elems(cols: usize, elems: usize) -> Plan {
+        let needed = cols.div_ceil(elems);
+        let elems = elems as u32;
         if needed <= 32 {
             return Plan {
                 threads: WARP_MODE_THREADS as u32,
                 group: 32,
+                elems,
             };
         }
         let threads = needed.next_multiple_of(32).min(MAX_THREADS) as u32;
         Plan {
             threads,
             group: threads,
+            elems,
         }
     }
 
@@ -61,7 +166,7 @@ impl Plan {
     /// Whether the register-resident, 16-byte-vector path applies.
     fn fast(self, dtype: DType, cols: usize, ptrs: &[usize]) -> bool {
         let per = 16 / dtype.size();
-        all_aligned16(ptrs) && cols % per == 0 && cols <= ELEMS * self.group as usize
+        all_aligned16(ptrs) && cols % per == 0 && cols <= self.elems as usize * self.group as usize
     }
 }
 
@@ -78,16 +183,38 @@ fn check_shape(what: &str, rows: usize, cols: usize) -> Result<()> {
 }
 
 /// Rows of the fp32 `partial` buffer that [`backward`] needs for `rows` rows of `cols` elements
-/// on `device` (one per thread group of the grid): the caller allocates `[n, cols]` fp32 and
-/// sums it over dim 0 afterwards to get `dw`.
-pub fn backward_partial_rows(rows: usize, cols: usize, device: i32) -> Result<usize> {
+/// of `dtype` on `device` (one per thread group of the grid): the caller allocates `[n, cols]`
+/// fp32 and sums it over dim 0 afterwards to get `dw`.
+///
+/// The count depends on [`Variant::from_env`]: call this and [`backward`] under the same variant
+/// (a mismatch is reported by [`backward`], never launched).
+pub fn backward_partial_rows(rows: usize, cols: usize, dtype: DType, device: i32) -> Result<usize> {
+    backward_partial_rows_for(Variant::from_env()?, rows, cols, device, dtype)
+}
+
+fn backward_partial_rows_for(
+    variant: Variant,
+    rows: usize,
+    cols: usize,
+    device: i32,
+    dtype: DType,
+) -> Result<usize> {
     check_shape("rms_norm backward", rows, cols)?;
     let plan = Plan::for_cols(cols);
     let per_block = plan.rows_per_block();
-    // Enough groups to fill the GPU about twice (2048 threads per SM), never more than the rows:
-    // each group sums its rows' dw in registers, so fewer groups mean a smaller partial buffer.
-    let resident = cuda::sm_count(device)? as usize * (2048 / plan.threads as usize).max(1);
-    let blocks = rows.div_ceil(per_block).clamp(1, resident);
+    // Never more groups than rows: each group sums its rows' dw in registers, so fewer groups
+    // mean a smaller partial buffer.
+    let resident = match variant {
+        // Enough groups to fill the GPU about twice (2048 threads per SM).
+        Variant::V1 => cuda::sm_count(device)? as usize * (2048 / plan.threads as usize).max(1),
+        // Exactly one wave at the kernel's real occupancy (registers limit it to fewer than
+        // 2048 threads per SM, so v1's grid ran in several waves with a mostly idle last one).
+        Variant::V2 | Variant::V2PrefetchW => {
+            cuda::resident_blocks(device, "rms_norm", kernel_name(false, dtype), plan.threads)?
+                as usize
+        }
+    };
+    let blocks = rows.div_ceil(per_block).clamp(1, resident.max(1));
     Ok(blocks * per_block)
 }
 
@@ -123,7 +250,8 @@ pub unsafe fn forward(
             "rms_norm forward: eps must be finite and >= 0, got {eps}"
         )));
     }
-    let plan = Plan::for_cols(cols);
+    let (kernel, elems) = Variant::from_env()?.forward_kernel(dtype);
+    let plan = Plan::with_elems(cols, elems);
     let mut fast = plan.fast(dtype, cols, &[x, w, y]) as i32;
     let blocks = rows.div_ceil(plan.rows_per_block()).min(i32::MAX as usize) as u32;
     let (mut x, mut w, mut y, mut rstd) = (x, w, y, rstd);
@@ -141,14 +269,15 @@ pub unsafe fn forward(
         &mut group as *mut i32 as *mut c_void,
         &mut fast as *mut i32 as *mut c_void,
     ];
-    // SAFETY: args match `rms_norm_fwd_<dtype>(const T*, const T*, T*, float*, int64_t, int64_t,
-    // float, int, int, int)`; the caller guarantees the pointers and sizes.
+    // SAFETY: args match `rms_norm_fwd[_v2|_v2w]_<dtype>(const T*, const T*, T*, float*, int64_t,
+    // int64_t, float, int, int, int)`; the caller guarantees the pointers and sizes; `fast` is set
+    // only when the plan's threads hold the whole row at the entry's elements per thread.
     unsafe {
         cuda::launch(
             device,
             stream,
             "rms_norm",
-            kernel_name(true, dtype),
+            kernel,
             LaunchConfig::linear(blocks, plan.threads),
             &mut args,
         )
@@ -157,7 +286,7 @@ pub unsafe fn forward(
 
 /// RMSNorm backward: `dx` (`rows x cols`, `dtype`) and per-group fp32 partial sums of `dw` in
 /// `partial` (`partial_rows x cols`, where `partial_rows` must equal
-/// [`backward_partial_rows`]`(rows, cols, device)`; the caller sums it over rows).
+/// [`backward_partial_rows`]`(rows, cols, dtype, device)`; the caller sums it over rows).
 ///
 /// # Safety
 /// `dy`, `x`, `dx` must be device pointers on `device` to `rows * cols` contiguous elements of
@@ -180,7 +309,7 @@ pub unsafe fn backward(
     device: i32,
     stream: RawStream,
 ) -> Result<()> {
-    let expected = backward_partial_rows(rows, cols, device)?;
+    let expected = backward_partial_rows(rows, cols, dtype, device)?;
     if partial_rows != expected {
         return Err(Error::invalid(format!(
             "rms_norm backward: partial buffer has {partial_rows} rows, expected {expected}"
@@ -225,6 +354,68 @@ pub unsafe fn backward(
     }
 }
 
+/// RMSNorm backward for a frozen weight: `dx` only (`rows x cols`, `dtype`), one pass with the
+/// row's x and dy held in registers and no dw partials. Same math and roundings as [`backward`]'s
+/// dx. Always the variant-2 kernel (the Python op chooses it; see [`Variant`]).
+///
+/// # Safety
+/// `dy`, `x`, `dx` must be device pointers on `device` to `rows * cols` contiguous elements of
+/// `dtype`, `w` to `cols` elements, `rstd` to `rows` f32 (as written by [`forward`]), all live
+/// until the launch has run on `stream`; `dx` overlaps nothing else.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn backward_dx(
+    dtype: DType,
+    dy: usize,
+    x: usize,
+    w: usize,
+    rstd: usize,
+    dx: usize,
+    rows: usize,
+    cols: usize,
+    gemma: bool,
+    device: i32,
+    stream: RawStream,
+) -> Result<()> {
+    check_shape("rms_norm backward", rows, cols)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    check_ptrs("rms_norm backward", &[dy, x, w, rstd, dx])?;
+    let (kernel, elems) = dx_kernel(dtype, cols);
+    let plan = Plan::with_elems(cols, elems);
+    let mut fast = plan.fast(dtype, cols, &[dy, x, w, dx]) as i32;
+    // One group per row (the kernel loops when the grid is capped): short blocks, as forward.
+    let blocks = rows.div_ceil(plan.rows_per_block()).min(i32::MAX as usize) as u32;
+    let (mut dy, mut x, mut w, mut rstd, mut dx) = (dy, x, w, rstd, dx);
+    let (mut rows64, mut cols64) = (rows as i64, cols as i64);
+    let (mut gemma, mut group) = (gemma as i32, plan.group as i32);
+    let mut args = [
+        &mut dy as *mut usize as *mut c_void,
+        &mut x as *mut usize as *mut c_void,
+        &mut w as *mut usize as *mut c_void,
+        &mut rstd as *mut usize as *mut c_void,
+        &mut dx as *mut usize as *mut c_void,
+        &mut rows64 as *mut i64 as *mut c_void,
+        &mut cols64 as *mut i64 as *mut c_void,
+        &mut gemma as *mut i32 as *mut c_void,
+        &mut group as *mut i32 as *mut c_void,
+        &mut fast as *mut i32 as *mut c_void,
+    ];
+    // SAFETY: args match `rms_norm_bwd_dx{4,8}_<dtype>(const T*, const T*, const T*, const
+    // float*, T*, int64_t, int64_t, int, int, int)`; the caller guarantees the pointers and sizes;
+    // `fast` is set only when the plan's threads hold the whole row at the entry's elements.
+    unsafe {
+        cuda::launch(
+            device,
+            stream,
+            "rms_norm",
+            kernel,
+            LaunchConfig::linear(blocks, plan.threads),
+            &mut args,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,6 +442,44 @@ mod tests {
         assert!(!p.fast(DType::BF16, 4090, &[256, 512]));
         let wide = Plan::for_cols(40000);
         assert!(!wide.fast(DType::BF16, 40000, &[256]));
+    }
+
+    #[test]
+    fn variant_names_round_trip_and_bad_values_are_rejected() {
+        for v in [Variant::V1, Variant::V2, Variant::V2PrefetchW] {
+            assert_eq!(Variant::parse(v.name()).unwrap(), v);
+        }
+        assert_eq!(Variant::parse("").unwrap(), Variant::V1);
+        assert!(Variant::parse("v3").is_err());
+    }
+
+    #[test]
+    fn v2_forward_gives_every_dtype_128_bytes_per_thread() {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let (_, elems) = Variant::V2.forward_kernel(dtype);
+            assert_eq!(elems * dtype.size(), 128);
+        }
+        // rows of 4096: two warps per 16-bit row (v1: four), four per fp32 row (as v1)
+        let (_, e16) = Variant::V2.forward_kernel(DType::BF16);
+        assert_eq!(Plan::with_elems(4096, e16).threads, 64);
+        let (_, e32) = Variant::V2.forward_kernel(DType::F32);
+        assert_eq!(Plan::with_elems(4096, e32).threads, 128);
+        // the widest fast-path row: 512 threads x 64 elements of a 16-bit type
+        let wide = Plan::with_elems(32768, e16);
+        assert!(wide.fast(DType::BF16, 32768, &[256]));
+        assert!(!Plan::with_elems(32776, e16).fast(DType::BF16, 32776, &[256]));
+    }
+
+    #[test]
+    fn dx_only_plan_stays_on_the_fast_path_for_wide_16_bit_rows() {
+        let (name, elems) = dx_kernel(DType::BF16, 4096);
+        assert_eq!((name, elems), ("rms_norm_bwd_dx4_bf16", 32));
+        assert_eq!(Plan::with_elems(4096, elems).threads, 128);
+        let (name, elems) = dx_kernel(DType::F16, 20000);
+        assert_eq!((name, elems), ("rms_norm_bwd_dx8_f16", 64));
+        assert!(Plan::with_elems(20000, elems).fast(DType::F16, 20000, &[256]));
+        let (name, elems) = dx_kernel(DType::F32, 4096);
+        assert_eq!((name, elems), ("rms_norm_bwd_dx8_f32", 32));
     }
 
     #[test]

@@ -7,7 +7,8 @@ import torch
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from rslora_fast.ops.rms_norm import rms_norm, rms_norm_bwd, rms_norm_fwd
+import rslora_fast.ops.rms_norm as rms_norm_module
+from rslora_fast.ops.rms_norm import rms_norm, rms_norm_bwd, rms_norm_bwd_dx, rms_norm_fwd
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # relative-norm tolerances against a float64 reference (the op rounds to dtype, Llama twice)
@@ -15,6 +16,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 # one-element tolerance against transformers' own module in the same dtype: two units in the last place
 ULP2 = {torch.float32: 2.0**-22, torch.float16: 2.0**-9, torch.bfloat16: 2.0**-6}
 EPS = 1e-6
+VARIANT_ENV = "RSLORA_FAST_RMS_NORM"
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
 
@@ -122,6 +124,39 @@ def test_frozen_weight_gets_no_gradient():
     assert x.grad is not None and w.grad is None
 
 
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_dx_only_op_matches_float64(dtype, gemma):
+    x, w = make_inputs("cpu", dtype, (5, 3, 40), gemma)
+    dy = torch.randn_like(x)
+    _, rstd = rms_norm_fwd(x, w, EPS, gemma)
+    dx = rms_norm_bwd_dx(dy, x, w, rstd, gemma)
+    assert dx.shape == x.shape and dx.dtype == dtype
+    x64, w64 = x.double().requires_grad_(), w.double()
+    float64_reference(x64, w64, gemma).backward(dy.double())
+    assert rel_dx(dx, x64.grad, x64, w64, dy, gemma) < TOL[dtype]
+
+
+def test_opcheck_cpu_dx_only():
+    x, w = torch.randn(3, 17), torch.randn(17)
+    _, rstd = rms_norm_fwd(x, w, EPS, False)
+    torch.library.opcheck(rms_norm_bwd_dx, (torch.randn(3, 17), x, w, rstd, False))
+    torch.library.opcheck(rms_norm_bwd_dx, (torch.randn(3, 17), x, w, rstd, True))
+
+
+def test_variant_is_read_from_the_environment(monkeypatch):
+    from rslora_fast import _core
+
+    monkeypatch.delenv(VARIANT_ENV, raising=False)
+    assert _core.rms_norm_variant() == "v1"
+    for name in ("v1", "v2", "v2w"):
+        monkeypatch.setenv(VARIANT_ENV, name)
+        assert _core.rms_norm_variant() == name
+    monkeypatch.setenv(VARIANT_ENV, "fast")
+    with pytest.raises(ValueError, match=VARIANT_ENV):
+        _core.rms_norm_variant()
+
+
 # ---------------------------------------------------------------- GPU (our kernel)
 
 # Warp-per-row and block-per-row layouts, widths that are not multiples of the vector (generic
@@ -179,12 +214,14 @@ def test_cuda_matches_transformers_module(dtype, shape, gemma):
 
 @cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("variant", ["v1", "v2", "v2w"])
 @pytest.mark.parametrize("gemma", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(13, 512), (5, 4096), (3, 1031), (2, 20000), (1000, 64)])
-def test_cuda_poisoned_outputs_are_all_written(dtype, shape, gemma):
+@pytest.mark.parametrize("shape", [(13, 512), (5, 4096), (3, 1031), (2, 20000), (1000, 64), (3, 32768)])
+def test_cuda_poisoned_outputs_are_all_written(dtype, shape, gemma, variant, monkeypatch):
     from rslora_fast import _core
 
+    monkeypatch.setenv(VARIANT_ENV, variant)
     x, w = make_inputs("cuda", dtype, shape, gemma)
     dy = torch.randn_like(x)
     rows, cols = shape
@@ -195,7 +232,8 @@ def test_cuda_poisoned_outputs_are_all_written(dtype, shape, gemma):
     _core.rms_norm_fwd(
         x.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(), rows, cols, EPS, gemma, name, 0, stream
     )
-    n = _core.rms_norm_bwd_partial_rows(rows, cols, 0)
+    n = _core.rms_norm_bwd_partial_rows(rows, cols, name, 0)
+    assert 1 <= n <= rows
     dx = torch.full_like(x, float("nan"))
     partial = torch.full((n, cols), float("nan"), device="cuda")
     _core.rms_norm_bwd(
@@ -213,8 +251,22 @@ def test_cuda_poisoned_outputs_are_all_written(dtype, shape, gemma):
         0,
         stream,
     )
+    dx_only = torch.full_like(x, float("nan"))
+    _core.rms_norm_bwd_dx(
+        dy.data_ptr(),
+        x.data_ptr(),
+        w.data_ptr(),
+        rstd.data_ptr(),
+        dx_only.data_ptr(),
+        rows,
+        cols,
+        gemma,
+        name,
+        0,
+        stream,
+    )
     torch.cuda.synchronize()
-    for t in (y, rstd, dx, partial):
+    for t in (y, rstd, dx, partial, dx_only):
         assert torch.isfinite(t).all()
     x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
     ref = float64_reference(x64, w64, gemma)
@@ -223,6 +275,7 @@ def test_cuda_poisoned_outputs_are_all_written(dtype, shape, gemma):
     assert rel(rstd, ref_rstd) < 1e-6
     assert rel(y, ref) < TOL[dtype]
     assert rel_dx(dx, x64.grad, x64, w64, dy, gemma) < TOL[dtype]
+    assert rel_dx(dx_only, x64.grad, x64, w64, dy, gemma) < TOL[dtype]
     assert rel(partial.sum(0), w64.grad) < TOL[dtype]
 
 
@@ -303,3 +356,147 @@ def test_cuda_side_stream():
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     assert torch.equal(y, ref)
+
+
+# ---------------------------------------------------------------- GPU: variant 2 (RSLORA_FAST_RMS_NORM)
+
+# v1's shapes plus the v2 forward's 16-bit fast-path edge (512 threads x 64 elements = 32768) and
+# the first width past it (generic path), a two-warp block (4096 at 64 elements) and 8192.
+V2_SHAPES = CUDA_SHAPES + [(3, 8192), (2, 32768), (1, 32776), (9, 2048), (33, 4096)]
+
+
+def check_frozen_weight_against_float64(device, dtype, shape, gemma, monkeypatch):
+    """Input gradient with a frozen weight; fails if the dw-computing op is called at all."""
+
+    def no_dw_op(*_args):
+        raise AssertionError("frozen weight: the backward must not compute dw")
+
+    monkeypatch.setattr(rms_norm_module, "rms_norm_bwd", no_dw_op)
+    x0, w = make_inputs(device, dtype, shape, gemma)
+    x = x0.requires_grad_()
+    y = rms_norm(x, w, EPS, gemma)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert w.grad is None and torch.isfinite(x.grad).all()
+    x64, w64 = x.detach().double().requires_grad_(), w.double()
+    ref = float64_reference(x64, w64, gemma)
+    ref.backward(dy.double())
+    assert rel(y, ref) < TOL[dtype], "output"
+    assert rel_dx(x.grad, x64.grad, x64, w64, dy, gemma) < TOL[dtype], "dx"
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", ["v2", "v2w"])
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", V2_SHAPES)
+def test_cuda_v2_matches_float64(dtype, shape, gemma, variant, monkeypatch):
+    monkeypatch.setenv(VARIANT_ENV, variant)
+    check_against_float64("cuda", dtype, shape, gemma)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", V2_SHAPES)
+def test_cuda_v2_frozen_weight_matches_float64(dtype, shape, gemma, monkeypatch):
+    monkeypatch.setenv(VARIANT_ENV, "v2")
+    check_frozen_weight_against_float64("cuda", dtype, shape, gemma, monkeypatch)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_v2_realistic_size_matches_float64(dtype, gemma, monkeypatch):
+    # many rows per group in the occupancy-sized dw grid; one block per row in the dx-only grid
+    monkeypatch.setenv(VARIANT_ENV, "v2")
+    check_against_float64("cuda", dtype, (4, 2048, 4096), gemma)
+    check_frozen_weight_against_float64("cuda", dtype, (4, 2048, 4096), gemma, monkeypatch)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", ["v2", "v2w"])
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 64), (5, 4096), (3, 16384), (7, 1031), (2, 32768)])
+def test_cuda_v2_matches_transformers_module(dtype, shape, gemma, variant, monkeypatch):
+    monkeypatch.setenv(VARIANT_ENV, variant)
+    x, w = make_inputs("cuda", dtype, shape, gemma)
+    module = (GemmaRMSNorm if gemma else LlamaRMSNorm)(shape[-1], eps=EPS).to("cuda", dtype)
+    with torch.no_grad():
+        module.weight.copy_(w)
+        ref = module(x)
+    y = rms_norm(x, w, EPS, gemma)
+    torch.testing.assert_close(y, ref, rtol=ULP2[dtype], atol=1e-6)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_v2_non_contiguous_and_unaligned(dtype, monkeypatch):
+    monkeypatch.setenv(VARIANT_ENV, "v2")
+    # an odd storage offset breaks 16-byte alignment: the generic paths of the v2 entries
+    storage = torch.randn(3 * 1024 + 1, device="cuda", dtype=dtype)
+    x = storage[1:].view(3, 1024).requires_grad_()
+    w = torch.randn(1024 + 1, device="cuda", dtype=dtype)[1:] * 0.5 + 1
+    y = rms_norm(x, w, EPS)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64, w64 = x.detach().double().requires_grad_(), w.double()
+    ref = float64_reference(x64, w64, False)
+    ref.backward(dy.double())
+    assert rel(y, ref) < TOL[dtype]
+    assert rel_dx(x.grad, x64.grad, x64, w64, dy, False) < TOL[dtype]
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("gemma", [False, True])
+def test_cuda_v2_backward_is_deterministic(gemma, monkeypatch):
+    monkeypatch.setenv(VARIANT_ENV, "v2")
+    x, w = make_inputs("cuda", torch.bfloat16, (3000, 2048), gemma)
+    dy = torch.randn_like(x)
+    _, rstd = rms_norm_fwd(x, w, EPS, gemma)
+    first = rms_norm_bwd(dy, x, w, rstd, gemma)
+    first_dx = rms_norm_bwd_dx(dy, x, w, rstd, gemma)
+    for _ in range(3):
+        again = rms_norm_bwd(dy, x, w, rstd, gemma)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+        assert torch.equal(rms_norm_bwd_dx(dy, x, w, rstd, gemma), first_dx)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_partial_rows_queried_under_another_variant_is_refused(monkeypatch):
+    from rslora_fast import _core
+
+    x, w = make_inputs("cuda", torch.bfloat16, (100000, 4096), False)
+    rows, cols = x.shape
+    _, rstd = rms_norm_fwd(x, w, EPS, False)
+    monkeypatch.setenv(VARIANT_ENV, "v1")
+    n1 = _core.rms_norm_bwd_partial_rows(rows, cols, "bfloat16", 0)
+    monkeypatch.setenv(VARIANT_ENV, "v2")
+    n2 = _core.rms_norm_bwd_partial_rows(rows, cols, "bfloat16", 0)
+    if n1 == n2:
+        pytest.skip("both variants size the grid alike on this GPU")
+    partial = torch.empty(n1, cols, device="cuda")
+    dx = torch.empty_like(x)
+    stream = torch.cuda.current_stream().cuda_stream
+    with pytest.raises(ValueError, match="partial buffer"):
+        _core.rms_norm_bwd(
+            x.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
+            partial.data_ptr(), n1, rows, cols, False, "bfloat16", 0, stream,
+        )  # fmt: skip
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_bad_variant_names_the_variable(monkeypatch):
+    monkeypatch.setenv(VARIANT_ENV, "v3")
+    x, w = make_inputs("cuda", torch.bfloat16, (4, 64), False)
+    with pytest.raises(ValueError, match=VARIANT_ENV):
+        rms_norm(x, w)
