@@ -121,7 +121,7 @@ def rms_norm_fwd(
     """RMSNorm of ``rows`` contiguous rows of ``cols`` elements into ``y`` and float32 ``rstd``."""
 
 def rms_norm_bwd_partial_rows(rows: int, cols: int, dtype: str, device: int) -> int:
-    """Rows of the float32 ``[n, cols]`` partial-``dw`` buffer that ``rms_norm_bwd`` fills (per variant)."""
+    """Rows of the float32 ``[n, cols]`` partial-``dw`` buffer that ``rms_norm_bwd`` fills."""
 
 def rms_norm_bwd(
     dy: int,
@@ -154,9 +154,6 @@ def rms_norm_bwd_dx(
     stream: int,
 ) -> None:
     """Input gradient of RMSNorm only (frozen weight) into ``dx``: one pass, no ``dw`` partials."""
-
-def rms_norm_variant() -> str:
-    """The kernel variant ``RSLORA_FAST_RMS_NORM`` selects now: "v1" (default), "v2" or "v2w"."""
 
 # ---------------------------------------------------------------------------- 4-bit quantization
 def nf4_quantize_cpu(src: int, n: int, blocksize: int, quant_type: str, packed: int, absmax: int) -> None:

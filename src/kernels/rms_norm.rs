@@ -9,102 +9,43 @@ use crate::{Error, Result};
 
 /// Threads of a block (must match `MAX_THREADS` in the kernel as an upper bound).
 const MAX_THREADS: usize = 512;
-/// Row elements one thread owns on the fast path (`ELEMS` in the kernel).
-const ELEMS: usize = 32;
+/// Row elements one thread owns on the fast path of the backward with dw (`BWD_ELEMS`).
+const BWD_ELEMS: usize = 32;
+/// 16-byte vectors of a row one thread owns on the forward fast path (`FWD_VECS`).
+const FWD_VECS: usize = 8;
 /// Block size when a warp owns a row (narrow rows): eight rows per block.
 const WARP_MODE_THREADS: usize = 256;
 
-fn kernel_name(fwd: bool, dtype: DType) -> &'static str {
-    match (fwd, dtype) {
-        (true, DType::F32) => "rms_norm_fwd_f32",
-        (true, DType::F16) => "rms_norm_fwd_f16",
-        (true, DType::BF16) => "rms_norm_fwd_bf16",
-        (false, DType::F32) => "rms_norm_bwd_f32",
-        (false, DType::F16) => "rms_norm_bwd_f16",
-        (false, DType::BF16) => "rms_norm_bwd_bf16",
+fn forward_kernel(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "rms_norm_fwd_f32",
+        DType::F16 => "rms_norm_fwd_f16",
+        DType::BF16 => "rms_norm_fwd_bf16",
     }
 }
 
-/// Which kernels the launchers use, from [`Variant::ENV`]. It is read at every launch (not
-/// cached), so a benchmark can time both families in one process by setting it between calls.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Variant {
-    /// `v1` (the default): 32 elements per thread for every dtype; backward always computes the
-    /// dw partials over a grid of `sm_count * 2048 / threads` blocks.
-    V1,
-    /// `v2`: forward holds 8 vectors (128 bytes) of the row per thread for every dtype (64
-    /// elements of a 16-bit row, so a block does as much work per reduction as an fp32 one);
-    /// backward with dw sizes its grid by the kernel's measured occupancy (one wave, fewer
-    /// partial rows); [`backward_dx`] (no dw) is used by the Python op for a frozen weight.
-    V2,
-    /// `v2w`: `v2` with the forward's weight loads issued before the reduction.
-    V2PrefetchW,
-}
-
-impl Variant {
-    /// The environment variable that selects the variant.
-    pub const ENV: &'static str = "RSLORA_FAST_RMS_NORM";
-
-    /// Parse a value of [`Variant::ENV`] (empty means the default).
-    pub fn parse(value: &str) -> Result<Variant> {
-        match value.trim() {
-            "" | "v1" => Ok(Variant::V1),
-            "v2" => Ok(Variant::V2),
-            "v2w" => Ok(Variant::V2PrefetchW),
-            other => Err(Error::invalid(format!(
-                "{}={other:?}: expected v1, v2 or v2w",
-                Variant::ENV
-            ))),
-        }
-    }
-
-    /// The variant the environment asks for now ([`Variant::V1`] when unset).
-    pub fn from_env() -> Result<Variant> {
-        match std::env::var(Variant::ENV) {
-            Ok(v) => Variant::parse(&v),
-            Err(std::env::VarError::NotPresent) => Ok(Variant::V1),
-            Err(std::env::VarError::NotUnicode(_)) => Err(Error::invalid(format!(
-                "{} is not valid unicode",
-                Variant::ENV
-            ))),
-        }
-    }
-
-    /// The name [`Variant::parse`] accepts for this variant.
-    pub fn name(self) -> &'static str {
-        match self {
-            Variant::V1 => "v1",
-            Variant::V2 => "v2",
-            Variant::V2PrefetchW => "v2w",
-        }
-    }
-
-    /// Forward entry and elements per thread (on the fast path) for `dtype`.
-    fn forward_kernel(self, dtype: DType) -> (&'static str, usize) {
-        let v2_elems = V2_FWD_VECS * vec_elems(dtype);
-        match (self, dtype) {
-            (Variant::V1, _) => (kernel_name(true, dtype), ELEMS),
-            (Variant::V2, DType::F32) => ("rms_norm_fwd_v2_f32", v2_elems),
-            (Variant::V2, DType::F16) => ("rms_norm_fwd_v2_f16", v2_elems),
-            (Variant::V2, DType::BF16) => ("rms_norm_fwd_v2_bf16", v2_elems),
-            (Variant::V2PrefetchW, DType::F32) => ("rms_norm_fwd_v2w_f32", v2_elems),
-            (Variant::V2PrefetchW, DType::F16) => ("rms_norm_fwd_v2w_f16", v2_elems),
-            (Variant::V2PrefetchW, DType::BF16) => ("rms_norm_fwd_v2w_bf16", v2_elems),
-        }
+fn backward_kernel(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "rms_norm_bwd_f32",
+        DType::F16 => "rms_norm_bwd_f16",
+        DType::BF16 => "rms_norm_bwd_bf16",
     }
 }
-
-/// 16-byte vectors per thread of the variant-2 forward (`K` of `rms_norm_fwd_v2*`).
-const V2_FWD_VECS: usize = 8;
 
 /// Elements of `dtype` in one 16-byte vector.
 fn vec_elems(dtype: DType) -> usize {
     16 / dtype.size()
 }
 
-/// Entry of the dx-only backward for `cols`-wide rows and its elements per thread: 32, as v1 (4
-/// vectors of x and 4 of dy for 16-bit types at 63 registers, 8 + 8 for fp32 at 104: about 128 KB
-/// of reads in flight per SM either way); 16-bit rows wider than 32 x 512 take the 8-vector entry
+/// Forward layout for `cols`-wide rows: [`FWD_VECS`] vectors (128 bytes) per thread in every
+/// dtype (64 elements of a 16-bit row: half the threads, and block-wide reductions, of 32).
+fn forward_plan(dtype: DType, cols: usize) -> Plan {
+    Plan::with_elems(cols, FWD_VECS * vec_elems(dtype))
+}
+
+/// Entry of the dx-only backward for `cols`-wide rows and its elements per thread: 32 (4 vectors
+/// of x and 4 of dy for 16-bit types at 63 registers, 8 + 8 for fp32 at 104: about 128 KB of
+/// reads in flight per SM either way); 16-bit rows wider than 32 x 512 take the 8-vector entry
 /// so that they stay on the fast path.
 fn dx_kernel(dtype: DType, cols: usize) -> (&'static str, usize) {
     let n = vec_elems(dtype);
@@ -133,9 +74,10 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The v1 layout for rows of `cols` elements: [`Plan::with_elems`] at [`ELEMS`].
-    pub fn for_cols(cols: usize) -> Plan {
-        Plan::with_elems(cols, ELEMS)
+    /// The layout of the backward with dw for rows of `cols` elements: [`Plan::with_elems`] at
+    /// [`BWD_ELEMS`].
+    pub fn for_backward(cols: usize) -> Plan {
+        Plan::with_elems(cols, BWD_ELEMS)
     }
 
     /// The fewest threads that hold a row of `cols` at `elems` elements each, a warp per row
@@ -184,36 +126,18 @@ fn check_shape(what: &str, rows: usize, cols: usize) -> Result<()> {
 
 /// Rows of the fp32 `partial` buffer that [`backward`] needs for `rows` rows of `cols` elements
 /// of `dtype` on `device` (one per thread group of the grid): the caller allocates `[n, cols]`
-/// fp32 and sums it over dim 0 afterwards to get `dw`.
-///
-/// The count depends on [`Variant::from_env`]: call this and [`backward`] under the same variant
-/// (a mismatch is reported by [`backward`], never launched).
+/// fp32 and sums it over dim 0 afterwards to get `dw`. A whole number of blocks' groups (a block
+/// of a narrow-row grid holds several rows; the groups without a row write zeros), at most `rows`
+/// rounded up to a whole block.
 pub fn backward_partial_rows(rows: usize, cols: usize, dtype: DType, device: i32) -> Result<usize> {
-    backward_partial_rows_for(Variant::from_env()?, rows, cols, device, dtype)
-}
-
-fn backward_partial_rows_for(
-    variant: Variant,
-    rows: usize,
-    cols: usize,
-    device: i32,
-    dtype: DType,
-) -> Result<usize> {
     check_shape("rms_norm backward", rows, cols)?;
-    let plan = Plan::for_cols(cols);
+    let plan = Plan::for_backward(cols);
     let per_block = plan.rows_per_block();
-    // Never more groups than rows: each group sums its rows' dw in registers, so fewer groups
-    // mean a smaller partial buffer.
-    let resident = match variant {
-        // Enough groups to fill the GPU about twice (2048 threads per SM).
-        Variant::V1 => cuda::sm_count(device)? as usize * (2048 / plan.threads as usize).max(1),
-        // Exactly one wave at the kernel's real occupancy (registers limit it to fewer than
-        // 2048 threads per SM, so v1's grid ran in several waves with a mostly idle last one).
-        Variant::V2 | Variant::V2PrefetchW => {
-            cuda::resident_blocks(device, "rms_norm", kernel_name(false, dtype), plan.threads)?
-                as usize
-        }
-    };
+    // One wave at the kernel's real occupancy (registers keep it under 2048 threads per SM; a
+    // grid sized for 2048 ran in several waves with a mostly idle last one), never more groups
+    // than rows: each group sums its rows' dw in registers, so fewer groups mean fewer partials.
+    let resident =
+        cuda::resident_blocks(device, "rms_norm", backward_kernel(dtype), plan.threads)? as usize;
     let blocks = rows.div_ceil(per_block).clamp(1, resident.max(1));
     Ok(blocks * per_block)
 }
@@ -250,8 +174,7 @@ pub unsafe fn forward(
             "rms_norm forward: eps must be finite and >= 0, got {eps}"
         )));
     }
-    let (kernel, elems) = Variant::from_env()?.forward_kernel(dtype);
-    let plan = Plan::with_elems(cols, elems);
+    let plan = forward_plan(dtype, cols);
     let mut fast = plan.fast(dtype, cols, &[x, w, y]) as i32;
     let blocks = rows.div_ceil(plan.rows_per_block()).min(i32::MAX as usize) as u32;
     let (mut x, mut w, mut y, mut rstd) = (x, w, y, rstd);
@@ -269,15 +192,15 @@ pub unsafe fn forward(
         &mut group as *mut i32 as *mut c_void,
         &mut fast as *mut i32 as *mut c_void,
     ];
-    // SAFETY: args match `rms_norm_fwd[_v2|_v2w]_<dtype>(const T*, const T*, T*, float*, int64_t,
-    // int64_t, float, int, int, int)`; the caller guarantees the pointers and sizes; `fast` is set
-    // only when the plan's threads hold the whole row at the entry's elements per thread.
+    // SAFETY: args match `rms_norm_fwd_<dtype>(const T*, const T*, T*, float*, int64_t, int64_t,
+    // float, int, int, int)`; the caller guarantees the pointers and sizes; `fast` is set only
+    // when the plan's threads hold the whole row at FWD_VECS vectors per thread.
     unsafe {
         cuda::launch(
             device,
             stream,
             "rms_norm",
-            kernel,
+            forward_kernel(dtype),
             LaunchConfig::linear(blocks, plan.threads),
             &mut args,
         )
@@ -319,7 +242,7 @@ pub unsafe fn backward(
         return Ok(());
     }
     check_ptrs("rms_norm backward", &[dy, x, w, rstd, dx, partial])?;
-    let plan = Plan::for_cols(cols);
+    let plan = Plan::for_backward(cols);
     let mut fast = plan.fast(dtype, cols, &[dy, x, w, dx, partial]) as i32;
     // Exactly the grid `backward_partial_rows` assumed: one partial row per group.
     let blocks = (expected / plan.rows_per_block()) as u32;
@@ -347,7 +270,7 @@ pub unsafe fn backward(
             device,
             stream,
             "rms_norm",
-            kernel_name(false, dtype),
+            backward_kernel(dtype),
             LaunchConfig::linear(blocks, plan.threads),
             &mut args,
         )
@@ -356,7 +279,7 @@ pub unsafe fn backward(
 
 /// RMSNorm backward for a frozen weight: `dx` only (`rows x cols`, `dtype`), one pass with the
 /// row's x and dy held in registers and no dw partials. Same math and roundings as [`backward`]'s
-/// dx. Always the variant-2 kernel (the Python op chooses it; see [`Variant`]).
+/// dx; the Python op takes it whenever the weight needs no gradient.
 ///
 /// # Safety
 /// `dy`, `x`, `dx` must be device pointers on `device` to `rows * cols` contiguous elements of
@@ -421,53 +344,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plan_covers_every_column_on_the_fast_path_up_to_16384() {
+    fn backward_plan_covers_every_column_on_the_fast_path_up_to_16384() {
         for cols in [1, 8, 1024, 1025, 2048, 4096, 5000, 8192, 16384] {
-            let p = Plan::for_cols(cols);
+            let p = Plan::for_backward(cols);
             assert!(p.threads % 32 == 0 && p.threads as usize <= MAX_THREADS);
             assert!(p.group == 32 || p.group == p.threads);
             assert_eq!(p.threads % p.group, 0);
-            assert!(cols <= ELEMS * p.group as usize, "cols {cols}: {p:?}");
+            assert!(cols <= BWD_ELEMS * p.group as usize, "cols {cols}: {p:?}");
         }
-        assert_eq!(Plan::for_cols(1024).group, 32);
-        assert_eq!(Plan::for_cols(4096).group, 128);
-        assert_eq!(Plan::for_cols(1 << 20).threads, 512);
+        assert_eq!(Plan::for_backward(1024).group, 32);
+        assert_eq!(Plan::for_backward(1024).rows_per_block(), 8);
+        assert_eq!(Plan::for_backward(4096).group, 128);
+        assert_eq!(Plan::for_backward(1 << 20).threads, 512);
     }
 
     #[test]
     fn fast_path_needs_alignment_and_whole_vectors() {
-        let p = Plan::for_cols(4096);
+        let p = Plan::for_backward(4096);
         assert!(p.fast(DType::BF16, 4096, &[256, 512]));
         assert!(!p.fast(DType::BF16, 4096, &[256, 514]));
         assert!(!p.fast(DType::BF16, 4090, &[256, 512]));
-        let wide = Plan::for_cols(40000);
+        let wide = Plan::for_backward(40000);
         assert!(!wide.fast(DType::BF16, 40000, &[256]));
     }
 
     #[test]
-    fn variant_names_round_trip_and_bad_values_are_rejected() {
-        for v in [Variant::V1, Variant::V2, Variant::V2PrefetchW] {
-            assert_eq!(Variant::parse(v.name()).unwrap(), v);
-        }
-        assert_eq!(Variant::parse("").unwrap(), Variant::V1);
-        assert!(Variant::parse("v3").is_err());
-    }
-
-    #[test]
-    fn v2_forward_gives_every_dtype_128_bytes_per_thread() {
+    fn forward_gives_every_dtype_128_bytes_per_thread() {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            let (_, elems) = Variant::V2.forward_kernel(dtype);
-            assert_eq!(elems * dtype.size(), 128);
+            assert_eq!(
+                forward_plan(dtype, 1 << 20).elems as usize * dtype.size(),
+                128
+            );
         }
-        // rows of 4096: two warps per 16-bit row (v1: four), four per fp32 row (as v1)
-        let (_, e16) = Variant::V2.forward_kernel(DType::BF16);
-        assert_eq!(Plan::with_elems(4096, e16).threads, 64);
-        let (_, e32) = Variant::V2.forward_kernel(DType::F32);
-        assert_eq!(Plan::with_elems(4096, e32).threads, 128);
+        // rows of 4096: two warps per 16-bit row, four per fp32 row
+        assert_eq!(forward_plan(DType::BF16, 4096).threads, 64);
+        assert_eq!(forward_plan(DType::F32, 4096).threads, 128);
         // the widest fast-path row: 512 threads x 64 elements of a 16-bit type
-        let wide = Plan::with_elems(32768, e16);
-        assert!(wide.fast(DType::BF16, 32768, &[256]));
-        assert!(!Plan::with_elems(32776, e16).fast(DType::BF16, 32776, &[256]));
+        assert!(forward_plan(DType::BF16, 32768).fast(DType::BF16, 32768, &[256]));
+        assert!(!forward_plan(DType::BF16, 32776).fast(DType::BF16, 32776, &[256]));
     }
 
     #[test]

@@ -53,8 +53,8 @@ fn rms_norm_fwd(
 /// rms_norm_bwd_partial_rows(rows, cols, dtype, device) -> int
 ///
 /// Rows of the float32 ``[n, cols]`` buffer that ``rms_norm_bwd`` fills with partial sums of
-/// ``dw`` (sum it over dim 0). Depends on ``RSLORA_FAST_RMS_NORM``: query it under the variant
-/// that ``rms_norm_bwd`` will run under.
+/// ``dw`` (sum it over dim 0): one per thread group of the backward's grid, a whole number of
+/// blocks' groups, so it can exceed ``rows`` by less than one block (those rows are zeros).
 #[pyfunction]
 fn rms_norm_bwd_partial_rows(
     rows: usize,
@@ -113,7 +113,7 @@ fn rms_norm_bwd(
 /// rms_norm_bwd_dx(dy, x, w, rstd, dx, rows, cols, gemma, dtype, device, stream) -> None
 ///
 /// Gradient of RMSNorm with respect to the input only (frozen weight) into ``dx``: one pass, no
-/// ``dw`` partials.
+/// ``dw`` partials. The op's autograd takes it whenever the weight needs no gradient.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 fn rms_norm_bwd_dx(
@@ -151,20 +151,10 @@ fn rms_norm_bwd_dx(
     })
 }
 
-/// rms_norm_variant() -> str
-///
-/// The kernel variant ``RSLORA_FAST_RMS_NORM`` selects now: ``"v1"`` (default), ``"v2"`` or
-/// ``"v2w"``; raises ValueError for any other value.
-#[pyfunction]
-fn rms_norm_variant() -> PyResult<&'static str> {
-    guard(|| rms_norm::Variant::from_env().map(|v| v.name()))
-}
-
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rms_norm_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_bwd_partial_rows, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_bwd, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_bwd_dx, m)?)?;
-    m.add_function(wrap_pyfunction!(rms_norm_variant, m)?)?;
     Ok(())
 }

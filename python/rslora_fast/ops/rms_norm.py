@@ -5,10 +5,8 @@ to the input dtype, then multiply by the weight) and, with ``gemma=True``, ``Gem
 (``x_hat * (1 + w)`` in float32, one rounding). CUDA tensors run ``kernels/rms_norm.cu`` through
 the Rust launcher; CPU tensors run the plain-torch expressions below (the reference). Backward
 saves only ``x``, the weight (a reference to the parameter) and ``rstd`` (float32, one per row).
-
-``RSLORA_FAST_RMS_NORM`` picks the CUDA kernel family at every call: ``v1`` (default), ``v2`` or
-``v2w`` (see ``src/kernels/rms_norm.rs``). Under ``v2``/``v2w`` the backward of a frozen weight runs
-``rms_norm_bwd_dx`` (input gradient only, no ``dw`` partial sums).
+When the weight needs no gradient (LoRA freezes the norms) backward runs ``rms_norm_bwd_dx``: the
+input gradient alone, without the ``dw`` partial sums and their reduction.
 """
 
 from __future__ import annotations
@@ -27,14 +25,19 @@ def rms_norm_reference(x: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool
     return y, rstd.squeeze(-1)
 
 
+def _dx_reference(dy, x, w, rstd, gemma):
+    """Plain-torch float32 ``(dx, x_hat)`` of RMSNorm; ``dx`` not yet cast."""
+    r = rstd.unsqueeze(-1)
+    xn = x.float() * r
+    g = dy.float() * (w.float() + 1.0 if gemma else w.float())
+    return r * (g - xn * (g * xn).mean(-1, keepdim=True)), xn
+
+
 def rms_norm_backward_reference(
     dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, gemma: bool = False
 ):
     """Plain-torch ``(dx, dw)`` of RMSNorm in float32, cast back to the input dtypes."""
-    r = rstd.unsqueeze(-1)
-    xn = x.float() * r
-    g = dy.float() * (w.float() + 1.0 if gemma else w.float())
-    dx = r * (g - xn * (g * xn).mean(-1, keepdim=True))
+    dx, xn = _dx_reference(dy, x, w, rstd, gemma)
     # What the weight multiplied in forward: Llama's x_hat was rounded to the input dtype first.
     seen = xn if gemma else xn.to(x.dtype).float()
     dw = (dy.float() * seen).reshape(-1, x.shape[-1]).sum(0)
@@ -152,7 +155,7 @@ def rms_norm_bwd_dx(
             f"do not match input shape {tuple(x.shape)}"
         )
     if x.device.type != "cuda":
-        return rms_norm_backward_reference(dy, x, w, rstd, gemma)[0]
+        return _dx_reference(dy, x, w, rstd, gemma)[0].to(x.dtype)
     dy, x, w = dy.to(x.dtype).contiguous(), x.contiguous(), w.contiguous()
     rstd = rstd.float().contiguous()
     cols = x.shape[-1]
@@ -181,11 +184,6 @@ def _(dy, x, w, rstd, gemma):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _dx_only(x: torch.Tensor) -> bool:
-    """Whether a frozen weight's backward takes the dx-only kernel (CUDA, variant v2/v2w)."""
-    return x.device.type == "cuda" and core().rms_norm_variant() != "v1"
-
-
 def _setup_context(ctx, inputs, output):
     x, w, _eps, gemma = inputs
     _y, rstd = output
@@ -196,8 +194,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _drstd):
     x, w, rstd = ctx.saved_tensors
-    if not ctx.needs_input_grad[1] and _dx_only(x):
-        # LoRA training freezes the norm weight: skip the dw partials and the second read of x/dy.
+    if not ctx.needs_input_grad[1]:
+        # LoRA training freezes the norm weight: no dw partials, one read of x and dy.
         return rms_norm_bwd_dx(dy, x, w, rstd, ctx.gemma), None, None, None
     dx, dw = rms_norm_bwd(dy, x, w, rstd, ctx.gemma)
     return (
