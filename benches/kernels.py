@@ -66,19 +66,9 @@ def geglu_rows(n: int, dtype: torch.dtype) -> list:
     ]
 
 
-def _under_variant(variant: str, fn):
-    """``fn`` run with ``RSLORA_FAST_RMS_NORM=variant`` (the Rust launcher reads it at every launch)."""
-
-    def run():
-        os.environ["RSLORA_FAST_RMS_NORM"] = variant
-        return fn()
-
-    return run
-
-
 def rms_norm_rows(n: int, dtype: torch.dtype, hidden: int = 4096) -> list:
-    """Every kernel variant (``RSLORA_FAST_RMS_NORM``): forward, backward with dw (the op: kernel, partial
-    sum, cast) and, for v2, the dx-only backward that a frozen weight takes."""
+    """Forward, backward with dw (the op: kernel, partial sum, cast) and the dx-only backward that a
+    frozen weight takes."""
     from rslora_fast.ops.rms_norm import rms_norm_bwd, rms_norm_bwd_dx, rms_norm_fwd
 
     x = torch.randn(n // hidden, hidden, device="cuda", dtype=dtype)
@@ -91,30 +81,34 @@ def rms_norm_rows(n: int, dtype: torch.dtype, hidden: int = 4096) -> list:
     dy = torch.randn_like(x)
     _y, rstd = rms_norm_fwd(x, w, 1e-6, False)
     x_leaf = x.detach().requires_grad_()
+    w_leaf = w.detach().requires_grad_()
 
-    def eager_bwd():  # autograd through the same expression, input gradient only (frozen weight)
-        xf = x_leaf.float()
-        y = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
-        return torch.autograd.grad(y, x_leaf, dy)
+    def eager_bwd(weight):  # autograd through the same expression
+        def run():
+            xf = x_leaf.float()
+            y = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+            return torch.autograd.grad(y, [x_leaf, weight] if weight.requires_grad else [x_leaf], dy)
+
+        return run
 
     size = x.numel() * x.element_size()
     # fwd: read x, write y; bwd: read dy and x, write dx (the fp32 rstd per row and dw are negligible)
-    rows = []
-    for v in ("v1", "v2", "v2w"):
-        fwd = _under_variant(v, lambda: rms_norm_fwd(x, w, 1e-6, False))
-        bwd = _under_variant(v, lambda: rms_norm_bwd(dy, x, w, rstd, False))
-        rows.append((f"rms_norm fwd (rows of {hidden}) [{v}]", 2 * size, fwd, eager))
-        if v != "v2w":  # v2w changes the forward only
-            rows.append((f"rms_norm bwd (rows of {hidden}) [{v}]", 3 * size, bwd, eager_bwd))
-    rows.append(
+    name = f"rows of {hidden}"
+    return [
+        (f"rms_norm fwd ({name})", 2 * size, lambda: rms_norm_fwd(x, w, 1e-6, False), eager),
         (
-            f"rms_norm bwd dx only (rows of {hidden}) [v2]",
+            f"rms_norm bwd ({name})",
+            3 * size,
+            lambda: rms_norm_bwd(dy, x, w, rstd, False),
+            eager_bwd(w_leaf),
+        ),
+        (
+            f"rms_norm bwd dx only ({name})",
             3 * size,
             lambda: rms_norm_bwd_dx(dy, x, w, rstd, False),
-            eager_bwd,
-        )
-    )
-    return rows
+            eager_bwd(w),
+        ),
+    ]
 
 
 def rope_rows(dtype: torch.dtype, batch: int = 2, seq: int = 4096) -> list:
