@@ -67,7 +67,9 @@ def geglu_rows(n: int, dtype: torch.dtype) -> list:
 
 
 def rms_norm_rows(n: int, dtype: torch.dtype, hidden: int = 4096) -> list:
-    from rslora_fast.ops.rms_norm import rms_norm_bwd, rms_norm_fwd
+    """Forward, backward with dw (the op: kernel, partial sum, cast) and the dx-only backward that a
+    frozen weight takes."""
+    from rslora_fast.ops.rms_norm import rms_norm_bwd, rms_norm_bwd_dx, rms_norm_fwd
 
     x = torch.randn(n // hidden, hidden, device="cuda", dtype=dtype)
     w = torch.randn(hidden, device="cuda", dtype=dtype)
@@ -79,17 +81,33 @@ def rms_norm_rows(n: int, dtype: torch.dtype, hidden: int = 4096) -> list:
     dy = torch.randn_like(x)
     _y, rstd = rms_norm_fwd(x, w, 1e-6, False)
     x_leaf = x.detach().requires_grad_()
+    w_leaf = w.detach().requires_grad_()
 
-    def eager_bwd():  # autograd through the same expression, input gradient only (frozen weight)
-        xf = x_leaf.float()
-        y = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
-        return torch.autograd.grad(y, x_leaf, dy)
+    def eager_bwd(weight):  # autograd through the same expression
+        def run():
+            xf = x_leaf.float()
+            y = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+            return torch.autograd.grad(y, [x_leaf, weight] if weight.requires_grad else [x_leaf], dy)
+
+        return run
 
     size = x.numel() * x.element_size()
     # fwd: read x, write y; bwd: read dy and x, write dx (the fp32 rstd per row and dw are negligible)
+    name = f"rows of {hidden}"
     return [
-        ("rms_norm fwd (rows of 4096)", 2 * size, lambda: rms_norm_fwd(x, w, 1e-6, False), eager),
-        ("rms_norm bwd (rows of 4096)", 3 * size, lambda: rms_norm_bwd(dy, x, w, rstd, False), eager_bwd),
+        (f"rms_norm fwd ({name})", 2 * size, lambda: rms_norm_fwd(x, w, 1e-6, False), eager),
+        (
+            f"rms_norm bwd ({name})",
+            3 * size,
+            lambda: rms_norm_bwd(dy, x, w, rstd, False),
+            eager_bwd(w_leaf),
+        ),
+        (
+            f"rms_norm bwd dx only ({name})",
+            3 * size,
+            lambda: rms_norm_bwd_dx(dy, x, w, rstd, False),
+            eager_bwd(w),
+        ),
     ]
 
 
@@ -164,6 +182,7 @@ def main() -> int:
     parser.add_argument("--elements", type=int, default=64 * 1024 * 1024)
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--out", default="results/kernels.jsonl")
+    parser.add_argument("--only", default="", help="time only the kernels whose name contains this")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("benches/kernels.py needs a CUDA GPU")
@@ -176,6 +195,8 @@ def main() -> int:
         cases += rms_norm_rows(args.elements, dtype) + rope_rows(dtype)
         cases += cross_entropy_rows(dtype)
         for name, nbytes, ours, eager in cases:
+            if args.only not in name:
+                continue
             ours_ms, ours_spread = median_ms(ours, repeat=args.repeat)
             eager_ms, _ = median_ms(eager, repeat=args.repeat)
             gbs = nbytes / (ours_ms * 1e-3) / 1e9

@@ -4,23 +4,39 @@
 //   Gemma: y = T(x * rstd * (1 + w))      (fp32 all the way, one rounding)
 // Backward, with g = dy * w_eff (w_eff = w or 1 + w) and xn = x * rstd:
 //   dx = rstd * (g - xn * mean(g * xn)),   dw = sum over rows of dy * xn (Llama: dy * T(xn))
-// dw is summed per "group" into its own fp32 row of `partial` (no atomics, so deterministic);
-// the caller then reduces `partial` over its rows.
 //
 // A group of `group` threads owns one row at a time: a warp (group = 32, narrow rows, several rows
 // per block) or the whole block (group = blockDim.x). Thread `lane` of a group always owns the same
-// columns, so its dw accumulator and its cached x never move between threads.
-// Fast path (`fast` = 1): 16-byte aligned rows whose width fits in K vectors per thread; the row
-// is loaded once into registers in forward (consecutive lanes on consecutive 16-byte chunks);
-// backward keeps the dw accumulator there and re-reads x/dy for dx (cache hits). Generic path:
-// element by element, re-reading from global (L1/L2) and accumulating dw in `partial` directly.
+// 16-byte vectors of a row (consecutive lanes on consecutive vectors), so its cached x and its dw
+// accumulator never move between threads. Fast paths (`fast` = 1, set by the launcher): 16-byte
+// aligned rows of whole vectors that fit in the group at K vectors per thread. Generic paths:
+// element by element, re-reading from global (L1/L2).
+//
+// Three kernels, each the winner of an H200 measurement (benches/kernels.py, rows of 4096, 64M
+// elements, % of a 1 GiB device copy, cold L2; bf16 / fp16 / fp32):
+// * forward (`rms_norm_fwd_*`): 8 vectors of the row per thread in every dtype (128 bytes; 64
+//   elements of a 16-bit row) with the weight loaded before the reduction: 90.5 / 90.9 / 95.5.
+//   Rejected: 32 elements per thread in every dtype (a 16-bit thread then holds half an fp32
+//   thread's bytes): 63.8 / 65.6 / 93.0; the same 8 vectors with the weight loaded after the
+//   reduction: 89.4 / 82.8 / 91.8.
+// * backward with dw (`rms_norm_bwd_*`): each group sums its rows' dw in registers and writes one
+//   fp32 row of `partial` (no atomics: deterministic); the caller reduces `partial` over its rows.
+//   The launcher sizes the grid to one wave at the kernel's occupancy: 60.5 / 56.8 / 60.7
+//   (rejected: 2048 threads per SM, i.e. several waves with a mostly idle last one: 52.6 / 52.3 /
+//   59.2).
+// * backward without dw (`rms_norm_bwd_dx{4,8}_*`, frozen weight): x and dy of a row stay in
+//   registers between the reduction and the dx pass, one read of each, no partials: 93.8 / 93.7 /
+//   75.7.
 #include "common.cuh"
 
 namespace {
 
 constexpr int MAX_THREADS = 512;
-// Elements of a row held per thread on the fast path: K = ELEMS / (elements per vector).
-constexpr int ELEMS = 32;
+// Elements of a row one thread holds on the backward-with-dw fast path (K = BWD_ELEMS / N vectors
+// of dw accumulators; x and dy are read twice, the second time from cache).
+constexpr int BWD_ELEMS = 32;
+// 16-byte vectors of a row one thread holds on the forward fast path (`K` of fwd_regs).
+constexpr int FWD_VECS = 8;
 
 // Sum of `v` over the group; every thread of the group gets the same value, in a fixed order.
 __device__ __forceinline__ float group_sum(float v, int group, float* red) {
@@ -55,23 +71,34 @@ __device__ __forceinline__ T norm_out(float xn, float w, int gemma) {
                : rf::from_f32<T>(rf::to_f32(rf::from_f32<T>(xn)) * w);
 }
 
-template <typename T>
-__device__ void fwd_fast(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
-                         float* __restrict__ rstd, int64_t rows, int64_t cols, float eps, int gemma,
+// Forward with the row in registers: K vectors of x and K of the weight per thread, all loads
+// issued before the reduction. In-row indices are int: the launcher sets `fast` only for
+// cols <= K * N * MAX_THREADS.
+template <typename T, int K>
+__device__ void fwd_regs(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+                         float* __restrict__ rstd, int64_t rows, int cols, float eps, int gemma,
                          int group, float* red) {
-  constexpr int N = rf::Vec<T>::N, K = ELEMS / N;
+  constexpr int N = rf::Vec<T>::N;
   const Groups gr = groups(group);
-  const int64_t nvec = cols / N;
+  const int nvec = cols / N;
   const float inv_cols = 1.0f / (float)cols;
   for (int64_t r = gr.id; r < rows; r += gr.n) {
     const T* xr = x + r * cols;
-    rf::Vec<T> buf[K];
+    rf::Vec<T> buf[K], wv[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int v = gr.lane + k * group;
+      if (v < nvec) buf[k] = rf::load_vec(xr + v * N);
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int v = gr.lane + k * group;
+      if (v < nvec) wv[k] = rf::load_vec(w + v * N);
+    }
     float ss = 0.0f;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const int64_t v = gr.lane + (int64_t)k * group;
-      if (v < nvec) {
-        buf[k] = rf::load_vec(xr + v * N);
+      if (gr.lane + k * group < nvec) {
 #pragma unroll
         for (int j = 0; j < N; ++j) {
           const float f = rf::to_f32(buf[k].v[j]);
@@ -81,16 +108,16 @@ __device__ void fwd_fast(const T* __restrict__ x, const T* __restrict__ w, T* __
     }
     const float rs = rsqrtf(group_sum(ss, group, red) * inv_cols + eps);
     if (gr.lane == 0) rstd[r] = rs;
+    T* yr = y + r * cols;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const int64_t v = gr.lane + (int64_t)k * group;
+      const int v = gr.lane + k * group;
       if (v < nvec) {
-        const rf::Vec<T> wv = rf::load_vec(w + v * N);
         rf::Vec<T> out;
 #pragma unroll
         for (int j = 0; j < N; ++j)
-          out.v[j] = norm_out<T>(rf::to_f32(buf[k].v[j]) * rs, rf::to_f32(wv.v[j]), gemma);
-        rf::store_vec(y + r * cols + v * N, out);
+          out.v[j] = norm_out<T>(rf::to_f32(buf[k].v[j]) * rs, rf::to_f32(wv[k].v[j]), gemma);
+        rf::store_vec(yr + v * N, out);
       }
     }
   }
@@ -127,7 +154,7 @@ __device__ void bwd_fast(const T* __restrict__ dy, const T* __restrict__ x,
                          const T* __restrict__ w, const float* __restrict__ rstd,
                          T* __restrict__ dx, float* __restrict__ partial, int64_t rows,
                          int64_t cols, int gemma, int group, float* red) {
-  constexpr int N = rf::Vec<T>::N, K = ELEMS / N;
+  constexpr int N = rf::Vec<T>::N, K = BWD_ELEMS / N;
   const Groups gr = groups(group);
   const int64_t nvec = cols / N;
   const float inv_cols = 1.0f / (float)cols;
@@ -191,7 +218,7 @@ __device__ void bwd_fast(const T* __restrict__ dy, const T* __restrict__ x,
   }
 }
 
-template <typename T>
+template <typename T, bool DW = true>
 __device__ void bwd_generic(const T* __restrict__ dy, const T* __restrict__ x,
                             const T* __restrict__ w, const float* __restrict__ rstd,
                             T* __restrict__ dx, float* __restrict__ partial, int64_t rows,
@@ -200,8 +227,9 @@ __device__ void bwd_generic(const T* __restrict__ dy, const T* __restrict__ x,
   const float inv_cols = 1.0f / (float)cols;
   const float w_add = gemma ? 1.0f : 0.0f;
   // Each thread touches only its own columns of its own partial row: no synchronization needed.
-  float* pr = partial + gr.id * cols;
-  for (int64_t c = gr.lane; c < cols; c += group) pr[c] = 0.0f;
+  float* pr = DW ? partial + gr.id * cols : nullptr;
+  if constexpr (DW)
+    for (int64_t c = gr.lane; c < cols; c += group) pr[c] = 0.0f;
   for (int64_t r = gr.id; r < rows; r += gr.n) {
     const T* xr = x + r * cols;
     const T* dyr = dy + r * cols;
@@ -210,7 +238,7 @@ __device__ void bwd_generic(const T* __restrict__ dy, const T* __restrict__ x,
     for (int64_t c = gr.lane; c < cols; c += group) {
       const float xn = rf::to_f32(xr[c]) * rs, d = rf::to_f32(dyr[c]);
       dot += d * (rf::to_f32(w[c]) + w_add) * xn;
-      pr[c] += d * dw_term<T>(xn, gemma);
+      if constexpr (DW) pr[c] += d * dw_term<T>(xn, gemma);
     }
     const float mean_dot = group_sum(dot, group, red) * inv_cols;
     for (int64_t c = gr.lane; c < cols; c += group) {
@@ -221,18 +249,79 @@ __device__ void bwd_generic(const T* __restrict__ dy, const T* __restrict__ x,
   }
 }
 
+// Backward without dw (frozen weight): x and dy of the row stay in registers between the
+// reduction and the dx pass, so each is read once from DRAM and nothing but dx is written. The
+// weight is loaded in both passes instead of held (L1 hits: one row shared by every block), which
+// keeps the 16-bit K=4 kernel at 63 registers rather than 77 (8 blocks of 128 per SM, not 6).
+template <typename T, int K>
+__device__ void bwd_dx_regs(const T* __restrict__ dy, const T* __restrict__ x,
+                            const T* __restrict__ w, const float* __restrict__ rstd,
+                            T* __restrict__ dx, int64_t rows, int cols, int gemma, int group,
+                            float* red) {
+  constexpr int N = rf::Vec<T>::N;
+  const Groups gr = groups(group);
+  const int nvec = cols / N;
+  const float inv_cols = 1.0f / (float)cols;
+  const float w_add = gemma ? 1.0f : 0.0f;
+  for (int64_t r = gr.id; r < rows; r += gr.n) {
+    const T* xr = x + r * cols;
+    const T* dyr = dy + r * cols;
+    const float rs = rstd[r];
+    rf::Vec<T> xb[K], gb[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int v = gr.lane + k * group;
+      if (v < nvec) {
+        xb[k] = rf::load_vec(xr + v * N);
+        gb[k] = rf::load_vec(dyr + v * N);
+      }
+    }
+    float dot = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int v = gr.lane + k * group;
+      if (v < nvec) {
+        const rf::Vec<T> wd = rf::load_vec(w + v * N);
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          const float xn = rf::to_f32(xb[k].v[j]) * rs, d = rf::to_f32(gb[k].v[j]);
+          dot += d * (rf::to_f32(wd.v[j]) + w_add) * xn;
+        }
+      }
+    }
+    const float mean_dot = group_sum(dot, group, red) * inv_cols;
+    T* dxr = dx + r * cols;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int v = gr.lane + k * group;
+      if (v < nvec) {
+        rf::Vec<T> out;
+        const rf::Vec<T> wk = rf::load_vec(w + v * N);
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          const float xn = rf::to_f32(xb[k].v[j]) * rs;
+          const float g = rf::to_f32(gb[k].v[j]) * (rf::to_f32(wk.v[j]) + w_add);
+          out.v[j] = rf::from_f32<T>(rs * (g - xn * mean_dot));
+        }
+        rf::store_vec(dxr + v * N, out);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // `group` is 32 or blockDim.x (a multiple of 32, at most MAX_THREADS); `fast` is set by the
 // launcher only when every pointer is 16-byte aligned, cols is a multiple of the vector width and
-// cols <= ELEMS * group.
-#define RMS_NORM_ENTRY(SUFFIX, T)                                                                \
+// the row fits in the group at the entry's vectors per thread (forward: FWD_VECS; backward with
+// dw: BWD_ELEMS elements; dx-only: the 4 or 8 vectors of its name).
+#define RMS_NORM_ENTRIES(SUFFIX, T)                                                              \
   extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                      \
       rms_norm_fwd_##SUFFIX(const T* x, const T* w, T* y, float* rstd, int64_t rows,             \
                             int64_t cols, float eps, int gemma, int group, int fast) {           \
     __shared__ float red[MAX_THREADS / 32];                                                      \
     if (fast)                                                                                    \
-      fwd_fast<T>(x, w, y, rstd, rows, cols, eps, gemma, group, red);                            \
+      fwd_regs<T, FWD_VECS>(x, w, y, rstd, rows, (int)cols, eps, gemma, group, red);             \
     else                                                                                         \
       fwd_generic<T>(x, w, y, rstd, rows, cols, eps, gemma, group, red);                         \
   }                                                                                              \
@@ -244,8 +333,25 @@ __device__ void bwd_generic(const T* __restrict__ dy, const T* __restrict__ x,
       bwd_fast<T>(dy, x, w, rstd, dx, partial, rows, cols, gemma, group, red);                   \
     else                                                                                         \
       bwd_generic<T>(dy, x, w, rstd, dx, partial, rows, cols, gemma, group, red);                \
+  }                                                                                              \
+  RMS_NORM_DX(rms_norm_bwd_dx8_##SUFFIX, T, 8)
+
+#define RMS_NORM_DX(NAME, T, K)                                                                  \
+  extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                      \
+      NAME(const T* dy, const T* x, const T* w, const float* rstd, T* dx, int64_t rows,          \
+           int64_t cols, int gemma, int group, int fast) {                                       \
+    __shared__ float red[MAX_THREADS / 32];                                                      \
+    if (fast)                                                                                    \
+      bwd_dx_regs<T, K>(dy, x, w, rstd, dx, rows, (int)cols, gemma, group, red);                 \
+    else                                                                                         \
+      bwd_generic<T, false>(dy, x, w, rstd, dx, nullptr, rows, cols, gemma, group, red);         \
   }
 
-RMS_NORM_ENTRY(f32, float)
-RMS_NORM_ENTRY(f16, __half)
-RMS_NORM_ENTRY(bf16, __nv_bfloat16)
+RMS_NORM_ENTRIES(f32, float)
+RMS_NORM_ENTRIES(f16, __half)
+RMS_NORM_ENTRIES(bf16, __nv_bfloat16)
+// dx-only with 4 vectors each of x and dy per thread for 16-bit rows of up to 32 x 512 elements
+// (63 registers); fp32 always takes dx8 (104 registers): about 128 KB of reads in flight per SM
+// either way.
+RMS_NORM_DX(rms_norm_bwd_dx4_f16, __half, 4)
+RMS_NORM_DX(rms_norm_bwd_dx4_bf16, __nv_bfloat16, 4)

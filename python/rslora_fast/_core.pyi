@@ -120,7 +120,7 @@ def rms_norm_fwd(
 ) -> None:
     """RMSNorm of ``rows`` contiguous rows of ``cols`` elements into ``y`` and float32 ``rstd``."""
 
-def rms_norm_bwd_partial_rows(rows: int, cols: int, device: int) -> int:
+def rms_norm_bwd_partial_rows(rows: int, cols: int, dtype: str, device: int) -> int:
     """Rows of the float32 ``[n, cols]`` partial-``dw`` buffer that ``rms_norm_bwd`` fills."""
 
 def rms_norm_bwd(
@@ -139,6 +139,21 @@ def rms_norm_bwd(
     stream: int,
 ) -> None:
     """Gradient of RMSNorm into ``dx`` and partial sums of ``dw`` into ``partial``."""
+
+def rms_norm_bwd_dx(
+    dy: int,
+    x: int,
+    w: int,
+    rstd: int,
+    dx: int,
+    rows: int,
+    cols: int,
+    gemma: bool,
+    dtype: str,
+    device: int,
+    stream: int,
+) -> None:
+    """Input gradient of RMSNorm only (frozen weight) into ``dx``: one pass, no ``dw`` partials."""
 
 # ---------------------------------------------------------------------------- 4-bit quantization
 def nf4_quantize_cpu(src: int, n: int, blocksize: int, quant_type: str, packed: int, absmax: int) -> None:

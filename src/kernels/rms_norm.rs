@@ -9,20 +9,56 @@ use crate::{Error, Result};
 
 /// Threads of a block (must match `MAX_THREADS` in the kernel as an upper bound).
 const MAX_THREADS: usize = 512;
-/// Row elements one thread owns on the fast path (`ELEMS` in the kernel).
-const ELEMS: usize = 32;
+/// Row elements one thread owns on the fast path of the backward with dw (`BWD_ELEMS`).
+const BWD_ELEMS: usize = 32;
+/// 16-byte vectors of a row one thread owns on the forward fast path (`FWD_VECS`).
+const FWD_VECS: usize = 8;
 /// Block size when a warp owns a row (narrow rows): eight rows per block.
 const WARP_MODE_THREADS: usize = 256;
 
-fn kernel_name(fwd: bool, dtype: DType) -> &'static str {
-    match (fwd, dtype) {
-        (true, DType::F32) => "rms_norm_fwd_f32",
-        (true, DType::F16) => "rms_norm_fwd_f16",
-        (true, DType::BF16) => "rms_norm_fwd_bf16",
-        (false, DType::F32) => "rms_norm_bwd_f32",
-        (false, DType::F16) => "rms_norm_bwd_f16",
-        (false, DType::BF16) => "rms_norm_bwd_bf16",
+fn forward_kernel(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "rms_norm_fwd_f32",
+        DType::F16 => "rms_norm_fwd_f16",
+        DType::BF16 => "rms_norm_fwd_bf16",
     }
+}
+
+fn backward_kernel(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "rms_norm_bwd_f32",
+        DType::F16 => "rms_norm_bwd_f16",
+        DType::BF16 => "rms_norm_bwd_bf16",
+    }
+}
+
+/// Elements of `dtype` in one 16-byte vector.
+fn vec_elems(dtype: DType) -> usize {
+    16 / dtype.size()
+}
+
+/// Forward layout for `cols`-wide rows: [`FWD_VECS`] vectors (128 bytes) per thread in every
+/// dtype (64 elements of a 16-bit row: half the threads, and block-wide reductions, of 32).
+fn forward_plan(dtype: DType, cols: usize) -> Plan {
+    Plan::with_elems(cols, FWD_VECS * vec_elems(dtype))
+}
+
+/// Entry of the dx-only backward for `cols`-wide rows and its elements per thread: 32 (4 vectors
+/// of x and 4 of dy for 16-bit types at 63 registers, 8 + 8 for fp32 at 104: about 128 KB of
+/// reads in flight per SM either way); 16-bit rows wider than 32 x 512 take the 8-vector entry
+/// so that they stay on the fast path.
+fn dx_kernel(dtype: DType, cols: usize) -> (&'static str, usize) {
+    let n = vec_elems(dtype);
+    let wide = cols > 4 * n * MAX_THREADS;
+    let k = if dtype == DType::F32 || wide { 8 } else { 4 };
+    let name = match (dtype, k) {
+        (DType::F32, _) => "rms_norm_bwd_dx8_f32",
+        (DType::F16, 4) => "rms_norm_bwd_dx4_f16",
+        (DType::F16, _) => "rms_norm_bwd_dx8_f16",
+        (DType::BF16, 4) => "rms_norm_bwd_dx4_bf16",
+        (DType::BF16, _) => "rms_norm_bwd_dx8_bf16",
+    };
+    (name, k * n)
 }
 
 /// How rows map onto threads: `group` threads own one row at a time (32 = one warp per row),
@@ -33,23 +69,34 @@ pub struct Plan {
     pub threads: u32,
     /// Threads that share one row (32, or `threads` when the block owns the row).
     pub group: u32,
+    /// Row elements one thread holds on the fast path.
+    pub elems: u32,
 }
 
 impl Plan {
-    /// The layout for rows of `cols` elements: the fewest threads that hold the row at
-    /// [`ELEMS`] elements each, a warp per row when one warp suffices, at most 512 threads.
-    pub fn for_cols(cols: usize) -> Plan {
-        let needed = cols.div_ceil(ELEMS);
+    /// The layout of the backward with dw for rows of `cols` elements: [`Plan::with_elems`] at
+    /// [`BWD_ELEMS`].
+    pub fn for_backward(cols: usize) -> Plan {
+        Plan::with_elems(cols, BWD_ELEMS)
+    }
+
+    /// The fewest threads that hold a row of `cols` at `elems` elements each, a warp per row
+    /// when one warp suffices, at most 512 threads.
+    pub fn with_elems(cols: usize, elems: usize) -> Plan {
+        let needed = cols.div_ceil(elems);
+        let elems = elems as u32;
         if needed <= 32 {
             return Plan {
                 threads: WARP_MODE_THREADS as u32,
                 group: 32,
+                elems,
             };
         }
         let threads = needed.next_multiple_of(32).min(MAX_THREADS) as u32;
         Plan {
             threads,
             group: threads,
+            elems,
         }
     }
 
@@ -61,7 +108,7 @@ impl Plan {
     /// Whether the register-resident, 16-byte-vector path applies.
     fn fast(self, dtype: DType, cols: usize, ptrs: &[usize]) -> bool {
         let per = 16 / dtype.size();
-        all_aligned16(ptrs) && cols % per == 0 && cols <= ELEMS * self.group as usize
+        all_aligned16(ptrs) && cols % per == 0 && cols <= self.elems as usize * self.group as usize
     }
 }
 
@@ -78,16 +125,20 @@ fn check_shape(what: &str, rows: usize, cols: usize) -> Result<()> {
 }
 
 /// Rows of the fp32 `partial` buffer that [`backward`] needs for `rows` rows of `cols` elements
-/// on `device` (one per thread group of the grid): the caller allocates `[n, cols]` fp32 and
-/// sums it over dim 0 afterwards to get `dw`.
-pub fn backward_partial_rows(rows: usize, cols: usize, device: i32) -> Result<usize> {
+/// of `dtype` on `device` (one per thread group of the grid): the caller allocates `[n, cols]`
+/// fp32 and sums it over dim 0 afterwards to get `dw`. A whole number of blocks' groups (a block
+/// of a narrow-row grid holds several rows; the groups without a row write zeros), at most `rows`
+/// rounded up to a whole block.
+pub fn backward_partial_rows(rows: usize, cols: usize, dtype: DType, device: i32) -> Result<usize> {
     check_shape("rms_norm backward", rows, cols)?;
-    let plan = Plan::for_cols(cols);
+    let plan = Plan::for_backward(cols);
     let per_block = plan.rows_per_block();
-    // Enough groups to fill the GPU about twice (2048 threads per SM), never more than the rows:
-    // each group sums its rows' dw in registers, so fewer groups mean a smaller partial buffer.
-    let resident = cuda::sm_count(device)? as usize * (2048 / plan.threads as usize).max(1);
-    let blocks = rows.div_ceil(per_block).clamp(1, resident);
+    // One wave at the kernel's real occupancy (registers keep it under 2048 threads per SM; a
+    // grid sized for 2048 ran in several waves with a mostly idle last one), never more groups
+    // than rows: each group sums its rows' dw in registers, so fewer groups mean fewer partials.
+    let resident =
+        cuda::resident_blocks(device, "rms_norm", backward_kernel(dtype), plan.threads)? as usize;
+    let blocks = rows.div_ceil(per_block).clamp(1, resident.max(1));
     Ok(blocks * per_block)
 }
 
@@ -123,7 +174,7 @@ pub unsafe fn forward(
             "rms_norm forward: eps must be finite and >= 0, got {eps}"
         )));
     }
-    let plan = Plan::for_cols(cols);
+    let plan = forward_plan(dtype, cols);
     let mut fast = plan.fast(dtype, cols, &[x, w, y]) as i32;
     let blocks = rows.div_ceil(plan.rows_per_block()).min(i32::MAX as usize) as u32;
     let (mut x, mut w, mut y, mut rstd) = (x, w, y, rstd);
@@ -142,13 +193,14 @@ pub unsafe fn forward(
         &mut fast as *mut i32 as *mut c_void,
     ];
     // SAFETY: args match `rms_norm_fwd_<dtype>(const T*, const T*, T*, float*, int64_t, int64_t,
-    // float, int, int, int)`; the caller guarantees the pointers and sizes.
+    // float, int, int, int)`; the caller guarantees the pointers and sizes; `fast` is set only
+    // when the plan's threads hold the whole row at FWD_VECS vectors per thread.
     unsafe {
         cuda::launch(
             device,
             stream,
             "rms_norm",
-            kernel_name(true, dtype),
+            forward_kernel(dtype),
             LaunchConfig::linear(blocks, plan.threads),
             &mut args,
         )
@@ -157,7 +209,7 @@ pub unsafe fn forward(
 
 /// RMSNorm backward: `dx` (`rows x cols`, `dtype`) and per-group fp32 partial sums of `dw` in
 /// `partial` (`partial_rows x cols`, where `partial_rows` must equal
-/// [`backward_partial_rows`]`(rows, cols, device)`; the caller sums it over rows).
+/// [`backward_partial_rows`]`(rows, cols, dtype, device)`; the caller sums it over rows).
 ///
 /// # Safety
 /// `dy`, `x`, `dx` must be device pointers on `device` to `rows * cols` contiguous elements of
@@ -180,7 +232,7 @@ pub unsafe fn backward(
     device: i32,
     stream: RawStream,
 ) -> Result<()> {
-    let expected = backward_partial_rows(rows, cols, device)?;
+    let expected = backward_partial_rows(rows, cols, dtype, device)?;
     if partial_rows != expected {
         return Err(Error::invalid(format!(
             "rms_norm backward: partial buffer has {partial_rows} rows, expected {expected}"
@@ -190,7 +242,7 @@ pub unsafe fn backward(
         return Ok(());
     }
     check_ptrs("rms_norm backward", &[dy, x, w, rstd, dx, partial])?;
-    let plan = Plan::for_cols(cols);
+    let plan = Plan::for_backward(cols);
     let mut fast = plan.fast(dtype, cols, &[dy, x, w, dx, partial]) as i32;
     // Exactly the grid `backward_partial_rows` assumed: one partial row per group.
     let blocks = (expected / plan.rows_per_block()) as u32;
@@ -218,7 +270,69 @@ pub unsafe fn backward(
             device,
             stream,
             "rms_norm",
-            kernel_name(false, dtype),
+            backward_kernel(dtype),
+            LaunchConfig::linear(blocks, plan.threads),
+            &mut args,
+        )
+    }
+}
+
+/// RMSNorm backward for a frozen weight: `dx` only (`rows x cols`, `dtype`), one pass with the
+/// row's x and dy held in registers and no dw partials. Same math and roundings as [`backward`]'s
+/// dx; the Python op takes it whenever the weight needs no gradient.
+///
+/// # Safety
+/// `dy`, `x`, `dx` must be device pointers on `device` to `rows * cols` contiguous elements of
+/// `dtype`, `w` to `cols` elements, `rstd` to `rows` f32 (as written by [`forward`]), all live
+/// until the launch has run on `stream`; `dx` overlaps nothing else.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn backward_dx(
+    dtype: DType,
+    dy: usize,
+    x: usize,
+    w: usize,
+    rstd: usize,
+    dx: usize,
+    rows: usize,
+    cols: usize,
+    gemma: bool,
+    device: i32,
+    stream: RawStream,
+) -> Result<()> {
+    check_shape("rms_norm backward", rows, cols)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    check_ptrs("rms_norm backward", &[dy, x, w, rstd, dx])?;
+    let (kernel, elems) = dx_kernel(dtype, cols);
+    let plan = Plan::with_elems(cols, elems);
+    let mut fast = plan.fast(dtype, cols, &[dy, x, w, dx]) as i32;
+    // One group per row (the kernel loops when the grid is capped): short blocks, as forward.
+    let blocks = rows.div_ceil(plan.rows_per_block()).min(i32::MAX as usize) as u32;
+    let (mut dy, mut x, mut w, mut rstd, mut dx) = (dy, x, w, rstd, dx);
+    let (mut rows64, mut cols64) = (rows as i64, cols as i64);
+    let (mut gemma, mut group) = (gemma as i32, plan.group as i32);
+    let mut args = [
+        &mut dy as *mut usize as *mut c_void,
+        &mut x as *mut usize as *mut c_void,
+        &mut w as *mut usize as *mut c_void,
+        &mut rstd as *mut usize as *mut c_void,
+        &mut dx as *mut usize as *mut c_void,
+        &mut rows64 as *mut i64 as *mut c_void,
+        &mut cols64 as *mut i64 as *mut c_void,
+        &mut gemma as *mut i32 as *mut c_void,
+        &mut group as *mut i32 as *mut c_void,
+        &mut fast as *mut i32 as *mut c_void,
+    ];
+    // SAFETY: args match `rms_norm_bwd_dx{4,8}_<dtype>(const T*, const T*, const T*, const
+    // float*, T*, int64_t, int64_t, int, int, int)`; the caller guarantees the pointers and sizes;
+    // `fast` is set only when the plan's threads hold the whole row at the entry's elements.
+    unsafe {
+        cuda::launch(
+            device,
+            stream,
+            "rms_norm",
+            kernel,
             LaunchConfig::linear(blocks, plan.threads),
             &mut args,
         )
@@ -230,27 +344,56 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plan_covers_every_column_on_the_fast_path_up_to_16384() {
+    fn backward_plan_covers_every_column_on_the_fast_path_up_to_16384() {
         for cols in [1, 8, 1024, 1025, 2048, 4096, 5000, 8192, 16384] {
-            let p = Plan::for_cols(cols);
+            let p = Plan::for_backward(cols);
             assert!(p.threads % 32 == 0 && p.threads as usize <= MAX_THREADS);
             assert!(p.group == 32 || p.group == p.threads);
             assert_eq!(p.threads % p.group, 0);
-            assert!(cols <= ELEMS * p.group as usize, "cols {cols}: {p:?}");
+            assert!(cols <= BWD_ELEMS * p.group as usize, "cols {cols}: {p:?}");
         }
-        assert_eq!(Plan::for_cols(1024).group, 32);
-        assert_eq!(Plan::for_cols(4096).group, 128);
-        assert_eq!(Plan::for_cols(1 << 20).threads, 512);
+        assert_eq!(Plan::for_backward(1024).group, 32);
+        assert_eq!(Plan::for_backward(1024).rows_per_block(), 8);
+        assert_eq!(Plan::for_backward(4096).group, 128);
+        assert_eq!(Plan::for_backward(1 << 20).threads, 512);
     }
 
     #[test]
     fn fast_path_needs_alignment_and_whole_vectors() {
-        let p = Plan::for_cols(4096);
+        let p = Plan::for_backward(4096);
         assert!(p.fast(DType::BF16, 4096, &[256, 512]));
         assert!(!p.fast(DType::BF16, 4096, &[256, 514]));
         assert!(!p.fast(DType::BF16, 4090, &[256, 512]));
-        let wide = Plan::for_cols(40000);
+        let wide = Plan::for_backward(40000);
         assert!(!wide.fast(DType::BF16, 40000, &[256]));
+    }
+
+    #[test]
+    fn forward_gives_every_dtype_128_bytes_per_thread() {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            assert_eq!(
+                forward_plan(dtype, 1 << 20).elems as usize * dtype.size(),
+                128
+            );
+        }
+        // rows of 4096: two warps per 16-bit row, four per fp32 row
+        assert_eq!(forward_plan(DType::BF16, 4096).threads, 64);
+        assert_eq!(forward_plan(DType::F32, 4096).threads, 128);
+        // the widest fast-path row: 512 threads x 64 elements of a 16-bit type
+        assert!(forward_plan(DType::BF16, 32768).fast(DType::BF16, 32768, &[256]));
+        assert!(!forward_plan(DType::BF16, 32776).fast(DType::BF16, 32776, &[256]));
+    }
+
+    #[test]
+    fn dx_only_plan_stays_on_the_fast_path_for_wide_16_bit_rows() {
+        let (name, elems) = dx_kernel(DType::BF16, 4096);
+        assert_eq!((name, elems), ("rms_norm_bwd_dx4_bf16", 32));
+        assert_eq!(Plan::with_elems(4096, elems).threads, 128);
+        let (name, elems) = dx_kernel(DType::F16, 20000);
+        assert_eq!((name, elems), ("rms_norm_bwd_dx8_f16", 64));
+        assert!(Plan::with_elems(20000, elems).fast(DType::F16, 20000, &[256]));
+        let (name, elems) = dx_kernel(DType::F32, 4096);
+        assert_eq!((name, elems), ("rms_norm_bwd_dx8_f32", 32));
     }
 
     #[test]

@@ -50,13 +50,19 @@ fn rms_norm_fwd(
     })
 }
 
-/// rms_norm_bwd_partial_rows(rows, cols, device) -> int
+/// rms_norm_bwd_partial_rows(rows, cols, dtype, device) -> int
 ///
 /// Rows of the float32 ``[n, cols]`` buffer that ``rms_norm_bwd`` fills with partial sums of
-/// ``dw`` (sum it over dim 0).
+/// ``dw`` (sum it over dim 0): one per thread group of the backward's grid, a whole number of
+/// blocks' groups, so it can exceed ``rows`` by less than one block (those rows are zeros).
 #[pyfunction]
-fn rms_norm_bwd_partial_rows(rows: usize, cols: usize, device: i32) -> PyResult<usize> {
-    guard(|| rms_norm::backward_partial_rows(rows, cols, device))
+fn rms_norm_bwd_partial_rows(
+    rows: usize,
+    cols: usize,
+    dtype: &str,
+    device: i32,
+) -> PyResult<usize> {
+    guard(|| rms_norm::backward_partial_rows(rows, cols, DType::parse(dtype)?, device))
 }
 
 /// rms_norm_bwd(dy, x, w, rstd, dx, partial, partial_rows, rows, cols, gemma, dtype, device, stream) -> None
@@ -104,9 +110,51 @@ fn rms_norm_bwd(
     })
 }
 
+/// rms_norm_bwd_dx(dy, x, w, rstd, dx, rows, cols, gemma, dtype, device, stream) -> None
+///
+/// Gradient of RMSNorm with respect to the input only (frozen weight) into ``dx``: one pass, no
+/// ``dw`` partials. The op's autograd takes it whenever the weight needs no gradient.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn rms_norm_bwd_dx(
+    py: Python<'_>,
+    dy: usize,
+    x: usize,
+    w: usize,
+    rstd: usize,
+    dx: usize,
+    rows: usize,
+    cols: usize,
+    gemma: bool,
+    dtype: &str,
+    device: i32,
+    stream: usize,
+) -> PyResult<()> {
+    let dtype = guard(|| DType::parse(dtype))?;
+    // SAFETY: as in rms_norm_fwd; `dx` is a fresh output allocated by torch.
+    py.detach(|| {
+        guard(|| unsafe {
+            rms_norm::backward_dx(
+                dtype,
+                dy,
+                x,
+                w,
+                rstd,
+                dx,
+                rows,
+                cols,
+                gemma,
+                device,
+                RawStream(stream),
+            )
+        })
+    })
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rms_norm_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_bwd_partial_rows, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_bwd, m)?)?;
+    m.add_function(wrap_pyfunction!(rms_norm_bwd_dx, m)?)?;
     Ok(())
 }

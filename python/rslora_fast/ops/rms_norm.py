@@ -5,6 +5,8 @@ to the input dtype, then multiply by the weight) and, with ``gemma=True``, ``Gem
 (``x_hat * (1 + w)`` in float32, one rounding). CUDA tensors run ``kernels/rms_norm.cu`` through
 the Rust launcher; CPU tensors run the plain-torch expressions below (the reference). Backward
 saves only ``x``, the weight (a reference to the parameter) and ``rstd`` (float32, one per row).
+When the weight needs no gradient (LoRA freezes the norms) backward runs ``rms_norm_bwd_dx``: the
+input gradient alone, without the ``dw`` partial sums and their reduction.
 """
 
 from __future__ import annotations
@@ -23,14 +25,19 @@ def rms_norm_reference(x: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool
     return y, rstd.squeeze(-1)
 
 
+def _dx_reference(dy, x, w, rstd, gemma):
+    """Plain-torch float32 ``(dx, x_hat)`` of RMSNorm; ``dx`` not yet cast."""
+    r = rstd.unsqueeze(-1)
+    xn = x.float() * r
+    g = dy.float() * (w.float() + 1.0 if gemma else w.float())
+    return r * (g - xn * (g * xn).mean(-1, keepdim=True)), xn
+
+
 def rms_norm_backward_reference(
     dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, gemma: bool = False
 ):
     """Plain-torch ``(dx, dw)`` of RMSNorm in float32, cast back to the input dtypes."""
-    r = rstd.unsqueeze(-1)
-    xn = x.float() * r
-    g = dy.float() * (w.float() + 1.0 if gemma else w.float())
-    dx = r * (g - xn * (g * xn).mean(-1, keepdim=True))
+    dx, xn = _dx_reference(dy, x, w, rstd, gemma)
     # What the weight multiplied in forward: Llama's x_hat was rounded to the input dtype first.
     seen = xn if gemma else xn.to(x.dtype).float()
     dw = (dy.float() * seen).reshape(-1, x.shape[-1]).sum(0)
@@ -107,7 +114,7 @@ def rms_norm_bwd(
     if rows == 0:
         return dx, torch.zeros_like(w)
     device, stream = stream_of(x)
-    n = core().rms_norm_bwd_partial_rows(rows, cols, device)
+    n = core().rms_norm_bwd_partial_rows(rows, cols, dtype_name(x, "rms_norm"), device)
     partial = torch.empty(n, cols, dtype=torch.float32, device=x.device)
     core().rms_norm_bwd(
         dy.data_ptr(),
@@ -136,6 +143,47 @@ def _(dy, x, w, rstd, gemma):
     )
 
 
+@torch.library.custom_op("rslora_fast::rms_norm_bwd_dx", mutates_args=())
+def rms_norm_bwd_dx(
+    dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, gemma: bool
+) -> torch.Tensor:
+    """Backward for a frozen weight: ``dx`` only, without the ``dw`` reduction."""
+    _check(x, w, "rms_norm backward")
+    if dy.shape != x.shape or rstd.shape != x.shape[:-1]:
+        raise ValueError(
+            f"rms_norm backward: grad shape {tuple(dy.shape)} / rstd shape {tuple(rstd.shape)} "
+            f"do not match input shape {tuple(x.shape)}"
+        )
+    if x.device.type != "cuda":
+        return _dx_reference(dy, x, w, rstd, gemma)[0].to(x.dtype)
+    dy, x, w = dy.to(x.dtype).contiguous(), x.contiguous(), w.contiguous()
+    rstd = rstd.float().contiguous()
+    cols = x.shape[-1]
+    rows = x.numel() // cols
+    dx = torch.empty_like(x)
+    if rows:
+        device, stream = stream_of(x)
+        core().rms_norm_bwd_dx(
+            dy.data_ptr(),
+            x.data_ptr(),
+            w.data_ptr(),
+            rstd.data_ptr(),
+            dx.data_ptr(),
+            rows,
+            cols,
+            gemma,
+            dtype_name(x, "rms_norm"),
+            device,
+            stream,
+        )
+    return dx
+
+
+@rms_norm_bwd_dx.register_fake
+def _(dy, x, w, rstd, gemma):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 def _setup_context(ctx, inputs, output):
     x, w, _eps, gemma = inputs
     _y, rstd = output
@@ -146,6 +194,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _drstd):
     x, w, rstd = ctx.saved_tensors
+    if not ctx.needs_input_grad[1]:
+        # LoRA training freezes the norm weight: no dw partials, one read of x and dy.
+        return rms_norm_bwd_dx(dy, x, w, rstd, ctx.gemma), None, None, None
     dx, dw = rms_norm_bwd(dy, x, w, rstd, ctx.gemma)
     return (
         dx if ctx.needs_input_grad[0] else None,
