@@ -9,6 +9,10 @@
 //
 // Float arithmetic uses the _rn intrinsics where bitsandbytes' result depends on a separate
 // rounding (a fused multiply-add would change the bytes or the values).
+//
+// nf4_dequant_warp{4,4p,8}_<dtype> are candidate replacements (warp-owned chunks, scales fetched
+// once per warp), picked at run time by RSLORA_FAST_NF4_DEQUANT (src/kernels/nf4.rs) until
+// measured; they produce the same bytes.
 #include "common.cuh"
 #include <type_traits>
 
