@@ -9,7 +9,12 @@
 //
 // Float arithmetic uses the _rn intrinsics where bitsandbytes' result depends on a separate
 // rounding (a fused multiply-add would change the bytes or the values).
+//
+// nf4_dequant_warp{4,4p,8}_<dtype> are candidate replacements (warp-owned chunks, scales fetched
+// once per warp), picked at run time by RSLORA_FAST_NF4_DEQUANT (src/kernels/nf4.rs) until
+// measured; they produce the same bytes.
 #include "common.cuh"
+#include <type_traits>
 
 namespace {
 
@@ -53,6 +58,7 @@ __device__ __forceinline__ float block_scale(int64_t b, const float* __restrict_
 template <typename T> struct Unit {
   static constexpr int N = rf::Vec<T>::N;  // elements per unit
   static constexpr int BYTES = N / 2;      // packed bytes per unit
+  using Word = std::conditional_t<BYTES == 4, uint32_t, unsigned short>;
   __device__ static __forceinline__ uint32_t load(const uint8_t* packed, int64_t u) {
     if constexpr (BYTES == 4) return __ldg(reinterpret_cast<const uint32_t*>(packed) + u);
     else return __ldg(reinterpret_cast<const unsigned short*>(packed) + u);
@@ -118,6 +124,133 @@ __device__ void dequant(const uint8_t* __restrict__ packed, const float* __restr
     const int c = (i & 1) ? (b & 15) : (b >> 4);
     const float s = block_scale(i >> bs_log2, absmax, absmax_q, nested, s_ncode, offset);
     out[i] = rf::from_f32<T>(__fmul_rn(s_code[c], s));
+  }
+}
+
+// Warp-chunk dequantize (selectable variant, see src/kernels/nf4.rs): each warp owns whole chunks
+// of 32 * U consecutive store units (E elements; 1024 for 16-bit outputs with U = 4). Lane l
+// writes units l, 32 + l, ..., so every load and store instruction of the warp is still one
+// contiguous span, but the scales of the chunk (at most E / blocksize blocks, whole blocks since
+// E and the block size are powers of two) are fetched once per warp: lane j loads the code or the
+// float absmax of block j of the chunk (one sector for the warp) and rebuilds its scale; each unit
+// then takes its scale with one shuffle. With double quantization the chunk lies inside one group
+// of 256 blocks (256 * 32 >= 8192 > E), so one nested absmax serves the whole warp.
+//
+// Latency: the chunk's packed words, scale codes and nested absmax are requested before the
+// block waits for the 256-entry map to be staged in shared memory, and a warp looping over
+// several chunks requests the next chunk's loads before it converts and stores the current one.
+template <typename T, int U> struct Chunk {
+  static constexpr int N = Unit<T>::N;
+  static constexpr int E = 32 * U * N;  // elements per chunk (a power of two)
+  // More blocks than lanes only when a chunk spans more than 32 blocks (16-bit, U = 8, bs 32).
+  static constexpr int H = U * N > 32 ? 2 : 1;
+  using Word = typename Unit<T>::Word;
+  Word w[U];
+  uint32_t q[H];  // scale code (double quant) or float absmax bits of blocks lane, lane + 32
+  float nest;     // nested absmax of the chunk's group (double quant only)
+
+  __device__ __forceinline__ void load(const uint8_t* __restrict__ packed,
+                                       const float* __restrict__ absmax,
+                                       const uint8_t* __restrict__ absmax_q,
+                                       const float* __restrict__ nested, int64_t c, int lane,
+                                       int bs_log2) {
+    // One base pointer per chunk; the U loads are immediate offsets from it.
+    const Word* pw = reinterpret_cast<const Word*>(packed) + c * (32 * U) + lane;
+#pragma unroll
+    for (int k = 0; k < U; ++k) w[k] = __ldg(pw + 32 * k);
+    const int64_t b0 = (c * E) >> bs_log2;
+    const int nb = max(1, E >> bs_log2);  // blocks in the chunk
+#pragma unroll
+    for (int h = 0; h < H; ++h) {
+      const int j = lane + 32 * h;
+      q[h] = 0;
+      if (j < nb) {
+        if (absmax_q != nullptr) q[h] = __ldg(absmax_q + b0 + j);
+        else q[h] = __float_as_uint(__ldg(absmax + b0 + j));
+      }
+    }
+    nest = absmax_q != nullptr ? __ldg(nested + (b0 >> 8)) : 0.0f;
+  }
+
+  // Converts and stores chunk c (whose loads this object holds).
+  __device__ __forceinline__ void emit(T* __restrict__ out, int64_t c, int lane, int bs_log2,
+                                       const float* s_code, const float* s_ncode, float offset,
+                                       bool dq) const {
+    // Scale of block lane (+ 32) of the chunk: map[q] * nested + offset (two roundings), or the
+    // float absmax itself. Lanes past the chunk's blocks compute an unused value.
+    float sc[H];
+#pragma unroll
+    for (int h = 0; h < H; ++h)
+      sc[h] = dq ? __fadd_rn(__fmul_rn(s_ncode[q[h]], nest), offset) : __uint_as_float(q[h]);
+    T* dst = out + c * E + lane * N;
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+      // Block of this lane's unit within the chunk. It is >= 32 only when H == 2, and then for
+      // whole k at once (k * N >= blocksize), so every lane picks the same register to shuffle.
+      const int rel = ((32 * k + lane) * N) >> bs_log2;
+      float src = sc[0];
+      if constexpr (H == 2) src = (k * N) >> bs_log2 ? sc[1] : sc[0];
+      const float s = __shfl_sync(0xffffffffu, src, rel & 31);
+      emit_unit<T>(dst + 32 * k * N, static_cast<uint32_t>(w[k]), s, s_code);
+    }
+  }
+};
+
+// kPipe: a warp with several chunks requests chunk i + 1 before storing chunk i (more bytes in
+// flight per warp, more registers).
+template <typename T, int U, bool kPipe>
+__device__ void dequant_warp(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
+                             const uint8_t* __restrict__ absmax_q,
+                             const float* __restrict__ nested,
+                             const float* __restrict__ nested_code, float offset, int quant_type,
+                             T* __restrict__ out, int64_t n, int bs_log2) {
+  using C = Chunk<T, U>;
+  __shared__ float s_code[16];
+  __shared__ float s_ncode[256];
+  const bool dq = absmax_q != nullptr;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
+  int64_t c = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int64_t nchunks = n / C::E;
+
+  // The first chunk's loads go out before the tables are staged and the block waits on them.
+  C cur;
+  if (c < nchunks) cur.load(packed, absmax, absmax_q, nested, c, lane, bs_log2);
+  if (threadIdx.x < 16) s_code[threadIdx.x] = quant_type == 0 ? kNF4[threadIdx.x] : kFP4[threadIdx.x];
+  if (dq) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) s_ncode[i] = __ldg(nested_code + i);
+  }
+  __syncthreads();
+
+  while (c < nchunks) {
+    const int64_t next = c + warps;
+    if constexpr (kPipe) {
+      C nxt;
+      if (next < nchunks) nxt.load(packed, absmax, absmax_q, nested, next, lane, bs_log2);
+      cur.emit(out, c, lane, bs_log2, s_code, s_ncode, offset, dq);
+      cur = nxt;
+    } else {
+      cur.emit(out, c, lane, bs_log2, s_code, s_ncode, offset, dq);
+      if (next < nchunks) cur.load(packed, absmax, absmax_q, nested, next, lane, bs_log2);
+    }
+    c = next;
+  }
+
+  // Tail after the last whole chunk (fewer than E elements): whole units, then elements.
+  constexpr int N = C::N;
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t units = n / N;
+  for (int64_t u = nchunks * (C::E / N) + tid; u < units; u += stride) {
+    emit_unit<T>(out + u * N, Unit<T>::load(packed, u),
+                 block_scale((u * N) >> bs_log2, absmax, absmax_q, nested, s_ncode, offset),
+                 s_code);
+  }
+  for (int64_t i = units * N + tid; i < n; i += stride) {
+    const uint8_t b = packed[i >> 1];
+    const int cd = (i & 1) ? (b & 15) : (b >> 4);
+    const float s = block_scale(i >> bs_log2, absmax, absmax_q, nested, s_ncode, offset);
+    out[i] = rf::from_f32<T>(__fmul_rn(s_code[cd], s));
   }
 }
 
@@ -188,6 +321,18 @@ __device__ void quant(const T* __restrict__ src, uint8_t* __restrict__ packed,
 
 }  // namespace
 
+// Warp-chunk dequantize entries: same arguments as nf4_dequant_<dtype> without vec_ok (the
+// launcher only picks them for aligned buffers). The minimum resident blocks per SM pin the
+// register budget (ptxas, sm_90, no spills): warp4 8 blocks (32 registers, full occupancy),
+// warp4p and warp8 6 blocks (40 registers; unbounded they take 40-48, or 64 with a bound of 1).
+#define NF4_WARP_ENTRY(NAME, SUFFIX, T, U, PIPE, MIN_BLOCKS)                                   \
+  extern "C" __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) NAME##_##SUFFIX(           \
+      const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* nested, \
+      const float* nested_code, float offset, int quant_type, T* out, int64_t n, int bs_log2) { \
+    dequant_warp<T, U, PIPE>(packed, absmax, absmax_q, nested, nested_code, offset,            \
+                             quant_type, out, n, bs_log2);                                     \
+  }
+
 #define NF4_ENTRY(SUFFIX, T)                                                                    \
   extern "C" __global__ void __launch_bounds__(kThreads) nf4_dequant_##SUFFIX(                  \
       const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* nested, \
@@ -196,6 +341,9 @@ __device__ void quant(const T* __restrict__ src, uint8_t* __restrict__ packed,
     dequant<T>(packed, absmax, absmax_q, nested, nested_code, offset, quant_type, out, n,       \
                bs_log2, vec_ok);                                                                \
   }                                                                                             \
+  NF4_WARP_ENTRY(nf4_dequant_warp4, SUFFIX, T, 4, false, 8)                                    \
+  NF4_WARP_ENTRY(nf4_dequant_warp4p, SUFFIX, T, 4, true, 6)                                    \
+  NF4_WARP_ENTRY(nf4_dequant_warp8, SUFFIX, T, 8, false, 6)                                    \
   extern "C" __global__ void __launch_bounds__(kThreads) nf4_quant_##SUFFIX(                    \
       const T* src, uint8_t* packed, float* absmax, int64_t n, int blocksize, int quant_type) { \
     quant<T>(src, packed, absmax, n, blocksize, quant_type);                                    \

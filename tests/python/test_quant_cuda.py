@@ -96,3 +96,52 @@ def test_quantize_dequantize_round_trip_error():
     back = F.dequantize_4bit(p, s)
     rel = ((back.float() - w.float()).norm() / w.float().norm()).item()
     assert rel < 0.12, rel
+
+
+# Warp-chunk dequantize variants (RSLORA_FAST_NF4_DEQUANT, read by the launcher on every call).
+# ":0" is one resident wave looping over chunks, ":3" three chunks per warp (the loop and, for
+# warp4p, the next-chunk prefetch run at every size); plain names give one chunk per warp.
+VARIANTS = ["warp4", "warp4:0", "warp4p:0", "warp4p:3", "warp8", "warp8:0", "warp8:3"]
+# Odd sizes (only the tail path), sizes spanning several chunks plus a tail, several nested
+# groups of 256 blocks, and one large enough that a resident wave loops (> 8.6M elements).
+VARIANT_SHAPES = [(3, 5), (17, 33), (33, 65), (129, 257), (1000, 4099), (4096, 4099)]
+
+
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_dequant_variants_match_reference(monkeypatch, compress, out_dtype):
+    gen = torch.Generator().manual_seed(100 + DTYPES.index(out_dtype) * 2 + compress)
+    for i, shape in enumerate(VARIANT_SHAPES):
+        quant_type = "nf4" if i % 2 == 0 else "fp4"
+        for bs in (32, 64, 256, 4096) if shape[0] < 4096 else (32, 64):
+            w = torch.randn(*shape, generator=gen) * 0.02
+            p, s = F.quantize_4bit(w, bs, quant_type, compress)  # CPU path
+            want = _want(p, s, out_dtype).view(torch.uint8)
+            pc, sc = p.cuda(), s.to("cuda")
+            for variant in VARIANTS:
+                monkeypatch.setenv("RSLORA_FAST_NF4_DEQUANT", variant)
+                got = F.dequantize_4bit(pc, sc, dtype=out_dtype)
+                assert torch.equal(got.cpu().view(torch.uint8), want), (variant, shape, bs, quant_type)
+
+
+@pytest.mark.parametrize("variant", ["warp4", "warp8:0"])
+def test_dequant_variant_into_out_and_unaligned(monkeypatch, variant):
+    monkeypatch.setenv("RSLORA_FAST_NF4_DEQUANT", variant)
+    w = torch.randn(301, 1031, device="cuda")
+    p, s = F.quantize_4bit(w, 64, "nf4", True)
+    want = _want(p, s, torch.bfloat16)
+    out = torch.full((301 * 1031,), float("nan"), dtype=torch.bfloat16, device="cuda")
+    assert F.dequantize_4bit(p, s, out=out) is out
+    torch.testing.assert_close(out.view(301, 1031).cpu(), want, rtol=0, atol=0)
+    # An output offset by one element is not 16-byte aligned: the launcher falls back.
+    big = torch.full((301 * 1031 + 1,), float("nan"), dtype=torch.bfloat16, device="cuda")
+    F.dequantize_4bit(p, s, out=big[1:])
+    torch.testing.assert_close(big[1:].view(301, 1031).cpu(), want, rtol=0, atol=0)
+    assert torch.isnan(big[0].float())  # nothing written before the buffer
+
+
+def test_dequant_variant_bad_name_raises(monkeypatch):
+    monkeypatch.setenv("RSLORA_FAST_NF4_DEQUANT", "warp16")
+    p, s = F.quantize_4bit(torch.randn(64, 64, device="cuda"), 64, "nf4", True)
+    with pytest.raises(ValueError, match="RSLORA_FAST_NF4_DEQUANT"):
+        F.dequantize_4bit(p, s)
