@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # What we run on the lent H200 (see docs/gpu.md): install the wheel built here, then the phases asked
 # for. Results and logs go to $OUT (or ./gpu-out). Usage: bash scripts/gpu_run.sh tests kernels train
+# WHEELS names the folder holding the wheel (default target/wheels).
 set -uo pipefail
 OUT=${OUT:-gpu-out}
+WHEELS=${WHEELS:-target/wheels}
 mkdir -p "$OUT"
 # Install once per wheel (phases may run as concurrent invocations, one per GPU).
-stamp=$(sha1sum target/wheels/*.whl | cut -c1-40)
+stamp=$(sha1sum "$WHEELS"/*.whl | cut -c1-40)
 if [ "$(cat /tmp/site/.wheel 2>/dev/null)" != "$stamp" ]; then
-  python3 -m pip install -q --no-deps --no-index --upgrade --target /tmp/site target/wheels/*.whl || exit 1
+  python3 -m pip install -q --no-deps --no-index --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
   echo "$stamp" > /tmp/site/.wheel
 fi
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -26,8 +28,11 @@ for phase in "$@"; do
       [ -f benches/nf4.py ] && python3 benches/nf4.py --out "$OUT/nf4.jsonl" 2>&1 | tail -12
       [ -n "${WAVES_EXPERIMENT:-}" ] && RSLORA_FAST_MAX_WAVES=1 python3 benches/nf4.py --out "$OUT/nf4_w1.jsonl" 2>&1 | tail -10
       ;;
-    offload)
-      [ -f benches/offload_step.py ] && python3 benches/offload_step.py --seq 16384 --modes plain offload budget --budget-gb 16 2>&1 | tee "$OUT/offload.log" | tail -20
+    offload)  # "unsloth" vs plain checkpointing at 16k tokens, interleaved on one model, per base
+      for base in ${OFFLOAD_BASES:-bf16 4bit}; do
+        python3 benches/offload_step.py --seq 16384 --base "$base" --rounds "${OFFLOAD_ROUNDS:-4}" \
+          --out "$OUT/offload.jsonl" 2>>"$OUT/offload.err" | tail -3
+      done
       ;;
     longctx)  # longest batch-1 sequence under a 24 GiB cap, per checkpointing mode (4-bit base)
       python3 benches/train_step.py --cache bench-cache --out "$OUT/longctx.jsonl" --mode longctx --cap-gib 24 \

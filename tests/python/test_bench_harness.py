@@ -48,3 +48,35 @@ def test_unknown_system_is_reported(tmp_path):
     bench = _load_bench()
     with pytest.raises(ValueError, match="unknown system"):
         bench.load_system("nope:bf16", tmp_path, 8, 4)
+
+
+def _load_offload_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benches" / "offload_step.py"
+    spec = importlib.util.spec_from_file_location("offload_step_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("base,lora", [("bf16", "rslora"), ("4bit", "rslora"), ("bf16", "minimal")])
+def test_offload_step_bench_interleaves_modes_on_cpu(tmp_path, base, lora):
+    bench = _load_offload_bench()
+    out = tmp_path / "offload.jsonl"
+    argv = ["--device", "cpu", "--seq", "600", "--layers", "3", "--hidden", "64", "--intermediate", "128",
+            "--heads", "4", "--kv-heads", "2", "--vocab", "256", "--rounds", "3", "--iters", "2",
+            "--modes", "plain", "offload", "--base", base, "--lora", lora, "--out", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    by_mode = {r["mode"]: r for r in rows if "mode" in r}
+    assert set(by_mode) == {"plain", "offload"}
+    for r in by_mode.values():
+        assert len(r["step_s_rounds"]) == 3 and r["step_s"] > 0
+    # Only the offloaded mode parked layer inputs on the host: 2 of 3 layers (the last stays) in
+    # each of the 1 warm-up + 2 timed steps since its last install (each round re-installs it).
+    assert "host" not in by_mode["plain"]
+    assert by_mode["offload"]["host"]["offloads"] == 2 * 3
+    summary = [r for r in rows if "time_ratio_offload_over_plain" in r]
+    assert len(summary) == 1 and summary[0]["rounds"] == 3
