@@ -9,93 +9,14 @@ use crate::quant::{check_blocksize, QuantType};
 use crate::{Error, Result};
 
 const THREADS: u32 = 256;
+/// Store units per lane in one warp chunk of the dequantize kernel (`kUnitsPerLane` in nf4.cu).
+const UNITS_PER_LANE: usize = 4;
+
 fn dequant_kernel(dtype: DType) -> &'static str {
     match dtype {
         DType::F32 => "nf4_dequant_f32",
         DType::F16 => "nf4_dequant_f16",
         DType::BF16 => "nf4_dequant_bf16",
-    }
-}
-
-/// Which dequantize kernel runs: the per-unit kernel (default) or a warp-chunk variant, picked by
-/// `RSLORA_FAST_NF4_DEQUANT` for side-by-side measurement (read on every call so one process can
-/// time each): `unit` (default), `warp4`, `warp4p` or `warp8`, optionally `:C` for C chunks per
-/// warp (default 1; 0 = one resident wave of blocks looping over the tensor). Once measured the
-/// winner becomes the only path and this switch goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DequantVariant {
-    /// One store unit per thread per step, scales rebuilt per unit (`nf4_dequant_<dtype>`).
-    Unit,
-    /// Warp chunks of 32 * `units` store units, scales fetched once per warp
-    /// (`nf4_dequant_warp{4,4p,8}_<dtype>`); `pipelined` requests chunk i + 1 before storing
-    /// chunk i; `chunks_per_warp` sizes the grid (0 = one resident wave).
-    Warp {
-        units: u32,
-        pipelined: bool,
-        chunks_per_warp: u32,
-    },
-}
-
-impl DequantVariant {
-    /// Parse a `RSLORA_FAST_NF4_DEQUANT` value (empty = [`DequantVariant::Unit`]).
-    pub fn parse(s: &str) -> Result<Self> {
-        let s = s.trim();
-        let (kind, chunks) = match s.split_once(':') {
-            Some((k, c)) => (k, Some(c)),
-            None => (s, None),
-        };
-        let chunks_per_warp = match chunks {
-            None => 1,
-            Some(c) => c.trim().parse::<u32>().map_err(|_| {
-                Error::invalid(format!(
-                    "RSLORA_FAST_NF4_DEQUANT={s:?}: chunks per warp must be an integer >= 0"
-                ))
-            })?,
-        };
-        let (units, pipelined) = match kind {
-            "" | "unit" if chunks.is_none() => return Ok(DequantVariant::Unit),
-            "warp4" => (4, false),
-            "warp4p" => (4, true),
-            "warp8" => (8, false),
-            _ => {
-                return Err(Error::invalid(format!(
-                    "RSLORA_FAST_NF4_DEQUANT={s:?}: expected unit, warp4, warp4p or warp8, \
-                     optionally followed by :<chunks per warp>"
-                )))
-            }
-        };
-        Ok(DequantVariant::Warp {
-            units,
-            pipelined,
-            chunks_per_warp,
-        })
-    }
-
-    fn from_env() -> Result<Self> {
-        match std::env::var("RSLORA_FAST_NF4_DEQUANT") {
-            Ok(v) => Self::parse(&v),
-            Err(_) => Ok(DequantVariant::Unit),
-        }
-    }
-
-    fn kernel(self, dtype: DType) -> &'static str {
-        let DequantVariant::Warp {
-            units, pipelined, ..
-        } = self
-        else {
-            return dequant_kernel(dtype);
-        };
-        match (units, pipelined, dtype) {
-            (4, false, DType::F32) => "nf4_dequant_warp4_f32",
-            (4, false, DType::F16) => "nf4_dequant_warp4_f16",
-            (4, false, DType::BF16) => "nf4_dequant_warp4_bf16",
-            (4, true, DType::F32) => "nf4_dequant_warp4p_f32",
-            (4, true, DType::F16) => "nf4_dequant_warp4p_f16",
-            (4, true, DType::BF16) => "nf4_dequant_warp4p_bf16",
-            (_, _, DType::F32) => "nf4_dequant_warp8_f32",
-            (_, _, DType::F16) => "nf4_dequant_warp8_f16",
-            (_, _, DType::BF16) => "nf4_dequant_warp8_bf16",
-        }
     }
 }
 
@@ -170,39 +91,16 @@ pub unsafe fn dequantize(
     if absmax == 0 && codes == 0 {
         return Err(Error::invalid("nf4 dequantize: null scale pointer"));
     }
-    // The vector body reads 4 (2 for fp32) packed bytes and writes one 16-byte vector per unit.
+    // The chunk and unit loops read 4 (2 for fp32) packed bytes as one word and write one
+    // 16-byte vector per unit; otherwise the kernel goes element by element.
     let mut vec_ok = (packed % 4 == 0 && all_aligned16(&[out])) as i32;
-    // Unaligned buffers take the per-unit kernel's element path whatever the variant.
-    let variant = if vec_ok == 1 {
-        DequantVariant::from_env()?
-    } else {
-        DequantVariant::Unit
-    };
-    let kernel = variant.kernel(dtype);
+    let kernel = dequant_kernel(dtype);
+    // One chunk per warp, i.e. UNITS_PER_LANE store units per thread (one resident wave looping
+    // over the chunks measured slower; see the header of nf4.cu).
     let unit_elems = 16 / dtype.size();
-    let blocks = match variant {
-        // Four 16-byte units per thread (see the note at kUnroll in nf4.cu: with this grid the
-        // kernel's plain grid-stride loop runs, which measured faster than its unrolled one).
-        DequantVariant::Unit => elementwise_grid(n, 4 * unit_elems, THREADS, || {
-            cuda::resident_blocks(device, "nf4", kernel, THREADS)
-        })?,
-        DequantVariant::Warp {
-            units,
-            chunks_per_warp,
-            ..
-        } => {
-            let resident = || cuda::resident_blocks(device, "nf4", kernel, THREADS);
-            // Each thread covers `units` store units per chunk.
-            let per_thread = units as usize * unit_elems;
-            if chunks_per_warp == 0 {
-                // One resident wave, or fewer blocks when the tensor has fewer chunks.
-                let needed = n.div_ceil(per_thread).div_ceil(THREADS as usize).max(1);
-                needed.min(resident()? as usize) as u32
-            } else {
-                elementwise_grid(n, per_thread * chunks_per_warp as usize, THREADS, resident)?
-            }
-        }
-    };
+    let blocks = elementwise_grid(n, UNITS_PER_LANE * unit_elems, THREADS, || {
+        cuda::resident_blocks(device, "nf4", kernel, THREADS)
+    })?;
     let mut qt_i = qt_code(qt);
     let mut n64 = n as i64;
     let mut bs_log2 = blocksize.trailing_zeros() as i32;
@@ -220,16 +118,10 @@ pub unsafe fn dequantize(
         &mut bs_log2 as *mut i32 as *mut c_void,
         &mut vec_ok as *mut i32 as *mut c_void,
     ];
-    // The warp kernels take no vec_ok.
-    let nargs = if variant == DequantVariant::Unit {
-        11
-    } else {
-        10
-    };
     // SAFETY: args match `nf4_dequant_<dtype>(const uint8_t*, const float*, const uint8_t*,
-    // const float*, const float*, float, int, T*, int64_t, int, int vec_ok)` and, without the
-    // last int, `nf4_dequant_warp*_<dtype>` (only launched when vec_ok holds); the caller
-    // guarantees the pointers (null scale pointers select the other scale source).
+    // const float*, const float*, float, int, T*, int64_t, int, int vec_ok)`; vec_ok is set only
+    // when the packed and output pointers are aligned for the word loads and vector stores; the
+    // caller guarantees the pointers (null scale pointers select the other scale source).
     unsafe {
         cuda::launch(
             device,
@@ -237,7 +129,7 @@ pub unsafe fn dequantize(
             "nf4",
             kernel,
             LaunchConfig::linear(blocks, THREADS),
-            &mut args[..nargs],
+            &mut args,
         )
     }
 }
@@ -293,53 +185,5 @@ pub unsafe fn quantize(
             LaunchConfig::linear(ctas, THREADS),
             &mut args,
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dequant_variant_parses_names_and_chunks() {
-        assert_eq!(DequantVariant::parse("").unwrap(), DequantVariant::Unit);
-        assert_eq!(DequantVariant::parse("unit").unwrap(), DequantVariant::Unit);
-        assert_eq!(
-            DequantVariant::parse("warp4").unwrap(),
-            DequantVariant::Warp {
-                units: 4,
-                pipelined: false,
-                chunks_per_warp: 1
-            }
-        );
-        assert_eq!(
-            DequantVariant::parse("warp4p:0").unwrap(),
-            DequantVariant::Warp {
-                units: 4,
-                pipelined: true,
-                chunks_per_warp: 0
-            }
-        );
-        assert_eq!(
-            DequantVariant::parse(" warp8:3 ").unwrap(),
-            DequantVariant::Warp {
-                units: 8,
-                pipelined: false,
-                chunks_per_warp: 3
-            }
-        );
-        for bad in ["warp16", "unit:2", "warp4:-1", "warp4:x", "fast"] {
-            let err = DequantVariant::parse(bad).unwrap_err().to_string();
-            assert!(err.contains("RSLORA_FAST_NF4_DEQUANT"), "{bad}: {err}");
-        }
-    }
-
-    #[test]
-    fn dequant_variant_kernel_names_follow_the_cuda_entries() {
-        let v = |s| DequantVariant::parse(s).unwrap();
-        assert_eq!(v("unit").kernel(DType::BF16), "nf4_dequant_bf16");
-        assert_eq!(v("warp4:2").kernel(DType::F16), "nf4_dequant_warp4_f16");
-        assert_eq!(v("warp4p").kernel(DType::BF16), "nf4_dequant_warp4p_bf16");
-        assert_eq!(v("warp8:0").kernel(DType::F32), "nf4_dequant_warp8_f32");
     }
 }
