@@ -1,15 +1,13 @@
 """NF4 dequantize bandwidth on the GPU: rslora_fast's kernel vs a device copy and bitsandbytes.
 
     python benches/nf4.py --out results/nf4.jsonl [--shape 14336 4096] [--repeat 50]
-        [--variants unit,warp4,warp4:0,warp4p:0,warp8,warp8:0]
 
 Dequantizes one NF4 weight (double-quantized scales, blocksize 64) into bf16 (and fp16/fp32),
 times the median GPU time over repeats with CUDA events (cold L2, host launch hidden; see
 _gpu_timing.py), the host time to launch one call, and reports GB/s counting bytes read (packed
 codes + scales) and written, and the percentage of a device-to-device copy measured in the same
-run. bitsandbytes' dequantize is timed beside it when importable. Prints a table and appends
-one JSON line per row to ``--out``. Each ``--variants`` entry is a value of
-``RSLORA_FAST_NF4_DEQUANT`` (the launcher reads it on every call), timed side by side.
+run (and of a copy moving the same bytes). bitsandbytes' dequantize is timed beside it when
+importable. Prints a table and appends one JSON line per row to ``--out``.
 """
 
 from __future__ import annotations
@@ -34,8 +32,6 @@ def main() -> int:
     parser.add_argument("--blocksize", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=50)
     parser.add_argument("--out", default="results/nf4.jsonl")
-    parser.add_argument("--variants", default="unit,warp4,warp4:0,warp4p:0,warp8,warp8:0",
-                        help="comma-separated RSLORA_FAST_NF4_DEQUANT values to time")  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no GPU: nothing to bench")
@@ -48,10 +44,7 @@ def main() -> int:
     same_size_copy: dict[int, float] = {}
     name = torch.cuda.get_device_name()
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    saved_variant = os.environ.get("RSLORA_FAST_NF4_DEQUANT")
-
-    def add(impl, dq, dtype, fn, nbytes_scales, variant=None):
+    def add(impl, dq, dtype, fn, nbytes_scales):
         ms, spread = median_ms(fn, warmup=5, repeat=args.repeat)
         launch_us = host_launch_us(fn)
         nbytes = (n + 1) // 2 + nbytes_scales + n * torch.tensor([], dtype=dtype).element_size()
@@ -62,7 +55,7 @@ def main() -> int:
             same_size_copy[nbytes] = copy_bandwidth_gbs(nbytes // 2)
         same = same_size_copy[nbytes]
         rows.append(dict(bench="nf4_dequant", impl=impl, shape=[rows_, cols], blocksize=args.blocksize,
-                         variant=variant, double_quant=dq, out_dtype=str(dtype).removeprefix("torch."), ms=ms,
+                         double_quant=dq, out_dtype=str(dtype).removeprefix("torch."), ms=ms,
                          spread_ms=spread, launch_us=launch_us, gbs=gbs, pct_copy=100 * gbs / copy_gbs, copy_gbs=copy_gbs,
                          pct_same_size_copy=100 * gbs / same, same_size_copy_gbs=same,
                          device=name, time=time.time()))  # fmt: skip
@@ -74,22 +67,13 @@ def main() -> int:
             scale_bytes += s.nested_absmax.numel() * 4 + 256 * 4
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             out = torch.empty(n, dtype=dtype, device="cuda")
-            for variant in variants:
-                os.environ["RSLORA_FAST_NF4_DEQUANT"] = variant
-                try:
-                    add(
-                        f"rslora_fast[{variant}]",
-                        dq,
-                        dtype,
-                        lambda p=p, s=s, out=out: F.dequantize_4bit(p, s, out=out),
-                        scale_bytes,
-                        variant,
-                    )
-                finally:
-                    if saved_variant is None:
-                        os.environ.pop("RSLORA_FAST_NF4_DEQUANT", None)
-                    else:
-                        os.environ["RSLORA_FAST_NF4_DEQUANT"] = saved_variant
+            add(
+                "rslora_fast",
+                dq,
+                dtype,
+                lambda p=p, s=s, out=out: F.dequantize_4bit(p, s, out=out),
+                scale_bytes,
+            )
         try:
             import bitsandbytes.functional as bnbf
 
