@@ -6,8 +6,8 @@ Dequantizes one NF4 weight (double-quantized scales, blocksize 64) into bf16 (an
 times the median GPU time over repeats with CUDA events (cold L2, host launch hidden; see
 _gpu_timing.py), the host time to launch one call, and reports GB/s counting bytes read (packed
 codes + scales) and written, and the percentage of a device-to-device copy measured in the same
-run. bitsandbytes' dequantize is timed beside it when importable. Prints a table and appends
-one JSON line per row to ``--out``.
+run (and of a copy moving the same bytes). bitsandbytes' dequantize is timed beside it when
+importable. Prints a table and appends one JSON line per row to ``--out``.
 """
 
 from __future__ import annotations
@@ -87,10 +87,10 @@ def main() -> int:
 
     print(f"device: {name}; copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
     print(
-        f"{'impl':<14}{'DQ':<6}{'out':<10}{'ms':>9}{'GB/s':>9}{'% copy':>9}{'% same-size':>13}{'launch us':>11}"
+        f"{'impl':<24}{'DQ':<6}{'out':<10}{'ms':>9}{'GB/s':>9}{'% copy':>9}{'% same-size':>13}{'launch us':>11}"
     )
     for r in rows:
-        print(f"{r['impl']:<14}{str(r['double_quant']):<6}{r['out_dtype']:<10}{r['ms']:>9.4f}"
+        print(f"{r['impl']:<24}{str(r['double_quant']):<6}{r['out_dtype']:<10}{r['ms']:>9.4f}"
               f"{r['gbs']:>9.0f}{r['pct_copy']:>8.1f}%{r['pct_same_size_copy']:>12.1f}%{r['launch_us']:>11.1f}")  # fmt: skip
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "a") as fh:

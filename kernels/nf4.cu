@@ -1,15 +1,38 @@
 // NF4 / FP4 blockwise 4-bit dequantization and quantization, byte-compatible with bitsandbytes
 // (format: shared/reference.md §1; the CPU twin is src/quant/blockwise.rs).
 //
-// Dequantize is memory-bound (0.5 B read, 2-4 B written per element): each 16-byte store unit
-// (8 or 4 elements, never straddling a quantization block since blocks are >= 32 elements) is
-// written by one thread, consecutive units by consecutive threads, with the 16-entry table and, for double quantization,
-// the 256-entry nested map in shared memory. The block scale is loaded (and, with double
-// quantization, rebuilt) once per unit (cached loads: neighbouring threads share a block).
-//
 // Float arithmetic uses the _rn intrinsics where bitsandbytes' result depends on a separate
 // rounding (a fused multiply-add would change the bytes or the values).
+//
+// Dequantize (nf4_dequant_<dtype>) is memory-bound: 0.5 B read, 2-4 B written per element. The
+// work is cut into 16-byte store units (8 elements, 4 packed bytes, for 16-bit outputs; 4 and 2
+// for fp32) and units into warp-owned chunks of 32 * 4 consecutive units (E = 1024 elements for
+// 16-bit, 512 for fp32). Lane l of the owning warp writes units l, 32 + l, 64 + l, 96 + l, so
+// every load and store instruction of the warp is one contiguous span (full sectors). A chunk
+// spans at most E / 32 <= 32 quantization blocks (blocks are powers of two >= 32), so its scales
+// are fetched once per warp: lane j loads the scale (float absmax, or the 8-bit code with double
+// quantization) of block j of the chunk, one sector for the whole warp, rebuilds it, and each
+// unit takes its scale from the owning lane by one shuffle. With double quantization a chunk lies
+// inside one group of 256 blocks (256 * 32 >= 8192 > E), so one nested absmax serves the warp.
+// The chunk's loads go out before the block waits for the 256-entry nested map to be staged in
+// shared memory. The launcher sizes the grid for one chunk per warp; the kernel still loops over
+// chunks so any grid is correct (RSLORA_FAST_MAX_WAVES caps it). After the whole chunks, the tail
+// (fewer than E elements) goes by whole units, then single elements; buffers that are not aligned
+// for the vector loads/stores (vec_ok = 0) go entirely by single elements.
+//
+// Measured on the H200 (benches/nf4.py, 14336 x 4096, blocksize 64, cold L2, % of a 1 GiB device
+// copy, DQ bf16 / fp16 / fp32 with double quantization, then without): this kernel (then a
+// selectable variant "warp4", without the folded-in unaligned path; same 32 registers) 84.8 /
+// 84.4 / 87.2 and 85.8 / 85.1 / 87.9 (bitsandbytes 46.3 DQ bf16, 54.1 without). Lost to it, do not
+// retry blindly: the previous kernel, one unit per thread with the scale loaded and rebuilt per
+// unit (77.9 / 77.7 / 81.7, 80.0 / 79.8 / 82.7: 5-7 points under); chunks of 32 * 8 units (83.6 /
+// 83.7 / 86.3, 84.0 / 84.6 / 87.3: 0.5-2 points under; 40 registers, 6 blocks per SM); one
+// resident wave of blocks looping over the chunks, plain or requesting chunk i + 1 before storing
+// chunk i, at 4 or 8 units (78-82 everywhere). Earlier, on the per-unit kernel: an unrolled loop
+// of 16 units (61 registers, half the occupancy: about 60) and the nested map read through L1
+// instead of shared memory (61 / 71); see docs/benchmarks.md.
 #include "common.cuh"
+#include <type_traits>
 
 namespace {
 
@@ -28,16 +51,11 @@ __constant__ float kFP4[16] = {
 __constant__ unsigned char kFP4Order[16] = {11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3};
 
 constexpr int kThreads = 256;
-// Dequantize works in units of one 16-byte output store: 8 elements (4 packed bytes) for 16-bit
-// outputs, 4 elements (2 packed bytes) for fp32. Consecutive threads take consecutive units, so a
-// warp's loads and stores are each one contiguous span (full 32-byte sectors; a thread writing
-// several adjacent vectors instead leaves every store instruction half-coalesced).
-// The unrolled loop below takes kUnroll units per trip, loads first. Note what runs today: the
-// launcher sizes the grid for 4 units per thread, so with kUnroll = 8 that loop never runs and each
-// thread takes the plain grid-stride loop over its units. Measured on the H200 that was faster
-// (78.3% of copy, DQ bf16) than the unrolled loop at kUnroll = 4 (76.9%); branch nf4-dq holds a
-// redesign (warp-owned blocks, scales by shuffle) to be measured against it.
-constexpr int kUnroll = 8;
+// Store units per lane per chunk (see the header: 8 lost by about a point).
+constexpr int kUnitsPerLane = 4;
+// Resident blocks per SM asked of ptxas for dequantize: 8 pins 32 registers (full occupancy on
+// sm_90, no spills); the measured numbers above were taken with this bound.
+constexpr int kDequantMinBlocks = 8;
 
 // Scale of quantization block `b`: float32 absmax, or rebuilt from the nested statistics as
 // map[q] * nested[b / 256] + offset (multiply, then add: two roundings like bitsandbytes).
@@ -50,12 +68,13 @@ __device__ __forceinline__ float block_scale(int64_t b, const float* __restrict_
   return __fadd_rn(__fmul_rn(c, __ldg(nested + (b >> 8))), offset);
 }
 
+// One 16-byte store unit of T: N elements from N / 2 packed bytes, read as one word.
 template <typename T> struct Unit {
   static constexpr int N = rf::Vec<T>::N;  // elements per unit
   static constexpr int BYTES = N / 2;      // packed bytes per unit
+  using Word = std::conditional_t<BYTES == 4, uint32_t, unsigned short>;
   __device__ static __forceinline__ uint32_t load(const uint8_t* packed, int64_t u) {
-    if constexpr (BYTES == 4) return __ldg(reinterpret_cast<const uint32_t*>(packed) + u);
-    else return __ldg(reinterpret_cast<const unsigned short*>(packed) + u);
+    return __ldg(reinterpret_cast<const Word*>(packed) + u);
   }
 };
 
@@ -73,51 +92,100 @@ __device__ __forceinline__ void emit_unit(T* dst, uint32_t word, float s, const 
   rf::store_vec(dst, o);
 }
 
+// The loads of one warp-owned chunk (see the header), held in registers until emitted.
+template <typename T> struct Chunk {
+  static constexpr int U = kUnitsPerLane;
+  static constexpr int N = Unit<T>::N;
+  static constexpr int E = 32 * U * N;  // elements per chunk (a power of two)
+  static_assert(U * N <= 32, "a chunk must span at most 32 quantization blocks (one per lane)");
+  using Word = typename Unit<T>::Word;
+  Word w[U];
+  uint32_t q;  // scale code (double quant) or float absmax bits of the chunk's block `lane`
+  float nest;  // nested absmax of the chunk's group (double quant only)
+
+  __device__ __forceinline__ void load(const uint8_t* __restrict__ packed,
+                                       const float* __restrict__ absmax,
+                                       const uint8_t* __restrict__ absmax_q,
+                                       const float* __restrict__ nested, int64_t c, int lane,
+                                       int bs_log2) {
+    // One base pointer per chunk; the U loads are immediate offsets from it.
+    const Word* pw = reinterpret_cast<const Word*>(packed) + c * (32 * U) + lane;
+#pragma unroll
+    for (int k = 0; k < U; ++k) w[k] = __ldg(pw + 32 * k);
+    const int64_t b0 = (c * E) >> bs_log2;
+    const int nb = max(1, E >> bs_log2);  // blocks in the chunk
+    q = 0;
+    if (lane < nb) {
+      if (absmax_q != nullptr) q = __ldg(absmax_q + b0 + lane);
+      else q = __float_as_uint(__ldg(absmax + b0 + lane));
+    }
+    nest = absmax_q != nullptr ? __ldg(nested + (b0 >> 8)) : 0.0f;
+  }
+
+  // Converts and stores chunk c (whose loads this object holds).
+  __device__ __forceinline__ void emit(T* __restrict__ out, int64_t c, int lane, int bs_log2,
+                                       const float* s_code, const float* s_ncode, float offset,
+                                       bool dq) const {
+    // Scale of block `lane` of the chunk: map[q] * nested + offset (two roundings), or the float
+    // absmax itself. Lanes past the chunk's blocks compute an unused value.
+    const float sc = dq ? __fadd_rn(__fmul_rn(s_ncode[q], nest), offset) : __uint_as_float(q);
+    T* dst = out + c * E + lane * N;
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+      // Block of this lane's unit within the chunk (< 32, see the static_assert).
+      const int rel = ((32 * k + lane) * N) >> bs_log2;
+      const float s = __shfl_sync(0xffffffffu, sc, rel);
+      emit_unit<T>(dst + 32 * k * N, static_cast<uint32_t>(w[k]), s, s_code);
+    }
+  }
+};
+
 template <typename T>
 __device__ void dequant(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
                         const uint8_t* __restrict__ absmax_q, const float* __restrict__ nested,
                         const float* __restrict__ nested_code, float offset, int quant_type,
                         T* __restrict__ out, int64_t n, int bs_log2, int vec_ok) {
+  using C = Chunk<T>;
+  constexpr int N = C::N;
   __shared__ float s_code[16];
   __shared__ float s_ncode[256];
+  const bool dq = absmax_q != nullptr;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
+  int64_t c = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  // Unaligned buffers: no chunks and no units, every element by the scalar loop at the end.
+  const int64_t nchunks = vec_ok ? n / C::E : 0;
+  const int64_t units = vec_ok ? n / N : 0;
+
+  // The first chunk's loads go out before the tables are staged and the block waits on them.
+  C cur;
+  if (c < nchunks) cur.load(packed, absmax, absmax_q, nested, c, lane, bs_log2);
   if (threadIdx.x < 16) s_code[threadIdx.x] = quant_type == 0 ? kNF4[threadIdx.x] : kFP4[threadIdx.x];
-  if (absmax_q != nullptr) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) s_ncode[i] = nested_code[i];
+  if (dq) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) s_ncode[i] = __ldg(nested_code + i);
   }
   __syncthreads();
 
-  constexpr int N = Unit<T>::N;
+  // One trip per warp with the launcher's grid; more only when the grid was capped.
+  while (c < nchunks) {
+    cur.emit(out, c, lane, bs_log2, s_code, s_ncode, offset, dq);
+    c += warps;
+    if (c < nchunks) cur.load(packed, absmax, absmax_q, nested, c, lane, bs_log2);
+  }
+
+  // Tail after the last whole chunk (fewer than E elements): whole units, then elements.
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  int64_t done = 0;
-  if (vec_ok) {
-    const int64_t units = n / N;
-    int64_t u = tid;
-    for (; u + (kUnroll - 1) * stride < units; u += kUnroll * stride) {
-      uint32_t w[kUnroll];
-      float sc[kUnroll];
-#pragma unroll
-      for (int k = 0; k < kUnroll; ++k) w[k] = Unit<T>::load(packed, u + k * stride);
-#pragma unroll
-      for (int k = 0; k < kUnroll; ++k)
-        sc[k] = block_scale(((u + k * stride) * N) >> bs_log2, absmax, absmax_q, nested, s_ncode,
-                            offset);
-#pragma unroll
-      for (int k = 0; k < kUnroll; ++k) emit_unit<T>(out + (u + k * stride) * N, w[k], sc[k], s_code);
-    }
-    for (; u < units; u += stride) {
-      emit_unit<T>(out + u * N, Unit<T>::load(packed, u),
-                   block_scale((u * N) >> bs_log2, absmax, absmax_q, nested, s_ncode, offset),
-                   s_code);
-    }
-    done = units * N;
+  for (int64_t u = nchunks * (C::E / N) + tid; u < units; u += stride) {
+    emit_unit<T>(out + u * N, Unit<T>::load(packed, u),
+                 block_scale((u * N) >> bs_log2, absmax, absmax_q, nested, s_ncode, offset),
+                 s_code);
   }
-  // Tail (and unaligned buffers): one element per thread.
-  for (int64_t i = done + tid; i < n; i += stride) {
+  for (int64_t i = units * N + tid; i < n; i += stride) {
     const uint8_t b = packed[i >> 1];
-    const int c = (i & 1) ? (b & 15) : (b >> 4);
+    const int cd = (i & 1) ? (b & 15) : (b >> 4);
     const float s = block_scale(i >> bs_log2, absmax, absmax_q, nested, s_ncode, offset);
-    out[i] = rf::from_f32<T>(__fmul_rn(s_code[c], s));
+    out[i] = rf::from_f32<T>(__fmul_rn(s_code[cd], s));
   }
 }
 
@@ -189,10 +257,10 @@ __device__ void quant(const T* __restrict__ src, uint8_t* __restrict__ packed,
 }  // namespace
 
 #define NF4_ENTRY(SUFFIX, T)                                                                    \
-  extern "C" __global__ void __launch_bounds__(kThreads) nf4_dequant_##SUFFIX(                  \
-      const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, const float* nested, \
-      const float* nested_code, float offset, int quant_type, T* out, int64_t n, int bs_log2,   \
-      int vec_ok) {                                                                             \
+  extern "C" __global__ void __launch_bounds__(kThreads, kDequantMinBlocks)                     \
+      nf4_dequant_##SUFFIX(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q, \
+                           const float* nested, const float* nested_code, float offset,         \
+                           int quant_type, T* out, int64_t n, int bs_log2, int vec_ok) {        \
     dequant<T>(packed, absmax, absmax_q, nested, nested_code, offset, quant_type, out, n,       \
                bs_log2, vec_ok);                                                                \
   }                                                                                             \

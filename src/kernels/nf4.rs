@@ -9,6 +9,9 @@ use crate::quant::{check_blocksize, QuantType};
 use crate::{Error, Result};
 
 const THREADS: u32 = 256;
+/// Store units per lane in one warp chunk of the dequantize kernel (`kUnitsPerLane` in nf4.cu).
+const UNITS_PER_LANE: usize = 4;
+
 fn dequant_kernel(dtype: DType) -> &'static str {
     match dtype {
         DType::F32 => "nf4_dequant_f32",
@@ -88,12 +91,15 @@ pub unsafe fn dequantize(
     if absmax == 0 && codes == 0 {
         return Err(Error::invalid("nf4 dequantize: null scale pointer"));
     }
-    // The vector body reads 4 (2 for fp32) packed bytes and writes one 16-byte vector per unit.
+    // The chunk and unit loops read 4 (2 for fp32) packed bytes as one word and write one
+    // 16-byte vector per unit; otherwise the kernel goes element by element.
     let mut vec_ok = (packed % 4 == 0 && all_aligned16(&[out])) as i32;
-    // Four 16-byte units per thread (see the note at kUnroll in nf4.cu: with this grid the kernel's
-    // plain grid-stride loop runs, which measured faster than its unrolled one).
-    let blocks = elementwise_grid(n, 4 * (16 / dtype.size()), THREADS, || {
-        cuda::resident_blocks(device, "nf4", dequant_kernel(dtype), THREADS)
+    let kernel = dequant_kernel(dtype);
+    // One chunk per warp, i.e. UNITS_PER_LANE store units per thread (one resident wave looping
+    // over the chunks measured slower; see the header of nf4.cu).
+    let unit_elems = 16 / dtype.size();
+    let blocks = elementwise_grid(n, UNITS_PER_LANE * unit_elems, THREADS, || {
+        cuda::resident_blocks(device, "nf4", kernel, THREADS)
     })?;
     let mut qt_i = qt_code(qt);
     let mut n64 = n as i64;
@@ -113,14 +119,15 @@ pub unsafe fn dequantize(
         &mut vec_ok as *mut i32 as *mut c_void,
     ];
     // SAFETY: args match `nf4_dequant_<dtype>(const uint8_t*, const float*, const uint8_t*,
-    // const float*, const float*, float, int, T*, int64_t, int, int)`; the caller guarantees
-    // the pointers (null scale pointers select the other scale source).
+    // const float*, const float*, float, int, T*, int64_t, int, int vec_ok)`; vec_ok is set only
+    // when the packed and output pointers are aligned for the word loads and vector stores; the
+    // caller guarantees the pointers (null scale pointers select the other scale source).
     unsafe {
         cuda::launch(
             device,
             stream,
             "nf4",
-            dequant_kernel(dtype),
+            kernel,
             LaunchConfig::linear(blocks, THREADS),
             &mut args,
         )

@@ -6,9 +6,14 @@ quantizer (itself pinned to bitsandbytes in test_quant_bnb.py).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
+import rslora_fast
 from rslora_fast.quant import functional as F
 
 pytestmark = [
@@ -44,19 +49,6 @@ def test_dequant_kernel_matches_reference(quant_type, compress, out_dtype):
             got = F.dequantize_4bit(pc, sc, dtype=out_dtype)
             assert got.is_cuda and got.dtype == out_dtype and got.shape == w.shape
             torch.testing.assert_close(got.cpu(), _want(p, s, out_dtype), rtol=0, atol=0)
-
-
-def test_dequant_into_out_and_unaligned():
-    w = torch.randn(77, 131, device="cuda")
-    p, s = F.quantize_4bit(w, 64, "nf4", True)
-    want = _want(p, s, torch.bfloat16)
-    out = torch.empty(77 * 131, dtype=torch.bfloat16, device="cuda")
-    assert F.dequantize_4bit(p, s, out=out) is out
-    torch.testing.assert_close(out.view(77, 131).cpu(), want, rtol=0, atol=0)
-    # Output buffer offset by one element (not 16-byte aligned): the scalar path must be used.
-    big = torch.empty(77 * 131 + 1, dtype=torch.bfloat16, device="cuda")
-    F.dequantize_4bit(p, s, out=big[1:])
-    torch.testing.assert_close(big[1:].view(77, 131).cpu(), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -96,3 +88,73 @@ def test_quantize_dequantize_round_trip_error():
     back = F.dequantize_4bit(p, s)
     rel = ((back.float() - w.float()).norm() / w.float().norm()).item()
     assert rel < 0.12, rel
+
+
+# Sizes around the warp chunks of the dequantize kernel (1024 elements for 16-bit outputs, 512 for
+# fp32): only the tail (unit and element loops), several chunks plus a tail, several nested groups
+# of 256 blocks, and a tensor larger than one resident wave of blocks (for the capped-grid test).
+CHUNK_SHAPES = [(3, 5), (17, 33), (33, 65), (129, 257), (1000, 4099), (4096, 4099)]
+
+
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_dequant_bytes_equal_reference_around_chunks(compress, out_dtype):
+    gen = torch.Generator().manual_seed(100 + DTYPES.index(out_dtype) * 2 + compress)
+    for i, shape in enumerate(CHUNK_SHAPES):
+        quant_type = "nf4" if i % 2 == 0 else "fp4"
+        for bs in (32, 64, 256, 4096) if shape[0] < 4096 else (32, 64):
+            w = torch.randn(*shape, generator=gen) * 0.02
+            p, s = F.quantize_4bit(w, bs, quant_type, compress)  # CPU path
+            want = _want(p, s, out_dtype).view(torch.uint8)
+            got = F.dequantize_4bit(p.cuda(), s.to("cuda"), dtype=out_dtype)
+            assert torch.equal(got.cpu().view(torch.uint8), want), (shape, bs, quant_type)
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_dequant_into_out_and_unaligned(out_dtype):
+    w = torch.randn(301, 1031, device="cuda")
+    p, s = F.quantize_4bit(w, 64, "nf4", True)
+    want = _want(p, s, out_dtype).view(torch.uint8)
+    n = 301 * 1031
+    out = torch.full((n,), float("nan"), dtype=out_dtype, device="cuda")
+    assert F.dequantize_4bit(p, s, out=out) is out
+    assert torch.equal(out.view(301, 1031).cpu().view(torch.uint8), want)
+    # An output offset by one element is not 16-byte aligned: the kernel goes element by element.
+    big = torch.full((n + 1,), float("nan"), dtype=out_dtype, device="cuda")
+    F.dequantize_4bit(p, s, out=big[1:])
+    assert torch.equal(big[1:].view(301, 1031).cpu().view(torch.uint8), want)
+    assert torch.isnan(big[0].float())  # nothing written before the buffer
+    # Packed codes at an odd address (no word loads) with an aligned output: same fallback.
+    pbig = torch.empty(p.numel() + 1, dtype=torch.uint8, device="cuda")
+    pbig[1:].copy_(p.view(-1))
+    got = F.dequantize_4bit(pbig[1:], s, dtype=out_dtype)
+    assert torch.equal(got.cpu().view(torch.uint8), want)
+
+
+_CAPPED_GRID = """
+import torch
+from rslora_fast.quant import functional as F
+gen = torch.Generator().manual_seed(5)
+for dtype in (torch.bfloat16, torch.float32):
+    for compress in (True, False):
+        w = torch.randn(4097, 4099, generator=gen) * 0.02  # odd: a tail after the chunks
+        p, s = F.quantize_4bit(w, 64, "nf4", compress)
+        want = F.dequantize_4bit_reference(p, s, dtype=dtype)  # plain torch, float32 products
+        got = F.dequantize_4bit(p.cuda(), s.to("cuda"), dtype=dtype)
+        assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8)), (dtype, compress)
+print("ok")
+"""
+
+
+def test_dequant_capped_grid_loops_over_chunks():
+    """With the grid capped at one resident wave (RSLORA_FAST_MAX_WAVES=1, read once per process,
+    hence the subprocess) each warp dequantizes several chunks in turn: 16.8M elements are about
+    two waves of chunks on an H200 (132 SMs x 8 blocks x 8 warps x 1024 = 8.7M for bf16)."""
+    # The child imports the same build as this process.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(rslora_fast.__file__)))
+    path = os.pathsep.join(d for d in (root, os.environ.get("PYTHONPATH")) if d)
+    env = dict(os.environ, RSLORA_FAST_MAX_WAVES="1", PYTHONPATH=path)
+    res = subprocess.run(
+        [sys.executable, "-c", _CAPPED_GRID], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
