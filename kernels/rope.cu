@@ -11,6 +11,10 @@
 // them to HP heads (blockIdx.y picks the head group): cos/sin traffic is cut by HP and all HP
 // heads' loads are issued before any store (bytes in flight). Consecutive threads take
 // consecutive chunks, so each warp reads contiguous spans. Math in fp32.
+//
+// Variants (RSLORA_FAST_ROPE, chosen by the launcher at every launch): v1 = `rope_body` below;
+// v2 / h4 / h4x = `rope_v2_body` (same rounding, lean indexing; h4 = 4 heads per thread, h4x = h4
+// with head groups on grid x). See `Variant` in src/kernels/rope.rs.
 #include "common.cuh"
 
 namespace {
@@ -27,7 +31,9 @@ struct RopeParams {
   int64_t q_sb, q_sh, q_ss, k_sb, k_sh, k_ss;
   int64_t c_sb, c_ss, s_sb, s_ss;
   int32_t backward;
-  int32_t pad;  // keeps the size a multiple of 8 on both sides
+  // v2 only: 1 puts head groups on blockIdx.x (fastest), else sequence tiles; also keeps the
+  // size a multiple of 8 on both sides. v1 ignores it.
+  int32_t heads_fast;
 };
 
 // W consecutive elements kept in their storage type (registers stay packed until the math):
@@ -61,6 +67,15 @@ __device__ __forceinline__ void store_chunk(T* p, const Chunk<T, W>& c) {
 #pragma unroll
     for (int j = 0; j < W; ++j) p[j] = c.v[j];
   }
+}
+
+// The two outputs of one rotation with the rounding steps pinned (no compiler contraction
+// choice left), so every variant produces the same bits: o1 = a*c - b*s, o2 = b*c + a*s.
+__device__ __forceinline__ float rot_lo(float a, float b, float c, float s) {
+  return __fmaf_rn(a, c, -__fmul_rn(b, s));
+}
+__device__ __forceinline__ float rot_hi(float a, float b, float c, float s) {
+  return __fmaf_rn(a, s, __fmul_rn(b, c));
 }
 
 template <typename T, int W>
@@ -109,12 +124,73 @@ __device__ void rope_body(const RopeParams& p) {
       for (int j = 0; j < W; ++j) {
         const float a = rf::to_f32(x1[i].v[j]), bv = rf::to_f32(x2[i].v[j]);
         const float s_a = sign * rf::to_f32(sa.v[j]), s_b = sign * rf::to_f32(sb.v[j]);
-        o1.v[j] = rf::from_f32<T>(a * rf::to_f32(c1.v[j]) - bv * s_a);
-        o2.v[j] = rf::from_f32<T>(bv * rf::to_f32(c2.v[j]) + a * s_b);
+        o1.v[j] = rf::from_f32<T>(rot_lo(a, bv, rf::to_f32(c1.v[j]), s_a));
+        o2.v[j] = rf::from_f32<T>(rot_hi(a, bv, rf::to_f32(c2.v[j]), s_b));
       }
       store_chunk<T, W>(rows[i], o1);
       store_chunk<T, W>(rows[i] + p.half, o2);
     }
+  }
+}
+
+// Variant 2: the same per-thread work as `rope_body` (HPV heads of one chunk pair, all loads
+// before any store, the same rounding) with lean indexing. v1 spends most of its ~660 SASS
+// instructions per bf16 thread on two 64-bit div/mods of the flat index and the grid-stride loop
+// (the math is ~150). Here the grid is 3-D (sequence tiles x head groups x batch; x and y swapped
+// when `heads_fast`) and the block 2-D (threadIdx.x = chunk of the half row, threadIdx.y =
+// position), and the launcher sizes it to cover everything, so each thread runs straight-line
+// code with no division; BWD is a template parameter (no sign multiplies).
+template <typename T, int W, int HPV, bool BWD>
+__device__ void rope_v2_body(const RopeParams& p) {
+  const int64_t s = (int64_t)(p.heads_fast ? blockIdx.y : blockIdx.x) * blockDim.y + threadIdx.y;
+  const int64_t h0 = (int64_t)(p.heads_fast ? blockIdx.x : blockIdx.y) * HPV;
+  const int64_t b = blockIdx.z;
+  const int64_t col = (int64_t)threadIdx.x * W;
+  if (s >= p.seq || col >= p.half) return;
+  const int64_t total_heads = p.q_heads + p.k_heads;
+  const int64_t sa_off = BWD ? p.half : 0;
+  const int64_t sb_off = BWD ? 0 : p.half;
+  const T* cp = static_cast<const T*>(p.cos) + b * p.c_sb + s * p.c_ss + col;
+  const T* sp = static_cast<const T*>(p.sin) + b * p.s_sb + s * p.s_ss + col;
+  T* q = static_cast<T*>(p.q) + b * p.q_sb + s * p.q_ss + col;
+  T* k = static_cast<T*>(p.k) + b * p.k_sb + s * p.k_ss + col;
+  const Chunk<T, W> c1 = load_chunk<T, W>(cp), c2 = load_chunk<T, W>(cp + p.half);
+  const Chunk<T, W> sa = load_chunk<T, W>(sp + sa_off), sb = load_chunk<T, W>(sp + sb_off);
+  T* rows[HPV];
+  Chunk<T, W> x1[HPV], x2[HPV];
+#pragma unroll
+  for (int i = 0; i < HPV; ++i) {
+    const int64_t h = h0 + i;
+    rows[i] = nullptr;
+    if (h < total_heads) {
+      rows[i] = h < p.q_heads ? q + h * p.q_sh : k + (h - p.q_heads) * p.k_sh;
+      x1[i] = load_chunk<T, W>(rows[i]);
+      x2[i] = load_chunk<T, W>(rows[i] + p.half);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < HPV; ++i) {
+    if (rows[i] == nullptr) continue;
+    Chunk<T, W> o1, o2;
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      const float a = rf::to_f32(x1[i].v[j]), bv = rf::to_f32(x2[i].v[j]);
+      const float s_a = BWD ? -rf::to_f32(sa.v[j]) : rf::to_f32(sa.v[j]);
+      const float s_b = BWD ? -rf::to_f32(sb.v[j]) : rf::to_f32(sb.v[j]);
+      o1.v[j] = rf::from_f32<T>(rot_lo(a, bv, rf::to_f32(c1.v[j]), s_a));
+      o2.v[j] = rf::from_f32<T>(rot_hi(a, bv, rf::to_f32(c2.v[j]), s_b));
+    }
+    store_chunk<T, W>(rows[i], o1);
+    store_chunk<T, W>(rows[i] + p.half, o2);
+  }
+}
+
+template <typename T, int W, int HPV>
+__device__ __forceinline__ void rope_v2(const RopeParams& p) {
+  if (p.backward) {
+    rope_v2_body<T, W, HPV, true>(p);
+  } else {
+    rope_v2_body<T, W, HPV, false>(p);
   }
 }
 
@@ -133,3 +209,21 @@ __device__ void rope_body(const RopeParams& p) {
 ROPE_ENTRY(f32, float)
 ROPE_ENTRY(f16, __half)
 ROPE_ENTRY(bf16, __nv_bfloat16)
+
+// Variant-2 entries: `v2` keeps v1's 2 heads per thread (85-register cap, 3 blocks of 256 per SM);
+// `h4` takes 4 (twice the q/k bytes in flight per thread, cos/sin loaded and converted once per 4
+// heads) under the same cap. The scalar entry serves both (its loads are 2 bytes; HP 2).
+#define ROPE_V2_ENTRY(SUFFIX, T)                                                                 \
+  extern "C" __global__ void __launch_bounds__(256, 4) rope_v2_vec_##SUFFIX(RopeParams p) {      \
+    rope_v2<T, rf::Vec<T>::N, 2>(p);                                                             \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(256, 2) rope_h4_vec_##SUFFIX(RopeParams p) {      \
+    rope_v2<T, rf::Vec<T>::N, 4>(p);                                                             \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(256) rope_v2_scalar_##SUFFIX(RopeParams p) {      \
+    rope_v2<T, 1, 2>(p);                                                                         \
+  }
+
+ROPE_V2_ENTRY(f32, float)
+ROPE_V2_ENTRY(f16, __half)
+ROPE_V2_ENTRY(bf16, __nv_bfloat16)
