@@ -8,18 +8,31 @@
 // cos/sin [B, S, D] with their own batch/seq strides (batch stride 0 broadcasts one table).
 // One thread owns one chunk (16 bytes when `vec`, else one element) of the first half of a
 // (b, s) row plus the matching chunk of the second half, loads cos/sin for it once, and applies
-// them to HP heads (blockIdx.y picks the head group): cos/sin traffic is cut by HP and all HP
-// heads' loads are issued before any store (bytes in flight). Consecutive threads take
-// consecutive chunks, so each warp reads contiguous spans. Math in fp32.
+// them to HP heads: cos/sin traffic is cut by HP and all HP heads' loads are issued before any
+// store (bytes in flight). Consecutive threads take consecutive chunks, so each warp reads
+// contiguous spans. Math in fp32, each rounding step pinned (rot_lo/rot_hi), so both kernels
+// below give the same bits.
 //
-// Variants (RSLORA_FAST_ROPE, chosen by the launcher at every launch): v1 = `rope_body` below;
-// v2 / h4 / h4x = `rope_v2_body` (same rounding, lean indexing; h4 = 4 heads per thread, h4x = h4
-// with head groups on grid x). See `Variant` in src/kernels/rope.rs.
+// The fast kernel (`rope_vec_*`, `rope_scalar_*`): 3-D grid (sequence tiles x head groups x
+// batch), 2-D block (x = chunk of the half row, y = position), sized by the launcher to cover the
+// tensor in one pass, so each thread runs straight-line code without division; forward/backward
+// is a template parameter. The fallback (`rope_loop_*`) is a flat grid-stride loop that splits the
+// index with two 64-bit div/mods per thread; it runs only the shapes one pass of the fast grid
+// cannot cover (more than 256 chunks per half row, batch over grid z).
+//
+// H200, benches/kernels.py --only rope (Llama-3-8B q+k, 2 x 4096 tokens, 32/8 heads, head_dim
+// 128), % of a 1 GiB device copy, bf16 / fp16 / fp32, one run:
+//   fast kernel (2 heads per thread, 63 registers, 4 blocks of 256 per SM): 80.1 / 80.7 / 88.5
+//   fallback as the only kernel:                                            75.9 / 82.3 / 87.4
+//   fast kernel with 4 heads per thread:                                    70.6 / 80.9 / 88.1
+//   4 heads per thread, head groups on grid x:                              72.9 / 87.2 / 91.9
+// The last was ahead in fp16/fp32 (+6.5 / +3.4) but 7.2 behind in bf16, the training dtype; the
+// fast kernel is the only one at >= 80% in all three, so it serves every dtype.
 #include "common.cuh"
 
 namespace {
 
-constexpr int HP = 2;  // heads per thread (4 needs ~127 registers for bf16 vectors)
+constexpr int HP = 2;  // heads per thread (4 measured slower in bf16, see the header)
 
 // Must match `RopeParams` in src/kernels/rope.rs (repr(C)); strides are in elements.
 struct RopeParams {
@@ -31,9 +44,6 @@ struct RopeParams {
   int64_t q_sb, q_sh, q_ss, k_sb, k_sh, k_ss;
   int64_t c_sb, c_ss, s_sb, s_ss;
   int32_t backward;
-  // v2 only: 1 puts head groups on blockIdx.x (fastest), else sequence tiles; also keeps the
-  // size a multiple of 8 on both sides. v1 ignores it.
-  int32_t heads_fast;
 };
 
 // W consecutive elements kept in their storage type (registers stay packed until the math):
@@ -70,7 +80,7 @@ __device__ __forceinline__ void store_chunk(T* p, const Chunk<T, W>& c) {
 }
 
 // The two outputs of one rotation with the rounding steps pinned (no compiler contraction
-// choice left), so every variant produces the same bits: o1 = a*c - b*s, o2 = b*c + a*s.
+// choice left), so both kernels produce the same bits: o1 = a*c - b*s, o2 = b*c + a*s.
 __device__ __forceinline__ float rot_lo(float a, float b, float c, float s) {
   return __fmaf_rn(a, c, -__fmul_rn(b, s));
 }
@@ -78,8 +88,9 @@ __device__ __forceinline__ float rot_hi(float a, float b, float c, float s) {
   return __fmaf_rn(a, s, __fmul_rn(b, c));
 }
 
+// The fallback: grid-stride loop over (batch, seq, chunk), blockIdx.y picks the head group.
 template <typename T, int W>
-__device__ void rope_body(const RopeParams& p) {
+__device__ void rope_loop_body(const RopeParams& p) {
   const int64_t chunks = p.half / W;
   const int64_t items = p.batch * p.seq * chunks;
   const int64_t total_heads = p.q_heads + p.k_heads;
@@ -133,17 +144,12 @@ __device__ void rope_body(const RopeParams& p) {
   }
 }
 
-// Variant 2: the same per-thread work as `rope_body` (HPV heads of one chunk pair, all loads
-// before any store, the same rounding) with lean indexing. v1 spends most of its ~660 SASS
-// instructions per bf16 thread on two 64-bit div/mods of the flat index and the grid-stride loop
-// (the math is ~150). Here the grid is 3-D (sequence tiles x head groups x batch; x and y swapped
-// when `heads_fast`) and the block 2-D (threadIdx.x = chunk of the half row, threadIdx.y =
-// position), and the launcher sizes it to cover everything, so each thread runs straight-line
-// code with no division; BWD is a template parameter (no sign multiplies).
-template <typename T, int W, int HPV, bool BWD>
-__device__ void rope_v2_body(const RopeParams& p) {
-  const int64_t s = (int64_t)(p.heads_fast ? blockIdx.y : blockIdx.x) * blockDim.y + threadIdx.y;
-  const int64_t h0 = (int64_t)(p.heads_fast ? blockIdx.x : blockIdx.y) * HPV;
+// The fast kernel: the same per-thread work and rounding as `rope_loop_body`, one pass (the
+// launcher's grid covers every position, head group and batch), no division.
+template <typename T, int W, bool BWD>
+__device__ void rope_fast_body(const RopeParams& p) {
+  const int64_t s = (int64_t)blockIdx.x * blockDim.y + threadIdx.y;
+  const int64_t h0 = (int64_t)blockIdx.y * HP;
   const int64_t b = blockIdx.z;
   const int64_t col = (int64_t)threadIdx.x * W;
   if (s >= p.seq || col >= p.half) return;
@@ -156,10 +162,10 @@ __device__ void rope_v2_body(const RopeParams& p) {
   T* k = static_cast<T*>(p.k) + b * p.k_sb + s * p.k_ss + col;
   const Chunk<T, W> c1 = load_chunk<T, W>(cp), c2 = load_chunk<T, W>(cp + p.half);
   const Chunk<T, W> sa = load_chunk<T, W>(sp + sa_off), sb = load_chunk<T, W>(sp + sb_off);
-  T* rows[HPV];
-  Chunk<T, W> x1[HPV], x2[HPV];
+  T* rows[HP];
+  Chunk<T, W> x1[HP], x2[HP];
 #pragma unroll
-  for (int i = 0; i < HPV; ++i) {
+  for (int i = 0; i < HP; ++i) {
     const int64_t h = h0 + i;
     rows[i] = nullptr;
     if (h < total_heads) {
@@ -169,7 +175,7 @@ __device__ void rope_v2_body(const RopeParams& p) {
     }
   }
 #pragma unroll
-  for (int i = 0; i < HPV; ++i) {
+  for (int i = 0; i < HP; ++i) {
     if (rows[i] == nullptr) continue;
     Chunk<T, W> o1, o2;
 #pragma unroll
@@ -185,45 +191,34 @@ __device__ void rope_v2_body(const RopeParams& p) {
   }
 }
 
-template <typename T, int W, int HPV>
-__device__ __forceinline__ void rope_v2(const RopeParams& p) {
+template <typename T, int W>
+__device__ __forceinline__ void rope_fast(const RopeParams& p) {
   if (p.backward) {
-    rope_v2_body<T, W, HPV, true>(p);
+    rope_fast_body<T, W, true>(p);
   } else {
-    rope_v2_body<T, W, HPV, false>(p);
+    rope_fast_body<T, W, false>(p);
   }
 }
 
 }  // namespace
 
-// One entry per dtype and access width (separate kernels keep the register count of each low;
-// the vector ones are capped at 85 registers, 3 blocks per SM, which ptxas meets without spills).
+// One entry per kernel, dtype and access width (separate kernels keep each one's register count
+// low). The fast vector entries are capped for 4 blocks of 256 per SM, the fallback vector ones
+// for 3 (ptxas meets both without spills).
 #define ROPE_ENTRY(SUFFIX, T)                                                                    \
-  extern "C" __global__ void __launch_bounds__(256, 3) rope_vec_##SUFFIX(RopeParams p) {            \
-    rope_body<T, rf::Vec<T>::N>(p);                                                              \
+  extern "C" __global__ void __launch_bounds__(256, 4) rope_vec_##SUFFIX(RopeParams p) {         \
+    rope_fast<T, rf::Vec<T>::N>(p);                                                              \
   }                                                                                              \
   extern "C" __global__ void __launch_bounds__(256) rope_scalar_##SUFFIX(RopeParams p) {         \
-    rope_body<T, 1>(p);                                                                          \
+    rope_fast<T, 1>(p);                                                                          \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(256, 3) rope_loop_vec_##SUFFIX(RopeParams p) {    \
+    rope_loop_body<T, rf::Vec<T>::N>(p);                                                         \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(256) rope_loop_scalar_##SUFFIX(RopeParams p) {    \
+    rope_loop_body<T, 1>(p);                                                                     \
   }
 
 ROPE_ENTRY(f32, float)
 ROPE_ENTRY(f16, __half)
 ROPE_ENTRY(bf16, __nv_bfloat16)
-
-// Variant-2 entries: `v2` keeps v1's 2 heads per thread (85-register cap, 3 blocks of 256 per SM);
-// `h4` takes 4 (twice the q/k bytes in flight per thread, cos/sin loaded and converted once per 4
-// heads) under the same cap. The scalar entry serves both (its loads are 2 bytes; HP 2).
-#define ROPE_V2_ENTRY(SUFFIX, T)                                                                 \
-  extern "C" __global__ void __launch_bounds__(256, 4) rope_v2_vec_##SUFFIX(RopeParams p) {      \
-    rope_v2<T, rf::Vec<T>::N, 2>(p);                                                             \
-  }                                                                                              \
-  extern "C" __global__ void __launch_bounds__(256, 2) rope_h4_vec_##SUFFIX(RopeParams p) {      \
-    rope_v2<T, rf::Vec<T>::N, 4>(p);                                                             \
-  }                                                                                              \
-  extern "C" __global__ void __launch_bounds__(256) rope_v2_scalar_##SUFFIX(RopeParams p) {      \
-    rope_v2<T, 1, 2>(p);                                                                         \
-  }
-
-ROPE_V2_ENTRY(f32, float)
-ROPE_V2_ENTRY(f16, __half)
-ROPE_V2_ENTRY(bf16, __nv_bfloat16)

@@ -50,8 +50,6 @@ struct RopeParams {
     c_s: [i64; 2],
     s_s: [i64; 2],
     backward: i32,
-    /// v2 kernels: 1 puts head groups on grid x (fastest); v1 ignores it.
-    heads_fast: i32,
 }
 
 /// What a launch looks like once the arguments are checked.
@@ -59,9 +57,9 @@ struct RopeParams {
 struct Plan {
     /// 16-byte vector access is legal (aligned pointers, half and strides multiples of it).
     vec: bool,
-    /// Threads needed along x: `batch * seq * chunks` with `chunks` per half row.
+    /// `batch * seq * chunks` with `chunks` per half row (the fallback's threads along x).
     items: usize,
-    /// Head groups along y.
+    /// Head groups along grid y (both kernels).
     groups: u32,
 }
 
@@ -109,6 +107,7 @@ impl RopeArgs {
     }
 }
 
+/// The fast kernel (one pass of a 3-D grid, see `kernels/rope.cu`).
 fn kernel_name(vec: bool, dtype: DType) -> &'static str {
     match (vec, dtype) {
         (true, DType::F32) => "rope_vec_f32",
@@ -120,93 +119,21 @@ fn kernel_name(vec: bool, dtype: DType) -> &'static str {
     }
 }
 
-/// Which kernel family [`apply`] launches, from [`Variant::ENV`]. It is read at every launch (not
-/// cached), so a benchmark or test can switch between calls in one process.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Variant {
-    /// `v1` (the default): flat grid-stride index split by two 64-bit div/mods per thread, 2 heads
-    /// per thread.
-    V1,
-    /// `v2`: the same work per thread (2 heads) on a 3-D grid with a 2-D block, straight-line
-    /// code without division and a forward/backward template (about 400 instead of 660 SASS
-    /// instructions per bf16 thread, 63 instead of 79 registers: 4 blocks of 256 per SM).
-    V2,
-    /// `h4`: `v2` with 4 heads per thread (128 bytes of q/k loads in flight per thread, cos/sin
-    /// loaded and widened once per 4 heads; 104 registers, 2 blocks per SM).
-    H4,
-    /// `h4x`: `h4` with head groups on grid x, so the blocks resident at one time cover whole
-    /// `[seq, heads, head_dim]` rows of the projection layout (contiguous DRAM spans) instead of
-    /// one head group at every position.
-    H4HeadsFast,
-}
-
-impl Variant {
-    /// The environment variable that selects the variant.
-    pub const ENV: &'static str = "RSLORA_FAST_ROPE";
-
-    /// Parse a value of [`Variant::ENV`] (empty means the default).
-    pub fn parse(value: &str) -> Result<Variant> {
-        match value.trim() {
-            "" | "v1" => Ok(Variant::V1),
-            "v2" => Ok(Variant::V2),
-            "h4" => Ok(Variant::H4),
-            "h4x" => Ok(Variant::H4HeadsFast),
-            other => Err(Error::invalid(format!(
-                "{}={other:?}: expected v1, v2, h4 or h4x",
-                Variant::ENV
-            ))),
-        }
-    }
-
-    /// The variant the environment asks for now ([`Variant::V1`] when unset).
-    pub fn from_env() -> Result<Variant> {
-        match std::env::var(Variant::ENV) {
-            Ok(v) => Variant::parse(&v),
-            Err(std::env::VarError::NotPresent) => Ok(Variant::V1),
-            Err(std::env::VarError::NotUnicode(_)) => Err(Error::invalid(format!(
-                "{} is not valid unicode",
-                Variant::ENV
-            ))),
-        }
-    }
-
-    /// The name [`Variant::parse`] accepts for this variant.
-    pub fn name(self) -> &'static str {
-        match self {
-            Variant::V1 => "v1",
-            Variant::V2 => "v2",
-            Variant::H4 => "h4",
-            Variant::H4HeadsFast => "h4x",
-        }
-    }
-
-    /// Heads per thread of the variant's vector entry (the scalar entry always takes 2).
-    fn heads_per_thread(self, vec: bool) -> usize {
-        match self {
-            Variant::H4 | Variant::H4HeadsFast if vec => 4,
-            _ => HEADS_PER_THREAD,
-        }
+/// The grid-stride fallback for shapes the fast grid cannot cover.
+fn loop_kernel_name(vec: bool, dtype: DType) -> &'static str {
+    match (vec, dtype) {
+        (true, DType::F32) => "rope_loop_vec_f32",
+        (true, DType::F16) => "rope_loop_vec_f16",
+        (true, DType::BF16) => "rope_loop_vec_bf16",
+        (false, DType::F32) => "rope_loop_scalar_f32",
+        (false, DType::F16) => "rope_loop_scalar_f16",
+        (false, DType::BF16) => "rope_loop_scalar_bf16",
     }
 }
 
-fn v2_kernel_name(variant: Variant, vec: bool, dtype: DType) -> &'static str {
-    let h4 = variant.heads_per_thread(vec) == 4;
-    match (vec, h4, dtype) {
-        (true, true, DType::F32) => "rope_h4_vec_f32",
-        (true, true, DType::F16) => "rope_h4_vec_f16",
-        (true, true, DType::BF16) => "rope_h4_vec_bf16",
-        (true, false, DType::F32) => "rope_v2_vec_f32",
-        (true, false, DType::F16) => "rope_v2_vec_f16",
-        (true, false, DType::BF16) => "rope_v2_vec_bf16",
-        (false, _, DType::F32) => "rope_v2_scalar_f32",
-        (false, _, DType::F16) => "rope_v2_scalar_f16",
-        (false, _, DType::BF16) => "rope_v2_scalar_bf16",
-    }
-}
-
-/// Launch shape of a v2-family kernel: block `(chunks, rows)`, grid `(x, y, batch)`.
+/// Launch shape of the fast kernel: block `(chunks, rows)`, grid `(seq tiles, head groups, batch)`.
 #[derive(Debug, PartialEq, Eq)]
-struct V2Shape {
+struct FastShape {
     block: (u32, u32),
     grid: (u32, u32, u32),
 }
@@ -215,42 +142,29 @@ struct V2Shape {
 const MAX_GRID_X: usize = i32::MAX as usize;
 const MAX_GRID_YZ: usize = 65_535;
 
-/// The v2 launch shape, or `None` when one pass of the grid cannot cover the tensor (v2 kernels
-/// do not loop; such shapes run the v1 kernel): more than [`THREADS`] chunks per half row (one
-/// thread each; the kernels are built for blocks of at most 256), or a grid dimension over its
-/// limit.
-fn v2_shape(
-    chunks: usize,
-    seq: usize,
-    batch: usize,
-    heads: usize,
-    per_thread: usize,
-    heads_fast: bool,
-) -> Option<V2Shape> {
+/// The fast kernel's launch shape, or `None` when one pass of its grid cannot cover the tensor
+/// (it does not loop; such shapes run the fallback): more than [`THREADS`] chunks per half row
+/// (one thread each; the kernels are built for blocks of at most 256), or a grid dimension over
+/// its limit.
+fn fast_shape(chunks: usize, seq: usize, batch: usize, heads: usize) -> Option<FastShape> {
     if chunks == 0 || chunks > THREADS as usize {
         return None;
     }
     let rows = THREADS as usize / chunks;
     let tiles = seq.div_ceil(rows);
-    let groups = heads.div_ceil(per_thread);
-    let (x, y) = if heads_fast {
-        (groups, tiles)
-    } else {
-        (tiles, groups)
-    };
-    if x > MAX_GRID_X || y > MAX_GRID_YZ || batch > MAX_GRID_YZ {
+    let groups = heads.div_ceil(HEADS_PER_THREAD);
+    if tiles > MAX_GRID_X || groups > MAX_GRID_YZ || batch > MAX_GRID_YZ {
         return None;
     }
-    Some(V2Shape {
+    Some(FastShape {
         block: (chunks as u32, rows as u32),
-        grid: (x as u32, y as u32, batch as u32),
+        grid: (tiles as u32, groups as u32, batch as u32),
     })
 }
 
 /// Rotate q and k in place: `x * cos + rotate_half(x) * sin` (forward, `backward == false`), or
-/// apply the transpose of that map in place to their gradients (`backward == true`). The kernel
-/// family is [`Variant::from_env`]'s (read now; a bad value is an `InvalidArgument` error); shapes
-/// that one pass of a v2 grid cannot cover run the v1 kernel.
+/// apply the transpose of that map in place to their gradients (`backward == true`). Shapes that
+/// one pass of the fast kernel's grid cannot cover run the grid-stride fallback (same bits).
 ///
 /// # Safety
 /// Every pointer in `args` must be a device address on `device` of a tensor with the shape and
@@ -262,22 +176,15 @@ pub unsafe fn apply(args: &RopeArgs, backward: bool, device: i32, stream: RawStr
         return Ok(());
     }
     check_ptrs("rope", &[args.q, args.k, args.cos, args.sin])?;
-    let variant = Variant::from_env()?;
-    let heads_fast = variant == Variant::H4HeadsFast;
-    let v2 = match variant {
-        Variant::V1 => None,
-        _ => v2_shape(
-            plan.items / (args.batch * args.seq),
-            args.seq,
-            args.batch,
-            args.q_heads + args.k_heads,
-            variant.heads_per_thread(plan.vec),
-            heads_fast,
-        ),
-    };
-    let (name, cfg) = match &v2 {
+    let fast = fast_shape(
+        plan.items / (args.batch * args.seq),
+        args.seq,
+        args.batch,
+        args.q_heads + args.k_heads,
+    );
+    let (name, cfg) = match fast {
         Some(shape) => (
-            v2_kernel_name(variant, plan.vec, args.dtype),
+            kernel_name(plan.vec, args.dtype),
             LaunchConfig {
                 grid: shape.grid,
                 block: (shape.block.0, shape.block.1, 1),
@@ -285,7 +192,7 @@ pub unsafe fn apply(args: &RopeArgs, backward: bool, device: i32, stream: RawStr
             },
         ),
         None => {
-            let name = kernel_name(plan.vec, args.dtype);
+            let name = loop_kernel_name(plan.vec, args.dtype);
             let blocks = elementwise_grid(plan.items, 1, THREADS, || {
                 cuda::resident_blocks(device, "rope", name, THREADS)
             })?;
@@ -312,7 +219,6 @@ pub unsafe fn apply(args: &RopeArgs, backward: bool, device: i32, stream: RawStr
         c_s: args.cos_strides,
         s_s: args.sin_strides,
         backward: backward as i32,
-        heads_fast: (v2.is_some() && heads_fast) as i32,
     };
     let mut kargs = [&mut params as *mut RopeParams as *mut c_void];
     // SAFETY: the one argument is a `RopeParams`, laid out (repr(C)) exactly as the kernel's
@@ -346,7 +252,7 @@ mod tests {
 
     #[test]
     fn params_match_the_kernel_struct_size() {
-        // 4 pointers + 5 sizes + 10 strides + 2 ints = 19 * 8 + 8 bytes (no padding added)
+        // 4 pointers + 5 sizes + 10 strides = 19 * 8 bytes, one i32 and 4 bytes of tail padding
         assert_eq!(std::mem::size_of::<RopeParams>(), 160);
     }
 
@@ -388,42 +294,25 @@ mod tests {
     }
 
     #[test]
-    fn variant_names_round_trip_and_bad_values_name_the_accepted_ones() {
-        for v in [Variant::V1, Variant::V2, Variant::H4, Variant::H4HeadsFast] {
-            assert_eq!(Variant::parse(v.name()).unwrap(), v);
-        }
-        assert_eq!(Variant::parse("").unwrap(), Variant::V1);
-        match Variant::parse("v3") {
-            Err(Error::InvalidArgument(m)) => {
-                assert!(
-                    m.contains("RSLORA_FAST_ROPE") && m.contains("v1, v2, h4 or h4x"),
-                    "{m}"
-                )
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn v2_shape_covers_every_position_head_and_batch() {
+    fn fast_shape_covers_every_position_head_and_batch() {
         // Llama-8B bf16: 8 chunks per half row -> 8 x 32 blocks; 4096 positions in 128 tiles
-        let s = v2_shape(8, 4096, 2, 40, 2, false).unwrap();
+        let s = fast_shape(8, 4096, 2, 40).unwrap();
         assert_eq!(s.block, (8, 32));
         assert_eq!(s.grid, (128, 20, 2));
-        let s = v2_shape(8, 4097, 2, 41, 4, true).unwrap();
-        assert_eq!(s.grid, (11, 129, 2)); // heads on x; the partial tile and group are included
-        let s = v2_shape(3, 10, 1, 1, 2, false).unwrap(); // 85 rows of 3 chunks
+        let s = fast_shape(8, 4097, 2, 41).unwrap();
+        assert_eq!(s.grid, (129, 21, 2)); // the partial tile and head group are included
+        let s = fast_shape(3, 10, 1, 1).unwrap(); // 85 rows of 3 chunks
         assert_eq!((s.block, s.grid), ((3, 85), (1, 1, 1)));
-        let s = v2_shape(256, 5, 1, 3, 2, false).unwrap();
+        let s = fast_shape(256, 5, 1, 3).unwrap();
         assert_eq!((s.block, s.grid), ((256, 1), (5, 2, 1)));
     }
 
     #[test]
-    fn v2_shape_falls_back_beyond_one_pass() {
-        assert!(v2_shape(257, 5, 1, 3, 2, false).is_none()); // block would exceed 256 threads
-        assert!(v2_shape(8, 5, 65_536, 3, 2, false).is_none()); // batch over grid z
-        assert!(v2_shape(8, 32 * 65_536, 1, 3, 2, true).is_none()); // tiles over grid y
-        assert!(v2_shape(8, 32 * 65_536, 1, 3, 2, false).is_some()); // fine on grid x
+    fn fast_shape_falls_back_beyond_one_pass() {
+        assert!(fast_shape(257, 5, 1, 3).is_none()); // block would exceed 256 threads
+        assert!(fast_shape(8, 5, 65_536, 3).is_none()); // batch over grid z
+        assert!(fast_shape(8, 5, 65_535, 3).is_some());
+        assert!(fast_shape(8, 32 * 65_536, 1, 3).is_some()); // tiles on grid x: no y/z limit
     }
 
     #[test]
