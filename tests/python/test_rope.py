@@ -263,17 +263,6 @@ def test_overlapping_q_and_k_are_refused_but_disjoint_parts_of_one_buffer_work()
 
 # ---------------------------------------------------------------- GPU (our kernel)
 
-# RSLORA_FAST_ROPE values (the launcher reads the variable at every launch); every GPU test runs
-# under each, so each variant is checked against the float64 references on its own.
-VARIANTS = ["v1", "v2", "h4", "h4x"]
-
-
-@pytest.fixture(params=VARIANTS)
-def rope_variant(request, monkeypatch):
-    monkeypatch.setenv("RSLORA_FAST_ROPE", request.param)
-    return request.param
-
-
 GPU_SHAPES = [
     # batch, heads, kv_heads, seq, head_dim
     (1, 1, 1, 1, 2),  # one row, the smallest head
@@ -283,7 +272,7 @@ GPU_SHAPES = [
     (2, 32, 8, 67, 128),  # llama-8B head layout
     (1, 3, 1, 5, 1024),  # very wide rows
     (4, 2, 2, 1, 64),  # decode-like: one position
-    (1, 3, 2, 5, 1030),  # half 515: more chunks than a v2 block holds (v2/h4 fall back to v1)
+    (1, 3, 2, 5, 1030),  # half 515: more chunks than a fast-kernel block holds (runs the fallback)
 ]
 
 
@@ -292,7 +281,7 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
-def test_cuda_matches_transformers(dtype, shape, layout, rope_variant):
+def test_cuda_matches_transformers(dtype, shape, layout):
     check("cuda", dtype, *shape, scaling="llama3", layout=layout)
 
 
@@ -300,7 +289,7 @@ def test_cuda_matches_transformers(dtype, shape, layout, rope_variant):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scaling", list(SCALINGS))
-def test_cuda_packed_positions_and_scalings(dtype, scaling, rope_variant):
+def test_cuda_packed_positions_and_scalings(dtype, scaling):
     pid = torch.cat([PACKED, torch.arange(PACKED.shape[1])[None] + 100])
     check("cuda", dtype, 2, 4, 2, PACKED.shape[1], 64, scaling, pid, "bshd")
 
@@ -308,7 +297,7 @@ def test_cuda_packed_positions_and_scalings(dtype, scaling, rope_variant):
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_cos_sin_broadcast_and_strided(dtype, rope_variant):
+def test_cuda_cos_sin_broadcast_and_strided(dtype):
     check("cuda", dtype, 3, 4, 2, 9, 32, cos_batch=1)
     # cos/sin as a [b, s, d] slice of a wider table: seq stride != head_dim
     cos, sin = cos_sin(2, 9, 32, "linear", device="cuda", dtype=dtype)
@@ -329,7 +318,7 @@ def test_cuda_cos_sin_broadcast_and_strided(dtype, rope_variant):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [6, 64, 128])
-def test_cuda_poisoned_gaps_untouched_and_every_row_written(dtype, head_dim, rope_variant):
+def test_cuda_poisoned_gaps_untouched_and_every_row_written(dtype, head_dim):
     # q/k live inside NaN-filled buffers with gaps between rows and an odd element offset (breaks
     # 16-byte alignment for the first): every row must be rotated, no gap element touched.
     b, h, hk, s = 2, 5, 3, 11
@@ -369,7 +358,7 @@ def test_cuda_poisoned_gaps_untouched_and_every_row_written(dtype, head_dim, rop
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_in_place_on_projection_views(dtype, rope_variant):
+def test_cuda_in_place_on_projection_views(dtype):
     tol = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
     for got, ref in projection_view_grads("cuda", dtype):
         assert torch.isfinite(got).all()
@@ -378,7 +367,7 @@ def test_cuda_in_place_on_projection_views(dtype, rope_variant):
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_matches_cpu_path_bitwise_close(rope_variant):
+def test_cuda_matches_cpu_path_bitwise_close():
     # same inputs through the kernel and the CPU reference (both fp32 math, one rounding)
     cos, sin = cos_sin(2, 37, 128, "llama3", dtype=torch.bfloat16)
     q, k = torch.randn(2, 8, 37, 128, dtype=torch.bfloat16), torch.randn(2, 2, 37, 128, dtype=torch.bfloat16)
@@ -391,7 +380,7 @@ def test_cuda_matches_cpu_path_bitwise_close(rope_variant):
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_opcheck(rope_variant):
+def test_cuda_opcheck():
     cos, sin = cos_sin(2, 5, 16, device="cuda", dtype=torch.bfloat16)
     q = torch.randn(2, 3, 5, 16, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(2, 1, 5, 16, device="cuda", dtype=torch.bfloat16)
@@ -402,7 +391,7 @@ def test_cuda_opcheck(rope_variant):
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_side_stream_and_graph_replay(rope_variant):
+def test_cuda_side_stream_and_graph_replay():
     cos, sin = cos_sin(1, 257, 128, device="cuda", dtype=torch.float32)
     q = torch.randn(1, 4, 257, 128, device="cuda")
     k = torch.randn(1, 2, 257, 128, device="cuda")
@@ -425,7 +414,7 @@ def test_cuda_side_stream_and_graph_replay(rope_variant):
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_no_device_synchronization(rope_variant):
+def test_cuda_no_device_synchronization():
     cos, sin = cos_sin(1, 64, 64, device="cuda", dtype=torch.bfloat16)
     q = torch.randn(1, 4, 64, 64, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.bfloat16)
@@ -438,45 +427,39 @@ def test_cuda_no_device_synchronization(rope_variant):
         torch.cuda.set_sync_debug_mode("default")
 
 
+# 65,536 sequences are more than grid z holds, so a whole batch of them runs the grid-stride
+# fallback, while each half (32,768) runs the fast kernel (the cut-over is pinned by the Rust test
+# `fast_shape_falls_back_beyond_one_pass`).
+FALLBACK_BATCH = 65_536
+
+
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("variant", VARIANTS[1:])
 @pytest.mark.parametrize("backward", [False, True])
-@pytest.mark.parametrize("shape", [(2, 6, 3, 37, 128), (3, 5, 3, 33, 6)])
-def test_cuda_variants_bitwise_equal_to_v1(dtype, variant, backward, shape, monkeypatch):
-    # every variant rounds exactly as v1 does (rot_lo/rot_hi in kernels/rope.cu pin each step), so
-    # the same inputs must give the same bits; 6 / 5+3 heads leave h4's last head group partial
-    b, h, hk, s, d = shape
-    cos, sin = cos_sin(b, s, d, "llama3", device="cuda", dtype=dtype)
-    q = torch.randn(b, s, h, d, device="cuda", dtype=dtype).transpose(1, 2)
-    k = torch.randn(b, s, hk, d, device="cuda", dtype=dtype).transpose(1, 2)
+@pytest.mark.parametrize("head_dim", [16, 6])
+def test_cuda_fallback_bitwise_equal_to_fast_kernel(dtype, backward, head_dim):
+    # both kernels pin every rounding step (rot_lo/rot_hi in kernels/rope.cu), so the same rows
+    # must come out with the same bits; head_dim 16 takes the vector entries, 6 the scalar ones;
+    # 3 + 2 heads leave the last head group partial; each sequence has its own positions.
+    b, h, hk, s = FALLBACK_BATCH, 3, 2, 2
+    pid = torch.randint(0, 4000, (b, s))
+    cos, sin = cos_sin(b, s, head_dim, "llama3", pid, device="cuda", dtype=dtype)
+    q = torch.randn(b, s, h, head_dim, device="cuda", dtype=dtype).transpose(1, 2)
+    k = torch.randn(b, s, hk, head_dim, device="cuda", dtype=dtype).transpose(1, 2)
     op = rope_backward_ if backward else rope_
-    out = {}
-    for v in ("v1", variant):
-        monkeypatch.setenv("RSLORA_FAST_ROPE", v)
-        qq, kk = q.clone(), k.clone()
-        op(qq, kk, cos, sin)
-        out[v] = (qq, kk)
-    assert not torch.equal(out["v1"][0], q)  # the launch did rotate
-    assert torch.equal(out["v1"][0], out[variant][0])
-    assert torch.equal(out["v1"][1], out[variant][1])
+    whole_q, whole_k = q.clone(), k.clone()
+    op(whole_q, whole_k, cos, sin)  # the fallback
+    halves_q, halves_k = q.clone(), k.clone()
+    for part in (slice(0, b // 2), slice(b // 2, b)):  # the fast kernel, on the same rows
+        op(halves_q[part], halves_k[part], cos[part], sin[part])
+    assert not torch.equal(whole_q, q) and not torch.equal(halves_q, q)  # both launches rotated
+    assert torch.equal(whole_q, halves_q)
+    assert torch.equal(whole_k, halves_k)
 
 
 @cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", ["v2", "h4", "h4x"])
-def test_cuda_batch_beyond_grid_z_falls_back_and_is_right(variant, monkeypatch):
-    # 65,536 sequences of one position: more than grid z holds, so the v2 family runs the v1 kernel
-    monkeypatch.setenv("RSLORA_FAST_ROPE", variant)
-    check("cuda", torch.bfloat16, 65_536, 2, 1, 1, 16, cos_batch=1)
-
-
-@cuda
-@pytest.mark.cuda
-def test_cuda_bad_variant_names_the_accepted_ones(monkeypatch):
-    cos, sin = cos_sin(1, 4, 16, device="cuda")
-    q, k = torch.randn(1, 2, 4, 16, device="cuda"), torch.randn(1, 1, 4, 16, device="cuda")
-    monkeypatch.setenv("RSLORA_FAST_ROPE", "v9")
-    with pytest.raises(ValueError, match="RSLORA_FAST_ROPE.*v1, v2, h4 or h4x"):
-        rope_(q, k, cos, sin)
+def test_cuda_batch_beyond_grid_z_falls_back_and_is_right():
+    # the fallback against the float64 reference (forward and both gradients)
+    check("cuda", torch.bfloat16, FALLBACK_BATCH, 2, 1, 1, 16, cos_batch=1)
