@@ -113,7 +113,8 @@ def rms_norm_rows(n: int, dtype: torch.dtype, hidden: int = 4096) -> list:
 
 def rope_rows(dtype: torch.dtype, batch: int = 2, seq: int = 4096) -> list:
     """q/k of Llama-3-8B attention (32 q heads, 8 kv heads, head_dim 128) as the transposed views of
-    the projection outputs that the attention forward rotates."""
+    the projection outputs that the attention forward rotates. q/k keep being rotated in place
+    between runs (bandwidth does not depend on the values)."""
     from rslora_fast.ops.rope import rope_, rotate_half
 
     q = torch.randn(batch, seq, 32, 128, device="cuda", dtype=dtype).transpose(1, 2)
@@ -127,7 +128,7 @@ def rope_rows(dtype: torch.dtype, batch: int = 2, seq: int = 4096) -> list:
 
     # read and write q and k, read cos and sin
     nbytes = 2 * (q.numel() + k.numel()) * q.element_size() + 2 * cos.numel() * cos.element_size()
-    return [(f"rope q+k (2 x {seq}, 32/8 heads)", nbytes, lambda: rope_(q, k, cos, sin), eager)]
+    return [(f"rope q+k ({batch} x {seq}, 32/8 heads)", nbytes, lambda: rope_(q, k, cos, sin), eager)]
 
 
 def cross_entropy_rows(dtype: torch.dtype, tokens: int = 4096, vocab: int = 128256) -> list:

@@ -50,7 +50,6 @@ struct RopeParams {
     c_s: [i64; 2],
     s_s: [i64; 2],
     backward: i32,
-    pad: i32,
 }
 
 /// What a launch looks like once the arguments are checked.
@@ -58,9 +57,9 @@ struct RopeParams {
 struct Plan {
     /// 16-byte vector access is legal (aligned pointers, half and strides multiples of it).
     vec: bool,
-    /// Threads needed along x: `batch * seq * chunks` with `chunks` per half row.
+    /// `batch * seq * chunks` with `chunks` per half row (the fallback's threads along x).
     items: usize,
-    /// Head groups along y.
+    /// Head groups along grid y (both kernels).
     groups: u32,
 }
 
@@ -108,6 +107,7 @@ impl RopeArgs {
     }
 }
 
+/// The fast kernel (one pass of a 3-D grid, see `kernels/rope.cu`).
 fn kernel_name(vec: bool, dtype: DType) -> &'static str {
     match (vec, dtype) {
         (true, DType::F32) => "rope_vec_f32",
@@ -119,8 +119,52 @@ fn kernel_name(vec: bool, dtype: DType) -> &'static str {
     }
 }
 
+/// The grid-stride fallback for shapes the fast grid cannot cover.
+fn loop_kernel_name(vec: bool, dtype: DType) -> &'static str {
+    match (vec, dtype) {
+        (true, DType::F32) => "rope_loop_vec_f32",
+        (true, DType::F16) => "rope_loop_vec_f16",
+        (true, DType::BF16) => "rope_loop_vec_bf16",
+        (false, DType::F32) => "rope_loop_scalar_f32",
+        (false, DType::F16) => "rope_loop_scalar_f16",
+        (false, DType::BF16) => "rope_loop_scalar_bf16",
+    }
+}
+
+/// Launch shape of the fast kernel: block `(chunks, rows)`, grid `(seq tiles, head groups, batch)`.
+#[derive(Debug, PartialEq, Eq)]
+struct FastShape {
+    block: (u32, u32),
+    grid: (u32, u32, u32),
+}
+
+/// Grid-dimension limits of CUDA: x up to 2^31 - 1, y and z up to 65,535.
+const MAX_GRID_X: usize = i32::MAX as usize;
+const MAX_GRID_YZ: usize = 65_535;
+
+/// The fast kernel's launch shape, or `None` when one pass of its grid cannot cover the tensor
+/// (it does not loop; such shapes run the fallback): more than [`THREADS`] chunks per half row
+/// (one thread each; the kernels are built for blocks of at most 256), or a grid dimension over
+/// its limit.
+fn fast_shape(chunks: usize, seq: usize, batch: usize, heads: usize) -> Option<FastShape> {
+    if chunks == 0 || chunks > THREADS as usize {
+        return None;
+    }
+    let rows = THREADS as usize / chunks;
+    let tiles = seq.div_ceil(rows);
+    let groups = heads.div_ceil(HEADS_PER_THREAD);
+    if tiles > MAX_GRID_X || groups > MAX_GRID_YZ || batch > MAX_GRID_YZ {
+        return None;
+    }
+    Some(FastShape {
+        block: (chunks as u32, rows as u32),
+        grid: (tiles as u32, groups as u32, batch as u32),
+    })
+}
+
 /// Rotate q and k in place: `x * cos + rotate_half(x) * sin` (forward, `backward == false`), or
-/// apply the transpose of that map in place to their gradients (`backward == true`).
+/// apply the transpose of that map in place to their gradients (`backward == true`). Shapes that
+/// one pass of the fast kernel's grid cannot cover run the grid-stride fallback (same bits).
 ///
 /// # Safety
 /// Every pointer in `args` must be a device address on `device` of a tensor with the shape and
@@ -132,10 +176,34 @@ pub unsafe fn apply(args: &RopeArgs, backward: bool, device: i32, stream: RawStr
         return Ok(());
     }
     check_ptrs("rope", &[args.q, args.k, args.cos, args.sin])?;
-    let name = kernel_name(plan.vec, args.dtype);
-    let blocks = elementwise_grid(plan.items, 1, THREADS, || {
-        cuda::resident_blocks(device, "rope", name, THREADS)
-    })?;
+    let fast = fast_shape(
+        plan.items / (args.batch * args.seq),
+        args.seq,
+        args.batch,
+        args.q_heads + args.k_heads,
+    );
+    let (name, cfg) = match fast {
+        Some(shape) => (
+            kernel_name(plan.vec, args.dtype),
+            LaunchConfig {
+                grid: shape.grid,
+                block: (shape.block.0, shape.block.1, 1),
+                shared_mem_bytes: 0,
+            },
+        ),
+        None => {
+            let name = loop_kernel_name(plan.vec, args.dtype);
+            let blocks = elementwise_grid(plan.items, 1, THREADS, || {
+                cuda::resident_blocks(device, "rope", name, THREADS)
+            })?;
+            let cfg = LaunchConfig {
+                grid: (blocks, plan.groups, 1),
+                block: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            (name, cfg)
+        }
+    };
     let mut params = RopeParams {
         q: args.q,
         k: args.k,
@@ -151,14 +219,8 @@ pub unsafe fn apply(args: &RopeArgs, backward: bool, device: i32, stream: RawStr
         c_s: args.cos_strides,
         s_s: args.sin_strides,
         backward: backward as i32,
-        pad: 0,
     };
     let mut kargs = [&mut params as *mut RopeParams as *mut c_void];
-    let cfg = LaunchConfig {
-        grid: (blocks, plan.groups, 1),
-        block: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
     // SAFETY: the one argument is a `RopeParams`, laid out (repr(C)) exactly as the kernel's
     // by-value struct parameter; the caller guarantees the pointers and strides it carries.
     unsafe { cuda::launch(device, stream, "rope", name, cfg, &mut kargs) }
@@ -190,7 +252,7 @@ mod tests {
 
     #[test]
     fn params_match_the_kernel_struct_size() {
-        // 4 pointers + 5 sizes + 10 strides + 2 ints = 19 * 8 + 8 bytes
+        // 4 pointers + 5 sizes + 10 strides = 19 * 8 bytes, one i32 and 4 bytes of tail padding
         assert_eq!(std::mem::size_of::<RopeParams>(), 160);
     }
 
@@ -229,6 +291,28 @@ mod tests {
         let mut a = args(DType::F32, 8);
         a.q_strides[1] = -8;
         assert!(matches!(a.plan(), Err(Error::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn fast_shape_covers_every_position_head_and_batch() {
+        // Llama-8B bf16: 8 chunks per half row -> 8 x 32 blocks; 4096 positions in 128 tiles
+        let s = fast_shape(8, 4096, 2, 40).unwrap();
+        assert_eq!(s.block, (8, 32));
+        assert_eq!(s.grid, (128, 20, 2));
+        let s = fast_shape(8, 4097, 2, 41).unwrap();
+        assert_eq!(s.grid, (129, 21, 2)); // the partial tile and head group are included
+        let s = fast_shape(3, 10, 1, 1).unwrap(); // 85 rows of 3 chunks
+        assert_eq!((s.block, s.grid), ((3, 85), (1, 1, 1)));
+        let s = fast_shape(256, 5, 1, 3).unwrap();
+        assert_eq!((s.block, s.grid), ((256, 1), (5, 2, 1)));
+    }
+
+    #[test]
+    fn fast_shape_falls_back_beyond_one_pass() {
+        assert!(fast_shape(257, 5, 1, 3).is_none()); // block would exceed 256 threads
+        assert!(fast_shape(8, 5, 65_536, 3).is_none()); // batch over grid z
+        assert!(fast_shape(8, 5, 65_535, 3).is_some());
+        assert!(fast_shape(8, 32 * 65_536, 1, 3).is_some()); // tiles on grid x: no y/z limit
     }
 
     #[test]

@@ -272,6 +272,7 @@ GPU_SHAPES = [
     (2, 32, 8, 67, 128),  # llama-8B head layout
     (1, 3, 1, 5, 1024),  # very wide rows
     (4, 2, 2, 1, 64),  # decode-like: one position
+    (1, 3, 2, 5, 1030),  # half 515: more chunks than a fast-kernel block holds (runs the fallback)
 ]
 
 
@@ -424,3 +425,41 @@ def test_cuda_no_device_synchronization():
         rope_backward_(q, k, cos, sin)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# 65,536 sequences are more than grid z holds, so a whole batch of them runs the grid-stride
+# fallback, while each half (32,768) runs the fast kernel (the cut-over is pinned by the Rust test
+# `fast_shape_falls_back_beyond_one_pass`).
+FALLBACK_BATCH = 65_536
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("head_dim", [16, 6])
+def test_cuda_fallback_bitwise_equal_to_fast_kernel(dtype, backward, head_dim):
+    # both kernels pin every rounding step (rot_lo/rot_hi in kernels/rope.cu), so the same rows
+    # must come out with the same bits; head_dim 16 takes the vector entries, 6 the scalar ones;
+    # 3 + 2 heads leave the last head group partial; each sequence has its own positions.
+    b, h, hk, s = FALLBACK_BATCH, 3, 2, 2
+    pid = torch.randint(0, 4000, (b, s))
+    cos, sin = cos_sin(b, s, head_dim, "llama3", pid, device="cuda", dtype=dtype)
+    q = torch.randn(b, s, h, head_dim, device="cuda", dtype=dtype).transpose(1, 2)
+    k = torch.randn(b, s, hk, head_dim, device="cuda", dtype=dtype).transpose(1, 2)
+    op = rope_backward_ if backward else rope_
+    whole_q, whole_k = q.clone(), k.clone()
+    op(whole_q, whole_k, cos, sin)  # the fallback
+    halves_q, halves_k = q.clone(), k.clone()
+    for part in (slice(0, b // 2), slice(b // 2, b)):  # the fast kernel, on the same rows
+        op(halves_q[part], halves_k[part], cos[part], sin[part])
+    assert not torch.equal(whole_q, q) and not torch.equal(halves_q, q)  # both launches rotated
+    assert torch.equal(whole_q, halves_q)
+    assert torch.equal(whole_k, halves_k)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_batch_beyond_grid_z_falls_back_and_is_right():
+    # the fallback against the float64 reference (forward and both gradients)
+    check("cuda", torch.bfloat16, FALLBACK_BATCH, 2, 1, 1, 16, cos_batch=1)
