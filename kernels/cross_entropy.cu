@@ -76,6 +76,22 @@ __device__ __forceinline__ MaxSum block_combine(MaxSum v, float* sm, float* ss) 
   return v;
 }
 
+// The block's pairs combined; thread 0 writes the row's lse and loss.
+template <typename T>
+__device__ __forceinline__ void finish_row(MaxSum acc, float* sm, float* ss, const T* row, int64_t r,
+                                           const int64_t* __restrict__ tgt, float* __restrict__ lse,
+                                           float* __restrict__ loss, int64_t cols, int64_t ignore) {
+  acc = block_combine(acc, sm, ss);
+  if (threadIdx.x == 0) {
+    const float l = isnan(acc.s) ? NAN : (acc.m == -INFINITY ? -INFINITY : acc.m + logf(acc.s));
+    const int64_t t = tgt[r];
+    float out = 0.0f;
+    if (t != ignore) out = (t >= 0 && t < cols) ? l - rf::to_f32(row[t]) : NAN;
+    lse[r] = l;
+    loss[r] = out;
+  }
+}
+
 template <typename T>
 __device__ void ce_fwd(const T* __restrict__ logits, int64_t ld, const int64_t* __restrict__ tgt,
                        float* __restrict__ lse, float* __restrict__ loss, int64_t rows,
@@ -116,15 +132,162 @@ __device__ void ce_fwd(const T* __restrict__ logits, int64_t ld, const int64_t* 
       const float x[1] = {rf::to_f32(row[c])};
       fold<1>(acc, x);
     }
-    acc = block_combine(acc, sm, ss);
-    if (threadIdx.x == 0) {
-      const float l = isnan(acc.s) ? NAN : (acc.m == -INFINITY ? -INFINITY : acc.m + logf(acc.s));
-      const int64_t t = tgt[r];
-      float out = 0.0f;
-      if (t != ignore) out = (t >= 0 && t < cols) ? l - rf::to_f32(row[t]) : NAN;
-      lse[r] = l;
-      loss[r] = out;
+    finish_row(acc, sm, ss, row, r, tgt, lse, loss, cols, ignore);
+  }
+}
+
+// ---- Forward v2 / v2x4 (RSLORA_FAST_CE): the same one-pass online max/sum, fewer instructions per
+// element. v1 spends about 8.5 issue slots on a bf16 element (two-step unpack of the high half,
+// FMNMX, FADD, FMUL, the non-ftz exp2's FSETP and two predicated FMULs, MUFU, FADD), so at ~9
+// elements/clock/SM it competes with the loads for issue and the 16/clock MUFU. Here: the group
+// max in packed bf16x2/f16x2 (exact: a max only picks), a one-instruction unpack, and
+// e^(x - m) = 2^(x log2e - m log2e) as one FFMA into the bare ex2.approx.ftz: ~4.5 per element.
+
+constexpr float LOG2E = 1.4426950408889634f;
+
+// 2^x with the bare MUFU.EX2. Flushing results below 2^-126 to 0 changes nothing: every term is
+// taken against the running max, so the sum it joins already holds about 1.
+__device__ __forceinline__ float ex2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// A 32-bit word of T: `PER` elements, their packed max (NaN-skipping like fmaxf, exact), unpacked
+// to float exactly as rf::to_f32 does.
+template <typename T> struct Word;
+template <> struct Word<float> {
+  static constexpr int PER = 1;
+  static __device__ __forceinline__ uint32_t max(uint32_t a, uint32_t b) {
+    return __float_as_uint(fmaxf(__uint_as_float(a), __uint_as_float(b)));
+  }
+  static __device__ __forceinline__ void unpack(uint32_t w, float (&f)[1]) { f[0] = __uint_as_float(w); }
+};
+template <> struct Word<__half> {
+  static constexpr int PER = 2;
+  static __device__ __forceinline__ uint32_t max(uint32_t a, uint32_t b) {
+    uint32_t r;
+    asm("max.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+  }
+  static __device__ __forceinline__ void unpack(uint32_t w, float (&f)[2]) {
+    f[0] = __half2float(__ushort_as_half((unsigned short)(w & 0xffffu)));
+    f[1] = __half2float(__ushort_as_half((unsigned short)(w >> 16)));
+  }
+};
+template <> struct Word<__nv_bfloat16> {
+  static constexpr int PER = 2;
+  static __device__ __forceinline__ uint32_t max(uint32_t a, uint32_t b) {
+    uint32_t r;
+    asm("max.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+  }
+  // bf16 is the high half of a float: a shift and a mask, one instruction each.
+  static __device__ __forceinline__ void unpack(uint32_t w, float (&f)[2]) {
+    f[0] = __uint_as_float(w << 16);
+    f[1] = __uint_as_float(w & 0xffff0000u);
+  }
+};
+
+// Fold the `W` words' elements into the running pair (as fold<K>, in the exp2 form).
+template <typename T, int W>
+__device__ __forceinline__ void fold_words(MaxSum& acc, const uint32_t (&w)[W]) {
+  using Wd = Word<T>;
+  constexpr int P = Wd::PER;
+  // Two chains (half the dependent steps, one register more: a tree would hold W copies).
+  uint32_t m0 = w[0], m1 = w[1];
+#pragma unroll
+  for (int k = 2; k < W; k += 2) {
+    m0 = Wd::max(m0, w[k]);
+    m1 = Wd::max(m1, w[k + 1]);
+  }
+  float mf[P];
+  Wd::unpack(Wd::max(m0, m1), mf);
+  float mx = mf[0];
+#pragma unroll
+  for (int j = 1; j < P; ++j) mx = fmaxf(mx, mf[j]);
+  if (mx > acc.m) {
+    acc.s *= ex2_ftz((acc.m - mx) * LOG2E);  // acc.m = -inf gives 0 * 0 = 0
+    acc.m = mx;
+  }
+  const float base = acc.m == -INFINITY ? 0.0f : acc.m;  // all -inf so far: every term is 0
+  float t0 = -0.0f, t1 = -0.0f;  // two chains (half the dependent adds); -0 + e folds to e
+  if (fabsf(base) <= 1e38f) {
+    // base * log2e is finite, so one FFMA per element gives the exponent.
+    const float nb = -base * LOG2E;
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      float f[P];
+      Wd::unpack(w[k], f);
+#pragma unroll
+      for (int j = 0; j < P; ++j) {
+        const float e = ex2_ftz(fmaf(f[j], LOG2E, nb));
+        if ((k * P + j) & 1) t1 += e; else t0 += e;
+      }
     }
+  } else {
+    // |max| above 1e38 (fp32/bf16 range only): base * log2e could overflow; subtract first.
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      float f[P];
+      Wd::unpack(w[k], f);
+#pragma unroll
+      for (int j = 0; j < P; ++j) {
+        const float e = ex2_ftz((f[j] - base) * LOG2E);
+        if ((k * P + j) & 1) t1 += e; else t0 += e;
+      }
+    }
+  }
+  acc.s += t0 + t1;
+}
+
+// One 16-byte vector as 4 words.
+__device__ __forceinline__ void words_of(const uint4& q, uint32_t* w) {
+  w[0] = q.x;
+  w[1] = q.y;
+  w[2] = q.z;
+  w[3] = q.w;
+}
+
+// Forward with `V` 16-byte vectors per thread per trip (all loads issued before the math).
+template <typename T, int V>
+__device__ void ce_fwd_fast(const T* __restrict__ logits, int64_t ld, const int64_t* __restrict__ tgt,
+                            float* __restrict__ lse, float* __restrict__ loss, int64_t rows,
+                            int64_t cols, int64_t ignore) {
+  constexpr int N = rf::Vec<T>::N;
+  __shared__ float sm[MAX_THREADS / 32], ss[MAX_THREADS / 32];
+  const int64_t step = blockDim.x;
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* row = logits + r * ld;
+    const int64_t head = head_len(row, cols);
+    const uint4* __restrict__ body = reinterpret_cast<const uint4*>(row + head);
+    const int64_t nvec = (cols - head) / N;
+    MaxSum acc = {-INFINITY, 0.0f};
+    int64_t v = threadIdx.x;
+    for (; v + (V - 1) * step < nvec; v += V * step) {
+      uint4 q[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) q[i] = body[v + i * step];
+      uint32_t w[4 * V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) words_of(q[i], w + 4 * i);
+      fold_words<T, 4 * V>(acc, w);
+    }
+    // Fewer than V of this thread's vectors left.
+    for (; v < nvec; v += step) {
+      uint32_t w[4];
+      words_of(body[v], w);
+      fold_words<T, 4>(acc, w);
+    }
+    // Scalar head and tail: fewer than 2 * N elements in all.
+    const int64_t tail = head + nvec * N;
+    const int64_t extra = head + (cols - tail);
+    for (int64_t e = threadIdx.x; e < extra; e += blockDim.x) {
+      const int64_t c = e < head ? e : tail + (e - head);
+      const float x[1] = {rf::to_f32(row[c])};
+      fold<1>(acc, x);
+    }
+    finish_row(acc, sm, ss, row, r, tgt, lse, loss, cols, ignore);
   }
 }
 
@@ -194,3 +357,20 @@ __device__ void ce_bwd(T* logits, int64_t ld, const float* __restrict__ lse,
 CE_ENTRY(f32, float)
 CE_ENTRY(f16, __half)
 CE_ENTRY(bf16, __nv_bfloat16)
+
+// Forward variants: at most 32 registers (4 blocks of 512 per SM), as v1 gets by itself; a
+// 523-row chunk is then one wave on 132 SMs.
+#define CE_FWD_FAST(NAME, V, SUFFIX, T)                                                         \
+  extern "C" __global__ void __launch_bounds__(MAX_THREADS, 4)                                  \
+      cross_entropy_fwd_##NAME##_##SUFFIX(const T* logits, int64_t ld, const int64_t* tgt,      \
+                                          float* lse, float* loss, int64_t rows, int64_t cols,  \
+                                          int64_t ignore) {                                     \
+    ce_fwd_fast<T, V>(logits, ld, tgt, lse, loss, rows, cols, ignore);                          \
+  }
+
+CE_FWD_FAST(v2, 2, f32, float)
+CE_FWD_FAST(v2, 2, f16, __half)
+CE_FWD_FAST(v2, 2, bf16, __nv_bfloat16)
+CE_FWD_FAST(v2x4, 4, f32, float)
+CE_FWD_FAST(v2x4, 4, f16, __half)
+CE_FWD_FAST(v2x4, 4, bf16, __nv_bfloat16)
