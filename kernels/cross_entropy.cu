@@ -153,11 +153,12 @@ __device__ __forceinline__ float ex2_ftz(float x) {
   return y;
 }
 
-// A 32-bit word of T: `PER` elements, their packed max (NaN-skipping like fmaxf, exact), unpacked
+// A 32-bit word of T: `PER` elements (`NEG_INF`: all of them -inf), their packed max (NaN-skipping like fmaxf, exact), unpacked
 // to float exactly as rf::to_f32 does.
 template <typename T> struct Word;
 template <> struct Word<float> {
   static constexpr int PER = 1;
+  static constexpr uint32_t NEG_INF = 0xff800000u;
   static __device__ __forceinline__ uint32_t max(uint32_t a, uint32_t b) {
     return __float_as_uint(fmaxf(__uint_as_float(a), __uint_as_float(b)));
   }
@@ -165,6 +166,7 @@ template <> struct Word<float> {
 };
 template <> struct Word<__half> {
   static constexpr int PER = 2;
+  static constexpr uint32_t NEG_INF = 0xfc00fc00u;
   static __device__ __forceinline__ uint32_t max(uint32_t a, uint32_t b) {
     uint32_t r;
     asm("max.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
@@ -177,6 +179,7 @@ template <> struct Word<__half> {
 };
 template <> struct Word<__nv_bfloat16> {
   static constexpr int PER = 2;
+  static constexpr uint32_t NEG_INF = 0xff80ff80u;
   static __device__ __forceinline__ uint32_t max(uint32_t a, uint32_t b) {
     uint32_t r;
     asm("max.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
@@ -273,11 +276,17 @@ __device__ void ce_fwd_fast(const T* __restrict__ logits, int64_t ld, const int6
       for (int i = 0; i < V; ++i) words_of(q[i], w + 4 * i);
       fold_words<T, 4 * V>(acc, w);
     }
-    // Fewer than V of this thread's vectors left.
-    for (; v < nvec; v += step) {
-      uint32_t w[4];
-      words_of(body[v], w);
-      fold_words<T, 4>(acc, w);
+    // Fewer than V of this thread's vectors left: one more trip, all loads in flight at once,
+    // the missing vectors read as -inf (no term, no effect on the max).
+    if (v < nvec) {
+      uint32_t w[4 * V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const uint32_t pad = Word<T>::NEG_INF;
+        const uint4 q = v + i * step < nvec ? body[v + i * step] : make_uint4(pad, pad, pad, pad);
+        words_of(q, w + 4 * i);
+      }
+      fold_words<T, 4 * V>(acc, w);
     }
     // Scalar head and tail: fewer than 2 * N elements in all.
     const int64_t tail = head + nvec * N;
