@@ -1,7 +1,9 @@
 // Cross-entropy rows for large vocabularies: one block per row of `logits [rows, V]` (row stride
 // `ld` elements, last dim contiguous), fp32 math, never an fp32 copy of the row.
-//   forward:  lse_i = log(sum_j e^{l_ij}) with an online max/sum in one pass over the row;
-//             loss_i = lse_i - l_{i,t_i}, 0 where t_i == ignore (NaN for a target outside [0, V)).
+//   forward:  lse_i = m_i + log s_i (row max m_i, s_i = sum_j e^{l_ij - m_i}) with an online max/sum
+//             in one pass over the row; loss_i = (m_i - l_{i,t_i}) + log s_i, 0 where t_i == ignore
+//             (NaN for a target outside [0, V)). Not lse_i - l_{i,t_i}: at |l| ~ 1e38 lse rounds
+//             to m in fp32 and that difference cancels to 0 (100 tied logits of 2e38: ln 100).
 //   backward, in place: l_ij <- T((e^{l_ij - lse_i} - [j == t_i]) * scale_i).
 // Each row is walked as a scalar head up to the first 16-byte boundary, then 16-byte vectors
 // (consecutive threads on consecutive vectors: coalesced), then a scalar tail; so any row stride
@@ -83,10 +85,13 @@ __device__ __forceinline__ void finish_row(MaxSum acc, float* sm, float* ss, con
                                            float* __restrict__ loss, int64_t cols, int64_t ignore) {
   acc = block_combine(acc, sm, ss);
   if (threadIdx.x == 0) {
-    const float l = isnan(acc.s) ? NAN : (acc.m == -INFINITY ? -INFINITY : acc.m + logf(acc.s));
+    const float ls = logf(acc.s);
+    const float l = isnan(acc.s) ? NAN : (acc.m == -INFINITY ? -INFINITY : acc.m + ls);
     const int64_t t = tgt[r];
     float out = 0.0f;
-    if (t != ignore) out = (t >= 0 && t < cols) ? l - rf::to_f32(row[t]) : NAN;
+    // m - x_t first (exact for nearby values), then log s: no cancellation against a huge m.
+    // NaN stays NaN (ls); an all -inf row gives -inf - -inf = NaN, as lse - x_t did.
+    if (t != ignore) out = (t >= 0 && t < cols) ? (acc.m - rf::to_f32(row[t])) + ls : NAN;
     lse[r] = l;
     loss[r] = out;
   }
@@ -136,15 +141,16 @@ __device__ void ce_fwd(const T* __restrict__ logits, int64_t ld, const int64_t* 
   }
 }
 
-// ---- Forward v2 / v2x4 (RSLORA_FAST_CE): the same one-pass online max/sum, fewer instructions per
-// byte. v1's loop (sm_90 SASS, nvcc 13.0) is 184 instructions per 2-vector trip of bf16: 11.5
-// per element (two-step unpack of the high half, FMNMX, FADD, FMUL, the non-ftz exp2's FSETP and
-// two predicated FMULs, MUFU, FADD), 5.75 per byte against fp32's 2.97, which reaches 96% of copy
-// while bf16 stops at 76%: 16-bit rows are issue-bound. Here: the group max in packed bf16x2 /
-// f16x2 (exact: a max only picks; 3-input VHMNMX), a one-instruction unpack, and
-// e^(x - m) = 2^(x log2e - m log2e) as one FFMA into the bare ex2.approx.ftz: 97 instructions per
-// trip, 3.03 per byte (v2x4: 177 per 4-vector trip, 2.77 per byte).
-
+// ---- Forward v2x4 (RSLORA_FAST_CE): the same one-pass online max/sum, fewer instructions per byte.
+// v1's loop (sm_90 SASS, nvcc 13.0) is 184 instructions per 2-vector trip of bf16: 11.5 per element
+// (two-step unpack of the high half, FMNMX, FADD, FMUL, the non-ftz exp2's FSETP and two
+// predicated FMULs, MUFU, FADD), 5.75 per byte against fp32's 2.97, which reaches 93-96% of copy
+// while bf16 stops at 76%: 16-bit rows are issue-bound. Here: four vectors per thread per trip,
+// the group max in packed bf16x2 / f16x2 (exact: a max only picks; 3-input VHMNMX), a
+// one-instruction unpack, and e^(x - m) as ex2.approx.ftz((x - m) * log2e): FADD, FMUL, MUFU.
+// Not the one-FFMA form 2^(x log2e - m log2e): m log2e rounds by up to |m| 2^-24 in the exponent,
+// a relative error of every term of the group that grows with |m| (7e-4 at |m| ~ 3e4, measured in
+// the loss on the H200; the form lost in v2). x - m is exact near the max, as in v1.
 constexpr float LOG2E = 1.4426950408889634f;
 
 // 2^x with the bare MUFU.EX2. Flushing results below 2^-126 to 0 changes nothing: every term is
@@ -194,7 +200,7 @@ template <> struct Word<__nv_bfloat16> {
   }
 };
 
-// Fold the `W` words' elements into the running pair (as fold<K>, in the exp2 form).
+// Fold the `W` words' elements into the running pair (as fold<K>, with the bare ex2).
 template <typename T, int W>
 __device__ __forceinline__ void fold_words(MaxSum& acc, const uint32_t (&w)[W]) {
   using Wd = Word<T>;
@@ -217,30 +223,15 @@ __device__ __forceinline__ void fold_words(MaxSum& acc, const uint32_t (&w)[W]) 
   }
   const float base = acc.m == -INFINITY ? 0.0f : acc.m;  // all -inf so far: every term is 0
   float t0 = -0.0f, t1 = -0.0f;  // two chains (half the dependent adds); -0 + e folds to e
-  if (fabsf(base) <= 1e38f) {
-    // base * log2e is finite, so one FFMA per element gives the exponent.
-    const float nb = -base * LOG2E;
 #pragma unroll
-    for (int k = 0; k < W; ++k) {
-      float f[P];
-      Wd::unpack(w[k], f);
+  for (int k = 0; k < W; ++k) {
+    float f[P];
+    Wd::unpack(w[k], f);
 #pragma unroll
-      for (int j = 0; j < P; ++j) {
-        const float e = ex2_ftz(fmaf(f[j], LOG2E, nb));
-        if ((k * P + j) & 1) t1 += e; else t0 += e;
-      }
-    }
-  } else {
-    // |max| above 1e38 (fp32/bf16 range only): base * log2e could overflow; subtract first.
-#pragma unroll
-    for (int k = 0; k < W; ++k) {
-      float f[P];
-      Wd::unpack(w[k], f);
-#pragma unroll
-      for (int j = 0; j < P; ++j) {
-        const float e = ex2_ftz((f[j] - base) * LOG2E);
-        if ((k * P + j) & 1) t1 += e; else t0 += e;
-      }
+    for (int j = 0; j < P; ++j) {
+      // Subtract first (exact near the max; x - m overflowing to -inf gives 0), then scale.
+      const float e = ex2_ftz((f[j] - base) * LOG2E);
+      if ((k * P + j) & 1) t1 += e; else t0 += e;
     }
   }
   acc.s += t0 + t1;
@@ -369,7 +360,7 @@ CE_ENTRY(f32, float)
 CE_ENTRY(f16, __half)
 CE_ENTRY(bf16, __nv_bfloat16)
 
-// Forward variants: at most 32 registers (4 blocks of 512 per SM), as v1 gets by itself; a
+// Forward v2x4: at most 32 registers (4 blocks of 512 per SM), as v1 gets by itself; a
 // 523-row chunk is then one wave on 132 SMs.
 #define CE_FWD_FAST(NAME, V, SUFFIX, T)                                                         \
   extern "C" __global__ void __launch_bounds__(MAX_THREADS, 4)                                  \
@@ -379,9 +370,6 @@ CE_ENTRY(bf16, __nv_bfloat16)
     ce_fwd_fast<T, V>(logits, ld, tgt, lse, loss, rows, cols, ignore);                          \
   }
 
-CE_FWD_FAST(v2, 2, f32, float)
-CE_FWD_FAST(v2, 2, f16, __half)
-CE_FWD_FAST(v2, 2, bf16, __nv_bfloat16)
 CE_FWD_FAST(v2x4, 4, f32, float)
 CE_FWD_FAST(v2x4, 4, f16, __half)
 CE_FWD_FAST(v2x4, 4, bf16, __nv_bfloat16)

@@ -96,7 +96,7 @@ fn cross_entropy_bwd(
 
 /// cross_entropy_variant() -> str
 ///
-/// The forward kernel ``RSLORA_FAST_CE`` selects now: ``"v1"`` (default), ``"v2"`` or ``"v2x4"``
+/// The forward kernel ``RSLORA_FAST_CE`` selects now: ``"v1"`` (default) or ``"v2x4"``
 /// (read at every forward launch); raises ValueError for any other value.
 #[pyfunction]
 fn cross_entropy_variant() -> PyResult<&'static str> {
