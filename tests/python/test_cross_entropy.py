@@ -14,6 +14,16 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FWD_ATOL = 1e-4
 BWD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+# Forward kernels the launcher picks from RSLORA_FAST_CE at every launch; every GPU test runs each.
+VARIANT_ENV = "RSLORA_FAST_CE"
+VARIANTS = ["v1", "v2x4"]
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request, monkeypatch):
+    """Run the test under each forward variant (the Rust launcher reads the variable per launch)."""
+    monkeypatch.setenv(VARIANT_ENV, request.param)
+    return request.param
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -152,6 +162,19 @@ def test_bad_input_names_the_problem():
         cross_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.long), reduction="avg")
 
 
+def test_variant_is_read_from_the_environment_at_every_call(monkeypatch):
+    from rslora_fast import _core
+
+    monkeypatch.delenv(VARIANT_ENV, raising=False)
+    assert _core.cross_entropy_variant() == "v1"
+    for name in VARIANTS:
+        monkeypatch.setenv(VARIANT_ENV, name)
+        assert _core.cross_entropy_variant() == name
+    monkeypatch.setenv(VARIANT_ENV, "fast")
+    with pytest.raises(ValueError, match=f"{VARIANT_ENV}.*v1, v2x4"):
+        _core.cross_entropy_variant()
+
+
 # ---------------------------------------------------------------- GPU (our kernels)
 
 
@@ -161,22 +184,26 @@ def test_bad_input_names_the_problem():
 @pytest.mark.parametrize(
     "rows,vocab", [(1, 1), (1, 7), (5, 7), (13, 1000), (3, 4099), (4, 128256 + 3), (2, 262144)]
 )
-def test_cuda_matches_float64(dtype, rows, vocab):
+def test_cuda_matches_float64(dtype, rows, vocab, variant):
     check_fwd_bwd("cuda", dtype, rows, vocab)
 
 
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_all_ignored_and_first_last_targets(dtype):
+def test_cuda_all_ignored_and_first_last_targets(dtype, variant):
     check_fwd_bwd("cuda", dtype, 6, 1001, targets=torch.full((6,), -100, device="cuda"))
     t = torch.tensor([0, 1000, 999, 0, 1000, 500], device="cuda")
     check_fwd_bwd("cuda", dtype, 6, 1001, targets=t)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[cuda, pytest.mark.cuda])])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_nan_logits_give_nan_like_torch(device, dtype):
+@pytest.mark.parametrize(
+    "device,variant_name",
+    [("cpu", "v1")] + [pytest.param("cuda", v, marks=[cuda, pytest.mark.cuda]) for v in VARIANTS],
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_logits_give_nan_like_torch(device, variant_name, dtype, monkeypatch):
+    monkeypatch.setenv(VARIANT_ENV, variant_name)
     # a NaN anywhere in a row (a lone NaN, a whole 16-byte vector of them, the whole row) must
     # not be folded away: the loss of that row is NaN, as torch's logsumexp gives
     logits = torch.zeros(4, 64, device=device, dtype=dtype)
@@ -195,10 +222,11 @@ def test_nan_logits_give_nan_like_torch(device, dtype):
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_large_logits_do_not_overflow():
-    check_fwd_bwd("cuda", torch.float32, 7, 4099, scale_logits=1e4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_large_logits_do_not_overflow(dtype, variant):
+    check_fwd_bwd("cuda", dtype, 7, 4099, scale_logits=1e4)
     # a huge spread inside one row: one dominant logit, the rest far below
-    logits = torch.full((2, 5003), -1e4, device="cuda")
+    logits = torch.full((2, 5003), -1e4, device="cuda").to(dtype)
     logits[:, 17] = 1e4
     t = torch.tensor([17, 4], device="cuda")
     lse, loss = cross_entropy_fwd(logits, t)
@@ -208,9 +236,71 @@ def test_cuda_large_logits_do_not_overflow():
 
 @cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_terms_stay_exact_at_large_maxima(dtype, variant):
+    # Each row's max (1e4..4e4) is shared by a few logits in head, body and tail, with near-ties
+    # below it, and the target is one of them: the loss is log(sum of the top terms) ~ 1.5, so a
+    # relative error of the terms shows in it unmasked (the fused exponent 2^(x log2e - m log2e)
+    # is off by up to |m| 2^-24 in the exponent: ~7e-4 here). lse itself must be within half an
+    # fp32 ulp of the float64 value (plus that small error), which the rounding of m
+    # mostly hides.
+    rows, vocab = 16, 4099
+    logits = torch.randn(rows, vocab, device="cuda") * 1e3
+    top = torch.empty(rows, device="cuda").uniform_(1e4, 4e4)
+    cols = []
+    for i in range(rows):
+        c = [i % 3, 1000 + 37 * i, 2500 + 11 * i, vocab - 1 - (i % 3)]
+        for k, off in zip(c, [0.0, 0.0, 0.5, 1.5]):
+            logits[i, k] = top[i] - off
+        cols.append(c[i % 2])  # always one at the max (offset 0)
+    logits = logits.to(dtype)
+    t = torch.tensor(cols, device="cuda")
+    lse, loss = cross_entropy_fwd(logits, t)
+    ref_lse, ref_loss = float64_reference(logits, t)
+    assert (ref_loss > 0.5).all()  # the data really puts a sum of several terms in the loss
+    assert torch.allclose(loss.double(), ref_loss, rtol=0, atol=1e-5), (loss.double() - ref_loss).abs().max()
+    tol = ref_lse.abs() * 2.0**-24 + 1e-5
+    assert ((lse.double() - ref_lse).abs() <= tol).all(), (lse.double() - ref_lse).abs().max()
+
+
+@pytest.mark.parametrize(
+    "device,variant_name",
+    [("cpu", "v1")] + [pytest.param("cuda", v, marks=[cuda, pytest.mark.cuda]) for v in VARIANTS],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_near_the_float_limit(device, variant_name, dtype, monkeypatch):
+    monkeypatch.setenv(VARIANT_ENV, variant_name)
+    # maxima above 1e38 (fp32 and bf16 reach 3.4e38): max * log2(e) would overflow, so the
+    # exponent must subtract the max first (a wrong path gives lse = -inf or NaN); and the loss
+    # must be (m - x_t) + log(s): lse - x_t cancels to 0 in row 2 (100 ties at 2e38: ln 100)
+    logits = torch.zeros(3, 4099, device=device)
+    logits[0, 5], logits[0, 4000], logits[0, 9] = 3e38, 2.9e38, -3e38
+    logits[1, :] = -2e38
+    logits[1, 4098] = 1.5e38
+    logits[2, 100:200] = 2e38
+    logits = logits.to(dtype)
+    t = torch.tensor([4000, 4098, 150], device=device)
+    lse, loss = cross_entropy_fwd(logits, t)
+    ref_lse, ref_loss = float64_reference(logits, t)
+    assert torch.isfinite(lse).all() and torch.isfinite(loss).all(), (lse, loss)
+    assert abs(float(ref_loss[2]) - 4.605170185988091) < 1e-12  # ln 100, the case that cancelled
+    assert torch.allclose(lse.double(), ref_lse, rtol=1e-6, atol=FWD_ATOL), (lse, ref_lse)
+    assert torch.allclose(loss.double(), ref_loss, rtol=1e-6, atol=FWD_ATOL), (loss, ref_loss)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_bad_variant_names_the_accepted_ones(monkeypatch):
+    monkeypatch.setenv(VARIANT_ENV, "v2")  # the lost variant is gone
+    with pytest.raises(ValueError, match="v1, v2x4"):
+        cross_entropy_fwd(torch.zeros(2, 5, device="cuda"), torch.zeros(2, dtype=torch.long, device="cuda"))
+
+
+@cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", [0, 1, 3, 5])
-def test_cuda_strided_and_unaligned_rows(dtype, offset):
+def test_cuda_strided_and_unaligned_rows(dtype, offset, variant):
     # rows of a wider buffer: row stride 2 * vocab + 8, start `offset` elements in (breaks 16-byte alignment)
     vocab = 1027
     wides = []
@@ -232,7 +322,7 @@ def test_cuda_strided_and_unaligned_rows(dtype, offset):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", [0, 1, 3])
-def test_cuda_every_column_is_read(dtype, offset):
+def test_cuda_every_column_is_read(dtype, offset, variant):
     # one spike per row at a different column (scalar head, vector body, scalar tail): a skipped
     # column would drop the row's lse from about 50 to log(vocab) ~ 11.8
     vocab = 128256 + 3
@@ -252,7 +342,7 @@ def test_cuda_every_column_is_read(dtype, offset):
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_non_contiguous_last_dim_falls_back_to_a_copy():
+def test_cuda_non_contiguous_last_dim_falls_back_to_a_copy(variant):
     x = (torch.randn(1003, 6, device="cuda") * 3).to(torch.bfloat16)
     logits = x.t()  # stride(1) != 1
     t = make_targets(6, 1003, "cuda")
@@ -266,7 +356,7 @@ def test_cuda_non_contiguous_last_dim_falls_back_to_a_copy():
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_poisoned_outputs_are_all_written(dtype):
+def test_cuda_poisoned_outputs_are_all_written(dtype, variant):
     rows, vocab = 37, 5001
     logits = (torch.randn(rows, vocab, device="cuda") * 2).to(dtype)
     t = make_targets(rows, vocab, "cuda")
@@ -286,7 +376,7 @@ def test_cuda_poisoned_outputs_are_all_written(dtype):
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_autograd_matches_torch(dtype):
+def test_cuda_autograd_matches_torch(dtype, variant):
     logits = (torch.randn(33, 30011, device="cuda") * 3).to(dtype).requires_grad_()
     t = make_targets(33, 30011, "cuda")
     loss = cross_entropy(logits, t)
@@ -300,7 +390,7 @@ def test_cuda_autograd_matches_torch(dtype):
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_opcheck():
+def test_cuda_opcheck(variant):
     logits = torch.randn(5, 333, device="cuda", dtype=torch.bfloat16)
     t = torch.tensor([0, 332, -100, 5, 9], device="cuda")
     torch.library.opcheck(cross_entropy_fwd, (logits.clone().requires_grad_(), t))
@@ -310,7 +400,7 @@ def test_cuda_opcheck():
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_side_stream_and_no_sync():
+def test_cuda_side_stream_and_no_sync(variant):
     logits = torch.randn(64, 32003, device="cuda", dtype=torch.bfloat16)
     t = make_targets(64, 32003, "cuda")
     ref_lse, ref_loss = float64_reference(logits, t)

@@ -25,7 +25,13 @@ def cross_entropy_reference(
     lse = torch.logsumexp(lf, dim=-1)
     valid = targets != ignore_index
     tgt = lf.gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1)
-    return lse, torch.where(valid, lse - tgt, 0.0)
+    # (m - x_t) + log(sum e^(x - m)), not lse - x_t: at |x| ~ 1e38 lse rounds to m and the
+    # difference cancels. A non-finite max (all -inf, +inf, NaN) shifts by 0: the same inf/NaN
+    # results as lse - x_t.
+    m = lf.amax(dim=-1)
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    loss = (m - tgt) + torch.logsumexp(lf - m[:, None], dim=-1)
+    return lse, torch.where(valid, loss, 0.0)
 
 
 def cross_entropy_backward_reference(
