@@ -131,24 +131,9 @@ def rope_rows(dtype: torch.dtype, batch: int = 2, seq: int = 4096) -> list:
     return [(f"rope q+k ({batch} x {seq}, 32/8 heads)", nbytes, lambda: rope_(q, k, cos, sin), eager)]
 
 
-# Forward kernels of cross_entropy_fwd (the Rust launcher reads RSLORA_FAST_CE at every launch).
-CE_VARIANTS = ("v1", "v2x4")
-
-
-def _under_ce_variant(variant: str, fn):
-    """``fn`` run with ``RSLORA_FAST_CE=variant``."""
-
-    def run():
-        os.environ["RSLORA_FAST_CE"] = variant
-        return fn()
-
-    return run
-
-
 def cross_entropy_rows(dtype: torch.dtype, tokens: int = 4096, vocab: int = 128256) -> list:
     """Llama-3 logits ``[4096, 128256]`` in chunks as ``ops/fused_ce.py`` splits them; forward reads each
-    chunk once (one row per forward variant, ``[v1]`` the default), the in-place backward reads and
-    writes it. Eager: the float32 upcast expressions."""
+    chunk once, the in-place backward reads and writes it. Eager: the float32 upcast expressions."""
     from rslora_fast.ops.cross_entropy import cross_entropy_bwd_, cross_entropy_fwd
     from rslora_fast.ops.fused_ce import default_chunk_tokens
 
@@ -190,8 +175,7 @@ def cross_entropy_rows(dtype: torch.dtype, tokens: int = 4096, vocab: int = 1282
 
     size = logits.numel() * logits.element_size()
     name = f"cross_entropy [{tokens}, {vocab}] in chunks of {chunk}"
-    fwd_rows = [(f"{name} fwd [{v}]", size, _under_ce_variant(v, ours_fwd), eager_fwd) for v in CE_VARIANTS]
-    return fwd_rows + [(f"{name} bwd", 2 * size, _under_ce_variant("v1", ours_bwd), eager_bwd)]
+    return [(f"{name} fwd", size, ours_fwd, eager_fwd), (f"{name} bwd", 2 * size, ours_bwd, eager_bwd)]
 
 
 def main() -> int:

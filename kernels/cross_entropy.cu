@@ -8,6 +8,24 @@
 // Each row is walked as a scalar head up to the first 16-byte boundary, then 16-byte vectors
 // (consecutive threads on consecutive vectors: coalesced), then a scalar tail; so any row stride
 // and any vocabulary size take the vector path for nearly all of the row.
+//
+// The forward is issue-bound at 16 bits, not memory-bound: a plain loop (two vectors per trip,
+// to_f32 + fmaxf + __expf per element; "v1") is 5.75 sm_90 instructions per bf16 byte against
+// fp32's 2.97. So it holds four vectors per thread per trip, takes the group max in packed
+// bf16x2 / f16x2 (VHMNMX; exact: a max only picks), unpacks bf16 with one SHF or LOP3 and fp16
+// with one HADD2.F32 per element, and computes e^(x - m) as ex2.approx.ftz((x - m) * log2e):
+// 204 instructions per 64-byte trip, 3.19 per byte, the same for bf16 and fp16 (nvcc 13.0).
+// H200, benches/kernels.py, [4096, 128256] in fused_ce chunks, % of device copy bandwidth:
+//                  bf16   fp16   fp32
+//   v1             76.3   79.9   93.2   run 1
+//   v2x4, fused    80.7   80.2   93.7   run 1 (the fused exponent below)
+//   v1             76.6   60.5   94.5   run 2 (fp16 low for both kernels in that run only; the
+//   v2x4 (this)    81.4   55.1   94.1   run 2  fp16 backward right after it read a normal 82.2)
+// Do not fold the subtraction into one FFMA, 2^(x log2e - m log2e) (run 1's v2x4): dropped for
+// its precision, not its speed. m log2e rounds by up to |m| 2^-24 in the exponent, a relative
+// error in every term that grows with |m| (7e-4 in the loss at |m| ~ 3e4 on the H200; the tests
+// at large maxima catch it), and m log2e overflows for |m| above 2.4e38. x - m is exact near the
+// max; the FADD it costs per element did not show (bf16 81.4 in run 2 against 80.7).
 #include <math.h>
 
 #include "common.cuh"
@@ -30,21 +48,14 @@ __device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
   return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
 }
 
-// Fold `k` values into the running pair: one rescale per group, one exp per value.
-template <int K>
-__device__ __forceinline__ void fold(MaxSum& acc, const float (&x)[K]) {
-  float mx = x[0];
-#pragma unroll
-  for (int k = 1; k < K; ++k) mx = fmaxf(mx, x[k]);
-  if (mx > acc.m) {
-    acc.s *= __expf(acc.m - mx);  // acc.m = -inf gives 0 * e^-inf = 0
-    acc.m = mx;
+// Fold one value into the running pair (the scalar head and tail).
+__device__ __forceinline__ void fold_one(MaxSum& acc, float x) {
+  if (x > acc.m) {
+    acc.s *= __expf(acc.m - x);  // acc.m = -inf gives 0 * e^-inf = 0
+    acc.m = x;
   }
-  const float base = acc.m == -INFINITY ? 0.0f : acc.m;  // all -inf so far: every term is 0
-  float t = 0.0f;
-#pragma unroll
-  for (int k = 0; k < K; ++k) t += __expf(x[k] - base);
-  acc.s += t;
+  // all -inf so far: the term is 0 (and a NaN x passes through to the sum)
+  acc.s += __expf(x - (acc.m == -INFINITY ? 0.0f : acc.m));
 }
 
 // Number of leading elements of a row before its first 16-byte boundary (at most `cols`).
@@ -97,60 +108,10 @@ __device__ __forceinline__ void finish_row(MaxSum acc, float* sm, float* ss, con
   }
 }
 
-template <typename T>
-__device__ void ce_fwd(const T* __restrict__ logits, int64_t ld, const int64_t* __restrict__ tgt,
-                       float* __restrict__ lse, float* __restrict__ loss, int64_t rows,
-                       int64_t cols, int64_t ignore) {
-  constexpr int N = rf::Vec<T>::N;
-  __shared__ float sm[MAX_THREADS / 32], ss[MAX_THREADS / 32];
-  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    const T* row = logits + r * ld;
-    const int64_t head = head_len(row, cols);
-    const T* body = row + head;
-    const int64_t nvec = (cols - head) / N;
-    MaxSum acc = {-INFINITY, 0.0f};
-    // Two vectors per trip, both loads issued before the math: more bytes in flight.
-    int64_t v = threadIdx.x;
-    for (; v + blockDim.x < nvec; v += 2 * blockDim.x) {
-      const rf::Vec<T> a = rf::load_vec(body + v * N);
-      const rf::Vec<T> b = rf::load_vec(body + (v + blockDim.x) * N);
-      float x[2 * N];
-#pragma unroll
-      for (int k = 0; k < N; ++k) {
-        x[k] = rf::to_f32(a.v[k]);
-        x[N + k] = rf::to_f32(b.v[k]);
-      }
-      fold<2 * N>(acc, x);
-    }
-    if (v < nvec) {
-      const rf::Vec<T> a = rf::load_vec(body + v * N);
-      float x[N];
-#pragma unroll
-      for (int k = 0; k < N; ++k) x[k] = rf::to_f32(a.v[k]);
-      fold<N>(acc, x);
-    }
-    // Scalar head and tail: fewer than 2 * N elements in all.
-    const int64_t tail = head + nvec * N;
-    const int64_t extra = head + (cols - tail);
-    for (int64_t e = threadIdx.x; e < extra; e += blockDim.x) {
-      const int64_t c = e < head ? e : tail + (e - head);
-      const float x[1] = {rf::to_f32(row[c])};
-      fold<1>(acc, x);
-    }
-    finish_row(acc, sm, ss, row, r, tgt, lse, loss, cols, ignore);
-  }
-}
-
-// ---- Forward v2x4 (RSLORA_FAST_CE): the same one-pass online max/sum, fewer instructions per byte.
-// v1's loop (sm_90 SASS, nvcc 13.0) is 184 instructions per 2-vector trip of bf16: 11.5 per element
-// (two-step unpack of the high half, FMNMX, FADD, FMUL, the non-ftz exp2's FSETP and two
-// predicated FMULs, MUFU, FADD), 5.75 per byte against fp32's 2.97, which reaches 93-96% of copy
-// while bf16 stops at 76%: 16-bit rows are issue-bound. Here: four vectors per thread per trip,
-// the group max in packed bf16x2 / f16x2 (exact: a max only picks; 3-input VHMNMX), a
-// one-instruction unpack, and e^(x - m) as ex2.approx.ftz((x - m) * log2e): FADD, FMUL, MUFU.
-// Not the one-FFMA form 2^(x log2e - m log2e): m log2e rounds by up to |m| 2^-24 in the exponent,
-// a relative error of every term of the group that grows with |m| (7e-4 at |m| ~ 3e4, measured in
-// the loss on the H200; the form lost in v2). x - m is exact near the max, as in v1.
+// ---- Forward (see the top of the file for why it looks like this).
+// 16-byte vectors per thread per trip (all loads in flight before the math); the launcher's
+// thread count assumes the same (FWD_VECS in src/kernels/cross_entropy.rs).
+constexpr int FWD_VECS = 4;
 constexpr float LOG2E = 1.4426950408889634f;
 
 // 2^x with the bare MUFU.EX2. Flushing results below 2^-126 to 0 changes nothing: every term is
@@ -161,8 +122,8 @@ __device__ __forceinline__ float ex2_ftz(float x) {
   return y;
 }
 
-// A 32-bit word of T: `PER` elements (`NEG_INF`: all of them -inf), their packed max (NaN-skipping like fmaxf, exact), unpacked
-// to float exactly as rf::to_f32 does.
+// A 32-bit word of T: `PER` elements (`NEG_INF`: all of them -inf), their packed max
+// (NaN-skipping like fmaxf, exact), unpacked to float exactly as rf::to_f32 does.
 template <typename T> struct Word;
 template <> struct Word<float> {
   static constexpr int PER = 1;
@@ -200,7 +161,7 @@ template <> struct Word<__nv_bfloat16> {
   }
 };
 
-// Fold the `W` words' elements into the running pair (as fold<K>, with the bare ex2).
+// Fold the `W` words' elements into the running pair (as fold_one, per group, with the bare ex2).
 template <typename T, int W>
 __device__ __forceinline__ void fold_words(MaxSum& acc, const uint32_t (&w)[W]) {
   using Wd = Word<T>;
@@ -245,11 +206,11 @@ __device__ __forceinline__ void words_of(const uint4& q, uint32_t* w) {
   w[3] = q.w;
 }
 
-// Forward with `V` 16-byte vectors per thread per trip (all loads issued before the math).
+// Forward with `V` 16-byte vectors per thread per trip.
 template <typename T, int V>
-__device__ void ce_fwd_fast(const T* __restrict__ logits, int64_t ld, const int64_t* __restrict__ tgt,
-                            float* __restrict__ lse, float* __restrict__ loss, int64_t rows,
-                            int64_t cols, int64_t ignore) {
+__device__ void ce_fwd(const T* __restrict__ logits, int64_t ld, const int64_t* __restrict__ tgt,
+                       float* __restrict__ lse, float* __restrict__ loss, int64_t rows, int64_t cols,
+                       int64_t ignore) {
   constexpr int N = rf::Vec<T>::N;
   __shared__ float sm[MAX_THREADS / 32], ss[MAX_THREADS / 32];
   const int64_t step = blockDim.x;
@@ -286,8 +247,7 @@ __device__ void ce_fwd_fast(const T* __restrict__ logits, int64_t ld, const int6
     const int64_t extra = head + (cols - tail);
     for (int64_t e = threadIdx.x; e < extra; e += blockDim.x) {
       const int64_t c = e < head ? e : tail + (e - head);
-      const float x[1] = {rf::to_f32(row[c])};
-      fold<1>(acc, x);
+      fold_one(acc, rf::to_f32(row[c]));
     }
     finish_row(acc, sm, ss, row, r, tgt, lse, loss, cols, ignore);
   }
@@ -343,11 +303,13 @@ __device__ void ce_bwd(T* logits, int64_t ld, const float* __restrict__ lse,
 
 }  // namespace
 
+// The forward at most 32 registers (4 blocks of 512 per SM, no spills, as the plain loop got by
+// itself); a 523-row chunk is then one wave on 132 SMs.
 #define CE_ENTRY(SUFFIX, T)                                                                     \
-  extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                     \
+  extern "C" __global__ void __launch_bounds__(MAX_THREADS, 4)                                  \
       cross_entropy_fwd_##SUFFIX(const T* logits, int64_t ld, const int64_t* tgt, float* lse,   \
                                  float* loss, int64_t rows, int64_t cols, int64_t ignore) {     \
-    ce_fwd<T>(logits, ld, tgt, lse, loss, rows, cols, ignore);                                  \
+    ce_fwd<T, FWD_VECS>(logits, ld, tgt, lse, loss, rows, cols, ignore);                        \
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                     \
       cross_entropy_bwd_##SUFFIX(T* logits, int64_t ld, const float* lse, const int64_t* tgt,   \
@@ -359,17 +321,3 @@ __device__ void ce_bwd(T* logits, int64_t ld, const float* __restrict__ lse,
 CE_ENTRY(f32, float)
 CE_ENTRY(f16, __half)
 CE_ENTRY(bf16, __nv_bfloat16)
-
-// Forward v2x4: at most 32 registers (4 blocks of 512 per SM), as v1 gets by itself; a
-// 523-row chunk is then one wave on 132 SMs.
-#define CE_FWD_FAST(NAME, V, SUFFIX, T)                                                         \
-  extern "C" __global__ void __launch_bounds__(MAX_THREADS, 4)                                  \
-      cross_entropy_fwd_##NAME##_##SUFFIX(const T* logits, int64_t ld, const int64_t* tgt,      \
-                                          float* lse, float* loss, int64_t rows, int64_t cols,  \
-                                          int64_t ignore) {                                     \
-    ce_fwd_fast<T, V>(logits, ld, tgt, lse, loss, rows, cols, ignore);                          \
-  }
-
-CE_FWD_FAST(v2x4, 4, f32, float)
-CE_FWD_FAST(v2x4, 4, f16, __half)
-CE_FWD_FAST(v2x4, 4, bf16, __nv_bfloat16)

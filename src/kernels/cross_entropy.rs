@@ -24,84 +24,15 @@ fn kernel_name(fwd: bool, dtype: DType) -> &'static str {
     }
 }
 
-/// Which forward kernel the launcher uses, from [`Variant::ENV`], read at every launch (not
-/// cached) so a benchmark can time every variant in one process. The backward has one kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Variant {
-    /// `v1` (the default): two 16-byte vectors per thread per trip, `__expf` per element.
-    V1,
-    /// `v2x4`: fewer instructions per element than v1 and four 16-byte vectors per thread per
-    /// trip (64 bytes in flight per thread): the group max in packed bf16x2/f16x2, a
-    /// one-instruction unpack, `ex2.approx.ftz((x - m) * log2e)` per element (x - m first, as
-    /// v1, so the terms stay exact at any |m|).
-    V2X4,
-}
+/// 16-byte vectors per thread per trip of the forward (`FWD_VECS` in the kernel) and of the
+/// backward: the block size follows from them.
+const FWD_VECS: usize = 4;
+const BWD_VECS: usize = 2;
 
-impl Variant {
-    /// The environment variable that selects the forward variant.
-    pub const ENV: &'static str = "RSLORA_FAST_CE";
-    /// Every accepted value, for error messages and benchmarks.
-    pub const NAMES: [&'static str; 2] = ["v1", "v2x4"];
-
-    /// Parse a value of [`Variant::ENV`] (empty means the default).
-    pub fn parse(value: &str) -> Result<Variant> {
-        match value.trim() {
-            "" | "v1" => Ok(Variant::V1),
-            "v2x4" => Ok(Variant::V2X4),
-            other => Err(Error::invalid(format!(
-                "{}={other:?}: expected one of {}",
-                Variant::ENV,
-                Variant::NAMES.join(", ")
-            ))),
-        }
-    }
-
-    /// The variant the environment asks for now ([`Variant::V1`] when unset).
-    pub fn from_env() -> Result<Variant> {
-        match std::env::var(Variant::ENV) {
-            Ok(v) => Variant::parse(&v),
-            Err(std::env::VarError::NotPresent) => Ok(Variant::V1),
-            Err(std::env::VarError::NotUnicode(_)) => Err(Error::invalid(format!(
-                "{} is not valid unicode",
-                Variant::ENV
-            ))),
-        }
-    }
-
-    /// The name [`Variant::parse`] accepts for this variant.
-    pub fn name(self) -> &'static str {
-        match self {
-            Variant::V1 => "v1",
-            Variant::V2X4 => "v2x4",
-        }
-    }
-
-    /// 16-byte vectors per thread per trip of the forward.
-    fn vecs_per_trip(self) -> usize {
-        match self {
-            Variant::V1 => 2,
-            Variant::V2X4 => 4,
-        }
-    }
-
-    fn forward_kernel(self, dtype: DType) -> &'static str {
-        match (self, dtype) {
-            (Variant::V1, _) => kernel_name(true, dtype),
-            (Variant::V2X4, DType::F32) => "cross_entropy_fwd_v2x4_f32",
-            (Variant::V2X4, DType::F16) => "cross_entropy_fwd_v2x4_f16",
-            (Variant::V2X4, DType::BF16) => "cross_entropy_fwd_v2x4_bf16",
-        }
-    }
-}
-
-/// Threads of the block that owns a row of `cols` elements: two 16-byte vectors per thread
-/// per trip, in whole warps, 32 to 512 (a 128k-wide bf16 row then takes ~16 trips per thread).
-pub fn threads_for(cols: usize, dtype: DType) -> u32 {
-    threads_for_vecs(cols, dtype, 2)
-}
-
-/// As [`threads_for`] with `per_trip` vectors per thread per trip.
-fn threads_for_vecs(cols: usize, dtype: DType, per_trip: usize) -> u32 {
+/// Threads of the block that owns a row of `cols` elements when each thread takes `per_trip`
+/// 16-byte vectors per trip: in whole warps, 32 to 512 (a 128k-wide bf16 row then takes ~8
+/// forward trips per thread).
+pub fn threads_for(cols: usize, dtype: DType, per_trip: usize) -> u32 {
     let vecs = cols.div_ceil(16 / dtype.size());
     vecs.div_ceil(per_trip)
         .next_multiple_of(32)
@@ -152,15 +83,8 @@ unsafe fn launch_rows(
         return Ok(());
     }
     check_ptrs(what, &[logits, rest[0], rest[1], rest[2]])?;
-    let (kernel, threads) = if fwd {
-        let v = Variant::from_env()?;
-        (
-            v.forward_kernel(dtype),
-            threads_for_vecs(cols, dtype, v.vecs_per_trip()),
-        )
-    } else {
-        (kernel_name(false, dtype), threads_for(cols, dtype))
-    };
+    let kernel = kernel_name(fwd, dtype);
+    let threads = threads_for(cols, dtype, if fwd { FWD_VECS } else { BWD_VECS });
     let blocks = rows.min(MAX_BLOCKS) as u32;
     let [mut p1, mut p2, mut p3] = rest;
     let (mut logits, mut ld) = (logits, ld as i64);
@@ -178,8 +102,7 @@ unsafe fn launch_rows(
     // SAFETY: args match `cross_entropy_fwd_<dtype>(const T*, int64_t, const int64_t* targets,
     // float* lse, float* loss, int64_t, int64_t, int64_t)` and `cross_entropy_bwd_<dtype>(T*,
     // int64_t, const float* lse, const int64_t* targets, const float* scale, int64_t, int64_t,
-    // int64_t)` (every forward variant has the forward's signature); the callers pass `rest` in
-    // those orders and guarantee the pointers.
+    // int64_t)`; the callers pass `rest` in those orders and guarantee the pointers.
     unsafe {
         cuda::launch(
             device,
@@ -274,41 +197,22 @@ mod tests {
 
     #[test]
     fn threads_cover_the_row_in_whole_warps() {
-        assert_eq!(threads_for(1, DType::BF16), 32);
-        assert_eq!(threads_for(1000, DType::BF16), 64); // 125 vectors -> 63 threads -> 2 warps
-        assert_eq!(threads_for(128_256, DType::BF16), 512);
-        assert_eq!(threads_for(128_256, DType::F32), 512);
+        assert_eq!(threads_for(1, DType::BF16, BWD_VECS), 32);
+        assert_eq!(threads_for(1000, DType::BF16, BWD_VECS), 64); // 125 vectors -> 63 threads -> 2 warps
+        assert_eq!(threads_for(128_256, DType::BF16, FWD_VECS), 512);
+        assert_eq!(threads_for(128_256, DType::F32, FWD_VECS), 512);
         for cols in [1, 7, 8, 9, 1000, 4096, 128_259] {
-            let t = threads_for(cols, DType::F16) as usize;
-            assert!(t % 32 == 0 && (32..=MAX_THREADS).contains(&t));
-        }
-    }
-
-    #[test]
-    fn variants_parse_and_bad_values_name_the_accepted_ones() {
-        for name in Variant::NAMES {
-            assert_eq!(Variant::parse(name).unwrap().name(), name);
-        }
-        assert_eq!(Variant::parse("").unwrap(), Variant::V1);
-        let err = Variant::parse("v2").unwrap_err().to_string();
-        assert!(
-            err.contains("RSLORA_FAST_CE") && err.contains("v1, v2x4"),
-            "{err}"
-        );
-        // every variant has its own entry per dtype (v1's are the plain names)
-        let mut seen = std::collections::HashSet::new();
-        for v in Variant::NAMES.map(|n| Variant::parse(n).unwrap()) {
-            for d in [DType::F32, DType::F16, DType::BF16] {
-                assert!(seen.insert(v.forward_kernel(d)));
+            for per_trip in [FWD_VECS, BWD_VECS] {
+                let t = threads_for(cols, DType::F16, per_trip) as usize;
+                assert!(t % 32 == 0 && (32..=MAX_THREADS).contains(&t));
             }
         }
     }
 
     #[test]
     fn four_vector_trips_use_half_the_threads_on_short_rows() {
-        assert_eq!(threads_for_vecs(128_256, DType::BF16, 4), 512);
-        assert_eq!(threads_for_vecs(8 * 256, DType::BF16, 4), 64); // 256 vectors -> 64 threads
-        assert_eq!(threads_for_vecs(8 * 256, DType::BF16, 2), 128);
+        assert_eq!(threads_for(8 * 256, DType::BF16, FWD_VECS), 64); // 256 vectors -> 64 threads
+        assert_eq!(threads_for(8 * 256, DType::BF16, BWD_VECS), 128);
     }
 
     #[test]

@@ -94,18 +94,8 @@ fn cross_entropy_bwd(
     })
 }
 
-/// cross_entropy_variant() -> str
-///
-/// The forward kernel ``RSLORA_FAST_CE`` selects now: ``"v1"`` (default) or ``"v2x4"``
-/// (read at every forward launch); raises ValueError for any other value.
-#[pyfunction]
-fn cross_entropy_variant() -> PyResult<&'static str> {
-    guard(|| cross_entropy::Variant::from_env().map(|v| v.name()))
-}
-
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cross_entropy_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(cross_entropy_bwd, m)?)?;
-    m.add_function(wrap_pyfunction!(cross_entropy_variant, m)?)?;
     Ok(())
 }

@@ -14,16 +14,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FWD_ATOL = 1e-4
 BWD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
-# Forward kernels the launcher picks from RSLORA_FAST_CE at every launch; every GPU test runs each.
-VARIANT_ENV = "RSLORA_FAST_CE"
-VARIANTS = ["v1", "v2x4"]
-
-
-@pytest.fixture(params=VARIANTS)
-def variant(request, monkeypatch):
-    """Run the test under each forward variant (the Rust launcher reads the variable per launch)."""
-    monkeypatch.setenv(VARIANT_ENV, request.param)
-    return request.param
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -162,19 +152,6 @@ def test_bad_input_names_the_problem():
         cross_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.long), reduction="avg")
 
 
-def test_variant_is_read_from_the_environment_at_every_call(monkeypatch):
-    from rslora_fast import _core
-
-    monkeypatch.delenv(VARIANT_ENV, raising=False)
-    assert _core.cross_entropy_variant() == "v1"
-    for name in VARIANTS:
-        monkeypatch.setenv(VARIANT_ENV, name)
-        assert _core.cross_entropy_variant() == name
-    monkeypatch.setenv(VARIANT_ENV, "fast")
-    with pytest.raises(ValueError, match=f"{VARIANT_ENV}.*v1, v2x4"):
-        _core.cross_entropy_variant()
-
-
 # ---------------------------------------------------------------- GPU (our kernels)
 
 
@@ -184,26 +161,22 @@ def test_variant_is_read_from_the_environment_at_every_call(monkeypatch):
 @pytest.mark.parametrize(
     "rows,vocab", [(1, 1), (1, 7), (5, 7), (13, 1000), (3, 4099), (4, 128256 + 3), (2, 262144)]
 )
-def test_cuda_matches_float64(dtype, rows, vocab, variant):
+def test_cuda_matches_float64(dtype, rows, vocab):
     check_fwd_bwd("cuda", dtype, rows, vocab)
 
 
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_all_ignored_and_first_last_targets(dtype, variant):
+def test_cuda_all_ignored_and_first_last_targets(dtype):
     check_fwd_bwd("cuda", dtype, 6, 1001, targets=torch.full((6,), -100, device="cuda"))
     t = torch.tensor([0, 1000, 999, 0, 1000, 500], device="cuda")
     check_fwd_bwd("cuda", dtype, 6, 1001, targets=t)
 
 
-@pytest.mark.parametrize(
-    "device,variant_name",
-    [("cpu", "v1")] + [pytest.param("cuda", v, marks=[cuda, pytest.mark.cuda]) for v in VARIANTS],
-)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[cuda, pytest.mark.cuda])])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_nan_logits_give_nan_like_torch(device, variant_name, dtype, monkeypatch):
-    monkeypatch.setenv(VARIANT_ENV, variant_name)
+def test_nan_logits_give_nan_like_torch(device, dtype):
     # a NaN anywhere in a row (a lone NaN, a whole 16-byte vector of them, the whole row) must
     # not be folded away: the loss of that row is NaN, as torch's logsumexp gives
     logits = torch.zeros(4, 64, device=device, dtype=dtype)
@@ -223,7 +196,7 @@ def test_nan_logits_give_nan_like_torch(device, variant_name, dtype, monkeypatch
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_large_logits_do_not_overflow(dtype, variant):
+def test_cuda_large_logits_do_not_overflow(dtype):
     check_fwd_bwd("cuda", dtype, 7, 4099, scale_logits=1e4)
     # a huge spread inside one row: one dominant logit, the rest far below
     logits = torch.full((2, 5003), -1e4, device="cuda").to(dtype)
@@ -237,7 +210,7 @@ def test_cuda_large_logits_do_not_overflow(dtype, variant):
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_terms_stay_exact_at_large_maxima(dtype, variant):
+def test_cuda_terms_stay_exact_at_large_maxima(dtype):
     # Each row's max (1e4..4e4) is shared by a few logits in head, body and tail, with near-ties
     # below it, and the target is one of them: the loss is log(sum of the top terms) ~ 1.5, so a
     # relative error of the terms shows in it unmasked (the fused exponent 2^(x log2e - m log2e)
@@ -263,13 +236,9 @@ def test_cuda_terms_stay_exact_at_large_maxima(dtype, variant):
     assert ((lse.double() - ref_lse).abs() <= tol).all(), (lse.double() - ref_lse).abs().max()
 
 
-@pytest.mark.parametrize(
-    "device,variant_name",
-    [("cpu", "v1")] + [pytest.param("cuda", v, marks=[cuda, pytest.mark.cuda]) for v in VARIANTS],
-)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[cuda, pytest.mark.cuda])])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_logits_near_the_float_limit(device, variant_name, dtype, monkeypatch):
-    monkeypatch.setenv(VARIANT_ENV, variant_name)
+def test_logits_near_the_float_limit(device, dtype):
     # maxima above 1e38 (fp32 and bf16 reach 3.4e38): max * log2(e) would overflow, so the
     # exponent must subtract the max first (a wrong path gives lse = -inf or NaN); and the loss
     # must be (m - x_t) + log(s): lse - x_t cancels to 0 in row 2 (100 ties at 2e38: ln 100)
@@ -290,17 +259,9 @@ def test_logits_near_the_float_limit(device, variant_name, dtype, monkeypatch):
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_bad_variant_names_the_accepted_ones(monkeypatch):
-    monkeypatch.setenv(VARIANT_ENV, "v2")  # the lost variant is gone
-    with pytest.raises(ValueError, match="v1, v2x4"):
-        cross_entropy_fwd(torch.zeros(2, 5, device="cuda"), torch.zeros(2, dtype=torch.long, device="cuda"))
-
-
-@cuda
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", [0, 1, 3, 5])
-def test_cuda_strided_and_unaligned_rows(dtype, offset, variant):
+def test_cuda_strided_and_unaligned_rows(dtype, offset):
     # rows of a wider buffer: row stride 2 * vocab + 8, start `offset` elements in (breaks 16-byte alignment)
     vocab = 1027
     wides = []
@@ -322,7 +283,7 @@ def test_cuda_strided_and_unaligned_rows(dtype, offset, variant):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", [0, 1, 3])
-def test_cuda_every_column_is_read(dtype, offset, variant):
+def test_cuda_every_column_is_read(dtype, offset):
     # one spike per row at a different column (scalar head, vector body, scalar tail): a skipped
     # column would drop the row's lse from about 50 to log(vocab) ~ 11.8
     vocab = 128256 + 3
@@ -342,7 +303,7 @@ def test_cuda_every_column_is_read(dtype, offset, variant):
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_non_contiguous_last_dim_falls_back_to_a_copy(variant):
+def test_cuda_non_contiguous_last_dim_falls_back_to_a_copy():
     x = (torch.randn(1003, 6, device="cuda") * 3).to(torch.bfloat16)
     logits = x.t()  # stride(1) != 1
     t = make_targets(6, 1003, "cuda")
@@ -356,7 +317,7 @@ def test_cuda_non_contiguous_last_dim_falls_back_to_a_copy(variant):
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_poisoned_outputs_are_all_written(dtype, variant):
+def test_cuda_poisoned_outputs_are_all_written(dtype):
     rows, vocab = 37, 5001
     logits = (torch.randn(rows, vocab, device="cuda") * 2).to(dtype)
     t = make_targets(rows, vocab, "cuda")
@@ -376,7 +337,7 @@ def test_cuda_poisoned_outputs_are_all_written(dtype, variant):
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_autograd_matches_torch(dtype, variant):
+def test_cuda_autograd_matches_torch(dtype):
     logits = (torch.randn(33, 30011, device="cuda") * 3).to(dtype).requires_grad_()
     t = make_targets(33, 30011, "cuda")
     loss = cross_entropy(logits, t)
@@ -390,7 +351,7 @@ def test_cuda_autograd_matches_torch(dtype, variant):
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_opcheck(variant):
+def test_cuda_opcheck():
     logits = torch.randn(5, 333, device="cuda", dtype=torch.bfloat16)
     t = torch.tensor([0, 332, -100, 5, 9], device="cuda")
     torch.library.opcheck(cross_entropy_fwd, (logits.clone().requires_grad_(), t))
@@ -400,7 +361,7 @@ def test_cuda_opcheck(variant):
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_side_stream_and_no_sync(variant):
+def test_cuda_side_stream_and_no_sync():
     logits = torch.randn(64, 32003, device="cuda", dtype=torch.bfloat16)
     t = make_targets(64, 32003, "cuda")
     ref_lse, ref_loss = float64_reference(logits, t)
