@@ -1,10 +1,13 @@
 """Timing helpers shared by the Python benches: CUDA-event medians and the copy-bandwidth ceiling.
 
 Every timed run is preceded by a write over a buffer larger than the L2 cache, queued on the same
-stream. That does two things: the kernel starts with a cold L2 (its inputs are not served from the
-previous repeat's cache, which would flatter a 30 MB input on a 50 MB L2), and the GPU is busy while
-the host queues the start event and the kernel, so the launch cost on the host (Python, the binding)
-stays out of the GPU time measured between the events. Launch cost is real but is a separate figure
+stream, then about 1 ms of GPU spin. The write makes the kernel start with a cold L2 (its inputs are
+not served from the previous repeat's cache, which would flatter a 30 MB input on a 50 MB L2). The
+spin keeps the GPU busy while the host queues the start event and every launch of the timed call, so
+the launch cost on the host (Python, the binding) stays out of the GPU time measured between the
+events even for a call of several short launches (the chunked cross-entropy forward: 8 launches of
+about 40 us, whose figure varied between 71% and 80% of the copy when the write alone had to cover
+the host's queueing). Launch cost is real but is a separate figure
 (``host_launch_us``); kernels compared with a copy ceiling are compared on GPU time.
 """
 
@@ -19,6 +22,9 @@ import torch
 # Larger than any current GPU's L2 (H100/H200: 50 MB, B200: 126 MB).
 _FLUSH_BYTES = 256 << 20
 _flush_buf: torch.Tensor | None = None
+# GPU clock cycles of spin after the flush: about 1 ms at H200 clocks, longer than the host needs to
+# queue any timed call here.
+_SPIN_CYCLES = 2_000_000
 
 
 def _flush_l2() -> None:
@@ -40,6 +46,7 @@ def median_ms(fn: Callable[[], object], warmup: int = 5, repeat: int = 30) -> tu
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         _flush_l2()
+        torch.cuda._sleep(_SPIN_CYCLES)
         start.record()
         fn()
         end.record()
