@@ -250,7 +250,24 @@ def worker(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
+    row.update(_budget_fields(model))
     return row
+
+
+def _budget_fields(model) -> dict:
+    """``kept_layers`` / ``layers`` of the memory budget when the system has one (see get_peft_model)."""
+    from rslora_fast.checkpointing import offload_handle
+
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    handle = offload_handle(inner)
+    if handle is None or handle.max_memory_gb is None:
+        return {}
+    st = handle.budget_stats()
+    return {
+        "kept_layers": st["kept_layers"],
+        "layers": st["layers"],
+        "kept_gib": round(st["kept_bytes"] / 2**30, 2),
+    }
 
 
 def longctx_worker(args: argparse.Namespace) -> dict:

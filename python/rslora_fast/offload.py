@@ -397,6 +397,7 @@ class OffloadedCheckpointing:
         self.max_memory_gb = max_memory_gb
         self._budget = None if max_memory_gb is None else int(max_memory_gb * (1 << 30))
         self._kept_bytes = 0
+        self._kept_layers = 0
         self._bytes_per_token: dict[int, float] = {}
         self._schedulers: dict[Any, Any] = {}
         self._copy_streams: dict[Any, Any] = {}
@@ -508,6 +509,7 @@ class OffloadedCheckpointing:
         tokens = x.numel() // max(1, x.shape[-1])
         if st.index == 0:
             self._kept_bytes = 0  # a new forward pass begins
+            self._kept_layers = 0
             self._pass_start = None
             self._forget_dead_records()
         if self._keep_on_device(st, x, tokens):
@@ -569,10 +571,19 @@ class OffloadedCheckpointing:
         if per_token is None:
             return False
         need = int(per_token * tokens)
-        if self._kept_bytes + need <= self._budget:
+        keep = self._kept_bytes + need <= self._budget
+        if keep:
             self._kept_bytes += need
-            return True
-        return False
+            self._kept_layers += 1
+        if st.is_last:
+            s = self.budget_stats()
+            self._log_once(
+                "budget",
+                f"offloaded checkpointing: memory budget {self.max_memory_gb:g} GiB keeps {s['kept_layers']} of "
+                f"{s['layers']} decoder layers without recompute ({s['kept_bytes'] / 2**30:.2f} GiB of "
+                f"activations at {tokens} tokens per call)",
+            )
+        return keep
 
     def _frozen_and_trainable(self, call: _Call):
         return self._states[call.index].layer.parameters()
@@ -586,6 +597,21 @@ class OffloadedCheckpointing:
         self._bytes_per_token[call.index] = saved_bytes / max(1, call.tokens)
 
     # -- lifecycle -------------------------------------------------------------------------
+
+    def budget_stats(self) -> dict:
+        """What the memory budget kept in the latest forward pass.
+
+        Returns:
+            ``{"budget_bytes", "kept_layers", "kept_bytes", "layers"}``: the budget (``None`` without
+            ``max_memory_gb``), the layers run without checkpointing and their measured activation bytes
+            (0 in the first training step, which measures every layer), and the number of decoder layers.
+        """
+        return {
+            "budget_bytes": self._budget,
+            "kept_layers": self._kept_layers,
+            "kept_bytes": self._kept_bytes,
+            "layers": len(self._states),
+        }
 
     def stats(self) -> dict:
         """Host-pool counters summed over devices (see ``OffloadScheduler.stats``)."""

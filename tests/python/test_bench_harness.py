@@ -16,7 +16,7 @@ def _load_bench():
 def test_train_step_harness_tiny_cpu(tmp_path):
     bench = _load_bench()
     out = tmp_path / "rows.jsonl"
-    systems = "rslora_fast:4bit:unsloth,rslora_fast:16bit:true"
+    systems = "rslora_fast:4bit:unsloth,rslora_fast:16bit:true,rslora_fast:4bit:unsloth:budget=1"
     argv = [
         "--shape",
         "tiny",
@@ -42,6 +42,9 @@ def test_train_step_harness_tiny_cpu(tmp_path):
     for r in rows:
         assert r["losses_finite"] and r["tokens_per_s"] > 0 and len(str(r["final_loss"])) > 0
         assert r["step_s_median"] > 0
+    # Only the budget system reports what its budget kept (1 GiB holds every layer of the tiny shape).
+    assert [("kept_layers" in r) for r in rows] == [False, False, True]
+    assert rows[2]["kept_layers"] == rows[2]["layers"] == 2
 
 
 def test_unknown_system_is_reported(tmp_path):

@@ -336,12 +336,36 @@ def test_memory_budget_keeps_layers_without_recompute_and_stays_exact():
             assert_bitwise(grads_o[n], grads_r[n], n)
     # Step 0 measured every layer while checkpointing; later steps keep them all (1 GiB fits).
     assert handle.stats()["offloads"] == LAYERS - 1
+    kept = handle.budget_stats()
+    assert kept["kept_layers"] == kept["layers"] == LAYERS and kept["budget_bytes"] == 1 << 30
+    assert 0 < kept["kept_bytes"] <= 1 << 30
 
     tight = copy.deepcopy(base)
     h2 = install_offloaded_checkpointing(tight, min_tokens=0, max_memory_gb=0.0)
     for s in range(2):
         step(tight, ids, s)
     assert h2.stats()["offloads"] == 2 * (LAYERS - 1)
+    assert h2.budget_stats()["kept_layers"] == 0 and h2.budget_stats()["kept_bytes"] == 0
+
+
+def test_memory_budget_keeps_the_layers_that_fit_and_logs_it(caplog):
+    # A budget of about two layers' measured activations keeps exactly the first two layers.
+    base = tiny_llama()
+    probe = copy.deepcopy(base)
+    h = install_offloaded_checkpointing(probe, min_tokens=0, max_memory_gb=1.0)
+    ids = torch.randint(0, 101, (2, 48))
+    for s in range(2):
+        step(probe, ids, s)
+    per_layer = h.budget_stats()["kept_bytes"] / LAYERS
+    ours = copy.deepcopy(base)
+    h2 = install_offloaded_checkpointing(ours, min_tokens=0, max_memory_gb=2.5 * per_layer / 2**30)
+    with caplog.at_level(logging.INFO, logger="rslora_fast.offload"):
+        for s in range(2):
+            step(ours, ids, s)
+    st = h2.budget_stats()
+    assert st["kept_layers"] == 2 and st["layers"] == LAYERS
+    assert h2.stats()["offloads"] == (LAYERS - 1) + (LAYERS - 1 - 2)  # step 0 all; step 1 past the kept two
+    assert any(f"keeps 2 of {LAYERS} decoder layers" in r.getMessage() for r in caplog.records)
 
 
 def test_scheduler_binding_round_trip_and_misuse():
