@@ -193,6 +193,21 @@ def test_nan_logits_give_nan_like_torch(device, dtype):
         assert torch.isnan(lse).all() and torch.isnan(loss).all(), (lse, loss)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[cuda, pytest.mark.cuda])])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plus_inf_logits_give_nan_loss_like_torch(device, dtype):
+    # a row holding +inf: torch's cross_entropy gives NaN whichever the target (inf - inf inside its
+    # log-softmax); so must we, on both paths (the kernel's running max gives inf - inf too)
+    logits = torch.zeros(3, 70, device=device, dtype=dtype)
+    logits[:, 3] = float("inf")
+    logits[2, 40:48] = float("inf")
+    t = torch.tensor([1, 3, 44], device=device)
+    want = torch.nn.functional.cross_entropy(logits.double(), t, reduction="none")
+    assert torch.isnan(want).all()
+    lse, loss = cross_entropy_fwd(logits, t, -100)
+    assert torch.isnan(loss).all() and torch.isnan(lse).all(), (lse, loss)
+
+
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
