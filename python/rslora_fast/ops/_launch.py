@@ -42,3 +42,13 @@ def stream_of(t: torch.Tensor) -> tuple[int, int]:
     """(device index, raw handle of torch's current stream on that device)."""
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     return index, torch.cuda.current_stream(index).cuda_stream
+
+
+def check_gate_up(g: torch.Tensor, u: torch.Tensor, op: str) -> None:
+    """The gated activations' (SwiGLU, GeGLU) input check: same shape, dtype and device."""
+    if g.shape != u.shape:
+        raise ValueError(f"{op}: gate shape {tuple(g.shape)} and up shape {tuple(u.shape)} differ")
+    if g.dtype != u.dtype:
+        raise ValueError(f"{op}: gate dtype {g.dtype} and up dtype {u.dtype} differ")
+    if g.device != u.device:
+        raise ValueError(f"{op}: gate on {g.device} and up on {u.device}")

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._launch import core, dtype_name, stream_of
+from ._launch import check_gate_up, core, dtype_name, stream_of
 
 APPROXIMATE = ("tanh", "none")
 
@@ -49,19 +49,10 @@ def geglu_backward_reference(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
     return (dhf * uf * dact).to(g.dtype), (dhf * act).to(u.dtype)
 
 
-def _check_pair(g: torch.Tensor, u: torch.Tensor, op: str) -> None:
-    if g.shape != u.shape:
-        raise ValueError(f"{op}: gate shape {tuple(g.shape)} and up shape {tuple(u.shape)} differ")
-    if g.dtype != u.dtype:
-        raise ValueError(f"{op}: gate dtype {g.dtype} and up dtype {u.dtype} differ")
-    if g.device != u.device:
-        raise ValueError(f"{op}: gate on {g.device} and up on {u.device}")
-
-
 @torch.library.custom_op("rslora_fast::geglu_fwd", mutates_args=())
 def geglu_fwd(g: torch.Tensor, u: torch.Tensor, approximate: str) -> torch.Tensor:
     """Forward: ``gelu(g, approximate) * u``."""
-    _check_pair(g, u, "geglu")
+    check_gate_up(g, u, "geglu")
     _check_approximate(approximate, "geglu")
     if g.device.type != "cuda":
         return geglu_reference(g, u, approximate)
@@ -83,7 +74,7 @@ def geglu_fwd(g: torch.Tensor, u: torch.Tensor, approximate: str) -> torch.Tenso
 
 @geglu_fwd.register_fake
 def _(g, u, approximate):
-    _check_pair(g, u, "geglu")
+    check_gate_up(g, u, "geglu")
     _check_approximate(approximate, "geglu")
     return torch.empty_like(g, memory_format=torch.contiguous_format)
 
@@ -93,8 +84,8 @@ def geglu_bwd(
     dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, approximate: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward: ``(dg, du)`` from the output gradient and the saved inputs."""
-    _check_pair(g, u, "geglu backward")
-    _check_pair(dh, g, "geglu backward")
+    check_gate_up(g, u, "geglu backward")
+    check_gate_up(dh, g, "geglu backward")
     _check_approximate(approximate, "geglu backward")
     if g.device.type != "cuda":
         return geglu_backward_reference(dh, g, u, approximate)

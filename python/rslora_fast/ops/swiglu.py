@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._launch import core, dtype_name, stream_of
+from ._launch import check_gate_up, core, dtype_name, stream_of
 
 
 def swiglu_reference(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -26,19 +26,10 @@ def swiglu_backward_reference(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor
     return dg.to(g.dtype), du.to(u.dtype)
 
 
-def _check_pair(g: torch.Tensor, u: torch.Tensor, op: str) -> None:
-    if g.shape != u.shape:
-        raise ValueError(f"{op}: gate shape {tuple(g.shape)} and up shape {tuple(u.shape)} differ")
-    if g.dtype != u.dtype:
-        raise ValueError(f"{op}: gate dtype {g.dtype} and up dtype {u.dtype} differ")
-    if g.device != u.device:
-        raise ValueError(f"{op}: gate on {g.device} and up on {u.device}")
-
-
 @torch.library.custom_op("rslora_fast::swiglu_fwd", mutates_args=())
 def swiglu_fwd(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Forward: ``silu(g) * u``."""
-    _check_pair(g, u, "swiglu")
+    check_gate_up(g, u, "swiglu")
     if g.device.type != "cuda":
         return swiglu_reference(g, u)
     g, u = g.contiguous(), u.contiguous()
@@ -52,15 +43,15 @@ def swiglu_fwd(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 @swiglu_fwd.register_fake
 def _(g, u):
-    _check_pair(g, u, "swiglu")
+    check_gate_up(g, u, "swiglu")
     return torch.empty_like(g, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("rslora_fast::swiglu_bwd", mutates_args=())
 def swiglu_bwd(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward: ``(dg, du)`` from the output gradient and the saved inputs."""
-    _check_pair(g, u, "swiglu backward")
-    _check_pair(dh, g, "swiglu backward")
+    check_gate_up(g, u, "swiglu backward")
+    check_gate_up(dh, g, "swiglu backward")
     if g.device.type != "cuda":
         return swiglu_backward_reference(dh, g, u)
     dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()
