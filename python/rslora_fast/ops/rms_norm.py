@@ -93,21 +93,29 @@ def _(x, w, eps, gemma):
     return y, x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("rslora_fast::rms_norm_bwd", mutates_args=())
-def rms_norm_bwd(
-    dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, gemma: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward: ``(dx, dw)`` from the output gradient, the saved input, the weight and ``rstd``."""
+def _check_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor) -> None:
     _check(x, w, "rms_norm backward")
     if dy.shape != x.shape or rstd.shape != x.shape[:-1]:
         raise ValueError(
             f"rms_norm backward: grad shape {tuple(dy.shape)} / rstd shape {tuple(rstd.shape)} "
             f"do not match input shape {tuple(x.shape)}"
         )
+
+
+def _backward_operands(dy, x, w, rstd):
+    """What both backward kernels read: dy in x's dtype, everything contiguous, rstd float32."""
+    return dy.to(x.dtype).contiguous(), x.contiguous(), w.contiguous(), rstd.float().contiguous()
+
+
+@torch.library.custom_op("rslora_fast::rms_norm_bwd", mutates_args=())
+def rms_norm_bwd(
+    dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, gemma: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward: ``(dx, dw)`` from the output gradient, the saved input, the weight and ``rstd``."""
+    _check_backward(dy, x, w, rstd)
     if x.device.type != "cuda":
         return rms_norm_backward_reference(dy, x, w, rstd, gemma)
-    dy, x, w = dy.to(x.dtype).contiguous(), x.contiguous(), w.contiguous()
-    rstd = rstd.float().contiguous()
+    dy, x, w, rstd = _backward_operands(dy, x, w, rstd)
     cols = x.shape[-1]
     rows = x.numel() // cols
     dx = torch.empty_like(x)
@@ -148,16 +156,10 @@ def rms_norm_bwd_dx(
     dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, gemma: bool
 ) -> torch.Tensor:
     """Backward for a frozen weight: ``dx`` only, without the ``dw`` reduction."""
-    _check(x, w, "rms_norm backward")
-    if dy.shape != x.shape or rstd.shape != x.shape[:-1]:
-        raise ValueError(
-            f"rms_norm backward: grad shape {tuple(dy.shape)} / rstd shape {tuple(rstd.shape)} "
-            f"do not match input shape {tuple(x.shape)}"
-        )
+    _check_backward(dy, x, w, rstd)
     if x.device.type != "cuda":
         return _dx_reference(dy, x, w, rstd, gemma)[0].to(x.dtype)
-    dy, x, w = dy.to(x.dtype).contiguous(), x.contiguous(), w.contiguous()
-    rstd = rstd.float().contiguous()
+    dy, x, w, rstd = _backward_operands(dy, x, w, rstd)
     cols = x.shape[-1]
     rows = x.numel() // cols
     dx = torch.empty_like(x)
