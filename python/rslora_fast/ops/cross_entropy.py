@@ -22,16 +22,17 @@ def cross_entropy_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch ``(lse, loss_row)`` in float32 (what the forward kernel must match)."""
     lf = logits.float()
-    lse = torch.logsumexp(lf, dim=-1)
     valid = targets != ignore_index
     tgt = lf.gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1)
-    # (m - x_t) + log(sum e^(x - m)), not lse - x_t: at |x| ~ 1e38 lse rounds to m and the
-    # difference cancels. A non-finite max (all -inf, NaN) shifts by 0: the same inf/NaN results
-    # as lse - x_t.
+    # lse = m + log(sum e^(x - m)) and loss = (m - x_t) + log(sum e^(x - m)), not lse - x_t: at
+    # |x| ~ 1e38 lse rounds to m and the difference cancels. A non-finite max (all -inf, NaN)
+    # shifts by 0: the same -inf/NaN results as torch's logsumexp. One pass over the row serves both.
     m = lf.amax(dim=-1)
     plus_inf = m == float("inf")
     m = torch.where(torch.isfinite(m), m, 0.0)
-    loss = (m - tgt) + torch.logsumexp(lf - m[:, None], dim=-1)
+    log_sum = torch.logsumexp(lf - m[:, None], dim=-1)
+    lse = m + log_sum
+    loss = (m - tgt) + log_sum
     # A row holding +inf: NaN, as torch's cross_entropy (inf - inf in its log-softmax) and the
     # kernel (inf - inf in its running max) give; logsumexp alone would say inf.
     nan = torch.full_like(loss, float("nan"))
