@@ -8,7 +8,8 @@ GPU memory near the final 4-bit model plus one dense tensor. Embeddings, norms, 
 output head are materialized in 16 bits (or the requested dtype).
 
 Pre-quantized bitsandbytes checkpoints (``quantization_config.quant_method == "bitsandbytes"``)
-load without bitsandbytes; :func:`save_pretrained_4bit` writes our 4-bit model in the same layout.
+load without bitsandbytes; ``model.save_pretrained`` of a model loaded in 4 bits writes the same
+layout (:func:`rslora_fast.export.save_4bit`).
 
 Every problem with the input (missing or corrupt files, missing tensors, shapes that disagree with
 the config, bad quantization settings) is checked from the safetensors headers *before* any weight
@@ -567,6 +568,8 @@ def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote
     model.config.max_seq_length = max_seq_length
     model.config.dtype = dtype
     model.is_loaded_in_4bit = any(isinstance(m, Linear4bit) for m in model.modules())
+    if model.is_loaded_in_4bit:
+        _route_save_to_4bit(model)
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and max_seq_length > limit:
         log.warning(
@@ -618,86 +621,49 @@ def _load_tokenizer(root: Path, token: str | None, trust_remote_code: bool):
 
 # --------------------------------------------------------------------------------------- saving
 def save_pretrained_4bit(
-    model: nn.Module, save_directory: str | os.PathLike, max_shard_size: int = 4 << 30
-) -> None:
-    """Write a model loaded by :func:`from_pretrained` in bitsandbytes' pre-quantized layout.
+    model: nn.Module, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB"
+) -> Path:
+    """Write a 4-bit model in bitsandbytes' pre-quantized layout (same as ``model.save_pretrained``).
 
-    ``config.json`` gets a bitsandbytes ``quantization_config`` so that transformers + bitsandbytes
-    (and :func:`from_pretrained`) load the directory; 4-bit weights are written as packed bytes with
-    their ``absmax`` / ``quant_map`` / nested statistics / ``quant_state`` JSON, everything else as
-    is. Shards of at most ``max_shard_size`` bytes are built one at a time on the host.
+    Kept for existing callers; the one implementation is :func:`rslora_fast.export.save_4bit`.
     """
-    from safetensors.torch import save_file
+    from .export import save_4bit
 
-    from .quant.linear4bit import Linear4bit
+    return save_4bit(model, save_directory, max_shard_size)
 
-    out = Path(save_directory)
-    out.mkdir(parents=True, exist_ok=True)
-    linears4 = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
-    if not linears4:
-        raise ValueError("save_pretrained_4bit: the model has no Linear4bit layers")
-    first = next(iter(linears4.values()))
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    dense_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
-    sd = model.state_dict()
-    # Drop tied duplicates (the output head sharing the input embedding), as transformers does.
-    seen: dict[tuple[int, int], str] = {}
-    for name in list(sd):
-        t = sd[name]
-        if t.device.type == "meta":
-            raise ValueError(f"save_pretrained_4bit: {name} is still on the meta device")
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if ident in seen and t.numel() > 0:
-            del sd[name]
-        else:
-            seen[ident] = name
+def _save_pretrained_4bit_method(
+    self: nn.Module,
+    save_directory: str | os.PathLike,
+    *,
+    is_main_process: bool = True,
+    state_dict: dict | None = None,
+    max_shard_size: int | str = "5GB",
+    **kwargs: Any,
+) -> None:
+    """``save_pretrained`` of a model loaded in 4 bits: bitsandbytes' layout via ``export.save_4bit``.
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(sd):
-        nbytes = sd[name].numel() * sd[name].element_size()
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append({})
-            size = 0
-        shards[-1][name] = sd[name]
-        size += nbytes
-    n = len(shards)
-    weight_map: dict[str, str] = {}
-    for i, shard in enumerate(shards):
-        fname = _SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        host = {k: v.detach().to("cpu").contiguous() for k, v in shard.items()}
-        save_file(host, str(out / fname), metadata={"format": "pt"})
-        del host
-        weight_map.update(dict.fromkeys(shard, fname))
-    if n > 1:
-        total = sum(v.numel() * v.element_size() for v in sd.values())
-        (out / _INDEX).write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    transformers' own ``save_pretrained`` does not know our 4-bit layers (no ``quantization_config``
+    would be written, and the shared code tables stop it). ``push_to_hub`` of transformers calls
+    this too. Other transformers keywords (``safe_serialization``, ``variant``...) are accepted and
+    ignored: the output is always safetensors.
+    """
+    from .export import save_4bit
+
+    if state_dict is not None:
+        raise TypeError(
+            "save_pretrained of a 4-bit model writes its modules' own state; state_dict= is not supported"
         )
+    if kwargs.pop("push_to_hub", False):
+        raise TypeError(
+            "save_pretrained(push_to_hub=True) is not supported here; call model.push_to_hub(repo_id)"
+        )
+    if is_main_process:
+        save_4bit(self, save_directory, max_shard_size)
 
-    cfg = copy.deepcopy(model.config)
-    compute = str(first.compute_dtype).removeprefix("torch.")
-    skip = [n for n in dense_linears]
-    if out_emb is not None:
-        skip += [n for n, m in model.named_modules() if m is out_emb]
-    cfg.quantization_config = {
-        "quant_method": "bitsandbytes",
-        "load_in_4bit": True,
-        "load_in_8bit": False,
-        "bnb_4bit_quant_type": first.quant_type,
-        "bnb_4bit_use_double_quant": first.compress_statistics,
-        "bnb_4bit_compute_dtype": compute,
-        "bnb_4bit_quant_storage": "uint8",
-        "llm_int8_skip_modules": sorted(set(skip)) or None,
-        "llm_int8_threshold": 6.0,
-        "llm_int8_has_fp16_weight": False,
-        "llm_int8_enable_fp32_cpu_offload": False,
-    }
-    cfg.save_pretrained(str(out))
-    gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        try:
-            gen.save_pretrained(str(out))
-        except Exception as exc:  # a generation config is optional
-            log.warning("save_pretrained_4bit: generation_config not saved: %s", exc)
+
+def _route_save_to_4bit(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` write the bitsandbytes 4-bit layout (bound to this instance)."""
+    import types
+
+    model.save_pretrained = types.MethodType(_save_pretrained_4bit_method, model)
