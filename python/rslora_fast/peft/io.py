@@ -12,6 +12,8 @@ from .config import LoraConfig
 from .layer import LoraLinear, ModulesToSaveWrapper
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+# The files an adapter folder owns (a re-save drops a stale ``.bin`` next to the new safetensors).
+ADAPTER_FILES = (WEIGHTS_NAME, "adapter_model.bin", "adapter_config.json")
 PREFIX = "base_model.model."
 
 
@@ -72,7 +74,7 @@ def adapter_state_dict(model: nn.Module, config: LoraConfig) -> dict[str, torch.
 
 
 def save_adapter(model: nn.Module, config: LoraConfig, save_directory: str | os.PathLike) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``).
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``), atomically.
 
     Args:
         model: the transformers model with adapters injected.
@@ -81,15 +83,19 @@ def save_adapter(model: nn.Module, config: LoraConfig, save_directory: str | os.
     """
     from safetensors.torch import save_file
 
-    os.makedirs(save_directory, exist_ok=True)
+    from ..atomic import atomic_dir
+
     tensors = {k: v.to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, config).items()}
-    save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
     to_save = dataclasses.replace(config, inference_mode=True)
     if to_save.init_lora_weights == "loftq":
         # the LoftQ starting point lives in the saved A/B (and the modified base weights); a loader
         # must not run LoftQ again
         to_save.init_lora_weights = True
-    to_save.save_pretrained(save_directory)
+    # Both files appear together or not at all; other files in the folder (tokenizer, trainer
+    # state) are kept.
+    with atomic_dir(save_directory, owned=ADAPTER_FILES) as tmp:
+        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        to_save.save_pretrained(tmp)
 
 
 def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> None:

@@ -194,10 +194,17 @@ class PeftModel(nn.Module):
         trainable: whether the adapter (and bias / modules_to_save settings) is trainable.
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> PeftModel:
+        # With peft installed, every instance is of the subclass that trainers recognise (see
+        # _trainer_visible_class); PeftModel.__init__ then runs on it as usual.
+        if cls is PeftModel:
+            cls = _trainer_visible_class()
+        return nn.Module.__new__(cls)
+
     def __init__(
         self, model: nn.Module, config: LoraConfig, random_state: int | None = 3407, trainable: bool = True
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): with peft installed the next class is peft's PeftModel
         self._requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
         self._checkpointing_before = bool(getattr(model, "is_gradient_checkpointing", False))
         self._requested_settings = config.settings()
@@ -207,7 +214,7 @@ class PeftModel(nn.Module):
 
         install_fast_decoder(model)
         self.base_model = LoraModel(model)
-        self.peft_config = {"default": config}
+        self.__dict__["_peft_config"] = {"default": config}
         self.active_adapter = "default"
         # Training forward with labels computes the loss chunk by chunk without the full logits
         # (rslora_fast.models.causal_lm); set False to get transformers' own forward (and logits).
@@ -216,11 +223,117 @@ class PeftModel(nn.Module):
     # ---------------------------------------------------------------- pass-through
     def __getattr__(self, name: str) -> Any:
         try:
-            return super().__getattr__(name)
+            return nn.Module.__getattr__(self, name)
         except AttributeError:
             if name in ("base_model", "_modules", "_parameters", "_buffers"):
                 raise
             return getattr(self.base_model.model, name)
+
+    # ---------------------------------------------------------------- what trainers probe
+    # HF Trainer, accelerate and TRL treat a model as a PEFT model by isinstance(model, peft.PeftModel)
+    # and then use the members below (peft's PeftModel defines them as properties or methods).
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        """``{"default": LoraConfig}``: the adapter's settings, keyed by adapter name as in HF PEFT."""
+        return self.__dict__["_peft_config"]
+
+    @peft_config.setter
+    def peft_config(self, value: dict[str, LoraConfig]) -> None:
+        self.__dict__["_peft_config"] = value
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """``["default"]`` (one adapter per model)."""
+        return [self.active_adapter]
+
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        """The active adapter's config."""
+        return self.peft_config[self.active_adapter]
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """Whether the adapter takes part in the forward (False inside :meth:`disable_adapter`)."""
+        return not all(m.disabled for m in self._adapter_modules())
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """Names of the modules trained in full, as in HF PEFT (``None`` when there are none)."""
+        return set(self.active_peft_config.modules_to_save or []) or None
+
+    @property
+    def base_model_torch_dtype(self) -> torch.dtype | None:
+        """The wrapped model's dtype."""
+        return getattr(self.base_model.model, "dtype", None)
+
+    def add_adapter(self, adapter_name: str, peft_config: Any = None, *args: Any, **kwargs: Any) -> None:
+        """Keep a frozen copy of the adapter as it is now under ``adapter_name`` (for TRL's DPO reference).
+
+        Only copies of the one trained adapter are supported: TRL's ``DPOTrainer`` without a
+        ``ref_model`` calls ``add_adapter("ref", model.peft_config["default"])`` and computes the
+        reference log-probs under ``set_adapter("ref")``. :meth:`set_adapter` swaps the weights in.
+
+        Raises:
+            ValueError: the name exists, or ``peft_config`` differs from the trained adapter's.
+        """
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists")
+        default = self.peft_config["default"]
+        if peft_config is not None and getattr(peft_config, "settings", lambda: None)() != default.settings():
+            raise NotImplementedError(
+                f"add_adapter({adapter_name!r}): rslora_fast trains one adapter per model; only a frozen copy "
+                "of it (same config) can be added"
+            )
+        self.__dict__.setdefault("_frozen_copies", {})[adapter_name] = {
+            k: v.detach().clone() for k, v in self._live_adapter_tensors().items()
+        }
+        self.peft_config[adapter_name] = default
+
+    def _live_adapter_tensors(self) -> dict[str, torch.Tensor]:
+        from .io import adapter_state_dict
+
+        return adapter_state_dict(self.base_model.model, self.peft_config["default"])
+
+    @torch.no_grad()
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` active: ``"default"`` or a frozen copy made by :meth:`add_adapter`.
+
+        Activating a copy stashes the trained weights and loads the copy's; ``"default"`` restores
+        them. Trainers call this around reference forwards (under ``no_grad``).
+        """
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; have {sorted(self.peft_config)}")
+        if adapter_name == self.active_adapter:
+            return
+        live = self._live_adapter_tensors()
+        if self.active_adapter == "default":
+            self.__dict__["_stash"] = {k: v.clone() for k, v in live.items()}
+        source = self.__dict__["_stash"] if adapter_name == "default" else self._frozen_copies[adapter_name]
+        for k, v in live.items():
+            v.copy_(source[k])
+        if adapter_name == "default":
+            del self.__dict__["_stash"]
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove a frozen copy made by :meth:`add_adapter` (the trained adapter: use :meth:`unload`)."""
+        if adapter_name == "default" or adapter_name not in self.peft_config:
+            raise ValueError(
+                f"delete_adapter({adapter_name!r}): only copies made by add_adapter can be deleted "
+                f"(have {sorted(self.peft_config)}); use unload() to remove the adapter"
+            )
+        if self.active_adapter == adapter_name:
+            self.set_adapter("default")
+        del self.peft_config[adapter_name]
+        del self._frozen_copies[adapter_name]
+
+    def enable_input_require_grads(self) -> None:
+        """Make the input embeddings' output require grad (what TRL calls with checkpointing on).
+
+        Our checkpointing gives LoRA weights their gradients without it, so this only forwards to
+        the transformers model's method.
+        """
+        self.base_model.model.enable_input_require_grads()
 
     def forward(
         self,
@@ -237,7 +350,10 @@ class PeftModel(nn.Module):
         they (and trailing ``None`` positionals) are only passed on when given.
         """
         model = self.base_model.model
-        if labels is not None and self.fused_loss and not args and inputs_embeds is None:
+        # TRL's fused LM head (installed on the transformers model) asks for per-token log-probs
+        # with fused_lm_head=True: that call goes to the model as it is, not to our fused loss.
+        ours = self.fused_loss and not kwargs.get("fused_lm_head", False)
+        if labels is not None and ours and not args and inputs_embeds is None:
             from ..models.causal_lm import fused_loss_forward, fused_loss_supported
 
             if fused_loss_supported(model, labels, kwargs) is None:
@@ -532,6 +648,49 @@ class PeftModel(nn.Module):
             The transformers model with its original modules and ``requires_grad`` flags.
         """
         return self._remove_adapters(merge=False)
+
+
+def _hf_peft_class() -> type | None:
+    """HF peft's ``PeftModel`` when peft is installed (imported here, on first use), else None."""
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        return None
+    try:
+        from peft import PeftModel as HFPeftModel
+    except Exception:  # a broken peft install must not stop LoRA training
+        return None
+    return HFPeftModel
+
+
+_VISIBLE: dict[str, type] = {}
+
+
+def _trainer_visible_class() -> type:
+    """The class of new :class:`PeftModel` instances: recognised by trainers when peft is installed.
+
+    HF ``Trainer`` (``_is_peft_model`` and ``_save``), accelerate's ``is_peft_model`` and TRL's
+    trainers decide "PEFT model" with ``isinstance(model, peft.PeftModel)`` and nothing else (no
+    attribute they probe would do). A model they do not recognise gets full-model checkpoints
+    (the frozen 4-bit base included) and, in TRL, a fused LM head installed on our wrapper. So when
+    peft is importable, instances are of ``PeftModelForTrainers(PeftModel, peft.PeftModel)``: ours
+    first in the method order, so every member trainers use is ours (peft's ``__init__`` never runs;
+    the members trainers use are defined above). Without peft nothing is changed, and trainers see
+    a plain ``nn.Module``; peft is never a requirement of rslora_fast itself.
+    """
+    if "cls" not in _VISIBLE:
+        hf = _hf_peft_class()
+        if hf is None:
+            _VISIBLE["cls"] = PeftModel
+        else:
+            cls = type(
+                "PeftModelForTrainers",
+                (PeftModel, hf),
+                {"__module__": __name__, "__doc__": PeftModel.__doc__},
+            )
+            globals()["PeftModelForTrainers"] = cls  # importable by name, so instances pickle
+            _VISIBLE["cls"] = cls
+    return _VISIBLE["cls"]
 
 
 # ---------------------------------------------------------------------- public entry point
