@@ -461,13 +461,104 @@ class PeftModel(nn.Module):
 
     # ---------------------------------------------------------------- save / load
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's layout.
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's layout, atomically.
+
+        The trained (``"default"``) adapter is written even while a frozen copy is active. Other
+        files in the folder (a tokenizer, a trainer's state) are kept. HF ``Trainer`` calls this
+        for every checkpoint, so checkpoints hold the adapter, never the frozen base.
 
         Args:
             save_directory: output folder (created if missing).
-            **kwargs: accepted for compatibility (``safe_serialization`` etc.); ignored.
+            **kwargs: accepted for compatibility (``safe_serialization``, ``state_dict`` ...); ignored:
+                the adapter is read from the live modules.
         """
-        save_adapter(self.base_model.model, self.peft_config["default"], save_directory)
+        with self._default_weights_active():
+            save_adapter(self.base_model.model, self.peft_config["default"], save_directory)
+
+    @contextlib.contextmanager
+    def _default_weights_active(self) -> Iterator[None]:
+        active = self.active_adapter
+        self.set_adapter("default")
+        try:
+            yield
+        finally:
+            self.set_adapter(active)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str | None = None,
+        tokenizer: Any = None,
+        **kwargs: Any,
+    ) -> str:
+        """Upload the adapter (what :meth:`save_pretrained` writes) to a Hub model repository.
+
+        Args:
+            repo_id: ``"user/name"``; created if missing.
+            private: visibility of a new repository.
+            token: Hub token.
+            commit_message: commit message.
+            tokenizer: uploaded alongside when given.
+            **kwargs: accepted for compatibility with HF PEFT (``safe_serialization`` ...); ignored.
+
+        Returns:
+            The commit URL.
+
+        Raises:
+            rslora_fast.hub.HubUnreachableError: offline; nothing uploaded.
+            rslora_fast.hub.HubError: the Hub refused the upload.
+        """
+        import tempfile
+
+        from ..hub import push_folder
+
+        with tempfile.TemporaryDirectory(prefix="rslora_push_") as tmp:
+            folder = os.path.join(tmp, "adapter")
+            self.save_pretrained(folder)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
+            return push_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
+
+    def push_to_hub_merged(
+        self,
+        repo_id: str,
+        tokenizer: Any = None,
+        save_method: str = "merged_16bit",
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str | None = None,
+        max_shard_size: int | str = "5GB",
+        dtype: torch.dtype | None = None,
+    ) -> str:
+        """Upload what :meth:`save_pretrained_merged` writes (same ``save_method`` values).
+
+        The folder is written to a temporary directory first, then uploaded in one commit.
+
+        Returns:
+            The commit URL.
+
+        Raises:
+            ValueError: unknown ``save_method`` (before anything is written or uploaded).
+            rslora_fast.hub.HubUnreachableError: offline; nothing uploaded.
+            rslora_fast.hub.HubError: the Hub refused the upload.
+        """
+        import tempfile
+
+        from ..export import SAVE_METHODS
+        from ..hub import push_folder
+
+        if save_method not in SAVE_METHODS:
+            raise ValueError(f"save_method must be one of {list(SAVE_METHODS)}, got {save_method!r}")
+        with tempfile.TemporaryDirectory(prefix="rslora_push_") as tmp:
+            folder = os.path.join(tmp, save_method)
+            self.save_pretrained_merged(
+                folder, tokenizer, save_method, max_shard_size=max_shard_size, dtype=dtype
+            )
+            return push_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
 
     @classmethod
     def from_pretrained(
@@ -622,7 +713,8 @@ class PeftModel(nn.Module):
         max_shard_size: int | str = "5GB",
         dtype: torch.dtype | None = None,
     ) -> Any:
-        """Save the adapter (``"lora"``) or a merged 16-bit model plain transformers loads.
+        """Save the adapter (``"lora"``), a merged 16-bit model (``"merged_16bit"``) or a merged
+        bitsandbytes-layout 4-bit model (``"merged_4bit"``).
 
         The live model is left untouched; see :func:`rslora_fast.export.save_pretrained_merged` for
         the arguments.
