@@ -210,7 +210,9 @@ def test_bad_arguments(export_base_dir, tmp_path):
         with pytest.raises(ValueError):
             parse_shard_size(bad)
     model, _ = from_pretrained(export_base_dir, load_in_4bit=False, dtype=torch.float32, progress=False)
-    with pytest.raises(ValueError, match=r"save_method must be one of \['merged_16bit', 'merged_4bit', 'lora'\]"):
+    with pytest.raises(
+        ValueError, match=r"save_method must be one of \['merged_16bit', 'merged_4bit', 'lora'\]"
+    ):
         save_pretrained_merged(model, tmp_path / "x", save_method="gguf")
     with pytest.raises(ValueError, match="PeftModel"):
         save_pretrained_merged(model, tmp_path / "x", save_method="lora")

@@ -182,3 +182,15 @@ def test_grpo_trainer_runs_a_step(base_dir, tmp_path):
     assert trainer.model is pm
     trainer.train()
     assert trainer.state.global_step == 1
+
+
+def test_without_peft_the_class_is_ours_alone_and_trainer_users_are_told(base_dir, monkeypatch):
+    import transformers.trainer  # noqa: F401  (a script about to train has imported it)
+
+    import rslora_fast.peft.model as pmod
+
+    monkeypatch.setattr(pmod, "_VISIBLE", {})
+    monkeypatch.setattr(pmod, "_hf_peft_class", lambda: None)
+    with pytest.warns(UserWarning, match=r"rslora-fast\[trainers\]"):
+        pm, _ = _peft_4bit(base_dir)
+    assert type(pm) is PeftModel and not isinstance(pm, peft.PeftModel)

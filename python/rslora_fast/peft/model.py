@@ -773,6 +773,15 @@ def _trainer_visible_class() -> type:
     if "cls" not in _VISIBLE:
         hf = _hf_peft_class()
         if hf is None:
+            import sys
+
+            if "trl" in sys.modules or "transformers.trainer" in sys.modules:
+                warnings.warn(
+                    "peft is not installed, so HF Trainer and TRL will not recognise this PeftModel: their "
+                    "checkpoints would hold the whole model and TRL's fused loss fails. Install it with "
+                    "`pip install rslora-fast[trainers]` (peft is used only for that recognition)",
+                    stacklevel=3,
+                )
             _VISIBLE["cls"] = PeftModel
         else:
             cls = type(
