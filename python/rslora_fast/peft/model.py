@@ -724,14 +724,15 @@ class PeftModel(nn.Module):
         """
         from ..export import save_pretrained_merged
 
-        return save_pretrained_merged(
-            self,
-            save_directory,
-            tokenizer,
-            save_method=save_method,
-            max_shard_size=max_shard_size,
-            dtype=dtype,
-        )
+        with self._default_weights_active():
+            return save_pretrained_merged(
+                self,
+                save_directory,
+                tokenizer,
+                save_method=save_method,
+                max_shard_size=max_shard_size,
+                dtype=dtype,
+            )
 
     def unload(self) -> nn.Module:
         """Remove the adapters without merging: the base model comes back as it was.
@@ -756,6 +757,13 @@ def _hf_peft_class() -> type | None:
 
 
 _VISIBLE: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> Any:
+    # PeftModelForTrainers is created on first use; a process unpickling a model asks for it first.
+    if name == "PeftModelForTrainers" and _trainer_visible_class() is not PeftModel:
+        return _VISIBLE["cls"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _trainer_visible_class() -> type:
