@@ -432,8 +432,10 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _write_model_folder(folder: Path, inner: nn.Module, groups: list[_Group], limit: int, cfg: Any) -> None:
-    """Shards (+ index), ``config.json`` and ``generation_config.json`` of one model, into ``folder``."""
+def _write_model_folder(
+    folder: Path, inner: nn.Module, groups: list[_Group], limit: int, cfg: Any, tokenizer: Any = None
+) -> None:
+    """Shards (+ index), ``config.json``, ``generation_config.json`` (and the tokenizer) into ``folder``."""
     from safetensors.torch import save_file
 
     shards = _pack(groups, limit)
@@ -461,6 +463,8 @@ def _write_model_folder(folder: Path, inner: nn.Module, groups: list[_Group], li
             gen.save_pretrained(str(folder))
         except Exception as exc:  # a generation config is optional; a bad one must not lose the weights
             log.warning("generation_config not saved: %s", exc)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
 
 
 _DEFAULT_4BIT = {"blocksize": 64, "quant_type": "nf4", "compress_statistics": True}
@@ -472,6 +476,7 @@ def save_4bit(
     max_shard_size: int | str = "5GB",
     dtype: torch.dtype | None = None,
     quantize_dense: bool | None = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Write a model in bitsandbytes' pre-quantized 4-bit layout, loadable by transformers + bitsandbytes.
 
@@ -492,6 +497,7 @@ def save_4bit(
             re-quantized weights; default :func:`model_dtype`.
         quantize_dense: also quantize dense linears (not the output head) with NF4, blocksize 64,
             double quantization; default: only when the model has no 4-bit layer.
+        tokenizer: saved in the same folder, in the same atomic step.
 
     Returns:
         The output folder.
@@ -510,7 +516,7 @@ def save_4bit(
     cfg.quantization_config = _quantization_config(inner, dtype, _DEFAULT_4BIT, dense)
     out = Path(save_directory)
     with atomic_dir(out, owned=MODEL_FILES) as tmp:
-        _write_model_folder(tmp, inner, groups, limit, cfg)
+        _write_model_folder(tmp, inner, groups, limit, cfg, tokenizer)
     return out
 
 
@@ -560,29 +566,24 @@ def save_pretrained_merged(
         if not (hasattr(model, "peft_config") and callable(getattr(model, "save_pretrained", None))):
             raise ValueError("save_method='lora' needs a PeftModel (the model has no adapter to save)")
         model.save_pretrained(out)
+        if tokenizer is not None:
+            with atomic_dir(out, owned=()) as tmp:  # beside the adapter, whose files are kept
+                tokenizer.save_pretrained(str(tmp))
     elif save_method == "merged_4bit":
-        save_4bit(model, out, limit, dtype)
+        save_4bit(model, out, limit, dtype, tokenizer=tokenizer)
     else:
-        _save_merged(model, out, limit, dtype or model_dtype(model))
-    if tokenizer is not None:
-        _save_tokenizer(tokenizer, out)
+        _save_merged(model, out, limit, dtype or model_dtype(model), tokenizer)
     return out
 
 
-def _save_tokenizer(tokenizer: Any, out: Path) -> None:
-    """The tokenizer's files, written as one atomic step beside the model's (which are kept)."""
-    with atomic_dir(out, owned=()) as tmp:
-        tokenizer.save_pretrained(str(tmp))
-
-
-def _save_merged(model: nn.Module, out: Path, limit: int, dtype: torch.dtype) -> None:
+def _save_merged(model: nn.Module, out: Path, limit: int, dtype: torch.dtype, tokenizer: Any) -> None:
     inner = _inner_model(model)
     groups = [_Group(e.nbytes, lambda e=e: {e.key: e.make()}) for e in merged_state_dict_plan(model, dtype)]
     # A tied head trained apart from the embedding (modules_to_save) is written under its own name
     # by the plan; the config must then say the two are no longer tied.
     cfg = _export_config(inner, dtype, _ties_broken(inner))
     with atomic_dir(out, owned=MODEL_FILES) as tmp:
-        _write_model_folder(tmp, inner, groups, limit, cfg)
+        _write_model_folder(tmp, inner, groups, limit, cfg, tokenizer)
 
 
 def iter_entries(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:

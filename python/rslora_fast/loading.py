@@ -632,38 +632,48 @@ def save_pretrained_4bit(
     return save_4bit(model, save_directory, max_shard_size)
 
 
-def _save_pretrained_4bit_method(
-    self: nn.Module,
-    save_directory: str | os.PathLike,
-    *,
-    is_main_process: bool = True,
-    state_dict: dict | None = None,
-    max_shard_size: int | str = "5GB",
-    **kwargs: Any,
-) -> None:
+class _Save4bit:
     """``save_pretrained`` of a model loaded in 4 bits: bitsandbytes' layout via ``export.save_4bit``.
 
-    transformers' own ``save_pretrained`` does not know our 4-bit layers (no ``quantization_config``
-    would be written, and the shared code tables stop it). ``push_to_hub`` of transformers calls
-    this too. Other transformers keywords (``safe_serialization``, ``variant``...) are accepted and
-    ignored: the output is always safetensors.
+    transformers' own ``save_pretrained`` does not know our 4-bit layers (it would write no
+    ``quantization_config``, and the shared code tables stop it). Set on the instance (an object,
+    not a function, so the model still deep-copies and pickles with it); transformers'
+    ``push_to_hub`` calls it too.
     """
-    from .export import save_4bit
 
-    if state_dict is not None:
-        raise TypeError(
-            "save_pretrained of a 4-bit model writes its modules' own state; state_dict= is not supported"
-        )
-    if kwargs.pop("push_to_hub", False):
-        raise TypeError(
-            "save_pretrained(push_to_hub=True) is not supported here; call model.push_to_hub(repo_id)"
-        )
-    if is_main_process:
-        save_4bit(self, save_directory, max_shard_size)
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        is_main_process: bool = True,
+        state_dict: dict | None = None,
+        max_shard_size: int | str = "5GB",
+        **kwargs: Any,
+    ) -> None:
+        """Write the model to ``save_directory``; other transformers keywords (``safe_serialization``,
+        ``variant``...) are accepted and ignored: the output is always safetensors.
+
+        Raises:
+            TypeError: ``state_dict=`` (the 4-bit state is read from the modules) or
+                ``push_to_hub=True`` (use ``model.push_to_hub``).
+        """
+        from .export import save_4bit
+
+        if state_dict is not None:
+            raise TypeError(
+                "save_pretrained of a 4-bit model writes its modules' state; state_dict= is not supported"
+            )
+        if kwargs.pop("push_to_hub", False):
+            raise TypeError(
+                "save_pretrained(push_to_hub=True) is not supported here; call model.push_to_hub(repo_id)"
+            )
+        if is_main_process:
+            save_4bit(self.model, save_directory, max_shard_size)
 
 
 def _route_save_to_4bit(model: nn.Module) -> None:
-    """Make ``model.save_pretrained`` write the bitsandbytes 4-bit layout (bound to this instance)."""
-    import types
-
-    model.save_pretrained = types.MethodType(_save_pretrained_4bit_method, model)
+    """Make ``model.save_pretrained`` write the bitsandbytes 4-bit layout (this instance only)."""
+    model.save_pretrained = _Save4bit(model)

@@ -174,3 +174,43 @@ def test_merged_saves_keep_the_loaded_dtype(base_dir, tmp_path, method):
     out = pm.save_pretrained_merged(tmp_path / "f16", tok, save_method="merged_16bit", dtype=torch.float16)
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+
+
+def test_save_pretrained_follows_a_deep_copy(base_dir, tmp_path):
+    import copy
+
+    model, _ = _load(base_dir)
+    twin = copy.deepcopy(model)
+    layer = twin.model.layers[0].self_attn.q_proj
+    layer.requantize_(torch.zeros(layer.out_features, layer.in_features))
+    twin.save_pretrained(tmp_path / "twin")
+    model.save_pretrained(tmp_path / "orig")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    with (
+        safe_open(str(tmp_path / "twin" / "model.safetensors"), "pt") as a,
+        safe_open(str(tmp_path / "orig" / "model.safetensors"), "pt") as b,
+    ):
+        assert torch.equal(a.get_tensor(key), layer.weight.data)
+        assert torch.equal(b.get_tensor(key), model.model.layers[0].self_attn.q_proj.weight.data)
+        assert not torch.equal(a.get_tensor(key), b.get_tensor(key))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_4bit_and_merged_4bit_saves_from_the_gpu(base_dir, tmp_path):
+    model, tok = _load(base_dir, device_map="cuda:0", dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "q4")
+    tok.save_pretrained(tmp_path / "q4")
+    back, _ = _load(tmp_path / "q4", dtype=torch.bfloat16)
+    for n, m in model.named_modules():
+        if isinstance(m, Linear4bit):
+            assert torch.equal(back.get_submodule(n).weight.data, m.weight.data.cpu()), n
+    pm = get_peft_model(model, r=8, use_gradient_checkpointing=False, random_state=3)
+    out = pm.save_pretrained_merged(tmp_path / "m4", tok, save_method="merged_4bit")
+    reloaded, _ = _load(out, dtype=torch.bfloat16)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"
+    # B = 0 right after get_peft_model: the merged weights are the base weights, quantized again
+    q = reloaded.model.layers[1].mlp.down_proj.dequantize(torch.float32)
+    base = pm.get_base_model().model.layers[1].mlp.down_proj.base_layer.dequantize(torch.float32).cpu()
+    assert (q - base).abs().max() <= base.abs().max() * 0.1
