@@ -214,3 +214,22 @@ def test_4bit_and_merged_4bit_saves_from_the_gpu(base_dir, tmp_path):
     q = reloaded.model.layers[1].mlp.down_proj.dequantize(torch.float32)
     base = pm.get_base_model().model.layers[1].mlp.down_proj.base_layer.dequantize(torch.float32).cpu()
     assert (q - base).abs().max() <= base.abs().max() * 0.1
+
+
+def test_linears_kept_dense_stay_dense_after_the_round_trip(base_dir, tmp_path):
+    model, tok = _load(base_dir, skip_modules=["down_proj"])
+    model.save_pretrained(tmp_path / "q")
+    tok.save_pretrained(tmp_path / "q")
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["llm_int8_skip_modules"] == [
+        "lm_head",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
+    ours, _ = _load(tmp_path / "q")
+    assert not isinstance(ours.model.layers[1].mlp.down_proj, Linear4bit)
+    assert isinstance(ours.model.layers[1].mlp.up_proj, Linear4bit)
+    assert torch.equal(_logits(ours), _logits(model))
+    theirs = _bnb_load(tmp_path / "q")
+    assert type(theirs.model.layers[1].mlp.down_proj) is torch.nn.Linear
+    assert (_logits(theirs) - _logits(model)).abs().max() < BNB_CPU_ATOL

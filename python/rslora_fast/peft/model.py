@@ -274,7 +274,9 @@ class PeftModel(nn.Module):
         reference log-probs under ``set_adapter("ref")``. :meth:`set_adapter` swaps the weights in.
 
         Raises:
-            ValueError: the name exists, or ``peft_config`` differs from the trained adapter's.
+            ValueError: the name exists.
+            NotImplementedError: ``peft_config`` differs from the trained adapter's (a second
+                trainable adapter).
         """
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists")
