@@ -10,7 +10,9 @@ through one of the two context managers here:
 
 Until the swap, ``target`` is exactly what it was before; if the body raises (or the disk fills),
 the temporary sibling is removed and ``target`` is untouched. A process killed mid-write leaves at
-most a hidden ``.NAME.tmp-PID-*`` sibling, which the next write to the same target removes.
+most a hidden ``.NAME.tmp-PID-*`` sibling, which the next write to the same target removes (and, with
+the two-rename fallback, a complete ``.NAME.old-PID-*``, which that write puts back if ``target`` is
+missing).
 
 Files already in ``target`` that the new artifact does not own (a tokenizer saved beside an adapter,
 a trainer's ``trainer_state.json``) are carried over into the new folder by hard link, so replacing
@@ -74,15 +76,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _owner_pid(path: Path, target: Path, kind: str) -> int | None:
+    try:
+        return int(path.name[len(f".{target.name}.{kind}-") :].split("-", 1)[0])
+    except ValueError:
+        return None
+
+
 def _remove_stale(target: Path) -> None:
-    """Remove temporary siblings of ``target`` left by processes that no longer run."""
-    for p in target.parent.glob(f".{target.name}.tmp-*"):
-        try:
-            pid = int(p.name[len(f".{target.name}.tmp-") :].split("-", 1)[0])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    """Clean up after processes that died mid-save: drop their temporaries, restore an old version.
+
+    A ``.NAME.tmp-PID-*`` sibling is an unfinished new version: removed. A ``.NAME.old-PID-*``
+    sibling is a complete previous version caught between the two renames of the fallback swap:
+    put back when ``target`` is missing, else removed.
+    """
+    for kind in ("old", "tmp"):
+        for p in sorted(target.parent.glob(f".{target.name}.{kind}-*")):
+            pid = _owner_pid(p, target, kind)
+            if pid is None or pid == os.getpid() or _pid_alive(pid):
+                continue
+            if kind == "old" and not target.exists():
+                os.replace(p, target)
+            elif p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def _tmp_sibling(target: Path) -> Path:

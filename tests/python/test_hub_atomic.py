@@ -208,3 +208,30 @@ def test_atomic_file_and_stale_temporaries(tmp_path):
         (tmp / "a").write_text("a")
     assert not dead.exists() and (tmp_path / "out" / "a").read_text() == "a"
     assert os.listdir(tmp_path / "out") == ["a"]
+
+
+def test_a_previous_version_caught_between_renames_is_restored(tmp_path):
+    from rslora_fast.atomic import atomic_dir
+
+    old = tmp_path / ".out.old-999999999-abcd"  # the fallback swap died after its first rename
+    old.mkdir()
+    (old / "adapter_model.safetensors").write_text("v1")
+    (old / "tokenizer.json").write_text("tok")
+    with atomic_dir(tmp_path / "out", owned=("adapter_*",)) as tmp:
+        (tmp / "adapter_model.safetensors").write_text("v2")
+    assert not old.exists()
+    assert (tmp_path / "out" / "adapter_model.safetensors").read_text() == "v2"
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == "tok"  # the restored version's neighbour
+
+
+def test_replacing_without_an_atomic_exchange(tmp_path, monkeypatch):
+    import rslora_fast.atomic as atomic
+
+    for exchange in (atomic._exchange, lambda a, b: False):  # Linux renameat2, then the two-rename fallback
+        monkeypatch.setattr(atomic, "_exchange", exchange)
+        target = tmp_path / f"out{id(exchange)}"
+        for version in ("v1", "v2"):
+            with atomic.atomic_dir(target) as tmp:
+                (tmp / "f").write_text(version)
+        assert (target / "f").read_text() == "v2"
+        assert _leftovers(tmp_path) == []
