@@ -187,9 +187,21 @@ pub struct Pair {
     pub baseline: String,
 }
 
+/// Whether criterion measures (`cargo bench`), as opposed to running each bench once as a test
+/// (`cargo test --benches`, `-- --test`) or listing them: the same rule criterion applies.
+fn measuring() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    let has = |flag: &str| args.iter().any(|a| a == flag);
+    has("--bench") && !has("--test") && !has("--list")
+}
+
 /// Print "label: X GiB/s vs Y GiB/s = ratio" for every pair whose two benches both ran (a
-/// filtered run prints only what it measured). Rates are medians over the timed calls.
+/// filtered run prints only what it measured). Rates are medians over the timed calls. Nothing
+/// is printed when criterion only tested the benches (one unmeasured call each).
 pub fn print_summary(title: &str, pairs: &[Pair]) {
+    if !measuring() {
+        return;
+    }
     let lines: Vec<String> = pairs
         .iter()
         .filter_map(|p| {
