@@ -1,19 +1,42 @@
 //! Offload scheduler benches.
 //!
-//! On any machine (host transport): the scheduler's own cost per operation (offload, prefetch,
-//! wait, release of a small buffer, so bookkeeping dominates) and a step of pool reuse (32 layer
-//! inputs out and back). With a GPU at run time: achieved device-to-host and host-to-device
-//! bandwidth of the scheduler against a plain pinned `cuMemcpy*Async` of the same bytes.
+//! `offload/host/...` (any machine, host transport): the scheduler's own cost per operation
+//! (offload, prefetch, wait, release of a small buffer, so bookkeeping dominates) and a step of
+//! pool reuse (32 layer inputs out and back).
+//!
+//! `offload/cuda/...` (a GPU at run time; otherwise one line says why they were skipped): the
+//! scheduler's offload (device to host) and prefetch (host to device) against a plain pinned
+//! `cuMemcpy*Async` of the same bytes on a stream of the same kind, at 16 MiB, 128 MiB and one
+//! decoder layer's saved activation (see [`LAYER_BYTES`]), plus one training step of the real
+//! schedule of a 32-layer model. Filter with `cargo bench --bench offload -- host` or `-- cuda`.
 
+mod common;
+
+use std::cell::{Cell, RefCell};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use common::{record, DevBuf, Gpu, Pair, Pinned, Stream};
+use criterion::{criterion_group, BenchmarkId, Criterion, SamplingMode, Throughput};
 use cudarc::driver::sys;
 use rslora_fast::cuda::RawStream;
-use rslora_fast::offload::{CudaTransport, HostTransport, Scheduler, Transport};
+use rslora_fast::offload::{CudaTransport, HandleState, HostTransport, Scheduler, Transport};
 
+/// The compute stream the scheduler orders its copies after (the legacy default stream, idle here).
 const S: RawStream = RawStream(0);
+
+/// What `"unsloth"` checkpointing saves per decoder layer of the Llama-3-8B shape at batch
+/// 2 x 2048: the layer's input hidden states, `[2, 2048, 4096]` bf16 = 33,554,432 bytes (32 MiB).
+/// Everything else the layer needs in backward is recomputed from it.
+const LAYER_BYTES: usize = 2 * 2048 * 4096 * 2;
+/// Decoder layers of the 8B shape. The last layer's input stays on the device (its copy could
+/// not be hidden behind compute), so a step offloads and prefetches `LAYERS - 1` inputs.
+const LAYERS: usize = 32;
+/// Prefetch depth of the Python default (`install_offloaded_checkpointing(lookahead=1)`).
+const LOOKAHEAD: usize = 1;
+/// Copies per synchronized round in the single-size benches (both sides alike), so each round's
+/// one host-device round trip costs well under 1% of its copy time.
+const ROUND: usize = 8;
 
 fn scheduler_ops(c: &mut Criterion) {
     let mut g = c.benchmark_group("offload/host/op");
@@ -49,7 +72,9 @@ fn pool_reuse(c: &mut Criterion) {
     let mut back = vec![0u8; layer];
     g.throughput(Throughput::Bytes((2 * layer * layers) as u64));
     let mut s = Scheduler::new(HostTransport::new(), 1, None);
+    let ran = Cell::new(false);
     g.bench_function("32 layers x 256 KiB out and back (pool reused)", |b| {
+        ran.set(true);
         b.iter(|| {
             let hs: Vec<u64> = srcs
                 .iter()
@@ -64,111 +89,331 @@ fn pool_reuse(c: &mut Criterion) {
             }
         })
     });
-    assert_eq!(
-        s.stats().pool.allocations,
-        layers,
-        "the pool must be reused"
-    );
+    // Only a run that measured the step can say whether the pool was reused.
+    if ran.get() {
+        assert_eq!(
+            s.stats().pool.allocations,
+            layers,
+            "the pool must be reused"
+        );
+    }
     g.finish();
 }
 
-/// Time `iters` rounds of `f` on the GPU, synchronizing `stream` at the end.
-fn timed(iters: u64, stream: sys::CUstream, mut f: impl FnMut()) -> Duration {
-    let t = Instant::now();
-    for _ in 0..iters {
-        f();
+/// Rounds of at most [`ROUND`] copies covering `iters`.
+fn rounds(iters: u64) -> impl Iterator<Item = usize> {
+    (0..iters)
+        .step_by(ROUND)
+        .map(move |i| (iters - i).min(ROUND as u64) as usize)
+}
+
+fn cuda_scheduler() -> Scheduler<CudaTransport> {
+    let t = CudaTransport::new(0).unwrap_or_else(|e| panic!("CUDA transport: {e}"));
+    Scheduler::new(t, LOOKAHEAD, None)
+}
+
+/// Buffers of one single-size comparison, made on first use (a filtered run allocates nothing).
+struct SizeBufs {
+    sched: Scheduler<CudaTransport>,
+    plain: Stream,
+    host: Vec<Pinned>,
+    dev: DevBuf,
+}
+
+impl SizeBufs {
+    fn new(n: usize) -> SizeBufs {
+        SizeBufs {
+            sched: cuda_scheduler(),
+            plain: Stream::new(),
+            host: (0..ROUND).map(|_| Pinned::new(n)).collect(),
+            dev: DevBuf::new(n),
+        }
     }
-    // SAFETY: a live stream of the current context.
-    unsafe { sys::cuStreamSynchronize(stream) };
-    t.elapsed()
+}
+
+/// `iters` plain copies of `n` bytes in rounds: `dtoh` device to host, else host to device.
+fn plain_copies(b: &SizeBufs, n: usize, iters: u64, dtoh: bool) -> Duration {
+    let mut el = Duration::ZERO;
+    for r in rounds(iters) {
+        let t = Instant::now();
+        for h in &b.host[..r] {
+            // SAFETY: `h` and `dev` hold n bytes until the synchronize below.
+            let res = unsafe {
+                if dtoh {
+                    sys::cuMemcpyDtoHAsync_v2(h.ptr, b.dev.ptr, n, b.plain.0)
+                } else {
+                    sys::cuMemcpyHtoDAsync_v2(b.dev.ptr, h.ptr, n, b.plain.0)
+                }
+            };
+            common::ok(res, "plain cuMemcpyAsync");
+        }
+        b.plain.sync();
+        el += t.elapsed();
+    }
+    el
+}
+
+/// Offload `r` copies of the device buffer; the handles are live afterwards.
+fn offload_round(b: &mut SizeBufs, n: usize, r: usize) -> Vec<u64> {
+    (0..r)
+        // SAFETY: `dev` holds n bytes and outlives every copy (synchronized before release).
+        .map(|_| unsafe { b.sched.offload(b.dev.ptr as usize, n, S).unwrap() })
+        .collect()
+}
+
+fn release(b: &mut SizeBufs, hs: Vec<u64>) {
+    for h in hs {
+        b.sched.release(h).unwrap();
+    }
+}
+
+/// `iters` scheduler offloads of `n` bytes in rounds, each round ended by a synchronize.
+fn sched_offloads(b: &mut SizeBufs, n: usize, iters: u64) -> Duration {
+    let mut el = Duration::ZERO;
+    for r in rounds(iters) {
+        let t = Instant::now();
+        let hs = offload_round(b, n, r);
+        b.sched.transport_mut().synchronize_all().unwrap();
+        el += t.elapsed();
+        release(b, hs);
+    }
+    el
+}
+
+/// `iters` scheduler prefetches of `n` bytes in rounds, then the compute stream's wait for each
+/// (queued after the prefetches, as the lookahead does: a wait queued between two prefetches
+/// would make the second copy wait for the first one's event on the compute stream). The
+/// offloads that fill each round run untimed before it.
+fn sched_prefetches(b: &mut SizeBufs, n: usize, iters: u64) -> Duration {
+    let mut el = Duration::ZERO;
+    for r in rounds(iters) {
+        let hs = offload_round(b, n, r);
+        b.sched.transport_mut().synchronize_all().unwrap();
+        let t = Instant::now();
+        for &h in &hs {
+            // SAFETY: `dev` holds n bytes; nothing reads it while the copies run.
+            unsafe { b.sched.prefetch(h, b.dev.ptr as usize, S).unwrap() };
+        }
+        for &h in &hs {
+            b.sched.wait(h, S).unwrap();
+        }
+        b.sched.transport_mut().synchronize_all().unwrap();
+        el += t.elapsed();
+        release(b, hs);
+    }
+    el
+}
+
+/// What one single-size bench times.
+#[derive(Clone, Copy)]
+enum Side {
+    /// Plain `cuMemcpyDtoHAsync` into pinned memory.
+    PlainOut,
+    /// `Scheduler::offload`.
+    Offload,
+    /// Plain `cuMemcpyHtoDAsync` from pinned memory.
+    PlainBack,
+    /// `Scheduler::prefetch` + `Scheduler::wait`.
+    Prefetch,
+}
+
+/// The four benches of one size: plain and scheduler, each direction.
+fn cuda_size(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    label: &str,
+    n: usize,
+) {
+    let bufs: RefCell<Option<SizeBufs>> = RefCell::new(None);
+    let with = |f: &mut dyn FnMut(&mut SizeBufs) -> Duration| {
+        let mut slot = bufs.borrow_mut();
+        f(slot.get_or_insert_with(|| SizeBufs::new(n)))
+    };
+    g.throughput(Throughput::Bytes(n as u64));
+    for (name, side) in [
+        ("dtoh/plain", Side::PlainOut),
+        ("dtoh/scheduler", Side::Offload),
+        ("htod/plain", Side::PlainBack),
+        ("htod/scheduler", Side::Prefetch),
+    ] {
+        let id = format!("offload/cuda/{name}/{label}");
+        g.bench_function(BenchmarkId::new(name, label), |bch| {
+            bch.iter_custom(|iters| {
+                let el = with(&mut |b| match side {
+                    Side::PlainOut => plain_copies(b, n, iters, true),
+                    Side::Offload => sched_offloads(b, n, iters),
+                    Side::PlainBack => plain_copies(b, n, iters, false),
+                    Side::Prefetch => sched_prefetches(b, n, iters),
+                });
+                record(&id, n as u64, iters, el)
+            })
+        });
+    }
+    // Everything is synchronized; free this size's memory before the next size.
+    drop(bufs);
+}
+
+/// Buffers of the step comparison: each layer's input has its own slot of `LAYER_BYTES` in
+/// `dev`; the prefetch writes it back into the same slot (a fresh buffer in the real step).
+struct StepBufs {
+    sched: Scheduler<CudaTransport>,
+    plain: Stream,
+    host: Vec<Pinned>,
+    dev: DevBuf,
+}
+
+const OFFLOADED: usize = LAYERS - 1;
+
+impl StepBufs {
+    fn new() -> StepBufs {
+        StepBufs {
+            sched: cuda_scheduler(),
+            plain: Stream::new(),
+            host: (0..OFFLOADED).map(|_| Pinned::new(LAYER_BYTES)).collect(),
+            dev: DevBuf::new(OFFLOADED * LAYER_BYTES),
+        }
+    }
+
+    fn slot(&self, layer: usize) -> usize {
+        self.dev.at(layer * LAYER_BYTES, LAYER_BYTES)
+    }
+}
+
+/// One step of the Python path's calls, in its order (`python/rslora_fast/offload.py`): forward
+/// offloads each layer's input and lets the compute stream wait for the previous layer's copy;
+/// backward, at each layer, prefetches what the lookahead plan names, then waits for its own
+/// input and releases it.
+fn real_step(b: &mut StepBufs) {
+    let mut before = Vec::with_capacity(LAYERS);
+    let mut hs: Vec<u64> = Vec::with_capacity(OFFLOADED);
+    for i in 0..LAYERS {
+        before.push(b.sched.next_handle());
+        let prev = hs.last().copied();
+        if i < OFFLOADED {
+            let src = b.slot(i);
+            // SAFETY: the slot holds LAYER_BYTES and outlives the step's copies.
+            hs.push(unsafe { b.sched.offload(src, LAYER_BYTES, S).unwrap() });
+        }
+        if let Some(p) = prev {
+            b.sched.wait(p, S).unwrap();
+        }
+    }
+    let first = hs[0];
+    for i in (0..LAYERS).rev() {
+        for h in b.sched.plan_prefetch(before[i]) {
+            let dst = b.slot((h - first) as usize);
+            // SAFETY: the slot holds LAYER_BYTES; nothing else touches it during the step.
+            unsafe { b.sched.prefetch(h, dst, S).unwrap() };
+        }
+        if i < OFFLOADED {
+            let h = hs[i];
+            if b.sched.state(h).unwrap() == HandleState::Offloaded {
+                // SAFETY: as above.
+                unsafe { b.sched.prefetch(h, b.slot(i), S).unwrap() };
+            }
+            b.sched.wait(h, S).unwrap();
+            b.sched.release(h).unwrap();
+        }
+    }
+    b.sched.transport_mut().synchronize_all().unwrap();
+}
+
+/// The same bytes as [`real_step`] with plain copies: every input out, then back in reverse.
+fn plain_step(b: &StepBufs) {
+    for (i, h) in b.host.iter().enumerate() {
+        // SAFETY: slot and host buffer hold LAYER_BYTES until the synchronize below.
+        let res = unsafe {
+            sys::cuMemcpyDtoHAsync_v2(h.ptr, b.slot(i) as sys::CUdeviceptr, LAYER_BYTES, b.plain.0)
+        };
+        common::ok(res, "plain cuMemcpyDtoHAsync");
+    }
+    for (i, h) in b.host.iter().enumerate().rev() {
+        // SAFETY: as above.
+        let res = unsafe {
+            sys::cuMemcpyHtoDAsync_v2(b.slot(i) as sys::CUdeviceptr, h.ptr, LAYER_BYTES, b.plain.0)
+        };
+        common::ok(res, "plain cuMemcpyHtoDAsync");
+    }
+    b.plain.sync();
+}
+
+fn cuda_step(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>) {
+    let bufs: RefCell<Option<StepBufs>> = RefCell::new(None);
+    let bytes = (2 * OFFLOADED * LAYER_BYTES) as u64;
+    g.throughput(Throughput::Bytes(bytes));
+    for (name, real) in [("step/plain", false), ("step/scheduler", true)] {
+        let id = format!("offload/cuda/{name}/8B-32-layers");
+        g.bench_function(BenchmarkId::new(name, "8B-32-layers"), |bch| {
+            bch.iter_custom(|iters| {
+                let mut slot = bufs.borrow_mut();
+                let b = slot.get_or_insert_with(StepBufs::new);
+                let t = Instant::now();
+                for _ in 0..iters {
+                    if real {
+                        real_step(b)
+                    } else {
+                        plain_step(b)
+                    }
+                }
+                record(&id, bytes, iters, t.elapsed())
+            })
+        });
+    }
+    // Steps after the first reuse the pool: one block per offloaded input, all pinned. Only a
+    // run that measured the scheduler's step can say so.
+    let stats = bufs.borrow().as_ref().map(|b| b.sched.stats());
+    if let Some(st) = stats.filter(|s| s.offloads > 0) {
+        assert_eq!(
+            st.pool.allocations, OFFLOADED,
+            "the step must reuse the pool"
+        );
+        assert_eq!(
+            st.pool.pageable_fallbacks, 0,
+            "pinning failed: copies were pageable"
+        );
+    }
 }
 
 fn gpu_bandwidth(c: &mut Criterion) {
-    if rslora_fast::cuda::device_count() == 0 {
-        eprintln!("offload GPU benches skipped: no CUDA device");
+    if let Some(why) = common::gpu_unavailable() {
+        common::skip("offload/cuda", &why);
         return;
     }
+    let _gpu = Gpu::bind();
     let mut g = c.benchmark_group("offload/cuda");
-    g.sample_size(10);
-    for mib in [16usize, 128] {
-        let n = mib << 20;
-        g.throughput(Throughput::Bytes(n as u64));
-        let mut s = Scheduler::new(CudaTransport::new(0).unwrap(), 1, None);
-        let mut helper = CudaTransport::new(0).unwrap();
-        let stream = helper.copy_stream() as sys::CUstream;
-        let host = helper.alloc_pinned(n).unwrap();
-        let mut dev: sys::CUdeviceptr = 0;
-        // SAFETY: the context is current (CudaTransport::new bound it); bench-only device buffer.
-        unsafe { assert_eq!(sys::cuMemAlloc_v2(&mut dev, n), sys::CUresult::CUDA_SUCCESS) };
-        g.bench_function(BenchmarkId::new("plain pinned DtoH async", mib), |b| {
-            b.iter_custom(|iters| {
-                timed(iters, stream, || {
-                    // SAFETY: `host` and `dev` hold n bytes until the final synchronize.
-                    unsafe {
-                        sys::cuMemcpyDtoHAsync_v2(host.as_ptr() as *mut _, dev, n, stream);
-                    }
-                })
-            })
-        });
-        g.bench_function(BenchmarkId::new("scheduler offload (DtoH)", mib), |b| {
-            b.iter_custom(|iters| {
-                let t = Instant::now();
-                let hs: Vec<u64> = (0..iters)
-                    // SAFETY: `dev` holds n bytes and lives to the end of the bench.
-                    .map(|_| unsafe { s.offload(dev as usize, n, S).unwrap() })
-                    .collect();
-                s.transport_mut().synchronize_all().unwrap();
-                let el = t.elapsed();
-                for h in hs {
-                    s.release(h).unwrap();
-                }
-                s.trim().unwrap(); // keep host memory bounded between samples
-                el
-            })
-        });
-        g.bench_function(BenchmarkId::new("plain pinned HtoD async", mib), |b| {
-            b.iter_custom(|iters| {
-                timed(iters, stream, || {
-                    // SAFETY: as above.
-                    unsafe {
-                        sys::cuMemcpyHtoDAsync_v2(dev, host.as_ptr() as *const _, n, stream);
-                    }
-                })
-            })
-        });
-        // SAFETY: `dev` holds n bytes.
-        let h = unsafe { s.offload(dev as usize, n, S).unwrap() };
-        s.release(h).unwrap();
-        g.bench_function(
-            BenchmarkId::new("scheduler prefetch+wait (HtoD)", mib),
-            |b| {
-                b.iter_custom(|iters| {
-                    let mut el = Duration::ZERO;
-                    for _ in 0..iters {
-                        // SAFETY: as above.
-                        let h = unsafe { s.offload(dev as usize, n, S).unwrap() };
-                        s.transport_mut().synchronize_all().unwrap();
-                        let t = Instant::now();
-                        unsafe { s.prefetch(h, dev as usize, S).unwrap() };
-                        s.wait(h, S).unwrap();
-                        s.transport_mut().synchronize_all().unwrap();
-                        el += t.elapsed();
-                        s.release(h).unwrap();
-                    }
-                    el
-                })
-            },
-        );
-        drop(s);
-        // SAFETY: every copy finished (synchronized above); buffers freed once.
-        unsafe {
-            sys::cuStreamSynchronize(stream);
-            sys::cuMemFree_v2(dev);
-            helper.free_pinned(host, n);
-        }
-    }
+    g.sample_size(10).sampling_mode(SamplingMode::Flat);
+    cuda_size(&mut g, "16MiB", 16 << 20);
+    cuda_size(&mut g, "128MiB", 128 << 20);
+    cuda_size(&mut g, "8B-layer-input-32MiB", LAYER_BYTES);
+    cuda_step(&mut g);
     g.finish();
 }
 
+fn summary() -> Vec<Pair> {
+    let mut pairs = Vec::new();
+    for label in ["16MiB", "128MiB", "8B-layer-input-32MiB"] {
+        for (dir, what) in [("dtoh", "offload (DtoH)"), ("htod", "prefetch+wait (HtoD)")] {
+            pairs.push(Pair {
+                label: format!("{what} {label}"),
+                subject: format!("offload/cuda/{dir}/scheduler/{label}"),
+                baseline: format!("offload/cuda/{dir}/plain/{label}"),
+            });
+        }
+    }
+    pairs.push(Pair {
+        label: "step: 31 x 32 MiB out and back".into(),
+        subject: "offload/cuda/step/scheduler/8B-32-layers".into(),
+        baseline: "offload/cuda/step/plain/8B-32-layers".into(),
+    });
+    pairs
+}
+
 criterion_group!(benches, scheduler_ops, pool_reuse, gpu_bandwidth);
-criterion_main!(benches);
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    common::print_summary(
+        "offload/cuda: scheduler against a plain pinned copy",
+        &summary(),
+    );
+}
