@@ -235,34 +235,70 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def _rebuild_meta_buffers(model: nn.Module, device: torch.device) -> None:
-    """Recompute non-persistent buffers (RoPE ``inv_freq``) for the real device.
+    """Give every buffer still on ``meta`` its value, as transformers' own loader does.
 
-    They were created on ``meta`` with the skeleton and are not in any checkpoint, so the
-    owning module is constructed once more from its config on the CPU and its buffers copied.
+    Non-persistent buffers (RoPE ``inv_freq`` and Gemma 3's per-layer-type variants, Gemma's
+    ``embed_scale``, ...) are in no checkpoint; the skeleton made them on ``meta`` without values.
+    transformers allocates them on the device and lets the model's ``initialize_weights`` (its
+    ``_init_weights``) compute them, every loaded tensor being flagged ``_is_hf_initialized`` so
+    that nothing else is touched. We do the same, restricted to the modules that own such a
+    buffer, and run it twice from two different fills: a buffer that comes out different was not
+    computed by the model's init and is rebuilt from its module's config instead (older or remote
+    code), else the load fails naming it.
     """
-    for mod_name, mod in model.named_modules():
-        metas = [b for b, t in mod._buffers.items() if t is not None and t.is_meta]
-        if not metas:
-            continue
-        cfg = getattr(mod, "config", None) or model.config
-        try:
-            with torch.device("cpu"):
-                fresh = type(mod)(config=cfg)
-        except Exception as exc:
+    owners = {
+        name: mod
+        for name, mod in model.named_modules()
+        if any(t is not None and t.is_meta for t in mod._buffers.values())
+    }
+    if not owners:
+        return
+    metas = {n: [b for b, t in m._buffers.items() if t is not None and t.is_meta] for n, m in owners.items()}
+    shapes = {(n, b): owners[n]._buffers[b] for n, bs in metas.items() for b in bs}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if not t.is_meta:
+            t._is_hf_initialized = True
+    first = _init_buffers(model, owners, shapes, device, fill=0)
+    second = _init_buffers(model, owners, shapes, device, fill=1)
+    unwritten = {}
+    for key, value in second.items():
+        if not torch.equal(first[key], value):
+            unwritten.setdefault(key[0], []).append(key[1])
+    for mod_name, bufs in unwritten.items():
+        _rebuild_from_config(model, mod_name, owners[mod_name], bufs, device)
+
+
+def _init_buffers(model, owners, shapes, device, fill):
+    """Allocate the meta buffers filled with ``fill`` and run the model's own initializer on their owners."""
+    for (mod_name, b), meta in shapes.items():
+        owners[mod_name]._buffers[b] = torch.full(meta.shape, fill, dtype=meta.dtype, device=device)
+    for mod in model.modules():  # only the owners are (re)initialized; flags set by from_config go
+        mod._is_hf_initialized = all(o is not mod for o in owners.values())
+    init = getattr(model, "initialize_weights", None)
+    if callable(init):
+        init()
+    return {(n, b): owners[n]._buffers[b].clone() for n, b in shapes}
+
+
+def _rebuild_from_config(model, mod_name, mod, bufs, device):
+    """Fallback: construct the owning module once more from its config on the CPU; copy its buffers."""
+    cfg = getattr(mod, "config", None) or model.config
+    try:
+        with torch.device("cpu"):
+            fresh = type(mod)(config=cfg)
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot materialize buffer(s) {bufs} of module {mod_name!r} ({type(mod).__name__}): they are "
+            f"not in the checkpoint, the model's initialize_weights does not compute them and the module "
+            f"cannot be rebuilt from the config ({exc})"
+        ) from exc
+    for b in bufs:
+        t = getattr(fresh, b, None)
+        if not isinstance(t, torch.Tensor):
             raise CheckpointError(
-                f"cannot materialize buffer(s) {metas} of module {mod_name!r} ({type(mod).__name__}): "
-                f"they are not in the checkpoint and the module cannot be rebuilt from the config ({exc})"
-            ) from exc
-        for b in metas:
-            t = getattr(fresh, b, None)
-            if not isinstance(t, torch.Tensor):
-                raise CheckpointError(
-                    f"cannot materialize buffer {mod_name}.{b}: not produced by {type(mod).__name__}"
-                )
-            mod._buffers[b] = t.to(device)
-        for k, v in vars(fresh).items():  # plain attributes computed with them (e.g. attention_scaling)
-            if not k.startswith("_") and isinstance(v, (int, float)):
-                setattr(mod, k, v)
+                f"cannot materialize buffer {mod_name}.{b}: not produced by {type(mod).__name__}"
+            )
+        mod._buffers[b] = t.to(device)
 
 
 def _checked_quant_parts(base: str, parts: dict[str, tuple[Path, Any, tuple[int, ...]]]) -> None:
