@@ -104,3 +104,24 @@ def test_4bit_load_equals_bitsandbytes(family_dir):
     got = _logits(ours)
     assert torch.allclose(got, _logits(twin), atol=1e-5), (family, (got - _logits(twin)).abs().max())
     assert (got - _logits(bnb)).abs().max() < BNB_CPU_ATOL, family
+
+
+def test_lora_training_loss_equals_the_models_own(family_dir):
+    """get_peft_model's training forward (fast decoder path and fused loss where they apply) gives
+    the loss transformers computes from the model's own logits (Granite divides them by
+    ``logits_scaling``, Gemma 2 soft-caps them)."""
+    from rslora_fast import FastLanguageModel
+
+    family, path = family_dir
+    model, _ = from_pretrained(
+        str(path), load_in_4bit=False, dtype=torch.float32, device_map="cpu", progress=False
+    )
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if family == "phi3" else None
+    kw = {"target_modules": targets} if targets else {}
+    peft_model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False, **kw).train()
+    inner = peft_model.get_base_model()
+    with torch.no_grad():
+        loss = peft_model(input_ids=IDS, labels=IDS).loss
+        logits = inner(input_ids=IDS).logits
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), IDS[:, 1:].flatten())
+    assert torch.allclose(loss, want, rtol=1e-5, atol=1e-6), (family, loss.item(), want.item())
