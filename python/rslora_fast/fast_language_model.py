@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from .checkpointing import apply_gradient_checkpointing, validate_mode
-from .loading import CheckpointNotFoundError
+from .loading import CheckpointError, CheckpointNotFoundError
 from .peft import get_peft_model as _get_peft_model
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,10 @@ def _adapter_and_base(model_name: str, kwargs: dict) -> tuple[Path | None, str]:
             "adapter_config.json): load the base with from_pretrained(base) and the adapter with "
             f"PeftModel.from_pretrained(model, {str(root)!r})"
         )
+    # A relative base path was relative to where training ran; failing that, to the adapter folder.
+    beside = root / base
+    if not Path(base).is_absolute() and not Path(base).exists() and beside.is_dir():
+        return root, str(beside)
     return root, str(base)
 
 
@@ -165,10 +169,15 @@ class FastLanguageModel:
             from .peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
-            if (adapter / "tokenizer_config.json").is_file():
-                tokenizer = _load_tokenizer(
-                    adapter, kwargs.get("token"), bool(kwargs.get("trust_remote_code"))
-                )
+            if (
+                adapter / "tokenizer_config.json"
+            ).is_file():  # saved with the adapter: may carry a chat template
+                try:
+                    tokenizer = _load_tokenizer(
+                        adapter, kwargs.get("token"), bool(kwargs.get("trust_remote_code"))
+                    )
+                except CheckpointError as exc:
+                    log.warning("from_pretrained: using the base model's tokenizer: %s", exc)
         return model, tokenizer
 
     #: :func:`rslora_fast.get_peft_model`, with its full signature and docstring.

@@ -273,8 +273,9 @@ def _init_buffers(model, owners, shapes, device, fill):
     """Allocate the meta buffers filled with ``fill`` and run the model's own initializer on their owners."""
     for (mod_name, b), meta in shapes.items():
         owners[mod_name]._buffers[b] = torch.full(meta.shape, fill, dtype=meta.dtype, device=device)
+    owner_ids = {id(m) for m in owners.values()}
     for mod in model.modules():  # only the owners are (re)initialized; flags set by from_config go
-        mod._is_hf_initialized = all(o is not mod for o in owners.values())
+        mod._is_hf_initialized = id(mod) not in owner_ids
     init = getattr(model, "initialize_weights", None)
     if callable(init):
         init()

@@ -125,3 +125,29 @@ def test_lora_training_loss_equals_the_models_own(family_dir):
         logits = inner(input_ids=IDS).logits
     want = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), IDS[:, 1:].flatten())
     assert torch.allclose(loss, want, rtol=1e-5, atol=1e-6), (family, loss.item(), want.item())
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_4bit_load_matches_bitsandbytes(family_dir):
+    """On the GPU (our quantize kernel, bf16 compute): same packed bytes as bitsandbytes, logits close."""
+    pytest.importorskip("bitsandbytes")
+    family, path = family_dir
+    ours, _ = from_pretrained(str(path), dtype=torch.bfloat16, device_map="cuda", progress=False)
+    cfg = _bnb_cfg()
+    cfg.bnb_4bit_compute_dtype = torch.bfloat16
+    bnb = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path), quantization_config=cfg, device_map="cuda", dtype=torch.bfloat16
+    )
+    bnb_layers = {n: m for n, m in bnb.named_modules() if type(m).__name__ == "Linear4bit"}
+    our_layers = {n: m for n, m in ours.named_modules() if isinstance(m, Linear4bit)}
+    assert our_layers and set(bnb_layers) == set(our_layers), family
+    for n, m in our_layers.items():
+        assert torch.equal(m.weight.view(-1), bnb_layers[n].weight.data.view(-1)), (family, n)
+    ids = IDS.cuda()
+    with torch.no_grad():
+        got, want = ours(ids).logits.float(), bnb(ids).logits.float()
+    assert (got - want).abs().max() <= 0.05 * want.abs().max(), (family, (got - want).abs().max())

@@ -280,3 +280,16 @@ def test_adapter_folder_with_missing_base_names_both(llama, tmp_path):
     with pytest.raises(CheckpointNotFoundError, match="base_model_name_or_path"):
         FastLanguageModel.from_pretrained(str(tmp_path / "adapter"), **CPU)
     shutil.rmtree(tmp_path / "adapter")
+
+
+def test_adapter_folder_with_base_relative_to_it(llama, tmp_path, monkeypatch):
+    shutil.copytree(llama, tmp_path / "base")
+    base, _ = FastLanguageModel.from_pretrained(str(tmp_path / "base"), load_in_4bit=False, **CPU)
+    FastLanguageModel.get_peft_model(base, r=4).save_pretrained(str(tmp_path / "adapter"))
+    cfg_path = tmp_path / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = "../base"  # written by a run whose working directory was elsewhere
+    cfg_path.write_text(json.dumps(cfg))
+    monkeypatch.chdir(tmp_path.parent)
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "adapter"), load_in_4bit=False, **CPU)
+    assert isinstance(model, PeftModel)
