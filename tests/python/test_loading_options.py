@@ -134,7 +134,8 @@ def test_full_finetuning_trains_every_weight(llama, mode):
     params = dict(model.named_parameters())
     assert params and all(p.requires_grad and p.dtype == torch.float32 for p in params.values())
     assert bool(model.is_gradient_checkpointing) == (mode is not False)
-    ids = torch.randint(3, 60, (2, 24), generator=torch.Generator().manual_seed(0))
+    # 600 tokens: above the offloading mode's 512-token threshold, so "unsloth" really offloads.
+    ids = torch.randint(3, 60, (2, 300), generator=torch.Generator().manual_seed(0))
     model.train()
     got = _grads(model, ids)
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(llama), dtype=torch.float32).train()
@@ -158,6 +159,28 @@ def test_full_finetuning_default_is_16bit_with_unsloth_checkpointing(llama):
     assert not any(isinstance(m, Linear4bit) for m in model.modules())
     plain, _ = from_pretrained(str(llama), full_finetuning=True, **CPU)  # the loader alone: no checkpointing
     assert all(p.requires_grad for p in plain.parameters()) and not plain.is_gradient_checkpointing
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", [True, "unsloth"])
+def test_cuda_full_finetuning_checkpointing_keeps_gradients(llama, mode):
+    ids = torch.randint(3, 60, (2, 300), generator=torch.Generator().manual_seed(0)).cuda()
+
+    def grads(m):
+        model, _ = FastLanguageModel.from_pretrained(
+            str(llama), full_finetuning=True, use_gradient_checkpointing=m, device_map="cuda",
+            dtype=torch.bfloat16, progress=False,
+        )  # fmt: skip
+        assert bool(model.is_gradient_checkpointing) == (m is not False)
+        return _grads(model.train(), ids)
+
+    got, want = grads(mode), grads(False)
+    for n in want:
+        assert torch.allclose(got[n].float(), want[n].float(), rtol=2e-2, atol=1e-3), n
 
 
 # ------------------------------------------------------------------------------- RoPE scaling
