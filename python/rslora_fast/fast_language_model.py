@@ -30,16 +30,26 @@ def _inner(model: nn.Module) -> nn.Module:
     return model
 
 
-def _note_unsloth_keywords(fast_inference: bool, vllm_only: list[str]) -> None:
+def _take_unsloth_keywords(kwargs: dict, fast_inference: bool) -> None:
+    """Check ``kwargs`` against what the loader accepts; remove (and log) Unsloth's vLLM-only and no-effect ones."""
+    from .loading import ACCEPTED_KEYWORDS
+
+    unknown = sorted(set(kwargs) - set(ACCEPTED_KEYWORDS) - set(VLLM_ONLY_KEYWORDS) - set(NO_EFFECT_KEYWORDS))
+    if unknown:
+        accepted = sorted({*ACCEPTED_KEYWORDS, *_OWN_KEYWORDS, *VLLM_ONLY_KEYWORDS, *NO_EFFECT_KEYWORDS})
+        raise TypeError(f"from_pretrained got unexpected keyword argument(s) {unknown}; accepted: {accepted}")
     if fast_inference:
         log.warning(
             "from_pretrained: fast_inference=True: there is no fast generation path yet; generate() uses "
             "the standard transformers path"
         )
+    vllm_only = [k for k in VLLM_ONLY_KEYWORDS if kwargs.pop(k, None) is not None]
     if vllm_only:
         log.info(
             "from_pretrained: %s only matter for vLLM-style fast inference; ignored", ", ".join(vllm_only)
         )
+    for k in NO_EFFECT_KEYWORDS:
+        kwargs.pop(k, None)
 
 
 def _adapter_and_base(model_name: str, kwargs: dict) -> tuple[Path | None, str]:
@@ -68,10 +78,23 @@ def _adapter_and_base(model_name: str, kwargs: dict) -> tuple[Path | None, str]:
     return root, str(base)
 
 
-def _full_finetuning_checkpointing(model: nn.Module, mode: Any, max_seq_length: int) -> None:
-    """Install the checkpointing mode on a fully trainable model; remembered for ``for_training``."""
-    mode = validate_mode("unsloth" if mode is None else mode)
-    mode = apply_gradient_checkpointing(model, mode, max_seq_length)
+def _attach_adapter(model: nn.Module, tokenizer: Any, adapter: Path, kwargs: dict) -> tuple[nn.Module, Any]:
+    """The adapter in ``adapter`` on ``model``, trainable; the tokenizer saved with it when there is one."""
+    from .loading import _load_tokenizer
+    from .peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    if (adapter / "tokenizer_config.json").is_file():  # may carry a chat template set for training
+        try:
+            tokenizer = _load_tokenizer(adapter, kwargs.get("token"), bool(kwargs.get("trust_remote_code")))
+        except CheckpointError as exc:
+            log.warning("from_pretrained: using the base model's tokenizer: %s", exc)
+    return model, tokenizer
+
+
+def _install_checkpointing(model: nn.Module, mode: Any, max_seq_length: int) -> None:
+    """Install the checkpointing mode on ``model`` (or the model inside a PeftModel); kept for ``for_training``."""
+    mode = apply_gradient_checkpointing(_inner(model), mode, max_seq_length)
     model.__dict__["_gradient_checkpointing"] = {
         "mode": mode,
         "max_seq_length": max_seq_length,
@@ -124,21 +147,11 @@ class FastLanguageModel:
             TypeError: an unknown keyword (the message lists the accepted ones).
             CheckpointNotFoundError: an adapter whose base model cannot be found (names both).
         """
-        from .loading import ACCEPTED_KEYWORDS, from_pretrained
+        from .loading import from_pretrained
 
-        unknown = sorted(
-            set(kwargs) - set(ACCEPTED_KEYWORDS) - set(VLLM_ONLY_KEYWORDS) - set(NO_EFFECT_KEYWORDS)
-        )
-        if unknown:
-            accepted = sorted({*ACCEPTED_KEYWORDS, *_OWN_KEYWORDS, *VLLM_ONLY_KEYWORDS, *NO_EFFECT_KEYWORDS})
-            raise TypeError(
-                f"from_pretrained got unexpected keyword argument(s) {unknown}; accepted: {accepted}"
-            )
-        _note_unsloth_keywords(fast_inference, [k for k in VLLM_ONLY_KEYWORDS if k in kwargs])
-        for k in NO_EFFECT_KEYWORDS:
-            kwargs.pop(k, None)
-        for k in VLLM_ONLY_KEYWORDS:
-            kwargs.pop(k, None)
+        _take_unsloth_keywords(kwargs, fast_inference)
+        if use_gradient_checkpointing is not None:
+            use_gradient_checkpointing = validate_mode(use_gradient_checkpointing)
         if load_in_16bit:
             if load_in_4bit:
                 raise ValueError("load_in_16bit=True and load_in_4bit=True contradict each other; pass one")
@@ -156,28 +169,18 @@ class FastLanguageModel:
                 f"the adapter in {str(adapter)!r} names base model {base!r} (base_model_name_or_path in "
                 f"adapter_config.json), which cannot be loaded: {exc}"
             ) from exc
-        if full_finetuning:
-            _full_finetuning_checkpointing(model, use_gradient_checkpointing, model.max_seq_length)
+        if adapter is not None:
+            model, tokenizer = _attach_adapter(model, tokenizer, adapter, kwargs)
+        if full_finetuning and use_gradient_checkpointing is None:
+            use_gradient_checkpointing = "unsloth"  # Unsloth's default
+        if full_finetuning or (adapter is not None and use_gradient_checkpointing is not None):
+            _install_checkpointing(model, use_gradient_checkpointing, _inner(model).max_seq_length)
         elif use_gradient_checkpointing is not None:
             log.info(
-                "from_pretrained: use_gradient_checkpointing=%r is applied by get_peft_model "
+                "from_pretrained: use_gradient_checkpointing=%r takes effect through get_peft_model "
                 "(or with full_finetuning=True); pass it there",
                 use_gradient_checkpointing,
             )
-        if adapter is not None:
-            from .loading import _load_tokenizer
-            from .peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
-            if (
-                adapter / "tokenizer_config.json"
-            ).is_file():  # saved with the adapter: may carry a chat template
-                try:
-                    tokenizer = _load_tokenizer(
-                        adapter, kwargs.get("token"), bool(kwargs.get("trust_remote_code"))
-                    )
-                except CheckpointError as exc:
-                    log.warning("from_pretrained: using the base model's tokenizer: %s", exc)
         return model, tokenizer
 
     #: :func:`rslora_fast.get_peft_model`, with its full signature and docstring.

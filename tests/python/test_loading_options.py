@@ -264,8 +264,11 @@ def test_adapter_folder_loads_base_and_adapter(llama, tmp_path):
     peft_model.save_pretrained(str(tmp_path / "adapter"))
     assert not (tmp_path / "adapter" / "config.json").exists()
 
-    model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "adapter"), load_in_4bit=False, **CPU)
+    model, tok = FastLanguageModel.from_pretrained(
+        str(tmp_path / "adapter"), load_in_4bit=False, use_gradient_checkpointing=True, **CPU
+    )
     assert isinstance(model, PeftModel) and tok.pad_token is not None
+    assert model.get_base_model().is_gradient_checkpointing
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     assert lora and all(p.requires_grad for p in lora)
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
