@@ -18,7 +18,7 @@ pytest.importorskip("tokenizers")
 
 from test_loading import BNB_CPU_ATOL, _bnb_cfg, _decode_bnb, _tokenizer  # noqa: E402
 
-from rslora_fast.loading import from_pretrained  # noqa: E402
+from rslora_fast.loading import CheckpointError, from_pretrained  # noqa: E402
 from rslora_fast.quant.linear4bit import Linear4bit  # noqa: E402
 
 # Sizes are multiples of 64 so that bitsandbytes' CPU 4-bit matmul accepts them.
@@ -151,3 +151,21 @@ def test_cuda_4bit_load_matches_bitsandbytes(family_dir):
     with torch.no_grad():
         got, want = ours(ids).logits.float(), bnb(ids).logits.float()
     assert (got - want).abs().max() <= 0.05 * want.abs().max(), (family, (got - want).abs().max())
+
+
+def test_buffers_the_initializer_leaves_are_rebuilt_or_named(tmp_path, monkeypatch):
+    """A buffer the model's ``_init_weights`` does not compute (older or remote code) is taken from
+    its module rebuilt from the config when that works (Llama's rotary table), else named."""
+    llama = write_family(tmp_path / "llama", "llama")
+    gemma = write_family(tmp_path / "gemma", "gemma")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(llama), dtype=torch.float32).eval()
+    want = _logits(ref)
+    monkeypatch.setattr(transformers.LlamaPreTrainedModel, "_init_weights", lambda self, module: None)
+    monkeypatch.setattr(transformers.GemmaPreTrainedModel, "_init_weights", lambda self, module: None)
+    ours, _ = from_pretrained(
+        str(llama), load_in_4bit=False, dtype=torch.float32, device_map="cpu", progress=False
+    )
+    assert torch.equal(ours.model.rotary_emb.inv_freq, ref.model.rotary_emb.inv_freq)
+    assert torch.equal(_logits(ours), want)
+    with pytest.raises(CheckpointError, match=r"embed_scale.*initialize_weights does not compute"):
+        from_pretrained(str(gemma), load_in_4bit=False, dtype=torch.float32, device_map="cpu", progress=False)
