@@ -206,15 +206,53 @@ def test_rope_untouched_within_context_or_when_left_out(llama):
         assert model.config.max_position_embeddings == 128
 
 
-def test_models_own_scaling_is_extended(tmp_path):
+L3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
+
+@pytest.mark.parametrize(
+    "own, extended",
+    [
+        ({"rope_type": "linear", "factor": 2.0}, {"rope_type": "linear", "factor": 4.0}),
+        (
+            {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64},
+            {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+        ),
+        (
+            {"rope_type": "llama3", "factor": 2.0, "original_max_position_embeddings": 64, **L3},
+            {"rope_type": "llama3", "factor": 4.0, "original_max_position_embeddings": 64, **L3},
+        ),
+    ],
+)
+def test_models_own_scaling_is_extended(tmp_path, own, extended):
     path = write_family(tmp_path, "llama")
     cfg = json.loads((path / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    cfg["rope_parameters"] = {**own, "rope_theta": 10000.0}
     (path / "config.json").write_text(json.dumps(cfg))
     model, _ = from_pretrained(str(path), max_seq_length=256, load_in_4bit=False, **CPU)
-    assert model.config.rope_parameters["rope_type"] == "linear"
-    assert model.config.rope_parameters["factor"] == 4.0
-    assert torch.allclose(model.model.rotary_emb.inv_freq.double(), _inv_freq(10000.0, 16, 4.0), rtol=1e-6)
+    assert model.config.rope_parameters == {**extended, "rope_theta": 10000.0}
+    assert model.config.max_position_embeddings == 256
+    ref_cfg = transformers.AutoConfig.from_pretrained(str(path))
+    ref_cfg.rope_parameters, ref_cfg.max_position_embeddings = {**extended, "rope_theta": 10000.0}, 256
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path), config=ref_cfg, dtype=torch.float32
+    ).eval()
+    assert torch.equal(model.model.rotary_emb.inv_freq, ref.model.rotary_emb.inv_freq)
+    assert torch.equal(_logits(model, LONG), _logits(ref, LONG))
+    if own["rope_type"] == "linear":
+        assert torch.allclose(
+            model.model.rotary_emb.inv_freq.double(), _inv_freq(10000.0, 16, 4.0), rtol=1e-6
+        )
+
+
+def test_dynamic_and_unknown_types_are_left_alone(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="rslora_fast")
+    path = write_family(tmp_path, "llama")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    (path / "config.json").write_text(json.dumps(cfg))
+    model, _ = from_pretrained(str(path), max_seq_length=256, load_in_4bit=False, **CPU)
+    assert model.config.rope_parameters["factor"] == 2.0 and model.config.max_position_embeddings == 128
+    assert any("dynamic" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
 
 
 def test_gemma3_scales_full_attention_layers_only(gemma3):
