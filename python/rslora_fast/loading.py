@@ -388,11 +388,16 @@ def _extend_rope(config: Any, max_seq_length: int) -> None:
         return
     groups = _rope_groups(config)
     kinds = {g.get("rope_type", "default") for g in groups.values()}
-    if not groups or not kinds <= {"default", "dynamic", *_FACTOR_ROPE_TYPES} or kinds == {"dynamic"}:
-        how = "dynamic NTK scaling extends it by itself" if kinds == {"dynamic"} else "RoPE is not rescaled"
-        (log.info if kinds == {"dynamic"} else log.warning)(
-            "max_seq_length=%d exceeds the model's max_position_embeddings=%d; %s (rope types %s); "
-            "pass rope_scaling= to choose one", max_seq_length, limit, how, sorted(kinds) or "none",
+    if "dynamic" in kinds:
+        log.info(
+            "max_seq_length=%d exceeds the model's max_position_embeddings=%d; its dynamic NTK RoPE "
+            "scaling extends itself (pass rope_scaling= to choose another)", max_seq_length, limit,
+        )  # fmt: skip
+        return
+    if not groups or not kinds <= {"default", *_FACTOR_ROPE_TYPES}:
+        log.warning(
+            "max_seq_length=%d exceeds the model's max_position_embeddings=%d; RoPE (%s) is not rescaled: "
+            "pass rope_scaling= to choose a scaling", max_seq_length, limit, sorted(kinds) or "none",
         )  # fmt: skip
         return
     ratio = max_seq_length / limit
