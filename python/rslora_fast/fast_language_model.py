@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .checkpointing import apply_gradient_checkpointing
+from .checkpointing import apply_gradient_checkpointing, validate_mode
+from .loading import CheckpointError, CheckpointNotFoundError
 from .peft import get_peft_model as _get_peft_model
+
+log = logging.getLogger(__name__)
+
+#: Unsloth keywords that only size or tune its vLLM-backed fast inference: accepted, logged.
+VLLM_ONLY_KEYWORDS = ("max_lora_rank", "gpu_memory_utilization", "float8_kv_cache", "disable_log_stats",
+                      "unsloth_vllm_standby")  # fmt: skip
+#: Unsloth keywords accepted without effect (names are used as given, tokenizers as saved).
+NO_EFFECT_KEYWORDS = ("use_exact_model_name", "fix_tokenizer", "random_state")
+_OWN_KEYWORDS = ("full_finetuning", "use_gradient_checkpointing", "load_in_16bit", "fast_inference")
 
 
 def _inner(model: nn.Module) -> nn.Module:
@@ -15,6 +28,78 @@ def _inner(model: nn.Module) -> nn.Module:
     if hasattr(model, "peft_config") and hasattr(model, "base_model"):
         return model.base_model.model
     return model
+
+
+def _take_unsloth_keywords(kwargs: dict, fast_inference: bool) -> None:
+    """Check ``kwargs`` against what the loader accepts; remove (and log) Unsloth's vLLM-only and no-effect ones."""
+    from .loading import ACCEPTED_KEYWORDS
+
+    unknown = sorted(set(kwargs) - set(ACCEPTED_KEYWORDS) - set(VLLM_ONLY_KEYWORDS) - set(NO_EFFECT_KEYWORDS))
+    if unknown:
+        accepted = sorted({*ACCEPTED_KEYWORDS, *_OWN_KEYWORDS, *VLLM_ONLY_KEYWORDS, *NO_EFFECT_KEYWORDS})
+        raise TypeError(f"from_pretrained got unexpected keyword argument(s) {unknown}; accepted: {accepted}")
+    if fast_inference:
+        log.warning(
+            "from_pretrained: fast_inference=True: there is no fast generation path yet; generate() uses "
+            "the standard transformers path"
+        )
+    vllm_only = [k for k in VLLM_ONLY_KEYWORDS if kwargs.pop(k, None) is not None]
+    if vllm_only:
+        log.info(
+            "from_pretrained: %s only matter for vLLM-style fast inference; ignored", ", ".join(vllm_only)
+        )
+    for k in NO_EFFECT_KEYWORDS:
+        kwargs.pop(k, None)
+
+
+def _adapter_and_base(model_name: str, kwargs: dict) -> tuple[Path | None, str]:
+    """``(adapter folder, base model name)`` when ``model_name`` is a LoRA adapter, else ``(None, model_name)``."""
+    from .loading import _resolve
+
+    root = _resolve(model_name, kwargs.get("token"), kwargs.get("revision"), kwargs.get("cache_dir"))
+    if not (root / "adapter_config.json").is_file() or (root / "config.json").is_file():
+        return None, str(root)
+    try:
+        base = json.loads((root / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (ValueError, AttributeError) as exc:
+        raise CheckpointNotFoundError(
+            f"{root / 'adapter_config.json'} is not a valid adapter config ({exc})"
+        ) from exc
+    if not base:
+        raise CheckpointNotFoundError(
+            f"the adapter in {str(root)!r} does not name its base model (no base_model_name_or_path in "
+            "adapter_config.json): load the base with from_pretrained(base) and the adapter with "
+            f"PeftModel.from_pretrained(model, {str(root)!r})"
+        )
+    # A relative base path was relative to where training ran; failing that, to the adapter folder.
+    beside = root / base
+    if not Path(base).is_absolute() and not Path(base).exists() and beside.is_dir():
+        return root, str(beside)
+    return root, str(base)
+
+
+def _attach_adapter(model: nn.Module, tokenizer: Any, adapter: Path, kwargs: dict) -> tuple[nn.Module, Any]:
+    """The adapter in ``adapter`` on ``model``, trainable; the tokenizer saved with it when there is one."""
+    from .loading import _load_tokenizer
+    from .peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    if (adapter / "tokenizer_config.json").is_file():  # may carry a chat template set for training
+        try:
+            tokenizer = _load_tokenizer(adapter, kwargs.get("token"), bool(kwargs.get("trust_remote_code")))
+        except CheckpointError as exc:
+            log.warning("from_pretrained: using the base model's tokenizer: %s", exc)
+    return model, tokenizer
+
+
+def _install_checkpointing(model: nn.Module, mode: Any, max_seq_length: int) -> None:
+    """Install the checkpointing mode on ``model`` (or the model inside a PeftModel); kept for ``for_training``."""
+    mode = apply_gradient_checkpointing(_inner(model), mode, max_seq_length)
+    model.__dict__["_gradient_checkpointing"] = {
+        "mode": mode,
+        "max_seq_length": max_seq_length,
+        "use_reentrant": False,
+    }
 
 
 def _set_use_cache(model: nn.Module, value: bool) -> None:
@@ -29,17 +114,74 @@ class FastLanguageModel:
     @staticmethod
     def from_pretrained(
         model_name: str,
-        max_seq_length: int = 2048,
+        max_seq_length: int | None = None,
         dtype: Any = None,
-        load_in_4bit: bool = True,
+        load_in_4bit: bool | None = None,
+        *,
+        full_finetuning: bool = False,
+        use_gradient_checkpointing: Any = None,
+        load_in_16bit: bool = False,
+        fast_inference: bool = False,
         **kwargs: Any,
     ):
-        """Load ``(model, tokenizer)``; see :func:`rslora_fast.loading.from_pretrained`."""
+        """Load ``(model, tokenizer)``; see :func:`rslora_fast.loading.from_pretrained` for the options.
+
+        Also accepts, as Unsloth does:
+
+        * a LoRA adapter folder or hub id (``adapter_config.json``, no ``config.json``): the base
+          named in its ``base_model_name_or_path`` is loaded with the other arguments, then the
+          adapter, trainable (:meth:`rslora_fast.PeftModel.from_pretrained` with
+          ``is_trainable=True``); the tokenizer saved with the adapter is preferred;
+        * ``full_finetuning=True``: 16-bit weights, all trainable, and ``use_gradient_checkpointing``
+          (default ``"unsloth"``, as in Unsloth) installed on the model. Without full fine-tuning
+          the checkpointing mode is :func:`get_peft_model`'s argument;
+        * ``load_in_16bit=True`` (same as ``load_in_4bit=False``);
+        * ``fast_inference=True``: a warning that generation uses the standard transformers path;
+        * ``max_lora_rank``, ``gpu_memory_utilization``, ``float8_kv_cache``, ``disable_log_stats``,
+          ``unsloth_vllm_standby``: only meaningful for a vLLM-backed fast inference; accepted with
+          one log line;
+        * ``use_exact_model_name``, ``fix_tokenizer``, ``random_state``: accepted, no effect (names
+          are always used as given; the tokenizer is used as saved, with a pad token set).
+
+        Raises:
+            TypeError: an unknown keyword (the message lists the accepted ones).
+            CheckpointNotFoundError: an adapter whose base model cannot be found (names both).
+        """
         from .loading import from_pretrained
 
-        return from_pretrained(
-            model_name, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit, **kwargs
-        )
+        _take_unsloth_keywords(kwargs, fast_inference)
+        if use_gradient_checkpointing is not None:
+            use_gradient_checkpointing = validate_mode(use_gradient_checkpointing)
+        if load_in_16bit:
+            if load_in_4bit:
+                raise ValueError("load_in_16bit=True and load_in_4bit=True contradict each other; pass one")
+            load_in_4bit = False
+        adapter, base = _adapter_and_base(model_name, kwargs)
+        try:
+            model, tokenizer = from_pretrained(
+                base, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
+                full_finetuning=full_finetuning, **kwargs,
+            )  # fmt: skip
+        except CheckpointNotFoundError as exc:
+            if adapter is None:
+                raise
+            raise CheckpointNotFoundError(
+                f"the adapter in {str(adapter)!r} names base model {base!r} (base_model_name_or_path in "
+                f"adapter_config.json), which cannot be loaded: {exc}"
+            ) from exc
+        if adapter is not None:
+            model, tokenizer = _attach_adapter(model, tokenizer, adapter, kwargs)
+        if full_finetuning and use_gradient_checkpointing is None:
+            use_gradient_checkpointing = "unsloth"  # Unsloth's default
+        if full_finetuning or (adapter is not None and use_gradient_checkpointing is not None):
+            _install_checkpointing(model, use_gradient_checkpointing, _inner(model).max_seq_length)
+        elif use_gradient_checkpointing is not None:
+            log.info(
+                "from_pretrained: use_gradient_checkpointing=%r takes effect through get_peft_model "
+                "(or with full_finetuning=True); pass it there",
+                use_gradient_checkpointing,
+            )
+        return model, tokenizer
 
     #: :func:`rslora_fast.get_peft_model`, with its full signature and docstring.
     get_peft_model = staticmethod(_get_peft_model)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import numbers
 import os
 import re
 import struct
@@ -236,34 +237,71 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def _rebuild_meta_buffers(model: nn.Module, device: torch.device) -> None:
-    """Recompute non-persistent buffers (RoPE ``inv_freq``) for the real device.
+    """Give every buffer still on ``meta`` its value, as transformers' own loader does.
 
-    They were created on ``meta`` with the skeleton and are not in any checkpoint, so the
-    owning module is constructed once more from its config on the CPU and its buffers copied.
+    Non-persistent buffers (RoPE ``inv_freq`` and Gemma 3's per-layer-type variants, Gemma's
+    ``embed_scale``, ...) are in no checkpoint; the skeleton made them on ``meta`` without values.
+    transformers allocates them on the device and lets the model's ``initialize_weights`` (its
+    ``_init_weights``) compute them, every loaded tensor being flagged ``_is_hf_initialized`` so
+    that nothing else is touched. We do the same, restricted to the modules that own such a
+    buffer, and run it twice from two different fills: a buffer that comes out different was not
+    computed by the model's init and is rebuilt from its module's config instead (older or remote
+    code), else the load fails naming it.
     """
-    for mod_name, mod in model.named_modules():
-        metas = [b for b, t in mod._buffers.items() if t is not None and t.is_meta]
-        if not metas:
-            continue
-        cfg = getattr(mod, "config", None) or model.config
-        try:
-            with torch.device("cpu"):
-                fresh = type(mod)(config=cfg)
-        except Exception as exc:
+    owners = {
+        name: mod
+        for name, mod in model.named_modules()
+        if any(t is not None and t.is_meta for t in mod._buffers.values())
+    }
+    if not owners:
+        return
+    metas = {n: [b for b, t in m._buffers.items() if t is not None and t.is_meta] for n, m in owners.items()}
+    shapes = {(n, b): owners[n]._buffers[b] for n, bs in metas.items() for b in bs}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if not t.is_meta:
+            t._is_hf_initialized = True
+    first = _init_buffers(model, owners, shapes, device, fill=0)
+    second = _init_buffers(model, owners, shapes, device, fill=1)
+    unwritten = {}
+    for key, value in second.items():
+        if not torch.equal(first[key], value):
+            unwritten.setdefault(key[0], []).append(key[1])
+    for mod_name, bufs in unwritten.items():
+        _rebuild_from_config(model, mod_name, owners[mod_name], bufs, device)
+
+
+def _init_buffers(model, owners, shapes, device, fill):
+    """Allocate the meta buffers filled with ``fill`` and run the model's own initializer on their owners."""
+    for (mod_name, b), meta in shapes.items():
+        owners[mod_name]._buffers[b] = torch.full(meta.shape, fill, dtype=meta.dtype, device=device)
+    owner_ids = {id(m) for m in owners.values()}
+    for mod in model.modules():  # only the owners are (re)initialized; flags set by from_config go
+        mod._is_hf_initialized = id(mod) not in owner_ids
+    init = getattr(model, "initialize_weights", None)
+    if callable(init):
+        init()
+    return {(n, b): owners[n]._buffers[b].clone() for n, b in shapes}
+
+
+def _rebuild_from_config(model, mod_name, mod, bufs, device):
+    """Fallback: construct the owning module once more from its config on the CPU; copy its buffers."""
+    cfg = getattr(mod, "config", None) or model.config
+    try:
+        with torch.device("cpu"):
+            fresh = type(mod)(config=cfg)
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot materialize buffer(s) {bufs} of module {mod_name!r} ({type(mod).__name__}): they are "
+            f"not in the checkpoint, the model's initialize_weights does not compute them and the module "
+            f"cannot be rebuilt from the config ({exc})"
+        ) from exc
+    for b in bufs:
+        t = getattr(fresh, b, None)
+        if not isinstance(t, torch.Tensor):
             raise CheckpointError(
-                f"cannot materialize buffer(s) {metas} of module {mod_name!r} ({type(mod).__name__}): "
-                f"they are not in the checkpoint and the module cannot be rebuilt from the config ({exc})"
-            ) from exc
-        for b in metas:
-            t = getattr(fresh, b, None)
-            if not isinstance(t, torch.Tensor):
-                raise CheckpointError(
-                    f"cannot materialize buffer {mod_name}.{b}: not produced by {type(mod).__name__}"
-                )
-            mod._buffers[b] = t.to(device)
-        for k, v in vars(fresh).items():  # plain attributes computed with them (e.g. attention_scaling)
-            if not k.startswith("_") and isinstance(v, (int, float)):
-                setattr(mod, k, v)
+                f"cannot materialize buffer {mod_name}.{b}: not produced by {type(mod).__name__}"
+            )
+        mod._buffers[b] = t.to(device)
 
 
 def _checked_quant_parts(base: str, parts: dict[str, tuple[Path, Any, tuple[int, ...]]]) -> None:
@@ -279,12 +317,132 @@ def _checked_quant_parts(base: str, parts: dict[str, tuple[Path, Any, tuple[int,
             raise CheckpointError(f"4-bit weight {base!r}: tensor {k!r} is missing from the checkpoint")
 
 
+# ------------------------------------------------------------------------------- config options
+# RoPE types whose ``factor`` stretches positions; multiplying it extends the context further.
+_FACTOR_ROPE_TYPES = ("linear", "yarn", "llama3")
+
+
+def _rope_groups(config: Any) -> dict[str | None, dict]:
+    """The RoPE parameter dicts to scale: the one global dict, or one per layer type (Gemma 3).
+
+    Sliding-window layers never see distances beyond their window, so their RoPE is left alone.
+    """
+    params = getattr(config, "rope_parameters", None) or {}
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and not set(params).isdisjoint(layer_types):
+        return {k: v for k, v in params.items() if isinstance(v, dict) and k != "sliding_attention"}
+    return {None: params} if params else {}
+
+
+def _check_rope_scaling(rope_scaling: Any) -> dict | None:
+    """Validate an explicit ``rope_scaling=`` dict; return it with ``rope_type`` normalized."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_scaling is None:
+        return None
+    example = "e.g. {'rope_type': 'linear', 'factor': 2.0}"
+    if not isinstance(rope_scaling, dict):
+        raise ValueError(f"rope_scaling must be a dict ({example}), got {rope_scaling!r}")
+    out = dict(rope_scaling)
+    legacy = out.pop("type", None)  # the pre-5.0 spelling
+    kind = out.setdefault("rope_type", legacy)
+    accepted = ["default", *ROPE_INIT_FUNCTIONS]
+    if kind not in accepted:
+        raise ValueError(f"rope_scaling: rope_type {kind!r} is not one of {accepted} ({example})")
+    factor = out.get("factor")
+    if kind in ("linear", "dynamic", "yarn", "llama3") and (
+        isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1
+    ):
+        raise ValueError(f"rope_scaling: {kind!r} needs a numeric 'factor' >= 1, got {factor!r}")
+    return out
+
+
+def _apply_rope_scaling(config: Any, rope_scaling: dict) -> None:
+    """Set an explicit RoPE scaling, keeping the model's base (``rope_theta``, partial rotary)."""
+    groups = _rope_groups(config) or {None: {}}
+    for key, old in groups.items():
+        new = {k: old[k] for k in ("rope_theta", "partial_rotary_factor") if k in old}
+        new.update(rope_scaling)
+        if new["rope_type"] in ("yarn", "llama3", "longrope"):
+            new.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+        if key is None:
+            config.rope_parameters = new
+        else:
+            config.rope_parameters[key] = new
+    try:
+        config.validate_rope()
+    except KeyError as exc:  # transformers names the missing keys
+        raise ValueError(f"rope_scaling={rope_scaling!r}: {exc.args[0]}") from exc
+    log.info("from_pretrained: RoPE scaling set to %s", rope_scaling)
+
+
+def _extend_rope(config: Any, max_seq_length: int) -> None:
+    """Stretch RoPE so that ``max_seq_length`` fits the model's trained context.
+
+    A model without scaling gets linear scaling by ``max_seq_length / max_position_embeddings``;
+    a model with linear, YaRN or Llama-3 scaling gets its own ``factor`` multiplied by that ratio
+    (``max_position_embeddings`` becomes ``max_seq_length``). Dynamic NTK scaling already extends
+    itself; other types are left as they are, with a warning.
+    """
+    limit = getattr(config, "max_position_embeddings", None)
+    if not limit or max_seq_length <= limit:
+        return
+    groups = _rope_groups(config)
+    kinds = {g.get("rope_type", "default") for g in groups.values()}
+    if "dynamic" in kinds:
+        log.info(
+            "max_seq_length=%d exceeds the model's max_position_embeddings=%d; its dynamic NTK RoPE "
+            "scaling extends itself (pass rope_scaling= to choose another)", max_seq_length, limit,
+        )  # fmt: skip
+        return
+    if not groups or not kinds <= {"default", *_FACTOR_ROPE_TYPES}:
+        log.warning(
+            "max_seq_length=%d exceeds the model's max_position_embeddings=%d; RoPE (%s) is not rescaled: "
+            "pass rope_scaling= to choose a scaling", max_seq_length, limit, sorted(kinds) or "none",
+        )  # fmt: skip
+        return
+    ratio = max_seq_length / limit
+    for group in groups.values():
+        kind = group.get("rope_type", "default")
+        if kind == "default":
+            group.update(rope_type="linear", factor=ratio)
+        elif kind in _FACTOR_ROPE_TYPES:
+            group["factor"] = float(group["factor"]) * ratio
+    config.max_position_embeddings = max_seq_length
+    log.info(
+        "max_seq_length=%d exceeds the model's max_position_embeddings=%d: RoPE scaled by %.4g (%s)",
+        max_seq_length, limit, ratio, sorted(kinds),
+    )  # fmt: skip
+
+
+def _check_attn_implementation(value: Any) -> str | None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if value is None:
+        return None
+    accepted = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    # "org/name" selects an attention kernel from the Hub; transformers checks it when the model is built.
+    if isinstance(value, str) and (value in accepted or "/" in value):
+        return value
+    raise ValueError(f"attn_implementation {value!r} is not one of {accepted} (or a Hub kernel 'org/name')")
+
+
+def _apply_config_options(config: Any, max_seq_length: int, options: dict) -> None:
+    """Config changes asked for by ``from_pretrained``'s keywords, made before the skeleton is built."""
+    if options.get("rope_scaling") is not None:
+        _apply_rope_scaling(config, options["rope_scaling"])
+    elif options.get("scale_rope"):
+        _extend_rope(config, max_seq_length)
+    if options.get("attn_implementation") is not None:
+        config._attn_implementation = options["attn_implementation"]
+
+
 # --------------------------------------------------------------------------------------- loading
 def from_pretrained(
     model_name: str | os.PathLike,
-    max_seq_length: int = 2048,
+    max_seq_length: int | None = None,
     dtype: Any = None,
-    load_in_4bit: bool = True,
+    load_in_4bit: bool | None = None,
     device_map: Any = None,
     token: str | None = None,
     trust_remote_code: bool = False,
@@ -292,23 +450,37 @@ def from_pretrained(
     quant_type: str = "nf4",
     double_quant: bool = True,
     skip_modules: Iterable[str] | None = None,
+    *,
+    load_in_8bit: bool = False,
+    full_finetuning: bool = False,
+    rope_scaling: dict | None = None,
+    attn_implementation: str | None = None,
     **kwargs: Any,
 ):
     """Load ``(model, tokenizer)`` from a local directory or a hub id, streaming the weights.
 
     Args:
         model_name: a local model directory (``config.json`` + safetensors) or a hub id.
-        max_seq_length: recorded as ``model.max_seq_length`` and ``model.config.max_seq_length``.
+        max_seq_length: recorded as ``model.max_seq_length`` and ``model.config.max_seq_length``
+            (2048 when left out). A value given beyond the model's ``max_position_embeddings``
+            scales RoPE to reach it (linear, or the model's own scaling type with its factor
+            multiplied), logged on one INFO line.
         dtype: compute / 16-bit dtype; ``None`` picks bf16 on GPUs that support it, else fp16, and
             float32 on the CPU.
         load_in_4bit: quantize every ``nn.Linear`` except the output head and ``skip_modules`` to
             4 bits as it is read; ``False`` loads 16-bit weights (pre-quantized checkpoints are then
-            dequantized).
+            dequantized). ``None`` (the default) means True, or False with ``full_finetuning``.
         device_map: ``None``/``"auto"`` (first GPU, else CPU), a device, an index or ``{"": dev}``.
         token: hub token for private/gated repositories.
         trust_remote_code: passed to ``AutoConfig`` / ``AutoModelForCausalLM`` / ``AutoTokenizer``.
         blocksize, quant_type, double_quant: 4-bit settings (64, ``"nf4"``, double-quantized scales).
         skip_modules: module names (or name suffixes) kept dense.
+        load_in_8bit: only ``False`` is accepted (there is no 8-bit path; use 4-bit or 16-bit).
+        full_finetuning: load 16-bit weights, every one trainable (no LoRA needed).
+        rope_scaling: explicit RoPE scaling, e.g. ``{"rope_type": "linear", "factor": 2.0}``; it
+            replaces the automatic scaling from ``max_seq_length``.
+        attn_implementation: ``"eager"``, ``"sdpa"``, ``"flash_attention_2"``, ... (what
+            transformers accepts), set on the model config.
         **kwargs: ``revision``, ``cache_dir``, ``progress`` (tqdm bar, default True).
 
     Returns:
@@ -319,33 +491,85 @@ def from_pretrained(
         CheckpointNotFoundError: missing directory, shard or hub id (offline: names the cache).
         CheckpointError: corrupt/truncated safetensors, missing tensor, shape disagreeing with config.
         QuantFormatError: unknown quant type, blocksize not allowed, malformed 4-bit state.
+        ValueError: a bad option (``max_seq_length``, ``load_in_8bit=True``, ``full_finetuning``
+            with ``load_in_4bit=True``, ``rope_scaling``, ``attn_implementation``, ``dtype``).
+        TypeError: an unknown keyword (the message lists the accepted ones).
     """
     from .quant.linear4bit import check_quant_args
 
-    if load_in_4bit:
-        check_quant_args(blocksize, quant_type)
     progress = kwargs.pop("progress", True)
     revision, cache_dir = kwargs.pop("revision", None), kwargs.pop("cache_dir", None)
     if kwargs:
-        raise TypeError(f"from_pretrained got unexpected arguments: {sorted(kwargs)}")
+        raise TypeError(
+            f"from_pretrained got unexpected keyword argument(s) {sorted(kwargs)}; accepted: {ACCEPTED_KEYWORDS}"
+        )
+    scale_rope = max_seq_length is not None
+    max_seq_length = 2048 if max_seq_length is None else _checked_max_seq_length(max_seq_length)
+    load_in_4bit = _pick_bits(load_in_4bit, load_in_8bit, full_finetuning)
+    options = {
+        "rope_scaling": _check_rope_scaling(rope_scaling),
+        "attn_implementation": _check_attn_implementation(attn_implementation),
+        "scale_rope": scale_rope,
+    }
+    if load_in_4bit:
+        check_quant_args(blocksize, quant_type)
 
     root = _resolve(model_name, token, revision, cache_dir)
     device = _pick_device(device_map)
     dtype = _pick_dtype(dtype, device)
     try:
-        return _load(
+        model, tokenizer = _load(
             root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote_code,
-            blocksize, quant_type, double_quant, list(skip_modules or ()), progress,
+            blocksize, quant_type, double_quant, list(skip_modules or ()), progress, options,
         )  # fmt: skip
     except BaseException:
         # Whatever was already placed on the GPU is unreachable now; give it back.
         if device.type == "cuda":
             torch.cuda.empty_cache()
         raise
+    if full_finetuning:
+        for p in model.parameters():
+            p.requires_grad_(p.is_floating_point())
+    return model, tokenizer
+
+
+#: Every keyword :func:`from_pretrained` accepts (listed in the TypeError for an unknown one).
+ACCEPTED_KEYWORDS = [
+    "max_seq_length", "dtype", "load_in_4bit", "device_map", "token", "trust_remote_code", "blocksize",
+    "quant_type", "double_quant", "skip_modules", "load_in_8bit", "full_finetuning", "rope_scaling",
+    "attn_implementation", "revision", "cache_dir", "progress",
+]  # fmt: skip
+
+
+def _checked_max_seq_length(max_seq_length: Any) -> int:
+    if (
+        isinstance(max_seq_length, bool)
+        or not isinstance(max_seq_length, numbers.Integral)
+        or max_seq_length <= 0
+    ):
+        raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
+    return int(max_seq_length)
+
+
+def _pick_bits(load_in_4bit: bool | None, load_in_8bit: bool, full_finetuning: bool) -> bool:
+    """Whether to load 4-bit, from the three switches (``load_in_4bit=None``: not given)."""
+    if load_in_8bit:
+        raise ValueError(
+            "load_in_8bit=True is not supported: there is no 8-bit path. Use load_in_4bit=True (NF4, "
+            "QLoRA) or load_in_4bit=False (16-bit weights, LoRA or full_finetuning=True)"
+        )
+    if full_finetuning:
+        if load_in_4bit:
+            raise ValueError(
+                "full_finetuning=True trains every weight in 16 bits and cannot use load_in_4bit=True; "
+                "pass load_in_4bit=False or leave it out"
+            )
+        return False
+    return True if load_in_4bit is None else bool(load_in_4bit)
 
 
 def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote_code, blocksize, quant_type,
-          double_quant, skip_modules, progress):  # fmt: skip
+          double_quant, skip_modules, progress, options=None):  # fmt: skip
     from safetensors import safe_open
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -359,6 +583,7 @@ def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote
         config = AutoConfig.from_pretrained(str(root), trust_remote_code=trust_remote_code, token=token)
     except Exception as exc:
         raise CheckpointError(f"cannot read {root / 'config.json'}: {exc}") from exc
+    _apply_config_options(config, max_seq_length, options or {})
     qcfg = _quant_config(config)
     prequant = qcfg is not None and qcfg.get("quant_method") == "bitsandbytes"
     if qcfg is not None and not (prequant and qcfg.get("load_in_4bit", False)):
@@ -570,12 +795,6 @@ def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote
     model.is_loaded_in_4bit = any(isinstance(m, Linear4bit) for m in model.modules())
     if model.is_loaded_in_4bit:
         _route_save_to_4bit(model)
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and max_seq_length > limit:
-        log.warning(
-            "max_seq_length=%d exceeds the model's max_position_embeddings=%d; RoPE is not rescaled",
-            max_seq_length, limit,
-        )  # fmt: skip
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -18,8 +18,8 @@ from ..ops.fused_ce import IGNORE_INDEX, fused_linear_cross_entropy
 
 # kwargs that change what the head must produce: take the model's own path
 _UNSUPPORTED_KWARGS = ("logits_to_keep", "num_logits_to_keep", "return_dict")
-# config attributes that post-process logits (gemma2 soft-capping, cohere scaling, ...)
-_LOGIT_POSTPROCESS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+# config attributes that post-process logits (gemma2 soft-capping, cohere and granite scaling, ...)
+_LOGIT_POSTPROCESS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 
 
 def _head(model: nn.Module) -> nn.Module | None:
