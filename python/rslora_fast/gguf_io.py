@@ -1,0 +1,408 @@
+"""GGUF (llama.cpp / Ollama) export of a LoRA-trained model, and reading GGUF checkpoints back.
+
+Export (:func:`save_pretrained_gguf`) merges the adapter into the weights with the same
+tensor-by-tensor plan as ``save_pretrained_merged`` (``export.merged_state_dict_plan``: 4-bit bases
+are dequantized first), renames each tensor with the ``gguf`` package's own name tables
+(``gguf.get_tensor_name_map``), applies llama.cpp's per-family conventions, converts it to the
+requested GGML type with ``gguf.quants`` and streams it into the file: only one tensor is dense on
+the host at a time. The tokenizer (tokens, merges or scores, special token ids, chat template) goes
+into the metadata through the ``gguf`` package's vocab readers.
+
+llama.cpp's conventions, which transformers' GGUF reader undoes on load:
+
+- llama / mistral: the rows of ``q_proj`` / ``k_proj`` are reordered per head from the "rotate
+  half" layout to the interleaved-pairs layout llama.cpp's RoPE uses; mistral is written as the
+  ``llama`` architecture (as llama.cpp's converter does; sliding-window attention is not recorded).
+- gemma family: RMSNorm weights are stored as ``1 + w`` (Gemma's norm multiplies by ``1 + w``).
+- 1-D tensors (norms, biases) are always float32; a matrix whose rows do not split into the
+  quantization block size is written in 16 bits instead.
+
+Import (:class:`GGUFSource`) is the GGUF implementation of the loader's tensor source: names,
+shapes and dtypes from the header, then one tensor at a time dequantized with ``gguf.dequantize``
+(the file is memory-mapped; nothing else stays on the host).
+
+The ``gguf`` package is the optional extra ``rslora-fast[gguf]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import RsloraError
+
+__all__ = [
+    "GGUF_FAMILIES",
+    "QUANTIZATION_METHODS",
+    "GGUFDependencyError",
+    "save_pretrained_gguf",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``quantization_method`` -> GGML tensor type name. Only types the ``gguf`` package can write
+#: in-process (k-quants such as q4_k_m need llama.cpp's C quantizer).
+QUANTIZATION_METHODS = {
+    "f32": "F32",
+    "f16": "F16",
+    "bf16": "BF16",
+    "q8_0": "Q8_0",
+    "q5_1": "Q5_1",
+    "q5_0": "Q5_0",
+    "q4_1": "Q4_1",
+    "q4_0": "Q4_0",
+}
+# Unsloth's names for the same choices.
+_ALIASES = {"not_quantized": "f16", "fast_quantized": "q8_0"}
+
+# llama.cpp's file-type code for each method (the "general.file_type" key).
+_FILE_TYPES = {
+    "f32": "ALL_F32",
+    "f16": "MOSTLY_F16",
+    "bf16": "MOSTLY_BF16",
+    "q8_0": "MOSTLY_Q8_0",
+    "q5_1": "MOSTLY_Q5_1",
+    "q5_0": "MOSTLY_Q5_0",
+    "q4_1": "MOSTLY_Q4_1",
+    "q4_0": "MOSTLY_Q4_0",
+}
+
+
+@dataclass(frozen=True)
+class _Family:
+    arch: str  # llama.cpp architecture name
+    permute_qk: bool  # q/k rows reordered for llama.cpp's RoPE layout
+    norm_plus_one: bool  # RMSNorm weight stored as 1 + w
+    head_dim_key: (
+        str  # how the head size is recorded: "rope" (rope.dimension_count) or "kv" (key/value_length)
+    )
+
+
+#: transformers ``model_type`` -> how llama.cpp stores that family.
+GGUF_FAMILIES = {
+    "llama": _Family("llama", True, False, "rope"),
+    "mistral": _Family("llama", True, False, "rope"),
+    "qwen2": _Family("qwen2", False, False, "rope"),
+    "qwen3": _Family("qwen3", False, False, "kv"),
+    "phi3": _Family("phi3", False, False, "rope"),
+    "gemma": _Family("gemma", False, True, "kv"),
+    "gemma2": _Family("gemma2", False, True, "kv"),
+    "gemma3_text": _Family("gemma3", False, True, "kv"),
+}
+
+
+class GGUFDependencyError(RsloraError, ImportError):
+    """The optional ``gguf`` package is not installed."""
+
+
+def import_gguf():
+    """The ``gguf`` package, or a :class:`GGUFDependencyError` saying which extra to install."""
+    try:
+        import gguf
+    except ImportError as exc:
+        raise GGUFDependencyError(
+            "GGUF export/import needs the 'gguf' package: pip install 'rslora-fast[gguf]' (or pip install gguf)"
+        ) from exc
+    return gguf
+
+
+def _method(quantization_method: str) -> str:
+    key = str(quantization_method).lower()
+    key = _ALIASES.get(key, key)
+    if key not in QUANTIZATION_METHODS:
+        raise ValueError(
+            f"quantization_method {quantization_method!r} is not supported; accepted: "
+            f"{sorted(QUANTIZATION_METHODS) + sorted(_ALIASES)} (k-quants such as 'q4_k_m' need llama.cpp's "
+            "llama-quantize: export 'f16' and run it on the result)"
+        )
+    return key
+
+
+# ----------------------------------------------------------------------------------- the config
+def _rope_theta(cfg: Any) -> float:
+    params = getattr(cfg, "rope_parameters", None)
+    if isinstance(params, dict):
+        if "rope_theta" in params:
+            return float(params["rope_theta"])
+        full = params.get("full_attention")  # per-layer-type parameters (gemma 3)
+        if isinstance(full, dict) and "rope_theta" in full:
+            return float(full["rope_theta"])
+    return float(getattr(cfg, "rope_theta", 10000.0))
+
+
+def _check_rope(cfg: Any) -> None:
+    """Only plain RoPE is written; a scaled one would silently give a different model."""
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    kinds = [params] if "rope_type" in params or "type" in params else list(params.values())
+    for p in kinds:
+        if isinstance(p, dict):
+            kind = p.get("rope_type", p.get("type", "default"))
+            if kind not in ("default", None):
+                raise ValueError(
+                    f"GGUF export: RoPE scaling {kind!r} is not supported yet (only unscaled RoPE)"
+                )
+
+
+def _head_dim(cfg: Any) -> int:
+    hd = getattr(cfg, "head_dim", None)
+    return int(hd) if hd else int(cfg.hidden_size) // int(cfg.num_attention_heads)
+
+
+def _write_hparams(w: Any, cfg: Any, fam: _Family, name: str) -> None:
+    w.add_name(name)
+    w.add_context_length(int(cfg.max_position_embeddings))
+    w.add_embedding_length(int(cfg.hidden_size))
+    w.add_block_count(int(cfg.num_hidden_layers))
+    w.add_feed_forward_length(int(cfg.intermediate_size))
+    w.add_head_count(int(cfg.num_attention_heads))
+    w.add_head_count_kv(int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads))
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_rope_freq_base(_rope_theta(cfg))
+    w.add_vocab_size(int(cfg.vocab_size))
+    hd = _head_dim(cfg)
+    if fam.head_dim_key == "rope":
+        w.add_rope_dimension_count(hd)
+    else:
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+    window = getattr(cfg, "sliding_window", None)
+    if fam.arch in ("gemma2", "gemma3", "phi3") and window:
+        w.add_sliding_window(int(window))
+    for attr, add in (("attn_logit_softcapping", w.add_attn_logit_softcapping),
+                      ("final_logit_softcapping", w.add_final_logit_softcapping)):  # fmt: skip
+        v = getattr(cfg, attr, None)
+        if fam.arch == "gemma2" and v is not None:
+            add(float(v))
+
+
+# -------------------------------------------------------------------------------- the tokenizer
+def _write_tokenizer(w: Any, tokenizer: Any, vocab_size: int, gguf: Any) -> None:
+    """Tokens, merges or scores, special ids and chat template, through gguf's own vocab readers."""
+    with tempfile.TemporaryDirectory(prefix="rslora-gguf-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        vocab = None
+        errors = []
+        for cls in (gguf.vocab.BpeVocab, gguf.vocab.LlamaHfVocab):
+            try:
+                vocab = cls(Path(tmp))
+                break
+            except (FileNotFoundError, TypeError, ValueError, KeyError) as exc:
+                errors.append(f"{cls.__name__}: {exc}")
+        if vocab is None:
+            raise ValueError(
+                f"GGUF export: tokenizer {type(tokenizer).__name__} is neither a byte-level BPE (GPT-2 / "
+                f"llama 3 / qwen style) nor a sentencepiece-style BPE tokenizer, the two kinds GGUF "
+                f"metadata can describe ({'; '.join(errors)})"
+            )
+        tokens, scores, types = [], [], []
+        for text, score, ttype in vocab.all_tokens():
+            tokens.append(text)
+            scores.append(score)
+            types.append(ttype)
+        special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        for i in special:
+            if 0 <= i < len(types) and types[i] == gguf.TokenType.NORMAL:
+                types[i] = gguf.TokenType.CONTROL
+        if len(tokens) > vocab_size:
+            raise ValueError(
+                f"GGUF export: the tokenizer has {len(tokens)} tokens but the model's vocabulary only "
+                f"{vocab_size} rows"
+            )
+        for i in range(len(tokens), vocab_size):  # embedding rows past the tokenizer (padding)
+            tokens.append(f"[PAD{i}]".encode())
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.UNUSED)
+        w.add_tokenizer_model(vocab.tokenizer_model)
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        if vocab.tokenizer_model == "llama":
+            w.add_token_scores(scores)
+        special_vocab = gguf.SpecialVocab(
+            Path(tmp), load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens)
+        )
+        special_vocab.add_to_gguf(w, quiet=True)
+        if special_vocab.chat_template is None and getattr(tokenizer, "chat_template", None):
+            w.add_chat_template(tokenizer.chat_template)
+
+
+# ---------------------------------------------------------------------------------- the tensors
+@dataclass
+class _Planned:
+    name: str  # GGUF name
+    shape: tuple[int, ...]
+    qtype: Any  # gguf.GGMLQuantizationType
+    make: Callable[[], np.ndarray]  # the converted bytes/values, computed when written
+
+
+def _reorder_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Rows of each head from (first halves, second halves) to interleaved pairs (llama.cpp's RoPE)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _pick_type(shape: tuple[int, ...], want: Any, gguf: Any) -> Any:
+    T = gguf.GGMLQuantizationType
+    if len(shape) < 2:
+        return T.F32
+    block = gguf.GGML_QUANT_SIZES[want][0]
+    if shape[-1] % block:
+        return T.BF16 if want == T.BF16 else T.F16
+    return want
+
+
+def _nbytes(shape: tuple[int, ...], qtype: Any, gguf: Any) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    n = int(np.prod(shape)) if shape else 1
+    return n // block * size
+
+
+def _plan_tensors(model: nn.Module, cfg: Any, fam: _Family, want: Any, gguf: Any) -> list[_Planned]:
+    from .export import merged_state_dict_plan
+
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == fam.arch)
+    names = gguf.get_tensor_name_map(arch, int(cfg.num_hidden_layers))
+    n_head = int(cfg.num_attention_heads)
+    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_head)
+    planned: list[_Planned] = []
+    unmapped: list[str] = []
+    for e in merged_state_dict_plan(model, torch.float32):
+        gname = names.get_name(e.key, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            unmapped.append(e.key)
+            continue
+        heads = None
+        if fam.permute_qk and ".self_attn.q_proj." in e.key:
+            heads = n_head
+        elif fam.permute_qk and ".self_attn.k_proj." in e.key:
+            heads = n_kv
+        plus_one = fam.norm_plus_one and e.key.endswith("norm.weight")
+        qtype = _pick_type(e.shape, want, gguf)
+
+        def make(e=e, heads=heads, plus_one=plus_one, qtype=qtype) -> np.ndarray:
+            a = e.make().float().numpy()
+            if heads is not None:
+                a = _reorder_qk(a, heads)
+            if plus_one:
+                a = a + 1.0
+            return gguf.quants.quantize(np.ascontiguousarray(a, dtype=np.float32), qtype)
+
+        planned.append(_Planned(gname, e.shape, qtype, make))
+    if unmapped:
+        raise ValueError(
+            f"GGUF export: no llama.cpp name for tensor(s) {unmapped[:5]} of a {fam.arch} model "
+            "(is the gguf package older than the model family?)"
+        )
+    return planned
+
+
+# ------------------------------------------------------------------------------------- writing
+def _atomic_target(path: Path) -> Path:
+    # A temporary sibling renamed over the target at the end, so a crash never leaves a partial file.
+    # TODO(lead): swap for rslora_fast.atomic once it lands.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    os.close(fd)
+    return Path(tmp)
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    try:
+        dfd = os.open(str(path.parent), os.O_RDONLY)
+    except OSError:  # directories cannot be opened on some platforms
+        return
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    if hasattr(model, "peft_config") and hasattr(model, "base_model"):
+        return model.base_model.model
+    return model
+
+
+def save_pretrained_gguf(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    tokenizer: Any,
+    quantization_method: str = "q8_0",
+    progress: bool = True,
+) -> Path:
+    """Write the merged model as one GGUF file that llama.cpp, Ollama and transformers load.
+
+    Args:
+        model: a :class:`~rslora_fast.PeftModel` (4-bit or 16-bit base) or a model from
+            ``from_pretrained``; LoRA weights are merged first (4-bit weights dequantized).
+        save_directory: output folder (created if missing); the file is
+            ``model-<method>.gguf`` inside it.
+        tokenizer: the model's tokenizer (byte-level BPE or sentencepiece-style); its vocabulary,
+            merges or scores, special token ids and chat template go into the metadata.
+        quantization_method: ``"f16"``, ``"bf16"``, ``"f32"``, ``"q8_0"`` (default), ``"q5_1"``,
+            ``"q5_0"``, ``"q4_1"`` or ``"q4_0"`` (Unsloth's ``"not_quantized"`` = f16,
+            ``"fast_quantized"`` = q8_0). Norms and biases stay float32.
+        progress: show a tqdm bar while tensors are written.
+
+    Returns:
+        The path of the written file. It is written to a temporary sibling and renamed into place,
+        so an interrupted export leaves any previous file intact.
+
+    Raises:
+        ValueError: unknown ``quantization_method`` (the message lists the accepted ones), a model
+            family GGUF export does not support, scaled RoPE, a tokenizer GGUF cannot describe.
+        GGUFDependencyError: the ``gguf`` package is missing (``pip install 'rslora-fast[gguf]'``).
+    """
+    from tqdm.auto import tqdm
+
+    method = _method(quantization_method)
+    gguf = import_gguf()
+    if tokenizer is None:
+        raise ValueError("save_pretrained_gguf needs the tokenizer (GGUF files carry their vocabulary)")
+    cfg = _inner(model).config
+    fam = GGUF_FAMILIES.get(getattr(cfg, "model_type", None))
+    if fam is None:
+        raise ValueError(
+            f"GGUF export: model_type {getattr(cfg, 'model_type', None)!r} is not supported; "
+            f"supported: {sorted(GGUF_FAMILIES)}"
+        )
+    _check_rope(cfg)
+    want = gguf.GGMLQuantizationType[QUANTIZATION_METHODS[method]]
+    planned = _plan_tensors(model, cfg, fam, want, gguf)
+
+    out_dir = Path(save_directory)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"model-{method}.gguf"
+    tmp = _atomic_target(path)
+    try:
+        w = gguf.GGUFWriter(str(tmp), fam.arch)
+        name = str(getattr(cfg, "_name_or_path", "") or "").rstrip("/").rsplit("/", 1)[-1] or fam.arch
+        _write_hparams(w, cfg, fam, name)
+        w.add_file_type(int(gguf.LlamaFileType[_FILE_TYPES[method]]))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _write_tokenizer(w, tokenizer, int(cfg.vocab_size), gguf)
+        for p in planned:
+            w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), _nbytes(p.shape, p.qtype, gguf), p.qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for p in tqdm(planned, desc=f"Writing GGUF ({method})", unit="tensor", disable=not progress):
+            w.write_tensor_data(p.make())
+        w.close()
+        _commit(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    log.info("wrote %s (%d tensors, %s)", path, len(planned), method)
+    return path
