@@ -406,3 +406,177 @@ def save_pretrained_gguf(
         raise
     log.info("wrote %s (%d tensors, %s)", path, len(planned), method)
     return path
+
+
+# ------------------------------------------------------------------------------------- reading
+class GGUFFormatError(RsloraError, ValueError):
+    """A GGUF file cannot be read or describes a model transformers cannot build."""
+
+
+def _fields(reader: Any) -> dict[str, Any]:
+    """Metadata key -> value (scalars as Python values, arrays as lists)."""
+    from transformers.integrations.ggml import _gguf_parse_value
+
+    out: dict[str, Any] = {}
+    for key, f in reader.fields.items():
+        vals = [_gguf_parse_value(f.parts[i], f.types) for i in f.data]
+        out[key] = vals[0] if len(vals) == 1 and f.types[0] != 9 else vals  # 9: GGUF array
+    return out
+
+
+def _gemma_config(fields: dict[str, Any], tensor_names: set[str]) -> Any:
+    """Config of a GGUF ``gemma`` (Gemma 1) file, which transformers' reader has no table for.
+
+    Its keys mean what the ``gemma2`` table says (llama.cpp writes both the same way).
+    """
+    from transformers import AutoConfig
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    table = GGUF_CONFIG_MAPPING["gemma2"]
+    cfg: dict[str, Any] = {"tie_word_embeddings": "output.weight" not in tensor_names}
+    for key, value in fields.items():
+        if key.startswith("gemma.") and table.get(key[len("gemma.") :]):
+            cfg[table[key[len("gemma.") :]]] = value
+        elif key.startswith("tokenizer.ggml.") and key.endswith("_token_id"):
+            cfg[GGUF_CONFIG_MAPPING["tokenizer"][key[len("tokenizer.") :]]] = value
+    cfg.pop("sliding_window", None)
+    if "vocab_size" not in cfg and "tokenizer.ggml.tokens" in fields:
+        cfg["vocab_size"] = len(fields["tokenizer.ggml.tokens"])
+    return AutoConfig.for_model("gemma", **cfg)
+
+
+def _tokenizer_from_fields(fields: dict[str, Any], converter_arch: str) -> Any:
+    """A fast tokenizer from the file's ``tokenizer.*`` metadata with transformers' GGUF converters."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    tok_dict: dict[str, Any] = {}
+    for key, value in fields.items():
+        sub = key[len("tokenizer.") :] if key.startswith("tokenizer.") else None
+        if sub in GGUF_TOKENIZER_MAPPING["tokenizer"]:
+            tok_dict[GGUF_TOKENIZER_MAPPING["tokenizer"][sub]] = value
+    fast, extra = convert_gguf_tokenizer(converter_arch, tok_dict)
+    return PreTrainedTokenizerFast(tokenizer_object=fast, **{**extra, **_special_tokens(fields)})
+
+
+def _special_tokens(fields: dict[str, Any]) -> dict[str, str]:
+    """``{"bos_token": text, ...}`` from the file's special token ids."""
+    tokens = fields.get("tokenizer.ggml.tokens", [])
+    out: dict[str, str] = {}
+    for role in ("bos", "eos", "unk", "pad"):
+        i = fields.get(f"tokenizer.ggml.{role}_token_id")
+        if isinstance(i, int) and 0 <= i < len(tokens):
+            out[f"{role}_token"] = tokens[i]
+    return out
+
+
+def read_gguf_config_and_tokenizer(path: Path, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """``(config, tokenizer)`` from a GGUF file's metadata (transformers' GGUF converters).
+
+    Raises:
+        GGUFFormatError: unreadable file or an architecture transformers cannot build.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    gguf = import_gguf()
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:
+        raise GGUFFormatError(f"cannot read GGUF file {path}: {exc}") from exc
+    fields = _fields(reader)
+    arch = fields.get("general.architecture")
+    names = {t.name for t in reader.tensors}
+    del reader
+    try:
+        if arch == "gemma":
+            config = _gemma_config(fields, names)
+            converter = "llama" if fields.get("tokenizer.ggml.model") == "gpt2" else "gemma2"
+            tokenizer = _tokenizer_from_fields(fields, converter)
+        else:
+            kw = {"gguf_file": path.name, "trust_remote_code": trust_remote_code}
+            config = AutoConfig.from_pretrained(str(path.parent), **kw)
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kw)
+    except Exception as exc:
+        raise GGUFFormatError(
+            f"{path}: cannot build a transformers config and tokenizer for GGUF architecture {arch!r} "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    # transformers' tables omit the head size for some families (qwen3); the file records it.
+    key_length = fields.get(f"{arch}.attention.key_length")
+    if isinstance(key_length, int) and hasattr(config, "head_dim"):
+        config.head_dim = key_length
+    # The file's special token ids are authoritative (transformers' converters guess some of them).
+    for attr, text in _special_tokens(fields).items():
+        setattr(tokenizer, attr, text)
+    if fields.get("tokenizer.chat_template"):
+        tokenizer.chat_template = fields["tokenizer.chat_template"]
+    return config, tokenizer
+
+
+class GGUFSource:
+    """Tensors of one GGUF file under the transformers model's names, read one at a time.
+
+    ``header`` maps each model tensor name to ``(path, ggml type name, shape)`` from the file's
+    tensor table (no data read); :meth:`get` dequantizes one tensor (``gguf.dequantize``), undoes
+    llama.cpp's layout conventions (transformers' tensor processors; the Gemma 1 norm offset) and
+    returns a float32 tensor that owns its memory (the file mapping is never referenced).
+    ``unmapped`` lists file tensors that have no name in the model.
+    """
+
+    def __init__(self, path: Path, model: nn.Module) -> None:
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS,
+            TensorProcessor,
+            get_gguf_hf_weights_map,
+        )
+
+        gguf = import_gguf()
+        self.path = path
+        self._dequantize = gguf.dequantize
+        try:
+            reader = gguf.GGUFReader(str(path))
+        except Exception as exc:
+            raise GGUFFormatError(f"cannot read GGUF file {path}: {exc}") from exc
+        self._arch = str(_fields_one(reader, "general.architecture"))
+        cfg = model.config.to_dict()
+        self._processor = TENSOR_PROCESSORS.get(self._arch, TensorProcessor)(config=cfg)
+        try:
+            to_hf = get_gguf_hf_weights_map(model, self._processor)
+        except Exception as exc:
+            raise GGUFFormatError(f"{path}: no tensor name map for {self._arch!r} ({exc})") from exc
+        self._reader = reader
+        self._tensors: dict[str, Any] = {}
+        self.header: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+        self.unmapped: list[str] = []
+        for t in reader.tensors:
+            hf = to_hf.get(t.name)
+            if hf is None:
+                self.unmapped.append(t.name)
+                continue
+            self._tensors[hf] = t
+            shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+            self.header[hf] = (path, t.tensor_type.name, shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        t = self._tensors[key]
+        w = self._dequantize(t.data, t.tensor_type)
+        w = self._processor.process(weights=w, name=t.name).weights
+        if self._arch == "gemma" and t.name.endswith("norm.weight"):
+            w = w - 1.0  # llama.cpp stores Gemma's norm weight as 1 + w
+        w = np.array(w, dtype=np.float32, copy=True, order="C")  # owned: no reference to the mapping
+        shape = self.header[key][2]
+        return torch.from_numpy(w).reshape(shape)
+
+    def close(self) -> None:
+        """Drop the file mapping (tensors already returned own their memory)."""
+        self._tensors.clear()
+        self._reader = None
+
+
+def _fields_one(reader: Any, key: str) -> Any:
+    from transformers.integrations.ggml import _gguf_parse_value
+
+    f = reader.fields.get(key)
+    if f is None:
+        raise GGUFFormatError(f"GGUF file has no {key!r} metadata")
+    return _gguf_parse_value(f.parts[f.data[0]], f.types)

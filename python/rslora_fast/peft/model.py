@@ -525,6 +525,24 @@ class PeftModel(nn.Module):
             dtype=dtype,
         )
 
+    def save_pretrained_gguf(
+        self,
+        save_directory: str | os.PathLike,
+        tokenizer: Any,
+        quantization_method: str = "q8_0",
+        progress: bool = True,
+    ) -> Any:
+        """Write the merged model as one GGUF file (llama.cpp / Ollama); the live model is untouched.
+
+        See :func:`rslora_fast.gguf_io.save_pretrained_gguf` for the arguments.
+
+        Returns:
+            The path of the ``.gguf`` file.
+        """
+        from ..gguf_io import save_pretrained_gguf
+
+        return save_pretrained_gguf(self, save_directory, tokenizer, quantization_method, progress)
+
     def unload(self) -> nn.Module:
         """Remove the adapters without merging: the base model comes back as it was.
 
