@@ -413,50 +413,67 @@ class GGUFFormatError(RsloraError, ValueError):
     """A GGUF file cannot be read or describes a model transformers cannot build."""
 
 
-def _fields(reader: Any) -> dict[str, Any]:
-    """Metadata key -> value (scalars as Python values, arrays as lists)."""
-    from transformers.integrations.ggml import _gguf_parse_value
+class GGUFFile:
+    """One GGUF file opened once: its parsed metadata (``fields``) and its tensor table (``reader``).
 
-    out: dict[str, Any] = {}
-    for key, f in reader.fields.items():
-        vals = [_gguf_parse_value(f.parts[i], f.types) for i in f.data]
-        out[key] = vals[0] if len(vals) == 1 and f.types[0] != 9 else vals  # 9: GGUF array
-    return out
-
-
-def _gemma_config(fields: dict[str, Any], tensor_names: set[str]) -> Any:
-    """Config of a GGUF ``gemma`` (Gemma 1) file, which transformers' reader has no table for.
-
-    Its keys mean what the ``gemma2`` table says (llama.cpp writes both the same way).
+    The ``gguf`` reader memory-maps the file; tensor data is only touched when a tensor is read.
     """
-    from transformers import AutoConfig
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
-    table = GGUF_CONFIG_MAPPING["gemma2"]
-    cfg: dict[str, Any] = {"tie_word_embeddings": "output.weight" not in tensor_names}
+    def __init__(self, path: Path) -> None:
+        gguf = import_gguf()
+        self.path = path
+        try:
+            self.reader = gguf.GGUFReader(str(path))
+            self.fields = {k: f.contents() for k, f in self.reader.fields.items()}
+            # The reader keeps one numpy view per array element (every token, every merge): drop them.
+            self.reader.fields.clear()
+        except Exception as exc:
+            raise GGUFFormatError(f"cannot read GGUF file {path}: {exc}") from exc
+        self.arch = self.fields.get("general.architecture")
+        if not isinstance(self.arch, str):
+            raise GGUFFormatError(f"{path}: no general.architecture in the GGUF metadata")
+
+    def close(self) -> None:
+        self.reader = None
+
+
+# Architectures whose config is a plain key-by-key translation of the metadata (transformers' tables);
+# gemma (1) has no table of its own and reads like gemma2. Others go through transformers' reader.
+_PLAIN_CONFIG = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma": "gemma2",
+                 "gemma2": "gemma2", "gemma3": "gemma3"}  # fmt: skip
+_MODEL_TYPE = {"gemma3": "gemma3_text"}
+
+
+def _config_dict(gf: GGUFFile) -> dict[str, Any]:
+    """transformers config keys from the metadata, translated with transformers' own GGUF tables."""
+    from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+
+    fields = gf.fields
+    model_type = gf.arch
+    if gf.arch == "llama" and fields.get("general.name") == "mistral":  # transformers' convention
+        model_type = "mistral"
+    tables = {
+        gf.arch: GGUF_CONFIG_MAPPING[_PLAIN_CONFIG[gf.arch]],
+        "tokenizer": GGUF_CONFIG_MAPPING["tokenizer"],
+    }
+    cfg: dict[str, Any] = dict(GGUF_CONFIG_DEFAULTS_MAPPING.get(model_type, {}))
+    cfg["tie_word_embeddings"] = "output.weight" not in {t.name for t in gf.reader.tensors}
     for key, value in fields.items():
-        if key.startswith("gemma.") and table.get(key[len("gemma.") :]):
-            cfg[table[key[len("gemma.") :]]] = value
-        elif key.startswith("tokenizer.ggml.") and key.endswith("_token_id"):
-            cfg[GGUF_CONFIG_MAPPING["tokenizer"][key[len("tokenizer.") :]]] = value
-    cfg.pop("sliding_window", None)
+        prefix, _, rest = key.partition(".")
+        target = tables.get(prefix, {}).get(rest)
+        if target is not None and target != -1 and not (gf.arch == "gemma" and target == "sliding_window"):
+            cfg[target] = value
     if "vocab_size" not in cfg and "tokenizer.ggml.tokens" in fields:
         cfg["vocab_size"] = len(fields["tokenizer.ggml.tokens"])
-    return AutoConfig.for_model("gemma", **cfg)
+    cfg["model_type"] = _MODEL_TYPE.get(model_type, model_type)
+    return cfg
 
 
-def _tokenizer_from_fields(fields: dict[str, Any], converter_arch: str) -> Any:
-    """A fast tokenizer from the file's ``tokenizer.*`` metadata with transformers' GGUF converters."""
-    from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+def _tokenizer_dict(fields: dict[str, Any]) -> dict[str, Any]:
+    from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING
 
-    tok_dict: dict[str, Any] = {}
-    for key, value in fields.items():
-        sub = key[len("tokenizer.") :] if key.startswith("tokenizer.") else None
-        if sub in GGUF_TOKENIZER_MAPPING["tokenizer"]:
-            tok_dict[GGUF_TOKENIZER_MAPPING["tokenizer"][sub]] = value
-    fast, extra = convert_gguf_tokenizer(converter_arch, tok_dict)
-    return PreTrainedTokenizerFast(tokenizer_object=fast, **{**extra, **_special_tokens(fields)})
+    table = GGUF_TOKENIZER_MAPPING["tokenizer"]
+    return {table[k[10:]]: v for k, v in fields.items() if k.startswith("tokenizer.") and k[10:] in table}
 
 
 def _special_tokens(fields: dict[str, Any]) -> dict[str, str]:
@@ -470,47 +487,61 @@ def _special_tokens(fields: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def read_gguf_config_and_tokenizer(path: Path, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """``(config, tokenizer)`` from a GGUF file's metadata (transformers' GGUF converters).
+def read_gguf_config_and_tokenizer(gf: GGUFFile) -> tuple[Any, Any]:
+    """``(config, tokenizer)`` from a GGUF file's metadata, with transformers' GGUF tables and converters.
+
+    The special tokens and the chat template are the file's own.
 
     Raises:
-        GGUFFormatError: unreadable file or an architecture transformers cannot build.
+        GGUFFormatError: an architecture transformers cannot build a config or tokenizer for.
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+    from transformers.integrations.ggml import convert_gguf_tokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    gguf = import_gguf()
+    fields = gf.fields
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:
-        raise GGUFFormatError(f"cannot read GGUF file {path}: {exc}") from exc
-    fields = _fields(reader)
-    arch = fields.get("general.architecture")
-    names = {t.name for t in reader.tensors}
-    del reader
-    try:
-        if arch == "gemma":
-            config = _gemma_config(fields, names)
+        if gf.arch in _PLAIN_CONFIG:  # parsed once, from the fields already read
+            cfg, tok_dict = _config_dict(gf), _tokenizer_dict(fields)
+        else:  # transformers' reader, with its special cases
+            parsed = load_gguf_checkpoint(str(gf.path), return_tensors=False)
+            cfg, tok_dict = dict(parsed["config"]), parsed["tokenizer"]
+        converter = cfg["model_type"]
+        if gf.arch == "gemma":  # no converter of its own: gemma2's (sentencepiece) or llama's (byte BPE)
             converter = "llama" if fields.get("tokenizer.ggml.model") == "gpt2" else "gemma2"
-            tokenizer = _tokenizer_from_fields(fields, converter)
-        else:
-            kw = {"gguf_file": path.name, "trust_remote_code": trust_remote_code}
-            config = AutoConfig.from_pretrained(str(path.parent), **kw)
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kw)
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        fast, extra = convert_gguf_tokenizer(converter, tok_dict)
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=fast, **{**extra, **_special_tokens(fields)})
     except Exception as exc:
         raise GGUFFormatError(
-            f"{path}: cannot build a transformers config and tokenizer for GGUF architecture {arch!r} "
+            f"{gf.path}: cannot build a transformers config and tokenizer for GGUF architecture {gf.arch!r} "
             f"({type(exc).__name__}: {exc})"
         ) from exc
     # transformers' tables omit the head size for some families (qwen3); the file records it.
-    key_length = fields.get(f"{arch}.attention.key_length")
+    key_length = fields.get(f"{gf.arch}.attention.key_length")
     if isinstance(key_length, int) and hasattr(config, "head_dim"):
         config.head_dim = key_length
-    # The file's special token ids are authoritative (transformers' converters guess some of them).
-    for attr, text in _special_tokens(fields).items():
-        setattr(tokenizer, attr, text)
     if fields.get("tokenizer.chat_template"):
         tokenizer.chat_template = fields["tokenizer.chat_template"]
     return config, tokenizer
+
+
+def _gguf_to_model_names(model: nn.Module, arch: str, processor: Any) -> dict[str, str]:
+    """GGUF tensor name -> the model's parameter name, from one ``gguf`` name table."""
+    gguf = import_gguf()
+    code = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), None)
+    if code is None:
+        raise GGUFFormatError(f"the gguf package has no tensor names for architecture {arch!r}")
+    names = gguf.get_tensor_name_map(code, int(model.config.num_hidden_layers))
+    out: dict[str, str] = {}
+    for key in model.state_dict():
+        gname = names.get_name(processor.preprocess_name(key), try_suffixes=(".weight", ".bias"))
+        if gname is not None:
+            out.setdefault(gname, key)
+    return out
+
+
+_CHUNK = 1 << 22  # elements dequantized at a time (16 MB of float32)
 
 
 class GGUFSource:
@@ -523,60 +554,46 @@ class GGUFSource:
     ``unmapped`` lists file tensors that have no name in the model.
     """
 
-    def __init__(self, path: Path, model: nn.Module) -> None:
-        from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS,
-            TensorProcessor,
-            get_gguf_hf_weights_map,
-        )
+    def __init__(self, gf: GGUFFile, model: nn.Module) -> None:
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
         gguf = import_gguf()
-        self.path = path
+        self._gf = gf
         self._dequantize = gguf.dequantize
-        try:
-            reader = gguf.GGUFReader(str(path))
-        except Exception as exc:
-            raise GGUFFormatError(f"cannot read GGUF file {path}: {exc}") from exc
-        self._arch = str(_fields_one(reader, "general.architecture"))
-        cfg = model.config.to_dict()
-        self._processor = TENSOR_PROCESSORS.get(self._arch, TensorProcessor)(config=cfg)
-        try:
-            to_hf = get_gguf_hf_weights_map(model, self._processor)
-        except Exception as exc:
-            raise GGUFFormatError(f"{path}: no tensor name map for {self._arch!r} ({exc})") from exc
-        self._reader = reader
+        self._processor = TENSOR_PROCESSORS.get(gf.arch, TensorProcessor)(config=model.config.to_dict())
+        to_model = _gguf_to_model_names(model, gf.arch, self._processor)
         self._tensors: dict[str, Any] = {}
         self.header: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
         self.unmapped: list[str] = []
-        for t in reader.tensors:
-            hf = to_hf.get(t.name)
-            if hf is None:
+        for t in gf.reader.tensors:
+            name = to_model.get(t.name)
+            if name is None:
                 self.unmapped.append(t.name)
                 continue
-            self._tensors[hf] = t
-            shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-            self.header[hf] = (path, t.tensor_type.name, shape)
+            self._tensors[name] = t
+            self.header[name] = (
+                gf.path,
+                t.tensor_type.name,
+                tuple(int(s) for s in reversed(t.shape.tolist())),
+            )
 
     def get(self, key: str) -> torch.Tensor:
         t = self._tensors[key]
-        w = self._dequantize(t.data, t.tensor_type)
-        w = self._processor.process(weights=w, name=t.name).weights
-        if self._arch == "gemma" and t.name.endswith("norm.weight"):
-            w = w - 1.0  # llama.cpp stores Gemma's norm weight as 1 + w
-        w = np.array(w, dtype=np.float32, copy=True, order="C")  # owned: no reference to the mapping
         shape = self.header[key][2]
-        return torch.from_numpy(w).reshape(shape)
+        # Dequantized in slices of rows straight into the result (owned memory, never a view of the
+        # mapping), so the largest tensor costs its float32 size, not that plus gguf's temporaries.
+        out = np.empty(shape, dtype=np.float32)
+        step = max(1, _CHUNK // max(1, int(np.prod(shape[1:])))) if len(shape) > 1 else max(1, shape[0])
+        for i in range(0, max(1, shape[0] if shape else 1), step):
+            out[i : i + step] = self._dequantize(t.data[i : i + step], t.tensor_type).reshape(
+                out[i : i + step].shape
+            )
+        w = self._processor.process(weights=out, name=t.name).weights
+        if self._gf.arch == "gemma" and t.name.endswith("norm.weight"):
+            w = w - 1.0  # llama.cpp stores Gemma's norm weight as 1 + w
+        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
 
     def close(self) -> None:
         """Drop the file mapping (tensors already returned own their memory)."""
         self._tensors.clear()
-        self._reader = None
-
-
-def _fields_one(reader: Any, key: str) -> Any:
-    from transformers.integrations.ggml import _gguf_parse_value
-
-    f = reader.fields.get(key)
-    if f is None:
-        raise GGUFFormatError(f"GGUF file has no {key!r} metadata")
-    return _gguf_parse_value(f.parts[f.data[0]], f.types)
+        self._gf.close()

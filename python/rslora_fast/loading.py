@@ -250,14 +250,14 @@ class _SafetensorsSource:
 class _GGUFSourceAdapter:
     """:class:`~rslora_fast.gguf_io.GGUFSource` behind the same interface (one file, owned tensors)."""
 
-    def __init__(self, path: Path, model: nn.Module) -> None:
+    def __init__(self, gf: Any, model: nn.Module) -> None:
         from .gguf_io import GGUFFormatError, GGUFSource
 
         try:
-            self._src = GGUFSource(path, model)
+            self._src = GGUFSource(gf, model)
         except GGUFFormatError as exc:
             raise CheckpointError(str(exc)) from exc
-        self.files = [path]
+        self.files = [gf.path]
         self.header = self._src.header
         self.unmapped = self._src.unmapped
 
@@ -461,14 +461,16 @@ def _read_config(root: Path, token, trust_remote_code: bool):
         raise CheckpointError(f"cannot read {root / 'config.json'}: {exc}") from exc
 
 
-def _read_gguf_metadata(path: Path, trust_remote_code: bool):
-    from .gguf_io import GGUFFormatError, read_gguf_config_and_tokenizer
+def _open_gguf(path: Path):
+    """``(open GGUF file, config, tokenizer)``: the file is parsed once and kept for the weights."""
+    from .gguf_io import GGUFFile, GGUFFormatError, read_gguf_config_and_tokenizer
 
     try:
-        config, tokenizer = read_gguf_config_and_tokenizer(path, trust_remote_code)
+        gf = GGUFFile(path)
+        config, tokenizer = read_gguf_config_and_tokenizer(gf)
     except GGUFFormatError as exc:
         raise CheckpointError(str(exc)) from exc
-    return config, _with_pad_token(tokenizer, path)
+    return gf, config, _with_pad_token(tokenizer, path)
 
 
 def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote_code, blocksize, quant_type,
@@ -481,7 +483,7 @@ def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote
     from .quant.linear4bit import Linear4bit, check_quant_args
 
     if gguf_path is not None:
-        config, tokenizer = _read_gguf_metadata(gguf_path, trust_remote_code)
+        gfile, config, tokenizer = _open_gguf(gguf_path)
     else:
         config = _read_config(root, token, trust_remote_code)
     qcfg = _quant_config(config)
@@ -509,7 +511,7 @@ def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote
     tied = bool(getattr(config, "tie_word_embeddings", False)) and out_emb is not None
     keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
     if source is None:  # a GGUF file names its tensors after llama.cpp; the map needs the skeleton
-        source = _GGUFSourceAdapter(gguf_path, model)
+        source = _GGUFSourceAdapter(gfile, model)
     files, header = source.files, source.header
 
     # Checkpoint key -> model name (checkpoints saved from the bare base model lack its prefix).
