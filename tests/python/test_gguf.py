@@ -36,11 +36,11 @@ def _tiny(family, seed=0, **over):
     """A tiny model whose weights are wide enough for quantization errors to show."""
     if family.startswith("gemma"):
         over.setdefault("tie_word_embeddings", True)  # llama.cpp's gemma has no separate output head
-    if family == "gemma2":  # not among conftest's families
+    if family in ("gemma2", "gemma3"):  # not among conftest's families
         torch.manual_seed(seed)
-        cfg = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                        **over)  # fmt: skip
+        cls = transformers.Gemma2Config if family == "gemma2" else transformers.Gemma3TextConfig
+        cfg = cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, **over)  # fmt: skip
         model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
     else:
         model = peft_build_tiny_model(family, seed=seed, vocab_size=VOCAB, **over)
@@ -129,9 +129,10 @@ def test_export_other_families_match_transformers_gguf_loader(gguf_tok, tmp_path
         assert diff <= TOL[method], (family, method, diff)
 
 
-def test_export_gemma2_matches_transformers_gguf_loader(gguf_tok, tmp_path):
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_export_gemma2_3_match_transformers_gguf_loader(gguf_tok, tmp_path, family):
     # transformers' GGUF config table has no query_pre_attn_scalar: keep its default (256)
-    model = _tiny("gemma2", head_dim=8, sliding_window=16)
+    model = _tiny(family, head_dim=8, sliding_window=4)
     path = save_pretrained_gguf(model, tmp_path, gguf_tok, quantization_method="f32", progress=False)
     ids = _ids(2)
     assert (_logits(_hf_gguf(path), ids) - _logits(model, ids)).abs().max().item() <= TOL["f32"]
