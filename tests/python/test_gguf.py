@@ -228,6 +228,26 @@ def test_import_4bit_equals_our_4bit_load_of_safetensors(gguf_tok, tmp_path):
     assert torch.equal(_logits(from_gguf, ids), _logits(from_st, ids))
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_import_4bit_on_gpu_equals_safetensors_load_and_exports_back(gguf_tok, tmp_path):
+    model = _tiny("llama")
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    gguf_tok.save_pretrained(src)
+    path = save_pretrained_gguf(model, tmp_path / "g", gguf_tok, quantization_method="f32", progress=False)
+    kw = dict(load_in_4bit=True, dtype=torch.bfloat16, device_map="cuda:0", progress=False)
+    from_st, _ = from_pretrained(src, **kw)
+    from_gguf, tok = from_pretrained(path, **kw)
+    ids = _ids(9).cuda()
+    assert torch.equal(_logits(from_gguf, ids), _logits(from_st, ids))
+    pm = get_peft_model(from_gguf, r=8, use_gradient_checkpointing=False, random_state=0)
+    pm.eval()
+    out = pm.save_pretrained_gguf(tmp_path / "back", tok, quantization_method="bf16", progress=False)
+    back = _logits(_hf_gguf(out), ids.cpu())
+    assert (back - _logits(pm, ids).cpu()).abs().max().item() <= 0.1  # bf16 compute on both sides
+
+
 def test_import_quantized_export_matches_transformers(gguf_tok, tmp_path):
     """A q8_0 file: our import dequantizes exactly as transformers' GGUF loader does."""
     path = save_pretrained_gguf(
