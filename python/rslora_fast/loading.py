@@ -2,7 +2,9 @@
 
 Nothing is ever materialized twice. The model skeleton is created from ``config.json`` without
 memory; every targeted ``nn.Linear`` becomes an empty :class:`~rslora_fast.quant.Linear4bit`
-shell; then the safetensors shards are read tensor by tensor. A linear weight goes to the target
+shell; then the weights are read tensor by tensor from a tensor source: safetensors shards (one
+open at a time) or a GGUF file (config and tokenizer from its metadata, each tensor dequantized as
+it is read; see :mod:`rslora_fast.gguf_io`). A linear weight goes to the target
 device and is quantized there as it arrives, so peak host memory stays near one tensor and peak
 GPU memory near the final 4-bit model plus one dense tensor. Embeddings, norms, biases and the
 output head are materialized in 16 bits (or the requested dtype).
@@ -406,7 +408,8 @@ def from_pretrained(
 
     Raises:
         CheckpointNotFoundError: missing directory, shard or hub id (offline: names the cache).
-        CheckpointError: corrupt/truncated safetensors, missing tensor, shape disagreeing with config.
+        CheckpointError: corrupt/truncated safetensors or GGUF, missing tensor, shape disagreeing with
+            config, unused tensors that look like weights (a config with fewer layers than the file).
         QuantFormatError: unknown quant type, blocksize not allowed, malformed 4-bit state.
     """
     from .quant.linear4bit import check_quant_args
