@@ -185,31 +185,84 @@ def _write_hparams(w: Any, cfg: Any, fam: _Family, name: str) -> None:
 
 
 # -------------------------------------------------------------------------------- the tokenizer
+def _uses_byte_level(tj: dict[str, Any]) -> bool:
+    """Whether a tokenizer.json maps bytes to printable characters (GPT-2 style byte-level BPE)."""
+
+    def has(step: Any) -> bool:
+        if not isinstance(step, dict):
+            return False
+        kids = step.get("pretokenizers") or step.get("decoders") or []
+        return step.get("type") == "ByteLevel" or any(has(k) for k in kids)
+
+    return tj.get("model", {}).get("type") == "BPE" and (
+        has(tj.get("pre_tokenizer")) or has(tj.get("decoder"))
+    )
+
+
+def _byte_level_tokens(tj: dict[str, Any], gguf: Any) -> tuple[list[str], list[Any]]:
+    """Token texts by id and their GGML types for a byte-level BPE tokenizer.json."""
+    by_id: dict[int, str] = {int(i): t for t, i in tj["model"]["vocab"].items()}
+    kinds: dict[int, Any] = {}
+    for added in tj.get("added_tokens", []):
+        by_id[int(added["id"])] = added["content"]
+        kinds[int(added["id"])] = (
+            gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        )
+    n = max(by_id) + 1 if by_id else 0
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n)]
+    types = [kinds.get(i, gguf.TokenType.NORMAL if i in by_id else gguf.TokenType.UNUSED) for i in range(n)]
+    return tokens, types
+
+
+def _merge_scores(tj: dict[str, Any], tokens: list[str]) -> list[float]:
+    """sentencepiece-style scores: ``-rank`` of the merge that makes a token, 0 for the others.
+
+    llama.cpp's ``llama`` tokenizer merges the adjacent pair whose result scores highest, which is
+    the lowest-ranked merge of the BPE model, as the BPE model itself does.
+    """
+    made_by: dict[str, int] = {}
+    for rank, merge in enumerate(tj.get("model", {}).get("merges", [])):
+        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+        made_by.setdefault(a + b, rank)
+    return [-float(made_by[t]) - 1.0 if t in made_by else 0.0 for t in tokens]
+
+
 def _write_tokenizer(w: Any, tokenizer: Any, vocab_size: int, gguf: Any) -> None:
-    """Tokens, merges or scores, special ids and chat template, through gguf's own vocab readers."""
+    """Tokens, merges or scores, special ids and chat template (with the ``gguf`` package's readers).
+
+    Byte-level BPE (GPT-2, llama 3, qwen, SmolLM) is written as llama.cpp's ``gpt2`` model with its
+    merges; sentencepiece-style BPE (byte fallback, llama 2, gemma) as its ``llama`` model with
+    scores, through ``gguf.vocab.LlamaHfVocab``.
+    """
+    import json
+
     with tempfile.TemporaryDirectory(prefix="rslora-gguf-tok-") as tmp:
         tokenizer.save_pretrained(tmp)
-        vocab = None
-        errors = []
-        for cls in (gguf.vocab.BpeVocab, gguf.vocab.LlamaHfVocab):
-            try:
-                vocab = cls(Path(tmp))
-                break
-            except (FileNotFoundError, TypeError, ValueError, KeyError) as exc:
-                errors.append(f"{cls.__name__}: {exc}")
-        if vocab is None:
+        try:
+            tj = json.loads((Path(tmp) / "tokenizer.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
             raise ValueError(
-                f"GGUF export: tokenizer {type(tokenizer).__name__} is neither a byte-level BPE (GPT-2 / "
-                f"llama 3 / qwen style) nor a sentencepiece-style BPE tokenizer, the two kinds GGUF "
-                f"metadata can describe ({'; '.join(errors)})"
-            )
-        tokens, scores, types = [], [], []
-        for text, score, ttype in vocab.all_tokens():
-            tokens.append(text)
-            scores.append(score)
-            types.append(ttype)
-        special = set(getattr(tokenizer, "all_special_ids", []) or [])
-        for i in special:
+                f"GGUF export: tokenizer {type(tokenizer).__name__} has no tokenizer.json (a fast tokenizer "
+                f"is needed): {exc}"
+            ) from exc
+        if _uses_byte_level(tj):
+            model_kind, scores = "gpt2", None
+            tokens, types = _byte_level_tokens(tj, gguf)
+        else:
+            try:
+                vocab = gguf.vocab.LlamaHfVocab(Path(tmp))
+            except (FileNotFoundError, TypeError, ValueError, KeyError) as exc:
+                raise ValueError(
+                    f"GGUF export: tokenizer {type(tokenizer).__name__} ({tj.get('model', {}).get('type')}) is "
+                    "neither a byte-level BPE (GPT-2 / llama 3 / qwen style) nor a sentencepiece-style BPE "
+                    f"tokenizer, the two kinds GGUF metadata can describe ({exc})"
+                ) from exc
+            model_kind = "llama"
+            entries = list(vocab.all_tokens())
+            tokens = [t.decode("utf-8") for t, _, _ in entries]
+            scores = _merge_scores(tj, tokens)
+            types = [k for _, _, k in entries]
+        for i in getattr(tokenizer, "all_special_ids", []) or []:
             if 0 <= i < len(types) and types[i] == gguf.TokenType.NORMAL:
                 types[i] = gguf.TokenType.CONTROL
         if len(tokens) > vocab_size:
@@ -218,18 +271,17 @@ def _write_tokenizer(w: Any, tokenizer: Any, vocab_size: int, gguf: Any) -> None
                 f"{vocab_size} rows"
             )
         for i in range(len(tokens), vocab_size):  # embedding rows past the tokenizer (padding)
-            tokens.append(f"[PAD{i}]".encode())
-            scores.append(-1000.0)
+            tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
-        w.add_tokenizer_model(vocab.tokenizer_model)
+            if scores is not None:
+                scores.append(-1000.0)
+        w.add_tokenizer_model(model_kind)
         w.add_tokenizer_pre("default")
         w.add_token_list(tokens)
         w.add_token_types(types)
-        if vocab.tokenizer_model == "llama":
+        if scores is not None:
             w.add_token_scores(scores)
-        special_vocab = gguf.SpecialVocab(
-            Path(tmp), load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens)
-        )
+        special_vocab = gguf.SpecialVocab(Path(tmp), load_merges=model_kind == "gpt2", n_vocab=len(tokens))
         special_vocab.add_to_gguf(w, quiet=True)
         if special_vocab.chat_template is None and getattr(tokenizer, "chat_template", None):
             w.add_chat_template(tokenizer.chat_template)

@@ -9,6 +9,8 @@ imports with our 4-bit load of the same weights from safetensors.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -290,3 +292,41 @@ def test_import_errors(gguf_tok, tmp_path):
     bad.write_bytes(b"GGUF" + b"\0" * 20)
     with pytest.raises(CheckpointError, match="bad.gguf"):
         from_pretrained(bad, progress=False)
+
+
+def _sentencepiece_style_tokenizer():
+    """A byte-fallback BPE tokenizer with the "▁" word marker (llama 2 / gemma style)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    texts = ["the quick brown fox jumps over the lazy dog", "a tiny model reads a tiny book"] * 20
+    tok.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False)
+    )
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>")  # fmt: skip
+
+
+def test_sentencepiece_style_tokenizer_round_trips(tmp_path):
+    spm = _sentencepiece_style_tokenizer()
+    path = save_pretrained_gguf(_tiny("llama"), tmp_path, spm, quantization_method="f32", progress=False)
+    r = gguf.GGUFReader(str(path))
+    assert r.fields["tokenizer.ggml.model"].contents() == "llama"
+    vocab = spm.get_vocab()
+    assert r.fields["tokenizer.ggml.tokens"].contents()[: len(vocab)] == sorted(vocab, key=vocab.get)
+    byte_type = r.fields["tokenizer.ggml.token_type"].contents()[vocab["<0x41>"]]
+    assert byte_type == gguf.TokenType.BYTE
+    # llama.cpp merges the highest-scoring pair first: earlier merges must score higher
+    merges = json.loads(spm.backend_tokenizer.to_str())["model"]["merges"]
+    made = ["".join(m) if isinstance(m, list) else m.replace(" ", "") for m in merges[:6]]
+    scores = [r.fields["tokenizer.ggml.scores"].contents()[vocab[t]] for t in made]
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores), scores
+    _, tok = from_pretrained(path, load_in_4bit=False, progress=False)
+    text = "the quick brown fox jumps over a lazy book"
+    assert tok(text).input_ids == spm(text).input_ids
+    assert tok.decode(tok(text).input_ids) == text
