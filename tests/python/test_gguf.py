@@ -10,6 +10,7 @@ imports with our 4-bit load of the same weights from safetensors.
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -330,3 +331,14 @@ def test_sentencepiece_style_tokenizer_round_trips(tmp_path):
     text = "the quick brown fox jumps over a lazy book"
     assert tok(text).input_ids == spm(text).input_ids
     assert tok.decode(tok(text).input_ids) == text
+
+
+def test_missing_gguf_package_names_the_extra(gguf_tok, tmp_path, monkeypatch):
+    from rslora_fast.gguf_io import GGUFDependencyError
+
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now raises ImportError
+    with pytest.raises(GGUFDependencyError, match=r"pip install 'rslora-fast\[gguf\]'"):
+        save_pretrained_gguf(_tiny("llama"), tmp_path / "out", gguf_tok, quantization_method="f16")
+    with pytest.raises(GGUFDependencyError, match=r"rslora-fast\[gguf\]"):
+        from_pretrained(tmp_path / "m.gguf", progress=False)
