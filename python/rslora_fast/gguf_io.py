@@ -214,6 +214,29 @@ def _byte_level_tokens(tj: dict[str, Any], gguf: Any) -> tuple[list[str], list[A
     return tokens, types
 
 
+def _pre_tokenizer_name(tokenizer: Any, tj: dict[str, Any]) -> str:
+    """llama.cpp's name for the text-splitting rule (``tokenizer.ggml.pre``) of a byte-level BPE.
+
+    A tokenizer read from a GGUF file keeps the file's name (transformers' rebuilt tokenizer does
+    not carry the rule itself); otherwise two unambiguous layouts are recognised, else ``default``.
+    """
+    kept = getattr(tokenizer, "gguf_pre_tokenizer", None)
+    if isinstance(kept, str) and kept:
+        return kept
+    pre = tj.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [st.get("type") for st in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"  # GPT-2's own split
+    if (
+        kinds == ["Digits", "ByteLevel"]
+        and steps[0].get("individual_digits")
+        and steps[1].get("use_regex", True)
+    ):
+        return "smollm"  # one token per digit, then GPT-2's split
+    return "default"
+
+
 def _merge_scores(tj: dict[str, Any], tokens: list[str]) -> list[float]:
     """sentencepiece-style scores: ``-rank`` of the merge that makes a token, 0 for the others.
 
@@ -276,7 +299,7 @@ def _write_tokenizer(w: Any, tokenizer: Any, vocab_size: int, gguf: Any) -> None
             if scores is not None:
                 scores.append(-1000.0)
         w.add_tokenizer_model(model_kind)
-        w.add_tokenizer_pre("default")
+        w.add_tokenizer_pre(_pre_tokenizer_name(tokenizer, tj) if model_kind == "gpt2" else "default")
         w.add_token_list(tokens)
         w.add_token_types(types)
         if scores is not None:
@@ -575,6 +598,8 @@ def read_gguf_config_and_tokenizer(gf: GGUFFile) -> tuple[Any, Any]:
         config.head_dim = key_length
     if fields.get("tokenizer.chat_template"):
         tokenizer.chat_template = fields["tokenizer.chat_template"]
+    if isinstance(fields.get("tokenizer.ggml.pre"), str):  # written back by a later GGUF export
+        tokenizer.gguf_pre_tokenizer = fields["tokenizer.ggml.pre"]
     return config, tokenizer
 
 

@@ -101,6 +101,7 @@ def test_export_reads_back_with_gguf_reader(gguf_tok, tmp_path):
     assert field("general.file_type") == int(gguf.LlamaFileType.MOSTLY_Q8_0)
     vocab = gguf_tok.get_vocab()
     assert field("tokenizer.ggml.model") == "gpt2"
+    assert field("tokenizer.ggml.pre") == "gpt-2"  # a ByteLevel split with GPT-2's regex
     assert field("tokenizer.ggml.tokens") == sorted(vocab, key=vocab.get)
     assert len(field("tokenizer.ggml.merges")) > 0
     assert field("tokenizer.ggml.eos_token_id") == gguf_tok.eos_token_id
@@ -342,3 +343,26 @@ def test_missing_gguf_package_names_the_extra(gguf_tok, tmp_path, monkeypatch):
         save_pretrained_gguf(_tiny("llama"), tmp_path / "out", gguf_tok, quantization_method="f16")
     with pytest.raises(GGUFDependencyError, match=r"rslora-fast\[gguf\]"):
         from_pretrained(tmp_path / "m.gguf", progress=False)
+
+
+def test_pre_tokenizer_name_detected_and_kept_through_an_import(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|bos|>", "<|eos|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(["the year 2024 and 1999 came", "a tiny model reads 42 books"] * 20, trainer)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>"
+    )
+    first = save_pretrained_gguf(
+        _tiny("llama"), tmp_path / "a", fast, quantization_method="f16", progress=False
+    )
+    assert gguf.GGUFReader(str(first)).fields["tokenizer.ggml.pre"].contents() == "smollm"
+    model, imported = from_pretrained(first, load_in_4bit=False, progress=False)
+    again = model.save_pretrained_gguf(tmp_path / "b", imported, quantization_method="f16", progress=False)
+    assert gguf.GGUFReader(str(again)).fields["tokenizer.ggml.pre"].contents() == "smollm"
