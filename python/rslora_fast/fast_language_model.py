@@ -56,6 +56,8 @@ def _adapter_and_base(model_name: str, kwargs: dict) -> tuple[Path | None, str]:
     """``(adapter folder, base model name)`` when ``model_name`` is a LoRA adapter, else ``(None, model_name)``."""
     from .loading import _resolve
 
+    if kwargs.get("gguf_file") is not None or str(model_name).lower().endswith(".gguf"):
+        return None, model_name  # a GGUF checkpoint is never an adapter folder
     root = _resolve(model_name, kwargs.get("token"), kwargs.get("revision"), kwargs.get("cache_dir"))
     if not (root / "adapter_config.json").is_file() or (root / "config.json").is_file():
         return None, str(root)

@@ -2,7 +2,9 @@
 
 Nothing is ever materialized twice. The model skeleton is created from ``config.json`` without
 memory; every targeted ``nn.Linear`` becomes an empty :class:`~rslora_fast.quant.Linear4bit`
-shell; then the safetensors shards are read tensor by tensor. A linear weight goes to the target
+shell; then the weights are read tensor by tensor from a tensor source: safetensors shards (one
+open at a time) or a GGUF file (config and tokenizer from its metadata, each tensor dequantized as
+it is read; see :mod:`rslora_fast.gguf_io`). A linear weight goes to the target
 device and is quantized there as it arrives, so peak host memory stays near one tensor and peak
 GPU memory near the final 4-bit model plus one dense tensor. Embeddings, norms, biases and the
 output head are materialized in 16 bits (or the requested dtype).
@@ -27,7 +29,8 @@ import numbers
 import os
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +77,11 @@ class CheckpointNotFoundError(RsloraError, FileNotFoundError):
 
 # --------------------------------------------------------------------------------------- helpers
 def _resolve(
-    model_name: str | os.PathLike, token: str | None, revision: str | None, cache_dir: str | None
+    model_name: str | os.PathLike,
+    token: str | None,
+    revision: str | None,
+    cache_dir: str | None,
+    gguf_file: str | os.PathLike | None = None,
 ) -> Path:
     """A local directory, or a hub id downloaded (or found in the cache) with huggingface_hub."""
     p = Path(model_name).expanduser()
@@ -100,7 +107,9 @@ def _resolve(
             revision=revision,
             token=token,
             cache_dir=cache_dir,
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"],
+            allow_patterns=[str(gguf_file)]
+            if gguf_file is not None
+            else ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"],
         )
     except Exception as exc:  # offline, unknown repo, gated repo, network error: all end here
         raise CheckpointNotFoundError(
@@ -206,6 +215,85 @@ def _read_headers(files: Iterable[Path]) -> dict[str, tuple[Path, torch.dtype | 
                 f"cannot read safetensors file {path}: {exc}{_name_truncated_tensor(path)}"
             ) from exc
     return out
+
+
+class _SafetensorsSource:
+    """The tensors of a safetensors checkpoint: every header up front, then one shard open at a time.
+
+    ``header`` maps each checkpoint key to ``(shard path, dtype string, shape)``. :meth:`reading`
+    opens one shard and yields a getter; the shard's handle is closed when the block ends. With
+    ``copy=True`` (tensors that stay in host memory) each tensor is copied out of the file mapping,
+    so no mapping outlives its shard.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.files = _shard_files(root)
+        self.header = _read_headers(self.files)
+        self.unmapped: list[str] = []
+
+    @contextmanager
+    def reading(self, path: Path, copy: bool) -> Iterator[Callable[[str], torch.Tensor]]:
+        from safetensors import safe_open
+
+        try:
+            fh_ctx = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as exc:
+            raise CheckpointError(f"cannot read safetensors file {path}: {exc}") from exc
+        with fh_ctx as fh:
+
+            def get(key: str) -> torch.Tensor:
+                try:
+                    t = fh.get_tensor(key)
+                except Exception as exc:
+                    raise CheckpointError(f"{path}: cannot read tensor {key!r}: {exc}") from exc
+                return t.clone() if copy else t
+
+            yield get
+
+
+class _GGUFSourceAdapter:
+    """:class:`~rslora_fast.gguf_io.GGUFSource` behind the same interface (one file, owned tensors)."""
+
+    def __init__(self, gf: Any, model: nn.Module) -> None:
+        from .gguf_io import GGUFFormatError, GGUFSource
+
+        try:
+            self._src = GGUFSource(gf, model)
+        except GGUFFormatError as exc:
+            raise CheckpointError(str(exc)) from exc
+        self.files = [gf.path]
+        self.header = self._src.header
+        self.unmapped = self._src.unmapped
+
+    @contextmanager
+    def reading(self, path: Path, copy: bool) -> Iterator[Callable[[str], torch.Tensor]]:
+        def get(key: str) -> torch.Tensor:
+            try:
+                return self._src.get(key)
+            except Exception as exc:
+                raise CheckpointError(f"{path}: cannot read tensor {key!r}: {exc}") from exc
+
+        try:
+            yield get
+        finally:
+            self._src.close()
+
+
+# Unused checkpoint tensors that are known to be harmless (recomputed buffers, masks, position ids).
+_HARMLESS_RE = re.compile(r"(^|\.)(inv_freq|masked_bias|position_ids|rope_freqs\.weight)$|\.attn\.bias$")
+# An unused tensor that looks like a model weight means the config describes a smaller model.
+_WEIGHTLIKE_RE = re.compile(r"(^|\.)(layers|h|blocks|blk)\.\d+\.|\.(weight|bias)$")
+
+
+def _check_unused(root: Path, ignored: list[str], n_layers: Any) -> None:
+    """Unused tensors are an error unless known-harmless: the config would silently drop weights."""
+    bad = [k for k in ignored if _WEIGHTLIKE_RE.search(k) and not _HARMLESS_RE.search(k)]
+    if bad:
+        raise CheckpointError(
+            f"{root}: {len(bad)} checkpoint tensor(s) are not used by the model built from its config "
+            f"(num_hidden_layers={n_layers}): {bad[:10]}{' ...' if len(bad) > 10 else ''}; the config "
+            "describes a different (smaller) model than the weights"
+        )
 
 
 def _quant_config(config: Any) -> dict | None:
@@ -455,6 +543,7 @@ def from_pretrained(
     full_finetuning: bool = False,
     rope_scaling: dict | None = None,
     attn_implementation: str | None = None,
+    gguf_file: str | os.PathLike | None = None,
     **kwargs: Any,
 ):
     """Load ``(model, tokenizer)`` from a local directory or a hub id, streaming the weights.
@@ -481,6 +570,9 @@ def from_pretrained(
             replaces the automatic scaling from ``max_seq_length``.
         attn_implementation: ``"eager"``, ``"sdpa"``, ``"flash_attention_2"``, ... (what
             transformers accepts), set on the model config.
+        gguf_file: read the weights, config and tokenizer from this GGUF file inside ``model_name``
+            (a folder); ``model_name`` may also be the path of a ``.gguf`` file itself. Each tensor
+            is dequantized as it is read (``gguf`` package: ``pip install 'rslora-fast[gguf]'``).
         **kwargs: ``revision``, ``cache_dir``, ``progress`` (tqdm bar, default True).
 
     Returns:
@@ -489,7 +581,8 @@ def from_pretrained(
 
     Raises:
         CheckpointNotFoundError: missing directory, shard or hub id (offline: names the cache).
-        CheckpointError: corrupt/truncated safetensors, missing tensor, shape disagreeing with config.
+        CheckpointError: corrupt/truncated safetensors or GGUF, missing tensor, shape disagreeing with
+            config, unused tensors that look like weights (a config with fewer layers than the file).
         QuantFormatError: unknown quant type, blocksize not allowed, malformed 4-bit state.
         ValueError: a bad option (``max_seq_length``, ``load_in_8bit=True``, ``full_finetuning``
             with ``load_in_4bit=True``, ``rope_scaling``, ``attn_implementation``, ``dtype``).
@@ -514,13 +607,13 @@ def from_pretrained(
     if load_in_4bit:
         check_quant_args(blocksize, quant_type)
 
-    root = _resolve(model_name, token, revision, cache_dir)
+    root, gguf_path = _resolve_gguf(model_name, gguf_file, token, revision, cache_dir)
     device = _pick_device(device_map)
     dtype = _pick_dtype(dtype, device)
     try:
         model, tokenizer = _load(
             root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote_code,
-            blocksize, quant_type, double_quant, list(skip_modules or ()), progress, options,
+            blocksize, quant_type, double_quant, list(skip_modules or ()), progress, options, gguf_path,
         )  # fmt: skip
     except BaseException:
         # Whatever was already placed on the GPU is unreachable now; give it back.
@@ -537,7 +630,7 @@ def from_pretrained(
 ACCEPTED_KEYWORDS = [
     "max_seq_length", "dtype", "load_in_4bit", "device_map", "token", "trust_remote_code", "blocksize",
     "quant_type", "double_quant", "skip_modules", "load_in_8bit", "full_finetuning", "rope_scaling",
-    "attn_implementation", "revision", "cache_dir", "progress",
+    "attn_implementation", "gguf_file", "revision", "cache_dir", "progress",
 ]  # fmt: skip
 
 
@@ -568,21 +661,59 @@ def _pick_bits(load_in_4bit: bool | None, load_in_8bit: bool, full_finetuning: b
     return True if load_in_4bit is None else bool(load_in_4bit)
 
 
-def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote_code, blocksize, quant_type,
-          double_quant, skip_modules, progress, options=None):  # fmt: skip
-    from safetensors import safe_open
-    from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _resolve_gguf(model_name, gguf_file, token, revision, cache_dir) -> tuple[Path, Path | None]:
+    """``(model folder, GGUF file or None)``: a ``.gguf`` path, a folder + ``gguf_file``, or neither."""
+    p = Path(model_name).expanduser()
+    if gguf_file is None and p.is_file() and p.suffix.lower() == ".gguf":
+        return p.parent, p
+    root = _resolve(model_name, token, revision, cache_dir, gguf_file)
+    if gguf_file is None:
+        return root, None
+    path = root / gguf_file
+    if not path.is_file():
+        found = sorted(f.name for f in root.glob("*.gguf"))
+        raise CheckpointNotFoundError(
+            f"GGUF file {str(path)!r} does not exist (GGUF files in {root}: {found})"
+        )
+    return root, path
 
-    from .quant.functional import QuantState, dequantize_4bit, quantize_4bit
-    from .quant.linear4bit import Linear4bit, check_quant_args
+
+def _read_config(root: Path, token, trust_remote_code: bool):
+    from transformers import AutoConfig
 
     if not (root / "config.json").is_file():
         raise CheckpointNotFoundError(f"no config.json in {root}")
     try:
-        config = AutoConfig.from_pretrained(str(root), trust_remote_code=trust_remote_code, token=token)
+        return AutoConfig.from_pretrained(str(root), trust_remote_code=trust_remote_code, token=token)
     except Exception as exc:
         raise CheckpointError(f"cannot read {root / 'config.json'}: {exc}") from exc
+
+
+def _open_gguf(path: Path):
+    """``(open GGUF file, config, tokenizer)``: the file is parsed once and kept for the weights."""
+    from .gguf_io import GGUFFile, GGUFFormatError, read_gguf_config_and_tokenizer
+
+    try:
+        gf = GGUFFile(path)
+        config, tokenizer = read_gguf_config_and_tokenizer(gf)
+    except GGUFFormatError as exc:
+        raise CheckpointError(str(exc)) from exc
+    return gf, config, _with_pad_token(tokenizer, path)
+
+
+def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote_code, blocksize, quant_type,
+          double_quant, skip_modules, progress, options=None, gguf_path=None):  # fmt: skip
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    from .quant.functional import QuantState, dequantize_4bit, quantize_4bit
+    from .quant.linear4bit import Linear4bit, check_quant_args
+
+    if gguf_path is not None:
+        gfile, config, tokenizer = _open_gguf(gguf_path)
+    else:
+        config = _read_config(root, token, trust_remote_code)
     _apply_config_options(config, max_seq_length, options or {})
     qcfg = _quant_config(config)
     prequant = qcfg is not None and qcfg.get("quant_method") == "bitsandbytes"
@@ -593,10 +724,10 @@ def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote
         )
 
     # Every check below reads headers only: fail before any weight is touched.
-    files = _shard_files(root)
-    header = _read_headers(files)
-
-    tokenizer = _load_tokenizer(root, token, trust_remote_code)
+    source = None
+    if gguf_path is None:
+        source = _SafetensorsSource(root)
+        tokenizer = _load_tokenizer(root, token, trust_remote_code)
 
     skel_cfg = copy.deepcopy(config)
     if hasattr(skel_cfg, "quantization_config"):
@@ -608,6 +739,9 @@ def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote
     in_emb = model.get_input_embeddings()
     tied = bool(getattr(config, "tie_word_embeddings", False)) and out_emb is not None
     keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if source is None:  # a GGUF file names its tensors after llama.cpp; the map needs the skeleton
+        source = _GGUFSourceAdapter(gfile, model)
+    files, header = source.files, source.header
 
     # Checkpoint key -> model name (checkpoints saved from the bare base model lack its prefix).
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
@@ -631,7 +765,7 @@ def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote
     # Which linears become Linear4bit: from the checkpoint's own layout when pre-quantized.
     quant_parts: dict[str, dict[str, Any]] = {}  # model weight name -> {ckpt key: header}
     ckpt_of: dict[str, str] = {}  # model name -> ckpt key (dense tensors and 4-bit bases)
-    ignored: list[str] = []
+    ignored: list[str] = list(source.unmapped)
     for key in header:
         m = _AUX_RE.match(key)
         base = m.group("base") if m else key
@@ -652,6 +786,7 @@ def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote
         raise CheckpointError(
             f"{root}: tensors carry bitsandbytes 4-bit state but config.json has no quantization_config"
         )
+    _check_unused(root, ignored, getattr(config, "num_hidden_layers", None))
     if ignored:
         log.info(
             "from_pretrained: ignoring %d checkpoint tensors the model does not use: %s",
@@ -743,16 +878,10 @@ def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote
             keys = todo.get(path, [])
             if not keys:
                 continue
-            try:
-                fh_ctx = safe_open(str(path), framework="pt", device="cpu")
-            except Exception as exc:
-                raise CheckpointError(f"cannot read safetensors file {path}: {exc}") from exc
-            with fh_ctx as fh:
+            # On the host, copy tensors out of the file mapping so that no mapping outlives its shard.
+            with source.reading(path, copy=device.type == "cpu") as get:
                 for key in keys:
-                    try:
-                        t = fh.get_tensor(key)
-                    except Exception as exc:
-                        raise CheckpointError(f"{path}: cannot read tensor {key!r}: {exc}") from exc
+                    t = get(key)
                     m = _AUX_RE.match(key)
                     tgt = to_model(m.group("base") if m else key)
                     if tgt in quant_parts:
@@ -797,7 +926,33 @@ def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote
         _route_save_to_4bit(model)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    _attach_export_methods(model)
     return model, tokenizer
+
+
+def _attach_export_methods(model: nn.Module) -> None:
+    """Unsloth-style ``model.save_pretrained_gguf(dir, tokenizer, ...)`` and ``push_to_hub_gguf``.
+
+    The methods hold the model weakly, so attaching them creates no reference cycle.
+    """
+    import weakref
+
+    from . import gguf_io
+
+    ref = weakref.ref(model)
+
+    def save_gguf(save_directory, tokenizer=None, quantization_method="q8_0", progress=True, **kwargs):
+        return gguf_io.save_pretrained_gguf(
+            ref(), save_directory, tokenizer, quantization_method, progress, **kwargs
+        )
+
+    def push_gguf(repo_id, tokenizer=None, quantization_method="q8_0", **kwargs):
+        return gguf_io.push_to_hub_gguf(ref(), repo_id, tokenizer, quantization_method, **kwargs)
+
+    save_gguf.__doc__ = gguf_io.save_pretrained_gguf.__doc__
+    push_gguf.__doc__ = gguf_io.push_to_hub_gguf.__doc__
+    model.save_pretrained_gguf = save_gguf
+    model.push_to_hub_gguf = push_gguf
 
 
 def _finish_prequant(model, tgt, wkey, parts, device, dtype, path, QuantState, dequantize_4bit, Linear4bit):
@@ -827,6 +982,10 @@ def _load_tokenizer(root: Path, token: str | None, trust_remote_code: bool):
         tok = AutoTokenizer.from_pretrained(str(root), token=token, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise CheckpointError(f"cannot load a tokenizer from {root}: {exc}") from exc
+    return _with_pad_token(tok, root)
+
+
+def _with_pad_token(tok: Any, root: Path):
     if tok.pad_token is None:
         # Padding is masked out, so any existing special token works; adding one would change the vocab.
         for cand in (tok.eos_token, tok.unk_token, tok.bos_token):

@@ -65,3 +65,42 @@ def peft_build_tiny_model(family: str = "llama", seed: int = 0, **overrides):
 def peft_tiny_model():
     """Factory fixture: ``peft_tiny_model(family="llama", seed=0, **config_overrides)``."""
     return peft_build_tiny_model
+
+
+# ---------------------------------------------------------------------- the Hub, replaced
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Record what HfApi would create and upload (the files present in the folder at upload time)."""
+    from huggingface_hub import HfApi
+
+    calls = {}
+
+    def create_repo(self, repo_id, *, private=None, exist_ok=False, repo_type=None, **_):
+        calls["create"] = {
+            "repo_id": repo_id,
+            "private": private,
+            "exist_ok": exist_ok,
+            "repo_type": repo_type,
+        }
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id, folder_path, repo_type=None, commit_message=None, **_):
+        files = {
+            str(p.relative_to(folder_path))
+            for p in __import__("pathlib").Path(folder_path).rglob("*")
+            if p.is_file()
+        }
+        calls["upload"] = {
+            "repo_id": repo_id,
+            "files": files,
+            "repo_type": repo_type,
+            "message": commit_message,
+        }
+        return f"https://huggingface.co/{repo_id}/commit/abc"
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls

@@ -25,42 +25,6 @@ def _peft(path, load_in_4bit=True):
     return get_peft_model(model, r=8, use_gradient_checkpointing=False, random_state=1), tok
 
 
-@pytest.fixture
-def fake_hub(monkeypatch):
-    """Record what HfApi would create and upload (the files present in the folder at upload time)."""
-    from huggingface_hub import HfApi
-
-    calls = {}
-
-    def create_repo(self, repo_id, *, private=None, exist_ok=False, repo_type=None, **_):
-        calls["create"] = {
-            "repo_id": repo_id,
-            "private": private,
-            "exist_ok": exist_ok,
-            "repo_type": repo_type,
-        }
-        return f"https://huggingface.co/{repo_id}"
-
-    def upload_folder(self, *, repo_id, folder_path, repo_type=None, commit_message=None, **_):
-        files = {
-            str(p.relative_to(folder_path))
-            for p in __import__("pathlib").Path(folder_path).rglob("*")
-            if p.is_file()
-        }
-        calls["upload"] = {
-            "repo_id": repo_id,
-            "files": files,
-            "repo_type": repo_type,
-            "message": commit_message,
-        }
-        return f"https://huggingface.co/{repo_id}/commit/abc"
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    return calls
-
-
 def test_push_to_hub_uploads_the_adapter(base_dir, fake_hub):
     pm, tok = _peft(base_dir)
     url = pm.push_to_hub("me/tiny-lora", private=True, token="t")

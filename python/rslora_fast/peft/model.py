@@ -736,6 +736,42 @@ class PeftModel(nn.Module):
                 dtype=dtype,
             )
 
+    def save_pretrained_gguf(
+        self,
+        save_directory: str | os.PathLike,
+        tokenizer: Any = None,
+        quantization_method: str = "q8_0",
+        progress: bool = True,
+        *,
+        quantization_type: str | None = None,
+    ) -> Any:
+        """Write the merged model as one GGUF file (llama.cpp / Ollama); the live model is untouched.
+
+        See :func:`rslora_fast.gguf_io.save_pretrained_gguf` for the arguments.
+
+        Returns:
+            The path of the ``.gguf`` file.
+        """
+        from ..gguf_io import save_pretrained_gguf
+
+        return save_pretrained_gguf(
+            self,
+            save_directory,
+            tokenizer,
+            quantization_method,
+            progress,
+            quantization_type=quantization_type,
+        )
+
+    def push_to_hub_gguf(
+        self, repo_id: str, tokenizer: Any = None, quantization_method: str = "q8_0", **kwargs
+    ):
+        """Upload the GGUF file :meth:`save_pretrained_gguf` writes; see
+        :func:`rslora_fast.gguf_io.push_to_hub_gguf` (``private``, ``token``, ``commit_message``)."""
+        from ..gguf_io import push_to_hub_gguf
+
+        return push_to_hub_gguf(self, repo_id, tokenizer, quantization_method, **kwargs)
+
     def unload(self) -> nn.Module:
         """Remove the adapters without merging: the base model comes back as it was.
 
