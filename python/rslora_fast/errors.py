@@ -34,4 +34,15 @@ except ImportError:  # pure-Python source tree without the built extension
         """The activation-offload scheduler was misused or ran out of host memory."""
 
 
-__all__ = ["CudaError", "KernelsUnavailableError", "OffloadError", "QuantFormatError", "RsloraError"]
+class DataError(RsloraError, ValueError):
+    """Training data (a file, a row, a chat template) is missing, malformed or cannot be used."""
+
+
+__all__ = [
+    "CudaError",
+    "DataError",
+    "KernelsUnavailableError",
+    "OffloadError",
+    "QuantFormatError",
+    "RsloraError",
+]
