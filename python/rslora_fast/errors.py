@@ -38,6 +38,22 @@ class DataError(RsloraError, ValueError):
     """Training data (a file, a row, a chat template) is missing, malformed or cannot be used."""
 
 
+class UsageError(RsloraError, ValueError):
+    """A command was called in a way that cannot work (``hint`` says what to do instead)."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class TrainingDivergedError(RsloraError):
+    """Training produced a non-finite loss or non-finite adapter weights (``step`` says when)."""
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+
+
 __all__ = [
     "CudaError",
     "DataError",
@@ -45,4 +61,6 @@ __all__ = [
     "OffloadError",
     "QuantFormatError",
     "RsloraError",
+    "TrainingDivergedError",
+    "UsageError",
 ]
