@@ -470,6 +470,11 @@ def train_on_responses_only(
         instruction_part = inst if instruction_part is None else instruction_part
         response_part = resp if response_part is None else response_part
         end_part = end if end_part is None else end_part
+    elif end_part is None:
+        try:
+            end_part = template_parts(tok)[2]
+        except DataError:
+            end_part = ""  # responses then run up to the next instruction_part
     decoder = _Decoder(tok)
     parts = (instruction_part, response_part, end_part or "")
 
