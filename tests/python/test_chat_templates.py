@@ -188,3 +188,52 @@ def test_rows_losing_every_token_are_listed(base_tok):
         train_on_responses_only(
             _trainer(tok, [{"input_ids": prompt_only}]), INSTRUCTION["llama-3"], RESPONSE["llama-3"]
         )
+
+
+def test_quickstart_flow_with_hf_trainer(tmp_path, base_tok):
+    """The quickstart's Python chat fine-tune: the labels Trainer trains on are the assistant turns."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from rslora_fast import FastLanguageModel
+    from rslora_fast.demo import build_demo_model
+
+    folder = build_demo_model(tmp_path / "demo")
+    model, tokenizer = FastLanguageModel.from_pretrained(str(folder), max_seq_length=128, load_in_4bit=False)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    tokenizer = get_chat_template(tokenizer, chat_template="llama-3")
+    rows = standardize_sharegpt(
+        [
+            {
+                "conversations": [
+                    {"from": "human", "value": "What colour is coal?"},
+                    {"from": "gpt", "value": "Black."},
+                ]
+            }
+        ]
+        * 4
+    )
+    texts = [tokenizer.apply_chat_template(r["conversations"], tokenize=False) for r in rows]
+    train = [{"input_ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2,
+                             remove_unused_columns=False, report_to=[], use_cpu=True)  # fmt: skip
+    trainer = Trainer(
+        model=model,
+        train_dataset=train,
+        data_collator=PadCollator(tokenizer.pad_token_id),
+        args=args,
+        processing_class=tokenizer,
+    )
+    trainer = train_on_responses_only(
+        trainer, instruction_part=INSTRUCTION["llama-3"], response_part=RESPONSE["llama-3"]
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    prompt = tokenizer.apply_chat_template(
+        rows[0]["conversations"][:1], tokenize=False, add_generation_prompt=True
+    )
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    labels = batch["labels"][0].tolist()
+    assert labels[:n_prompt] == [-100] * n_prompt
+    assert tokenizer.decode(labels[n_prompt:]) == "Black.<|eot_id|>"
+    trainer.train()
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))
