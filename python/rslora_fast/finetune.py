@@ -344,13 +344,12 @@ def latest_complete_checkpoint(out: Path) -> Path | None:
 # ----------------------------------------------------------------------------- run
 
 
-def prepare_data(args: argparse.Namespace, data_path: str, tokenizer):
-    """Read, check, render and tokenize the data; everything that can fail does so here, before the
-    model loads. Returns ``(format, examples, rows, responses_only)``."""
+def prepare_data(args: argparse.Namespace, data_path: str, records, tokenizer):
+    """Render, check and tokenize the rows read from ``data_path``; everything that can fail does so
+    here, before the model loads. Returns ``(format, examples, rows)``."""
     from .chat_templates import get_chat_template
-    from .data_formats import describe, read_records, render_all, tokenize_examples, untrained_rows
+    from .data_formats import describe, render_all, tokenize_examples, untrained_rows
 
-    records = read_records(data_path, txt_split=args.txt_split)
     if args.chat_template or not getattr(tokenizer, "chat_template", None):
         get_chat_template(tokenizer, args.chat_template)  # a name wins; else fill the gap only
     fmt, examples = render_all(records, tokenizer, args.text_field, args.messages_field)
@@ -373,7 +372,7 @@ def prepare_data(args: argparse.Namespace, data_path: str, tokenizer):
             "%d of %d rows have no trained token after truncation (rows %s)", len(empty), len(rows), shown
         )
     print(describe(examples[0], fmt, rows, responses_only), flush=True)
-    return fmt, examples, rows, responses_only
+    return fmt, examples, rows
 
 
 def _sample_prompt(args, fmt: str, examples, tokenizer) -> tuple[str, str]:
@@ -388,19 +387,17 @@ def _sample_prompt(args, fmt: str, examples, tokenizer) -> tuple[str, str]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run one fine-tune as described by ``args``; returns a summary dict (losses, paths, exit_code)."""
+    from .data_formats import read_records
     from .demo import build_demo_model, demo_data_path
     from .loading import _load_tokenizer, _resolve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     demo = args.model is None
     data_path = args.data or str(demo_data_path())
-    if args.data is not None:
-        from .data_formats import read_records
-
-        read_records(data_path, txt_split=args.txt_split)  # file-level checks before building anything
+    records = read_records(data_path, txt_split=args.txt_split)  # file-level checks before anything loads
     model_path = args.model or str(build_demo_model())
     tokenizer = _load_tokenizer(_resolve(model_path, None, None, None), None, False)
-    fmt, examples, rows, _ = prepare_data(args, data_path, tokenizer)
+    fmt, examples, rows = prepare_data(args, data_path, records, tokenizer)
     out = Path(args.output_dir)
     with OutputDirLock(out):
         return _train(args, demo, model_path, tokenizer, fmt, examples, rows, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -150,3 +151,59 @@ def test_sigterm_saves_the_adapter_and_exits_143(tmp_path, cli_cache):
     assert proc.returncode == 143, rest[-2000:]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert "SIGTERM" in rest
+
+
+class _Toy(torch.nn.Module):
+    """One trainable weight; the loss is NaN for batches whose first token is 7."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(4))
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        loss = self.w.square().sum()
+        if int(input_ids[0, 0]) == 7:
+            loss = loss * float("nan")
+        return {"loss": loss}
+
+
+def _toy_trainer(tmp_path, policy, first_tokens):
+    from transformers import TrainingArguments
+
+    from rslora_fast.finetune import PadCollator, _make_trainer_class
+
+    rows = [{"input_ids": [t, 1, 2]} for t in first_tokens]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=len(rows), per_device_train_batch_size=1,
+                             learning_rate=0.1, report_to=[], use_cpu=True, save_strategy="no",
+                             remove_unused_columns=False, logging_steps=1)  # fmt: skip
+    trainer = _make_trainer_class()(model=_Toy(), args=args, train_dataset=rows, data_collator=PadCollator(0))
+    trainer.nan_policy = policy
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(rows)
+    return trainer
+
+
+def test_nan_loss_stops_at_its_step_before_the_weights_change(tmp_path):
+    from rslora_fast.errors import TrainingDivergedError
+
+    trainer = _toy_trainer(tmp_path, "stop", [3, 7, 3])
+    with pytest.raises(TrainingDivergedError, match="loss became nan at step 2") as exc:
+        trainer.train()
+    assert exc.value.step == 2
+    assert torch.isfinite(trainer.model.w).all()
+
+
+def test_nan_policy_skip_drops_the_bad_step_and_goes_on(tmp_path):
+    trainer = _toy_trainer(tmp_path, "skip", [3, 7, 3, 3])
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert torch.isfinite(trainer.model.w).all()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert all(math.isfinite(x) for x in losses)
+
+
+def test_nan_policy_skip_still_stops_after_ten_bad_steps_in_a_row(tmp_path):
+    from rslora_fast.errors import TrainingDivergedError
+
+    trainer = _toy_trainer(tmp_path, "skip", [3] + [7] * 12)
+    with pytest.raises(TrainingDivergedError, match="at step 11"):
+        trainer.train()
