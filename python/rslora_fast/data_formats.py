@@ -266,8 +266,11 @@ def _render_chat(messages: list[dict[str, str]], tokenizer, where: str) -> Examp
     The text of assistant turn i is what ``messages[:i+1]`` adds to ``messages[:i]`` rendered with the
     generation prompt; the rest (system, user turns, generation headers) is prompt.
     """
-    if not any(m["role"] == "assistant" for m in messages):
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    if not answers:
         raise DataError(f"{where}: conversation has no assistant turn; expected at least one to train on")
+    if not any(a.strip() for a in answers):
+        raise DataError(f"{where}: every assistant turn is empty; expected text to train on")
 
     def render(msgs, gen=False) -> str:
         try:

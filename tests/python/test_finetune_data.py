@@ -137,6 +137,8 @@ BAD = [
     ("emptyrow.jsonl", '{"text": "ok"}\n{"text": "   "}\n', r"emptyrow.jsonl:2: the row renders to no trainable text"),
     ("mixed.jsonl", '{"text": "ok"}\n{"prompt": "p", "completion": "c"}\n', r"mixed.jsonl:2: row is prompt-completion data"),
     ("turns.jsonl", '{"messages": [{"speaker": "u", "text": "hi"}]}\n', r"turns.jsonl:1: .*expected role/content \(OpenAI\) or from/value"),
+    ("emptyturns.jsonl", '{"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": " "}]}\n', r"emptyturns.jsonl:1: every assistant turn is empty"),
+    ("emptyout.jsonl", '{"instruction": "i", "input": "", "output": ""}\n', r"emptyout.jsonl:1: every assistant turn is empty"),
     ("noanswer.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n', r"noanswer.jsonl:1: conversation has no assistant turn"),
 ]  # fmt: skip
 
@@ -197,3 +199,24 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(ft, "run", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["finetune"])
+
+
+def test_chat_template_flag_renders_sharegpt_rows_with_the_named_template(
+    demo_model, tmp_path, capsys, monkeypatch
+):
+    import rslora_fast.finetune as ft
+
+    monkeypatch.setattr(ft, "_train", lambda *a, **k: {"exit_code": 0})
+    conv = [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "Hi?"},
+        {"from": "gpt", "value": "Yo."},
+    ]
+    path = _jsonl(tmp_path / "d.jsonl", [{"conversations": conv}])
+    assert _cli(demo_model, path, "--output-dir", str(tmp_path / "run"), "--chat-template", "chatml") == 0
+    out = capsys.readouterr().out
+    want = (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n"
+        "<|im_start|>assistant\n[[Yo.<|im_end|>\n]][[<|eos|>]]"
+    )
+    assert want in out
