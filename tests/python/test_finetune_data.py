@@ -190,8 +190,18 @@ def test_help_lists_the_exit_codes(capsys):
         assert f"\n  {code}" in out
 
 
-def test_unexpected_errors_keep_their_traceback(monkeypatch):
+def test_known_errors_give_one_line_and_exit_2_unexpected_ones_keep_their_traceback(monkeypatch, capsys):
     import rslora_fast.finetune as ft
+    from rslora_fast.loading import CheckpointNotFoundError
+
+    def missing(args):
+        raise CheckpointNotFoundError("model directory '/nope' does not exist")
+
+    monkeypatch.setattr(ft, "run", missing)
+    assert main(["finetune"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "rslora-fast finetune: error: model directory '/nope' does not exist"
+    assert err[1].startswith("hint: ") and len(err) == 2
 
     def broken(args):
         raise RuntimeError("a bug")
@@ -199,24 +209,3 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(ft, "run", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["finetune"])
-
-
-def test_chat_template_flag_renders_sharegpt_rows_with_the_named_template(
-    demo_model, tmp_path, capsys, monkeypatch
-):
-    import rslora_fast.finetune as ft
-
-    monkeypatch.setattr(ft, "_train", lambda *a, **k: {"exit_code": 0})
-    conv = [
-        {"from": "system", "value": "Be brief."},
-        {"from": "human", "value": "Hi?"},
-        {"from": "gpt", "value": "Yo."},
-    ]
-    path = _jsonl(tmp_path / "d.jsonl", [{"conversations": conv}])
-    assert _cli(demo_model, path, "--output-dir", str(tmp_path / "run"), "--chat-template", "chatml") == 0
-    out = capsys.readouterr().out
-    want = (
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n"
-        "<|im_start|>assistant\n[[Yo.<|im_end|>\n]][[<|eos|>]]"
-    )
-    assert want in out
