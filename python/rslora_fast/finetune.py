@@ -116,12 +116,20 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--output-dir", default="runs/finetune")
     p.add_argument("--save-steps", type=int, default=100)
     p.add_argument("--logging-steps", type=int, default=10)
-    p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="resume from the newest complete checkpoint in --output-dir (half-written ones are skipped)",
+    )
     p.add_argument(
         "--save-merged", default=None, choices=["merged_16bit", "lora"], help="also export a merged model"
     )
     p.add_argument("--seed", type=int, default=3407)
-    p.add_argument("--prompt", default=None, help="prompt to generate from after training")
+    p.add_argument(
+        "--prompt",
+        default=None,
+        help="prompt to generate from after training (chat data: through the chat template); default: the first row's prompt",
+    )
     p.add_argument("--max-new-tokens", type=int, default=24)
     return p
 
