@@ -166,10 +166,16 @@ MAX_SKIPPED_STEPS = 10  # --nan-policy skip: this many non-finite steps in a row
 
 
 def _nonfinite_params(model) -> list[str]:
-    """Names of trainable parameters holding NaN or Inf."""
+    """Names of trainable parameters holding NaN or Inf (one device sync when all are finite)."""
     import torch
 
-    return [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(p).all().to(named[0][1].device) for _, p in named])
+    if bool(finite.all()):
+        return []
+    return [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
 
 
 def _make_trainer_class():

@@ -46,7 +46,11 @@ def test_finetune_demo_saves_adapter_and_resumes(tmp_path, cli_cache, capsys):
     assert not any("lora" in n for n, _ in merged.named_parameters())
     assert torch.isfinite(merged(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
 
-    # --resume continues from checkpoint-3 up to the new --max-steps
+    # a run killed while saving left a half-written checkpoint-4: --resume skips it and continues
+    # from checkpoint-3 up to the new --max-steps
+    half = out / "checkpoint-4"
+    half.mkdir()
+    (half / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
     assert main([*common, "--max-steps", "5", "--resume"]) == 0
     second = _state(out / "checkpoint-5")
     assert second["global_step"] == 5
