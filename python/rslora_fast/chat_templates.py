@@ -414,7 +414,8 @@ def response_mask(
 
     A response starts after each ``response_part`` and runs up to the next ``instruction_part`` or
     through the first ``end_part`` after it (so packed rows' system turns stay masked). A token is
-    trained when it starts inside a response.
+    trained when it holds any response text (one that also holds the end of the response marker,
+    where the tokenizer merged them, is trained, so no response text is lost).
     """
     text = "".join(pieces)
     spans, pos = [], 0
@@ -435,10 +436,11 @@ def response_mask(
         pos = max(stop, begin + 1)
     mask, offset, k = [], 0, 0
     for piece in pieces:
+        end = offset + len(piece)
         while k < len(spans) and spans[k][1] <= offset:
             k += 1
-        mask.append(k < len(spans) and spans[k][0] <= offset < spans[k][1] and bool(piece))
-        offset += len(piece)
+        mask.append(k < len(spans) and offset < spans[k][1] and end > spans[k][0])
+        offset = end
     return mask
 
 

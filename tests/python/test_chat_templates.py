@@ -6,6 +6,7 @@ tokenizing the prompt and response parts separately (not from the code under tes
 
 from __future__ import annotations
 
+import re
 import types
 import warnings
 
@@ -237,3 +238,39 @@ def test_quickstart_flow_with_hf_trainer(tmp_path, base_tok):
     assert tokenizer.decode(labels[n_prompt:]) == "Black.<|eot_id|>"
     trainer.train()
     assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))
+
+
+def test_trl_sft_trainer_with_packing_trains_only_the_answers(tmp_path):
+    """Unsloth's notebook flow: SFTTrainer on templated text, then train_on_responses_only (parts guessed)."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from rslora_fast import FastLanguageModel
+    from rslora_fast.demo import build_demo_model
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        str(build_demo_model(tmp_path / "demo")), load_in_4bit=False
+    )
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    tokenizer = get_chat_template(tokenizer, chat_template="llama-3")
+    convos = [[{"role": "user", "content": f"What is {i} plus 2?"}, {"role": "assistant", "content": f"It is {i + 2}."}]
+              for i in range(8)]  # fmt: skip
+    data = datasets.Dataset.from_list(
+        [{"text": tokenizer.apply_chat_template(c, tokenize=False)} for c in convos]
+    )
+    args = trl.SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=1, packing=True,
+                         max_length=128, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)  # fmt: skip
+    trainer = trl.SFTTrainer(
+        model=model.get_base_model(), args=args, train_dataset=data, processing_class=tokenizer
+    )
+    trainer = train_on_responses_only(trainer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trained = [
+        t
+        for t, lab in zip(batch["input_ids"].flatten().tolist(), batch["labels"].flatten().tolist())
+        if lab != -100
+    ]
+    text = tokenizer.decode(trained)
+    # every answer in the packed batch, in order, and nothing else
+    answers = re.findall(r"It is \d+\.<\|eot_id\|>", tokenizer.decode(batch["input_ids"].flatten().tolist()))
+    assert answers and text == "".join(answers), text
+    trainer.train()
