@@ -321,12 +321,13 @@ def tokenize_examples(
     generation, where the prompt is tokenized alone). Packing concatenates rows and cuts them into
     rows of exactly ``max_len`` tokens, labels travelling with their tokens.
     """
+    texts = [text for ex in examples for text, _ in ex.segments]
+    tokenized = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
     rows = []
     for ex in examples:
         ids: list[int] = []
         labels: list[int] = []
-        for text, trained in ex.segments:
-            part = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for (_, trained), part in zip(ex.segments, tokenized):
             ids += part
             labels += part if (trained or not responses_only) else [-100] * len(part)
         rows.append({"input_ids": ids[:max_len], "labels": labels[:max_len]})

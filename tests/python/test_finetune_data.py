@@ -209,3 +209,24 @@ def test_known_errors_give_one_line_and_exit_2_unexpected_ones_keep_their_traceb
     monkeypatch.setattr(ft, "run", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["finetune"])
+
+
+def test_chat_template_flag_renders_sharegpt_rows_with_the_named_template(
+    demo_model, tmp_path, capsys, monkeypatch
+):
+    import rslora_fast.finetune as ft
+
+    monkeypatch.setattr(ft, "_train", lambda *a, **k: {"exit_code": 0})
+    conv = [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "Hi?"},
+        {"from": "gpt", "value": "Yo."},
+    ]
+    path = _jsonl(tmp_path / "d.jsonl", [{"conversations": conv}])
+    assert _cli(demo_model, path, "--output-dir", str(tmp_path / "run"), "--chat-template", "chatml") == 0
+    out = capsys.readouterr().out
+    want = (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n"
+        "<|im_start|>assistant\n[[Yo.<|im_end|>\n]][[<|eos|>]]"
+    )
+    assert want in out
