@@ -149,13 +149,12 @@ class PadCollator:
         n = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), n), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
-            mask[i, : len(r["input_ids"])] = 1
         labels = torch.full((len(rows), n), -100, dtype=torch.long)
         for i, r in enumerate(rows):
-            row_labels = r.get("labels", r["input_ids"])
-            labels[i, : len(row_labels)] = torch.tensor(row_labels)
+            k = len(r["input_ids"])
+            ids[i, :k] = torch.tensor(r["input_ids"])
+            mask[i, :k] = 1
+            labels[i, :k] = torch.tensor(r.get("labels", r["input_ids"]))
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
