@@ -35,12 +35,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "selfcheck":
         return info.selfcheck()
     if args.command == "finetune":
-        from .finetune import run
-
-        run(args)
-        return 0
+        return _finetune(args)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2
+
+
+# A hint per known error class, when the error carries none of its own.
+_HINTS = {
+    "DataError": "see `rslora-fast finetune --help` and docs/finetune-cli.md for the accepted data formats",
+    "CheckpointNotFoundError": "pass --model a local model folder (config.json, *.safetensors, tokenizer)",
+    "CheckpointError": "the model folder is damaged or not a Hugging Face causal LM checkpoint",
+}
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    """Run ``finetune``: known errors become one line, a hint and an exit code (see EXIT_CODES_HELP)."""
+    from .errors import RsloraError, TrainingDivergedError
+    from .finetune import EXIT_DIVERGED, EXIT_SIGINT, EXIT_USAGE, run
+
+    try:
+        return int(run(args).get("exit_code", 0))
+    except TrainingDivergedError as exc:
+        _report(exc)
+        return EXIT_DIVERGED
+    except RsloraError as exc:
+        _report(exc)
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # before or after training (during it, the adapter is saved first)
+        print("rslora-fast finetune: interrupted", file=sys.stderr)
+        return EXIT_SIGINT
+
+
+def _report(exc: BaseException) -> None:
+    hint = getattr(exc, "hint", None) or _HINTS.get(type(exc).__name__)
+    print(f"rslora-fast finetune: error: {exc}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
 
 
 if __name__ == "__main__":

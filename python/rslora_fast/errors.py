@@ -34,4 +34,33 @@ except ImportError:  # pure-Python source tree without the built extension
         """The activation-offload scheduler was misused or ran out of host memory."""
 
 
-__all__ = ["CudaError", "KernelsUnavailableError", "OffloadError", "QuantFormatError", "RsloraError"]
+class DataError(RsloraError, ValueError):
+    """Training data (a file, a row, a chat template) is missing, malformed or cannot be used."""
+
+
+class UsageError(RsloraError, ValueError):
+    """A command was called in a way that cannot work (``hint`` says what to do instead)."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class TrainingDivergedError(RsloraError):
+    """Training produced a non-finite loss or non-finite adapter weights (``step`` says when)."""
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+__all__ = [
+    "CudaError",
+    "DataError",
+    "KernelsUnavailableError",
+    "OffloadError",
+    "QuantFormatError",
+    "RsloraError",
+    "TrainingDivergedError",
+    "UsageError",
+]
