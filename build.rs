@@ -13,7 +13,7 @@
 //! printed into the build log and kept in OUT_DIR.
 //!
 //! nvcc comes from `$CUDA_HOME/bin`, `$CUDA_PATH/bin` or `PATH`; ptxas from `RSLORA_FAST_PTXAS`,
-//! `.cuda-toolkit/nvidia/cuda_nvcc/bin`, the sibling `cuda_nvcc` of `$CUDA_HOME` (PyPI layout)
+//! `.cuda-ptxas/nvidia/cuda_nvcc/bin`, the sibling `cuda_nvcc` of `$CUDA_HOME` (PyPI layout)
 //! or nvcc's own directory, the first of release 12.4-12.9. Without them the build stops, unless
 //! `RSLORA_FAST_SKIP_KERNELS=1` asks for a CPU-only build (the kernels then report themselves
 //! unavailable at run time).
@@ -37,7 +37,7 @@ const PTX_ISA_FLOOR: (u32, u32) = (8, 4);
 /// ptxas releases (12.x) whose cubins load on every CUDA 12.x driver and that accept ISA 8.4.
 const PTXAS_MINORS: std::ops::RangeInclusive<u32> = 4..=9;
 const PTXAS_PIP: &str =
-    "python3 -m pip install --no-deps --target .cuda-toolkit nvidia-cuda-nvcc-cu12==12.4.131";
+    "python3 -m pip install --no-deps --target .cuda-ptxas nvidia-cuda-nvcc-cu12==12.4.131";
 
 fn find_nvcc() -> Option<PathBuf> {
     for var in ["CUDA_HOME", "CUDA_PATH"] {
@@ -69,7 +69,7 @@ fn find_floor_ptxas(nvcc: &Path) -> Result<PathBuf, Vec<String>> {
     if let Ok(p) = env::var("RSLORA_FAST_PTXAS") {
         candidates.push(PathBuf::from(p));
     }
-    candidates.push(PathBuf::from(".cuda-toolkit/nvidia/cuda_nvcc/bin/ptxas"));
+    candidates.push(PathBuf::from(".cuda-ptxas/nvidia/cuda_nvcc/bin/ptxas"));
     if let Some(bin) = nvcc.parent() {
         // PyPI layout: .../nvidia/cu13/bin/nvcc beside .../nvidia/cuda_nvcc/bin/ptxas
         candidates.push(bin.join("../../cuda_nvcc/bin/ptxas"));
@@ -227,7 +227,7 @@ fn main() {
              Install a CUDA toolkit (12.4 or newer) and set CUDA_HOME, or install the pinned PyPI\n\
              toolkit the CI uses:\n  python3 -m pip install --no-deps --target .cuda-toolkit \
              nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 \
-             nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvcc-cu12==12.4.131\n  \
+             nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85\n  {PTXAS_PIP}\n  \
              export CUDA_HOME=$PWD/.cuda-toolkit/nvidia/cu13\n\
              (or set RSLORA_FAST_SKIP_KERNELS=1 for a CPU-only development build).\n"
         );
