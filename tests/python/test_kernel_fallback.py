@@ -176,3 +176,29 @@ def test_real_extension_without_a_driver_falls_back(monkeypatch):
         _run_cross_entropy()
     msgs = _fallback_warnings(caught)
     assert len(msgs) == 1 and "cuda:0" in msgs[0], msgs
+
+
+def test_info_names_the_kernel_source():
+    from rslora_fast.info import kernel_source
+
+    assert kernel_source(["swiglu:sm_90", "nf4:sm_90"]) == "embedded SASS sm_90 (no compile)"
+    ptx = kernel_source(["swiglu:compute_90"])
+    assert ptx.startswith("embedded PTX compute_90") and "JIT" in ptx
+
+
+def test_info_says_what_to_do_when_kernels_are_unavailable(monkeypatch, capsys):
+    from rslora_fast import info
+
+    monkeypatch.setattr(
+        info,
+        "collect_info",
+        lambda: {
+            "cuda_available": True,
+            "core_driver_floor": "12.4",
+            "kernels_loaded": f"UNAVAILABLE: {REASON}",
+        },
+    )
+    assert info.print_info() == 0
+    out = capsys.readouterr().out
+    assert REASON in out
+    assert "CUDA 12.4 or newer" in out and "550" in out and "8.0+" in out
