@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a development / CI environment on a fresh machine with Rust and Python 3.10+:
 #   .venv/          torch (PyPI build), transformers, test-only deps (peft, bitsandbytes), maturin, ruff
-#   .cuda-toolkit/  a pinned CUDA 13.0 compiler from PyPI, for build.rs (nvcc; kernels are compiled
-#                   ahead of time even on machines without a GPU)
+#   .cuda-toolkit/  a pinned CUDA 13.0 compiler from PyPI for build.rs (nvcc: CUDA C++ to PTX)
+#   .cuda-ptxas/    ptxas 12.4 from PyPI for build.rs (PTX to SASS that CUDA 12.4+ drivers load);
+#                   kernels are compiled ahead of time even on machines without a GPU
 # then builds the extension and installs rslora_fast (editable) into .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,11 @@ if [ -z "${CUDA_HOME:-}" ] || [ ! -x "${CUDA_HOME}/bin/nvcc" ]; then
       nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85
   fi
   export CUDA_HOME="$PWD/.cuda-toolkit/nvidia/cu13"
+fi
+# ptxas of CUDA 12.4 assembles the kernels' SASS so that it loads on CUDA 12.4+ drivers (build.rs).
+# (Its own folder: pip --target does not merge into the existing .cuda-toolkit/nvidia.)
+if [ -z "${RSLORA_FAST_PTXAS:-}" ] && [ ! -x .cuda-ptxas/nvidia/cuda_nvcc/bin/ptxas ]; then
+  python -m pip install -q --no-deps --target .cuda-ptxas nvidia-cuda-nvcc-cu12==12.4.131
 fi
 
 maturin develop --release -q

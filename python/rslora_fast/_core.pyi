@@ -28,13 +28,13 @@ class OffloadError(RsloraError):
 
 # ---------------------------------------------------------------------------- CUDA bridge
 def cuda_info() -> dict[str, Any]:
-    """Driver version, device count, embedded kernel modules and the architectures they target."""
+    """Driver version, device count, embedded kernel modules, their targets, PTX ISA, ptxas release, driver floor."""
 
 def device_info(device: int) -> tuple[str, int, int]:
     """Name and compute capability ``(major, minor)`` of CUDA device ``device``."""
 
 def load_kernels(device: int) -> list[str]:
-    """Load every embedded kernel module on ``device``; returns the module names."""
+    """Load every embedded kernel module on ``device``; returns ``"module:target"`` (``sm_90`` or ``compute_90``)."""
 
 # ---------------------------------------------------------------------------- kernels
 def swiglu_fwd(g: int, u: int, h: int, n: int, dtype: str, device: int, stream: int) -> None:

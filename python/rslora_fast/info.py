@@ -31,6 +31,9 @@ def collect_info() -> dict:
     except ImportError as exc:
         info["core"] = f"not built ({exc})"
         return info
+    driver = info.get("core_driver_version")
+    if driver:
+        info["driver_cuda"] = f"{driver // 1000}.{driver % 1000 // 10}"
     if torch.cuda.is_available():
         index = torch.cuda.current_device()
         name, major, minor = _core.device_info(index)
@@ -38,11 +41,33 @@ def collect_info() -> dict:
         info["compute_capability"] = f"{major}.{minor}"
         try:
             torch.empty(1, device=f"cuda:{index}")  # make sure torch's primary context exists
-            info["kernels_loaded"] = ", ".join(_core.load_kernels(index))
-            info["kernels_arch"] = f"sm_{major}{minor} (fatbin: {info.get('core_kernel_archs')})"
+            loaded = _core.load_kernels(index)
+            info["kernels_loaded"] = ", ".join(loaded)
+            info["kernel_source"] = kernel_source(loaded)
         except Exception as exc:  # report, don't crash: this is a diagnostic
-            info["kernels_loaded"] = f"FAILED: {exc}"
+            info["kernels_loaded"] = f"UNAVAILABLE: {exc}"
+            info["kernel_source"] = "none: ops run their plain-torch paths (slower)"
     return info
+
+
+def kernel_source(loaded: list[str]) -> str:
+    """Where the loaded kernels came from, from ``load_kernels``' ``module:target`` entries."""
+    targets = sorted({entry.rpartition(":")[2] for entry in loaded})
+    parts = []
+    for t in targets:
+        if t.startswith("sm_"):
+            parts.append(f"embedded SASS {t} (no compile)")
+        else:
+            parts.append(f"embedded PTX {t}, JIT-compiled by the driver (cached in ~/.nv/ComputeCache)")
+    return "; ".join(parts) or "none"
+
+
+WHAT_TO_DO = (
+    "kernels unavailable: training still works through plain-torch paths, slower. The wheel's kernels "
+    "need an NVIDIA GPU of compute capability 8.0+ (A100, RTX 30xx/40xx, L4/L40, H100/H200 or newer) "
+    "and a driver for CUDA {floor} or newer (Linux driver 550+; `nvidia-smi` shows it): update the "
+    "driver. RSLORA_FAST_KERNEL_IMAGE=ptx tries the PTX path; docs/gpu.md lists the rest."
+)
 
 
 def print_info() -> int:
@@ -55,6 +80,8 @@ def print_info() -> int:
         print(
             "no CUDA GPU visible: kernels run only on NVIDIA GPUs; CPU uses the plain-torch reference paths"
         )
+    elif str(info.get("kernels_loaded", "")).startswith("UNAVAILABLE"):
+        print(WHAT_TO_DO.format(floor=info.get("core_driver_floor", "12.4")))
     return 0
 
 

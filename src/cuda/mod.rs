@@ -1,5 +1,6 @@
 //! The GPU bridge: the primary context of a device (the one PyTorch uses), the embedded kernel
-//! modules (loaded once per device), raw-stream launches and events.
+//! modules (loaded once per device: the device's SASS, else PTX the driver JIT-compiles; see
+//! `images`), raw-stream launches and events.
 //!
 //! Rules we keep (design.md §3.4): never create or destroy a context, never own PyTorch's stream or
 //! memory (streams and pointers arrive as plain integers), check every driver call. We use cudarc's
@@ -13,7 +14,7 @@ use cudarc::driver::sys;
 
 use crate::{Error, Result};
 
-pub mod fatbins;
+pub mod images;
 
 /// A CUDA stream handle borrowed from PyTorch (`torch.cuda.current_stream().cuda_stream`).
 /// `0` is the legacy default stream.
@@ -221,34 +222,73 @@ fn function_cache() -> &'static Mutex<HashMap<(i32, &'static str), Function>> {
     F.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-fn module_cache() -> &'static Mutex<HashMap<(i32, &'static str), usize>> {
-    static M: OnceLock<Mutex<HashMap<(i32, &'static str), usize>>> = OnceLock::new();
+/// Loaded modules by (device, module): the module handle and the image target it came from.
+type ModuleTable = Mutex<HashMap<(i32, &'static str), (usize, &'static str)>>;
+
+fn module_cache() -> &'static ModuleTable {
+    static M: OnceLock<ModuleTable> = OnceLock::new();
     M.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-/// Load (once per device) the module compiled from `kernels/<module>.cu`.
-fn load_module(ordinal: i32, module: &'static str) -> Result<sys::CUmodule> {
-    let mut cache = module_cache()
-        .lock()
-        .map_err(|_| Error::invalid("module table poisoned"))?;
-    if let Some(&m) = cache.get(&(ordinal, module)) {
-        return Ok(m as sys::CUmodule);
-    }
-    let image = fatbins::fatbin(module)?;
-    // The driver wants the image suitably aligned; `include_bytes!` gives no alignment guarantee.
-    let mut aligned = vec![0u64; image.len().div_ceil(8)];
-    // SAFETY: `aligned` has at least `image.len()` bytes; the regions do not overlap.
+/// `cuModuleLoadData` of one embedded image (a cubin, or PTX text that the driver JIT-compiles).
+fn load_image(image: &[u8]) -> std::result::Result<sys::CUmodule, Error> {
+    // The driver wants the image aligned (`include_bytes!` gives no alignment guarantee) and PTX
+    // NUL-terminated: copy into zeroed u64 words with at least one spare byte.
+    let mut aligned = vec![0u64; (image.len() + 1).div_ceil(8)];
+    // SAFETY: `aligned` has more than `image.len()` bytes; the regions do not overlap.
     unsafe {
         std::ptr::copy_nonoverlapping(image.as_ptr(), aligned.as_mut_ptr() as *mut u8, image.len())
     };
     let mut m: sys::CUmodule = std::ptr::null_mut();
-    // SAFETY: the primary context is current (bind_device) and the image is a valid fatbin.
+    // SAFETY: a context is current (bind_device); the image is a cubin or NUL-terminated PTX.
     check(
         unsafe { sys::cuModuleLoadData(&mut m, aligned.as_ptr() as *const c_void) },
-        &format!("cuModuleLoadData({module}.fatbin)"),
+        "cuModuleLoadData",
     )?;
-    cache.insert((ordinal, module), m as usize);
     Ok(m)
+}
+
+/// Load (once per device) the module compiled from `kernels/<module>.cu`, trying the device's
+/// images best first; the error names every image tried, the driver and what to do.
+fn load_module(ordinal: i32, module: &'static str) -> Result<sys::CUmodule> {
+    let mut cache = module_cache()
+        .lock()
+        .map_err(|_| Error::invalid("module table poisoned"))?;
+    if let Some(&(m, _)) = cache.get(&(ordinal, module)) {
+        return Ok(m as sys::CUmodule);
+    }
+    let mode = images::mode()?;
+    if mode == images::Mode::Off {
+        return Err(Error::KernelsUnavailable(
+            "turned off by RSLORA_FAST_KERNEL_IMAGE=off".into(),
+        ));
+    }
+    let (_, major, minor) = device_info(ordinal)?;
+    let mut tried = Vec::new();
+    for (target, image) in images::candidates(module, (major, minor), mode)? {
+        match load_image(image) {
+            Ok(m) => {
+                cache.insert((ordinal, module), (m as usize, target));
+                return Ok(m);
+            }
+            Err(e) => tried.push(format!("{target}: {e}")),
+        }
+    }
+    let driver = driver_version()
+        .map(|v| format!("CUDA {}.{}", v / 1000, (v % 1000) / 10))
+        .unwrap_or_else(|_| "unknown".into());
+    Err(Error::KernelsUnavailable(format!(
+        "kernel module {module} does not load on device {ordinal} (sm_{major}{minor}, driver \
+         {driver}); tried [{}] of the shipped [{}]. The kernels need compute capability 8.0+ and \
+         a driver for CUDA {} or newer (Linux driver 550+): update the NVIDIA driver",
+        if tried.is_empty() {
+            "none fits".into()
+        } else {
+            tried.join("; ")
+        },
+        images::targets(),
+        images::DRIVER_FLOOR_CUDA,
+    )))
 }
 
 fn function(ordinal: i32, module: &'static str, kernel: &'static str) -> Result<sys::CUfunction> {
@@ -395,18 +435,22 @@ pub fn resident_blocks(
     Ok(n)
 }
 
-/// Which kernel modules this build carries and for which architectures (for `info`).
+/// Which kernel modules this build carries (for `info`).
 pub fn kernel_modules() -> Vec<&'static str> {
-    fatbins::FATBINS.iter().map(|(name, _)| *name).collect()
+    images::IMAGES.iter().map(|(name, _)| *name).collect()
 }
 
-/// Load every module on `ordinal` to check the kernels run on this GPU.
-pub fn load_all_modules(ordinal: i32) -> Result<Vec<&'static str>> {
+/// Load every module on `ordinal` to check the kernels run on this GPU; returns each module with
+/// the image target it loaded from (e.g. `("swiglu", "sm_90")`, `"compute_90"` for JIT-ed PTX).
+pub fn load_all_modules(ordinal: i32) -> Result<Vec<(&'static str, &'static str)>> {
     let _ctx = bind_device(ordinal)?;
     let mut loaded = Vec::new();
-    for (name, _) in fatbins::FATBINS {
+    for (name, _) in images::IMAGES {
         load_module(ordinal, name)?;
-        loaded.push(*name);
+        let cache = module_cache()
+            .lock()
+            .map_err(|_| Error::invalid("module table poisoned"))?;
+        loaded.push((*name, cache.get(&(ordinal, *name)).map_or("?", |e| e.1)));
     }
     Ok(loaded)
 }

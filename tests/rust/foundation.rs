@@ -2,11 +2,21 @@
 //! without a GPU (no panic, a clear error).
 
 use rslora_fast::cuda;
+use rslora_fast::cuda::images;
 use rslora_fast::kernels::DType;
 use rslora_fast::Error;
 
+const SHIPPED: [&str; 6] = [
+    "sm_80",
+    "sm_86",
+    "sm_89",
+    "sm_90",
+    "compute_80",
+    "compute_90",
+];
+
 #[test]
-fn every_kernel_file_is_embedded_as_a_fatbin() {
+fn every_kernel_file_is_embedded_for_every_target() {
     let mut cu: Vec<String> = std::fs::read_dir("kernels")
         .unwrap()
         .filter_map(|e| {
@@ -26,20 +36,81 @@ fn every_kernel_file_is_embedded_as_a_fatbin() {
     }
     assert_eq!(cu, embedded);
     for name in &embedded {
-        let image = cuda::fatbins::fatbin(name).unwrap();
-        // A fatbin starts with the magic 0xBA55ED50 (little endian).
-        assert_eq!(
-            &image[..4],
-            &[0x50, 0xed, 0x55, 0xba],
-            "{name} is not a fatbin"
-        );
+        let images = images::module_images(name).unwrap();
+        let targets: Vec<&str> = images.iter().map(|(t, _)| *t).collect();
+        assert_eq!(targets.len(), SHIPPED.len(), "{name}: {targets:?}");
+        for t in SHIPPED {
+            assert!(targets.contains(&t), "{name} lacks {t}: {targets:?}");
+        }
+        for (target, image) in images {
+            if target.starts_with("sm_") {
+                assert_eq!(&image[..4], b"\x7fELF", "{name} {target} is not a cubin");
+            }
+        }
     }
-    assert!(cuda::fatbins::ARCHS.contains("sm_90"));
+}
+
+/// The `.version` line of a PTX text as (major, minor).
+fn ptx_version(ptx: &str) -> (u32, u32) {
+    let lines: Vec<&str> = ptx
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix(".version "))
+        .collect();
+    assert_eq!(lines.len(), 1, "one .version line expected");
+    let (a, b) = lines[0].trim().split_once('.').unwrap();
+    (a.parse().unwrap(), b.parse().unwrap())
+}
+
+#[test]
+fn shipped_ptx_loads_on_cuda_12_4_drivers() {
+    // A CUDA 12.4 driver (550) JIT-compiles PTX up to ISA 8.4 and rejects newer (error 222).
+    for name in cuda::kernel_modules() {
+        for (target, image) in images::module_images(name).unwrap() {
+            if let Some(cap) = target.strip_prefix("compute_") {
+                let ptx = std::str::from_utf8(image).expect("PTX is text");
+                assert!(
+                    ptx_version(ptx) <= (8, 4),
+                    "{name} {target}: {:?}",
+                    ptx_version(ptx)
+                );
+                assert!(
+                    ptx.lines().any(|l| l.trim() == format!(".target sm_{cap}")),
+                    "{name} {target}: wrong .target"
+                );
+            }
+        }
+    }
+    assert_eq!(images::PTX_ISA, "8.4");
+}
+
+#[test]
+fn each_device_gets_its_sass_else_ptx() {
+    if cuda::kernel_modules().is_empty() {
+        return;
+    }
+    let pick = |cc, mode| -> Vec<&str> {
+        images::candidates("swiglu", cc, mode)
+            .unwrap()
+            .iter()
+            .map(|(t, _)| *t)
+            .collect()
+    };
+    use images::Mode::{Auto, Off, Ptx};
+    assert_eq!(pick((8, 0), Auto), ["sm_80", "compute_80"]);
+    assert_eq!(pick((8, 6), Auto), ["sm_86", "compute_80"]);
+    assert_eq!(pick((8, 7), Auto), ["sm_86", "compute_80"]); // Orin: sm_86 SASS runs on 8.7
+    assert_eq!(pick((8, 9), Auto), ["sm_89", "compute_80"]);
+    assert_eq!(pick((9, 0), Auto), ["sm_90", "compute_90"]);
+    assert_eq!(pick((10, 0), Auto), ["compute_90"]); // Blackwell: the driver JITs our PTX
+    assert_eq!(pick((12, 0), Auto), ["compute_90"]);
+    assert!(pick((7, 5), Auto).is_empty()); // Turing: nothing fits
+    assert_eq!(pick((9, 0), Ptx), ["compute_90"]);
+    assert!(pick((9, 0), Off).is_empty());
 }
 
 #[test]
 fn unknown_module_is_a_clear_error() {
-    match cuda::fatbins::fatbin("no_such_kernel") {
+    match images::module_images("no_such_kernel") {
         Err(Error::KernelsUnavailable(msg)) => {
             assert!(msg.contains("no_such_kernel") || msg.contains("without"))
         }

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._launch import core, dtype_name, stream_of
+from ._launch import core, dtype_name, stream_of, use_kernels
 
 IGNORE_INDEX = -100
 
@@ -87,7 +87,7 @@ def cross_entropy_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: float32 ``(lse, loss_row)`` of ``[rows, vocab]`` logits against int64 targets."""
     _check(logits, targets, "cross_entropy")
-    if logits.device.type != "cuda":
+    if not use_kernels(logits):
         return cross_entropy_reference(logits, targets, ignore_index)
     name = dtype_name(logits, "cross_entropy")
     if not _row_layout(logits):
@@ -130,7 +130,7 @@ def cross_entropy_bwd_(
 ) -> None:
     """Backward in place: ``logits <- (exp(logits - lse) - onehot(targets)) * scale`` (per-row ``lse``, ``scale``)."""
     _check(logits, targets, "cross_entropy backward", lse, scale)
-    if logits.device.type != "cuda":
+    if not use_kernels(logits):
         logits.copy_(cross_entropy_backward_reference(logits, lse, targets, scale, ignore_index))
         return
     name = dtype_name(logits, "cross_entropy backward")

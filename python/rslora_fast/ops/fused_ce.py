@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import torch
 
-from ._launch import KERNEL_DTYPES
+from ._launch import KERNEL_DTYPES, use_kernels
 
 IGNORE_INDEX = -100
 
 
 def _use_kernels(hidden: torch.Tensor) -> bool:
-    """Whether the chunks run our CUDA cross-entropy kernels (CUDA tensors of a kernel dtype)."""
-    return hidden.device.type == "cuda" and hidden.dtype in KERNEL_DTYPES
+    """Whether the chunks run our CUDA cross-entropy kernels (a kernel dtype where they load)."""
+    return hidden.dtype in KERNEL_DTYPES and use_kernels(hidden)
 
 
 def default_chunk_tokens(vocab_size: int, budget_bytes: int = 256 * 2**20) -> int:

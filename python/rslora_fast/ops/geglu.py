@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._launch import check_gate_up, core, dtype_name, stream_of
+from ._launch import check_gate_up, core, dtype_name, stream_of, use_kernels
 
 APPROXIMATE = ("tanh", "none")
 
@@ -54,7 +54,7 @@ def geglu_fwd(g: torch.Tensor, u: torch.Tensor, approximate: str) -> torch.Tenso
     """Forward: ``gelu(g, approximate) * u``."""
     check_gate_up(g, u, "geglu")
     _check_approximate(approximate, "geglu")
-    if g.device.type != "cuda":
+    if not use_kernels(g):
         return geglu_reference(g, u, approximate)
     g, u = g.contiguous(), u.contiguous()
     h = torch.empty_like(g)
@@ -87,7 +87,7 @@ def geglu_bwd(
     check_gate_up(g, u, "geglu backward")
     check_gate_up(dh, g, "geglu backward")
     _check_approximate(approximate, "geglu backward")
-    if g.device.type != "cuda":
+    if not use_kernels(g):
         return geglu_backward_reference(dh, g, u, approximate)
     dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()
     dg, du = torch.empty_like(g), torch.empty_like(u)

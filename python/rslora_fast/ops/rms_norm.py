@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._launch import core, dtype_name, stream_of
+from ._launch import core, dtype_name, stream_of, use_kernels
 
 
 def rms_norm_reference(x: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool = False):
@@ -61,7 +61,7 @@ def rms_norm_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: ``(y, rstd)`` with ``rstd`` float32 of shape ``x.shape[:-1]``."""
     _check(x, w, "rms_norm")
-    if x.device.type != "cuda":
+    if not use_kernels(x):
         return rms_norm_reference(x, w, eps, gemma)
     x, w = x.contiguous(), w.contiguous()
     cols = x.shape[-1]
@@ -113,7 +113,7 @@ def rms_norm_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward: ``(dx, dw)`` from the output gradient, the saved input, the weight and ``rstd``."""
     _check_backward(dy, x, w, rstd)
-    if x.device.type != "cuda":
+    if not use_kernels(x):
         return rms_norm_backward_reference(dy, x, w, rstd, gemma)
     dy, x, w, rstd = _backward_operands(dy, x, w, rstd)
     cols = x.shape[-1]
@@ -157,7 +157,7 @@ def rms_norm_bwd_dx(
 ) -> torch.Tensor:
     """Backward for a frozen weight: ``dx`` only, without the ``dw`` reduction."""
     _check_backward(dy, x, w, rstd)
-    if x.device.type != "cuda":
+    if not use_kernels(x):
         return _dx_reference(dy, x, w, rstd, gemma)[0].to(x.dtype)
     dy, x, w, rstd = _backward_operands(dy, x, w, rstd)
     cols = x.shape[-1]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ._launch import core, dtype_name, stream_of
+from ._launch import core, dtype_name, stream_of, use_kernels
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -143,7 +143,7 @@ def _rotate_pair(a: torch.Tensor, b: torch.Tensor, cos, sin, backward: bool) -> 
     op = "rope backward" if backward else "rope"
     _check(a, b, cos, sin, op)
     _check_disjoint(a, b, op)
-    if a.device.type != "cuda":
+    if not use_kernels(a):
         ref = rope_backward_reference if backward else rope_reference
         a.copy_(ref(a, cos, sin))
         b.copy_(ref(b, cos, sin))
@@ -177,7 +177,7 @@ def _(dq, dk, cos, sin):
 def rope_grad_(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """:func:`rope_backward_` for one tensor (what autograd calls: q's and k's gradients arrive apart)."""
     _check(g, g, cos, sin, "rope backward")
-    if g.device.type != "cuda":
+    if not use_kernels(g):
         g.copy_(rope_backward_reference(g, cos, sin))
         return
     _launch(g, None, cos, sin, backward=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._launch import check_gate_up, core, dtype_name, stream_of
+from ._launch import check_gate_up, core, dtype_name, stream_of, use_kernels
 
 
 def swiglu_reference(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -30,7 +30,7 @@ def swiglu_backward_reference(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor
 def swiglu_fwd(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Forward: ``silu(g) * u``."""
     check_gate_up(g, u, "swiglu")
-    if g.device.type != "cuda":
+    if not use_kernels(g):
         return swiglu_reference(g, u)
     g, u = g.contiguous(), u.contiguous()
     h = torch.empty_like(g)
@@ -52,7 +52,7 @@ def swiglu_bwd(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torc
     """Backward: ``(dg, du)`` from the output gradient and the saved inputs."""
     check_gate_up(g, u, "swiglu backward")
     check_gate_up(dh, g, "swiglu backward")
-    if g.device.type != "cuda":
+    if not use_kernels(g):
         return swiglu_backward_reference(dh, g, u)
     dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()
     dg, du = torch.empty_like(g), torch.empty_like(u)

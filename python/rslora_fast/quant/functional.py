@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import QuantFormatError
+from ..ops._launch import on_gpu, use_kernels
 
 __all__ = [
     "QuantState",
@@ -428,7 +429,7 @@ def _quantize_rust(
     dev = weight.device
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=dev)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=dev)
-    if dev.type == "cuda":
+    if on_gpu(weight):
         src = weight.detach().contiguous()
         index, stream = _stream(src)
         core.nf4_quantize_cuda(
@@ -478,9 +479,17 @@ def quantize_4bit(
             f"quantize_4bit: unsupported dtype {weight.dtype}; expected float32/float16/bfloat16"
         )
     core = _core_or_none()
-    if core is None or weight.device.type not in ("cpu", "cuda"):
+    if not _native_path(core, weight):
         return quantize_4bit_reference(weight, blocksize, quant_type, compress_statistics)
     return _quantize_rust(weight, blocksize, quant_type, compress_statistics, core)
+
+
+def _native_path(core, t: torch.Tensor) -> bool:
+    """Whether ``t`` goes through the Rust core: on CPU when it is built, on a GPU when our kernels
+    load there (else the plain-torch reference, after ``use_kernels``' one warning)."""
+    if core is None:
+        return False
+    return use_kernels(t) if on_gpu(t) else t.device.type == "cpu"
 
 
 def dequantize_4bit(
@@ -507,14 +516,14 @@ def dequantize_4bit(
             f"shape {list(state.shape)} needs {(n + 1) // 2}"
         )
     core = _core_or_none()
-    if core is None or dev.type not in ("cpu", "cuda") or n == 0:
+    if n == 0 or not _native_path(core, packed):
         res = dequantize_4bit_reference(packed, state, dtype=dtype)
         if out is None:
             return res
         out.view(state.shape).copy_(res)
         return out
     p = packed.contiguous().view(-1).view(torch.uint8)
-    if dev.type == "cuda":
+    if on_gpu(p):
         res = out if out is not None else torch.empty(state.shape, dtype=dtype, device=dev)
         index, stream = _stream(p)
         if state.nested:
