@@ -1,0 +1,391 @@
+"""The fast decoder path on Gemma 2, Gemma 3 (text) and Phi-3 against the generic transformers path:
+loss and every LoRA gradient (float32 tight, bf16 within the rounding tolerance of the other fast-path
+tests), packed and padded batches, checkpointing; Gemma 2's final-logit soft-capping inside the fused
+loss; Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` adapters moving to and from HF peft.
+
+The generic path is the same PeftModel with the fast forwards removed, the fused LoRA op switched
+off and the fused loss off (transformers' own ``ForCausalLM.forward`` computes logits, soft-caps
+them and takes the loss), so both runs share every weight. Each comparison first checks that the
+fast forwards really are installed on every attention, norm and MLP module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import pytest
+import torch
+
+from rslora_fast import PeftModel, get_peft_model
+from rslora_fast.models.fast_decoder import install_fast_decoder, uninstall_fast_decoder
+from rslora_fast.ops.fused_ce import fused_linear_cross_entropy
+from rslora_fast.ops.lora_linear import fused_lora_disabled
+from rslora_fast.peft.layer import LoraLinear
+
+VOCAB = 96
+# gemma2: transformers' default SDPA (which does not apply the attention soft-cap; neither do we
+# then) and eager with a small cap (so capping changes the scores); phi3 with a partial rotary
+# factor rotates the first half of each head; gemma3 has per-head q/k norms and per-layer-type RoPE.
+FAMILIES = ["gemma2", "gemma2_eager", "gemma3", "phi3", "phi3_partial"]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _config(family: str):
+    import transformers
+
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        # weights 10x transformers' default: attention scores large enough that positions, windows
+        # and soft-caps change the result (tested below)
+        initializer_range=0.2,
+    )
+    if family.startswith("gemma"):
+        cls = transformers.Gemma2Config if family.startswith("gemma2") else transformers.Gemma3TextConfig
+        kw = dict(head_dim=16, layer_types=["sliding_attention", "full_attention"], sliding_window=4)
+        if family == "gemma2_eager":
+            kw.update(attn_implementation="eager", attn_logit_softcapping=0.3, final_logit_softcapping=0.5)
+        elif family == "gemma2":
+            kw.update(attn_implementation="sdpa", final_logit_softcapping=2.0)
+        else:
+            kw.update(attn_implementation="sdpa", final_logit_softcapping=None)
+        return cls(**common, **kw)
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    if family == "phi3_partial":
+        rope["partial_rotary_factor"] = 0.5
+    return transformers.Phi3Config(
+        **common,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        rope_parameters=rope,
+        attn_implementation="sdpa",
+    )
+
+
+def _base(family: str, dtype=torch.float32, device="cpu", seed=0):
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(_config(family)).to(device, dtype)
+
+
+def _peft(family: str, dtype=torch.float32, device="cpu", seed=0, checkpointing=False):
+    model = get_peft_model(
+        _base(family, dtype, device, seed), r=4, lora_alpha=8, use_gradient_checkpointing=checkpointing
+    )
+    gen = torch.Generator().manual_seed(seed + 1)
+    for m in model.modules():  # non-zero B so every adapter changes the output and gets a gradient
+        if isinstance(m, LoraLinear):
+            m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=gen) * 0.05)
+    return model.train()
+
+
+def _fast_modules(inner) -> dict[str, int]:
+    counts = {"attention": 0, "RMSNorm": 0, "MLP": 0}
+    for m in inner.modules():
+        name = type(m).__name__
+        for kind, suffix in (("attention", "Attention"), ("RMSNorm", "RMSNorm"), ("MLP", "MLP")):
+            if name.endswith(suffix) and "forward" in m.__dict__:
+                counts[kind] += 1
+    return counts
+
+
+def _expected(family: str, layers: int = 2) -> dict[str, int]:
+    if family.startswith("gemma"):  # input, post-attention, pre/post feed-forward norms + final
+        norms = 4 * layers + 1 + (2 * layers if family == "gemma3" else 0)  # gemma3: q_norm, k_norm
+    else:
+        norms = 2 * layers + 1
+    return {"attention": layers, "RMSNorm": norms, "MLP": layers}
+
+
+@contextlib.contextmanager
+def _generic(model):
+    """Run ``model`` on transformers' own forwards (fast decoder, fused LoRA op and fused loss off)."""
+    inner = model.base_model.model
+    uninstall_fast_decoder(inner)
+    model.fused_loss = False
+    try:
+        with fused_lora_disabled():
+            yield
+    finally:
+        model.fused_loss = True
+        install_fast_decoder(inner)
+
+
+def _loss_and_grads(model, **batch):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out, grads
+
+
+def _compare(model, family, rtol, atol, **batch):
+    assert _fast_modules(model.base_model.model) == _expected(family)
+    fast, g_fast = _loss_and_grads(model, **batch)
+    assert fast.logits is None  # the fused loss ran (with soft-capping where the config has it)
+    with _generic(model):
+        ref, g_ref = _loss_and_grads(model, **batch)
+    assert ref.logits is not None
+    torch.testing.assert_close(fast.loss, ref.loss, rtol=rtol, atol=atol)
+    assert g_fast.keys() == g_ref.keys() and len(g_fast) >= 8
+    for name in g_ref:
+        assert g_ref[name].abs().sum() > 0, name
+        torch.testing.assert_close(g_fast[name].float(), g_ref[name].float(), rtol=rtol, atol=atol, msg=name)
+
+
+def _ids(device="cpu", shape=(2, 11), seed=5):
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+# ---------------------------------------------------------------------------- CPU
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_attention_norm_and_mlp_takes_the_fast_path(family, caplog):
+    with caplog.at_level(logging.INFO, logger="rslora_fast.models.fast_decoder"):
+        model = _peft(family)
+    inner = model.base_model.model
+    want = _expected(family)
+    assert _fast_modules(inner) == want
+    lines = [r.getMessage() for r in caplog.records if "fast path" in r.getMessage()]
+    assert len(lines) == 1 and "generic path: none" in lines[0]
+    assert f"{want['RMSNorm']} RMSNorm" in lines[0]
+    model.unload()
+    assert not any("forward" in m.__dict__ for m in inner.modules())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_and_every_lora_gradient_match_the_generic_path(family):
+    model = _peft(family)
+    ids = _ids(shape=(2, 13))  # longer than the sliding window (4): the two layer types differ
+    _compare(model, family, 1e-5, 1e-6, input_ids=ids, labels=ids)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_loss_and_gradients_match_the_generic_path(family):
+    """bf16: the two paths round at different places (our CPU references rotate and soft-cap in
+    float32, transformers in bf16), so element-wise tolerances do not fit small entries; instead each
+    gradient is within 5% (norm-wise) of the generic one (bf16's own error here: up to 7% against
+    float32), and no further from the float32 result of the same weights than twice the generic
+    bf16 path's distance (measured: at most 1.51 times). The losses agree within bf16's resolution
+    at their size (4.5 * 2**-8 = 0.018)."""
+    model = _peft(family, dtype=torch.bfloat16)
+    ids = _ids(shape=(2, 9))
+    assert _fast_modules(model.base_model.model) == _expected(family)
+    fast, g_fast = _loss_and_grads(model, input_ids=ids, labels=ids)
+    with _generic(model):
+        ref, g_ref = _loss_and_grads(model, input_ids=ids, labels=ids)
+    _, g_exact = _loss_and_grads(_peft(family), input_ids=ids, labels=ids)
+    torch.testing.assert_close(fast.loss, ref.loss, rtol=0, atol=1e-2)
+    assert g_fast.keys() == g_ref.keys() == g_exact.keys()
+    for name in g_ref:
+        assert _rel(g_fast[name], g_ref[name]) < 5e-2, name
+        assert _rel(g_fast[name], g_exact[name]) <= 2 * _rel(g_ref[name], g_exact[name]) + 1e-3, name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_sequences_with_restarting_positions(family):
+    model = _peft(family)
+    ids = _ids(shape=(1, 13))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 7]])
+    _compare(model, family, 1e-5, 1e-6, input_ids=ids, labels=ids, position_ids=pos)
+    # the positions really reach the rotation: other positions give another loss
+    a, _ = _loss_and_grads(model, input_ids=ids, labels=ids, position_ids=pos)
+    b, _ = _loss_and_grads(model, input_ids=ids, labels=ids)
+    assert not torch.allclose(a.loss, b.loss)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padding_mask(family):
+    model = _peft(family)
+    ids = _ids(shape=(2, 11))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding in the second row
+    _compare(
+        model, family, 1e-5, 1e-6, input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)
+    )
+
+
+@pytest.mark.parametrize("mode", [True, "unsloth"])
+@pytest.mark.parametrize("family", ["gemma2_eager", "gemma3", "phi3_partial"])
+def test_with_gradient_checkpointing(family, mode):
+    model = _peft(family, checkpointing=mode)
+    ids = _ids(shape=(2, 11))
+    _compare(model, family, 1e-5, 1e-6, input_ids=ids, labels=ids)
+
+
+def test_the_sliding_window_and_the_soft_caps_change_the_result():
+    """The configs above exercise what they claim: each feature changes the loss of the same model."""
+
+    def loss(**overrides):
+        cfg = _config("gemma2_eager")
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        import transformers
+
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+        ids = _ids(shape=(2, 13))
+        return model(input_ids=ids, labels=ids).loss
+
+    base = loss()
+    for change in (
+        {"sliding_window": 64},
+        {"attn_logit_softcapping": None},
+        {"final_logit_softcapping": None},
+    ):
+        assert not torch.allclose(base, loss(**change)), change
+
+
+def test_attention_softcap_follows_the_attention_implementation():
+    """Gemma 2's attention soft-cap reaches the attention function as transformers passes it."""
+    import transformers.modeling_utils as mu
+
+    seen = []
+    model = _peft("gemma2_eager")
+    real = mu.ALL_ATTENTION_FUNCTIONS.get_interface
+
+    def spy(impl, default):
+        fn = real(impl, default)
+        return lambda *a, **k: seen.append((k.get("softcap"), k.get("sliding_window"))) or fn(*a, **k)
+
+    ids = _ids(shape=(1, 7))
+    try:
+        mu.ALL_ATTENTION_FUNCTIONS.get_interface = spy
+        model(input_ids=ids, labels=ids)
+    finally:
+        mu.ALL_ATTENTION_FUNCTIONS.get_interface = real
+    assert seen == [(0.3, 4), (0.3, None)]  # layer 0 sliding, layer 1 full
+
+
+# ---------------------------------------------------------------------------- fused loss + soft-cap
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_cross_entropy_soft_caps_the_logits(dtype):
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(37, 24, generator=g) * 2).to(dtype).requires_grad_()
+    w = torch.randn(VOCAB, 24, generator=g).to(dtype)
+    t = torch.randint(0, VOCAB, (37,), generator=g)
+    t[3] = -100
+    got = fused_linear_cross_entropy(h, w, t, softcap=3.0, chunk_tokens=8)
+    (dh,) = torch.autograd.grad(got, [h])
+    h2 = h.detach().clone().requires_grad_()
+    logits = (h2 @ w.t()).float()
+    want = torch.nn.functional.cross_entropy(3.0 * torch.tanh(logits / 3.0), t, ignore_index=-100)
+    (dh2,) = torch.autograd.grad(want, [h2])
+    tol = (1e-5, 1e-6) if dtype == torch.float32 else (2e-2, 2e-3)
+    torch.testing.assert_close(got, want, rtol=tol[0], atol=tol[1])
+    torch.testing.assert_close(dh.float(), dh2.float(), rtol=tol[0], atol=tol[1])
+    uncapped = fused_linear_cross_entropy(h.detach(), w, t)
+    assert not torch.allclose(got.detach(), uncapped, rtol=1e-3)
+    with pytest.raises(ValueError, match="softcap must be a positive"):
+        fused_linear_cross_entropy(h, w, t, softcap=0.0)
+
+
+# ---------------------------------------------------------------------------- Phi-3 adapters
+def test_phi3_default_targets_adapt_the_fused_projections():
+    model = get_peft_model(_base("phi3"), r=4, use_gradient_checkpointing=False)
+    attn = model.base_model.model.model.layers[0].self_attn
+    mlp = model.base_model.model.model.layers[0].mlp
+    assert all(
+        isinstance(m, LoraLinear) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    )
+    assert sorted(model.peft_config["default"].target_modules) == [
+        "down_proj",
+        "gate_up_proj",
+        "o_proj",
+        "qkv_proj",
+    ]
+    # one pair over the whole fused output, as HF peft builds it
+    assert attn.qkv_proj.lora_B.weight.shape[0] == attn.qkv_proj.base_layer.out_features
+
+
+def _randomize_adapters(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("family", ["phi3", "phi3_partial"])
+def test_phi3_adapter_saved_by_us_loads_in_hf_peft(family, tmp_path):
+    peft = pytest.importorskip("peft")
+    ours = _peft(family)
+    _randomize_adapters(ours)
+    ours.save_pretrained(tmp_path)
+    ours.eval()
+    ids = _ids(shape=(2, 10))
+    with torch.no_grad():
+        want = ours(input_ids=ids).logits
+        theirs = peft.PeftModel.from_pretrained(_base(family), str(tmp_path)).eval()
+        got = theirs(input_ids=ids).logits
+        plain = _base(family)(input_ids=ids).logits
+    names = {n for n, _ in theirs.named_modules() if n.endswith(("qkv_proj", "gate_up_proj"))}
+    assert names and all(isinstance(theirs.get_submodule(n), peft.tuners.lora.LoraLayer) for n in names)
+    assert not torch.allclose(got, plain, atol=1e-3)  # the adapter really changes the output
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["phi3", "phi3_partial"])
+def test_phi3_adapter_saved_by_hf_peft_loads_in_ours(family, tmp_path):
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+        task_type="CAUSAL_LM",
+    )
+    theirs = peft.get_peft_model(_base(family), cfg)
+    _randomize_adapters(theirs)
+    theirs.save_pretrained(tmp_path)
+    ids = _ids(shape=(2, 10))
+    with torch.no_grad():
+        want = theirs.eval()(input_ids=ids).logits
+        ours = PeftModel.from_pretrained(_base(family), str(tmp_path))
+        assert _fast_modules(ours.base_model.model) == _expected("phi3")
+        got = ours(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- GPU
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_loss_and_grads_match_the_generic_path(family, dtype):
+    model = _peft(family, dtype=dtype, device="cuda")
+    ids = _ids("cuda", shape=(2, 37))
+    tol = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (3e-2, 3e-3), torch.float16: (1e-2, 1e-3)}[dtype]
+    _compare(model, family, *tol, input_ids=ids, labels=ids)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_packed_padded_and_checkpointed_match_the_generic_path(family):
+    model = _peft(family, dtype=torch.bfloat16, device="cuda", checkpointing="unsloth")
+    ids = _ids("cuda", shape=(1, 29))
+    pos = torch.cat([torch.arange(11), torch.arange(18)]).unsqueeze(0).cuda()
+    _compare(model, family, 3e-2, 3e-3, input_ids=ids, labels=ids, position_ids=pos)
+    ids2 = _ids("cuda", shape=(2, 19))
+    mask = torch.ones_like(ids2)
+    mask[0, :5] = 0
+    _compare(
+        model,
+        family,
+        3e-2,
+        3e-3,
+        input_ids=ids2,
+        attention_mask=mask,
+        labels=ids2.masked_fill(mask == 0, -100),
+    )
