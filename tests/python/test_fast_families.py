@@ -389,3 +389,48 @@ def test_cuda_packed_padded_and_checkpointed_match_the_generic_path(family):
         attention_mask=mask,
         labels=ids2.masked_fill(mask == 0, -100),
     )
+
+
+@pytest.mark.parametrize("family", ["phi3", "phi3_partial"])
+def test_phi3_rotates_its_query_and_key_heads_in_one_in_place_call(family, monkeypatch):
+    import rslora_fast.models.fast_decoder as fd
+
+    calls = []
+    real = fd.apply_rope_
+    monkeypatch.setattr(
+        fd, "apply_rope_", lambda q, k, c, s: calls.append((q.shape, k.shape)) or real(q, k, c, s)
+    )
+    model = _peft(family)
+    ids = _ids(shape=(2, 7))
+    _compare(model, family, 1e-5, 1e-6, input_ids=ids, labels=ids)
+    rd = 8 if family == "phi3_partial" else 16  # head_dim 16, partial factor 0.5
+    assert calls and all(q == (2, 4 + 2, 7, rd) and k == (2, 0, 7, rd) for q, k in calls)
+
+
+@pytest.mark.parametrize("family", ["phi3_partial", "gemma3"])
+def test_backward_hook_rotates_out_of_place_and_matches_transformers(family):
+    model = _peft(family)
+    attn = model.base_model.model.model.layers[0].self_attn
+    seen = []
+    proj = attn.qkv_proj if family.startswith("phi3") else attn.q_proj
+    proj.register_full_backward_hook(lambda m, gi, go: seen.append(1))
+    ids = _ids(shape=(2, 7))
+    _compare(model, family, 1e-5, 1e-6, input_ids=ids, labels=ids)  # in place here would raise
+    assert seen
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_rope_with_no_key_heads_rotates_the_query_alone(dtype):
+    """Phi-3's path rotates its query and key heads as one tensor with an empty k (data_ptr 0)."""
+    from rslora_fast.ops.rope import apply_rope_, rope_reference
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 37, 6 * 16, generator=g).to("cuda", dtype)
+    q = x.view(2, 37, 6, 16).transpose(1, 2)
+    ang = torch.randn(2, 37, 8, generator=g)
+    cos, sin = (torch.cat((f(ang), f(ang)), -1).to("cuda", dtype) for f in (torch.cos, torch.sin))
+    want = rope_reference(q.clone(), cos, sin)
+    apply_rope_(q, q.new_empty((2, 0, 37, 16)), cos, sin)
+    torch.testing.assert_close(q, want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
