@@ -224,48 +224,42 @@ def test_with_gradient_checkpointing(family, mode):
     _compare(model, family, 1e-5, 1e-6, input_ids=ids, labels=ids)
 
 
-def test_the_sliding_window_and_the_soft_caps_change_the_result():
-    """The configs above exercise what they claim: each feature changes the loss of the same model."""
-
-    def loss(**overrides):
-        cfg = _config("gemma2_eager")
-        for k, v in overrides.items():
-            setattr(cfg, k, v)
-        import transformers
-
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(cfg)
-        ids = _ids(shape=(2, 13))
-        return model(input_ids=ids, labels=ids).loss
-
-    base = loss()
-    for change in (
-        {"sliding_window": 64},
-        {"attn_logit_softcapping": None},
-        {"final_logit_softcapping": None},
-    ):
-        assert not torch.allclose(base, loss(**change)), change
-
-
-def test_attention_softcap_follows_the_attention_implementation():
-    """Gemma 2's attention soft-cap reaches the attention function as transformers passes it."""
+def test_gemma2_window_and_soft_cap_reach_the_fast_attention(monkeypatch):
+    """Gemma 2's per-layer window and attention soft-cap reach the attention function from our
+    forward as transformers passes them, and (checked on plain transformers) each of them, and the
+    final-logit cap, changes the loss of these tiny models: the comparisons above exercise them."""
+    import transformers
     import transformers.modeling_utils as mu
 
     seen = []
     model = _peft("gemma2_eager")
+    assert _fast_modules(model.base_model.model) == _expected("gemma2_eager")
     real = mu.ALL_ATTENTION_FUNCTIONS.get_interface
 
     def spy(impl, default):
         fn = real(impl, default)
         return lambda *a, **k: seen.append((k.get("softcap"), k.get("sliding_window"))) or fn(*a, **k)
 
-    ids = _ids(shape=(1, 7))
-    try:
-        mu.ALL_ATTENTION_FUNCTIONS.get_interface = spy
-        model(input_ids=ids, labels=ids)
-    finally:
-        mu.ALL_ATTENTION_FUNCTIONS.get_interface = real
+    ids = _ids(shape=(2, 13))
+    monkeypatch.setattr(mu.ALL_ATTENTION_FUNCTIONS, "get_interface", spy)
+    model(input_ids=ids, labels=ids)
+    monkeypatch.undo()
     assert seen == [(0.3, 4), (0.3, None)]  # layer 0 sliding, layer 1 full
+
+    def plain_loss(**overrides):
+        cfg = _config("gemma2_eager")
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        torch.manual_seed(0)
+        return transformers.AutoModelForCausalLM.from_config(cfg)(input_ids=ids, labels=ids).loss
+
+    base = plain_loss()
+    for change in (
+        {"sliding_window": 64},
+        {"attn_logit_softcapping": None},
+        {"final_logit_softcapping": None},
+    ):
+        assert not torch.allclose(base, plain_loss(**change)), change
 
 
 # ---------------------------------------------------------------------------- fused loss + soft-cap
