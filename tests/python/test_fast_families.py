@@ -156,6 +156,9 @@ def test_every_attention_norm_and_mlp_takes_the_fast_path(family, caplog):
     lines = [r.getMessage() for r in caplog.records if "fast path" in r.getMessage()]
     assert len(lines) == 1 and "generic path: none" in lines[0]
     assert f"{want['RMSNorm']} RMSNorm" in lines[0]
+    # SDPA drops gemma2's attention soft-cap (here as in transformers): the user is told
+    ignored = [r for r in caplog.records if "attn_logit_softcapping=50.0 is not applied" in r.getMessage()]
+    assert len(ignored) == (1 if family == "gemma2" else 0)
     model.unload()
     assert not any("forward" in m.__dict__ for m in inner.modules())
 
@@ -171,26 +174,33 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_bf16_loss_and_gradients_match_the_generic_path(family):
-    """bf16: the two paths round at different places (our CPU references rotate and soft-cap in
-    float32, transformers in bf16), so element-wise tolerances do not fit small entries; instead each
-    gradient is within 5% (norm-wise) of the generic one (bf16's own error here: up to 7% against
-    float32), and no further from the float32 result of the same weights than twice the generic
-    bf16 path's distance (measured: at most 1.51 times). The losses agree within bf16's resolution
-    at their size (4.5 * 2**-8 = 0.018)."""
-    model = _peft(family, dtype=torch.bfloat16)
-    ids = _ids(shape=(2, 9))
+def _compare_low_precision(model, family, **batch):
+    """bf16/fp16: the two paths round at different places (e.g. our CPU references rotate and
+    soft-cap in float32, transformers in bf16), so element-wise tolerances do not fit small entries;
+    instead each gradient is within 5% (norm-wise) of the generic one (bf16's own error here: up to
+    7% against float32), and no further from the float32 result of the same weights than twice the
+    generic path's distance plus 1% (measured on CPU: at most 1.51 times in bf16; fp16's errors are
+    a few tenths of a percent, where the 1% dominates). The losses agree within bf16's
+    resolution at their size (4.5 * 2**-8 = 0.018)."""
     assert _fast_modules(model.base_model.model) == _expected(family)
-    fast, g_fast = _loss_and_grads(model, input_ids=ids, labels=ids)
+    fast, g_fast = _loss_and_grads(model, **batch)
+    assert fast.logits is None
     with _generic(model):
-        ref, g_ref = _loss_and_grads(model, input_ids=ids, labels=ids)
-    _, g_exact = _loss_and_grads(_peft(family), input_ids=ids, labels=ids)
+        ref, g_ref = _loss_and_grads(model, **batch)
+    device = next(model.parameters()).device
+    _, g_exact = _loss_and_grads(_peft(family, device=device), **batch)
     torch.testing.assert_close(fast.loss, ref.loss, rtol=0, atol=1e-2)
     assert g_fast.keys() == g_ref.keys() == g_exact.keys()
     for name in g_ref:
         assert _rel(g_fast[name], g_ref[name]) < 5e-2, name
-        assert _rel(g_fast[name], g_exact[name]) <= 2 * _rel(g_ref[name], g_exact[name]) + 1e-3, name
+        assert _rel(g_fast[name], g_exact[name]) <= 2 * _rel(g_ref[name], g_exact[name]) + 1e-2, name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_loss_and_gradients_match_the_generic_path(family):
+    model = _peft(family, dtype=torch.bfloat16)
+    ids = _ids(shape=(2, 9))
+    _compare_low_precision(model, family, input_ids=ids, labels=ids)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -359,8 +369,10 @@ def test_phi3_adapter_saved_by_hf_peft_loads_in_ours(family, tmp_path):
 def test_cuda_loss_and_grads_match_the_generic_path(family, dtype):
     model = _peft(family, dtype=dtype, device="cuda")
     ids = _ids("cuda", shape=(2, 37))
-    tol = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (3e-2, 3e-3), torch.float16: (1e-2, 1e-3)}[dtype]
-    _compare(model, family, *tol, input_ids=ids, labels=ids)
+    if dtype == torch.float32:
+        _compare(model, family, 1e-4, 1e-5, input_ids=ids, labels=ids)
+    else:
+        _compare_low_precision(model, family, input_ids=ids, labels=ids)
 
 
 @cuda
@@ -370,19 +382,12 @@ def test_cuda_packed_padded_and_checkpointed_match_the_generic_path(family):
     model = _peft(family, dtype=torch.bfloat16, device="cuda", checkpointing="unsloth")
     ids = _ids("cuda", shape=(1, 29))
     pos = torch.cat([torch.arange(11), torch.arange(18)]).unsqueeze(0).cuda()
-    _compare(model, family, 3e-2, 3e-3, input_ids=ids, labels=ids, position_ids=pos)
+    _compare_low_precision(model, family, input_ids=ids, labels=ids, position_ids=pos)
     ids2 = _ids("cuda", shape=(2, 19))
     mask = torch.ones_like(ids2)
     mask[0, :5] = 0
-    _compare(
-        model,
-        family,
-        3e-2,
-        3e-3,
-        input_ids=ids2,
-        attention_mask=mask,
-        labels=ids2.masked_fill(mask == 0, -100),
-    )
+    labels = ids2.masked_fill(mask == 0, -100)
+    _compare_low_precision(model, family, input_ids=ids2, attention_mask=mask, labels=labels)
 
 
 @pytest.mark.parametrize("family", ["phi3", "phi3_partial"])
@@ -428,3 +433,42 @@ def test_cuda_rope_with_no_key_heads_rotates_the_query_alone(dtype):
     want = rope_reference(q.clone(), cos, sin)
     apply_rope_(q, q.new_empty((2, 0, 37, 16)), cos, sin)
     torch.testing.assert_close(q, want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+
+
+def _train_losses(model, steps, ids):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    losses = []
+    for i in range(steps):
+        batch = ids[i % ids.shape[0]].unsqueeze(0)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["gemma2_eager", "gemma3", "phi3_partial"])
+def test_cuda_50_steps_track_the_generic_path_and_hf_peft(family, tmp_path):
+    """bf16: 50 AdamW steps of the fast path, the generic path and HF peft from the same adapters."""
+    peft = pytest.importorskip("peft")
+    ids = _ids("cuda", shape=(8, 64), seed=11)
+    start = _peft(family, dtype=torch.bfloat16, device="cuda")
+    start.save_pretrained(tmp_path)  # PEFT format: HF peft starts from the very same adapters
+    fast = _train_losses(start, 50, ids)
+    generic_model = _peft(family, dtype=torch.bfloat16, device="cuda")
+    with _generic(generic_model):
+        generic = _train_losses(generic_model, 50, ids)
+    hf = peft.PeftModel.from_pretrained(_base(family, torch.bfloat16, "cuda"), tmp_path, is_trainable=True)
+    hf_losses = _train_losses(hf, 50, ids)
+    assert abs(fast[0] - hf_losses[0]) < 0.01 * abs(hf_losses[0])  # same model, same adapters
+    for a, b, c in zip(fast, generic, hf_losses):
+        assert abs(a - b) < 0.05 * max(1.0, abs(b)) and abs(a - c) < 0.08 * max(1.0, abs(c))
+
+    def drop(losses):
+        return sum(losses[:5]) / 5 - sum(losses[-5:]) / 5
+
+    assert drop(hf_losses) > 0  # it trains, and the fast path about as much as HF peft
+    assert drop(fast) > 0.5 * drop(hf_losses)

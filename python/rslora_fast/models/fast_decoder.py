@@ -287,7 +287,25 @@ def install_fast_decoder(model: nn.Module) -> dict[str, int]:
         done = ", ".join(f"{n} {kind}" for kind, n in counts.items())
         rest = "; ".join(f"{n} x {r}" for r, n in skipped.items()) or "none"
         logger.info("fast path: %s modules use fused kernels; generic path: %s", done, rest)
+    _warn_if_softcap_ignored(model)
     return counts
+
+
+def _warn_if_softcap_ignored(model: nn.Module) -> None:
+    """SDPA has no score soft-capping: transformers passes Gemma 2's cap to it and it is dropped
+    (in transformers' own forward too). Say so, since the model then trains without it."""
+    for module in model.modules():
+        cap = getattr(module, "attn_logit_softcapping", None)
+        impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        if type(module).__name__ in _SOFTCAP and cap is not None and "sdpa" in str(impl):
+            logger.warning(
+                "attn_logit_softcapping=%s is not applied: attn_implementation=%r cannot soft-cap "
+                "attention scores (transformers ignores it the same way); load the model with "
+                "attn_implementation='eager' (or 'flex_attention') to train with it",
+                cap,
+                impl,
+            )
+            return
 
 
 _FAST_FORWARDS = {forward for _, _, forward, _ in _KINDS}
