@@ -472,3 +472,36 @@ def test_cuda_50_steps_track_the_generic_path_and_hf_peft(family, tmp_path):
 
     assert drop(hf_losses) > 0  # it trains, and the fast path about as much as HF peft
     assert drop(fast) > 0.5 * drop(hf_losses)
+
+
+@pytest.mark.parametrize("family", ["gemma2_eager", "gemma3", "phi3_partial"])
+def test_generate_equals_the_generic_path(family):
+    """Eval with the KV cache (sliding layers included: 12 new tokens pass the window of 4)."""
+    model = _peft(family).eval()
+    assert _fast_modules(model.base_model.model) == _expected(family)
+    ids = _ids(shape=(1, 6))
+    with torch.no_grad():
+        fast = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
+        with _generic(model):
+            ref = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
+    assert fast.shape == (1, 18) and torch.equal(fast, ref)
+
+
+@pytest.mark.parametrize("family", ["gemma2_eager", "gemma3", "phi3_partial"])
+def test_4bit_base_layers_match_the_generic_path(family):
+    """NF4 base weights (our Linear4bit) under the adapters, Phi-3's fused ones included."""
+    from rslora_fast.quant.linear4bit import Linear4bit
+
+    base = _base(family)
+    for name, module in list(base.model.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            parent, child = name.rsplit(".", 1)
+            setattr(base.model.get_submodule(parent), child, Linear4bit.from_linear(module))
+    model = get_peft_model(base, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, LoraLinear):
+            assert isinstance(m.base_layer, Linear4bit)
+            m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=gen) * 0.05)
+    ids = _ids(shape=(2, 11))
+    _compare(model.train(), family, 1e-5, 1e-6, input_ids=ids, labels=ids)
