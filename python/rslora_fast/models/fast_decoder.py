@@ -235,6 +235,11 @@ def _attention_why_not(module: nn.Module) -> str | None:
         getattr(module, "num_key_value_heads", None), int
     ):
         return f"{name} has qkv_proj but no num_key_value_heads (unknown transformers layout)"
+    if (
+        isinstance(getattr(module, "qkv_proj", None), nn.Module)
+        and getattr(module, "q_norm", None) is not None
+    ):
+        return f"{name} has qkv_proj and q_norm (a layout the fused-projection path does not cover)"
     if name in _SOFTCAP and not hasattr(module, "attn_logit_softcapping"):
         return f"{name} has no attn_logit_softcapping (unknown transformers layout)"
     if not hasattr(sys.modules.get(type(module).__module__), "eager_attention_forward"):
