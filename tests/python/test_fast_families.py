@@ -505,3 +505,15 @@ def test_4bit_base_layers_match_the_generic_path(family):
             m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=gen) * 0.05)
     ids = _ids(shape=(2, 11))
     _compare(model.train(), family, 1e-5, 1e-6, input_ids=ids, labels=ids)
+
+
+def test_fused_loss_takes_the_soft_cap_and_refuses_a_nonpositive_one():
+    from rslora_fast.models.causal_lm import fused_loss_supported
+
+    model = _peft("gemma2")
+    inner = model.base_model.model
+    ids = _ids(shape=(1, 5))
+    assert fused_loss_supported(inner, ids, {}) is None  # final_logit_softcapping=2.0
+    inner.config.final_logit_softcapping = 0.0
+    assert "final_logit_softcapping=0.0 is not a positive number" in fused_loss_supported(inner, ids, {})
+    assert model(input_ids=ids, labels=ids).logits is not None  # transformers' own forward ran
