@@ -3,7 +3,9 @@
 ``fused_loss_forward(model, ...)`` runs the decoder (``model.model``) and computes the loss with
 :func:`rslora_fast.ops.fused_ce.fused_linear_cross_entropy` on the frozen ``lm_head``. It applies when
 training with ``labels`` and the head is a plain, frozen, bias-free ``nn.Linear`` with no logit
-post-processing (soft-capping or scaling); otherwise callers use the model's own forward. The output
+post-processing other than soft-capping (Gemma 2's ``final_logit_softcapping``, applied inside the
+fused loss as ``cap * tanh(logits / cap)``); otherwise (e.g. Cohere's logit scaling) callers use the
+model's own forward. The output
 has ``logits=None`` (they are never computed), which is what training loops and HF ``Trainer`` need.
 """
 
@@ -18,8 +20,9 @@ from ..ops.fused_ce import IGNORE_INDEX, fused_linear_cross_entropy
 
 # kwargs that change what the head must produce: take the model's own path
 _UNSUPPORTED_KWARGS = ("logits_to_keep", "num_logits_to_keep", "return_dict")
-# config attributes that post-process logits (gemma2 soft-capping, cohere and granite scaling, ...)
-_LOGIT_POSTPROCESS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+# config attributes that post-process logits in ways the fused loss does not (cohere and granite scaling, ...)
+_LOGIT_POSTPROCESS = ("logit_scale", "output_multiplier_scale", "logits_scaling")
+_SOFTCAP = "final_logit_softcapping"  # gemma 2 (and gemma 3 when set): done inside the fused loss
 
 
 def _head(model: nn.Module) -> nn.Module | None:
@@ -41,6 +44,9 @@ def fused_loss_supported(model: nn.Module, labels: Any, kwargs: dict) -> str | N
     config = getattr(model, "config", None)
     if any(getattr(config, a, None) not in (None, 1, 1.0) for a in _LOGIT_POSTPROCESS):
         return "model post-processes its logits"
+    cap = getattr(config, _SOFTCAP, None)
+    if cap is not None and not (isinstance(cap, (int, float)) and cap > 0):
+        return f"{_SOFTCAP}={cap!r} is not a positive number"
     if not isinstance(getattr(model, "model", None), nn.Module):
         return "no inner decoder at model.model"
     return None
@@ -75,7 +81,11 @@ def fused_loss_forward(
     if h.dtype != w.dtype and not torch.is_autocast_enabled(h.device.type):
         w = w.to(h.dtype)  # compute the head in the activation dtype
     loss = fused_linear_cross_entropy(
-        h, w, shift_labels.reshape(-1).to(h.device), num_items_in_batch=num_items_in_batch
+        h,
+        w,
+        shift_labels.reshape(-1).to(h.device),
+        num_items_in_batch=num_items_in_batch,
+        softcap=getattr(getattr(model, "config", None), _SOFTCAP, None),
     )
     return CausalLMOutputWithPast(
         loss=loss,

@@ -1,19 +1,24 @@
-"""The fast decoder-layer path for llama-family models (llama, mistral, qwen2, qwen3) and gemma.
+"""The fast decoder-layer path for llama-family models (llama, mistral, qwen2, qwen3), gemma, gemma 2,
+gemma 3 (text) and phi-3.
 
 ``install_fast_decoder(model)`` switches, per module instance, what the generic transformers code
 does with many small kernels to our fused ones, keeping the module tree, the parameters and the
 checkpointing wrappers exactly as they are:
 
-* RMSNorm modules (``input_layernorm``, ``post_attention_layernorm``, the final norm, Qwen3's
+* RMSNorm modules (``input_layernorm``, ``post_attention_layernorm``, gemma 2/3's
+  ``pre_feedforward_layernorm``/``post_feedforward_layernorm``, the final norm, Qwen3's and Gemma 3's
   per-head ``q_norm``/``k_norm``) run :func:`rslora_fast.ops.rms_norm.rms_norm`: one kernel each
   way instead of cast / pow / mean / rsqrt / multiply / cast / multiply.
 * Attention modules compute q, k, v through :func:`rslora_fast.ops.lora_linear.lora_linears` (one
   autograd node for the three projections of the same input: their input gradients are summed in
-  one buffer) and rotate q and k in place with :func:`rslora_fast.ops.rope.apply_rope_` (one
-  launch for both, instead of slice / negate / concatenate / multiply / add per tensor). The
-  attention itself stays transformers' (SDPA, flash, eager: whatever the config selects), as does
-  the KV cache, so ``generate`` works unchanged.
-* MLP modules run the fused SwiGLU (GeGLU for gemma) forward of :mod:`rslora_fast.models.fast_mlp`.
+  one buffer; Phi-3's fused ``qkv_proj`` is one projection whose output is split) and rotate q and k
+  in place with :func:`rslora_fast.ops.rope.apply_rope_` (one launch for both, instead of slice /
+  negate / concatenate / multiply / add per tensor; a partial rotary factor rotates the leading
+  part of each head). The attention itself stays transformers' (SDPA, flash, flex, eager: whatever
+  the config selects, called with the same arguments, so Gemma 2's attention-logit soft-capping and
+  the sliding windows are what transformers makes of them), as do the masks, the per-layer-type
+  rotary tables of Gemma 3 and the KV cache, so ``generate`` works unchanged.
+* MLP modules run the fused SwiGLU (GeGLU for the gemmas) forward of :mod:`rslora_fast.models.fast_mlp`.
 
 Installed by ``get_peft_model`` (after the adapters are injected) and removed by ``unload`` /
 ``merge_and_unload``. A module that does not qualify keeps its generic forward; one log line gives
@@ -45,11 +50,29 @@ ATTENTION_CLASSES = (
     "Qwen2Attention",
     "Qwen3Attention",
     "GemmaAttention",
+    "Gemma2Attention",
+    "Gemma3Attention",
+    "Phi3Attention",
 )
-RMSNORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "GemmaRMSNorm")
+RMSNORM_CLASSES = (
+    "LlamaRMSNorm",
+    "MistralRMSNorm",
+    "Qwen2RMSNorm",
+    "Qwen3RMSNorm",
+    "GemmaRMSNorm",
+    "Gemma2RMSNorm",
+    "Gemma3RMSNorm",
+    "Phi3RMSNorm",
+)
 # Gemma normalizes as x_hat * (1 + w) in float32 with one rounding (our op's gemma=True) and names
 # its epsilon `eps`; the llama family rounds x_hat first and names it `variance_epsilon`.
-_GEMMA_NORMS = ("GemmaRMSNorm",)
+_GEMMA_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
+# What each attention class passes to the attention function besides q/k/v/mask/dropout/scaling,
+# exactly as its transformers forward does: the window from the config (Mistral, Phi-3) or the
+# module (per layer type: Gemma 2/3, Qwen2), and Gemma 2's attention-logit soft-capping (Gemma 3
+# stores `attn_logit_softcapping` but does not pass it).
+_CONFIG_WINDOW = ("MistralAttention", "Phi3Attention")
+_SOFTCAP = ("Gemma2Attention",)
 
 
 def _norm_eps(module: nn.Module) -> float | None:
@@ -86,23 +109,85 @@ def _has_backward_hooks(*modules: nn.Module | None) -> bool:
     return any(m is not None and (m._backward_hooks or m._backward_pre_hooks) for m in modules)
 
 
-def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_place: bool = True):
-    ok = (
-        in_place
-        and q.dtype == k.dtype == cos.dtype == sin.dtype
-        and q.device == cos.device
-        and q.stride(-1) == 1
-        and k.stride(-1) == 1
+def _in_place_ok(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    return (
+        x.dtype == cos.dtype == sin.dtype
+        and x.device == cos.device
+        and x.stride(-1) == 1
         and cos.dim() == 3
         and cos.shape == sin.shape
-        and cos.shape[-1] == q.shape[-1]
         and not cos.requires_grad
         and not sin.requires_grad
     )
-    if ok:
-        return apply_rope_(q, k, cos, sin)
-    c, s = cos.unsqueeze(1), sin.unsqueeze(1)  # transformers' apply_rotary_pos_emb, out of place
-    return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+
+
+def _rotate_out_of_place(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb for one tensor (c/s unsqueezed over heads); a partial
+    rotary table rotates the leading ``c.shape[-1]`` features and passes the rest through."""
+    rd = c.shape[-1]
+    if rd == x.shape[-1]:
+        return x * c + rotate_half(x) * s
+    xr = x[..., :rd]
+    return torch.cat((xr * c + rotate_half(xr) * s, x[..., rd:]), dim=-1)
+
+
+def _rotate(
+    q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, in_place: bool = True
+):
+    """q and k rotated by cos/sin (in place when possible). ``k=None``: q holds the query and key
+    heads together (Phi-3's fused projection) and is rotated alone; returns ``(q, None)``."""
+    rd = cos.shape[-1]
+    both = (q,) if k is None else (q, k)
+    if in_place and all(_in_place_ok(t, cos, sin) for t in both) and rd <= q.shape[-1]:
+        # a partial rotary table rotates the leading rd features of each head: the slices are views,
+        # so rotating them in place rotates q and k
+        qr = q if rd == q.shape[-1] else q[..., :rd]
+        if k is None:
+            kr = qr.new_empty((qr.shape[0], 0, *qr.shape[2:]))  # no separate key heads
+        else:
+            kr = k if rd == k.shape[-1] else k[..., :rd]
+        apply_rope_(qr, kr, cos, sin)
+        return q, k
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    return _rotate_out_of_place(q, c, s), None if k is None else _rotate_out_of_place(k, c, s)
+
+
+def _project_and_rotate(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q, k, v as ``[batch, heads, seq, head_dim]`` with q and k rotated (and normalized per head
+    first where the model has ``q_norm``/``k_norm``: Qwen3, Gemma 3)."""
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    norms = (getattr(self, "q_norm", None), getattr(self, "k_norm", None))
+    if getattr(self, "qkv_proj", None) is not None:  # Phi-3: one projection, split after
+        (qkv,) = lora_linears(hidden_states, (self.qkv_proj,))
+        nq = self.config.num_attention_heads * self.head_dim
+        nk = self.num_key_value_heads * self.head_dim
+        qk = qkv[..., : nq + nk].view(hidden_shape).transpose(1, 2)
+        qk, _ = _rotate(qk, None, cos, sin, in_place=not _has_backward_hooks(self.qkv_proj))
+        v = qkv[..., nq + nk :].view(hidden_shape).transpose(1, 2)
+        heads = self.config.num_attention_heads
+        return qk[:, :heads], qk[:, heads:], v
+    q, k, v = lora_linears(hidden_states, (self.q_proj, self.k_proj, self.v_proj))
+    q, k, v = q.view(hidden_shape), k.view(hidden_shape), v.view(hidden_shape)
+    if norms[0] is not None:  # RMSNorm over each head before rotation
+        q, k = norms[0](q), norms[1](k)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    hooked = _has_backward_hooks(self.q_proj, self.k_proj, *norms)
+    q, k = _rotate(q, k, cos, sin, in_place=not hooked)
+    return q, k, v
+
+
+def _attention_extra(self) -> dict[str, Any]:
+    """The arguments besides q/k/v that this class's transformers forward gives the attention."""
+    name = type(self).__name__
+    extra: dict[str, Any] = {}
+    if name in _CONFIG_WINDOW:
+        extra["sliding_window"] = getattr(self.config, "sliding_window", None)
+    elif hasattr(self, "sliding_window"):
+        extra["sliding_window"] = self.sliding_window
+    if name in _SOFTCAP:
+        extra["softcap"] = self.attn_logit_softcapping
+    return extra
 
 
 def _fast_attention_forward(
@@ -116,26 +201,12 @@ def _fast_attention_forward(
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, self.head_dim)
-    q, k, v = lora_linears(hidden_states, (self.q_proj, self.k_proj, self.v_proj))
-    q, k, v = q.view(hidden_shape), k.view(hidden_shape), v.view(hidden_shape)
-    if getattr(self, "q_norm", None) is not None:  # Qwen3: RMSNorm over each head before rotation
-        q, k = self.q_norm(q), self.k_norm(k)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     cos, sin = position_embeddings
-    hooked = _has_backward_hooks(
-        self.q_proj, self.k_proj, getattr(self, "q_norm", None), getattr(self, "k_norm", None)
-    )
-    q, k = _rotate(q, k, cos, sin, in_place=not hooked)
+    q, k, v = _project_and_rotate(self, hidden_states, cos, sin)
     if past_key_values is not None:
         k, v = past_key_values.update(k, v, self.layer_idx)
     eager = sys.modules[type(self).__module__].eager_attention_forward
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
-    extra = {}
-    if type(self).__name__ == "MistralAttention":
-        extra["sliding_window"] = getattr(self.config, "sliding_window", None)
-    elif hasattr(self, "sliding_window"):
-        extra["sliding_window"] = self.sliding_window
     out, weights = attention(
         self,
         q,
@@ -144,7 +215,7 @@ def _fast_attention_forward(
         attention_mask,
         dropout=0.0 if not self.training else self.attention_dropout,
         scaling=self.scaling,
-        **extra,
+        **_attention_extra(self),
         **kwargs,
     )
     out = out.reshape(*input_shape, -1).contiguous()
@@ -155,10 +226,22 @@ def _attention_why_not(module: nn.Module) -> str | None:
     name = type(module).__name__
     if name not in ATTENTION_CLASSES:
         return f"{name} is not a supported attention"
+    fused = ("qkv_proj", "o_proj")  # Phi-3
     if not all(
         isinstance(getattr(module, p, None), nn.Module) for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+    ) and not all(isinstance(getattr(module, p, None), nn.Module) for p in fused):
+        return f"{name} lacks q/k/v/o (or qkv/o) projections"
+    if isinstance(getattr(module, "qkv_proj", None), nn.Module) and not isinstance(
+        getattr(module, "num_key_value_heads", None), int
     ):
-        return f"{name} lacks q/k/v/o projections"
+        return f"{name} has qkv_proj but no num_key_value_heads (unknown transformers layout)"
+    if (
+        isinstance(getattr(module, "qkv_proj", None), nn.Module)
+        and getattr(module, "q_norm", None) is not None
+    ):
+        return f"{name} has qkv_proj and q_norm (a layout the fused-projection path does not cover)"
+    if name in _SOFTCAP and not hasattr(module, "attn_logit_softcapping"):
+        return f"{name} has no attn_logit_softcapping (unknown transformers layout)"
     if not hasattr(sys.modules.get(type(module).__module__), "eager_attention_forward"):
         return f"{name}'s module has no eager_attention_forward (unknown transformers layout)"
     for attr in ("head_dim", "scaling", "attention_dropout", "layer_idx", "config"):
@@ -209,7 +292,25 @@ def install_fast_decoder(model: nn.Module) -> dict[str, int]:
         done = ", ".join(f"{n} {kind}" for kind, n in counts.items())
         rest = "; ".join(f"{n} x {r}" for r, n in skipped.items()) or "none"
         logger.info("fast path: %s modules use fused kernels; generic path: %s", done, rest)
+    _warn_if_softcap_ignored(model)
     return counts
+
+
+def _warn_if_softcap_ignored(model: nn.Module) -> None:
+    """SDPA has no score soft-capping: transformers passes Gemma 2's cap to it and it is dropped
+    (in transformers' own forward too). Say so, since the model then trains without it."""
+    for module in model.modules():
+        cap = getattr(module, "attn_logit_softcapping", None)
+        impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        if type(module).__name__ in _SOFTCAP and cap is not None and "sdpa" in str(impl):
+            logger.warning(
+                "attn_logit_softcapping=%s is not applied: attn_implementation=%r cannot soft-cap "
+                "attention scores (transformers ignores it the same way); load the model with "
+                "attn_implementation='eager' (or 'flex_attention') to train with it",
+                cap,
+                impl,
+            )
+            return
 
 
 _FAST_FORWARDS = {forward for _, _, forward, _ in _KINDS}

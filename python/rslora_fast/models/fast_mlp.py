@@ -1,9 +1,11 @@
-"""Fused gated MLP: ``down(swiglu(gate(x), up(x)))`` for the llama family, ``down(geglu(...))`` for gemma.
+"""Fused gated MLP: ``down(swiglu(gate(x), up(x)))`` for the llama family and phi-3, ``down(geglu(...))``
+for the gemmas.
 
 transformers computes ``act_fn(gate_proj(x)) * up_proj(x)`` as separate kernels (SiLU, multiply, and
 more in backward); :func:`rslora_fast.ops.swiglu` does it in one pass each way. The projections stay
 whatever they are (``nn.Linear``, ``Linear4bit``, LoRA-wrapped); gate and up run as one fused LoRA
-node (:func:`rslora_fast.ops.lora_linear.lora_linears`) when they qualify. Installed per MLP instance by
+node (:func:`rslora_fast.ops.lora_linear.lora_linears`) when they qualify. Phi-3's ``gate_up_proj``
+is one projection (one adapter, as in HF peft) whose output halves are gate and up. Installed per MLP instance by
 ``get_peft_model`` (through :func:`rslora_fast.models.fast_decoder.install_fast_decoder`) and removed
 by ``unload`` / ``merge_and_unload``.
 """
@@ -20,8 +22,11 @@ from ..ops.geglu import geglu
 from ..ops.lora_linear import lora_linears
 from ..ops.swiglu import swiglu
 
-SWIGLU_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
-GEGLU_MLP_CLASSES = ("GemmaMLP",)
+SWIGLU_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Phi3MLP")
+GEGLU_MLP_CLASSES = ("GemmaMLP", "Gemma2MLP", "Gemma3MLP")
+# the config attribute naming the activation: gemma 2/3 renamed it
+_ACT_ATTR = {"Gemma2MLP": "hidden_activation", "Gemma3MLP": "hidden_activation"}
+_FUSED_GATE_UP = ("Phi3MLP",)  # gate_up_proj: [gate | up] along the output features
 _SILU = ("silu", "swish")
 # transformers' activation names -> torch.nn.functional.gelu(approximate=...), exactly those two
 _GELU = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}
@@ -35,12 +40,22 @@ _GELU = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}
 TILE_TOKENS = 16384
 
 
+def _activation(module: nn.Module) -> str | None:
+    name = type(module).__name__
+    return getattr(getattr(module, "config", None), _ACT_ATTR.get(name, "hidden_act"), None)
+
+
 def _untiled(self, x):
-    # gate and up share x: one autograd node, one input-gradient buffer (falls back to calling the
-    # two projections when they cannot be fused).
-    gate, up = lora_linears(x, [self.gate_proj, self.up_proj])
-    if type(self).__name__ in GEGLU_MLP_CLASSES:
-        return self.down_proj(geglu(gate, up, _GELU[self.config.hidden_act]))
+    name = type(self).__name__
+    if name in _FUSED_GATE_UP:
+        (gate_up,) = lora_linears(x, [self.gate_up_proj])
+        gate, up = gate_up.chunk(2, dim=-1)
+    else:
+        # gate and up share x: one autograd node, one input-gradient buffer (falls back to calling
+        # the two projections when they cannot be fused).
+        gate, up = lora_linears(x, [self.gate_proj, self.up_proj])
+    if name in GEGLU_MLP_CLASSES:
+        return self.down_proj(geglu(gate, up, _GELU[_activation(self)]))
     return self.down_proj(swiglu(gate, up))
 
 
@@ -122,7 +137,7 @@ class _TiledMLP(torch.autograd.Function):
 
 def _why_not(module: nn.Module) -> str | None:
     name = type(module).__name__
-    act = getattr(getattr(module, "config", None), "hidden_act", None)
+    act = _activation(module)
     if name in GEGLU_MLP_CLASSES:
         if act not in _GELU:
             return f"{name} activation {act!r} is not gelu or gelu_pytorch_tanh"
@@ -130,8 +145,9 @@ def _why_not(module: nn.Module) -> str | None:
         return f"{name} is not a supported gated MLP"
     elif act not in _SILU:
         return f"{name} activation is not SiLU"
-    if not all(
-        isinstance(getattr(module, p, None), nn.Module) for p in ("gate_proj", "up_proj", "down_proj")
-    ):
-        return f"{name} lacks gate/up/down projections"
+    projections = (
+        ("gate_up_proj", "down_proj") if name in _FUSED_GATE_UP else ("gate_proj", "up_proj", "down_proj")
+    )
+    if not all(isinstance(getattr(module, p, None), nn.Module) for p in projections):
+        return f"{name} lacks {'/'.join(projections)} projections"
     return None

@@ -14,6 +14,10 @@ float32 chunk is about 0.25 GiB (on the CUDA kernel path the chunk stays in the 
 a bf16 chunk is half that), instead of about 6 GiB of logits, their float32 copy and their gradients
 for Llama-3 at 4,096 tokens.
 
+With ``softcap`` (Gemma 2's ``final_logit_softcapping``) the logits are ``softcap * tanh(logits /
+softcap)`` before the loss, as transformers computes them; the chunks then run the plain-torch path
+in float32 on every device (our kernels take the logits as they are).
+
 A target outside ``[0, vocab)`` other than ``-100``: the CPU path raises ``IndexError``; the CUDA
 kernels give that token a NaN loss (so the step's loss is NaN) rather than stopping the device.
 """
@@ -39,12 +43,13 @@ def default_chunk_tokens(vocab_size: int, budget_bytes: int = 256 * 2**20) -> in
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, denom, chunk):  # noqa: D417
+    def forward(ctx, hidden, weight, targets, denom, chunk, softcap):  # noqa: D417
         n = hidden.shape[0]
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         ctx.chunk = chunk
-        ctx.kernels = _use_kernels(hidden)
+        ctx.softcap = softcap
+        ctx.kernels = softcap is None and _use_kernels(hidden)
         if ctx.kernels:
             from .cross_entropy import cross_entropy_fwd
 
@@ -60,7 +65,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         safe_t = torch.where(valid, targets, 0)
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            logits = (hidden[s:e] @ weight.t()).float()
+            logits = _capped(hidden[s:e] @ weight.t(), softcap)[0]
             lse_c = torch.logsumexp(logits, dim=-1)
             tgt = logits.gather(1, safe_t[s:e, None]).squeeze(1)
             total += ((lse_c - tgt) * valid[s:e]).sum()
@@ -71,7 +76,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         if ctx.kernels:
             return _backward_kernels(ctx, grad)
         hidden, weight, safe_t, valid, lse, denom = ctx.saved_tensors
@@ -80,11 +85,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         n, chunk = hidden.shape[0], ctx.chunk
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            p = torch.exp((hidden[s:e] @ weight.t()).float() - lse[s:e, None])
+            logits, t = _capped(hidden[s:e] @ weight.t(), ctx.softcap)
+            p = torch.exp(logits - lse[s:e, None])
             p.scatter_add_(1, safe_t[s:e, None], torch.full((e - s, 1), -1.0, device=p.device))
             p *= (valid[s:e].float() * scale)[:, None]
+            if t is not None:  # d(c * tanh(z / c)) / dz = 1 - tanh(z / c)^2
+                p *= 1.0 - t * t
             dh[s:e] = p.to(hidden.dtype) @ weight
-        return dh, None, None, None, None
+        return dh, None, None, None, None, None
 
 
 def _backward_kernels(ctx, grad):
@@ -100,7 +108,16 @@ def _backward_kernels(ctx, grad):
         logits = hidden[s:e] @ weight.t()  # recomputed, nobody else reads it: overwritten in place
         cross_entropy_bwd_(logits, lse[s:e], targets[s:e], row_scale[s:e], IGNORE_INDEX)
         torch.mm(logits, weight, out=dh[s:e])
-    return dh, None, None, None, None
+    return dh, None, None, None, None, None
+
+
+def _capped(logits: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float32 ``softcap * tanh(logits / softcap)`` and the tanh (``logits, None`` without a cap)."""
+    logits = logits.float()
+    if softcap is None:
+        return logits, None
+    t = torch.tanh(logits / softcap)
+    return t * softcap, t
 
 
 def fused_linear_cross_entropy(
@@ -110,6 +127,7 @@ def fused_linear_cross_entropy(
     *,
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_tokens: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight^T`` against ``targets`` without materializing the logits.
 
@@ -120,12 +138,14 @@ def fused_linear_cross_entropy(
         num_items_in_batch: divide the summed loss by this (transformers' gradient-accumulation
             convention); default: the number of non-ignored targets (a mean).
         chunk_tokens: tokens per chunk; default keeps one chunk's float32 logits near 256 MiB.
+        softcap: when given, the loss is taken on ``softcap * tanh(logits / softcap)`` (a positive
+            float: Gemma 2's ``final_logit_softcapping``).
 
     Returns:
         A scalar float32 loss, differentiable with respect to ``hidden`` only.
 
     Raises:
-        ValueError: on mismatched shapes, dtypes or devices.
+        ValueError: on mismatched shapes, dtypes or devices, or a ``softcap`` that is not positive.
     """
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -139,6 +159,7 @@ def fused_linear_cross_entropy(
                 targets,
                 num_items_in_batch=num_items_in_batch,
                 chunk_tokens=chunk_tokens,
+                softcap=softcap,
             )
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden {tuple(hidden.shape)} and head weight {tuple(weight.shape)} do not fit")
@@ -150,9 +171,12 @@ def fused_linear_cross_entropy(
         )
     if chunk_tokens is not None and chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be a positive number of tokens, got {chunk_tokens}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive float (or None for no soft-capping), got {softcap!r}")
     if num_items_in_batch is None:
         denom = (targets != IGNORE_INDEX).sum().clamp_min(1).float()
     else:
         denom = torch.as_tensor(num_items_in_batch, device=hidden.device).float()
     chunk = chunk_tokens or default_chunk_tokens(weight.shape[0])
-    return _FusedLinearCrossEntropy.apply(hidden, weight, targets.to(hidden.device), denom, chunk)
+    cap = None if softcap is None else float(softcap)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, targets.to(hidden.device), denom, chunk, cap)

@@ -119,7 +119,8 @@ def _launch(q, k, cos, sin, backward: bool) -> None:
     device, stream = stream_of(q)
     core().rope_apply(
         q.data_ptr(),
-        q.data_ptr() if k is None else k.data_ptr(),  # never read with 0 k heads
+        # never read with 0 k heads (an empty k, whose data_ptr() is 0, rotates q alone)
+        q.data_ptr() if k is None or k.numel() == 0 else k.data_ptr(),
         cos.data_ptr(),
         sin.data_ptr(),
         b,

@@ -18,7 +18,7 @@ from . import init as _init
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
 from .io import load_adapter_weights, save_adapter
 from .layer import LoraLinear, ModulesToSaveWrapper
-from .targets import find_targets, is_4bit_linear, output_head_name, pattern_value
+from .targets import find_targets, is_4bit_linear, output_head_name, pattern_value, with_fused_projections
 
 ACCEPTED_KWARGS = (
     "modules_to_save",
@@ -79,6 +79,7 @@ def _init_layer(layer: LoraLinear, init: bool | str, gen: torch.Generator, loftq
 
 
 def _inject(model: nn.Module, config: LoraConfig, gen: torch.Generator) -> None:
+    config.target_modules = with_fused_projections(model, config.target_modules)
     targets = find_targets(model, config)
     if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
         # like PEFT >= 0.15: record the resolved full module paths so the saved config is explicit

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,12 @@ if TYPE_CHECKING:
     from .config import LoraConfig
 
 ALL_LINEAR = "all-linear"
+logger = logging.getLogger(__name__)
+
+# Projections that some families fuse into one layer (Phi-3). A target list naming any part, on a
+# model that has the fused layer and none of the parts, adapts the fused layer: one LoRA pair over
+# its whole output, as HF peft does when target_modules names the fused layer.
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def is_4bit_linear(module: nn.Module) -> bool:
@@ -53,6 +60,22 @@ def linear_leaf_names(model: nn.Module) -> list[str]:
     return sorted(
         {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and is_linear_like(m)}
     )
+
+
+def with_fused_projections(model: nn.Module, target_modules):
+    """``target_modules`` with the parts of a fused projection replaced by the fused layer's name
+    (e.g. the default q/k/v/gate/up names on Phi-3: ``qkv_proj``, ``gate_up_proj``); logs each
+    replacement. Strings (regex, ``all-linear``) are returned as they are."""
+    if not isinstance(target_modules, list):
+        return target_modules
+    leaves = set(linear_leaf_names(model))
+    out = list(target_modules)
+    for fused, parts in FUSED_PROJECTIONS.items():
+        named = [p for p in parts if p in out]
+        if named and fused in leaves and fused not in out and not leaves.intersection(parts):
+            out = [t for t in out if t not in parts] + [fused]
+            logger.info("target_modules: %s -> %s (this model fuses them into one layer)", named, fused)
+    return out
 
 
 def _name_matches_list(name: str, entries) -> bool:
