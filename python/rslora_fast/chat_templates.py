@@ -26,6 +26,7 @@ __all__ = [
     "Family",
     "get_chat_template",
     "response_mask",
+    "standardize_data_formats",
     "standardize_sharegpt",
     "template_parts",
     "train_on_responses_only",
@@ -386,6 +387,17 @@ def standardize_sharegpt(dataset, aliases_for_system=None, aliases_for_user=None
     if hasattr(dataset, "map") and hasattr(dataset, "column_names"):
         return dataset.map(convert)
     return [convert(r) for r in dataset]
+
+
+def standardize_data_formats(
+    dataset, aliases_for_system=None, aliases_for_user=None, aliases_for_assistant=None
+):
+    """Unsloth's newer name for :func:`standardize_sharegpt` (Gemma 3 notebooks call it).
+
+    Rows in ShareGPT (``from``/``value``) or OpenAI (``role``/``content``) form both come out as
+    ``role``/``content``, so it is safe on data already in the second form.
+    """
+    return standardize_sharegpt(dataset, aliases_for_system, aliases_for_user, aliases_for_assistant)
 
 
 # ----------------------------------------------------------------------------- responses-only loss

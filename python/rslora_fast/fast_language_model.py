@@ -245,5 +245,46 @@ class FastLanguageModel:
         return model
 
 
+#: Target modules that Unsloth's FastModel flags stand for, in the language model.
+_ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+_MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
+
+
+def _targets_from_finetune_flags(kwargs: dict) -> list[str] | None:
+    """``target_modules`` from Unsloth's ``finetune_*`` flags (popped from ``kwargs``); None: not given."""
+    flags = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("finetune_")}
+    unknown = sorted(set(flags) - {"finetune_vision_layers", "finetune_language_layers",
+                                   "finetune_attention_modules", "finetune_mlp_modules"})  # fmt: skip
+    if unknown:
+        raise TypeError(f"get_peft_model() got unexpected keyword argument(s) {unknown}")
+    if not flags:
+        return None
+    if flags.get("finetune_vision_layers"):
+        log.info("get_peft_model: finetune_vision_layers=True: text models have no vision layers")
+    if not flags.get("finetune_language_layers", True):
+        raise ValueError("finetune_language_layers=False leaves nothing to train in a text model; pass True")
+    targets = _ATTENTION_MODULES if flags.get("finetune_attention_modules", True) else []
+    targets = targets + (_MLP_MODULES if flags.get("finetune_mlp_modules", True) else [])
+    if not targets:
+        raise ValueError(
+            "finetune_attention_modules=False and finetune_mlp_modules=False select no layer; "
+            "set one of them to True (or pass target_modules=)"
+        )
+    return targets
+
+
 class FastModel(FastLanguageModel):
-    """Alias of :class:`FastLanguageModel` for any supported model family."""
+    """:class:`FastLanguageModel` under the name Unsloth uses for any model family.
+
+    Its ``get_peft_model`` also takes Unsloth's ``finetune_vision_layers`` /
+    ``finetune_language_layers`` / ``finetune_attention_modules`` / ``finetune_mlp_modules`` flags:
+    attention means ``q/k/v/o_proj``, MLP ``gate/up/down_proj``; an explicit ``target_modules`` wins.
+    """
+
+    @staticmethod
+    def get_peft_model(model: nn.Module, *args: Any, **kwargs: Any):
+        """:func:`rslora_fast.get_peft_model`, plus Unsloth's ``finetune_*`` flags (see the class)."""
+        targets = _targets_from_finetune_flags(kwargs)
+        if targets is not None and "target_modules" not in kwargs and len(args) < 2:
+            kwargs["target_modules"] = targets
+        return _get_peft_model(model, *args, **kwargs)
