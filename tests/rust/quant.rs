@@ -318,3 +318,18 @@ fn quantized_tensor_end_to_end() {
     assert_eq!(bnb_key_suffixes(QuantType::Nf4, true).len(), 5);
     assert!(QuantizedTensor::quantize(&x, &[5, 5], "float16", 64, QuantType::Nf4, true).is_err());
 }
+
+#[test]
+fn json_escapes_the_dtype_string() {
+    let st = QuantState {
+        quant_type: QuantType::Nf4,
+        blocksize: 64,
+        dtype: "float16\", \"blocksize\": 4096, \"x\": \"\\".into(),
+        shape: vec![2],
+        nested: None,
+    };
+    let v: serde_json::Value = serde_json::from_slice(&st.to_json()).expect("valid JSON");
+    assert_eq!(v["dtype"], serde_json::Value::String(st.dtype.clone()));
+    assert_eq!(v["blocksize"], 64, "the dtype text cannot inject keys");
+    assert!(v.get("x").is_none());
+}
