@@ -27,6 +27,7 @@ from ..errors import QuantFormatError
 
 __all__ = [
     "QuantState",
+    "check_finite_scales",
     "dequantize_4bit",
     "dequantize_4bit_reference",
     "dynamic_map",
@@ -286,7 +287,30 @@ class QuantState:
             raise QuantFormatError(
                 f"{base}.absmax must be float32 without double quantization, got {absmax.dtype}"
             )
+        check_finite_scales(state, base)
         return packed.reshape(-1, 1), state
+
+
+def check_finite_scales(state: QuantState, what: str) -> None:
+    """Raise :class:`QuantFormatError` naming ``what`` if a block scale is NaN or infinite.
+
+    A NaN or infinite weight makes its block's scale NaN/inf (the quantizer keeps NaN, as
+    bitsandbytes does), and a corrupted file can hold one directly; either way every value of
+    the block would dequantize to NaN, so loaders refuse it instead of training on it.
+    """
+    if state.nested:
+        bad = (~torch.isfinite(state.nested_absmax.float())).sum().item()
+        if bad or not math.isfinite(float(state.nested_offset)):
+            raise QuantFormatError(
+                f"{what}: {bad} non-finite nested_absmax value(s) (offset {state.nested_offset}); "
+                "the weight holds NaN/inf or the file is corrupted"
+            )
+    elif state.absmax.is_floating_point():
+        bad = (~torch.isfinite(state.absmax)).sum().item()
+        if bad:
+            raise QuantFormatError(
+                f"{what}: {bad} non-finite absmax value(s); the weight holds NaN/inf or the file is corrupted"
+            )
 
 
 def parse_quant_state(raw: bytes, what: str = "quant_state") -> dict:
