@@ -126,11 +126,14 @@ impl Encoder4 {
     /// Code of a normalized value (already clamped to [-1, 1]).
     #[inline]
     pub fn encode(&self, x: f32) -> u8 {
-        // Count of midpoints strictly below x; branch-free so the loop vectorizes. NaN counts
-        // as above every midpoint (the last code of the order), as bitsandbytes encodes it.
+        // NaN takes the last code of the order (above every midpoint), as bitsandbytes encodes it.
+        if x.is_nan() {
+            return self.order[self.order.len() - 1];
+        }
+        // Count of midpoints strictly below x; branch-free so the loop vectorizes.
         let mut slot = 0u8;
         for &t in &self.midpoints {
-            slot += !(x <= t) as u8;
+            slot += (x > t) as u8;
         }
         self.order[slot as usize]
     }
