@@ -241,6 +241,10 @@ def nf4_quantize_cuda(
 ) -> None:
     """Quantize on the GPU; the same bytes as :func:`nf4_quantize_cpu`."""
 
+# ---------------------------------------------------------------------------- patterns
+def regex_fullmatch(pattern: str, names: list[str]) -> list[bool]:
+    """Whether each name matches ``pattern`` entirely, with the linear-time ``regex`` crate."""
+
 # ---------------------------------------------------------------------------- offload
 class OffloadScheduler:
     """Pinned host-memory pool + offload / prefetch / wait scheduler (host or CUDA transport)."""
