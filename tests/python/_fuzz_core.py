@@ -195,6 +195,12 @@ def f_quant_state_json(rng):
     assert json.loads(out)["dtype"] == dtype  # escaped, whatever the text
 
 
+def f_regex_fullmatch(rng):
+    pattern = rng.choice(("(.*)*X", "(a+)+$", "(?=a)b", "(", "x" * 5000, "a{1000}{1000}", ".*q_proj"))
+    names = ["model.layers.0." + "a" * rng.randrange(0, 200) for _ in range(rng.randrange(0, 4))]
+    _core.regex_fullmatch(pattern, names)
+
+
 def f_nf4_dequantize_cuda(rng):
     a = [dev_ptr(rng) for _ in range(5)] + [0.0, dev_ptr(rng), some_int(rng), 64, "nf4", "bfloat16", 0, 0]
     if rng.random() < 0.3:
