@@ -4,6 +4,7 @@
 //! The PyO3 bindings live in `python` behind the `python` feature, so `cargo test` and
 //! `cargo bench` need neither Python nor a GPU.
 
+pub mod args;
 pub mod cuda;
 pub mod error;
 pub mod kernels;

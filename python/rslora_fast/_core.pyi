@@ -11,8 +11,11 @@ from typing import Any
 class RsloraError(Exception):
     """Base class of every error raised by the extension."""
 
-class InvalidArgumentError(RsloraError):
+class InvalidArgumentError(RsloraError, ValueError):
     """A shape, size, pointer or option the call cannot accept."""
+
+class HostMemoryError(RsloraError, MemoryError):
+    """Host memory could not be allocated or the offload pool's cap was reached."""
 
 class CudaError(RsloraError):
     """A CUDA driver call failed (the message names the call and the CUDA error)."""
@@ -156,17 +159,46 @@ def rms_norm_bwd_dx(
     """Input gradient of RMSNorm only (frozen weight) into ``dx``: one pass, no ``dw`` partials."""
 
 # ---------------------------------------------------------------------------- 4-bit quantization
-def nf4_quantize_cpu(src: int, n: int, blocksize: int, quant_type: str, packed: int, absmax: int) -> None:
-    """Quantize ``n`` float32 host values into packed bytes and float32 block scales."""
+def nf4_quantize_cpu(
+    src: int,
+    src_len: int,
+    blocksize: int,
+    quant_type: str,
+    packed: int,
+    packed_len: int,
+    absmax: int,
+    absmax_len: int,
+) -> None:
+    """Quantize ``src_len`` float32 host values into packed bytes and float32 block scales
+    (each ``*_len`` is the element count of the buffer passed; a wrong one raises)."""
 
-def nf4_dequantize_cpu(packed: int, absmax: int, n: int, blocksize: int, quant_type: str, out: int) -> None:
-    """Dequantize ``n`` elements into the float32 host buffer ``out``."""
+def nf4_dequantize_cpu(
+    packed: int,
+    packed_len: int,
+    absmax: int,
+    absmax_len: int,
+    blocksize: int,
+    quant_type: str,
+    out: int,
+    out_len: int,
+) -> None:
+    """Dequantize ``out_len`` elements into the float32 host buffer ``out``."""
 
-def double_quant_cpu(absmax: int, n: int, offset: float, codes: int, nested_absmax: int) -> None:
-    """Double-quantize ``n`` block scales (minus ``offset``) to uint8 codes + nested scales."""
+def double_quant_cpu(
+    absmax: int,
+    absmax_len: int,
+    offset: float,
+    codes: int,
+    codes_len: int,
+    nested_absmax: int,
+    nested_len: int,
+) -> None:
+    """Double-quantize ``absmax_len`` block scales (minus ``offset``) to uint8 codes + nested scales."""
 
-def dequant_scales_cpu(codes: int, nested_absmax: int, offset: float, n: int, out: int) -> None:
-    """Undo double quantization of ``n`` block scales into float32 ``out``."""
+def dequant_scales_cpu(
+    codes: int, codes_len: int, nested_absmax: int, nested_len: int, offset: float, out: int, out_len: int
+) -> None:
+    """Undo double quantization of ``codes_len`` block scales into float32 ``out``."""
 
 def dynamic_map() -> list[float]:
     """The signed 8-bit dynamic map (256 sorted float32 values) used for double quantization."""
@@ -208,6 +240,10 @@ def nf4_quantize_cuda(
     stream: int,
 ) -> None:
     """Quantize on the GPU; the same bytes as :func:`nf4_quantize_cpu`."""
+
+# ---------------------------------------------------------------------------- patterns
+def regex_fullmatch(pattern: str, names: list[str]) -> list[bool]:
+    """Whether each name matches ``pattern`` entirely, with the linear-time ``regex`` crate."""
 
 # ---------------------------------------------------------------------------- offload
 class OffloadScheduler:

@@ -4,6 +4,11 @@ Every error rslora_fast raises on purpose derives from :class:`RsloraError`. The
 (``src/python/errors.rs``) raises the classes defined in ``rslora_fast._core`` with the same names;
 they are re-exported here when the extension is present so ``except rslora_fast.RsloraError`` catches
 both.
+
+Two classes also derive from a builtin, so older ``except`` clauses keep working:
+:class:`InvalidArgumentError` is a ``ValueError`` (a size, shape, pointer or option the call cannot
+accept) and :class:`HostMemoryError` is a ``MemoryError`` (host memory refused or the offload cap
+reached).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 try:  # the extension defines the canonical classes (so Rust can raise them)
     from ._core import (  # type: ignore[attr-defined]
         CudaError,
+        HostMemoryError,
+        InvalidArgumentError,
         KernelsUnavailableError,
         OffloadError,
         QuantFormatError,
@@ -32,6 +39,12 @@ except ImportError:  # pure-Python source tree without the built extension
 
     class OffloadError(RsloraError):
         """The activation-offload scheduler was misused or ran out of host memory."""
+
+    class InvalidArgumentError(RsloraError, ValueError):
+        """An argument is not acceptable (a size, shape, pointer or option)."""
+
+    class HostMemoryError(RsloraError, MemoryError):
+        """Host memory could not be allocated or a configured cap was reached."""
 
 
 class DataError(RsloraError, ValueError):
@@ -57,6 +70,8 @@ class TrainingDivergedError(RsloraError):
 __all__ = [
     "CudaError",
     "DataError",
+    "HostMemoryError",
+    "InvalidArgumentError",
     "KernelsUnavailableError",
     "OffloadError",
     "QuantFormatError",

@@ -707,7 +707,7 @@ def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
-    from .quant.functional import QuantState, dequantize_4bit, quantize_4bit
+    from .quant.functional import QuantState, check_finite_scales, dequantize_4bit, quantize_4bit
     from .quant.linear4bit import Linear4bit, check_quant_args
 
     if gguf_path is not None:
@@ -896,6 +896,7 @@ def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote
                         try:
                             packed, state = quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
                                                           compress_statistics=double_quant)  # fmt: skip
+                            check_finite_scales(state, "scales")  # NaN/inf weights: refused, named
                         except QuantFormatError as exc:
                             raise QuantFormatError(f"{path}: tensor {key!r}: {exc}") from exc
                         del w

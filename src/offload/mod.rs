@@ -13,6 +13,6 @@ pub mod scheduler;
 pub mod transport;
 
 pub use cuda::{CudaEvent, CudaTransport};
-pub use pool::{size_class, Block, HostPool, PoolStats};
+pub use pool::{size_class, Block, HostPool, PoolStats, MAX_REQUEST};
 pub use scheduler::{HandleState, Scheduler, SchedulerStats};
 pub use transport::{HostTransport, Transport, HOST_ALIGN};

@@ -18,17 +18,28 @@ use crate::{Error, Result};
 /// Smallest block; requests below it share this class.
 pub const MIN_BLOCK: usize = 4096;
 
+/// Largest request the pool accepts: its class must fit in `isize` (Rust's object size limit).
+pub const MAX_REQUEST: usize = (isize::MAX as usize) / 2;
+
 /// The size class (bytes actually reserved) for a request of `bytes`.
 ///
 /// Up to 64 KiB: multiples of 4 KiB. Above: 16 steps per power of two, i.e. rounded up to a
-/// multiple of `2^(floor(log2 bytes) - 4)`, which wastes at most 1/16 of the request.
-pub fn size_class(bytes: usize) -> usize {
+/// multiple of `2^(floor(log2 bytes) - 4)`, which wastes at most 1/16 of the request. A request
+/// above [`MAX_REQUEST`] is an [`Error::InvalidArgument`] (its class would not fit).
+pub fn size_class(bytes: usize) -> Result<usize> {
+    if bytes > MAX_REQUEST {
+        return Err(Error::invalid(format!(
+            "cannot reserve a host block of {bytes} bytes (at most {MAX_REQUEST})"
+        )));
+    }
     let b = bytes.max(1);
     if b <= 16 * MIN_BLOCK {
-        return b.div_ceil(MIN_BLOCK) * MIN_BLOCK;
+        return Ok(b.div_ceil(MIN_BLOCK) * MIN_BLOCK);
     }
     let step = 1usize << (usize::BITS - 1 - b.leading_zeros() - 4);
-    b.div_ceil(step) * step
+    b.div_ceil(step)
+        .checked_mul(step)
+        .ok_or_else(|| Error::invalid(format!("size class of {bytes} bytes overflows")))
 }
 
 /// One host block owned by the pool.
@@ -126,7 +137,7 @@ impl<T: Transport> HostPool<T> {
 
     /// A block of at least `bytes`: reused when one is idle, else allocated.
     pub fn acquire(&mut self, t: &mut T, bytes: usize) -> Result<Block> {
-        let class = size_class(bytes);
+        let class = size_class(bytes)?;
         self.reap(t)?;
         let block = match self.pop_free(class) {
             Some(b) => b,
@@ -140,7 +151,17 @@ impl<T: Transport> HostPool<T> {
     /// Give a block back. `in_flight` is the event of the last copy that touched it, if that copy
     /// may not have finished; the block is reused only after it has.
     pub fn release(&mut self, t: &mut T, block: Block, in_flight: Option<T::Event>) -> Result<()> {
-        self.stats.in_use_bytes -= block.bytes;
+        // A block the pool did not hand out (or one released twice) would wrap the counter.
+        self.stats.in_use_bytes = self
+            .stats
+            .in_use_bytes
+            .checked_sub(block.bytes)
+            .ok_or_else(|| {
+                Error::Offload(format!(
+                    "released a {}-byte block while only {} bytes are in use (double release?)",
+                    block.bytes, self.stats.in_use_bytes
+                ))
+            })?;
         match in_flight {
             Some(ev) if !t.is_complete(ev)? => self.pending.push((block, ev)),
             Some(ev) => {
@@ -198,7 +219,7 @@ impl<T: Transport> HostPool<T> {
 
     fn make_room_and_alloc(&mut self, t: &mut T, class: usize, asked: usize) -> Result<Block> {
         if let Some(cap) = self.cap {
-            while self.reserved_bytes() + class > cap {
+            while self.reserved_bytes().saturating_add(class) > cap {
                 // Cheapest first: idle blocks of other classes are simply freed.
                 if let Some((&c, _)) = self.free.iter().next_back() {
                     let b = self.pop_free(c).expect("class listed as non-empty");
@@ -273,12 +294,12 @@ impl<T: Transport> HostPool<T> {
 
     fn dealloc(&mut self, t: &mut T, b: Block) {
         if b.pinned {
-            self.stats.pinned_bytes -= b.bytes;
+            self.stats.pinned_bytes = self.stats.pinned_bytes.saturating_sub(b.bytes);
             // SAFETY: the block came from `alloc_pinned(b.bytes)`, is owned by the pool (so freed
             // once) and is idle: no copy touches it (pending blocks are synchronized first).
             unsafe { t.free_pinned(b.ptr, b.bytes) };
         } else {
-            self.stats.pageable_bytes -= b.bytes;
+            self.stats.pageable_bytes = self.stats.pageable_bytes.saturating_sub(b.bytes);
             // SAFETY: as above, for a block from `alloc_pageable(b.bytes)`.
             unsafe { free_pageable(b.ptr, b.bytes) };
         }

@@ -135,6 +135,11 @@ impl<T: Transport> Scheduler<T> {
         if src == 0 {
             return Err(Error::Offload("source address is null".into()));
         }
+        if nbytes > super::pool::MAX_REQUEST || src.checked_add(nbytes).is_none() {
+            return Err(Error::invalid(format!(
+                "cannot offload {nbytes} bytes at {src:#x}: the size is out of range"
+            )));
+        }
         let block = self.pool.acquire(&mut self.transport, nbytes)?;
         // SAFETY: the block holds at least `nbytes` and is ours; the caller vouches for `src`.
         let copied = unsafe {
@@ -179,6 +184,12 @@ impl<T: Transport> Scheduler<T> {
             .entries
             .get_mut(&handle)
             .ok_or_else(|| unknown(handle))?;
+        if dst.checked_add(entry.nbytes).is_none() {
+            return Err(Error::invalid(format!(
+                "destination {dst:#x} cannot hold {} bytes: the range wraps the address space",
+                entry.nbytes
+            )));
+        }
         if entry.state != HandleState::Offloaded {
             return Err(Error::Offload(format!(
                 "handle {handle} was already prefetched (state {:?})",

@@ -5,6 +5,7 @@
 use pyo3::prelude::*;
 
 use super::guard;
+use crate::args::check_device;
 use crate::cuda::RawStream;
 use crate::kernels::{swiglu, DType};
 
@@ -24,6 +25,7 @@ fn swiglu_fwd(
     stream: usize,
 ) -> PyResult<()> {
     let dtype = guard(|| DType::parse(dtype))?;
+    guard(|| check_device("swiglu_fwd", &[g, u, h], n, dtype.size()))?;
     // SAFETY: the Python op passes live, contiguous tensors of `n` elements of `dtype` on `device`.
     py.detach(|| guard(|| unsafe { swiglu::forward(dtype, g, u, h, n, device, RawStream(stream)) }))
 }
@@ -46,6 +48,7 @@ fn swiglu_bwd(
     stream: usize,
 ) -> PyResult<()> {
     let dtype = guard(|| DType::parse(dtype))?;
+    guard(|| check_device("swiglu_bwd", &[dh, g, u, dg, du], n, dtype.size()))?;
     // SAFETY: as in swiglu_fwd; dg/du are fresh outputs allocated by torch.
     py.detach(|| {
         guard(|| unsafe { swiglu::backward(dtype, dh, g, u, dg, du, n, device, RawStream(stream)) })

@@ -6,6 +6,7 @@
 use pyo3::prelude::*;
 
 use super::guard;
+use crate::args::{check_device, row_span};
 use crate::cuda::RawStream;
 use crate::kernels::{cross_entropy, DType};
 
@@ -31,6 +32,12 @@ fn cross_entropy_fwd(
     stream: usize,
 ) -> PyResult<()> {
     let dtype = guard(|| DType::parse(dtype))?;
+    guard(|| {
+        let span = row_span("cross_entropy_fwd logits", rows, cols, ld)?;
+        check_device("cross_entropy_fwd logits", &[logits], span, dtype.size())?;
+        check_device("cross_entropy_fwd targets", &[targets], rows, 8)?;
+        check_device("cross_entropy_fwd lse/loss", &[lse, loss], rows, 4)
+    })?;
     // SAFETY: the Python op passes live tensors of the stated shapes, dtypes and strides on
     // `device`; lse and loss are fresh float32 outputs.
     py.detach(|| {
@@ -73,6 +80,12 @@ fn cross_entropy_bwd(
     stream: usize,
 ) -> PyResult<()> {
     let dtype = guard(|| DType::parse(dtype))?;
+    guard(|| {
+        let span = row_span("cross_entropy_bwd logits", rows, cols, ld)?;
+        check_device("cross_entropy_bwd logits", &[logits], span, dtype.size())?;
+        check_device("cross_entropy_bwd targets", &[targets], rows, 8)?;
+        check_device("cross_entropy_bwd lse/scale", &[lse, scale], rows, 4)
+    })?;
     // SAFETY: as in cross_entropy_fwd; logits is the op's mutated input, lse/scale/targets are
     // separate tensors.
     py.detach(|| {

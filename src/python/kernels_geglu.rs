@@ -6,6 +6,7 @@
 use pyo3::prelude::*;
 
 use super::guard;
+use crate::args::check_device;
 use crate::cuda::RawStream;
 use crate::kernels::geglu::{self, Gelu};
 use crate::kernels::DType;
@@ -28,6 +29,7 @@ fn geglu_fwd(
     stream: usize,
 ) -> PyResult<()> {
     let (dtype, gelu) = guard(|| Ok((DType::parse(dtype)?, Gelu::parse(approximate)?)))?;
+    guard(|| check_device("geglu_fwd", &[g, u, h], n, dtype.size()))?;
     // SAFETY: the Python op passes live, contiguous tensors of `n` elements of `dtype` on `device`.
     py.detach(|| {
         guard(|| unsafe { geglu::forward(dtype, gelu, g, u, h, n, device, RawStream(stream)) })
@@ -53,6 +55,7 @@ fn geglu_bwd(
     stream: usize,
 ) -> PyResult<()> {
     let (dtype, gelu) = guard(|| Ok((DType::parse(dtype)?, Gelu::parse(approximate)?)))?;
+    guard(|| check_device("geglu_bwd", &[dh, g, u, dg, du], n, dtype.size()))?;
     // SAFETY: as in geglu_fwd; dg/du are fresh outputs allocated by torch.
     py.detach(|| {
         guard(|| unsafe {

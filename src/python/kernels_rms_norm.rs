@@ -5,6 +5,7 @@
 use pyo3::prelude::*;
 
 use super::guard;
+use crate::args::{check_device, row_span};
 use crate::cuda::RawStream;
 use crate::kernels::{rms_norm, DType};
 
@@ -29,6 +30,12 @@ fn rms_norm_fwd(
     stream: usize,
 ) -> PyResult<()> {
     let dtype = guard(|| DType::parse(dtype))?;
+    guard(|| {
+        let span = row_span("rms_norm_fwd", rows, cols, cols)?;
+        check_device("rms_norm_fwd", &[x, y], span, dtype.size())?;
+        check_device("rms_norm_fwd w", &[w], cols, dtype.size())?;
+        check_device("rms_norm_fwd rstd", &[rstd], rows, 4)
+    })?;
     // SAFETY: the Python op passes live contiguous tensors of the stated sizes on `device`, with
     // fresh outputs `y` and `rstd`.
     py.detach(|| {
@@ -88,6 +95,12 @@ fn rms_norm_bwd(
     stream: usize,
 ) -> PyResult<()> {
     let dtype = guard(|| DType::parse(dtype))?;
+    guard(|| {
+        let span = row_span("rms_norm_bwd", rows, cols, cols)?;
+        check_device("rms_norm_bwd", &[dy, x, dx], span, dtype.size())?;
+        check_device("rms_norm_bwd w", &[w], cols, dtype.size())?;
+        check_device("rms_norm_bwd rstd", &[rstd], rows, 4)
+    })?;
     // SAFETY: as in rms_norm_fwd; `dx` and `partial` are fresh outputs allocated by torch.
     py.detach(|| {
         guard(|| unsafe {
@@ -131,6 +144,12 @@ fn rms_norm_bwd_dx(
     stream: usize,
 ) -> PyResult<()> {
     let dtype = guard(|| DType::parse(dtype))?;
+    guard(|| {
+        let span = row_span("rms_norm_bwd_dx", rows, cols, cols)?;
+        check_device("rms_norm_bwd_dx", &[dy, x, dx], span, dtype.size())?;
+        check_device("rms_norm_bwd_dx w", &[w], cols, dtype.size())?;
+        check_device("rms_norm_bwd_dx rstd", &[rstd], rows, 4)
+    })?;
     // SAFETY: as in rms_norm_fwd; `dx` is a fresh output allocated by torch.
     py.detach(|| {
         guard(|| unsafe {

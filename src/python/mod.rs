@@ -12,6 +12,7 @@ mod kernels_geglu;
 mod kernels_rms_norm;
 mod kernels_rope;
 mod offload;
+mod patterns;
 mod quant;
 
 pub(crate) use errors::guard;
@@ -28,5 +29,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     kernels_rope::register(m)?;
     quant::register(m)?;
     offload::register(m)?;
+    patterns::register(m)?;
     Ok(())
 }

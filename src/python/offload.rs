@@ -37,7 +37,7 @@ macro_rules! each {
 ///         between CPU addresses), used on machines without a GPU.
 ///     lookahead: how many earlier offloads :meth:`plan_prefetch` keeps in flight.
 ///     host_cap_bytes: upper bound on the host bytes the pool may reserve; reaching it raises
-///         ``MemoryError`` (never blocks on something that cannot finish).
+///         ``HostMemoryError``, a ``MemoryError`` (never blocks on something that cannot finish).
 ///
 /// Life of a handle: :meth:`offload` -> :meth:`prefetch` -> :meth:`wait` -> :meth:`release`.
 /// Methods may be called from any thread (autograd runs backward on its own thread).

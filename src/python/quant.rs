@@ -6,52 +6,52 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use super::guard;
+use crate::args::{byte_size, check_device, check_disjoint, host_slice, host_slice_mut};
 use crate::cuda::RawStream;
 use crate::kernels::nf4::{self, ScalesPtr};
 use crate::kernels::DType;
 use crate::quant::{self, QuantState, QuantType};
-use crate::Error;
 
-fn nonnull(what: &str, ptrs: &[usize]) -> crate::Result<()> {
-    if ptrs.contains(&0) {
-        return Err(Error::invalid(format!("{what}: null pointer")));
-    }
-    Ok(())
-}
-
-/// nf4_quantize_cpu(src, n, blocksize, quant_type, packed, absmax) -> None
+/// nf4_quantize_cpu(src, src_len, blocksize, quant_type, packed, packed_len, absmax, absmax_len)
+/// -> None
 ///
-/// Quantize ``n`` contiguous float32 values at host address ``src`` into ``packed`` (uint8,
-/// ``(n + 1) // 2`` bytes) and ``absmax`` (float32, ``ceil(n / blocksize)``). Multi-threaded.
-/// Raises ``QuantFormatError`` for a bad blocksize or quant type.
+/// Quantize the ``src_len`` contiguous float32 values at host address ``src`` into ``packed``
+/// (uint8, must hold ``(src_len + 1) // 2`` bytes) and ``absmax`` (float32,
+/// ``ceil(src_len / blocksize)``). Each ``*_len`` is the element count of the buffer passed.
+/// Multi-threaded. Raises ``QuantFormatError`` for a bad blocksize or quant type and
+/// ``InvalidArgumentError`` for a null, misaligned, overlapping or wrongly sized buffer.
 #[pyfunction]
+#[allow(clippy::too_many_arguments)]
 fn nf4_quantize_cpu(
     py: Python<'_>,
     src: usize,
-    n: usize,
+    src_len: usize,
     blocksize: usize,
     quant_type: &str,
     packed: usize,
+    packed_len: usize,
     absmax: usize,
+    absmax_len: usize,
 ) -> PyResult<()> {
     let qt = guard(|| QuantType::parse(quant_type))?;
     py.detach(|| {
         guard(|| {
             quant::check_blocksize(blocksize)?;
-            if n == 0 {
-                return Ok(());
-            }
-            nonnull("nf4_quantize_cpu", &[src, packed, absmax])?;
-            // SAFETY: Python passes live, contiguous CPU tensors of these sizes and dtypes
-            // (float32 src, uint8 packed, float32 absmax) that do not overlap.
+            check_disjoint(
+                "nf4_quantize_cpu",
+                &[
+                    (src, byte_size("src", src_len, 4)?),
+                    (packed, packed_len),
+                    (absmax, byte_size("absmax", absmax_len, 4)?),
+                ],
+            )?;
+            // SAFETY: extents checked by host_slice*; Python passes live contiguous CPU tensors
+            // with these element counts (float32 src, uint8 packed, float32 absmax).
             let (x, p, a) = unsafe {
                 (
-                    std::slice::from_raw_parts(src as *const f32, n),
-                    std::slice::from_raw_parts_mut(packed as *mut u8, quant::packed_len(n)),
-                    std::slice::from_raw_parts_mut(
-                        absmax as *mut f32,
-                        quant::num_blocks(n, blocksize),
-                    ),
+                    host_slice::<f32>("nf4_quantize_cpu src", src, src_len)?,
+                    host_slice_mut::<u8>("nf4_quantize_cpu packed", packed, packed_len)?,
+                    host_slice_mut::<f32>("nf4_quantize_cpu absmax", absmax, absmax_len)?,
                 )
             };
             quant::quantize_4bit(x, blocksize, qt, p, a)
@@ -59,37 +59,43 @@ fn nf4_quantize_cpu(
     })
 }
 
-/// nf4_dequantize_cpu(packed, absmax, n, blocksize, quant_type, out) -> None
+/// nf4_dequantize_cpu(packed, packed_len, absmax, absmax_len, blocksize, quant_type, out, out_len)
+/// -> None
 ///
-/// Dequantize ``n`` elements into the float32 host buffer ``out`` from ``packed`` (uint8) and
-/// the float32 block scales ``absmax``.
+/// Dequantize ``out_len`` elements into the float32 host buffer ``out`` from ``packed`` (uint8,
+/// ``(out_len + 1) // 2`` bytes) and the float32 block scales ``absmax``
+/// (``ceil(out_len / blocksize)``). A buffer of another size raises ``InvalidArgumentError``.
 #[pyfunction]
+#[allow(clippy::too_many_arguments)]
 fn nf4_dequantize_cpu(
     py: Python<'_>,
     packed: usize,
+    packed_len: usize,
     absmax: usize,
-    n: usize,
+    absmax_len: usize,
     blocksize: usize,
     quant_type: &str,
     out: usize,
+    out_len: usize,
 ) -> PyResult<()> {
     let qt = guard(|| QuantType::parse(quant_type))?;
     py.detach(|| {
         guard(|| {
             quant::check_blocksize(blocksize)?;
-            if n == 0 {
-                return Ok(());
-            }
-            nonnull("nf4_dequantize_cpu", &[packed, absmax, out])?;
-            // SAFETY: live contiguous CPU tensors of these sizes; `out` overlaps no input.
+            check_disjoint(
+                "nf4_dequantize_cpu",
+                &[
+                    (out, byte_size("out", out_len, 4)?),
+                    (packed, packed_len),
+                    (absmax, byte_size("absmax", absmax_len, 4)?),
+                ],
+            )?;
+            // SAFETY: extents checked; live contiguous CPU tensors of these element counts.
             let (p, a, o) = unsafe {
                 (
-                    std::slice::from_raw_parts(packed as *const u8, quant::packed_len(n)),
-                    std::slice::from_raw_parts(
-                        absmax as *const f32,
-                        quant::num_blocks(n, blocksize),
-                    ),
-                    std::slice::from_raw_parts_mut(out as *mut f32, n),
+                    host_slice::<u8>("nf4_dequantize_cpu packed", packed, packed_len)?,
+                    host_slice::<f32>("nf4_dequantize_cpu absmax", absmax, absmax_len)?,
+                    host_slice_mut::<f32>("nf4_dequantize_cpu out", out, out_len)?,
                 )
             };
             quant::dequantize_4bit(p, a, blocksize, qt, o)
@@ -97,35 +103,44 @@ fn nf4_dequantize_cpu(
     })
 }
 
-/// double_quant_cpu(absmax, n, offset, codes, nested_absmax) -> None
+/// double_quant_cpu(absmax, absmax_len, offset, codes, codes_len, nested_absmax, nested_len)
+/// -> None
 ///
-/// Double-quantize ``n`` float32 block scales around ``offset`` (pass torch's
-/// ``absmax.mean()`` for bitsandbytes-identical bytes): uint8 ``codes`` ``[n]`` and float32
-/// ``nested_absmax`` ``[ceil(n / 256)]``, with the signed 8-bit dynamic map.
+/// Double-quantize ``absmax_len`` float32 block scales around ``offset`` (pass torch's
+/// ``absmax.mean()`` for bitsandbytes-identical bytes): uint8 ``codes`` (``absmax_len``) and
+/// float32 ``nested_absmax`` (``ceil(absmax_len / 256)``), with the signed 8-bit dynamic map.
 #[pyfunction]
+#[allow(clippy::too_many_arguments)]
 fn double_quant_cpu(
     py: Python<'_>,
     absmax: usize,
-    n: usize,
+    absmax_len: usize,
     offset: f32,
     codes: usize,
+    codes_len: usize,
     nested_absmax: usize,
+    nested_len: usize,
 ) -> PyResult<()> {
     py.detach(|| {
         guard(|| {
-            if n == 0 {
-                return Ok(());
-            }
-            nonnull("double_quant_cpu", &[absmax, codes, nested_absmax])?;
-            // SAFETY: live contiguous CPU tensors of these sizes, not overlapping.
+            check_disjoint(
+                "double_quant_cpu",
+                &[
+                    (absmax, byte_size("absmax", absmax_len, 4)?),
+                    (codes, codes_len),
+                    (nested_absmax, byte_size("nested_absmax", nested_len, 4)?),
+                ],
+            )?;
+            // SAFETY: extents checked; live contiguous CPU tensors of these element counts.
             let (a, c, na) = unsafe {
                 (
-                    std::slice::from_raw_parts(absmax as *const f32, n),
-                    std::slice::from_raw_parts_mut(codes as *mut u8, n),
-                    std::slice::from_raw_parts_mut(
-                        nested_absmax as *mut f32,
-                        n.div_ceil(quant::NESTED_BLOCKSIZE),
-                    ),
+                    host_slice::<f32>("double_quant_cpu absmax", absmax, absmax_len)?,
+                    host_slice_mut::<u8>("double_quant_cpu codes", codes, codes_len)?,
+                    host_slice_mut::<f32>(
+                        "double_quant_cpu nested_absmax",
+                        nested_absmax,
+                        nested_len,
+                    )?,
                 )
             };
             quant::double_quant_into(a, offset, c, na)
@@ -133,32 +148,40 @@ fn double_quant_cpu(
     })
 }
 
-/// dequant_scales_cpu(codes, nested_absmax, offset, n, out) -> None
+/// dequant_scales_cpu(codes, codes_len, nested_absmax, nested_len, offset, out, out_len) -> None
 ///
-/// Undo double quantization of ``n`` block scales into the float32 buffer ``out``:
-/// ``map[codes[b]] * nested_absmax[b // 256] + offset``.
+/// Undo double quantization of ``codes_len`` block scales into the float32 buffer ``out``
+/// (``codes_len`` entries): ``map[codes[b]] * nested_absmax[b // 256] + offset``.
 #[pyfunction]
+#[allow(clippy::too_many_arguments)]
 fn dequant_scales_cpu(
     codes: usize,
+    codes_len: usize,
     nested_absmax: usize,
+    nested_len: usize,
     offset: f32,
-    n: usize,
     out: usize,
+    out_len: usize,
 ) -> PyResult<()> {
     guard(|| {
-        if n == 0 {
-            return Ok(());
-        }
-        nonnull("dequant_scales_cpu", &[codes, nested_absmax, out])?;
-        // SAFETY: live contiguous CPU tensors of these sizes; `out` overlaps no input.
+        check_disjoint(
+            "dequant_scales_cpu",
+            &[
+                (codes, codes_len),
+                (nested_absmax, byte_size("nested_absmax", nested_len, 4)?),
+                (out, byte_size("out", out_len, 4)?),
+            ],
+        )?;
+        // SAFETY: extents checked; live contiguous CPU tensors of these element counts.
         let (c, na, o) = unsafe {
             (
-                std::slice::from_raw_parts(codes as *const u8, n),
-                std::slice::from_raw_parts(
-                    nested_absmax as *const f32,
-                    n.div_ceil(quant::NESTED_BLOCKSIZE),
-                ),
-                std::slice::from_raw_parts_mut(out as *mut f32, n),
+                host_slice::<u8>("dequant_scales_cpu codes", codes, codes_len)?,
+                host_slice::<f32>(
+                    "dequant_scales_cpu nested_absmax",
+                    nested_absmax,
+                    nested_len,
+                )?,
+                host_slice_mut::<f32>("dequant_scales_cpu out", out, out_len)?,
             )
         };
         quant::dequant_scales(c, na, offset, o)
@@ -246,6 +269,30 @@ fn nf4_dequantize_cuda(
     stream: usize,
 ) -> PyResult<()> {
     let (qt, dtype) = guard(|| Ok((QuantType::parse(quant_type)?, DType::parse(out_dtype)?)))?;
+    guard(|| {
+        quant::check_blocksize(blocksize)?;
+        check_device("nf4_dequantize_cuda out", &[out], n, dtype.size())?;
+        check_device(
+            "nf4_dequantize_cuda packed",
+            &[packed],
+            quant::packed_len(n),
+            1,
+        )?;
+        let nb = quant::num_blocks(n, blocksize);
+        if absmax_q != 0 {
+            check_device("nf4_dequantize_cuda absmax_q", &[absmax_q], nb, 1)?;
+            let nested = nb.div_ceil(quant::NESTED_BLOCKSIZE);
+            check_device(
+                "nf4_dequantize_cuda nested_absmax",
+                &[nested_absmax],
+                nested,
+                4,
+            )?;
+            check_device("nf4_dequantize_cuda nested_code", &[nested_code], 256, 4)
+        } else {
+            check_device("nf4_dequantize_cuda absmax", &[absmax], nb, 4)
+        }
+    })?;
     let scales = if absmax_q != 0 {
         ScalesPtr::Nested {
             codes: absmax_q,
@@ -296,6 +343,18 @@ fn nf4_quantize_cuda(
     stream: usize,
 ) -> PyResult<()> {
     let (qt, dtype) = guard(|| Ok((QuantType::parse(quant_type)?, DType::parse(src_dtype)?)))?;
+    guard(|| {
+        quant::check_blocksize(blocksize)?;
+        check_device("nf4_quantize_cuda src", &[src], n, dtype.size())?;
+        check_device(
+            "nf4_quantize_cuda packed",
+            &[packed],
+            quant::packed_len(n),
+            1,
+        )?;
+        let nb = quant::num_blocks(n, blocksize);
+        check_device("nf4_quantize_cuda absmax", &[absmax], nb, 4)
+    })?;
     // SAFETY: as in nf4_dequantize_cuda; outputs are fresh torch allocations.
     py.detach(|| {
         guard(|| unsafe {

@@ -38,6 +38,27 @@ pub fn packed_len(n: usize) -> usize {
     n.div_ceil(2)
 }
 
+/// Largest |x| of a block, NaN when the block holds a NaN (`f32::max` would skip it and turn a
+/// NaN weight into a finite one; bitsandbytes keeps it, so the block dequantizes to NaN).
+fn block_absmax(x: &[f32]) -> f32 {
+    x.iter().fold(0.0f32, |m, v| {
+        if m.is_nan() || v.is_nan() {
+            f32::NAN
+        } else {
+            m.max(v.abs())
+        }
+    })
+}
+
+/// `am` clamped to [`TINY`] as a divisor; NaN stays NaN (`f32::max` would return `TINY`).
+fn at_least_tiny(am: f32) -> f32 {
+    if am.is_nan() {
+        am
+    } else {
+        am.max(TINY)
+    }
+}
+
 /// Blocks handed to one rayon task: enough work to amortize scheduling (>= 64K elements).
 fn blocks_per_task(blocksize: usize) -> usize {
     (65536 / blocksize).max(1)
@@ -73,19 +94,19 @@ pub fn quantize_4bit(
                 let start = base + b * blocksize;
                 let end = (start + blocksize).min(n);
                 let x = &src[start..end];
-                let am = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let am = block_absmax(x);
                 let full = end - start == blocksize;
                 let out = &mut bytes[b * blocksize / 2..];
                 if full {
                     *scale = am;
-                    let inv = 1.0f32 / am.max(TINY);
+                    let inv = 1.0f32 / at_least_tiny(am);
                     for (k, pair) in x.chunks_exact(2).enumerate() {
                         let hi = enc.encode((pair[0] * inv).clamp(-1.0, 1.0));
                         let lo = enc.encode((pair[1] * inv).clamp(-1.0, 1.0));
                         out[k] = (hi << 4) | lo;
                     }
                 } else {
-                    let am = am.max(TINY);
+                    let am = at_least_tiny(am);
                     *scale = am;
                     for (k, pair) in x.chunks(2).enumerate() {
                         let hi = enc.encode((pair[0] / am).clamp(-1.0, 1.0));

@@ -126,6 +126,10 @@ impl Encoder4 {
     /// Code of a normalized value (already clamped to [-1, 1]).
     #[inline]
     pub fn encode(&self, x: f32) -> u8 {
+        // NaN takes the last code of the order (above every midpoint), as bitsandbytes encodes it.
+        if x.is_nan() {
+            return self.order[self.order.len() - 1];
+        }
         // Count of midpoints strictly below x; branch-free so the loop vectorizes.
         let mut slot = 0u8;
         for &t in &self.midpoints {

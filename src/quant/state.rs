@@ -116,11 +116,14 @@ impl QuantState {
     /// The JSON bytes bitsandbytes writes (Python `json.dumps` spacing and float repr).
     pub fn to_json(&self) -> Vec<u8> {
         let shape: Vec<String> = self.shape.iter().map(|d| d.to_string()).collect();
+        // Strings go through serde_json so any dtype text is escaped (a quote cannot end the
+        // string early); the layout around them is Python's `json.dumps` one.
+        let string = |v: &str| serde_json::to_string(v).expect("a str always serializes");
         let mut s = format!(
-            "{{\"quant_type\": \"{}\", \"blocksize\": {}, \"dtype\": \"{}\", \"shape\": [{}]",
-            self.quant_type.name(),
+            "{{\"quant_type\": {}, \"blocksize\": {}, \"dtype\": {}, \"shape\": [{}]",
+            string(self.quant_type.name()),
             self.blocksize,
-            self.dtype,
+            string(&self.dtype),
             shape.join(", ")
         );
         if let Some((nb, off)) = self.nested {

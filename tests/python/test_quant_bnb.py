@@ -137,12 +137,14 @@ def test_bad_inputs_raise_clear_errors():
         F.quantize_4bit(w, blocksize=48)
     with pytest.raises(QuantFormatError, match="int4"):
         F.quantize_4bit(w, quant_type="int4")
+    p, a = torch.empty(32, dtype=torch.uint8), torch.empty(1)
+    bufs = (p.data_ptr(), 32, a.data_ptr(), 1)
     with pytest.raises(QuantFormatError, match="48"):
-        core.nf4_quantize_cpu(w.data_ptr(), 64, 48, "nf4", 1, 1)
+        core.nf4_quantize_cpu(w.data_ptr(), 64, 48, "nf4", *bufs)
     with pytest.raises(QuantFormatError, match="int4"):
-        core.nf4_quantize_cpu(w.data_ptr(), 64, 64, "int4", 1, 1)
+        core.nf4_quantize_cpu(w.data_ptr(), 64, 64, "int4", *bufs)
     with pytest.raises(ValueError, match="null"):
-        core.nf4_quantize_cpu(0, 64, 64, "nf4", 1, 1)
+        core.nf4_quantize_cpu(0, 64, 64, "nf4", *bufs)
     for raw in (b"{not json", b"[]", json.dumps({"quant_type": "nf4"}).encode(),
                 json.dumps({"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [2],
                             "nested_offset": 0.1}).encode()):  # fmt: skip

@@ -76,8 +76,9 @@ def test_gpu_double_quant_equals_cpu_given_same_offset():
     q8 = torch.empty(absmax.numel(), dtype=torch.uint8)
     nested = torch.empty(-(-absmax.numel() // 256), dtype=torch.float32)
     core.double_quant_cpu(
-        absmax.data_ptr(), absmax.numel(), s.nested_offset, q8.data_ptr(), nested.data_ptr()
-    )
+        absmax.data_ptr(), absmax.numel(), s.nested_offset, q8.data_ptr(), q8.numel(),
+        nested.data_ptr(), nested.numel(),
+    )  # fmt: skip
     assert torch.equal(s.absmax.cpu(), q8)
     assert torch.equal(s.nested_absmax.cpu(), nested)
 

@@ -37,7 +37,7 @@ fn size_classes_waste_at_most_a_sixteenth() {
         .step_by(97)
         .chain([1 << 20, (1 << 20) + 1, 12_345_678, 1 << 33])
     {
-        let c = size_class(n);
+        let c = size_class(n).unwrap();
         assert!(c >= n, "class {c} below request {n}");
         assert!(c >= prev || n < 300_000, "classes must not shrink");
         prev = c;
@@ -47,10 +47,10 @@ fn size_classes_waste_at_most_a_sixteenth() {
                 "{n} -> {c} wastes too much"
             );
         }
-        assert_eq!(size_class(c), c, "a class is its own class");
+        assert_eq!(size_class(c).unwrap(), c, "a class is its own class");
     }
     // A decoder layer input at 8B shape: 1 x 16384 x 4096 bf16 = exactly 128 MiB.
-    assert_eq!(size_class(128 << 20), 128 << 20);
+    assert_eq!(size_class(128 << 20).unwrap(), 128 << 20);
 }
 
 #[test]
@@ -119,7 +119,7 @@ fn pool_grows_on_demand() {
     assert_eq!(st.allocations, 3);
     assert_eq!(
         st.pinned_bytes,
-        2 * size_class(10_000) + size_class(200_000)
+        2 * size_class(10_000).unwrap() + size_class(200_000).unwrap()
     );
     for h in [h1, h2, h3] {
         s.release(h).unwrap();
@@ -140,7 +140,7 @@ fn pool_grows_on_demand() {
 #[test]
 fn host_cap_gives_a_clear_error_and_the_scheduler_stays_usable() {
     let n = 300_000;
-    let cap = size_class(n) * 2;
+    let cap = size_class(n).unwrap() * 2;
     let mut s = Scheduler::new(HostTransport::new(), 1, Some(cap));
     let src = pattern(n, 3);
     let h1 = offload(&mut s, &src).unwrap();
@@ -166,14 +166,14 @@ fn host_cap_gives_a_clear_error_and_the_scheduler_stays_usable() {
 #[test]
 fn host_cap_frees_idle_blocks_of_other_sizes_first() {
     let big = 500_000;
-    let mut s = Scheduler::new(HostTransport::new(), 1, Some(size_class(big)));
+    let mut s = Scheduler::new(HostTransport::new(), 1, Some(size_class(big).unwrap()));
     let small = pattern(100_000, 4);
     let h = offload(&mut s, &small).unwrap();
     s.release(h).unwrap();
     let large = pattern(big, 5);
     let h = offload(&mut s, &large).unwrap();
     assert_eq!(fetch(&mut s, h), large);
-    assert_eq!(s.stats().pool.pinned_bytes, size_class(big));
+    assert_eq!(s.stats().pool.pinned_bytes, size_class(big).unwrap());
 }
 
 #[test]
@@ -189,7 +189,7 @@ fn pinning_failure_falls_back_to_pageable_memory_with_one_warning() {
     assert_eq!(fetch(&mut s, h2), a);
     let st = s.stats().pool;
     assert_eq!(st.pinned_bytes, 0);
-    assert_eq!(st.pageable_bytes, 2 * size_class(50_000));
+    assert_eq!(st.pageable_bytes, 2 * size_class(50_000).unwrap());
     assert_eq!(st.pageable_fallbacks, 2);
 }
 
@@ -258,7 +258,7 @@ fn a_block_released_while_its_copy_to_host_is_in_flight_is_not_reused_early() {
 #[test]
 fn under_a_cap_a_busy_block_is_waited_for_instead_of_failing() {
     let n = 100_000;
-    let mut s = Scheduler::new(HostTransport::deferred(), 1, Some(size_class(n)));
+    let mut s = Scheduler::new(HostTransport::deferred(), 1, Some(size_class(n).unwrap()));
     let a = pattern(n, 10);
     let b = pattern(n, 11);
     let h1 = offload(&mut s, &a).unwrap();
@@ -398,4 +398,46 @@ fn cuda_transport_round_trips_through_device_memory_when_a_gpu_exists() {
     }
     assert_eq!(s.stats().pool.pinned_bytes, 0);
     assert_eq!(s.stats().pool.allocations, 1);
+}
+
+#[test]
+fn huge_requests_are_errors_not_a_wrapped_size_class() {
+    // size_class(usize::MAX) used to wrap to 0 and hand out a 0-byte block.
+    assert!(matches!(
+        size_class(usize::MAX),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        size_class(rslora_fast::offload::MAX_REQUEST + 1),
+        Err(Error::InvalidArgument(_))
+    ));
+    let mut s = Scheduler::new(HostTransport::new(), 1, None);
+    let src = [1u8; 16];
+    for n in [usize::MAX, isize::MAX as usize, usize::MAX - 4096] {
+        // SAFETY: the call is rejected before any byte at `src` is read.
+        let r = unsafe { s.offload(src.as_ptr() as usize, n, S) };
+        assert!(matches!(r, Err(Error::InvalidArgument(_))), "{n}: {r:?}");
+    }
+    // SAFETY: as above: the address range wraps, so nothing is read.
+    let r = unsafe { s.offload(usize::MAX - 8, 16, S) };
+    assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+    assert_eq!(s.stats().pool.in_use_bytes, 0);
+    let h = offload(&mut s, &src).unwrap();
+    // SAFETY: rejected before the copy: the destination range wraps.
+    let r = unsafe { s.prefetch(h, usize::MAX - 8, S) };
+    assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+    assert_eq!(fetch(&mut s, h), src.to_vec());
+}
+
+#[test]
+fn releasing_more_than_in_use_is_an_error_not_a_wrapped_counter() {
+    use rslora_fast::offload::HostPool;
+    let mut t = HostTransport::new();
+    let mut a: HostPool<HostTransport> = HostPool::new(None);
+    let mut b: HostPool<HostTransport> = HostPool::new(None);
+    let block = a.acquire(&mut t, 100).unwrap();
+    // `b` never handed this block out: its in-use counter must not wrap below zero.
+    let r = b.release(&mut t, block, None);
+    assert!(matches!(r, Err(Error::Offload(_))), "{r:?}");
+    assert_eq!(b.stats().in_use_bytes, 0);
 }

@@ -318,3 +318,38 @@ fn quantized_tensor_end_to_end() {
     assert_eq!(bnb_key_suffixes(QuantType::Nf4, true).len(), 5);
     assert!(QuantizedTensor::quantize(&x, &[5, 5], "float16", 64, QuantType::Nf4, true).is_err());
 }
+
+#[test]
+fn json_escapes_the_dtype_string() {
+    let st = QuantState {
+        quant_type: QuantType::Nf4,
+        blocksize: 64,
+        dtype: "float16\", \"blocksize\": 4096, \"x\": \"\\".into(),
+        shape: vec![2],
+        nested: None,
+    };
+    let v: serde_json::Value = serde_json::from_slice(&st.to_json()).expect("valid JSON");
+    assert_eq!(v["dtype"], serde_json::Value::String(st.dtype.clone()));
+    assert_eq!(v["blocksize"], 64, "the dtype text cannot inject keys");
+    assert!(v.get("x").is_none());
+}
+
+#[test]
+fn nan_and_inf_are_kept_as_bitsandbytes_keeps_them() {
+    // Oracle: bitsandbytes 0.50 CPU quantize_4bit on the same input (blocksize 64, nf4):
+    // a block holding NaN gets a NaN scale and every code 15; a block holding +inf gets an inf
+    // scale, code 7 (zero) for finite values and 15 for the inf (inf * 0 is NaN).
+    let mut x = vec![0.5f32; 128];
+    x[3] = f32::NAN;
+    x[70] = f32::INFINITY;
+    let (p, a) = quant(&x, 64, QuantType::Nf4);
+    assert!(a[0].is_nan(), "f32::max would skip the NaN: {}", a[0]);
+    assert_eq!(a[1], f32::INFINITY);
+    assert!(p[..32].iter().all(|&b| b == 0xFF), "{:?}", &p[..4]);
+    assert_eq!(p[35], 0xF7, "index 70 is a high nibble");
+    assert_eq!(p[34], 0x77);
+    let mut out = vec![0.0f32; 128];
+    dequantize_4bit(&p, &a, 64, QuantType::Nf4, &mut out).unwrap();
+    assert!(out[..64].iter().all(|v| v.is_nan()));
+    assert_eq!(out[70], f32::INFINITY);
+}

@@ -98,40 +98,93 @@ def save_adapter(model: nn.Module, config: LoraConfig, save_directory: str | os.
         to_save.save_pretrained(tmp)
 
 
-def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Copy the tensors of ``adapter_model.safetensors`` into an adapted model.
+def weights_file(directory: str | os.PathLike) -> str:
+    """``adapter_model.safetensors`` in ``directory``, else PeftModel's ``adapter_model.bin``.
+
+    Raises:
+        FileNotFoundError: if neither exists.
+    """
+    for name in (WEIGHTS_NAME, "adapter_model.bin"):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} in {os.fspath(directory)!r}")
+
+
+def read_adapter_state(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of ``adapter_model.safetensors`` (or PEFT's ``adapter_model.bin``), on the CPU.
+
+    Raises:
+        FileNotFoundError: if no weights file is found.
+        ValueError: naming the file, if it is empty, truncated or not a weights file.
+    """
+    path = weights_file(directory)
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: the adapter weights file is empty")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors / pickle errors carry no path
+        raise ValueError(f"{path}: unreadable adapter weights ({type(exc).__name__}: {exc})") from None
+
+
+def check_adapter_state(named: dict[str, torch.Tensor], state: dict[str, torch.Tensor], where: str) -> None:
+    """Validate every tensor of an adapter file against the model's before any is copied.
+
+    Keys must exist in the model, every LoRA weight must be present, shapes must agree, values
+    must be floating point (integer dtypes are refused) and finite.
+
+    Raises:
+        ValueError: naming ``where`` and the first offending key.
+    """
+    unexpected = sorted(k for k in state if k not in named)
+    if unexpected:
+        raise ValueError(f"{where}: {len(unexpected)} keys the model lacks, e.g. {unexpected[:5]}")
+    lora_keys = {k for k in named if ".lora_A." in k or ".lora_B." in k}
+    missing = sorted(lora_keys - set(state))
+    if missing:
+        raise ValueError(f"{where}: misses {len(missing)} LoRA weights, e.g. {missing[:5]}")
+    for key, value in state.items():
+        target = named[key]
+        if tuple(target.shape) != tuple(value.shape):
+            raise ValueError(
+                f"{where}: shape of {key}: file {tuple(value.shape)}, model {tuple(target.shape)}"
+            )
+        if not value.is_floating_point():
+            raise ValueError(
+                f"{where}: {key} has dtype {value.dtype}; adapter weights must be floating point"
+            )
+        if not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"{where}: {key} holds {bad} NaN/inf value(s)")
+
+
+def load_adapter_weights(
+    model: nn.Module, directory: str | os.PathLike, state: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Copy the tensors of ``adapter_model.safetensors`` into an adapted model, all or none.
+
+    Every tensor is validated (:func:`check_adapter_state`) before the first is copied, so a bad
+    file leaves the model's weights as they were.
 
     Args:
         model: the transformers model with adapters injected for the same config.
         directory: folder holding ``adapter_model.safetensors`` (or PEFT's ``adapter_model.bin``).
+        state: the file's tensors when the caller already read them (:func:`read_adapter_state`).
 
     Raises:
         FileNotFoundError: if no weights file is found.
-        ValueError: if the file has keys the model lacks, misses LoRA weights the model has, or a
-            shape differs.
+        ValueError: naming the file, if it is unreadable, has keys the model lacks, misses LoRA
+            weights the model has, or a tensor has another shape, an integer dtype or NaN/inf.
     """
-    path = os.path.join(directory, WEIGHTS_NAME)
-    if os.path.isfile(path):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    elif os.path.isfile(os.path.join(directory, "adapter_model.bin")):
-        state = torch.load(
-            os.path.join(directory, "adapter_model.bin"), map_location="cpu", weights_only=True
-        )
-    else:
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {os.fspath(directory)!r}")
+    if state is None:
+        state = read_adapter_state(directory)
     named = peft_named_tensors(model)
-    unexpected = sorted(k for k in state if k not in named)
-    if unexpected:
-        raise ValueError(f"adapter file has {len(unexpected)} keys the model lacks, e.g. {unexpected[:5]}")
-    lora_keys = {k for k in named if ".lora_A." in k or ".lora_B." in k}
-    missing = sorted(lora_keys - set(state))
-    if missing:
-        raise ValueError(f"adapter file misses {len(missing)} LoRA weights, e.g. {missing[:5]}")
+    check_adapter_state(named, state, weights_file(directory))
     with torch.no_grad():
         for key, value in state.items():
             target = named[key]
-            if tuple(target.shape) != tuple(value.shape):
-                raise ValueError(f"shape of {key}: file {tuple(value.shape)}, model {tuple(target.shape)}")
             target.copy_(value.to(target.device, target.dtype))

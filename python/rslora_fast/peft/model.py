@@ -16,7 +16,14 @@ from torch import nn
 from ..checkpointing import apply_gradient_checkpointing, validate_mode
 from . import init as _init
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
-from .io import load_adapter_weights, save_adapter
+from .io import (
+    check_adapter_state,
+    load_adapter_weights,
+    peft_named_tensors,
+    read_adapter_state,
+    save_adapter,
+    weights_file,
+)
 from .layer import LoraLinear, ModulesToSaveWrapper
 from .targets import find_targets, is_4bit_linear, output_head_name, pattern_value, with_fused_projections
 
@@ -79,8 +86,12 @@ def _init_layer(layer: LoraLinear, init: bool | str, gen: torch.Generator, loftq
 
 
 def _inject(model: nn.Module, config: LoraConfig, gen: torch.Generator) -> None:
+    """Wrap every target in a :class:`LoraLinear`; everything is checked before the first module
+    changes, so a bad config leaves ``model`` untouched."""
     config.target_modules = with_fused_projections(model, config.target_modules)
     targets = find_targets(model, config)
+    ranks = _checked_ranks(model, config, targets)
+    to_wrap = _modules_to_save(model, config)
     if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
         # like PEFT >= 0.15: record the resolved full module paths so the saved config is explicit
         config.target_modules = list(targets)
@@ -88,24 +99,46 @@ def _inject(model: nn.Module, config: LoraConfig, gen: torch.Generator) -> None:
     init = "loftq" if config.uses_loftq else config.init_lora_weights
     for name in targets:
         parent, child = _parent_of(model, name)
-        r = pattern_value(config.rank_pattern, name, config.r)
         alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
-        layer = LoraLinear(getattr(parent, child), r, alpha, config.lora_dropout, config.use_rslora)
+        layer = LoraLinear(getattr(parent, child), ranks[name], alpha, config.lora_dropout, config.use_rslora)
         _init_layer(layer, init, gen, loftq_iter)
         setattr(parent, child, layer)
-    if config.modules_to_save:
-        found = set()
-        names = [n for n, _ in model.named_modules()]
-        for name in names:
-            hit = next((m for m in config.modules_to_save if name == m or name.endswith("." + m)), None)
-            if hit is None or any(name.startswith(f + ".") for f in found):
-                continue
-            parent, child = _parent_of(model, name)
-            setattr(parent, child, ModulesToSaveWrapper(getattr(parent, child)))
-            found.add(name)
-        missing = [m for m in config.modules_to_save if not any(f == m or f.endswith("." + m) for f in found)]
-        if missing:
-            raise ValueError(f"modules_to_save entries {missing} match no module of the model")
+    for name in to_wrap:
+        parent, child = _parent_of(model, name)
+        setattr(parent, child, ModulesToSaveWrapper(getattr(parent, child)))
+
+
+def _checked_ranks(model: nn.Module, config: LoraConfig, targets) -> dict[str, int]:
+    """Each target's rank, refused before any allocation when it exceeds the layer's larger side
+    (``A`` is ``[r, in]``, ``B`` ``[out, r]``: such a rank is a malformed config, not a choice)."""
+    ranks = {}
+    for name in targets:
+        r = pattern_value(config.rank_pattern, name, config.r)
+        base = model.get_submodule(name)
+        limit = max(int(base.in_features), int(base.out_features))
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 0 < r <= limit:
+            raise ValueError(
+                f"LoRA rank r={r!r} for {name} ({base.in_features} -> {base.out_features}) is out of "
+                f"range; expected an int in 1..{limit}"
+            )
+        ranks[name] = int(r)
+    return ranks
+
+
+def _modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Full names of the modules ``modules_to_save`` selects (outermost match of each entry)."""
+    if not config.modules_to_save:
+        return []
+    found: list[str] = []
+    for name, _ in model.named_modules():
+        hit = next((m for m in config.modules_to_save if name == m or name.endswith("." + m)), None)
+        if hit is None or any(name.startswith(f + ".") for f in found):
+            continue
+        found.append(name)
+    missing = [m for m in config.modules_to_save if not any(f == m or f.endswith("." + m) for f in found)]
+    if missing:
+        raise ValueError(f"modules_to_save entries {missing} match no module of the model")
+    return found
 
 
 def _set_trainable(model: nn.Module, config: LoraConfig, trainable: bool) -> None:
@@ -146,6 +179,13 @@ def _dense_linear(base: nn.Module, lora: LoraLinear | None) -> nn.Linear:
         lin.bias.copy_(bias.to(dtype))
     lin.requires_grad_(False)
     return lin
+
+
+def _is_hf_peft_model(model: nn.Module) -> bool:
+    """True for HF peft's ``PeftModel`` (or a subclass), recognised without importing peft."""
+    return any(
+        c.__name__ == "PeftModel" and c.__module__.split(".")[0] == "peft" for c in type(model).__mro__
+    )
 
 
 def _has_adapters(model: nn.Module) -> bool:
@@ -603,8 +643,13 @@ class PeftModel(nn.Module):
             init_lora_weights=True if cfg.uses_loftq else cfg.init_lora_weights,
             loftq_config={},
         )
+        state = read_adapter_state(model_id)  # file errors before any module changes
         peft_model = cls(model, cfg, random_state=0, trainable=is_trainable)
-        load_adapter_weights(peft_model.base_model.model, model_id)
+        try:
+            load_adapter_weights(peft_model.base_model.model, model_id, state)
+        except BaseException:
+            peft_model._remove_adapters(merge=False)  # all or nothing: the model is as it was
+            raise
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -630,15 +675,21 @@ class PeftModel(nn.Module):
             raise ValueError(f"only one adapter ('default') is supported, got adapter_name={adapter_name!r}")
         cfg = LoraConfig.from_pretrained(model_id)
         model = self.base_model.model
+        # Everything is read and checked first; the scalings and weights change only afterwards.
+        alphas = {}
         for name, m in model.named_modules():
             if isinstance(m, LoraLinear):
                 r = pattern_value(cfg.rank_pattern, name, cfg.r)
                 if r != m.r:
                     raise ValueError(f"{name}: saved adapter has rank {r}, this model's adapter has {m.r}")
-                m.lora_alpha = pattern_value(cfg.alpha_pattern, name, cfg.lora_alpha)
-                m.use_rslora = cfg.use_rslora
-                m.scaling = m.lora_alpha / (m.r**0.5 if cfg.use_rslora else m.r)
-        load_adapter_weights(model, model_id)
+                alphas[m] = pattern_value(cfg.alpha_pattern, name, cfg.lora_alpha)
+        state = read_adapter_state(model_id)
+        check_adapter_state(peft_named_tensors(model), state, weights_file(model_id))
+        for m, alpha in alphas.items():
+            m.lora_alpha = alpha
+            m.use_rslora = cfg.use_rslora
+            m.scaling = alpha / (m.r**0.5 if cfg.use_rslora else m.r)
+        load_adapter_weights(model, model_id, state)
         cfg = dataclasses.replace(
             cfg,
             inference_mode=not is_trainable,
@@ -901,6 +952,11 @@ def get_peft_model(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    if _is_hf_peft_model(model):
+        raise TypeError(
+            f"model is already wrapped by HF peft ({type(model).__module__}.{type(model).__name__}); pass "
+            "the base model (peft_model.get_base_model(), or merge_and_unload() to keep its adapter)"
+        )
     unknown = sorted(set(kwargs) - set(ACCEPTED_KWARGS))
     if unknown:
         raise TypeError(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from typing import TYPE_CHECKING
 
 from torch import nn
+
+from ..errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     from .config import LoraConfig
@@ -82,6 +85,50 @@ def _name_matches_list(name: str, entries) -> bool:
     return name in entries or any(name.endswith("." + e) for e in entries)
 
 
+# Patterns longer than this are refused (also by the Rust matcher).
+MAX_PATTERN_CHARS = 4096
+# Fallback guard without the extension: a quantified group holding a quantifier, e.g. "(.*)*",
+# is what makes a backtracking engine take exponential time.
+_NESTED_QUANTIFIER = re.compile(r"\([^()]*[*+}][^()]*\)\s*[*+{]")
+
+
+def fullmatch(pattern: str, name: str) -> bool:
+    """``re.fullmatch(pattern, name)`` in time linear in ``name``, for patterns from configs.
+
+    A literal equal to the name matches at once; otherwise the Rust ``regex`` crate (a finite
+    automaton, no backtracking) matches it through ``_core``. Without the extension, patterns
+    with a nested quantifier or over :data:`MAX_PATTERN_CHARS` characters are refused and the
+    rest go to Python's ``re``.
+
+    Raises:
+        InvalidArgumentError: a pattern that is too long, too large compiled, malformed, or uses
+            look-around or back-references (which no linear-time engine runs).
+    """
+    if pattern == name:
+        return True
+    core = _core_matcher()
+    if core is not None:
+        return core.regex_fullmatch(pattern, [name])[0]
+    if len(pattern) > MAX_PATTERN_CHARS or _NESTED_QUANTIFIER.search(pattern):
+        raise InvalidArgumentError(
+            f"module-name pattern {pattern[:80]!r} is refused: nested quantifiers or over "
+            f"{MAX_PATTERN_CHARS} characters could take exponential time"
+        )
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error as exc:
+        raise InvalidArgumentError(f"module-name pattern {pattern[:80]!r}: {exc}") from None
+
+
+@functools.cache
+def _core_matcher():
+    try:
+        from .. import _core
+    except ImportError:
+        return None
+    return _core if hasattr(_core, "regex_fullmatch") else None
+
+
 def layer_index(name: str, layers_pattern) -> int | None:
     """Decoder-layer index in a module name (PEFT's rule), or None.
 
@@ -90,26 +137,30 @@ def layer_index(name: str, layers_pattern) -> int | None:
     """
     if not layers_pattern:
         m = re.match(r".*?\.[^.]*\.(\d+)\.", name)
-    else:
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
-        m = None
-        for pattern in patterns:
-            m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
-            if m is not None:
-                break
-    return int(m.group(1)) if m else None
+        return int(m.group(1)) if m else None
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+    parts = name.split(".")
+    # `<...>.<pattern>.<digits>.<...>`: the config's pattern matches whole dotted components, in
+    # linear time (see fullmatch); the leftmost digits component wins, as with PEFT's re.match.
+    for pattern in patterns:
+        for j in range(len(parts) - 2):
+            if parts[j + 1].isdigit() and any(
+                fullmatch(pattern, ".".join(parts[k : j + 1])) for k in range(j + 1)
+            ):
+                return int(parts[j + 1])
+    return None
 
 
 def _is_excluded(name: str, config: LoraConfig) -> bool:
     ex = config.exclude_modules
     if ex:
         if isinstance(ex, str):
-            if re.fullmatch(ex, name):
+            if fullmatch(ex, name):
                 return True
         elif _name_matches_list(name, ex):
             return True
     for m in config.modules_to_save or []:
-        if re.match(rf"(^|.*\.){m}($|\..*)", name):
+        if fullmatch(rf"(?:.*\.)?(?:{m})(?:\..*)?", name):
             return True
     return False
 
@@ -117,7 +168,7 @@ def _is_excluded(name: str, config: LoraConfig) -> bool:
 def _target_matches(name: str, config: LoraConfig) -> bool:
     tm = config.target_modules
     if isinstance(tm, str):
-        return re.fullmatch(tm, name) is not None
+        return fullmatch(tm, name)
     if name in tm:
         return True
     if not any(name.endswith("." + t) for t in tm):
@@ -203,6 +254,6 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 def pattern_value(patterns: dict, name: str, default):
     """Per-module override from ``rank_pattern`` / ``alpha_pattern`` (first regex whose match ends the name)."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if fullmatch(rf"(?:.*\.)?(?:{key})", name):
             return value
     return default

@@ -28,6 +28,7 @@ from ..ops._launch import on_gpu, use_kernels
 
 __all__ = [
     "QuantState",
+    "check_finite_scales",
     "dequantize_4bit",
     "dequantize_4bit_reference",
     "dynamic_map",
@@ -287,7 +288,30 @@ class QuantState:
             raise QuantFormatError(
                 f"{base}.absmax must be float32 without double quantization, got {absmax.dtype}"
             )
+        check_finite_scales(state, base)
         return packed.reshape(-1, 1), state
+
+
+def check_finite_scales(state: QuantState, what: str) -> None:
+    """Raise :class:`QuantFormatError` naming ``what`` if a block scale is NaN or infinite.
+
+    A NaN or infinite weight makes its block's scale NaN/inf (the quantizer keeps NaN, as
+    bitsandbytes does), and a corrupted file can hold one directly; either way every value of
+    the block would dequantize to NaN, so loaders refuse it instead of training on it.
+    """
+    if state.nested:
+        bad = (~torch.isfinite(state.nested_absmax.float())).sum().item()
+        if bad or not math.isfinite(float(state.nested_offset)):
+            raise QuantFormatError(
+                f"{what}: {bad} non-finite nested_absmax value(s) (offset {state.nested_offset}); "
+                "the weight holds NaN/inf or the file is corrupted"
+            )
+    elif state.absmax.is_floating_point():
+        bad = (~torch.isfinite(state.absmax)).sum().item()
+        if bad:
+            raise QuantFormatError(
+                f"{what}: {bad} non-finite absmax value(s); the weight holds NaN/inf or the file is corrupted"
+            )
 
 
 def parse_quant_state(raw: bytes, what: str = "quant_state") -> dict:
@@ -438,7 +462,10 @@ def _quantize_rust(
         )  # fmt: skip
     else:
         src = weight.detach().reshape(-1).to(torch.float32).contiguous()
-        core.nf4_quantize_cpu(src.data_ptr(), n, blocksize, quant_type, packed.data_ptr(), absmax.data_ptr())
+        core.nf4_quantize_cpu(
+            src.data_ptr(), n, blocksize, quant_type,
+            packed.data_ptr(), packed.numel(), absmax.data_ptr(), absmax.numel(),
+        )  # fmt: skip
     state = QuantState(
         absmax=absmax,
         shape=weight.shape,
@@ -458,7 +485,10 @@ def _quantize_rust(
             q8 = torch.empty(absmax.numel(), dtype=torch.uint8)
             nested = torch.empty(-(-absmax.numel() // NESTED_BLOCKSIZE), dtype=torch.float32)
             off = float(offset.item())
-            core.double_quant_cpu(absmax.data_ptr(), absmax.numel(), off, q8.data_ptr(), nested.data_ptr())
+            core.double_quant_cpu(
+                absmax.data_ptr(), absmax.numel(), off, q8.data_ptr(), q8.numel(),
+                nested.data_ptr(), nested.numel(),
+            )  # fmt: skip
         state.absmax, state.nested_absmax, state.nested_offset = q8, nested, off
         state.nested_code = dynamic_map(dev)
     return packed, state
@@ -515,6 +545,7 @@ def dequantize_4bit(
             f"dequantize_4bit: packed has {packed.numel() * packed.element_size()} bytes, "
             f"shape {list(state.shape)} needs {(n + 1) // 2}"
         )
+    _check_scales(state)
     core = _core_or_none()
     if n == 0 or not _native_path(core, packed):
         res = dequantize_4bit_reference(packed, state, dtype=dtype)
@@ -548,19 +579,40 @@ def dequantize_4bit(
         q = state.absmax.to(torch.uint8).contiguous()
         nested = state.nested_absmax.to(torch.float32).contiguous()
         scales = torch.empty(q.numel(), dtype=torch.float32)
-        core.dequant_scales_cpu(q.data_ptr(), nested.data_ptr(), float(state.nested_offset), q.numel(),
-                                scales.data_ptr())  # fmt: skip
+        core.dequant_scales_cpu(q.data_ptr(), q.numel(), nested.data_ptr(), nested.numel(),
+                                float(state.nested_offset), scales.data_ptr(), scales.numel())  # fmt: skip
     else:
         scales = state.absmax.to(torch.float32).contiguous()
     f32_out = out if (out is not None and dtype == torch.float32) else torch.empty(n, dtype=torch.float32)
-    core.nf4_dequantize_cpu(p.data_ptr(), scales.data_ptr(), n, state.blocksize, state.quant_type,
-                            f32_out.data_ptr())  # fmt: skip
+    core.nf4_dequantize_cpu(p.data_ptr(), p.numel(), scales.data_ptr(), scales.numel(), state.blocksize,
+                            state.quant_type, f32_out.data_ptr(), f32_out.numel())  # fmt: skip
     if out is f32_out:
         return out
     if out is not None:
         out.view(-1).copy_(f32_out)
         return out
     return f32_out.to(dtype).view(state.shape)
+
+
+def _check_scales(state: QuantState) -> None:
+    """The block scales must have one entry per block (the kernels read exactly that many)."""
+    _check(state.blocksize, state.quant_type)
+    nblocks = -(-state.numel // state.blocksize)
+    if state.absmax.numel() != nblocks:
+        raise QuantFormatError(
+            f"dequantize_4bit: absmax has {state.absmax.numel()} entries, shape {list(state.shape)} with "
+            f"blocksize {state.blocksize} needs {nblocks}"
+        )
+    if state.nested:
+        nested = -(-nblocks // state.nested_blocksize)
+        if state.nested_absmax.numel() != nested:
+            raise QuantFormatError(
+                f"dequantize_4bit: nested_absmax has {state.nested_absmax.numel()} entries, expected {nested}"
+            )
+        if state.nested_code is not None and state.nested_code.numel() != 256:
+            raise QuantFormatError(
+                f"dequantize_4bit: nested_code has {state.nested_code.numel()} entries, expected 256"
+            )
 
 
 def _check_out(out: torch.Tensor, state: QuantState, dtype: torch.dtype, device: torch.device) -> None:

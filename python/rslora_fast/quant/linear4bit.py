@@ -2,9 +2,12 @@
 
 The weight lives once, as packed bytes plus a :class:`~rslora_fast.quant.functional.QuantState`.
 Each forward (and each backward) dequantizes it into a scratch buffer shared by every
-``Linear4bit`` on the same device and dtype, hands that to the matmul, and forgets it. The
-scratch is safe to share because the matmul that reads it is queued on the same stream right
-after the dequantize that wrote it, and the next dequantize is queued after that matmul.
+``Linear4bit`` of the same thread, device, CUDA stream, dtype and inference mode, hands that to
+the matmul, and forgets it. Sharing is safe within one thread and one stream because the matmul
+that reads the buffer is queued right after the dequantize that wrote it, and the next dequantize
+is queued after that matmul. Two threads (or two streams) never share a buffer, so models can run
+concurrently; buffers made under ``torch.inference_mode()`` are inference tensors and serve only
+calls made under it, so generating under inference mode never breaks later training.
 
 ``state_dict`` uses bitsandbytes' key layout (``weight``, ``weight.absmax``, ``weight.quant_map``,
 ``weight.nested_absmax``, ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``,
@@ -20,6 +23,8 @@ from whatever Parameters the module holds when it is read.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import replace
 from typing import Any
 
@@ -56,28 +61,60 @@ def check_quant_args(blocksize: int, quant_type: str) -> None:
         raise QuantFormatError(f"blocksize {blocksize!r} not allowed; expected a power of two in 32..4096")
 
 
-# (device, dtype) -> flat buffer, grown to the largest weight dequantized so far on that device.
-_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+class _ThreadScratch:
+    """One thread's scratch buffers: (device, stream, dtype, inference mode) -> flat buffer,
+    each grown to the largest weight dequantized so far with that key."""
+
+    __slots__ = ("__weakref__", "bufs")
+
+    def __init__(self) -> None:
+        self.bufs: dict[tuple, torch.Tensor] = {}
+
+
+_LOCAL = threading.local()
+# Every live thread's scratch, so clear_scratch() can release them all.
+_ALL_SCRATCH: weakref.WeakSet[_ThreadScratch] = weakref.WeakSet()
+_ALL_LOCK = threading.Lock()
+
+
+def _thread_scratch() -> dict[tuple, torch.Tensor]:
+    mine = getattr(_LOCAL, "scratch", None)
+    if mine is None:
+        mine = _LOCAL.scratch = _ThreadScratch()
+        with _ALL_LOCK:
+            _ALL_SCRATCH.add(mine)
+    return mine.bufs
+
+
+def _scratch_key(device: torch.device, dtype: torch.dtype) -> tuple:
+    device = torch.device(device)
+    stream = 0
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(device).cuda_stream
+    return (device, stream, dtype, torch.is_inference_mode_enabled())
 
 
 def _scratch(device: torch.device, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
-    """A view of the shared scratch buffer for ``(device, dtype)`` with ``shape``."""
+    """A view of this thread's scratch buffer for ``(device, stream, dtype, mode)`` with ``shape``."""
     numel = 1
     for s in shape:
         numel *= int(s)
-    key = (torch.device(device), dtype)
-    buf = _SCRATCH.get(key)
+    bufs = _thread_scratch()
+    key = _scratch_key(device, dtype)
+    buf = bufs.get(key)
     if buf is None or buf.numel() < numel:
         # Drop the old buffer first so the caching allocator can reuse its memory.
-        _SCRATCH.pop(key, None)
+        bufs.pop(key, None)
         buf = torch.empty(numel, device=device, dtype=dtype)
-        _SCRATCH[key] = buf
+        bufs[key] = buf
     return buf[:numel].view(shape)
 
 
 def clear_scratch() -> None:
-    """Release every shared dequantization scratch buffer (they are re-created on demand)."""
-    _SCRATCH.clear()
+    """Release every thread's dequantization scratch buffers (they are re-created on demand)."""
+    with _ALL_LOCK:
+        for scratch in list(_ALL_SCRATCH):
+            scratch.bufs.clear()
 
 
 def _packed_bytes(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
