@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -282,8 +283,8 @@ class FastModel(FastLanguageModel):
     """
 
     @staticmethod
+    @functools.wraps(_get_peft_model)
     def get_peft_model(model: nn.Module, *args: Any, **kwargs: Any):
-        """:func:`rslora_fast.get_peft_model`, plus Unsloth's ``finetune_*`` flags (see the class)."""
         targets = _targets_from_finetune_flags(kwargs)
         if targets is not None and "target_modules" not in kwargs and len(args) < 2:
             kwargs["target_modules"] = targets
