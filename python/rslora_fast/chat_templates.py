@@ -207,7 +207,13 @@ def build_template(family: Family, mapping: dict[str, str] | None = None) -> str
     first_content = f"messages[0][{json.dumps(m['content'])}]"
     default = json.dumps(family.default_system or "")
     fold = "true" if family.system_into_user else "false"
+    # Content may be a string or a list of parts ({"type": "text", "text": ...}), as multimodal
+    # chat formats (Gemma 3's notebooks) write it; text parts are joined, others skipped.
+    content, first_content = f"_text({content})", f"_text({first_content})"
     return (
+        "{%- macro _text(c) -%}{%- if c is string -%}{{- c -}}{%- else -%}"
+        "{%- for p in c -%}{%- if p['type'] == 'text' -%}{{- p['text'] -}}{%- endif -%}{%- endfor -%}"
+        "{%- endif -%}{%- endmacro -%}"
         "{{- " + _expr(family.start) + " -}}"
         f"{{%- if messages and {first_role} == {json.dumps(m['system'])} -%}}"
         f"{{%- set system = {first_content} -%}}{{%- set loop_messages = messages[1:] -%}}"

@@ -15,6 +15,10 @@ a keyword the installed ``__init__`` still accepts is left alone, one that maps 
 installed config is passed through (TRL then raises its own ``TypeError``), and a call without any
 of these keywords reaches TRL unchanged. One INFO line per trainer class says what was mapped.
 
+``warmup_ratio=`` (removed from ``TrainingArguments`` in transformers 5, whose ``warmup_steps``
+takes a ratio as a float in [0, 1)) is mapped the same way on ``TrainingArguments`` and TRL's
+configs.
+
 Importing :mod:`rslora_fast` installs a post-import hook, so the wrapping happens whenever TRL's
 trainer modules load, in either import order; set ``RSLORA_FAST_NO_TRL_COMPAT=1`` to turn it off.
 """
@@ -55,6 +59,16 @@ DPO_DROPPED: dict[str, str] = {
     "max_prompt_length": "TRL >= 1.0 truncates prompt + completion together to max_length "
     "(DPOConfig.truncation_mode)",
     "max_completion_length": "TRL >= 1.0 truncates prompt + completion together to max_length",
+}
+
+#: Training-argument keywords that transformers 5 removed, and the field that now carries them.
+#: ``warmup_steps`` takes a float in [0, 1) as a ratio of the total steps since transformers 5.
+ARG_KEYWORDS: dict[str, str] = {"warmup_ratio": "warmup_steps"}
+_ARG_CLASSES = {
+    "transformers.training_args": ("TrainingArguments",),
+    "trl.trainer.sft_config": ("SFTConfig",),
+    "trl.trainer.dpo_config": ("DPOConfig",),
+    "trl.trainer.grpo_config": ("GRPOConfig",),
 }
 
 _TARGETS = {
@@ -115,7 +129,9 @@ def _log_once(cls_name: str, config_name: str, moved: dict, gone: dict, dropped:
         f"{k} -> {'processing_class' if t is None else f'{config_name}.{t}'}" for k, (t, _) in moved.items()
     ]
     parts += [f"{k} ignored ({dropped[k]})" for k in gone]
-    log.info("rslora_fast mapped %s arguments of an older TRL API: %s", cls_name, "; ".join(parts))
+    log.info(
+        "rslora_fast mapped %s arguments of an older TRL or transformers API: %s", cls_name, "; ".join(parts)
+    )
 
 
 def _wrap(trainer_cls: type, config_cls: type, table: dict, dropped: dict) -> None:
@@ -134,7 +150,36 @@ def _wrap(trainer_cls: type, config_cls: type, table: dict, dropped: dict) -> No
     trainer_cls.__init__ = __init__
 
 
+def _wrap_args_class(cls: type) -> None:
+    """Let ``cls(warmup_ratio=r)`` mean ``warmup_steps=r`` where the field is gone (transformers 5)."""
+    original = cls.__init__
+    fields = {f.name for f in dataclasses.fields(cls)}
+    table = {k: v for k, v in ARG_KEYWORDS.items() if k not in fields and v in fields}
+    if getattr(original, "__rslora_compat__", False) or not table:
+        return
+
+    @functools.wraps(original)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        for old, new in table.items():
+            if old in kwargs:
+                value = kwargs.pop(old)
+                if kwargs.get(new):  # both given: the current name wins, as it would in transformers 4
+                    continue
+                kwargs[new] = value
+                _log_once(cls.__name__, cls.__name__, {old: (new, value)}, {}, {})
+        original(self, *args, **kwargs)
+
+    __init__.__rslora_compat__ = True  # type: ignore[attr-defined]
+    cls.__init__ = __init__
+
+
 def _patch_module(module: Any) -> None:
+    for name in _ARG_CLASSES.get(module.__name__, ()):
+        cls = getattr(module, name, None)
+        if cls is not None and dataclasses.is_dataclass(cls):
+            _wrap_args_class(cls)
+    if module.__name__ not in _TARGETS:
+        return
     trainer_name, config_name, table, dropped = _TARGETS[module.__name__]
     trainer_cls, config_cls = getattr(module, trainer_name, None), getattr(module, config_name, None)
     if trainer_cls is None or config_cls is None:
@@ -147,7 +192,7 @@ class _PostImportHook(importlib.abc.MetaPathFinder):
     """Runs :func:`_patch_module` right after one of TRL's trainer modules has executed."""
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None):
-        if fullname not in _TARGETS:
+        if fullname not in _TARGETS and fullname not in _ARG_CLASSES:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None:
@@ -166,7 +211,7 @@ def install() -> None:
     """Wrap TRL's SFT/DPO trainers now if loaded, else as soon as they load. Idempotent."""
     if os.environ.get("RSLORA_FAST_NO_TRL_COMPAT", "") not in ("", "0"):
         return
-    for name in _TARGETS:
+    for name in [*_ARG_CLASSES, *_TARGETS]:
         if name in sys.modules:
             _patch_module(sys.modules[name])
     if not any(isinstance(f, _PostImportHook) for f in sys.meta_path):

@@ -91,6 +91,17 @@ def test_named_template_renders_the_family_format(base_tok, name):
     assert gen == PIECES[name][0][0]
 
 
+@pytest.mark.parametrize("name", ["llama-3", "chatml", "gemma-3"])
+def test_content_as_a_list_of_parts_renders_like_a_string(base_tok, name):
+    """Gemma 3's notebooks write ``content`` as ``[{"type": "text", "text": ...}]``."""
+    tok = get_chat_template(_fresh(base_tok), chat_template=name)
+    parts = [
+        {"role": m["role"], "content": [{"type": "text", "text": m["content"]}, {"type": "image"}]}
+        for m in CONVO
+    ]
+    assert tok.apply_chat_template(parts, tokenize=False) == tok.apply_chat_template(CONVO, tokenize=False)
+
+
 def test_no_name_keeps_the_tokenizers_template_and_fills_a_gap(base_tok):
     tok = get_chat_template(_fresh(base_tok))
     assert tok.chat_template == CHAT_TEMPLATE

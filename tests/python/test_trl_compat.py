@@ -166,3 +166,12 @@ def test_unsloth_names_exist_and_behave(monkeypatch):
     from trl import DPOTrainer
 
     assert getattr(DPOTrainer.__init__, "__rslora_compat__", False)
+
+
+def test_warmup_ratio_means_a_fractional_warmup_steps(tmp_path):
+    """transformers 5 dropped ``warmup_ratio``; ``warmup_steps`` in [0, 1) is the same ratio."""
+    for cls in (transformers.TrainingArguments, trl.SFTConfig, trl.DPOConfig):
+        args = cls(output_dir=str(tmp_path), warmup_ratio=0.1, use_cpu=True, report_to="none")
+        assert args.warmup_steps == 0.1, cls.__name__
+    kept = transformers.TrainingArguments(output_dir=str(tmp_path), warmup_steps=5, warmup_ratio=0.1)
+    assert kept.warmup_steps == 5
