@@ -29,6 +29,7 @@ import numbers
 import os
 import re
 import struct
+import types
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -925,10 +926,34 @@ def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote
     model.is_loaded_in_4bit = any(isinstance(m, Linear4bit) for m in model.modules())
     if model.is_loaded_in_4bit:
         _route_save_to_4bit(model)
+        model.num_parameters = types.MethodType(_num_parameters_4bit, model)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     _attach_export_methods(model)
     return model, tokenizer
+
+
+def _num_parameters_4bit(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+    """transformers' ``num_parameters`` for our 4-bit models, without bitsandbytes.
+
+    transformers imports bitsandbytes to count a model flagged ``is_loaded_in_4bit`` (HF Trainer
+    calls it every step to estimate FLOPs), which fails where bitsandbytes is not installed; here a
+    packed 4-bit weight counts as the ``out x in`` weights it holds.
+    """
+    from .quant.linear4bit import Linear4bit
+
+    embeddings = {f"{n}.weight" for n, m in self.named_modules() if isinstance(m, nn.Embedding)}
+    packed = {
+        f"{n}.weight": m.out_features * m.in_features
+        for n, m in self.named_modules()
+        if isinstance(m, Linear4bit)
+    }
+    total = 0
+    for name, p in self.named_parameters():
+        if (exclude_embeddings and name in embeddings) or (only_trainable and not p.requires_grad):
+            continue
+        total += packed.get(name, p.numel())
+    return total
 
 
 def _attach_export_methods(model: nn.Module) -> None:

@@ -120,7 +120,9 @@ def test_llama_31_alpaca_notebook(llama_dir, tmp_path, capsys):
     assert stats.global_step == 2 and torch.isfinite(torch.tensor(stats.training_loss))
 
     FastLanguageModel.for_inference(model)
-    inputs = tokenizer([prompt.format("Continue the sequence.", "1, 2, 3", "")], return_tensors="pt")
+    inputs = tokenizer([prompt.format("Continue the sequence.", "1, 2, 3", "")], return_tensors="pt").to(
+        model.device
+    )
     outputs = model.generate(**inputs, max_new_tokens=8, use_cache=True)
     assert len(tokenizer.batch_decode(outputs)) == 1
     _generate_with_streamer(model, tokenizer, inputs, capsys)
@@ -138,7 +140,11 @@ def test_llama_31_alpaca_notebook(llama_dir, tmp_path, capsys):
         model.save_pretrained_merged(str(tmp_path / method), tokenizer, save_method=method)
     for method in ("merged_16bit", "merged_4bit"):
         again, _ = FastLanguageModel.from_pretrained(str(tmp_path / method), load_in_4bit=False)
-        assert again(**inputs).logits.shape == (1, inputs["input_ids"].shape[1], len(tokenizer))
+        assert again(**inputs.to(again.device)).logits.shape == (
+            1,
+            inputs["input_ids"].shape[1],
+            len(tokenizer),
+        )
     assert (tmp_path / "lora" / "adapter_config.json").is_file()
     q8 = model.save_pretrained_gguf(str(tmp_path / "gguf"), tokenizer)
     f16 = model.save_pretrained_gguf(str(tmp_path / "gguf"), tokenizer, quantization_method="f16")
@@ -197,7 +203,7 @@ def test_llama_32_conversational_notebook(llama_dir, tmp_path):
     messages = [{"role": "user", "content": "Continue the sequence: 1, 2, 3,"}]
     inputs = tokenizer.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
+    ).to(model.device)
     outputs = model.generate(
         input_ids=inputs["input_ids"], max_new_tokens=6, use_cache=True, temperature=1.5, min_p=0.1
     )
@@ -251,7 +257,7 @@ def test_gemma3_notebook(gemma3_dir, tmp_path, capsys):
 
     messages = [{"role": "user", "content": [{"type": "text", "text": "Name a fruit."}]}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = tokenizer([text], return_tensors="pt", add_special_tokens=False)
+    inputs = tokenizer([text], return_tensors="pt", add_special_tokens=False).to(model.device)
     _generate_with_streamer(model, tokenizer, inputs, capsys)
 
     model.save_pretrained(tmp_path / "gemma-3")
