@@ -23,7 +23,7 @@ PARAGRAPH = (
     "laughing and carrying heavy bags home for the weekend."
 )
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-STEPS, BATCH, LR = 6, 4, 1e-3
+STEPS, BATCH, LR = 6, 4, 2e-3
 # Largest allowed |ours - peft| of any step's loss. float32 on both sides: only summation order differs.
 TOL_16BIT = 2e-3
 # bitsandbytes' CPU 4-bit matmul computes in reduced precision (about 1e-2 off on logits).
@@ -117,5 +117,6 @@ def test_lora_finetune_follows_hf_peft(smol, tmp_path, load_in_4bit):
     ref.train()
     ours_losses, ref_losses = _train(ours, batches), _train(ref, batches)
     tol = TOL_4BIT if load_in_4bit else TOL_16BIT
+    print("ours", ours_losses, "\npeft", ref_losses)
     assert max(abs(a - b) for a, b in zip(ours_losses, ref_losses)) < tol, (ours_losses, ref_losses)
-    assert ref_losses[-1] < 0.7 * ref_losses[0]  # the run really learns (the comparison is not vacuous)
+    assert ref_losses[-1] < 0.75 * ref_losses[0]  # the run really learns (the comparison is not vacuous)
