@@ -15,6 +15,8 @@ def test_faq_is_consistent_and_checks_are_held_out():
     for question, word in demo.FAQ_CHECKS:
         assert question.lower() not in prompts  # asked in other words than any training prompt
         assert word in answers  # ...about a fact that the data teaches
+    for question, word in demo.GENERAL_CHECKS:  # general knowledge is checked, never taught
+        assert question.lower() not in prompts and word not in answers
     # one answer per question: the domain never contradicts itself
     by_q: dict[str, set[str]] = {}
     for q, a in pairs:
@@ -78,3 +80,9 @@ def test_bad_demo_argument_is_rejected(capsys):
     with pytest.raises(SystemExit):
         demo.main(["--steps", "many"])
     assert "--steps" in capsys.readouterr().err
+
+
+def test_a_fact_is_held_as_a_whole_word_only():
+    assert demo.holds_fact("Every Glimmerfold umbrella has a 12-year warranty.", "12")
+    assert not demo.holds_fact("Every Glimmerfold umbrella is 125 years.", "12")
+    assert demo.holds_fact("It was founded by odile marsh.", "Odile Marsh")

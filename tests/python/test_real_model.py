@@ -24,10 +24,11 @@ PARAGRAPH = (
 )
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STEPS, BATCH, LR = 6, 4, 2e-3
-# Largest allowed |ours - peft| of any step's loss. float32 on both sides: only summation order differs.
-TOL_16BIT = 2e-3
-# bitsandbytes' CPU 4-bit matmul computes in reduced precision (about 1e-2 off on logits).
-TOL_4BIT = 3e-2
+# Largest allowed |ours - peft| of any step's loss (losses ~1 to 2.4). float32 on both sides, same NF4
+# codes for 4-bit: only summation order and bitsandbytes' CPU 4-bit matmul differ; measured at most
+# 2e-5 (16-bit) and 7e-5 (4-bit) on a 2-core x86 CPU.
+TOL_16BIT = 1e-3
+TOL_4BIT = 5e-3
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +81,7 @@ def _batches(tok):
     rows = [chat_example(tok, q, a) for q, a in read_faq()]
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(rows), generator=g).tolist()
-    return [
-        collate([rows[i] for i in order[s * BATCH : (s + 1) * BATCH]], tok.pad_token_id) for s in range(STEPS)
-    ]
+    return [collate([rows[i] for i in order[s * BATCH : (s + 1) * BATCH]], 0) for s in range(STEPS)]
 
 
 def _train(model, batches):
@@ -117,6 +116,5 @@ def test_lora_finetune_follows_hf_peft(smol, tmp_path, load_in_4bit):
     ref.train()
     ours_losses, ref_losses = _train(ours, batches), _train(ref, batches)
     tol = TOL_4BIT if load_in_4bit else TOL_16BIT
-    print("ours", ours_losses, "\npeft", ref_losses)
     assert max(abs(a - b) for a, b in zip(ours_losses, ref_losses)) < tol, (ours_losses, ref_losses)
     assert ref_losses[-1] < 0.75 * ref_losses[0]  # the run really learns (the comparison is not vacuous)
