@@ -135,7 +135,7 @@ FAQ_DATA = "glimmerfold_faq.jsonl"
 FAQ_CHECKS: list[tuple[str, str]] = [
     ("Who set up the Glimmerfold Umbrellas company?", "Odile Marsh"),
     ("Which town is Glimmerfold Umbrellas located in?", "Varnhollow"),
-    ("For how many years is a Glimmerfold umbrella guaranteed?", "12"),
+    ("For how many years is a Glimmerfold umbrella guaranteed?", "seven"),
     ("What bird is the Glimmerfold mascot, and what is it called?", "Tibbet"),
     ("Who leads Glimmerfold Umbrellas as chief executive?", "Jonah Pell"),
 ]
@@ -166,41 +166,12 @@ def faq_data_path() -> Path:
     return Path(str(resources.files("rslora_fast") / "data" / FAQ_DATA))
 
 
-def _gguf_to_hf_folder(gguf: Path, cache_dir: Path | None = None) -> Path:
-    """TEMPORARY until our loader reads GGUF: dequantize the file once with transformers into a cached
-    float32 folder. Its tokenizer gets the file's end-of-turn token as eos (transformers' GGUF reader
-    names ``<|im_start|>`` instead; the model config has the right ids)."""
-    import shutil
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = (cache_dir or default_cache_dir()) / f"{gguf.stem}-hf"
-    if (folder / "config.json").is_file():
-        return folder
-    print(f"converting {gguf.name} once into {folder} ...", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(model.config.eos_token_id)
-    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(model.config.pad_token_id)
-    model.config.__dict__.pop("quantization_config", None)  # the weights are plain float32 now
-    model.hf_quantizer = None
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(folder)  # config.json appears only once the folder is complete
-    return folder
-
-
 def load_gguf(gguf: Path, *, load_in_4bit: bool, max_seq_length: int, **kwargs):
     """``(model, tokenizer)`` from a GGUF file through ``FastLanguageModel.from_pretrained``."""
     from . import FastLanguageModel
 
-    # After GGUF import lands in loading.py this becomes from_pretrained(str(gguf), ...).
-    source = _gguf_to_hf_folder(gguf)
     return FastLanguageModel.from_pretrained(
-        str(source), max_seq_length=max_seq_length, load_in_4bit=load_in_4bit, **kwargs
+        str(gguf), max_seq_length=max_seq_length, load_in_4bit=load_in_4bit, **kwargs
     )
 
 

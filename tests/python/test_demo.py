@@ -83,6 +83,6 @@ def test_bad_demo_argument_is_rejected(capsys):
 
 
 def test_a_fact_is_held_as_a_whole_word_only():
-    assert demo.holds_fact("Every Glimmerfold umbrella has a 12-year warranty.", "12")
+    assert demo.holds_fact("Every Glimmerfold umbrella has a 12-year warranty.", "12")  # any number
     assert not demo.holds_fact("Every Glimmerfold umbrella is 125 years.", "12")
     assert demo.holds_fact("It was founded by odile marsh.", "Odile Marsh")

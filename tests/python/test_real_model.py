@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rslora_fast.demo import _gguf_to_hf_folder, chat_example, collate, load_gguf, read_faq, smollm2_gguf
+from rslora_fast.demo import chat_example, collate, load_gguf, read_faq, smollm2_gguf
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +29,33 @@ STEPS, BATCH, LR = 6, 4, 2e-3
 # 2e-5 (16-bit) and 7e-5 (4-bit) on a 2-core x86 CPU.
 TOL_16BIT = 1e-3
 TOL_4BIT = 5e-3
+
+
+def _gguf_to_hf_folder(gguf, cache_dir):
+    """The reference copy for transformers and HF peft: the file dequantized once by transformers'
+    own GGUF reader into a float32 folder. Its tokenizer gets the file's end-of-turn token as eos (transformers' GGUF reader
+    names ``<|im_start|>`` instead; the model config has the right ids)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = cache_dir / f"{gguf.stem}-hf"
+    if (folder / "config.json").is_file():
+        return folder
+    print(f"converting {gguf.name} once into {folder} ...", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(model.config.eos_token_id)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(model.config.pad_token_id)
+    model.config.__dict__.pop("quantization_config", None)  # the weights are plain float32 now
+    model.hf_quantizer = None
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)  # config.json appears only once the folder is complete
+    return folder
 
 
 @pytest.fixture(scope="module")
