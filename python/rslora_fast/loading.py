@@ -895,6 +895,9 @@ def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote
                         w = t.to(device).to(dtype)
                         del t
                         try:
+                            if w.is_cuda and not bool(torch.isfinite(w).all()):
+                                # the CUDA quantizer's max ignores NaN, so no scale would show it
+                                raise QuantFormatError("non-finite (NaN/inf) weight value(s)")
                             packed, state = quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
                                                           compress_statistics=double_quant)  # fmt: skip
                             check_finite_scales(state, "scales")  # NaN/inf weights: refused, named

@@ -55,7 +55,20 @@ def test_nan_in_prequantized_nested_absmax_is_refused_with_the_tensor_name():
     QuantState.from_bnb_dict("m", good.as_bnb_dict("m", good_packed))  # a finite state still loads
 
 
-def test_nan_weight_is_refused_at_4bit_load_naming_the_tensor(tmp_path):
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.cuda,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+            ],
+        ),
+    ],
+)
+def test_nan_weight_is_refused_at_4bit_load_naming_the_tensor(tmp_path, device):
     import transformers
     from safetensors.torch import load_file, save_file
 
@@ -73,4 +86,4 @@ def test_nan_weight_is_refused_at_4bit_load_naming_the_tensor(tmp_path):
     sd["model.layers.0.self_attn.q_proj.weight"][5, 7] = float("nan")
     save_file(sd, f, metadata={"format": "pt"})
     with pytest.raises(QuantFormatError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight.*non-finite"):
-        from_pretrained(str(tmp_path), load_in_4bit=True, device_map="cpu", progress=False)
+        from_pretrained(str(tmp_path), load_in_4bit=True, device_map=device, progress=False)
