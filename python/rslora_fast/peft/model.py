@@ -182,7 +182,12 @@ def _dense_linear(base: nn.Module, lora: LoraLinear | None) -> nn.Linear:
 
 
 def _is_hf_peft_model(model: nn.Module) -> bool:
-    """True for HF peft's ``PeftModel`` (or a subclass), recognised without importing peft."""
+    """True for HF peft's ``PeftModel`` (or a subclass), recognised without importing peft.
+
+    Ours derives from peft's class when peft is installed (so trainers recognise it): not counted.
+    """
+    if isinstance(model, PeftModel):
+        return False
     return any(
         c.__name__ == "PeftModel" and c.__module__.split(".")[0] == "peft" for c in type(model).__mro__
     )
