@@ -131,6 +131,19 @@ def _host(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
 
+def _visit_own_tensors(module: nn.Module, prefix: str, plain, visit) -> None:
+    """``module``'s own parameters and persistent buffers to ``plain``, then its children to ``visit``."""
+    for name, p in module._parameters.items():
+        if p is not None:
+            plain(prefix + name, p)
+    for name, b in module._buffers.items():
+        if b is not None and name not in module._non_persistent_buffers_set:
+            plain(prefix + name, b)
+    for name, child in module._modules.items():
+        if child is not None:
+            visit(child, prefix + name + ".")
+
+
 def merged_state_dict_plan(model: nn.Module, dtype: torch.dtype | None = None) -> list[_Entry]:
     """The export's tensors in the order of ``model.state_dict()``, each computed only when asked.
 
@@ -182,15 +195,7 @@ def merged_state_dict_plan(model: nn.Module, dtype: torch.dtype | None = None) -
         if is_4bit_linear(module):
             linear(prefix, module, None)
             return
-        for name, p in module._parameters.items():
-            if p is not None:
-                plain(prefix + name, p)
-        for name, b in module._buffers.items():
-            if b is not None and name not in module._non_persistent_buffers_set:
-                plain(prefix + name, b)
-        for name, child in module._modules.items():
-            if child is not None:
-                visit(child, prefix + name + ".")
+        _visit_own_tensors(module, prefix, plain, visit)
 
     visit(inner, "")
     return entries
@@ -368,15 +373,7 @@ def _plan_4bit(
         elif is_4bit_linear(module) or isinstance(module, nn.Linear):
             linear(prefix, module, None)
         else:
-            for name, p in module._parameters.items():
-                if p is not None:
-                    plain(prefix + name, p)
-            for name, b in module._buffers.items():
-                if b is not None and name not in module._non_persistent_buffers_set:
-                    plain(prefix + name, b)
-            for name, child in module._modules.items():
-                if child is not None:
-                    visit(child, prefix + name + ".")
+            _visit_own_tensors(module, prefix, plain, visit)
 
     visit(inner, "")
     return groups, dense
