@@ -1,5 +1,5 @@
 // NF4 / FP4 blockwise 4-bit dequantization and quantization, byte-compatible with bitsandbytes
-// (format: shared/reference.md §1; the CPU twin is src/quant/blockwise.rs).
+// (format: docs/formats.md; the CPU twin is src/quant/blockwise.rs).
 //
 // Float arithmetic uses the _rn intrinsics where bitsandbytes' result depends on a separate
 // rounding (a fused multiply-add would change the bytes or the values).

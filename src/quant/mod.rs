@@ -1,4 +1,4 @@
-//! NF4 / FP4 blockwise quantization, byte-compatible with bitsandbytes (see shared/reference.md §1).
+//! NF4 / FP4 blockwise quantization, byte-compatible with bitsandbytes (format: docs/formats.md).
 //!
 //! - [`codebook`]: the NF4 and FP4 tables, the signed 8-bit dynamic map, and bitsandbytes'
 //!   exact encoders for each.

@@ -1,6 +1,6 @@
 """NF4 / FP4 blockwise quantization, byte-compatible with bitsandbytes.
 
-Format (see ``shared/reference.md`` §1): the weight is flattened row-major, split into blocks of
+Format (``docs/formats.md``): the weight is flattened row-major, split into blocks of
 ``blocksize`` consecutive elements (the last block may be partial), each block is scaled by its
 absolute maximum and every element is replaced by the index of the nearest of 16 code values
 (ties go to the lower code). Two codes share a byte, the first element in the high nibble.
