@@ -382,12 +382,6 @@ def _plan_tensors(model: nn.Module, cfg: Any, fam: _Family, want: Any, gguf: Any
 
 
 # ------------------------------------------------------------------------------------- writing
-def _inner(model: nn.Module) -> nn.Module:
-    if hasattr(model, "peft_config") and hasattr(model, "base_model"):
-        return model.base_model.model
-    return model
-
-
 def _saved_tokenizer(save_directory: str | os.PathLike) -> Any:
     """The tokenizer saved in ``save_directory``; an error saying what to pass when there is none."""
     from transformers import AutoTokenizer
@@ -442,7 +436,9 @@ def save_pretrained_gguf(
     method = _method(quantization_type if quantization_type is not None else quantization_method)
     gguf = import_gguf()
     tokenizer = tokenizer if tokenizer is not None else _saved_tokenizer(save_directory)
-    cfg = _inner(model).config
+    from .export import _inner_model
+
+    cfg = _inner_model(model).config
     fam = GGUF_FAMILIES.get(getattr(cfg, "model_type", None))
     if fam is None:
         raise ValueError(
