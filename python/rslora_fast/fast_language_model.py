@@ -191,12 +191,14 @@ class FastLanguageModel:
 
     @staticmethod
     def for_inference(model: nn.Module) -> nn.Module:
-        """Switch a model to generation: checkpointing off, dropout off, KV cache on.
+        """Switch a model to generation: checkpointing off, dropout off, KV cache on, fast generate.
 
         Gradient checkpointing is removed (it only costs time without a backward pass and
         transformers turns the cache off under it), ``model.eval()`` disables every dropout (LoRA's
         included), and ``use_cache`` is set to True on the config and the generation config.
-        :meth:`for_training` restores the checkpointing mode that was configured.
+        ``model.generate`` then goes through the fast decode path (same API; LoRA stays unmerged;
+        ``RSLORA_FAST_GENERATE=off`` keeps HF's; see docs/generation.md).
+        :meth:`for_training` restores the checkpointing mode that was configured and HF's generate.
 
         Args:
             model: a :class:`~rslora_fast.PeftModel` or a transformers model.
@@ -213,6 +215,9 @@ class FastLanguageModel:
             apply_gradient_checkpointing(inner, False)
         _set_use_cache(inner, True)
         model.eval()
+        from . import generate
+
+        generate.enable(inner)
         return model
 
     @staticmethod
@@ -222,7 +227,7 @@ class FastLanguageModel:
         The checkpointing mode is the one given to :func:`~rslora_fast.get_peft_model` (or enabled
         later through ``gradient_checkpointing_enable``); ``model.train()`` re-enables dropout, and
         ``use_cache`` is set to False (a cache is useless in training and conflicts with
-        checkpointing).
+        checkpointing). The fast generate path is switched off and its KV cache freed.
 
         Args:
             model: a :class:`~rslora_fast.PeftModel` or a transformers model.
@@ -243,6 +248,9 @@ class FastLanguageModel:
             )
         _set_use_cache(inner, False)
         model.train()
+        from . import generate
+
+        generate.disable(inner)
         return model
 
 

@@ -416,8 +416,15 @@ class PeftModel(nn.Module):
         return self.base_model.model(*pos, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """``generate`` of the wrapped model (adapters active)."""
-        return self.base_model.model.generate(*args, **kwargs)
+        """``generate`` of the wrapped model (adapters active); the fast decode path when it applies.
+
+        After ``for_inference``, or for a call made without gradients (TRL's ``GRPOTrainer``), the
+        call goes to :func:`rslora_fast.generate.fast_generate` (HF's semantics; HF's ``generate``
+        for what it does not cover); see docs/generation.md.
+        """
+        from ..generate import route
+
+        return route(self.base_model.model, *args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
         """Return the wrapped transformers model (adapters still injected)."""
