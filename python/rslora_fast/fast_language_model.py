@@ -41,8 +41,8 @@ def _take_unsloth_keywords(kwargs: dict, fast_inference: bool) -> None:
         raise TypeError(f"from_pretrained got unexpected keyword argument(s) {unknown}; accepted: {accepted}")
     if fast_inference:
         log.warning(
-            "from_pretrained: fast_inference=True: there is no fast generation path yet; generate() uses "
-            "the standard transformers path"
+            "from_pretrained: fast_inference=True: generate() runs no separate inference engine and keeps the standard "
+            "transformers API (after FastLanguageModel.for_inference, through rslora_fast's decode path on CUDA)"
         )
     vllm_only = [k for k in VLLM_ONLY_KEYWORDS if kwargs.pop(k, None) is not None]
     if vllm_only:

@@ -219,7 +219,9 @@ def test_sampling_with_a_fixed_seed_is_reproducible_and_matches_hf(forced):
     model = _tiny()
     ids, mask = _prompts()
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=True)
-    for warp in ({"temperature": 0.7, "top_k": 20, "top_p": 0.9}, {"temperature": 1.5, "top_k": 0}):
+    warps = ({"temperature": 0.7, "top_k": 20, "top_p": 0.9}, {"repetition_penalty": 1.3, "min_p": 0.05},
+             {"temperature": 1.5, "top_k": 0})  # fmt: skip
+    for warp in warps:
         torch.manual_seed(3)
         first = fast_generate(model, **kw, **warp)
         torch.manual_seed(3)
