@@ -145,10 +145,13 @@ def test_max_length_min_new_tokens_and_their_precedence(forced):
     assert blocked.shape == (1, 13) and not set(blocked[0, 7:].tolist()) & set(range(VOCAB // 2))
 
 
-def test_prompt_without_attention_mask_and_positional_inputs(forced):
+def test_prompt_without_attention_mask_and_positional_arguments(forced):
     model = _tiny()
     ids, _ = _prompts(pads=(0, 0))
     assert torch.equal(fast_generate(model, ids, max_new_tokens=5), _hf(model, ids, max_new_tokens=5))
+    gc = transformers.GenerationConfig(max_new_tokens=4, eos_token_id=EOS, pad_token_id=PAD)
+    assert torch.equal(fast_generate(model, ids, gc), _hf(model, ids, gc))
+    assert forced == [(2, 7), (2, 7)]
 
 
 # ------------------------------------------------------------------ stop strings, streamer
@@ -297,6 +300,15 @@ def test_unsupported_keywords_go_to_hf_generate_with_a_log_line(forced, caplog, 
     assert forced == []
     lines = [r.getMessage() for r in caplog.records if "transformers' generate is used" in r.getMessage()]
     assert len(lines) == 1 and named in lines[0]
+
+
+def test_an_assistant_model_goes_to_hf_generate_with_a_log_line(forced, caplog):
+    model = _tiny()
+    ids, mask = _prompts(pads=(0,))
+    caplog.set_level(logging.INFO, logger="rslora_fast.generate")
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5)
+    got = fast_generate(model, **kw, assistant_model=_tiny(seed=1))
+    assert torch.equal(got, _hf(model, **kw)) and forced == [] and "assistant_model given" in caplog.text
 
 
 def test_right_padding_goes_to_hf_generate_with_a_log_line(forced, caplog):

@@ -14,7 +14,6 @@ path for a call made without gradients (TRL's ``GRPOTrainer`` generating in trai
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -26,15 +25,24 @@ from .select import release
 __all__ = ["ENV", "MODES", "disable", "enable", "enabled", "fast_generate", "mode", "release", "route"]
 
 
+class _Switched:
+    """``model.generate`` while switched: :func:`fast_generate` on the model (copies and pickles with it)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return fast_generate(self.model, *args, **kwargs)
+
+
 def enable(model: nn.Module) -> None:
     """Make ``model.generate`` (a transformers model) go through :func:`fast_generate`."""
-    model.__dict__["generate"] = types.MethodType(fast_generate, model)
+    model.__dict__["generate"] = _Switched(model)
 
 
 def enabled(model: nn.Module) -> bool:
     """Whether :func:`enable` is in effect on ``model``."""
-    bound = model.__dict__.get("generate")
-    return getattr(bound, "__func__", None) is fast_generate
+    return isinstance(model.__dict__.get("generate"), _Switched)
 
 
 def disable(model: nn.Module) -> None:

@@ -9,6 +9,7 @@ the output, extra model inputs) goes to HF ``generate`` unchanged, with one INFO
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ _OWN_KEYWORDS = (
     "attention_mask", "streamer", "tokenizer", "logits_processor", "stopping_criteria",
     "prefix_allowed_tokens_fn", "synced_gpus", "disable_compile", "generation_config",
 )  # fmt: skip
+#: ``generate`` parameters of decoding methods the loop does not run (HF ``generate`` when given).
+_HF_ONLY = ("assistant_model", "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate")
 _FAST_MODES = ("greedy_search", "sample")
 
 
@@ -54,7 +57,7 @@ class _Plan:
     streamer: Any
 
 
-def fast_generate(model: nn.Module, inputs: torch.Tensor | None = None, **kwargs: Any) -> Any:
+def fast_generate(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """HF ``generate`` on ``model`` (a transformers causal LM, adapters injected) through a decode engine.
 
     Same keywords and result as ``model.generate``: a ``LongTensor [B, T + new]`` (rows that
@@ -62,16 +65,24 @@ def fast_generate(model: nn.Module, inputs: torch.Tensor | None = None, **kwargs
     ``return_dict_in_generate=True`` (``sequences``, ``scores``, ``logits``; no cache). Prompts
     must be left-padded. Calls the fast path does not cover go to HF ``generate``.
     """
-    plan = _plan(model, inputs, kwargs)
+    plan = _plan(model, args, kwargs)
     if isinstance(plan, str):
         if plan:
             select.log_once("generate: transformers' generate is used: %s", plan)
-        return type(model).generate(model, inputs, **kwargs)
+        return type(model).generate(model, *args, **kwargs)
     with torch.no_grad():
         return _decode(model, plan)
 
 
-def _plan(model: nn.Module, inputs: torch.Tensor | None, kwargs: dict) -> _Plan | str:
+def _named(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """``kwargs`` with the positional arguments of HF ``generate`` put under their names."""
+    names = list(inspect.signature(type(model).generate).parameters)[1:]  # after self
+    if len(args) > len(names) or any(names[i] in kwargs for i in range(len(args))):
+        raise TypeError(f"generate() got {len(args)} positional arguments for parameters {names}")
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def _plan(model: nn.Module, args: tuple, kwargs: dict) -> _Plan | str:
     """The resolved call, or why it goes to HF ``generate`` ("" when no line should be logged)."""
     run_mode = mode()
     if run_mode == "off":
@@ -79,10 +90,14 @@ def _plan(model: nn.Module, inputs: torch.Tensor | None, kwargs: dict) -> _Plan 
     param = next(model.parameters(), None)
     if param is None or (param.device.type != "cuda" and run_mode != "force"):
         return ""  # on CPU the plain path is as fast; the fast path runs there only when forced
-    kw = dict(kwargs)
+    kw = _named(model, args, kwargs)
+    inputs = kw.pop("inputs", None)
     ids = inputs if inputs is not None else kw.pop("input_ids", None)
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
         return "the prompt is not an input_ids LongTensor [batch, length] (inputs_embeds or other inputs)"
+    given = [k for k in _HF_ONLY if kw.pop(k, None) is not None]
+    if given:
+        return f"{', '.join(given)} given"
     own = {k: kw.pop(k) for k in _OWN_KEYWORDS if k in kw}
     if own.get("synced_gpus"):
         return "synced_gpus=True"
