@@ -188,7 +188,7 @@ def test_stop_strings_stop_like_hf(forced, text_model):
     kw = dict(max_new_tokens=16, stop_strings=[stop], tokenizer=tok)
     want = _hf(model, **enc, **kw)
     got = fast_generate(model, **enc, **kw)
-    assert torch.equal(got, want)
+    assert torch.equal(got, want) and forced == [tuple(enc["input_ids"].shape)]
     assert stop in tok.decode(got[0, enc["input_ids"].shape[1] :])
     assert got.shape[1] < free.shape[1] or (got[0] != free[0]).any()
 
@@ -211,7 +211,7 @@ def test_streamer_receives_the_same_text(forced, text_model):
     got = fast_generate(model, **enc, max_new_tokens=9, streamer=ours)
     want = _hf(model, **enc, max_new_tokens=9, streamer=theirs)
     assert torch.equal(got, want)
-    assert "".join(ours.text) == "".join(theirs.text) and ours.ended == 1
+    assert "".join(ours.text) == "".join(theirs.text) and ours.ended == 1 and len(forced) == 1
     assert "".join(ours.text) == tok.decode(got[0])
 
 
@@ -476,23 +476,36 @@ def _cuda_model(dtype=torch.bfloat16):
     return _tiny().to("cuda", dtype)
 
 
+@pytest.fixture
+def opened(monkeypatch):
+    """The default mode (the fast path on CUDA) and a record of the engines the loop opened."""
+    monkeypatch.delenv("RSLORA_FAST_GENERATE", raising=False)
+    calls = []
+    original = select.open_engine
+
+    def spy(model, batch, length, cap=None):
+        calls.append(batch)
+        return original(model, batch, length, cap)
+
+    monkeypatch.setattr(select, "open_engine", spy)
+    return calls
+
+
 @cuda
 @pytest.mark.cuda
-def test_cuda_greedy_equals_hf_generate_in_bf16_with_left_padding(monkeypatch):
-    monkeypatch.delenv("RSLORA_FAST_GENERATE", raising=False)
+def test_cuda_greedy_equals_hf_generate_in_bf16_with_left_padding(opened):
     model = get_peft_model(_cuda_model(), r=4, lora_alpha=8)
     FastLanguageModel.for_inference(model)
     inner = model.base_model.model
     ids, mask = _prompts(device="cuda")
     got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16)
     want = _hf(inner, input_ids=ids, attention_mask=mask, max_new_tokens=16)
-    assert torch.equal(got, want)
+    assert torch.equal(got, want) and opened == [3]
 
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_stop_strings_and_eos_like_hf(monkeypatch, text_model):
-    monkeypatch.delenv("RSLORA_FAST_GENERATE", raising=False)
+def test_cuda_stop_strings_and_eos_like_hf(opened, text_model):
     base, tok = text_model
     model = transformers.AutoModelForCausalLM.from_config(base.config).to("cuda", torch.bfloat16)
     model.load_state_dict(base.state_dict())
@@ -503,3 +516,4 @@ def test_cuda_stop_strings_and_eos_like_hf(monkeypatch, text_model):
     for kw in ({"stop_strings": [stop], "tokenizer": tok}, {"eos_token_id": int(free[1, -5])}):
         got = model.generate(**enc, max_new_tokens=16, **kw)
         assert torch.equal(got, _hf(model, **enc, max_new_tokens=16, **kw)), kw
+    assert opened == [2, 2]
