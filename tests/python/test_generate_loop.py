@@ -311,6 +311,20 @@ def test_an_assistant_model_goes_to_hf_generate_with_a_log_line(forced, caplog):
     assert torch.equal(got, _hf(model, **kw)) and forced == [] and "assistant_model given" in caplog.text
 
 
+def test_a_changed_transformers_helper_goes_to_hf_generate_with_a_log_line(forced, caplog, monkeypatch):
+    model = _tiny()
+    ids, mask = _prompts()
+
+    def changed(*args, **kwargs):
+        raise TypeError("unexpected keyword argument 'encoder_input_ids'")
+
+    monkeypatch.setattr(model, "_get_logits_processor", changed)
+    caplog.set_level(logging.INFO, logger="rslora_fast.generate")
+    with pytest.raises(TypeError, match="encoder_input_ids"):  # HF's generate meets the same change
+        fast_generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=3)
+    assert forced == [] and "could not be planned (TypeError" in caplog.text
+
+
 def test_right_padding_goes_to_hf_generate_with_a_log_line(forced, caplog):
     model = _tiny()
     ids, mask = _prompts(pads=(0, 0))

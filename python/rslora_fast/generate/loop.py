@@ -65,7 +65,10 @@ def fast_generate(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     ``return_dict_in_generate=True`` (``sequences``, ``scores``, ``logits``; no cache). Prompts
     must be left-padded. Calls the fast path does not cover go to HF ``generate``.
     """
-    plan = _plan(model, args, kwargs)
+    try:
+        plan = _plan(model, args, kwargs)
+    except (TypeError, AttributeError) as exc:  # transformers' generate helpers changed, or a bad call
+        plan = f"the call could not be planned ({type(exc).__name__}: {exc})"
     if isinstance(plan, str):
         if plan:
             select.log_once("generate: transformers' generate is used: %s", plan)
