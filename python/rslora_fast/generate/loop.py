@@ -184,36 +184,16 @@ def _padding_problem(ids: torch.Tensor, mask: torch.Tensor) -> str:
 
 
 def _decode(model: nn.Module, plan: _Plan) -> Any:
-    """Prefill, then one engine step per token until every row has stopped."""
+    """Open an engine (adapters refreshed), run the loop, shape the result like HF ``generate``."""
     cfg, ids = plan.config, plan.input_ids
-    scores: tuple = () if cfg.return_dict_in_generate and cfg.output_scores else None
-    raw: tuple = () if cfg.return_dict_in_generate and cfg.output_logits else None
-    pad = cfg._pad_token_tensor
-    pads_finished = any(hasattr(c, "eos_token_id") for c in plan.criteria)
-    unfinished = torch.ones(ids.shape[0], dtype=torch.long, device=ids.device)
     if plan.streamer is not None:
         plan.streamer.put(ids.cpu())
-    with select.open_engine(
-        model, ids.shape[0], cfg.max_length, getattr(model, "max_seq_length", None)
-    ) as engine:
+    cap = getattr(model, "max_seq_length", None)
+    with select.open_engine(model, ids.shape[0], cfg.max_length, cap) as engine:
         refresh = getattr(engine, "refresh_adapters", None)
         if refresh is not None:
             refresh()  # adapters trained since the last call
-        logits = engine.prefill(ids, plan.attention_mask)
-        while True:
-            processed = plan.processors(ids, logits)
-            scores = scores + (processed,) if scores is not None else None
-            raw = raw + (logits,) if raw is not None else None
-            tokens = _pick(processed, cfg.do_sample)
-            if pads_finished:
-                tokens = tokens * unfinished + pad.to(ids.device) * (1 - unfinished)
-            ids = torch.cat([ids, tokens[:, None]], dim=-1)
-            unfinished = unfinished & ~plan.criteria(ids, processed)
-            if plan.streamer is not None:
-                plan.streamer.put(tokens.cpu())
-            if int(unfinished.max()) == 0:
-                break
-            logits = engine.step(tokens)
+        ids, scores, raw = _loop(engine, plan)
     if plan.streamer is not None:
         plan.streamer.end()
     if not cfg.return_dict_in_generate:
@@ -221,6 +201,59 @@ def _decode(model: nn.Module, plan: _Plan) -> Any:
     from transformers.generation import GenerateDecoderOnlyOutput
 
     return GenerateDecoderOnlyOutput(sequences=ids, scores=scores, logits=raw)
+
+
+def _loop(engine: Any, plan: _Plan) -> tuple[torch.Tensor, tuple | None, tuple | None]:
+    """Prefill, then one engine step per token until every row has stopped (HF's sampling loop).
+
+    The host learns that every row stopped one step late: the next step is queued before the flag
+    is read, so the device never waits for the host; that step's logits are then dropped.
+    """
+    cfg, ids = plan.config, plan.input_ids
+    scores: tuple | None = () if cfg.return_dict_in_generate and cfg.output_scores else None
+    raw: tuple | None = () if cfg.return_dict_in_generate and cfg.output_logits else None
+    pad = cfg._pad_token_tensor
+    pads_finished = any(hasattr(c, "eos_token_id") for c in plan.criteria)
+    unfinished = torch.ones(ids.shape[0], dtype=torch.long, device=ids.device)
+    stopped = _StopFlag(ids.device)
+    logits = engine.prefill(ids, plan.attention_mask)
+    while True:
+        processed = plan.processors(ids, logits)
+        scores = scores + (processed,) if scores is not None else None
+        raw = raw + (logits,) if raw is not None else None
+        tokens = _pick(processed, cfg.do_sample)
+        if pads_finished:
+            tokens = tokens * unfinished + pad.to(ids.device) * (1 - unfinished)
+        ids = torch.cat([ids, tokens[:, None]], dim=-1)
+        unfinished = unfinished & ~plan.criteria(ids, processed)
+        if plan.streamer is not None:
+            plan.streamer.put(tokens.cpu())
+        if ids.shape[1] >= cfg.max_length:  # what HF's MaxLengthCriteria decides, known without the device
+            return ids, scores, raw
+        stopped.post(unfinished)
+        logits = engine.step(tokens)
+        if stopped.read():
+            return ids, scores, raw
+
+
+class _StopFlag:
+    """Whether every row has stopped, copied to the host without waiting for later queued work."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.on_cuda = device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.bool, pin_memory=self.on_cuda)
+        self.event = None
+
+    def post(self, unfinished: torch.Tensor) -> None:
+        self.host.copy_(unfinished.max() == 0, non_blocking=self.on_cuda)
+        if self.on_cuda:
+            self.event = torch.cuda.current_stream(self.device).record_event()
+
+    def read(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host)
 
 
 def _pick(scores: torch.Tensor, sample: bool) -> torch.Tensor:
