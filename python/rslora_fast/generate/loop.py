@@ -149,6 +149,7 @@ def _resolve(model: nn.Module, ids: torch.Tensor, cfg: Any, own: dict, kwargs: d
     reason = _padding_problem(ids, mask)
     if reason:
         return reason
+    prompt = ids
     if cfg.num_return_sequences and cfg.num_return_sequences > 1:
         ids = ids.repeat_interleave(cfg.num_return_sequences, dim=0)
         mask = mask.repeat_interleave(cfg.num_return_sequences, dim=0)
@@ -161,7 +162,7 @@ def _resolve(model: nn.Module, ids: torch.Tensor, cfg: Any, own: dict, kwargs: d
     if cap and cfg.max_length > cap:
         return f"prompt + new tokens = {cfg.max_length} exceeds the model's max_seq_length {cap}"
     processors = model._get_logits_processor(
-        generation_config=cfg, input_ids_seq_length=length, encoder_input_ids=ids,
+        generation_config=cfg, input_ids_seq_length=length, encoder_input_ids=prompt,
         prefix_allowed_tokens_fn=own.get("prefix_allowed_tokens_fn"),
         logits_processor=own.get("logits_processor") or LogitsProcessorList(), device=ids.device,
         model_kwargs={"attention_mask": mask},
