@@ -1,20 +1,524 @@
-"""The fast decode engine: static KV cache, the per-token step captured as a CUDA graph.
+"""The fast decode engine: a static KV cache and the per-token step captured as one CUDA graph.
 
-Being built; until then every model takes the plain engine (``why_not_fast`` says so).
+:class:`FastEngine` reads the weights of a llama, mistral, qwen2 or qwen3 causal LM (plain,
+wrapped by :func:`rslora_fast.get_peft_model`, 16-bit or 4-bit) straight from its modules and runs
+its decoder without the transformers forward:
+
+* **prefill** runs the prompts ``[B, T]`` through the training path's fused ops under ``no_grad``
+  (``lora_linears`` for the projections, our RMSNorm / RoPE / SwiGLU ops, torch SDPA with a causal,
+  left-padding and sliding-window mask) and writes each layer's rotated K and V into cache slots
+  ``0..T-1``;
+* **step** appends one token per row: every row writes the same cache slot (rows are left-padded,
+  so slot ``s`` holds each row's token ``s - pads``), attends over all ``max_length`` slots with a
+  mask of the valid ones, and returns the float32 logits. The projections run through
+  :class:`~rslora_fast.generate.matvec.ProjectionGroup` (q/k/v as one group, gate/up as one).
+
+On CUDA the whole step (embedding to logits, every layer) is captured once per batch-size bucket
+(1, 2, 4, ... up to ``max_batch``; a smaller batch is padded up to its bucket) and replayed per
+token. The step reads its token, positions, slot and valid-slot mask from device buffers that the
+graph itself advances, so one graph serves every position and a replay needs no host work beyond
+copying the tokens in. On CPU the same step runs eagerly.
+
+GPU memory: the cache (one INFO line states its bytes), a few per-row state buffers, the cos/sin
+table, and the graphs' shared memory pool. The model is never changed; LoRA stays unmerged, and
+:meth:`FastEngine.refresh_adapters` copies the adapters' current weights into the groups (in place,
+so the graphs keep reading them) before each generation.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
 from torch import nn
+
+from ..errors import InvalidArgumentError
+from ..ops.lora_linear import lora_linears
+from ..ops.rms_norm import rms_norm
+from ..ops.rope import apply_rope_
+from ..ops.swiglu import swiglu
+from .matvec import ProjectionGroup
+
+logger = logging.getLogger(__name__)
+
+# config.model_type -> the class-name prefix of its attention / norm modules
+_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+# rope types whose cos/sin do not depend on the sequence length seen so far (dynamic NTK and
+# longrope rescale once the sequence grows: a table built once would differ from the model's)
+_STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+# ------------------------------------------------------------------------------ what qualifies
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside ``model`` (a PeftModel's wrapped model, or itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module in use behind a ``modules_to_save`` wrapper (the module itself otherwise)."""
+    return getattr(module, "active_module", module) if hasattr(module, "modules_to_save") else module
+
+
+def _projection_why_not(layer: object, name: str) -> str | None:
+    """Why ``layer`` cannot be read by a ProjectionGroup (None when it can)."""
+    from ..peft.layer import LoraLinear
+    from ..quant.linear4bit import Linear4bit
+
+    if not isinstance(layer, nn.Module):
+        return f"{name} is missing"
+    base = layer.base_layer if isinstance(layer, LoraLinear) else layer
+    if "base_layer" in base._modules:
+        return f"{name} is a {type(layer).__name__} (only rslora_fast's LoraLinear adapters are read)"
+    if type(base) is nn.Linear:
+        return None
+    if isinstance(base, Linear4bit) and base.quant_state is not None:
+        return None
+    return f"{name} is a {type(base).__name__} (expected nn.Linear or rslora_fast's Linear4bit)"
+
+
+def _norm_why_not(norm: object, prefix: str, name: str) -> str | None:
+    if type(norm).__name__ != f"{prefix}RMSNorm":
+        return f"{name} is a {type(norm).__name__}, not {prefix}RMSNorm"
+    if not isinstance(getattr(norm, "variance_epsilon", None), float):
+        return f"{name} has no float variance_epsilon (unknown transformers layout)"
+    return None
+
+
+def _layer_why_not(layer: nn.Module, prefix: str, i: int) -> str | None:
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if type(attn).__name__ != f"{prefix}Attention":
+        return f"layer {i}'s attention is a {type(attn).__name__}, not {prefix}Attention"
+    for attr in ("head_dim", "scaling"):
+        if not isinstance(getattr(attn, attr, None), (int, float)):
+            return f"layer {i}'s attention has no {attr} (unknown transformers layout)"
+    checks = [_projection_why_not(getattr(attn, p, None), f"layer {i} {p}") for p in _ATTN]
+    checks += [_projection_why_not(getattr(mlp, p, None), f"layer {i} {p}") for p in _MLP]
+    checks += [
+        _norm_why_not(getattr(layer, n, None), prefix, f"layer {i} {n}")
+        for n in ("input_layernorm", "post_attention_layernorm")
+    ]
+    if prefix == "Qwen3":
+        checks += [
+            _norm_why_not(getattr(attn, n, None), prefix, f"layer {i} {n}") for n in ("q_norm", "k_norm")
+        ]
+    return next((c for c in checks if c is not None), None)
+
+
+def _model_why_not(lm: nn.Module) -> str | None:
+    """Reasons that concern the whole model (family, activation, rope, placement)."""
+    config = getattr(lm, "config", None)
+    family = getattr(config, "model_type", None)
+    if family not in _FAMILIES:
+        return f"model type {family!r} is not one of {sorted(_FAMILIES)}"
+    decoder = getattr(lm, "model", None)
+    for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if getattr(decoder, attr, None) is None:
+            return f"{type(lm).__name__}.model has no {attr} (unknown transformers layout)"
+    if getattr(config, "hidden_act", None) not in ("silu", "swish"):
+        return f"hidden_act={getattr(config, 'hidden_act', None)!r} (the engine runs SiLU-gated MLPs)"
+    rope = getattr(decoder.rotary_emb, "rope_type", None)
+    if rope not in _STATIC_ROPE:
+        return f"rope type {rope!r} is not reproduced (supported: {', '.join(_STATIC_ROPE)})"
+    embed = _unwrap(decoder.embed_tokens)
+    if type(embed) is not nn.Embedding:
+        return f"embed_tokens is a {type(embed).__name__}, not nn.Embedding"
+    if embed.weight.dtype not in _DTYPES:
+        return f"embedding dtype {embed.weight.dtype} (expected float32, float16 or bfloat16)"
+    params = [p for p in lm.parameters()]
+    if any(p.is_meta for p in params) or len({p.device for p in params}) != 1:
+        return "the model's weights are not all on one device (device_map offload or sharding)"
+    if any(hasattr(m, "_hf_hook") for m in lm.modules()):
+        return "the model has accelerate hooks (device_map dispatch)"
+    return None
 
 
 def why_not_fast(model: nn.Module) -> str | None:
     """Why ``model`` cannot use :class:`FastEngine` (None when it can)."""
-    return "the fast decode engine is not built in this version"
+    lm = _causal_lm(model)
+    reason = _model_why_not(lm)
+    if reason is not None:
+        return reason
+    prefix = _FAMILIES[lm.config.model_type]
+    for i, layer in enumerate(lm.model.layers):
+        reason = _layer_why_not(layer, prefix, i)
+        if reason is not None:
+            return reason
+    head = lm.get_output_embeddings() if callable(getattr(lm, "get_output_embeddings", None)) else None
+    reason = _projection_why_not(_unwrap(head) if head is not None else None, "lm_head")
+    if reason is not None:
+        return reason
+    return _norm_why_not(lm.model.norm, prefix, "the final norm")
 
 
+# ------------------------------------------------------------------------------ the plan
+@dataclass
+class _Norm:
+    weight: torch.Tensor
+    eps: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def _norm(module: nn.Module) -> _Norm:
+    return _Norm(module.weight, float(module.variance_epsilon))
+
+
+@dataclass
+class _Layer:
+    """One decoder layer: its modules (prefill), its projection groups (step), its shape."""
+
+    attn: tuple[nn.Module, ...]  # q, k, v, o
+    mlp: tuple[nn.Module, ...]  # gate, up, down
+    input_norm: _Norm
+    post_norm: _Norm
+    q_norm: _Norm | None
+    k_norm: _Norm | None
+    qkv: ProjectionGroup
+    o: ProjectionGroup
+    gate_up: ProjectionGroup
+    down: ProjectionGroup
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+    window: int | None  # sliding window (keys with slot > query slot - window), None for full
+
+
+def _window(attn: nn.Module, family: str) -> int | None:
+    """The sliding window transformers applies to this layer (mistral: the config's; qwen2/3: the
+    layer's own, set on sliding-attention layers only)."""
+    w = (
+        getattr(attn.config, "sliding_window", None)
+        if family == "mistral"
+        else getattr(attn, "sliding_window", None)
+    )
+    return int(w) if isinstance(w, int) and w > 0 else None
+
+
+def _plan_layer(layer: nn.Module, family: str, dtype: torch.dtype) -> _Layer:
+    attn, mlp = layer.self_attn, layer.mlp
+    projs = tuple(getattr(attn, p) for p in _ATTN)
+    ffn = tuple(getattr(mlp, p) for p in _MLP)
+    head_dim = int(attn.head_dim)
+    heads = projs[0].out_features // head_dim
+    kv_heads = projs[1].out_features // head_dim
+    has_qk_norm = family == "qwen3"
+    return _Layer(
+        attn=projs,
+        mlp=ffn,
+        input_norm=_norm(layer.input_layernorm),
+        post_norm=_norm(layer.post_attention_layernorm),
+        q_norm=_norm(attn.q_norm) if has_qk_norm else None,
+        k_norm=_norm(attn.k_norm) if has_qk_norm else None,
+        qkv=ProjectionGroup.from_modules(projs[:3], dtype),
+        o=ProjectionGroup.from_modules(projs[3:], dtype),
+        gate_up=ProjectionGroup.from_modules(ffn[:2], dtype),
+        down=ProjectionGroup.from_modules(ffn[2:], dtype),
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        scaling=float(attn.scaling),
+        window=_window(attn, family),
+    )
+
+
+def _buckets(max_batch: int) -> tuple[int, ...]:
+    """Batch sizes that get a graph: powers of two below ``max_batch``, and ``max_batch``."""
+    sizes = [1 << i for i in range(max_batch.bit_length()) if (1 << i) < max_batch]
+    return (*sizes, max_batch)
+
+
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgumentError(f"FastEngine: {name} must be a positive int, got {value!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------ the engine
 class FastEngine:
-    """Implements :class:`rslora_fast.generate.base.Engine` for the llama family."""
+    """Implements :class:`rslora_fast.generate.base.Engine` for llama, mistral, qwen2 and qwen3.
 
-    def __init__(self, model: nn.Module, max_batch: int, max_length: int) -> None:
-        raise NotImplementedError(why_not_fast(model))
+    Args:
+        model: the causal LM (or a :class:`~rslora_fast.PeftModel` around one); read, never changed.
+        max_batch: the most rows a prefill may hold.
+        max_length: cache slots per row: the longest prompt (with its left padding) plus the tokens
+            generated after it.
+
+    Raises:
+        InvalidArgumentError: ``max_batch`` / ``max_length`` are not positive ints, or the model does
+            not qualify (the message is :func:`why_not_fast`'s reason).
+
+    ``cuda_graphs=False`` runs the CUDA step eagerly (the same math; for tests and debugging).
+    """
+
+    def __init__(
+        self, model: nn.Module, max_batch: int, max_length: int, *, cuda_graphs: bool = True
+    ) -> None:
+        self.max_batch = _positive_int(max_batch, "max_batch")
+        self.max_length = _positive_int(max_length, "max_length")
+        reason = why_not_fast(model)
+        if reason is not None:
+            raise InvalidArgumentError(f"FastEngine cannot run this model: {reason}")
+        lm = _causal_lm(model)
+        decoder = lm.model
+        self.embed = _unwrap(decoder.embed_tokens).weight
+        self.dtype = self.embed.dtype
+        self.device = self.embed.device
+        family = lm.config.model_type
+        with torch.no_grad():
+            self.layers = [_plan_layer(layer, family, self.dtype) for layer in decoder.layers]
+            self.final_norm = _norm(decoder.norm)
+            self.lm_head = ProjectionGroup.from_modules([_unwrap(lm.get_output_embeddings())], self.dtype)
+            self.cos, self.sin = self._rope_table(decoder.rotary_emb)
+        self.buckets = _buckets(self.max_batch)
+        self._windows = sorted({lay.window for lay in self.layers if lay.window is not None})
+        self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+        self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
+        self._batch = 0  # rows of the current prefill (0: none yet)
+        self._length = 0  # slots used by the current rows (host copy of the device slot)
+
+    # -------------------------------------------------------------- building blocks
+    def _rope_table(self, rotary: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[max_length, head_dim]`` from the model's own rotary module, positions 0..L-1."""
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
+        positions = torch.arange(self.max_length, device=self.device).unsqueeze(0)
+        cos, sin = rotary(probe, positions)
+        head_dim = self.layers[0].head_dim
+        if cos.shape[-1] != head_dim:
+            raise InvalidArgumentError(
+                f"FastEngine cannot run this model: its rotary table covers {cos.shape[-1]} of "
+                f"{head_dim} head features (partial rotary is not reproduced)"
+            )
+        return cos[0].to(self.dtype).contiguous(), sin[0].to(self.dtype).contiguous()
+
+    def _allocate(self) -> None:
+        """The KV cache and the step's state buffers, once (until :meth:`release`)."""
+        shapes = [(self.max_batch, lay.kv_heads, self.max_length, lay.head_dim) for lay in self.layers]
+        kw = dict(dtype=self.dtype, device=self.device)
+        # zeros, not empty: masked slots are multiplied by 0 in attention, and 0 * NaN garbage is NaN
+        self._cache = [(torch.zeros(s, **kw), torch.zeros(s, **kw)) for s in shapes]
+        nbytes = sum(2 * math.prod(s) for s in shapes) * self.embed.element_size()
+        logger.info(
+            "fast decode: KV cache of %d layers x %d rows x %d slots (%s) on %s: %.1f MiB (%d bytes)",
+            len(shapes),
+            self.max_batch,
+            self.max_length,
+            str(self.dtype).replace("torch.", ""),
+            self.device,
+            nbytes / 2**20,
+            nbytes,
+        )
+        idx = dict(dtype=torch.long, device=self.device)
+        self._tokens = torch.zeros(self.max_batch, **idx)
+        self._positions = torch.zeros(self.max_batch, **idx)
+        self._slot = torch.zeros(1, **idx)
+        self._valid = torch.zeros(self.max_batch, self.max_length, dtype=torch.bool, device=self.device)
+        self._slot_ids = torch.arange(self.max_length, **idx)
+
+    def _bucket(self, rows: int) -> int:
+        return next(b for b in self.buckets if b >= rows)
+
+    # -------------------------------------------------------------- Engine
+    @torch.no_grad()
+    def refresh_adapters(self) -> None:
+        """Copy the adapters' current weights into every projection group (in place)."""
+        for lay in self.layers:
+            for group in (lay.qkv, lay.o, lay.gate_up, lay.down):
+                group.refresh_adapters()
+        self.lm_head.refresh_adapters()
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run the left-padded prompts ``[B, T]``, fill cache slots ``0..T-1``, return ``[B, V]``
+        float32 logits of each row's last position."""
+        rows, length = self._check_prompt(input_ids, attention_mask)
+        if self._cache is None:
+            self._allocate()
+        bucket = self._bucket(rows)
+        if self.cuda_graphs and bucket not in self._graphs:
+            # before the prompt is written: the warm-up runs write cache slot 0 and the state
+            self._graphs[bucket] = self._capture(bucket)
+        ids = input_ids.to(self.device)
+        mask = attention_mask.to(self.device).bool()
+        logits = self._prefill_layers(ids, mask)
+        self._positions.zero_()
+        self._positions[:rows] = mask.sum(-1)
+        self._slot.fill_(length)
+        self._valid.zero_()
+        self._valid[:rows, :length] = mask
+        self._tokens.zero_()
+        self._batch, self._length = rows, length
+        return logits
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append ``tokens [B]`` (one per row of the last prefill), return the next ``[B, V]`` logits."""
+        if self._batch == 0 or self._cache is None:
+            raise InvalidArgumentError("FastEngine.step: call prefill first (no prompt in the cache)")
+        if tokens.dim() != 1 or tokens.shape[0] != self._batch:
+            raise InvalidArgumentError(
+                f"FastEngine.step: tokens must be [{self._batch}] (one per prompt row), got {tuple(tokens.shape)}"
+            )
+        if self._length >= self.max_length:
+            raise InvalidArgumentError(
+                f"FastEngine.step: the cache is full ({self.max_length} slots); build the engine "
+                "with a larger max_length"
+            )
+        bucket = self._bucket(self._batch)
+        self._tokens[: self._batch].copy_(tokens, non_blocking=True)
+        if bucket in self._graphs:
+            graph, out = self._graphs[bucket]
+            graph.replay()
+        else:
+            out = self._step(bucket)
+        self._length += 1
+        return out[: self._batch].clone()
+
+    def release(self) -> None:
+        """Free the cache and the graphs (the next prefill allocates and captures them again)."""
+        self._graphs.clear()
+        self._pool = None
+        self._cache = None
+        self._batch = self._length = 0
+
+    # -------------------------------------------------------------- prefill
+    def _check_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[int, int]:
+        if input_ids.dim() != 2 or tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise InvalidArgumentError(
+                "FastEngine.prefill: input_ids and attention_mask must both be [batch, length], got "
+                f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
+            )
+        rows, length = input_ids.shape
+        if not 1 <= rows <= self.max_batch:
+            raise InvalidArgumentError(
+                f"FastEngine.prefill: {rows} rows; this engine takes 1 to {self.max_batch}"
+            )
+        if not 1 <= length <= self.max_length:
+            raise InvalidArgumentError(
+                f"FastEngine.prefill: prompt length {length}; this engine takes 1 to {self.max_length}"
+            )
+        return rows, length
+
+    def _prefill_mask(self, mask: torch.Tensor, window: int | None) -> torch.Tensor:
+        """``[B, 1, T, T]`` bool: key j is seen by query i when j <= i, j is a real token and (with a
+        window) j > i - window. Each query also sees itself, so a padding row is never empty."""
+        t = mask.shape[1]
+        i = torch.arange(t, device=mask.device)
+        allowed = i[None, :] <= i[:, None]
+        if window is not None:
+            allowed = allowed & (i[None, :] > i[:, None] - window)
+        allowed = allowed[None, None] & mask[:, None, None, :]
+        return allowed | torch.eye(t, dtype=torch.bool, device=mask.device)
+
+    def _prefill_layers(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        rows, length = ids.shape
+        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        cos, sin = self.cos[positions], self.sin[positions]  # [B, T, D]
+        masks = {w: self._prefill_mask(mask, w) for w in (None, *self._windows)}
+        x = F.embedding(ids, self.embed)
+        for lay, (k_cache, v_cache) in zip(self.layers, self._cache):
+            h = lay.input_norm(x)
+            q, k, v = lora_linears(h, lay.attn[:3])
+            q = self._heads(q.view(rows, length, lay.heads, lay.head_dim), lay.q_norm)
+            k = self._heads(k.view(rows, length, lay.kv_heads, lay.head_dim), lay.k_norm)
+            v = v.view(rows, length, lay.kv_heads, lay.head_dim).transpose(1, 2)
+            apply_rope_(q, k, cos, sin)
+            k_cache[:rows, :, :length] = k
+            v_cache[:rows, :, :length] = v
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=masks[lay.window], scale=lay.scaling, enable_gqa=lay.heads != lay.kv_heads
+            )
+            (o,) = lora_linears(o.transpose(1, 2).reshape(rows, length, -1), lay.attn[3:])
+            x = x + o
+            g, u = lora_linears(lay.post_norm(x), lay.mlp[:2])
+            (d,) = lora_linears(swiglu(g, u), lay.mlp[2:])
+            x = x + d
+        (logits,) = self.lm_head(self.final_norm(x[:, -1]))
+        return logits.float()
+
+    @staticmethod
+    def _heads(x: torch.Tensor, norm: _Norm | None) -> torch.Tensor:
+        """``[B, T, H, D]`` -> per-head normalized (Qwen3) ``[B, H, T, D]``."""
+        if norm is not None:
+            x = norm(x)
+        return x.transpose(1, 2)
+
+    # -------------------------------------------------------------- the step
+    def _step_masks(self, valid: torch.Tensor) -> dict[int | None, torch.Tensor]:
+        """``[b, 1, 1, L]`` masks of the slots the new token sees: the valid ones (and, per sliding
+        window, those with slot > current slot - window)."""
+        masks: dict[int | None, torch.Tensor] = {None: valid[:, None, None, :]}
+        for w in self._windows:
+            recent = self._slot_ids > self._slot - w
+            masks[w] = (valid & recent)[:, None, None, :]
+        return masks
+
+    def _step(self, b: int) -> torch.Tensor:
+        """One token for ``b`` rows from the state buffers; advances the state. No host sync, no
+        allocation outside torch's allocator: this is what the graph captures."""
+        slot, positions = self._slot, self._positions[:b]
+        valid = self._valid[:b]
+        valid.index_fill_(1, slot, True)
+        masks = self._step_masks(valid)
+        cos = self.cos.index_select(0, positions)[:, None]  # [b, 1, D]
+        sin = self.sin.index_select(0, positions)[:, None]
+        x = F.embedding(self._tokens[:b], self.embed)
+        for lay, (k_cache, v_cache) in zip(self.layers, self._cache):
+            q, k, v = lay.qkv(lay.input_norm(x))
+            q = self._heads(q.view(b, 1, lay.heads, lay.head_dim), lay.q_norm)
+            k = self._heads(k.view(b, 1, lay.kv_heads, lay.head_dim), lay.k_norm)
+            apply_rope_(q, k, cos, sin)
+            k_cache = k_cache[:b]
+            v_cache = v_cache[:b]
+            k_cache.index_copy_(2, slot, k)
+            v_cache.index_copy_(2, slot, v.view(b, lay.kv_heads, 1, lay.head_dim))
+            # grouped-query attention without repeating K/V: each KV head's query heads form the
+            # query "sequence" of that head (one query token per head)
+            group = lay.heads // lay.kv_heads
+            qg = q.reshape(b, lay.kv_heads, group, lay.head_dim)
+            o = F.scaled_dot_product_attention(
+                qg, k_cache, v_cache, attn_mask=masks[lay.window], scale=lay.scaling
+            )
+            (o,) = lay.o(o.reshape(b, lay.heads * lay.head_dim))
+            x = x + o
+            g, u = lay.gate_up(lay.post_norm(x))
+            (d,) = lay.down(swiglu(g, u))
+            x = x + d
+        (logits,) = self.lm_head(self.final_norm(x))
+        positions.add_(1)
+        slot.add_(1)
+        return logits.float()
+
+    def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm up ``_step(b)`` on a side stream, then capture it into one graph (shared pool).
+
+        The warm-up runs really execute: they write cache slot 0 and advance the state, which the
+        caller (prefill, before it writes the prompt) overwrites afterwards.
+        """
+        self._slot.zero_()
+        self._positions.zero_()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(b)
+                self._slot.zero_()
+                self._positions.zero_()
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._step(b)
+        return graph, out
