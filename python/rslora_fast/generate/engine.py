@@ -80,7 +80,8 @@ def _projection_why_not(layer: object, name: str) -> str | None:
         return None
     if isinstance(base, Linear4bit) and base.quant_state is not None:
         return None
-    return f"{name} is a {type(base).__name__} (expected nn.Linear or rslora_fast's Linear4bit)"
+    kind = f"{type(base).__module__}.{type(base).__name__}"
+    return f"{name} is a {kind} (expected torch.nn.Linear or rslora_fast's Linear4bit)"
 
 
 def _norm_why_not(norm: object, prefix: str, name: str) -> str | None:
@@ -234,6 +235,13 @@ def _buckets(max_batch: int) -> tuple[int, ...]:
     """Batch sizes that get a graph: powers of two below ``max_batch``, and ``max_batch``."""
     sizes = [1 << i for i in range(max_batch.bit_length()) if (1 << i) < max_batch]
     return (*sizes, max_batch)
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where ``allowed``, -inf elsewhere (what SDPA makes of a boolean mask)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, float("-inf")
+    )
 
 
 def _positive_int(value: object, name: str) -> int:
@@ -424,7 +432,13 @@ class FastEngine:
         rows, length = ids.shape
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
         cos, sin = self.cos[positions], self.sin[positions]  # [B, T, D]
-        masks = {w: self._prefill_mask(mask, w) for w in (None, *self._windows)}
+        # without padding, a window no shorter than the prompt masks nothing beyond causality: SDPA
+        # then takes its causal kernels (flash) instead of reading a mask (one host sync per prompt)
+        plain = bool(mask.all())
+        masks = {
+            w: None if plain and (w is None or w >= length) else self._prefill_mask(mask, w)
+            for w in (None, *self._windows)
+        }
         x = F.embedding(ids, self.embed)
         for lay, (k_cache, v_cache) in zip(self.layers, self._cache):
             h = lay.input_norm(x)
@@ -436,7 +450,13 @@ class FastEngine:
             k_cache[:rows, :, :length] = k
             v_cache[:rows, :, :length] = v
             o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=masks[lay.window], scale=lay.scaling, enable_gqa=lay.heads != lay.kv_heads
+                q,
+                k,
+                v,
+                attn_mask=masks[lay.window],
+                is_causal=masks[lay.window] is None,
+                scale=lay.scaling,
+                enable_gqa=lay.heads != lay.kv_heads,
             )
             (o,) = lora_linears(o.transpose(1, 2).reshape(rows, length, -1), lay.attn[3:])
             x = x + o
@@ -455,13 +475,13 @@ class FastEngine:
 
     # -------------------------------------------------------------- the step
     def _step_masks(self, valid: torch.Tensor) -> dict[int | None, torch.Tensor]:
-        """``[b, 1, 1, L]`` masks of the slots the new token sees: the valid ones (and, per sliding
-        window, those with slot > current slot - window)."""
-        masks: dict[int | None, torch.Tensor] = {None: valid[:, None, None, :]}
+        """``[b, 1, 1, L]`` additive masks (0 or -inf, model dtype) of the slots the new token sees:
+        the valid ones (and, per sliding window, those with slot > current slot - window). Made once
+        per step, so attention does not convert a boolean mask in every layer."""
+        seen = {None: valid}
         for w in self._windows:
-            recent = self._slot_ids > self._slot - w
-            masks[w] = (valid & recent)[:, None, None, :]
-        return masks
+            seen[w] = valid & (self._slot_ids > self._slot - w)
+        return {w: _additive(m, self.dtype)[:, None, None, :] for w, m in seen.items()}
 
     def _step(self, b: int) -> torch.Tensor:
         """One token for ``b`` rows from the state buffers; advances the state. No host sync, no
