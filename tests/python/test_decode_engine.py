@@ -4,8 +4,9 @@ The oracle is the wrapped transformers model on its generic path (our fused deco
 removed, the fused LoRA op off), fed the prompt and then one token at a time through HF's
 ``DynamicCache`` with the position ids ``generate`` would give left-padded rows. The engine must
 give the same float32 logits for the prompt's last position and for every following step: tiny
-models (2 layers, GQA 4 query / 2 KV heads), LoRA on all seven projections with non-zero B,
-16-bit (fp32 on CPU, bf16 on the GPU) and 4-bit bases, left-padded rows of different lengths.
+models of the llama, mistral, qwen2, qwen3 and gemma 1/2/3 families (2 layers, GQA 4 query / 2 KV
+heads), LoRA on all seven projections with non-zero B, 16-bit (fp32 on CPU, bf16 on the GPU) and
+4-bit bases, left-padded rows of different lengths.
 """
 
 from __future__ import annotations
@@ -28,12 +29,16 @@ VOCAB = 96
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# family -> config overrides. mistral: a window shorter than prompt + steps (its mask matters);
-# llama3: the llama3 rope scaling (the table must come from the model's rotary module); qwen2:
-# biases on q/k/v; qwen3: per-head q/k norms.
+# variant -> config overrides (the family is the name up to "_"). mistral: a window shorter than
+# prompt + steps (its mask matters); llama3: the llama3 rope scaling (the table must come from the
+# model's rotary module); qwen2: biases on q/k/v; qwen3: per-head q/k norms; gemma: scaled
+# embedding, (1 + w) norms, GeGLU; gemma2: sandwich norms, alternating sliding/full layers, final
+# logit soft-cap, and with eager attention the attention soft-cap; gemma3: q/k norms and one rotary
+# table per layer type.
+_GEMMA_LAYERS = dict(head_dim=8, layer_types=["sliding_attention", "full_attention"], sliding_window=4)
 VARIANTS = {
     "llama": {},
-    "llama3_rope": dict(
+    "llama_rope3": dict(
         rope_parameters={
             "rope_type": "llama3",
             "rope_theta": 10000.0,
@@ -46,19 +51,27 @@ VARIANTS = {
     "mistral": dict(sliding_window=5),
     "qwen2": {},
     "qwen3": dict(head_dim=8),
+    "gemma": dict(head_dim=8),
+    "gemma2": dict(**_GEMMA_LAYERS, final_logit_softcapping=2.0),
+    "gemma2_eager": dict(
+        **_GEMMA_LAYERS, attn_implementation="eager", attn_logit_softcapping=1.0, final_logit_softcapping=3.0
+    ),
+    "gemma3": _GEMMA_LAYERS,
 }
 
 
 def _config(variant: str, **overrides):
     import transformers
 
-    family = variant.split("_")[0].replace("llama3", "llama")
     cls = {
         "llama": transformers.LlamaConfig,
         "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config,
         "qwen3": transformers.Qwen3Config,
-    }[family]
+        "gemma": transformers.GemmaConfig,
+        "gemma2": transformers.Gemma2Config,
+        "gemma3": transformers.Gemma3TextConfig,
+    }[variant.split("_")[0]]
     kw = dict(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -179,7 +192,7 @@ def test_prefill_and_steps_match_hf_fp32(variant):
     _assert_close(_engine_logits(engine, ids, mask, steps), want, atol=2e-5)
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen3"])
+@pytest.mark.parametrize("variant", ["llama", "qwen3", "gemma3"])
 def test_4bit_base_matches_hf(variant):
     model = _model(variant, quant=True)
     assert any(isinstance(m, Linear4bit) for m in model.modules())
@@ -304,22 +317,22 @@ def test_why_not_fast_accepts_the_families():
 def test_why_not_fast_names_what_it_does_not_handle():
     import transformers
 
-    gemma = transformers.AutoModelForCausalLM.from_config(
-        transformers.GemmaConfig(
+    phi3 = transformers.AutoModelForCausalLM.from_config(
+        transformers.Phi3Config(
             vocab_size=VOCAB,
             hidden_size=32,
             intermediate_size=48,
             num_hidden_layers=1,
-            head_dim=8,
             num_attention_heads=4,
             num_key_value_heads=2,
+            pad_token_id=0,
         )
     )
-    assert "model type 'gemma'" in why_not_fast(gemma)
+    assert "model type 'phi3'" in why_not_fast(phi3)
     dynamic = _model("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     assert "rope type 'dynamic'" in why_not_fast(dynamic)
-    gelu = _model("llama", hidden_act="gelu")
-    assert "hidden_act='gelu'" in why_not_fast(gelu)
+    relu = _model("llama", hidden_act="relu")
+    assert "hidden_act='relu'" in why_not_fast(relu)
     with pytest.raises(InvalidArgumentError, match="rope type 'dynamic'"):
         FastEngine(dynamic, max_batch=1, max_length=4)
 
@@ -354,7 +367,7 @@ def test_graph_replay_equals_eager_step(quant):
 
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("variant", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("variant", ["llama", "mistral", "qwen2", "qwen3", "gemma2_eager", "gemma3"])
 def test_bf16_buckets_match_hf_within_rounding(variant):
     """bf16 on the GPU, several buckets captured on one engine, each against HF's bf16 forward."""
     model = _model(variant, dtype=torch.bfloat16, device="cuda")

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidArgumentError
+from ..ops.geglu import geglu
 from ..ops.lora_linear import lora_linears
 from ..ops.rms_norm import rms_norm
 from ..ops.rope import apply_rope_
@@ -45,7 +46,20 @@ from .matvec import ProjectionGroup
 logger = logging.getLogger(__name__)
 
 # config.model_type -> the class-name prefix of its attention / norm modules
-_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+_FAMILIES = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "gemma": "Gemma",
+    "gemma2": "Gemma2",
+    "gemma3_text": "Gemma3",
+}
+# gemma 2/3: a norm on the attention output and two around the MLP ("sandwich" layers)
+_SANDWICH = ("gemma2", "gemma3_text")
+_QK_NORM = ("qwen3", "gemma3_text")  # RMSNorm over each head of q and k before RoPE
+# transformers' activation name -> None (SiLU: SwiGLU) or the gelu approximation (GeGLU)
+_ACTIVATIONS = {"silu": None, "swish": None, "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 # rope types whose cos/sin do not depend on the sequence length seen so far (dynamic NTK and
 # longrope rescale once the sequence grows: a table built once would differ from the model's)
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
@@ -84,15 +98,33 @@ def _projection_why_not(layer: object, name: str) -> str | None:
     return f"{name} is a {kind} (expected torch.nn.Linear or rslora_fast's Linear4bit)"
 
 
+def _is_gemma_norm(norm: object) -> bool:
+    """Gemma's RMSNorm: ``x_hat * (1 + w)`` in float32, epsilon named ``eps``."""
+    return type(norm).__name__.startswith("Gemma")
+
+
 def _norm_why_not(norm: object, prefix: str, name: str) -> str | None:
     if type(norm).__name__ != f"{prefix}RMSNorm":
         return f"{name} is a {type(norm).__name__}, not {prefix}RMSNorm"
-    if not isinstance(getattr(norm, "variance_epsilon", None), float):
-        return f"{name} has no float variance_epsilon (unknown transformers layout)"
+    eps = "eps" if _is_gemma_norm(norm) else "variance_epsilon"
+    if not isinstance(getattr(norm, eps, None), float):
+        return f"{name} has no float {eps} (unknown transformers layout)"
     return None
 
 
-def _layer_why_not(layer: nn.Module, prefix: str, i: int) -> str | None:
+def _layer_norms(family: str) -> tuple[str, ...]:
+    if family in _SANDWICH:
+        return (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        )
+    return ("input_layernorm", "post_attention_layernorm")
+
+
+def _layer_why_not(layer: nn.Module, family: str, i: int) -> str | None:
+    prefix = _FAMILIES[family]
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if type(attn).__name__ != f"{prefix}Attention":
         return f"layer {i}'s attention is a {type(attn).__name__}, not {prefix}Attention"
@@ -101,11 +133,8 @@ def _layer_why_not(layer: nn.Module, prefix: str, i: int) -> str | None:
             return f"layer {i}'s attention has no {attr} (unknown transformers layout)"
     checks = [_projection_why_not(getattr(attn, p, None), f"layer {i} {p}") for p in _ATTN]
     checks += [_projection_why_not(getattr(mlp, p, None), f"layer {i} {p}") for p in _MLP]
-    checks += [
-        _norm_why_not(getattr(layer, n, None), prefix, f"layer {i} {n}")
-        for n in ("input_layernorm", "post_attention_layernorm")
-    ]
-    if prefix == "Qwen3":
+    checks += [_norm_why_not(getattr(layer, n, None), prefix, f"layer {i} {n}") for n in _layer_norms(family)]
+    if family in _QK_NORM:
         checks += [
             _norm_why_not(getattr(attn, n, None), prefix, f"layer {i} {n}") for n in ("q_norm", "k_norm")
         ]
@@ -122,13 +151,21 @@ def _model_why_not(lm: nn.Module) -> str | None:
     for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
         if getattr(decoder, attr, None) is None:
             return f"{type(lm).__name__}.model has no {attr} (unknown transformers layout)"
-    if getattr(config, "hidden_act", None) not in ("silu", "swish"):
-        return f"hidden_act={getattr(config, 'hidden_act', None)!r} (the engine runs SiLU-gated MLPs)"
+    act_attr = _activation_attr(family)
+    if getattr(config, act_attr, None) not in _ACTIVATIONS:
+        return f"{act_attr}={getattr(config, act_attr, None)!r} (the engine runs SiLU- and GELU-gated MLPs)"
     rope = getattr(decoder.rotary_emb, "rope_type", None)
-    if rope not in _STATIC_ROPE:
-        return f"rope type {rope!r} is not reproduced (supported: {', '.join(_STATIC_ROPE)})"
+    for kind in rope.values() if isinstance(rope, dict) else (rope,):
+        if kind not in _STATIC_ROPE:
+            return f"rope type {kind!r} is not reproduced (supported: {', '.join(_STATIC_ROPE)})"
+    if getattr(config, "use_bidirectional_attention", False):
+        return "use_bidirectional_attention=True (the engine decodes causally)"
     embed = _unwrap(decoder.embed_tokens)
-    if type(embed) is not nn.Embedding:
+    if type(embed) is not nn.Embedding and not (
+        type(embed).__name__.endswith("ScaledWordEmbedding")
+        and isinstance(embed, nn.Embedding)
+        and isinstance(getattr(embed, "embed_scale", None), torch.Tensor)
+    ):
         return f"embed_tokens is a {type(embed).__name__}, not nn.Embedding"
     if embed.weight.dtype not in _DTYPES:
         return f"embedding dtype {embed.weight.dtype} (expected float32, float16 or bfloat16)"
@@ -140,22 +177,27 @@ def _model_why_not(lm: nn.Module) -> str | None:
     return None
 
 
+def _activation_attr(family: str) -> str:
+    """The config attribute naming the MLP activation (gemma 2/3 renamed it)."""
+    return "hidden_activation" if family in _SANDWICH else "hidden_act"
+
+
 def why_not_fast(model: nn.Module) -> str | None:
     """Why ``model`` cannot use :class:`FastEngine` (None when it can)."""
     lm = _causal_lm(model)
     reason = _model_why_not(lm)
     if reason is not None:
         return reason
-    prefix = _FAMILIES[lm.config.model_type]
+    family = lm.config.model_type
     for i, layer in enumerate(lm.model.layers):
-        reason = _layer_why_not(layer, prefix, i)
+        reason = _layer_why_not(layer, family, i)
         if reason is not None:
             return reason
     head = lm.get_output_embeddings() if callable(getattr(lm, "get_output_embeddings", None)) else None
     reason = _projection_why_not(_unwrap(head) if head is not None else None, "lm_head")
     if reason is not None:
         return reason
-    return _norm_why_not(lm.model.norm, prefix, "the final norm")
+    return _norm_why_not(lm.model.norm, _FAMILIES[family], "the final norm")
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -163,13 +205,17 @@ def why_not_fast(model: nn.Module) -> str | None:
 class _Norm:
     weight: torch.Tensor
     eps: float
+    gemma: bool
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, gemma=self.gemma)
 
 
-def _norm(module: nn.Module) -> _Norm:
-    return _Norm(module.weight, float(module.variance_epsilon))
+def _norm(module: nn.Module | None) -> _Norm | None:
+    if module is None:
+        return None
+    gemma = _is_gemma_norm(module)
+    return _Norm(module.weight, float(module.eps if gemma else module.variance_epsilon), gemma)
 
 
 @dataclass
@@ -179,9 +225,12 @@ class _Layer:
     attn: tuple[nn.Module, ...]  # q, k, v, o
     mlp: tuple[nn.Module, ...]  # gate, up, down
     input_norm: _Norm
-    post_norm: _Norm
+    attn_out_norm: _Norm | None  # gemma 2/3: on the attention output, before the residual
+    ffn_norm: _Norm
+    ffn_out_norm: _Norm | None  # gemma 2/3: on the MLP output, before the residual
     q_norm: _Norm | None
     k_norm: _Norm | None
+    act: str | None  # None: SwiGLU; else GeGLU with this gelu approximation
     qkv: ProjectionGroup
     o: ProjectionGroup
     gate_up: ProjectionGroup
@@ -191,6 +240,8 @@ class _Layer:
     head_dim: int
     scaling: float
     window: int | None  # sliding window (keys with slot > query slot - window), None for full
+    softcap: float | None  # attention-score soft-capping (gemma 2 outside SDPA)
+    rope: str | None  # key of the rotary table (gemma 3: the layer type)
 
 
 def _window(attn: nn.Module, family: str) -> int | None:
@@ -204,21 +255,35 @@ def _window(attn: nn.Module, family: str) -> int | None:
     return int(w) if isinstance(w, int) and w > 0 else None
 
 
-def _plan_layer(layer: nn.Module, family: str, dtype: torch.dtype) -> _Layer:
+def _softcap(attn: nn.Module, family: str) -> float | None:
+    """Gemma 2's attention soft-cap where transformers applies it: every attention function but
+    SDPA (which has no such argument and drops it); Gemma 3 stores one but never passes it."""
+    cap = getattr(attn, "attn_logit_softcapping", None) if family == "gemma2" else None
+    if cap is None or getattr(attn.config, "_attn_implementation", None) == "sdpa":
+        return None
+    return float(cap)
+
+
+def _plan_layer(layer: nn.Module, i: int, family: str, dtype: torch.dtype) -> _Layer:
     attn, mlp = layer.self_attn, layer.mlp
+    sandwich = family in _SANDWICH
+    qk_norm = family in _QK_NORM
+    layer_types = getattr(attn.config, "layer_types", None)
     projs = tuple(getattr(attn, p) for p in _ATTN)
     ffn = tuple(getattr(mlp, p) for p in _MLP)
     head_dim = int(attn.head_dim)
     heads = projs[0].out_features // head_dim
     kv_heads = projs[1].out_features // head_dim
-    has_qk_norm = family == "qwen3"
     return _Layer(
         attn=projs,
         mlp=ffn,
         input_norm=_norm(layer.input_layernorm),
-        post_norm=_norm(layer.post_attention_layernorm),
-        q_norm=_norm(attn.q_norm) if has_qk_norm else None,
-        k_norm=_norm(attn.k_norm) if has_qk_norm else None,
+        attn_out_norm=_norm(layer.post_attention_layernorm) if sandwich else None,
+        ffn_norm=_norm(layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm),
+        ffn_out_norm=_norm(layer.post_feedforward_layernorm) if sandwich else None,
+        q_norm=_norm(attn.q_norm) if qk_norm else None,
+        k_norm=_norm(attn.k_norm) if qk_norm else None,
+        act=_ACTIVATIONS[getattr(attn.config, _activation_attr(family))],
         qkv=ProjectionGroup.from_modules(projs[:3], dtype),
         o=ProjectionGroup.from_modules(projs[3:], dtype),
         gate_up=ProjectionGroup.from_modules(ffn[:2], dtype),
@@ -228,6 +293,8 @@ def _plan_layer(layer: nn.Module, family: str, dtype: torch.dtype) -> _Layer:
         head_dim=head_dim,
         scaling=float(attn.scaling),
         window=_window(attn, family),
+        softcap=_softcap(attn, family),
+        rope=layer_types[i] if family == "gemma3_text" else None,
     )
 
 
@@ -242,6 +309,49 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
         ~allowed, float("-inf")
     )
+
+
+def _residual(x: torch.Tensor, y: torch.Tensor, norm: _Norm | None) -> torch.Tensor:
+    return x + (y if norm is None else norm(y))
+
+
+def _gated(g: torch.Tensor, u: torch.Tensor, act: str | None) -> torch.Tensor:
+    return swiglu(g, u) if act is None else geglu(g, u, act)
+
+
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float | None
+) -> torch.Tensor:
+    """Attention of ``q [B, H, Tq, D]`` over ``k``/``v`` ``[B, H, Tk, D]`` with an additive mask.
+    With a soft-cap, transformers' eager formula (scores capped as ``cap * tanh(s / cap)`` before
+    the mask, softmax in float32); without, SDPA."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap + mask
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def _prefill_attention(
+    lay: _Layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Prompt attention; ``mask`` None means plain causal (SDPA's causal kernels)."""
+    if lay.softcap is None:
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=lay.scaling,
+            enable_gqa=lay.heads != lay.kv_heads,
+        )
+    group = lay.heads // lay.kv_heads
+    if mask is None:
+        t = q.shape[2]
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()[None, None]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return _attention(q, k, v, _additive(mask, q.dtype), lay.scaling, lay.softcap)
 
 
 def _positive_int(value: object, name: str) -> int:
@@ -277,15 +387,25 @@ class FastEngine:
             raise InvalidArgumentError(f"FastEngine cannot run this model: {reason}")
         lm = _causal_lm(model)
         decoder = lm.model
-        self.embed = _unwrap(decoder.embed_tokens).weight
+        embed = _unwrap(decoder.embed_tokens)
+        self.embed = embed.weight
         self.dtype = self.embed.dtype
         self.device = self.embed.device
         family = lm.config.model_type
         with torch.no_grad():
-            self.layers = [_plan_layer(layer, family, self.dtype) for layer in decoder.layers]
+            # gemma: the embedding is scaled (by sqrt(hidden), rounded to the model dtype)
+            scale = getattr(embed, "embed_scale", None)
+            self.embed_scale = None if scale is None else scale.to(self.device, self.dtype)
+            self.layers = [
+                _plan_layer(layer, i, family, self.dtype) for i, layer in enumerate(decoder.layers)
+            ]
             self.final_norm = _norm(decoder.norm)
             self.lm_head = ProjectionGroup.from_modules([_unwrap(lm.get_output_embeddings())], self.dtype)
-            self.cos, self.sin = self._rope_table(decoder.rotary_emb)
+            self.rope = {
+                key: self._rope_table(decoder.rotary_emb, key) for key in {lay.rope for lay in self.layers}
+            }
+        cap = getattr(lm.config, "final_logit_softcapping", None)
+        self.logit_softcap = float(cap) if cap else None
         self.buckets = _buckets(self.max_batch)
         self._windows = sorted({lay.window for lay in self.layers if lay.window is not None})
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -296,11 +416,13 @@ class FastEngine:
         self._length = 0  # slots used by the current rows (host copy of the device slot)
 
     # -------------------------------------------------------------- building blocks
-    def _rope_table(self, rotary: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin ``[max_length, head_dim]`` from the model's own rotary module, positions 0..L-1."""
+    def _rope_table(self, rotary: nn.Module, layer_type: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[max_length, head_dim]`` from the model's own rotary module, positions 0..L-1
+        (gemma 3: the table of one layer type)."""
         probe = torch.empty(0, dtype=self.dtype, device=self.device)
         positions = torch.arange(self.max_length, device=self.device).unsqueeze(0)
-        cos, sin = rotary(probe, positions)
+        extra = () if layer_type is None else (layer_type,)
+        cos, sin = rotary(probe, positions, *extra)
         head_dim = self.layers[0].head_dim
         if cos.shape[-1] != head_dim:
             raise InvalidArgumentError(
@@ -431,7 +553,7 @@ class FastEngine:
     def _prefill_layers(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         rows, length = ids.shape
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
-        cos, sin = self.cos[positions], self.sin[positions]  # [B, T, D]
+        rope = {key: (cos[positions], sin[positions]) for key, (cos, sin) in self.rope.items()}  # [B, T, D]
         # without padding, a window no shorter than the prompt masks nothing beyond causality: SDPA
         # then takes its causal kernels (flash) instead of reading a mask (one host sync per prompt)
         plain = bool(mask.all())
@@ -439,31 +561,33 @@ class FastEngine:
             w: None if plain and (w is None or w >= length) else self._prefill_mask(mask, w)
             for w in (None, *self._windows)
         }
-        x = F.embedding(ids, self.embed)
+        x = self._embed(ids)
         for lay, (k_cache, v_cache) in zip(self.layers, self._cache):
             h = lay.input_norm(x)
             q, k, v = lora_linears(h, lay.attn[:3])
             q = self._heads(q.view(rows, length, lay.heads, lay.head_dim), lay.q_norm)
             k = self._heads(k.view(rows, length, lay.kv_heads, lay.head_dim), lay.k_norm)
             v = v.view(rows, length, lay.kv_heads, lay.head_dim).transpose(1, 2)
-            apply_rope_(q, k, cos, sin)
+            apply_rope_(q, k, *rope[lay.rope])
             k_cache[:rows, :, :length] = k
             v_cache[:rows, :, :length] = v
-            o = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=masks[lay.window],
-                is_causal=masks[lay.window] is None,
-                scale=lay.scaling,
-                enable_gqa=lay.heads != lay.kv_heads,
-            )
+            o = _prefill_attention(lay, q, k, v, masks[lay.window])
             (o,) = lora_linears(o.transpose(1, 2).reshape(rows, length, -1), lay.attn[3:])
-            x = x + o
-            g, u = lora_linears(lay.post_norm(x), lay.mlp[:2])
-            (d,) = lora_linears(swiglu(g, u), lay.mlp[2:])
-            x = x + d
-        (logits,) = self.lm_head(self.final_norm(x[:, -1]))
+            x = _residual(x, o, lay.attn_out_norm)
+            g, u = lora_linears(lay.ffn_norm(x), lay.mlp[:2])
+            (d,) = lora_linears(_gated(g, u, lay.act), lay.mlp[2:])
+            x = _residual(x, d, lay.ffn_out_norm)
+        return self._logits(x[:, -1])
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(ids, self.embed)
+        return x if self.embed_scale is None else x * self.embed_scale
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm, head, gemma's logit soft-cap (in the model dtype, as transformers), float32."""
+        (logits,) = self.lm_head(self.final_norm(x))
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits.float()
 
     @staticmethod
@@ -490,14 +614,16 @@ class FastEngine:
         valid = self._valid[:b]
         valid.index_fill_(1, slot, True)
         masks = self._step_masks(valid)
-        cos = self.cos.index_select(0, positions)[:, None]  # [b, 1, D]
-        sin = self.sin.index_select(0, positions)[:, None]
-        x = F.embedding(self._tokens[:b], self.embed)
+        rope = {  # [b, 1, D]
+            key: (cos.index_select(0, positions)[:, None], sin.index_select(0, positions)[:, None])
+            for key, (cos, sin) in self.rope.items()
+        }
+        x = self._embed(self._tokens[:b])
         for lay, (k_cache, v_cache) in zip(self.layers, self._cache):
             q, k, v = lay.qkv(lay.input_norm(x))
             q = self._heads(q.view(b, 1, lay.heads, lay.head_dim), lay.q_norm)
             k = self._heads(k.view(b, 1, lay.kv_heads, lay.head_dim), lay.k_norm)
-            apply_rope_(q, k, cos, sin)
+            apply_rope_(q, k, *rope[lay.rope])
             k_cache = k_cache[:b]
             v_cache = v_cache[:b]
             k_cache.index_copy_(2, slot, k)
@@ -506,18 +632,16 @@ class FastEngine:
             # query "sequence" of that head (one query token per head)
             group = lay.heads // lay.kv_heads
             qg = q.reshape(b, lay.kv_heads, group, lay.head_dim)
-            o = F.scaled_dot_product_attention(
-                qg, k_cache, v_cache, attn_mask=masks[lay.window], scale=lay.scaling
-            )
+            o = _attention(qg, k_cache, v_cache, masks[lay.window], lay.scaling, lay.softcap)
             (o,) = lay.o(o.reshape(b, lay.heads * lay.head_dim))
-            x = x + o
-            g, u = lay.gate_up(lay.post_norm(x))
-            (d,) = lay.down(swiglu(g, u))
-            x = x + d
-        (logits,) = self.lm_head(self.final_norm(x))
+            x = _residual(x, o, lay.attn_out_norm)
+            g, u = lay.gate_up(lay.ffn_norm(x))
+            (d,) = lay.down(_gated(g, u, lay.act))
+            x = _residual(x, d, lay.ffn_out_norm)
+        logits = self._logits(x)
         positions.add_(1)
         slot.add_(1)
-        return logits.float()
+        return logits
 
     def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up ``_step(b)`` on a side stream, then capture it into one graph (shared pool).
