@@ -1,13 +1,13 @@
 """The fast decode engine: a static KV cache and the per-token step captured as one CUDA graph.
 
-:class:`FastEngine` reads the weights of a llama, mistral, qwen2 or qwen3 causal LM (plain,
-wrapped by :func:`rslora_fast.get_peft_model`, 16-bit or 4-bit) straight from its modules and runs
-its decoder without the transformers forward:
+:class:`FastEngine` reads the weights of a llama, mistral, qwen2, qwen3, gemma, gemma 2 or gemma 3
+(text) causal LM (plain or wrapped by :func:`rslora_fast.get_peft_model`, 16-bit or 4-bit) straight
+from its modules and runs its decoder without the transformers forward:
 
 * **prefill** runs the prompts ``[B, T]`` through the training path's fused ops under ``no_grad``
-  (``lora_linears`` for the projections, our RMSNorm / RoPE / SwiGLU ops, torch SDPA with a causal,
-  left-padding and sliding-window mask) and writes each layer's rotated K and V into cache slots
-  ``0..T-1``;
+  (``lora_linears`` for the projections, our RMSNorm / RoPE / SwiGLU / GeGLU ops, torch SDPA with a
+  causal, left-padding and sliding-window mask) and writes each layer's rotated K and V into cache
+  slots ``0..T-1``;
 * **step** appends one token per row: every row writes the same cache slot (rows are left-padded,
   so slot ``s`` holds each row's token ``s - pads``), attends over all ``max_length`` slots with a
   mask of the valid ones, and returns the float32 logits. The projections run through
@@ -362,7 +362,7 @@ def _positive_int(value: object, name: str) -> int:
 
 # ------------------------------------------------------------------------------ the engine
 class FastEngine:
-    """Implements :class:`rslora_fast.generate.base.Engine` for llama, mistral, qwen2 and qwen3.
+    """Implements :class:`rslora_fast.generate.base.Engine` for the llama, qwen and gemma families.
 
     Args:
         model: the causal LM (or a :class:`~rslora_fast.PeftModel` around one); read, never changed.
