@@ -305,10 +305,11 @@ def _buckets(max_batch: int) -> tuple[int, ...]:
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """0 where ``allowed``, -inf elsewhere (what SDPA makes of a boolean mask)."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
-        ~allowed, float("-inf")
-    )
+    """0 where ``allowed``, -inf elsewhere (what SDPA makes of a boolean mask). The rows are laid out
+    16 elements apart, as the GPU's memory-efficient attention wants them (else it pads a copy)."""
+    *lead, width = allowed.shape
+    padded = torch.zeros((*lead, -(-width // 16) * 16), dtype=dtype, device=allowed.device)
+    return padded[..., :width].masked_fill_(~allowed, float("-inf"))
 
 
 def _residual(x: torch.Tensor, y: torch.Tensor, norm: _Norm | None) -> torch.Tensor:
