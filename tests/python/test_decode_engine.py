@@ -277,6 +277,21 @@ def test_batch_padded_to_bucket_and_prefill_again():
         engine.release()
 
 
+def test_built_in_inference_mode_runs_outside_it():
+    """An engine made under ``torch.inference_mode`` (as some RL loops generate) keeps working
+    outside it: adapter refreshes and cache writes are in place."""
+    model = _model("llama")
+    ids, mask = _prompts([4, 2], total=4)
+    steps = _steps(2, 2)
+    want = _hf_logits(model, ids, mask, steps)
+    with torch.inference_mode():
+        engine = FastEngine(model, max_batch=2, max_length=8)
+        first = _engine_logits(engine, ids, mask, steps)
+    engine.refresh_adapters()
+    _assert_close(_engine_logits(engine, ids, mask, steps), want, atol=2e-5)
+    _assert_close([t.clone() for t in first], want, atol=2e-5)
+
+
 def test_cache_log_line_states_its_bytes(caplog):
     model = _model("llama")
     engine = FastEngine(model, max_batch=3, max_length=7)

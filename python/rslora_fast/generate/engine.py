@@ -393,7 +393,8 @@ class FastEngine:
         self.dtype = self.embed.dtype
         self.device = self.embed.device
         family = lm.config.model_type
-        with torch.no_grad():
+        # never inference tensors: the engine is written in place later, maybe outside inference mode
+        with torch.no_grad(), torch.inference_mode(False):
             # gemma: the embedding is scaled (by sqrt(hidden), rounded to the model dtype)
             scale = getattr(embed, "embed_scale", None)
             self.embed_scale = None if scale is None else scale.to(self.device, self.dtype)
@@ -474,7 +475,8 @@ class FastEngine:
         float32 logits of each row's last position."""
         rows, length = self._check_prompt(input_ids, attention_mask)
         if self._cache is None:
-            self._allocate()
+            with torch.inference_mode(False):  # written in place by later calls, in any mode
+                self._allocate()
         bucket = self._bucket(rows)
         if self.cuda_graphs and bucket not in self._graphs:
             # before the prompt is written: the warm-up runs write cache slot 0 and the state
