@@ -203,6 +203,25 @@ def test_4bit_base_matches_hf(variant):
     _assert_close(_engine_logits(engine, ids, mask, steps), want, atol=2e-5)
 
 
+def test_model_loaded_in_4bit_by_from_pretrained(tmp_path):
+    """The user's path: a checkpoint loaded 4-bit by our loader, adapters from get_peft_model."""
+    import transformers
+
+    from rslora_fast.loading import from_pretrained
+
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(_config("qwen2")).save_pretrained(tmp_path)
+    base, _ = from_pretrained(str(tmp_path), dtype=torch.float32, device_map="cpu", progress=False)
+    assert sum(isinstance(m, Linear4bit) for m in base.modules()) == 14
+    model = get_peft_model(base, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    _randomize_b(model, seed=3)
+    model.eval()
+    ids, mask = _prompts([5, 3], total=5)
+    steps = _steps(2, 4)
+    want = _hf_logits(model, ids, mask, steps)
+    _assert_close(_engine_logits(FastEngine(model, 2, 9), ids, mask, steps), want, atol=2e-5)
+
+
 def test_mistral_sliding_window_is_applied():
     """Keys older than the window are masked: the engine follows the windowed model, and the window
     changes the logits here (a full-attention engine would not match)."""
