@@ -282,6 +282,23 @@ def test_refresh_adapters_reads_the_current_weights_and_model_is_unchanged():
     _assert_close(_engine_logits(engine, ids, mask, steps), new, atol=2e-5)
 
 
+def test_refresh_follows_adapters_switched_off_and_on():
+    """``disable_adapter`` (and any other change of which modules or switches the engine read)
+    makes the next refresh read the model again."""
+    model = _model("qwen3")
+    engine = FastEngine(model, max_batch=2, max_length=8)
+    ids, mask = _prompts([4, 2], total=4)
+    steps = _steps(2, 3)
+    with_lora = _hf_logits(model, ids, mask, steps)
+    with model.disable_adapter():
+        without = _hf_logits(model, ids, mask, steps)
+        engine.refresh_adapters()
+        _assert_close(_engine_logits(engine, ids, mask, steps), without, atol=2e-5)
+    assert not torch.allclose(with_lora[-1], without[-1], atol=1e-3)
+    engine.refresh_adapters()
+    _assert_close(_engine_logits(engine, ids, mask, steps), with_lora, atol=2e-5)
+
+
 def test_batch_padded_to_bucket_and_prefill_again():
     """3 rows run in the 4-row bucket; a second, shorter batch reuses the cache after release."""
     model = _model("qwen2")

@@ -355,6 +355,18 @@ def _prefill_attention(
     return _attention(q, k, v, _additive(mask, q.dtype), lay.scaling, lay.softcap)
 
 
+def _fingerprint(lm: nn.Module) -> tuple:
+    """What the engine's plan depends on besides weight values: which module sits at each
+    projection, its adapter switches, and where the embedding lives (device, dtype, address)."""
+    layers = lm.model.layers
+    owners = [(lay.self_attn, _ATTN) for lay in layers] + [(lay.mlp, _MLP) for lay in layers]
+    mods = [getattr(o, n, None) for o, names in owners for n in names]
+    mods.append(_unwrap(lm.get_output_embeddings()))
+    w = _unwrap(lm.model.embed_tokens).weight
+    switches = tuple((id(m), getattr(m, "disabled", None), getattr(m, "merged", None)) for m in mods)
+    return switches, w.device, w.dtype, w.data_ptr()
+
+
 def _positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidArgumentError(f"FastEngine: {name} must be a positive int, got {value!r}")
@@ -383,10 +395,22 @@ class FastEngine:
     ) -> None:
         self.max_batch = _positive_int(max_batch, "max_batch")
         self.max_length = _positive_int(max_length, "max_length")
-        reason = why_not_fast(model)
+        self.buckets = _buckets(self.max_batch)
+        self._model = model
+        self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+        self._batch = 0  # rows of the current prefill (0: none yet)
+        self._length = 0  # slots used by the current rows (host copy of the device slot)
+        self._want_graphs = bool(cuda_graphs)
+        self._plan()
+
+    def _plan(self) -> None:
+        """Read the model's modules: layers, groups, norms, rotary tables (again after it changed)."""
+        reason = why_not_fast(self._model)
         if reason is not None:
             raise InvalidArgumentError(f"FastEngine cannot run this model: {reason}")
-        lm = _causal_lm(model)
+        lm = _causal_lm(self._model)
         decoder = lm.model
         embed = _unwrap(decoder.embed_tokens)
         self.embed = embed.weight
@@ -408,14 +432,9 @@ class FastEngine:
             }
         cap = getattr(lm.config, "final_logit_softcapping", None)
         self.logit_softcap = float(cap) if cap else None
-        self.buckets = _buckets(self.max_batch)
         self._windows = sorted({lay.window for lay in self.layers if lay.window is not None})
-        self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = None
-        self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
-        self._batch = 0  # rows of the current prefill (0: none yet)
-        self._length = 0  # slots used by the current rows (host copy of the device slot)
+        self._fingerprint = _fingerprint(lm)
+        self.cuda_graphs = self._want_graphs and self.device.type == "cuda"
 
     # -------------------------------------------------------------- building blocks
     def _rope_table(self, rotary: nn.Module, layer_type: str | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -463,7 +482,21 @@ class FastEngine:
     # -------------------------------------------------------------- Engine
     @torch.no_grad()
     def refresh_adapters(self) -> None:
-        """Copy the adapters' current weights into every projection group (in place)."""
+        """Copy the adapters' current weights into every projection group (in place).
+
+        When the model changed shape since the engine read it (adapters injected, removed, merged,
+        disabled or enabled; weights moved to another device or dtype), the engine reads it again
+        instead: the graphs are dropped (and the cache, on a new device or dtype) and made again
+        at the next prefill.
+        """
+        if _fingerprint(_causal_lm(self._model)) != self._fingerprint:
+            where = (self.device, self.dtype)
+            self._graphs.clear()
+            self._batch = self._length = 0
+            self._plan()
+            if (self.device, self.dtype) != where:
+                self.release()
+            return
         for lay in self.layers:
             for group in (lay.qkv, lay.o, lay.gate_up, lay.down):
                 group.refresh_adapters()
