@@ -20,7 +20,7 @@ graph itself advances, so one graph serves every position and a replay needs no 
 copying the tokens in. On CPU the same step runs eagerly.
 
 GPU memory: the cache (one INFO line states its bytes), a few per-row state buffers, the cos/sin
-table, and the graphs' shared memory pool. The model is never changed; LoRA stays unmerged, and
+tables, and the graphs' shared memory pool. The model is never changed; LoRA stays unmerged, and
 :meth:`FastEngine.refresh_adapters` copies the adapters' current weights into the groups (in place,
 so the graphs keep reading them) before each generation.
 """
