@@ -384,6 +384,9 @@ def test_why_not_fast_names_what_it_does_not_handle():
     assert "rope type 'dynamic'" in why_not_fast(dynamic)
     relu = _model("llama", hidden_act="relu")
     assert "hidden_act='relu'" in why_not_fast(relu)
+    mixed = _model("llama", dtype=torch.bfloat16)
+    mixed.get_base_model().model.norm.float()  # as loaders that keep norms in float32 leave it
+    assert "norm weights in" in why_not_fast(mixed)
     with pytest.raises(InvalidArgumentError, match="rope type 'dynamic'"):
         FastEngine(dynamic, max_batch=1, max_length=4)
 

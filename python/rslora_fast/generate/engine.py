@@ -169,6 +169,10 @@ def _model_why_not(lm: nn.Module) -> str | None:
         return f"embed_tokens is a {type(embed).__name__}, not nn.Embedding"
     if embed.weight.dtype not in _DTYPES:
         return f"embedding dtype {embed.weight.dtype} (expected float32, float16 or bfloat16)"
+    norms = {m.weight.dtype for m in lm.modules() if type(m).__name__.endswith("RMSNorm")}
+    if norms - {embed.weight.dtype}:
+        kinds = ", ".join(sorted(map(str, norms)))
+        return f"norm weights in {kinds} beside a {embed.weight.dtype} embedding (one dtype expected)"
     params = [p for p in lm.parameters()]
     if any(p.is_meta for p in params) or len({p.device for p in params}) != 1:
         return "the model's weights are not all on one device (device_map offload or sharding)"
