@@ -52,17 +52,22 @@ def _hf(model, *args, **kwargs):
 
 @pytest.fixture
 def forced(monkeypatch):
-    """The fast path on CPU, a fresh log-once memory, and a count of engine prefills."""
+    """The fast path on CPU, a fresh log-once memory, and a count of engine prefills (either engine)."""
     monkeypatch.setenv("RSLORA_FAST_GENERATE", "force")
     monkeypatch.setattr(select, "_logged", set())
     calls = []
-    original = ReferenceEngine.prefill
 
-    def spy(self, input_ids, attention_mask):
-        calls.append(tuple(input_ids.shape))
-        return original(self, input_ids, attention_mask)
+    def spy_on(engine_class):
+        original = engine_class.prefill
 
-    monkeypatch.setattr(ReferenceEngine, "prefill", spy)
+        def spy(self, input_ids, attention_mask):
+            calls.append(tuple(input_ids.shape))
+            return original(self, input_ids, attention_mask)
+
+        monkeypatch.setattr(engine_class, "prefill", spy)
+
+    spy_on(ReferenceEngine)  # the plain engine
+    spy_on(fast_engine.FastEngine)  # the fast one, for the families it covers
     return calls
 
 
