@@ -26,7 +26,8 @@
 // consecutive bytes of x, 64 bytes per step. A packed byte becomes the A register (two 16-bit
 // values, the high nibble in the low half) by one lookup in a 256-entry table replicated per
 // bank (entry b of lane l at word 32 b + l: conflict-free, 32 KB), then one packed multiply by
-// the chunk's scale in the model dtype. Warps' accumulators are summed through shared memory and
+// the chunk's scale in the model dtype. A warp's first loads go out before the block builds the
+// table (8192 words, conflict-free stores) and waits for it. Warps' accumulators are summed through shared memory and
 // 128 threads (16 rows x 8 batch columns) run the epilogue.
 //
 // Generic kernel (dm_any_<dtype>; any K, any alignment; the correctness path): one warp per
@@ -154,12 +155,14 @@ template <> struct Mma<__half> {
   }
 };
 
-// Table word of byte m (0..15) of a 16-byte chunk: entry (byte << 5) + lane, as a byte offset.
-__device__ __forceinline__ uint32_t lut_word(const uint8_t* lut_lane, const uint4& w, int m) {
+// Table word of byte m (0..15) of a 16-byte chunk: entry 32 * byte + lane, whose byte offset
+// (byte << 7) | (lane << 2) is one shift and one and-or (the two fields do not overlap).
+__device__ __forceinline__ uint32_t lut_word(const uint32_t* lut, uint32_t lane4, const uint4& w,
+                                             int m) {
   const uint32_t word = m < 4 ? w.x : m < 8 ? w.y : m < 12 ? w.z : w.w;
   const int sh = 8 * (m & 3);
-  const uint32_t off = (sh == 0 ? (word << 7) : (word >> (sh - 7))) & 0x7F80u;
-  return *reinterpret_cast<const uint32_t*>(lut_lane + off);
+  const uint32_t off = ((sh == 0 ? (word << 7) : (word >> (sh - 7))) & 0x7F80u) | lane4;
+  return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const uint8_t*>(lut) + off);
 }
 
 // The loads of one k-step for one lane: rows g and g + 8 of chunk c, and their scales.
@@ -167,6 +170,30 @@ struct StepLoads {
   uint4 w0, w1;
   float s0, s1;
 };
+
+// Loads of the kUnroll k-steps s0, s0 + 8, ... (zeros, and no access, past K or the rows).
+__device__ __forceinline__ void load_steps(StepLoads (&ld)[kUnroll], const Member& m, int64_t s0,
+                                           int64_t steps, int64_t chunks, int t, int64_t ra,
+                                           int64_t rb, bool va, bool vb, const uint4* pa,
+                                           const uint4* pb, int64_t K) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t ch = 4 * (s0 + (int64_t)kWarps * u) + t;
+    const bool vc = s0 + kWarps * u < steps && ch < chunks;
+    ld[u].w0 = make_uint4(0, 0, 0, 0);
+    ld[u].w1 = ld[u].w0;
+    ld[u].s0 = 0.0f;
+    ld[u].s1 = 0.0f;
+    if (vc && va) {
+      ld[u].w0 = __ldg(pa + ch);
+      ld[u].s0 = block_scale(m, (ra * K + 32 * ch) >> m.bs_log2);
+    }
+    if (vc && vb) {
+      ld[u].w1 = __ldg(pb + ch);
+      ld[u].s1 = block_scale(m, (rb * K + 32 * ch) >> m.bs_log2);
+    }
+  }
+}
 
 template <typename T>
 __device__ __forceinline__ void mma_kernel(const Params& p) {
@@ -185,6 +212,10 @@ __device__ __forceinline__ void mma_kernel(const Params& p) {
   const bool vx = g < p.batch;
   const uint4* px = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + g * K);
 
+  // The first k-steps' loads go out before the block builds the table and waits for it.
+  StepLoads ld[kUnroll];
+  load_steps(ld, m, warp, steps, chunks, t, ra, rb, va, vb, pa, pb, K);
+
   // Table: word 32 b + r holds the two values of byte b (high nibble in the low half).
   const float* code = kCodes[m.quant_type];
   for (int i = tid; i < 256 * 32; i += kThreads) {
@@ -192,28 +223,10 @@ __device__ __forceinline__ void mma_kernel(const Params& p) {
     s_lut[i] = Mma<T>::pack(code[b >> 4], code[b & 15]);
   }
   __syncthreads();
-  const uint8_t* lut_lane = reinterpret_cast<const uint8_t*>(s_lut) + 4 * lane;
+  const uint32_t lane4 = lane << 2;
 
   float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for (int64_t s0 = warp; s0 < steps; s0 += kWarps * kUnroll) {
-    StepLoads ld[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t ch = 4 * (s0 + (int64_t)kWarps * u) + t;
-      const bool vc = s0 + kWarps * u < steps && ch < chunks;
-      ld[u].w0 = make_uint4(0, 0, 0, 0);
-      ld[u].w1 = ld[u].w0;
-      ld[u].s0 = 0.0f;
-      ld[u].s1 = 0.0f;
-      if (vc && va) {
-        ld[u].w0 = __ldg(pa + ch);
-        ld[u].s0 = block_scale(m, (ra * K + 32 * ch) >> m.bs_log2);
-      }
-      if (vc && vb) {
-        ld[u].w1 = __ldg(pb + ch);
-        ld[u].s1 = block_scale(m, (rb * K + 32 * ch) >> m.bs_log2);
-      }
-    }
+  for (int64_t s0 = warp; s0 < steps;) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t ch = 4 * (s0 + (int64_t)kWarps * u) + t;
@@ -229,16 +242,18 @@ __device__ __forceinline__ void mma_kernel(const Params& p) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         uint32_t a[4];
-        a[0] = Mma<T>::mul(lut_word(lut_lane, ld[u].w0, 2 * j), sa);
-        a[1] = Mma<T>::mul(lut_word(lut_lane, ld[u].w1, 2 * j), sb);
-        a[2] = Mma<T>::mul(lut_word(lut_lane, ld[u].w0, 2 * j + 1), sa);
-        a[3] = Mma<T>::mul(lut_word(lut_lane, ld[u].w1, 2 * j + 1), sb);
+        a[0] = Mma<T>::mul(lut_word(s_lut, lane4, ld[u].w0, 2 * j), sa);
+        a[1] = Mma<T>::mul(lut_word(s_lut, lane4, ld[u].w1, 2 * j), sb);
+        a[2] = Mma<T>::mul(lut_word(s_lut, lane4, ld[u].w0, 2 * j + 1), sa);
+        a[3] = Mma<T>::mul(lut_word(s_lut, lane4, ld[u].w1, 2 * j + 1), sb);
         const uint4& xq = xv[j >> 1];
         const uint32_t b0 = (j & 1) ? xq.z : xq.x;
         const uint32_t b1 = (j & 1) ? xq.w : xq.y;
         Mma<T>::mma(c, a, b0, b1);
       }
     }
+    s0 += kWarps * kUnroll;
+    if (s0 < steps) load_steps(ld, m, s0, steps, chunks, t, ra, rb, va, vb, pa, pb, K);
   }
 
   // c[0], c[1]: row g, batch columns 2t, 2t + 1; c[2], c[3]: row g + 8.

@@ -23,7 +23,7 @@ from rslora_fast.quant.linear4bit import Linear4bit
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
 
-def _layer(k, n, *, quant, bias, rank, dtype, device, quant_type="nf4", nested=True, seed=0):
+def _layer(k, n, *, quant, bias, rank, dtype, device, quant_type="nf4", nested=True, seed=0, blocksize=64):
     g = torch.Generator().manual_seed(seed)
     lin = nn.Linear(k, n, bias=bias)
     with torch.no_grad():
@@ -32,7 +32,9 @@ def _layer(k, n, *, quant, bias, rank, dtype, device, quant_type="nf4", nested=T
             lin.bias.copy_(torch.randn(n, generator=g))
     lin = lin.to(device, dtype)
     base = (
-        Linear4bit.from_linear(lin, quant_type=quant_type, compress_statistics=nested, compute_dtype=dtype)
+        Linear4bit.from_linear(
+            lin, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested, compute_dtype=dtype
+        )
         if quant
         else lin
     )
@@ -78,7 +80,8 @@ def test_lora_a_is_one_matrix_and_refresh_updates_it():
     layers[1] = layers[1].base_layer  # a member without LoRA keeps no rows
     group = ProjectionGroup.from_modules(layers, torch.float32)
     assert group.lora_a.shape == (8, 64)
-    assert [p.a_row for p in group.projections] == [0, 4, 4]
+    assert [group.projections[i].a_row for i in (0, 2)] == [0, 4]
+    assert group.projections[2].a.data_ptr() == group.lora_a[4:].data_ptr()  # a view
     with torch.no_grad():
         layers[2].lora_A.weight.add_(1.0)
     group.refresh_adapters()
@@ -117,8 +120,9 @@ def test_core_entry_rejects_bad_arguments_before_launching(members, xa, xa_ld, b
 
 # --------------------------------------------------------------------------------------- GPU
 # (K, member widths): the fast kernel with whole and partial 16-row tiles and a K that is a
-# multiple of 32 but not of 64 or 128; the generic kernel for a K that is not a multiple of 32.
-SHAPES = [(256, (64, 32, 32)), (96, (37, 5, 21)), (100, (19, 8)), (4096, (48,))]
+# multiple of 32 but not of 64 or 128; the generic kernel for a K that is not a multiple of 32
+# (37 x 3 elements: an odd count, the last byte half padding).
+SHAPES = [(256, (64, 32, 32)), (96, (37, 5, 21)), (100, (19, 8)), (37, (3, 6)), (4096, (48,))]
 
 
 @cuda
@@ -145,6 +149,20 @@ def test_kernel_matches_reference(dtype, quant_type, nested, k, ns):
 
 @cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("blocksize", [32, 128, 4096])
+@pytest.mark.parametrize(("k", "ns"), [(256, (40, 24)), (100, (9,))])
+def test_kernel_block_sizes(blocksize, k, ns):
+    # 4096-element blocks span several rows; 32 is one chunk of the fast kernel.
+    dtype = torch.bfloat16
+    layers = _group(k, ns, quant=True, bias=False, rank=4, dtype=dtype, device="cuda", blocksize=blocksize)
+    group = ProjectionGroup.from_modules(layers, dtype)
+    x = torch.randn(3, k, device="cuda", dtype=dtype)
+    for out, ref in zip(group(x), reference(x, group)):
+        _close(out, ref, dtype)
+
+
+@cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mixed_and_16bit_groups_match_reference(dtype):
     layers = [
@@ -161,25 +179,41 @@ def test_mixed_and_16bit_groups_match_reference(dtype):
                 _close(out, ref, dtype)
 
 
+def _capture(fn):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # warm-up: kernels loaded, cuBLAS handles made
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 @cuda
 @pytest.mark.cuda
-def test_graph_replay_equals_eager_and_sees_refreshed_adapters():
+def test_graph_replay_equals_eager():
+    dtype = torch.bfloat16
+    layers = _group(4096, (512, 128, 128), quant=True, bias=True, rank=0, dtype=dtype, device="cuda")
+    group = ProjectionGroup.from_modules(layers, dtype)
+    x = torch.randn(4, 4096, device="cuda", dtype=dtype)
+    graph, captured = _capture(lambda: group(x))
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    for got, want in zip(captured, group(x)):
+        assert torch.equal(got, want)  # the same kernel on the same input: bit for bit
+
+
+@cuda
+@pytest.mark.cuda
+def test_graph_replay_sees_new_input_and_refreshed_adapters():
     dtype = torch.bfloat16
     layers = _group(4096, (512, 128, 128), quant=True, bias=False, rank=16, dtype=dtype, device="cuda")
     group = ProjectionGroup.from_modules(layers, dtype)
     x = torch.randn(4, 4096, device="cuda", dtype=dtype)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        group(x)  # warm-up: kernels loaded, cuBLAS handles made
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = group(x)
+    graph, captured = _capture(lambda: group(x))
     x.copy_(torch.randn_like(x))
-    graph.replay()
-    for got, want in zip(captured, group(x)):
-        assert torch.equal(got, want)
     with torch.no_grad():
         for layer in layers:
             layer.lora_B.weight.mul_(-2.0)

@@ -93,39 +93,34 @@ def _dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 class ProjectionGroup:
     """Linear layers that read the same input in a decode step, planned once."""
 
-    def __init__(
-        self, projections: list[_Projection], dtype: torch.dtype, lora_a: torch.Tensor | None = None
-    ):
+    def __init__(self, projections: list[_Projection], dtype: torch.dtype) -> None:
         self.projections = projections
         self.dtype = dtype
-        # [sum of ranks, K]: every member's A rows, so x A^T of the whole group is one matmul.
-        self.lora_a = lora_a
+        # [sum of ranks, K]: every member's A rows (each projection's ``a`` becomes a view of
+        # its rows), so x A^T of the whole group is one matmul.
+        self.lora_a = _gather_lora_a(projections)
         self._plan = _plan_kernels(projections, dtype)
 
     @classmethod
     def from_modules(cls, layers: Sequence[nn.Module], dtype: torch.dtype) -> ProjectionGroup:
         """Plan ``layers`` (``nn.Linear``, a 4-bit linear, or a LoRA layer over either)."""
-        split = [_split_lora(layer) for layer in layers]
-        lora_a = _concat_lora_a([a for _, a, _, _ in split], dtype)
-        projections, row = [], 0
-        for base, a, b, scaling in split:
+        projections = []
+        for layer in layers:
+            base, a, b, scaling = _split_lora(layer)
             bias = getattr(base, "bias", None)
-            rank = 0 if a is None else a.shape[0]
             projections.append(
                 _Projection(
                     base=base,
                     bias=None if bias is None else bias.detach().to(dtype).contiguous(),
-                    a=None if a is None else lora_a[row : row + rank],
+                    a=None if a is None else a.detach().to(dtype).clone(),
                     b=None if b is None else b.detach().to(dtype).contiguous().clone(),
                     scaling=scaling,
                     source_a=a,
                     source_b=b,
                     out_features=int(base.out_features),
-                    a_row=row,
                 )
             )
-            row += rank
-        return cls(projections, dtype, lora_a)
+        return cls(projections, dtype)
 
     @property
     def out_features(self) -> tuple[int, ...]:
@@ -153,12 +148,18 @@ class ProjectionGroup:
         return reference(x, self)
 
 
-def _concat_lora_a(adapters: list[torch.Tensor | None], dtype: torch.dtype) -> torch.Tensor | None:
-    """One ``[sum r, K]`` copy of the LoRA A matrices in ``dtype`` (None without LoRA)."""
-    present = [a.detach() for a in adapters if a is not None]
+def _gather_lora_a(projections: list[_Projection]) -> torch.Tensor | None:
+    """One ``[sum r, K]`` matrix of the projections' A copies; each ``a`` becomes a view of it."""
+    present = [p for p in projections if p.a is not None]
     if not present:
         return None
-    return torch.cat([a.to(dtype) for a in present], dim=0).contiguous()
+    lora_a = torch.cat([p.a for p in present], dim=0).contiguous()
+    row = 0
+    for p in present:
+        rank = p.a.shape[0]
+        p.a, p.a_row = lora_a[row : row + rank], row
+        row += rank
+    return lora_a
 
 
 def _plan_kernels(projections: list[_Projection], dtype: torch.dtype) -> _KernelPlan | None:
