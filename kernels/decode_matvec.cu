@@ -21,14 +21,14 @@
 // chunk c = 4 * step + t (32 elements, inside one quantization block as 32 divides the block
 // size and the chunk start), i.e. every warp load is 8 rows x 64 contiguous bytes. The 8 mmas of
 // the step use k-slots permuted so that each thread's registers hold its own chunk: mma j takes
-// from thread t the elements 32 t + 4 j + {0,1} (A/B registers of columns 2t, 2t+1) and
-// 32 t + 4 j + {2,3} (columns 2t+8, 2t+9); the B fragment (x of batch row g) is then 8
-// consecutive bytes of x, 64 bytes per step. A packed byte becomes the A register (two 16-bit
-// values, the high nibble in the low half) by one lookup in a 256-entry table replicated per
-// bank (entry b of lane l at word 32 b + l: conflict-free, 32 KB), then one packed multiply by
-// the chunk's scale in the model dtype. A warp's first loads go out before the block builds the
-// table (8192 words, conflict-free stores) and waits for it. Warps' accumulators are summed through shared memory and
-// 128 threads (16 rows x 8 batch columns) run the epilogue.
+// from thread t the chunk's elements 4 j + {0,1} (A/B registers of columns 2t, 2t+1) and
+// 4 j + {2,3} (columns 2t+8, 2t+9), so its B fragment (x of batch row g) is 4 consecutive
+// values of x and its A registers are packed bytes 2 j and 2 j + 1. A packed byte becomes an A
+// register (two 16-bit values, the high nibble in the low half) by one lookup in a 256-entry
+// table replicated per bank (entry b of lane l at word 32 b + l: conflict-free, 32 KB), then one
+// packed multiply by the chunk's scale in the model dtype. A warp's first loads go out before
+// the block builds the table (16-byte stores) and waits for it. The warps' accumulators are
+// summed through shared memory and 128 threads (16 rows x 8 batch columns) run the epilogue.
 //
 // Generic kernel (dm_any_<dtype>; any K, any alignment; the correctness path): one warp per
 // output row, lanes stride over k element by element, warp-shuffle reduction, same epilogue.
@@ -216,11 +216,13 @@ __device__ __forceinline__ void mma_kernel(const Params& p) {
   StepLoads ld[kUnroll];
   load_steps(ld, m, warp, steps, chunks, t, ra, rb, va, vb, pa, pb, K);
 
-  // Table: word 32 b + r holds the two values of byte b (high nibble in the low half).
+  // Table: word 32 b + r holds the two values of byte b (high nibble in the low half); 4 copies
+  // per 16-byte store, a warp writing 512 contiguous bytes per instruction.
   const float* code = kCodes[m.quant_type];
-  for (int i = tid; i < 256 * 32; i += kThreads) {
-    const int b = i >> 5;
-    s_lut[i] = Mma<T>::pack(code[b >> 4], code[b & 15]);
+  for (int i = tid; i < 256 * 8; i += kThreads) {
+    const int b = i >> 3;
+    const uint32_t v = Mma<T>::pack(code[b >> 4], code[b & 15]);
+    reinterpret_cast<uint4*>(s_lut)[i] = make_uint4(v, v, v, v);
   }
   __syncthreads();
   const uint32_t lane4 = lane << 2;
@@ -293,7 +295,8 @@ __device__ __forceinline__ void any_kernel(const Params& p) {
     const uint8_t byte = __ldg(m.packed + (e >> 1));
     const int nib = (e & 1) ? (byte & 15) : (byte >> 4);
     // The weight as the reference dequantizes it: code * scale in fp32, rounded to T.
-    const float w = rf::to_f32(rf::from_f32<T>(__fmul_rn(code[nib], block_scale(m, e >> m.bs_log2))));
+    const float s = block_scale(m, e >> m.bs_log2);
+    const float w = rf::to_f32(rf::from_f32<T>(__fmul_rn(code[nib], s)));
 #pragma unroll
     for (int b = 0; b < kMaxBatch; ++b) {
       if (b < p.batch) acc[b] = fmaf(w, rf::to_f32(x[(int64_t)b * p.k + k]), acc[b]);
@@ -314,12 +317,13 @@ __device__ __forceinline__ void any_kernel(const Params& p) {
 
 }  // namespace
 
-#define DM_ENTRY(SUFFIX, T)                                                                      \
-  extern "C" __global__ void __launch_bounds__(kThreads, kMmaMinBlocks) dm_mma_##SUFFIX(const Params p) {      \
-    mma_kernel<T>(p);                                                                            \
-  }                                                                                              \
-  extern "C" __global__ void __launch_bounds__(kThreads) dm_any_##SUFFIX(const Params p) {      \
-    any_kernel<T>(p);                                                                            \
+#define DM_ENTRY(SUFFIX, T)                                                                   \
+  extern "C" __global__ void __launch_bounds__(kThreads, kMmaMinBlocks)                       \
+      dm_mma_##SUFFIX(const Params p) {                                                       \
+    mma_kernel<T>(p);                                                                         \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(kThreads) dm_any_##SUFFIX(const Params p) {   \
+    any_kernel<T>(p);                                                                         \
   }
 
 DM_ENTRY(f16, __half)

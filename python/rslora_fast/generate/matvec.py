@@ -11,7 +11,9 @@ Contract used by the engine:
   so it may be captured in a CUDA graph;
 * the adapters are read from low-precision copies made at planning time; :meth:`refresh_adapters`
   copies the current fp32 adapter weights into them in place (the graph keeps their addresses);
-* on CPU, and wherever the kernels do not run, the plain-torch reference below gives the result.
+* on CPU, and wherever the kernels do not run, the plain-torch reference below gives the result;
+* planning records the device addresses of the base weights (and keeps those tensors alive): plan
+  again after moving, reloading or requantizing the model.
 
 On CUDA (float16/bfloat16) the 4-bit members run as ONE launch of ``kernels/decode_matvec.cu``
 (packed weights read as stored, nested scales decoded in the kernel, bias and the LoRA
