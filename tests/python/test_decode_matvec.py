@@ -16,6 +16,7 @@ from torch import nn
 from rslora_fast import _core
 from rslora_fast.errors import InvalidArgumentError, QuantFormatError
 from rslora_fast.generate.matvec import ProjectionGroup, reference
+from rslora_fast.ops._launch import use_kernels
 from rslora_fast.peft.layer import LoraLinear
 from rslora_fast.quant.functional import dequantize_4bit_reference
 from rslora_fast.quant.linear4bit import Linear4bit
@@ -138,7 +139,7 @@ def test_kernel_matches_reference(dtype, quant_type, nested, k, ns):
             quant_type=quant_type, nested=nested,
         )  # fmt: skip
         group = ProjectionGroup.from_modules(layers, dtype)
-        assert group.uses_kernel
+        assert group.uses_kernel and use_kernels(layers[0].weight)  # not the reference twice
         for batch in (1, 2, 3, 5, 8, 11):
             x = torch.randn(batch, k, device="cuda", dtype=dtype)
             outs, refs = group(x), reference(x, group)
@@ -156,6 +157,7 @@ def test_kernel_block_sizes(blocksize, k, ns):
     dtype = torch.bfloat16
     layers = _group(k, ns, quant=True, bias=False, rank=4, dtype=dtype, device="cuda", blocksize=blocksize)
     group = ProjectionGroup.from_modules(layers, dtype)
+    assert group.uses_kernel and use_kernels(layers[0].weight)
     x = torch.randn(3, k, device="cuda", dtype=dtype)
     for out, ref in zip(group(x), reference(x, group)):
         _close(out, ref, dtype)
@@ -172,7 +174,7 @@ def test_mixed_and_16bit_groups_match_reference(dtype):
     ]
     for members in (layers, layers[1:]):
         group = ProjectionGroup.from_modules(members, dtype)
-        assert group.uses_kernel
+        assert group.uses_kernel and use_kernels(members[0].weight)
         for batch in (1, 4):
             x = torch.randn(batch, 128, device="cuda", dtype=dtype)
             for out, ref in zip(group(x), reference(x, group)):
@@ -221,3 +223,23 @@ def test_graph_replay_sees_new_input_and_refreshed_adapters():
     graph.replay()
     for got, want in zip(captured, reference(x, group)):
         _close(got, want, dtype)
+
+
+@cuda
+@pytest.mark.cuda
+def test_call_allocates_only_its_output_buffer():
+    # The 4-bit weight is never materialized in 16 bits: the call's peak is its one output
+    # buffer (outputs and the LoRA down-projection), whatever the weight's size.
+    dtype = torch.bfloat16
+    layers = _group(4096, (1024, 512), quant=True, bias=True, rank=16, dtype=dtype, device="cuda")
+    group = ProjectionGroup.from_modules(layers, dtype)
+    x = torch.randn(2, 4096, device="cuda", dtype=dtype)
+    group(x)  # warm-up (cuBLAS workspace)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    outs = group(x)
+    torch.cuda.synchronize()
+    flat_bytes = 2 * (2 * (1024 + 512) + 2 * 32)
+    assert torch.cuda.max_memory_allocated() - before <= -(-flat_bytes // 512) * 512
+    assert len(outs) == 2
