@@ -228,6 +228,27 @@ def nf4_dequantize_cuda(
 ) -> None:
     """Dequantize on the GPU (plain or double-quantized scales) into ``out`` of ``out_dtype``."""
 
+def decode_matvec_4bit(
+    members: list[dict[str, int | float | str]],
+    x: int,
+    out: int,
+    xa: int,
+    xa_ld: int,
+    batch: int,
+    k: int,
+    dtype: str,
+    device: int,
+    stream: int,
+) -> None:
+    """One decode step's projections sharing ``x`` ``[batch, k]`` from 4-bit weights, with bias and
+    the LoRA up-projection fused, into ``out`` (members one after the other, each ``[batch, n]``).
+
+    Each member dict: ``n``, ``packed``, ``absmax`` (or 0), ``absmax_q``, ``nested_absmax``,
+    ``nested_code``, ``offset`` (double quantization; 0 without), ``blocksize``, ``quant_type``,
+    ``bias`` (0: none), ``lora_b`` (0: none), ``rank``, ``scaling``, ``xa_col``; ``xa`` is the LoRA
+    down-projection ``[batch, xa_ld]`` (0 when no member has LoRA). Device addresses.
+    """
+
 def nf4_quantize_cuda(
     src: int,
     src_dtype: str,

@@ -4,6 +4,7 @@
 use crate::{Error, Result};
 
 pub mod cross_entropy;
+pub mod decode_matvec;
 mod gated;
 pub mod geglu;
 pub mod nf4;

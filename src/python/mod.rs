@@ -8,6 +8,7 @@ mod cuda;
 pub(crate) mod errors;
 mod kernels;
 mod kernels_cross_entropy;
+mod kernels_decode;
 mod kernels_geglu;
 mod kernels_rms_norm;
 mod kernels_rope;
@@ -24,6 +25,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     cuda::register(m)?;
     kernels::register(m)?;
     kernels_cross_entropy::register(m)?;
+    kernels_decode::register(m)?;
     kernels_geglu::register(m)?;
     kernels_rms_norm::register(m)?;
     kernels_rope::register(m)?;

@@ -215,6 +215,31 @@ def f_nf4_quantize_cuda(rng):
     _core.nf4_quantize_cuda(*_defect(rng, a, [0, 5, 6], [2], 1))
 
 
+def f_decode_matvec_4bit(rng):
+    def member():
+        return {
+            "n": some_int(rng),
+            "packed": dev_ptr(rng),
+            "absmax": dev_ptr(rng),
+            "absmax_q": rng.choice((0, dev_ptr(rng))),
+            "nested_absmax": dev_ptr(rng),
+            "nested_code": dev_ptr(rng),
+            "offset": 0.5,
+            "blocksize": rng.choice((64, 32, 48, 0, 2**40)),
+            "quant_type": rng.choice(QTYPES),
+            "bias": rng.choice((0, dev_ptr(rng))),
+            "lora_b": rng.choice((0, dev_ptr(rng))),
+            "rank": rng.choice((0, 16, 2**40, 2**64 - 1)),
+            "scaling": 2.0,
+            "xa_col": some_int(rng),
+        }
+
+    members = [member() for _ in range(rng.choice((0, 1, 2, 3, 4, 5)))]
+    a = [members, dev_ptr(rng), dev_ptr(rng), dev_ptr(rng), some_int(rng), some_int(rng), some_int(rng)]
+    a += [rng.choice(("bfloat16", "float16")), 0, 0]
+    _core.decode_matvec_4bit(*_defect(rng, a, [1, 2], [5, 6], 7))
+
+
 def f_device_info(rng):
     _core.device_info(rng.choice((-1, 99, 2**31 - 1)))
 

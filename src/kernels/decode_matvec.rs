@@ -1,0 +1,389 @@
+//! Launcher for `kernels/decode_matvec.cu`: the projections of one decode step that share an
+//! input (q/k/v, gate/up) from 4-bit weights, with bias and the LoRA up-projection fused, in one
+//! launch per 8 batch rows. Every size and pointer is checked here before any pointer arithmetic.
+
+use std::ffi::c_void;
+
+use super::nf4::ScalesPtr;
+use super::{all_aligned16, DType};
+use crate::args::{byte_size, check_device};
+use crate::cuda::{self, LaunchConfig, RawStream};
+use crate::quant::{check_blocksize, num_blocks, packed_len, QuantType, NESTED_BLOCKSIZE};
+use crate::{Error, Result};
+
+/// Layers one launch serves (`kMaxMembers` in the kernel).
+pub const MAX_MEMBERS: usize = 4;
+/// Batch rows one launch serves (`kMaxBatch`: the mma's n); larger batches take several.
+pub const MAX_BATCH: usize = 8;
+const THREADS: u32 = 256;
+/// Output rows per block of the fast kernel (`kTileRows`) and per block of the generic one.
+const TILE_ROWS: usize = 16;
+const WARPS: usize = THREADS as usize / 32;
+
+/// One layer of a group: its 4-bit weight `[n, k]`, optional bias `[n]` and optional LoRA
+/// up-projection `lora_b` `[n, rank]` reading columns `xa_col..xa_col + rank` of `xa`.
+#[derive(Clone, Copy, Debug)]
+pub struct Member {
+    pub n: usize,
+    pub packed: usize,
+    pub scales: ScalesPtr,
+    pub blocksize: usize,
+    pub quant_type: QuantType,
+    pub bias: usize,
+    pub lora_b: usize,
+    pub rank: usize,
+    pub scaling: f32,
+    pub xa_col: usize,
+}
+
+/// One call: `x` `[batch, k]`; the outputs are consecutive in `out`, member i's `[batch, n_i]`
+/// starting after the previous members' `batch * n`; `xa` `[batch, xa_ld]` (0 when no member
+/// has LoRA). Pointers are device addresses on one device.
+#[derive(Clone, Debug)]
+pub struct Args {
+    pub dtype: DType,
+    pub members: Vec<Member>,
+    pub x: usize,
+    pub out: usize,
+    pub xa: usize,
+    pub xa_ld: usize,
+    pub batch: usize,
+    pub k: usize,
+}
+
+/// Must match `Member` in `kernels/decode_matvec.cu` field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct MemberParams {
+    packed: usize,
+    absmax: usize,
+    absmax_q: usize,
+    nested: usize,
+    ncode: usize,
+    bias: usize,
+    lora_b: usize,
+    y: usize,
+    n: i64,
+    start: i64,
+    offset: f32,
+    scaling: f32,
+    rank: i32,
+    xa_col: i32,
+    bs_log2: i32,
+    quant_type: i32,
+}
+
+/// Must match `Params` in `kernels/decode_matvec.cu` field for field.
+#[repr(C)]
+struct Params {
+    m: [MemberParams; MAX_MEMBERS],
+    x: usize,
+    xa: usize,
+    k: i64,
+    batch: i32,
+    xa_ld: i32,
+    members: i32,
+    pad: i32,
+}
+
+fn kernel(dtype: DType, fast: bool) -> Result<&'static str> {
+    Ok(match (dtype, fast) {
+        (DType::BF16, true) => "dm_mma_bf16",
+        (DType::BF16, false) => "dm_any_bf16",
+        (DType::F16, true) => "dm_mma_f16",
+        (DType::F16, false) => "dm_any_f16",
+        (DType::F32, _) => {
+            return Err(Error::invalid(
+                "decode_matvec_4bit: dtype float32 is not supported; expected float16 or bfloat16",
+            ))
+        }
+    })
+}
+
+fn to_i32(what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v)
+        .map_err(|_| Error::invalid(format!("decode_matvec_4bit: {what} {v} too large")))
+}
+
+impl Args {
+    /// Check counts, sizes and pointers; returns the total output elements per batch row.
+    pub fn check(&self) -> Result<usize> {
+        let what = "decode_matvec_4bit";
+        kernel(self.dtype, true)?;
+        if self.members.is_empty() || self.members.len() > MAX_MEMBERS {
+            return Err(Error::invalid(format!(
+                "{what}: {} members; expected 1 to {MAX_MEMBERS}",
+                self.members.len()
+            )));
+        }
+        if self.k == 0 || self.k > i32::MAX as usize {
+            return Err(Error::invalid(format!(
+                "{what}: k = {} out of range",
+                self.k
+            )));
+        }
+        let es = self.dtype.size();
+        check_device(
+            "decode_matvec_4bit x",
+            &[self.x],
+            mul(self.batch, self.k)?,
+            es,
+        )?;
+        let mut width = 0usize;
+        for (i, m) in self.members.iter().enumerate() {
+            check_member(m, i, self.k, self.xa_ld, es)?;
+            width = width
+                .checked_add(m.n)
+                .ok_or_else(|| Error::invalid(format!("{what}: output widths overflow")))?;
+        }
+        to_i32("xa_ld", self.xa_ld)?;
+        check_device(
+            "decode_matvec_4bit out",
+            &[self.out],
+            mul(self.batch, width)?,
+            es,
+        )?;
+        if self.members.iter().any(|m| m.rank > 0) {
+            check_device(
+                "decode_matvec_4bit xa",
+                &[self.xa],
+                mul(self.batch, self.xa_ld)?,
+                es,
+            )?;
+        }
+        Ok(width)
+    }
+}
+
+fn mul(a: usize, b: usize) -> Result<usize> {
+    a.checked_mul(b)
+        .ok_or_else(|| Error::invalid(format!("decode_matvec_4bit: {a} x {b} overflows")))
+}
+
+fn check_member(m: &Member, i: usize, k: usize, xa_ld: usize, es: usize) -> Result<()> {
+    let w = |s: &str| format!("decode_matvec_4bit member {i} {s}");
+    check_blocksize(m.blocksize)?;
+    if m.n == 0 {
+        return Err(Error::invalid(w("has 0 output rows")));
+    }
+    let elems = mul(m.n, k)?;
+    byte_size(&w("weight"), elems, 1)?;
+    check_device(&w("packed"), &[m.packed], packed_len(elems), 1)?;
+    let nb = num_blocks(elems, m.blocksize);
+    match m.scales {
+        ScalesPtr::Plain(a) => check_device(&w("absmax"), &[a], nb, 4)?,
+        ScalesPtr::Nested {
+            codes,
+            nested_absmax,
+            nested_code,
+            ..
+        } => {
+            check_device(&w("absmax codes"), &[codes], nb, 1)?;
+            let nn = nb.div_ceil(NESTED_BLOCKSIZE);
+            check_device(&w("nested_absmax"), &[nested_absmax], nn, 4)?;
+            check_device(&w("nested_code"), &[nested_code], 256, 4)?;
+        }
+    }
+    if m.bias != 0 {
+        check_device(&w("bias"), &[m.bias], m.n, es)?;
+    }
+    if m.rank > 0 {
+        check_device(&w("lora_b"), &[m.lora_b], mul(m.n, m.rank)?, es)?;
+        let end = m.xa_col.checked_add(m.rank);
+        if end.is_none_or(|e| e > xa_ld) {
+            return Err(Error::invalid(w(&format!(
+                "LoRA columns {}..{}+{} exceed xa's width {xa_ld}",
+                m.xa_col, m.xa_col, m.rank
+            ))));
+        }
+        to_i32("rank", m.rank)?;
+    } else if m.lora_b != 0 {
+        return Err(Error::invalid(w("has lora_b but rank 0")));
+    }
+    Ok(())
+}
+
+/// Whether the fast (tensor-core) kernel applies: whole 32-element chunks per row and 16-byte
+/// aligned rows of x and of every packed weight.
+fn fast_path(a: &Args) -> bool {
+    let mut ptrs = vec![a.x];
+    ptrs.extend(a.members.iter().map(|m| m.packed));
+    a.k % 32 == 0 && all_aligned16(&ptrs)
+}
+
+fn member_params(m: &Member, start: usize, y: usize) -> Result<MemberParams> {
+    let (absmax, absmax_q, nested, ncode, offset) = match m.scales {
+        ScalesPtr::Plain(p) => (p, 0, 0, 0, 0.0),
+        ScalesPtr::Nested {
+            codes,
+            nested_absmax,
+            nested_code,
+            offset,
+        } => (0, codes, nested_absmax, nested_code, offset),
+    };
+    Ok(MemberParams {
+        packed: m.packed,
+        absmax,
+        absmax_q,
+        nested,
+        ncode,
+        bias: m.bias,
+        lora_b: if m.rank > 0 { m.lora_b } else { 0 },
+        y,
+        n: m.n as i64,
+        start: start as i64,
+        offset,
+        scaling: m.scaling,
+        rank: to_i32("rank", m.rank)?,
+        xa_col: to_i32("xa_col", m.xa_col)?,
+        bs_log2: m.blocksize.trailing_zeros() as i32,
+        quant_type: match m.quant_type {
+            QuantType::Nf4 => 0,
+            QuantType::Fp4 => 1,
+        },
+    })
+}
+
+/// Run the group for every batch row: one launch per [`MAX_BATCH`] rows.
+///
+/// # Safety
+/// Every pointer must be a live device allocation on `device` of the size [`Args::check`]
+/// verifies from the counts given; the outputs must not overlap the inputs.
+pub unsafe fn launch(a: &Args, device: i32, stream: RawStream) -> Result<()> {
+    let width = a.check()?;
+    if a.batch == 0 {
+        return Ok(());
+    }
+    let fast = fast_path(a);
+    let name = kernel(a.dtype, fast)?;
+    let es = a.dtype.size();
+    // Grid units: 16-row tiles (fast) or rows (generic), members one after the other.
+    let mut starts = Vec::with_capacity(a.members.len());
+    let mut units = 0usize;
+    for m in &a.members {
+        starts.push(units);
+        units += if fast { m.n.div_ceil(TILE_ROWS) } else { m.n };
+    }
+    let blocks = if fast { units } else { units.div_ceil(WARPS) };
+    let blocks = u32::try_from(blocks)
+        .ok()
+        .filter(|&b| b <= i32::MAX as u32)
+        .ok_or_else(|| Error::invalid("decode_matvec_4bit: too many output rows"))?;
+    for b0 in (0..a.batch).step_by(MAX_BATCH) {
+        let rows = (a.batch - b0).min(MAX_BATCH);
+        let mut m = [MemberParams::default(); MAX_MEMBERS];
+        let mut y_off = 0usize; // elements before member i's output in `out`
+        for (i, mem) in a.members.iter().enumerate() {
+            let y = a.out + (y_off + b0 * mem.n) * es;
+            m[i] = member_params(mem, starts[i], y)?;
+            y_off += a.batch * mem.n;
+        }
+        debug_assert_eq!(y_off, a.batch * width);
+        let mut params = Params {
+            m,
+            x: a.x + b0 * a.k * es,
+            xa: if a.xa != 0 {
+                a.xa + b0 * a.xa_ld * es
+            } else {
+                0
+            },
+            k: a.k as i64,
+            batch: rows as i32,
+            xa_ld: a.xa_ld as i32,
+            members: a.members.len() as i32,
+            pad: 0,
+        };
+        let mut kargs = [&mut params as *mut Params as *mut c_void];
+        // SAFETY: the one argument is a `Params`, laid out (repr(C)) exactly as the kernel's
+        // by-value struct; `check` verified every extent the kernel reads or writes from the
+        // counts, and the offsets above stay inside them (b0 < batch).
+        unsafe {
+            cuda::launch(
+                device,
+                stream,
+                "decode_matvec",
+                name,
+                LaunchConfig::linear(blocks, THREADS),
+                &mut kargs,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(n: usize) -> Member {
+        Member {
+            n,
+            packed: 1 << 20,
+            scales: ScalesPtr::Plain(2 << 20),
+            blocksize: 64,
+            quant_type: QuantType::Nf4,
+            bias: 0,
+            lora_b: 0,
+            rank: 0,
+            scaling: 0.0,
+            xa_col: 0,
+        }
+    }
+
+    fn args(members: Vec<Member>) -> Args {
+        Args {
+            dtype: DType::BF16,
+            members,
+            x: 3 << 20,
+            out: 4 << 20,
+            xa: 0,
+            xa_ld: 0,
+            batch: 1,
+            k: 4096,
+        }
+    }
+
+    #[test]
+    fn params_match_the_kernel_struct_size() {
+        // Member: 8 pointers + 2 i64 = 80 bytes, 2 f32 + 4 i32 = 24: 104; Params: 4 members,
+        // 2 pointers + i64 = 24, 4 i32 = 16.
+        assert_eq!(std::mem::size_of::<MemberParams>(), 104);
+        assert_eq!(std::mem::size_of::<Params>(), 4 * 104 + 24 + 16);
+    }
+
+    #[test]
+    fn checks_name_the_bad_value() {
+        let err = |a: Args| a.check().unwrap_err().to_string();
+        assert!(err(args(vec![])).contains("0 members"));
+        assert!(err(args(vec![member(8); 5])).contains("5 members"));
+        assert!(err(args(vec![member(0)])).contains("0 output rows"));
+        let mut a = args(vec![member(8)]);
+        a.dtype = DType::F32;
+        assert!(err(a).contains("float32"));
+        let mut m = member(8);
+        m.rank = 16;
+        m.lora_b = 5 << 20;
+        let mut a = args(vec![m]);
+        a.xa = 6 << 20;
+        a.xa_ld = 8;
+        assert!(err(a).contains("exceed xa's width 8"));
+        let mut a = args(vec![member(usize::MAX / 2)]);
+        a.k = 4;
+        assert!(err(a).contains("overflow"));
+        let mut a = args(vec![member(8)]);
+        a.x = 0;
+        assert!(err(a).contains("null"));
+        assert_eq!(args(vec![member(8), member(3)]).check().unwrap(), 11);
+    }
+
+    #[test]
+    fn fast_path_needs_whole_chunks_and_aligned_rows() {
+        assert!(fast_path(&args(vec![member(8)])));
+        let mut a = args(vec![member(8)]);
+        a.k = 4096 + 16;
+        assert!(!fast_path(&a));
+        let mut m = member(8);
+        m.packed += 8;
+        assert!(!fast_path(&args(vec![m])));
+    }
+}

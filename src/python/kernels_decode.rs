@@ -1,0 +1,111 @@
+//! Binding of the decode matvec launcher (`crate::kernels::decode_matvec`). The Python planner
+//! (`python/rslora_fast/generate/matvec.py`) builds the member dicts once per projection group;
+//! each call passes `data_ptr()`s of x, the output buffer and the LoRA down-projection, the batch,
+//! the dtype name, the device and torch's current stream. Everything is checked here again.
+
+use pyo3::prelude::*;
+
+use super::guard;
+use crate::cuda::RawStream;
+use crate::kernels::decode_matvec::{self, Args, Member};
+use crate::kernels::nf4::ScalesPtr;
+use crate::kernels::DType;
+use crate::quant::QuantType;
+
+/// One member as Python describes it (a dict with these keys).
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct PyMember {
+    n: usize,
+    packed: usize,
+    absmax: usize,
+    absmax_q: usize,
+    nested_absmax: usize,
+    nested_code: usize,
+    offset: f32,
+    blocksize: usize,
+    quant_type: String,
+    bias: usize,
+    lora_b: usize,
+    rank: usize,
+    scaling: f32,
+    xa_col: usize,
+}
+
+impl PyMember {
+    fn to_member(&self) -> crate::Result<Member> {
+        let scales = if self.absmax_q != 0 {
+            ScalesPtr::Nested {
+                codes: self.absmax_q,
+                nested_absmax: self.nested_absmax,
+                nested_code: self.nested_code,
+                offset: self.offset,
+            }
+        } else {
+            ScalesPtr::Plain(self.absmax)
+        };
+        Ok(Member {
+            n: self.n,
+            packed: self.packed,
+            scales,
+            blocksize: self.blocksize,
+            quant_type: QuantType::parse(&self.quant_type)?,
+            bias: self.bias,
+            lora_b: self.lora_b,
+            rank: self.rank,
+            scaling: self.scaling,
+            xa_col: self.xa_col,
+        })
+    }
+}
+
+/// decode_matvec_4bit(members, x, out, xa, xa_ld, batch, k, dtype, device, stream) -> None
+///
+/// For each member (a dict: ``n``, ``packed``, ``absmax`` or ``absmax_q`` + ``nested_absmax`` +
+/// ``nested_code`` + ``offset``, ``blocksize``, ``quant_type``, ``bias`` (0: none), ``lora_b``
+/// (0: none), ``rank``, ``scaling``, ``xa_col``) write ``x W^T (+ bias) + scaling * xa[:,
+/// xa_col:xa_col+rank] lora_b^T`` for ``x`` ``[batch, k]`` (float16/bfloat16) into ``out``,
+/// members one after the other, each ``[batch, n]``. ``xa`` is ``[batch, xa_ld]`` in the same
+/// dtype (0 when no member has LoRA). Pointers are CUDA device addresses on ``device``.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn decode_matvec_4bit(
+    py: Python<'_>,
+    members: Vec<PyMember>,
+    x: usize,
+    out: usize,
+    xa: usize,
+    xa_ld: usize,
+    batch: usize,
+    k: usize,
+    dtype: &str,
+    device: i32,
+    stream: usize,
+) -> PyResult<()> {
+    let args = guard(|| {
+        let args = Args {
+            dtype: DType::parse(dtype)?,
+            members: members
+                .iter()
+                .map(PyMember::to_member)
+                .collect::<crate::Result<_>>()?,
+            x,
+            out,
+            xa,
+            xa_ld,
+            batch,
+            k,
+        };
+        args.check()?;
+        Ok(args)
+    })?;
+    // SAFETY: the planner passes live contiguous tensors on `device` whose element counts are the
+    // ones given (packed weights and scales of each layer's quant state, x, the fresh output
+    // buffer and the LoRA buffers); `launch` re-checks the extents before any arithmetic.
+    py.detach(|| guard(|| unsafe { decode_matvec::launch(&args, device, RawStream(stream)) }))
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(decode_matvec_4bit, m)?)?;
+    Ok(())
+}
