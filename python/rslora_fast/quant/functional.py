@@ -27,6 +27,7 @@ from ..errors import QuantFormatError
 from ..ops._launch import on_gpu, use_kernels
 
 __all__ = [
+    "DequantPlan",
     "QuantState",
     "check_finite_scales",
     "dequantize_4bit",
@@ -534,64 +535,130 @@ def dequantize_4bit(
     result is written into it and ``out`` is returned.
     """
     dtype = dtype or (out.dtype if out is not None else state.dtype)
-    dev = packed.device
-    n = state.numel
     if out is not None:
-        _check_out(out, state, dtype, dev)
+        _check_out(out, state, dtype, packed.device)
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"dequantize_4bit: unsupported dtype {dtype}")
-    if packed.numel() * packed.element_size() != (n + 1) // 2:
-        raise QuantFormatError(
-            f"dequantize_4bit: packed has {packed.numel() * packed.element_size()} bytes, "
-            f"shape {list(state.shape)} needs {(n + 1) // 2}"
-        )
-    _check_scales(state)
-    core = _core_or_none()
-    if n == 0 or not _native_path(core, packed):
-        res = dequantize_4bit_reference(packed, state, dtype=dtype)
-        if out is None:
-            return res
-        out.view(state.shape).copy_(res)
-        return out
-    p = packed.contiguous().view(-1).view(torch.uint8)
-    if on_gpu(p):
-        res = out if out is not None else torch.empty(state.shape, dtype=dtype, device=dev)
-        index, stream = _stream(p)
-        if state.nested:
-            q = state.absmax.to(dev, torch.uint8).contiguous()
-            nested = state.nested_absmax.to(dev, torch.float32).contiguous()
-            ncode = (
-                (state.nested_code if state.nested_code is not None else dynamic_map())
-                .to(dev, torch.float32)
-                .contiguous()
+    plan = DequantPlan(packed, state)
+    res = out if out is not None else torch.empty(state.shape, dtype=dtype, device=packed.device)
+    plan.run(res, plan.stream())
+    return res
+
+
+class DequantPlan:
+    """One weight's dequantize with every check and conversion done once.
+
+    Built from the packed bytes and their :class:`QuantState` (checked here: byte count, scale
+    counts, blocksize, quant type); keeps the converted scale tensors alive and their addresses, so
+    :meth:`run` is ONE native call on a GPU (the dequantize kernel) with no per-call validation,
+    ``.to()`` or ``.contiguous()``. Callers that dequantize the same weight many times (each
+    forward, recompute and backward of a 4-bit layer) build it once and drop it when the bytes,
+    the state or the device change (``Linear4bit.dequant_plan`` does).
+    """
+
+    __slots__ = ("_args", "_cpu", "_keep", "device", "dtype", "index", "numel", "shape")
+
+    def __init__(self, packed: torch.Tensor, state: QuantState) -> None:
+        n = state.numel
+        if packed.numel() * packed.element_size() != (n + 1) // 2:
+            raise QuantFormatError(
+                f"dequantize_4bit: packed has {packed.numel() * packed.element_size()} bytes, "
+                f"shape {list(state.shape)} needs {(n + 1) // 2}"
             )
-            ptrs = (0, q.data_ptr(), nested.data_ptr(), ncode.data_ptr(), float(state.nested_offset))
+        _check_scales(state)
+        self.shape, self.numel, self.device, self.dtype = (
+            torch.Size(state.shape),
+            n,
+            packed.device,
+            state.dtype,
+        )
+        self.index = packed.device.index if on_gpu(packed) and packed.device.index is not None else 0
+        core = _core_or_none()
+        if n == 0 or not _native_path(core, packed):
+            self._args, self._cpu, self._keep = None, None, (packed, state)  # plain-torch reference
+            return
+        p = packed.contiguous().view(-1).view(torch.uint8)
+        dev = p.device
+        if on_gpu(p):
+            if packed.device.index is None:
+                self.index = torch.cuda.current_device()
+            if state.nested:
+                q = state.absmax.to(dev, torch.uint8).contiguous()
+                nested = state.nested_absmax.to(dev, torch.float32).contiguous()
+                code = state.nested_code if state.nested_code is not None else dynamic_map()
+                ncode = code.to(dev, torch.float32).contiguous()
+                self._keep = (p, q, nested, ncode)
+                scales = (0, q.data_ptr(), nested.data_ptr(), ncode.data_ptr(), float(state.nested_offset))
+            else:
+                a = state.absmax.to(dev, torch.float32).contiguous()
+                self._keep = (p, a)
+                scales = (a.data_ptr(), 0, 0, 0, 0.0)
+            # nf4_dequantize_cuda(packed, absmax, absmax_q, nested, nested_code, offset | out | n,
+            # blocksize, quant_type | out_dtype, device, stream)
+            self._args = (
+                core.nf4_dequantize_cuda,
+                (p.data_ptr(), *scales),
+                (n, state.blocksize, state.quant_type),
+            )
+            self._cpu = None
+            return
+        # CPU: float32 scales (double quantization undone in Rust), float32 values, then a cast.
+        if state.nested:
+            q = state.absmax.to(torch.uint8).contiguous()
+            nested = state.nested_absmax.to(torch.float32).contiguous()
+            self._keep = (p, q, nested)
+            undo = (q.data_ptr(), q.numel(), nested.data_ptr(), nested.numel(), float(state.nested_offset))
         else:
-            a = state.absmax.to(dev, torch.float32).contiguous()
-            ptrs = (a.data_ptr(), 0, 0, 0, 0.0)
-        core.nf4_dequantize_cuda(
-            p.data_ptr(), *ptrs, res.data_ptr(), n, state.blocksize, state.quant_type,
-            _DTYPE_NAMES[dtype], index, stream,
-        )  # fmt: skip
-        return res.view(state.shape) if out is None else out
-    # CPU: float32 scales (undoing double quantization in Rust), then float32 values, then cast.
-    if state.nested:
-        q = state.absmax.to(torch.uint8).contiguous()
-        nested = state.nested_absmax.to(torch.float32).contiguous()
-        scales = torch.empty(q.numel(), dtype=torch.float32)
-        core.dequant_scales_cpu(q.data_ptr(), q.numel(), nested.data_ptr(), nested.numel(),
-                                float(state.nested_offset), scales.data_ptr(), scales.numel())  # fmt: skip
-    else:
-        scales = state.absmax.to(torch.float32).contiguous()
-    f32_out = out if (out is not None and dtype == torch.float32) else torch.empty(n, dtype=torch.float32)
-    core.nf4_dequantize_cpu(p.data_ptr(), p.numel(), scales.data_ptr(), scales.numel(), state.blocksize,
-                            state.quant_type, f32_out.data_ptr(), f32_out.numel())  # fmt: skip
-    if out is f32_out:
-        return out
-    if out is not None:
-        out.view(-1).copy_(f32_out)
-        return out
-    return f32_out.to(dtype).view(state.shape)
+            scales = state.absmax.to(torch.float32).contiguous()
+            self._keep, undo = (p, scales), None
+        self._args = None
+        self._cpu = (core, p.data_ptr(), p.numel(), undo, state.blocksize, state.quant_type)
+
+    def stream(self) -> int:
+        """The raw handle of torch's current stream on the plan's GPU (0 on the CPU)."""
+        if self.device.type != "cuda":
+            return 0
+        return _raw_stream(self.index)
+
+    def run(self, out: torch.Tensor, stream: int) -> None:
+        """Write the dense weight into ``out`` (contiguous, ``numel`` elements of float32/16/bf16 on
+        the plan's device; the caller guarantees it) on ``stream`` (from :meth:`stream`)."""
+        args = self._args
+        if args is not None:
+            launch, ins, sizes = args
+            launch(*ins, out.data_ptr(), *sizes, _DTYPE_NAMES[out.dtype], self.index, stream)
+            return
+        if self._cpu is None:
+            packed, state = self._keep
+            out.view(self.shape).copy_(dequantize_4bit_reference(packed, state, dtype=out.dtype))
+            return
+        core, p_ptr, p_len, undo, blocksize, quant_type = self._cpu
+        if undo is None:
+            scales = self._keep[1]
+        else:
+            scales = torch.empty(undo[1], dtype=torch.float32)
+            core.dequant_scales_cpu(*undo, scales.data_ptr(), scales.numel())
+        f32 = out if out.dtype == torch.float32 else torch.empty(self.numel, dtype=torch.float32)
+        core.nf4_dequantize_cpu(
+            p_ptr,
+            p_len,
+            scales.data_ptr(),
+            scales.numel(),
+            blocksize,
+            quant_type,
+            f32.data_ptr(),
+            f32.numel(),
+        )
+        if f32 is not out:
+            out.view(-1).copy_(f32)
+
+
+def _raw_stream(index: int) -> int:
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+if hasattr(torch._C, "_cuda_getCurrentRawStream"):  # CUDA builds: no Stream object per call
+    _raw_stream = torch._C._cuda_getCurrentRawStream  # noqa: F811
 
 
 def _check_scales(state: QuantState) -> None:
