@@ -369,16 +369,16 @@ def test_cast_cache_is_bounded_and_weak():
     for _ in range(3):
         _fused_out(layer, x)
     gc.collect()
-    n = len(ll._LIVE)
+    n = len(ll._REGISTRY.live)
     copies = weakref.ref(_copies(layer))
     layer.half()  # another dtype: new copies replace the old ones (one set per group)
     _fused_out(layer, x.half())
     gc.collect()
-    assert copies() is None and len(ll._LIVE) == n
+    assert copies() is None and len(ll._REGISTRY.live) == n
     copies = weakref.ref(_copies(layer))
     del layer
     gc.collect()
-    assert copies() is None and len(ll._LIVE) == n - 1  # gone with the layer
+    assert copies() is None and len(ll._REGISTRY.live) == n - 1  # gone with the layer
 
 
 def test_inference_mode_then_training_uses_a_normal_cached_copy():

@@ -38,6 +38,7 @@ per-op casts define the result.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import threading
@@ -137,7 +138,7 @@ class _Copies:
         self.dsts = [self.a_cat[m.lo : m.hi] for m in lora] + self.bs
         self.gen = 0
         self.refresh()
-        _register(self)
+        _REGISTRY.add(self)
 
     def refresh(self) -> None:
         """Copy every parameter into its buffer (one batched copy)."""
@@ -155,68 +156,68 @@ class _Copies:
         return not self.stale and self.versions == [p._version for p in self.srcs]
 
 
-# Every live _Copies, by id; the optimizer-step hook refreshes those whose parameters the stepping
-# optimizer holds, with lists planned once per optimizer and registry generation.
-_LIVE: dict[int, weakref.ref] = {}
-_LIVE_GEN = 0
-_LIVE_LOCK = threading.RLock()
-_BY_OPTIMIZER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_OPTIMIZER_HOOK: Any = None
+class _Registry:
+    """Every live :class:`_Copies` (weakly, by id) and a generation bumped when one comes or goes;
+    the optimizer-step hook refreshes those whose parameters the stepping optimizer holds, from
+    lists planned once per optimizer and generation."""
 
+    def __init__(self) -> None:
+        self.live: dict[int, weakref.ref] = {}
+        self.gen = 0
+        self.lock = threading.RLock()
+        self.by_optimizer: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.hook: Any = None
 
-def _register(copies: _Copies) -> None:
-    global _LIVE_GEN, _OPTIMIZER_HOOK
-    key = id(copies)
+    def add(self, copies: _Copies) -> None:
+        with self.lock:
+            self.live[id(copies)] = weakref.ref(copies, functools.partial(_Registry._gone, self, id(copies)))
+            self.gen += 1
+            if self.hook is None:
+                self.hook = register_optimizer_step_post_hook(self.after_step)
 
-    def _gone(_ref: weakref.ref, key: int = key) -> None:
-        global _LIVE_GEN
-        with _LIVE_LOCK:
-            _LIVE.pop(key, None)
-            _LIVE_GEN += 1
+    def _gone(self, key: int, _ref: weakref.ref) -> None:
+        with self.lock:
+            self.live.pop(key, None)
+            self.gen += 1
 
-    with _LIVE_LOCK:
-        _LIVE[key] = weakref.ref(copies, _gone)
-        _LIVE_GEN += 1
-        if _OPTIMIZER_HOOK is None:
-            _OPTIMIZER_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
-
-
-def _optimizer_plan(optimizer: Any) -> tuple[list[weakref.ref], list[torch.Tensor], list[torch.Tensor]]:
-    """(copy sets, destination buffers, source parameters) that ``optimizer`` updates."""
-    groups = optimizer.param_groups
-    nparams = sum(len(g["params"]) for g in groups)
-    hit = _BY_OPTIMIZER.get(optimizer)
-    if hit is not None and hit[0] == _LIVE_GEN and hit[1] == nparams:
-        return hit[2]
-    ids = {id(p) for g in groups for p in g["params"]}
-    refs, dsts, srcs = [], [], []
-    for ref in _LIVE.values():
-        copies = ref()
-        if copies is not None and any(id(p) in ids for p in copies.srcs):
-            refs.append(ref)
-            dsts += copies.dsts
-            srcs += copies.srcs
-    plan = (refs, dsts, srcs)
-    try:
-        _BY_OPTIMIZER[optimizer] = (_LIVE_GEN, nparams, plan)
-    except TypeError:  # an optimizer that cannot be weakly referenced: plan every step
-        pass
-    return plan
-
-
-def _after_optimizer_step(optimizer: Any, _args: Any, _kwargs: Any) -> None:
-    # Fused AdamW and 8-bit optimizers update without bumping version counters, so the copies of
-    # every parameter the optimizer holds are refreshed, in one batched copy.
-    with _LIVE_LOCK:
-        refs, dsts, srcs = _optimizer_plan(optimizer)
-        if not dsts:
-            return
-        with torch.inference_mode(False), torch.no_grad():
-            torch._foreach_copy_(dsts, srcs)
-        for ref in refs:
+    def plan(self, optimizer: Any) -> tuple[list[weakref.ref], list[torch.Tensor], list[torch.Tensor]]:
+        """(copy sets, destination buffers, source parameters) that ``optimizer`` updates."""
+        groups = optimizer.param_groups
+        nparams = sum(len(g["params"]) for g in groups)
+        hit = self.by_optimizer.get(optimizer)
+        if hit is not None and hit[0] == self.gen and hit[1] == nparams:
+            return hit[2]
+        ids = {id(p) for g in groups for p in g["params"]}
+        refs, dsts, srcs = [], [], []
+        for ref in self.live.values():
             copies = ref()
-            if copies is not None:
-                copies.mark_fresh()
+            if copies is not None and any(id(p) in ids for p in copies.srcs):
+                refs.append(ref)
+                dsts += copies.dsts
+                srcs += copies.srcs
+        planned = (refs, dsts, srcs)
+        try:
+            self.by_optimizer[optimizer] = (self.gen, nparams, planned)
+        except TypeError:  # an optimizer that cannot be weakly referenced: planned every step
+            pass
+        return planned
+
+    def after_step(self, optimizer: Any, _args: Any, _kwargs: Any) -> None:
+        # Fused AdamW and 8-bit optimizers update without bumping version counters, so the copies
+        # of every parameter the optimizer holds are refreshed, in one batched copy.
+        with self.lock:
+            refs, dsts, srcs = self.plan(optimizer)
+            if not dsts:
+                return
+            with torch.inference_mode(False), torch.no_grad():
+                torch._foreach_copy_(dsts, srcs)
+            for ref in refs:
+                copies = ref()
+                if copies is not None:
+                    copies.mark_fresh()
+
+
+_REGISTRY = _Registry()
 
 
 def clear_cast_cache() -> None:
