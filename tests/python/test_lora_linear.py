@@ -394,6 +394,9 @@ def test_inference_mode_then_training_uses_a_normal_cached_copy():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(got[2], want[2]):
         _close(a, b, torch.bfloat16)
+    opt = torch.optim.AdamW(_params(layers), lr=0.1)
+    opt.step()  # the copies made under inference mode are refreshed in place by the step
+    torch.testing.assert_close(plan.copies.bs[0], layers[0].lora_B.weight.detach().bfloat16(), rtol=0, atol=0)
 
 
 def test_same_dtype_adapter_modified_before_backward_raises():

@@ -131,11 +131,13 @@ class _Copies:
         lora = [m for m in members if m.a is not None]
         n_in = lora[0].a.shape[1]
         self.dtype, self.device = dtype, device
-        with torch.inference_mode(False):  # usable by training even when made under generate()
+        # Made (views included) outside inference and grad mode, as every later write happens:
+        # usable by training even when made under generate().
+        with torch.inference_mode(False), torch.no_grad():
             self.a_cat = torch.empty((lora[-1].hi, n_in), dtype=dtype, device=device)
             self.bs = [torch.empty(m.b.shape, dtype=dtype, device=device) for m in lora]
+            self.dsts = [self.a_cat[m.lo : m.hi] for m in lora] + self.bs
         self.srcs = [m.a for m in lora] + [m.b for m in lora]
-        self.dsts = [self.a_cat[m.lo : m.hi] for m in lora] + self.bs
         self.gen = 0
         self.refresh()
         _REGISTRY.add(self)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import QuantFormatError
-from ..ops._launch import on_gpu, use_kernels
+from ..ops._launch import device_index, on_gpu, use_kernels
 
 __all__ = [
     "DequantPlan",
@@ -549,14 +549,16 @@ class DequantPlan:
     """One weight's dequantize with every check and conversion done once.
 
     Built from the packed bytes and their :class:`QuantState` (checked here: byte count, scale
-    counts, blocksize, quant type); keeps the converted scale tensors alive and their addresses, so
-    :meth:`run` is ONE native call on a GPU (the dequantize kernel) with no per-call validation,
-    ``.to()`` or ``.contiguous()``. Callers that dequantize the same weight many times (each
-    forward, recompute and backward of a 4-bit layer) build it once and drop it when the bytes,
-    the state or the device change (``Linear4bit.dequant_plan`` does).
+    counts, blocksize, quant type); keeps the converted byte and scale tensors, so :meth:`run` is
+    ONE native call on a GPU (the dequantize kernel) with no per-call validation, ``.to()`` or
+    ``.contiguous()``. Addresses are read from the kept tensors at each run (a few
+    ``data_ptr()``), so a storage re-allocated under them (FSDP2 frees and re-gathers the packed
+    bytes around every forward and backward) is followed. Callers that dequantize the same weight
+    many times (each forward, recompute and backward of a 4-bit layer) build it once and drop it
+    when the bytes, the state or the device change (``Linear4bit.dequant_plan`` does).
     """
 
-    __slots__ = ("_args", "_cpu", "_keep", "device", "dtype", "index", "numel", "shape")
+    __slots__ = ("_core", "_keep", "_kind", "_sizes", "device", "index", "numel", "offset", "shape")
 
     def __init__(self, packed: torch.Tensor, state: QuantState) -> None:
         n = state.numel
@@ -566,89 +568,81 @@ class DequantPlan:
                 f"shape {list(state.shape)} needs {(n + 1) // 2}"
             )
         _check_scales(state)
-        self.shape, self.numel, self.device, self.dtype = (
-            torch.Size(state.shape),
-            n,
-            packed.device,
-            state.dtype,
-        )
-        self.index = packed.device.index if on_gpu(packed) and packed.device.index is not None else 0
-        core = _core_or_none()
+        self.shape, self.numel, self.device = torch.Size(state.shape), n, packed.device
+        self.index = 0
+        self._sizes = (n, state.blocksize, state.quant_type)
+        self.offset = float(state.nested_offset) if state.nested else 0.0
+        self._core = core = _core_or_none()
         if n == 0 or not _native_path(core, packed):
-            self._args, self._cpu, self._keep = None, None, (packed, state)  # plain-torch reference
+            self._kind, self._keep = "reference", (packed, state)
             return
         p = packed.contiguous().view(-1).view(torch.uint8)
         dev = p.device
         if on_gpu(p):
-            if packed.device.index is None:
-                self.index = torch.cuda.current_device()
+            self.index = device_index(p)
+            self._kind = "cuda"
             if state.nested:
-                q = state.absmax.to(dev, torch.uint8).contiguous()
-                nested = state.nested_absmax.to(dev, torch.float32).contiguous()
                 code = state.nested_code if state.nested_code is not None else dynamic_map()
-                ncode = code.to(dev, torch.float32).contiguous()
-                self._keep = (p, q, nested, ncode)
-                scales = (0, q.data_ptr(), nested.data_ptr(), ncode.data_ptr(), float(state.nested_offset))
+                self._keep = (
+                    p,
+                    state.absmax.to(dev, torch.uint8).contiguous(),
+                    state.nested_absmax.to(dev, torch.float32).contiguous(),
+                    code.to(dev, torch.float32).contiguous(),
+                )
             else:
-                a = state.absmax.to(dev, torch.float32).contiguous()
-                self._keep = (p, a)
-                scales = (a.data_ptr(), 0, 0, 0, 0.0)
-            # nf4_dequantize_cuda(packed, absmax, absmax_q, nested, nested_code, offset | out | n,
-            # blocksize, quant_type | out_dtype, device, stream)
-            self._args = (
-                core.nf4_dequantize_cuda,
-                (p.data_ptr(), *scales),
-                (n, state.blocksize, state.quant_type),
-            )
-            self._cpu = None
+                self._keep = (p, state.absmax.to(dev, torch.float32).contiguous())
             return
         # CPU: float32 scales (double quantization undone in Rust), float32 values, then a cast.
+        self._kind = "cpu"
         if state.nested:
-            q = state.absmax.to(torch.uint8).contiguous()
             nested = state.nested_absmax.to(torch.float32).contiguous()
-            self._keep = (p, q, nested)
-            undo = (q.data_ptr(), q.numel(), nested.data_ptr(), nested.numel(), float(state.nested_offset))
+            self._keep = (p, state.absmax.to(torch.uint8).contiguous(), nested)
         else:
-            scales = state.absmax.to(torch.float32).contiguous()
-            self._keep, undo = (p, scales), None
-        self._args = None
-        self._cpu = (core, p.data_ptr(), p.numel(), undo, state.blocksize, state.quant_type)
+            self._keep = (p, state.absmax.to(torch.float32).contiguous())
 
     def stream(self) -> int:
         """The raw handle of torch's current stream on the plan's GPU (0 on the CPU)."""
-        if self.device.type != "cuda":
-            return 0
-        return _raw_stream(self.index)
+        return _raw_stream(self.index) if self._kind == "cuda" else 0
 
     def run(self, out: torch.Tensor, stream: int) -> None:
         """Write the dense weight into ``out`` (contiguous, ``numel`` elements of float32/16/bf16 on
         the plan's device; the caller guarantees it) on ``stream`` (from :meth:`stream`)."""
-        args = self._args
-        if args is not None:
-            launch, ins, sizes = args
-            launch(*ins, out.data_ptr(), *sizes, _DTYPE_NAMES[out.dtype], self.index, stream)
-            return
-        if self._cpu is None:
-            packed, state = self._keep
-            out.view(self.shape).copy_(dequantize_4bit_reference(packed, state, dtype=out.dtype))
-            return
-        core, p_ptr, p_len, undo, blocksize, quant_type = self._cpu
-        if undo is None:
-            scales = self._keep[1]
+        keep = self._keep
+        if self._kind == "cuda":
+            # nf4_dequantize_cuda(packed, absmax, absmax_q, nested, nested_code, offset, out, n,
+            # blocksize, quant_type, out_dtype, device, stream)
+            if len(keep) == 4:
+                p, q, nested, code = keep
+                ins = (p.data_ptr(), 0, q.data_ptr(), nested.data_ptr(), code.data_ptr(), self.offset)
+            else:
+                ins = (keep[0].data_ptr(), keep[1].data_ptr(), 0, 0, 0, 0.0)
+            self._core.nf4_dequantize_cuda(
+                *ins, out.data_ptr(), *self._sizes, _DTYPE_NAMES[out.dtype], self.index, stream
+            )
+        elif self._kind == "cpu":
+            self._run_cpu(out)
         else:
-            scales = torch.empty(undo[1], dtype=torch.float32)
-            core.dequant_scales_cpu(*undo, scales.data_ptr(), scales.numel())
-        f32 = out if out.dtype == torch.float32 else torch.empty(self.numel, dtype=torch.float32)
+            packed, state = keep
+            out.view(self.shape).copy_(dequantize_4bit_reference(packed, state, dtype=out.dtype))
+
+    def _run_cpu(self, out: torch.Tensor) -> None:
+        core, keep = self._core, self._keep
+        p = keep[0]
+        if len(keep) == 3:
+            q, nested = keep[1], keep[2]
+            scales = torch.empty(q.numel(), dtype=torch.float32)
+            core.dequant_scales_cpu(
+                q.data_ptr(), q.numel(), nested.data_ptr(), nested.numel(), self.offset,
+                scales.data_ptr(), scales.numel(),
+            )  # fmt: skip
+        else:
+            scales = keep[1]
+        n, blocksize, quant_type = self._sizes
+        f32 = out if out.dtype == torch.float32 else torch.empty(n, dtype=torch.float32)
         core.nf4_dequantize_cpu(
-            p_ptr,
-            p_len,
-            scales.data_ptr(),
-            scales.numel(),
-            blocksize,
-            quant_type,
-            f32.data_ptr(),
-            f32.numel(),
-        )
+            p.data_ptr(), p.numel(), scales.data_ptr(), scales.numel(), blocksize, quant_type,
+            f32.data_ptr(), f32.numel(),
+        )  # fmt: skip
         if f32 is not out:
             out.view(-1).copy_(f32)
 
