@@ -292,9 +292,12 @@ def _layer_key(layer: nn.Module, own_hooks: bool) -> tuple | str:
     if reason is not None:
         return reason
     w = params["weight"]  # 4-bit: the packed bytes (a new Parameter after requantize_ or .to())
-    key = (id(base), id(w), id(bias), id(a), id(b), s, id(getattr(base, "compute_dtype", None)))
-    ptrs = tuple(0 if t is None else t.data_ptr() for t in (w, bias, a, b))
-    return (*key, *ptrs)
+    # The data pointers change when .to() moves or casts a tensor in place of the same Parameter.
+    return (
+        id(base), id(w), w.data_ptr(), id(base.__dict__.get("compute_dtype")), s,
+        id(bias), 0 if bias is None else bias.data_ptr(),
+        id(a), 0 if a is None else a.data_ptr(), id(b), 0 if b is None else b.data_ptr(),
+    )  # fmt: skip
 
 
 def _new_member(key: tuple, base: nn.Module, a: torch.Tensor | None, b: torch.Tensor | None) -> _Member:
@@ -303,7 +306,7 @@ def _new_member(key: tuple, base: nn.Module, a: torch.Tensor | None, b: torch.Te
     m.q4 = base if isinstance(base, Linear4bit) else None
     m.weight = None if m.q4 is not None else params["weight"]
     m.bias, m.out = params.get("bias"), int(base.out_features)
-    m.a, m.b, m.scaling = a, b, key[5]
+    m.a, m.b, m.scaling = a, b, key[4]
     m.lo = m.hi = 0
     return m
 
