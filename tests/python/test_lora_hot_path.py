@@ -10,7 +10,9 @@ from __future__ import annotations
 import ast
 import contextlib
 import copy
+import gc
 import math
+import weakref
 from pathlib import Path
 
 import pytest
@@ -320,3 +322,14 @@ def test_ops_does_not_import_peft():
             elif isinstance(node, ast.Import):
                 assert not any("peft" in a.name for a in node.names), path.name
     assert isinstance(_lora(8, 8, 2, "dense", torch.float32, torch.Generator()), FusableLora)
+
+
+def test_a_replaced_member_is_not_pinned_by_old_plans():
+    (qkv, *_) = _decoder_like("dense", torch.float32)
+    x = torch.randn(2, 37)
+    old = weakref.ref(qkv[1])
+    for i in range(6):  # k replaced again and again, q stays the first layer of the group
+        qkv[1] = _lora(37, 13, 4, "dense", torch.float32, torch.Generator().manual_seed(i))
+        lora_linears(x, qkv)
+    gc.collect()
+    assert old() is None and len(ll._PLANS[qkv[0]]) <= ll._PLANS_PER_LAYER

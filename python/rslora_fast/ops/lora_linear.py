@@ -344,8 +344,10 @@ class _GroupPlan:
         return c
 
 
-# first layer of a group -> {ids of the group's layers: _GroupPlan}; dropped with the layer.
+# first layer of a group -> {ids of the group's layers: _GroupPlan}; dropped with the layer. A layer
+# leads its own group (LoraLinear.forward) and at most one shared one (q/k/v, gate/up).
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PLANS_PER_LAYER = 4
 
 
 def _plan(layers: Sequence[nn.Module], own_hooks: bool) -> _GroupPlan | str:
@@ -361,6 +363,8 @@ def _plan(layers: Sequence[nn.Module], own_hooks: bool) -> _GroupPlan | str:
     ids = tuple(map(id, layers))
     plan = per_first.get(ids)
     if plan is None or plan.keys != keys:
+        if plan is None and len(per_first) >= _PLANS_PER_LAYER:
+            per_first.clear()  # groups that no longer exist (a member replaced) must not pin it
         plan = per_first[ids] = _GroupPlan(layers, keys)
     return plan
 
