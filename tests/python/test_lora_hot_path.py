@@ -333,17 +333,3 @@ def test_a_replaced_member_is_not_pinned_by_old_plans():
         lora_linears(x, qkv)
     gc.collect()
     assert old() is None and len(ll._PLANS[qkv[0]]) <= ll._PLANS_PER_LAYER
-
-
-def test_adapters_of_different_dtypes_take_the_generic_path():
-    (qkv, *_) = _decoder_like("dense", torch.float32)
-    qkv[1].lora_A.to(torch.float64)  # one A in another dtype: the stacked A-gradient GEMM cannot serve it
-    qkv[1].lora_B.to(torch.float64)
-    x = torch.randn(2, 37, requires_grad=True)
-    got = lora_linears(x, qkv)
-    assert all(type(o.grad_fn).__name__ != FUSED for o in got)
-    assert "dtypes" in ll._call_reason(x, ll._plan(qkv, True).members)
-    sum(o.sum() for o in got).backward()
-    assert (
-        qkv[1].lora_A.weight.grad.dtype == torch.float64 and qkv[0].lora_A.weight.grad.dtype == torch.float32
-    )

@@ -390,8 +390,6 @@ def _call_reason(x: torch.Tensor, members: list[_Member]) -> str | None:
     autocast = torch.is_autocast_enabled(dev.type)
     if autocast and torch.get_autocast_dtype(dev.type) != dt:
         return "autocast would change the math dtype"
-    if len({m.a.dtype for m in members if m.a is not None}) > 1:
-        return "adapters of different dtypes (their A gradients come from one GEMM)"
     for m in members:
         if m.q4 is None:
             if m.weight.dtype != dt or m.weight.device != dev:
