@@ -294,7 +294,7 @@ def fully_shard_lora(
     from torch.distributed.fsdp import fully_shard
 
     from .offload import find_decoder_layers
-    from .peft.targets import is_4bit_linear
+    from .quant.linear4bit import is_4bit_linear
 
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(

@@ -32,7 +32,7 @@ from torch import nn
 
 from .atomic import atomic_dir
 from .peft.layer import LoraLinear, ModulesToSaveWrapper
-from .peft.targets import is_4bit_linear
+from .quant.linear4bit import is_4bit_linear
 
 __all__ = [
     "SAVE_METHODS",

@@ -208,7 +208,7 @@ def _exit_cleanly() -> None:
 
 
 def _linear4bit_modules(model):
-    from rslora_fast.peft.targets import is_4bit_linear
+    from rslora_fast.quant import is_4bit_linear
 
     return [(n, m) for n, m in model.named_modules() if is_4bit_linear(m)]
 

@@ -18,7 +18,7 @@ from torch import nn
 from rslora_fast import get_peft_model
 from rslora_fast.checkpointing import offload_handle
 from rslora_fast.ops import lora_linear as ll
-from rslora_fast.ops.lora_linear import cast_adapter, fusable, fused_lora_disabled, lora_linears
+from rslora_fast.ops.lora_linear import fusable, fused_lora_disabled, lora_linears
 from rslora_fast.peft.layer import LoraLinear
 from rslora_fast.quant.functional import dequantize_4bit_reference
 from rslora_fast.quant.linear4bit import Linear4bit
@@ -292,20 +292,26 @@ def _generic_out(layer, x):
         return layer(x).detach()
 
 
+def _copies(layer):
+    (plan,) = ll._PLANS[layer].values()
+    return plan.copies
+
+
 def test_cast_cache_reuses_copy_until_the_parameter_changes():
     layer = _group("dense", torch.bfloat16)[0]
     a = layer.lora_A.weight
-    c1 = cast_adapter(a, torch.bfloat16)
-    assert c1 is cast_adapter(a, torch.bfloat16)  # reused
-    assert cast_adapter(a, torch.float32) is a  # no copy when the dtype already matches
     x = torch.randn(3, 37, dtype=torch.bfloat16)
     _fused_out(layer, x)
+    copies = _copies(layer)
+    buf = copies.a_cat
+    _fused_out(layer, x)
+    assert _copies(layer) is copies and copies.a_cat is buf and copies.gen == 1  # reused, not re-copied
     with torch.no_grad():
         a.add_(1.0)  # in-place update bumps the version
-    c2 = cast_adapter(a, torch.bfloat16)
-    assert c2 is not c1
-    torch.testing.assert_close(c2, a.detach().bfloat16(), rtol=0, atol=0)
-    torch.testing.assert_close(_fused_out(layer, x), _generic_out(layer, x), rtol=0, atol=0)
+    got = _fused_out(layer, x)
+    assert copies.a_cat is buf and copies.gen == 2  # refreshed in place
+    torch.testing.assert_close(buf, a.detach().bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(got, _generic_out(layer, x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -362,15 +368,17 @@ def test_cast_cache_is_bounded_and_weak():
     x = torch.randn(3, 37, dtype=torch.bfloat16)
     for _ in range(3):
         _fused_out(layer, x)
-    a, b = layer.lora_A.weight, layer.lora_B.weight
     gc.collect()
-    n = len(ll._CASTS)
-    copies = [weakref.ref(ll._CASTS[a][1]), weakref.ref(ll._CASTS[b][1])]
-    cast_adapter(a, torch.float16)  # another dtype replaces the entry: one copy per parameter
-    assert len(ll._CASTS) == n and copies[0]() is None
-    del layer, a, b
+    n = len(ll._REGISTRY.live)
+    copies = weakref.ref(_copies(layer))
+    layer.half()  # another dtype: new copies replace the old ones (one set per group)
+    _fused_out(layer, x.half())
     gc.collect()
-    assert len(ll._CASTS) == n - 2 and copies[1]() is None  # gone with the parameters
+    assert copies() is None and len(ll._REGISTRY.live) == n
+    copies = weakref.ref(_copies(layer))
+    del layer
+    gc.collect()
+    assert copies() is None and len(ll._REGISTRY.live) == n - 1  # gone with the layer
 
 
 def test_inference_mode_then_training_uses_a_normal_cached_copy():
@@ -378,13 +386,17 @@ def test_inference_mode_then_training_uses_a_normal_cached_copy():
     x = torch.randn(2, 3, 37, dtype=torch.bfloat16)
     with torch.inference_mode():
         inf = lora_linears(x, layers)  # e.g. generate() between training steps
-    assert not ll._CASTS[layers[0].lora_A.weight][1].is_inference()
+    (plan,) = ll._PLANS[layers[0]].values()
+    assert not plan.copies.a_cat.is_inference() and not plan.copies.bs[0].is_inference()
     got = _run(layers, x.requires_grad_(), [torch.ones_like(o) for o in inf], fused=True)
     want = _run(layers, x, [torch.ones_like(o) for o in inf], fused=False)
     for a, b in zip(inf, got[0]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(got[2], want[2]):
         _close(a, b, torch.bfloat16)
+    opt = torch.optim.AdamW(_params(layers), lr=0.1)
+    opt.step()  # the copies made under inference mode are refreshed in place by the step
+    torch.testing.assert_close(plan.copies.bs[0], layers[0].lora_B.weight.detach().bfloat16(), rtol=0, atol=0)
 
 
 def test_same_dtype_adapter_modified_before_backward_raises():
@@ -419,7 +431,7 @@ def _lora_grads(peft_tiny_model, family, kind, mode, fused, monkeypatch):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     calls = []
     real = ll._apply
-    monkeypatch.setattr(ll, "_apply", lambda x, members: calls.append(len(members)) or real(x, members))
+    monkeypatch.setattr(ll, "_apply", lambda x, plan: calls.append(len(plan.members)) or real(x, plan))
     ids = torch.randint(0, 128, (1, 520), generator=torch.Generator().manual_seed(0))  # >= 512: offloaded
     pm.train()
     if fused:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import lora_linear as _lora_linear
-from .targets import is_4bit_linear
+from ..quant.linear4bit import is_4bit_linear
 
 
 def _empty_linear(in_features: int, out_features: int, device: torch.device) -> nn.Linear:
@@ -96,6 +96,26 @@ class LoraLinear(nn.Module):
         return is_4bit_linear(self.base_layer)
 
     # ---------------------------------------------------------------- math
+    def fused_lora_parts(self) -> _lora_linear.LoraParts | str:
+        """What the fused op of :mod:`rslora_fast.ops.lora_linear` needs, or why it cannot run this
+        layer (the :class:`~rslora_fast.ops.lora_linear.FusableLora` protocol)."""
+        if type(self).forward is not LoraLinear.forward:
+            return f"{type(self).__name__} overrides LoraLinear.forward"
+        if self.disabled:
+            return "adapter disabled"
+        if self.merged:
+            return "adapter merged"
+        lin_a, lin_b = self._modules["lora_A"], self._modules["lora_B"]
+        if lin_a._parameters.get("bias") is not None or lin_b._parameters.get("bias") is not None:
+            return "adapter has a bias"
+        return _lora_linear.LoraParts(
+            self._modules["base_layer"],
+            lin_a._parameters["weight"],
+            lin_b._parameters["weight"],
+            self.scaling,
+            self.lora_dropout_p,
+        )
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base output plus the scaled low-rank update (skipped when disabled or merged).
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..checkpointing import apply_gradient_checkpointing, validate_mode
+from ..quant.linear4bit import is_4bit_linear
 from . import init as _init
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
 from .io import (
@@ -25,7 +26,7 @@ from .io import (
     weights_file,
 )
 from .layer import LoraLinear, ModulesToSaveWrapper
-from .targets import find_targets, is_4bit_linear, output_head_name, pattern_value, with_fused_projections
+from .targets import find_targets, output_head_name, pattern_value, with_fused_projections
 
 ACCEPTED_KWARGS = (
     "modules_to_save",

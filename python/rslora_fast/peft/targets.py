@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from ..errors import InvalidArgumentError
+from ..quant.linear4bit import is_4bit_linear
 
 if TYPE_CHECKING:
     from .config import LoraConfig
@@ -21,11 +22,6 @@ logger = logging.getLogger(__name__)
 # model that has the fused layer and none of the parts, adapts the fused layer: one LoRA pair over
 # its whole output, as HF peft does when target_modules names the fused layer.
 FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
-def is_4bit_linear(module: nn.Module) -> bool:
-    """True for a packed 4-bit linear layer (any class with ``is_4bit_linear = True``)."""
-    return bool(getattr(type(module), "is_4bit_linear", False))
 
 
 def is_linear_like(module: nn.Module) -> bool:

@@ -3,4 +3,4 @@
 from .functional import QuantState, dequantize_4bit, quantize_4bit
 
 __all__ = ["QuantState", "dequantize_4bit", "quantize_4bit"]
-from .linear4bit import Linear4bit  # noqa: E402, F401  (re-exported for rslora_fast.quant.Linear4bit)
+from .linear4bit import Linear4bit, is_4bit_linear  # noqa: E402, F401  (re-exported)

@@ -24,9 +24,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import QuantFormatError
-from ..ops._launch import on_gpu, use_kernels
+from ..ops._launch import device_index, on_gpu, use_kernels
 
 __all__ = [
+    "DequantPlan",
     "QuantState",
     "check_finite_scales",
     "dequantize_4bit",
@@ -534,64 +535,124 @@ def dequantize_4bit(
     result is written into it and ``out`` is returned.
     """
     dtype = dtype or (out.dtype if out is not None else state.dtype)
-    dev = packed.device
-    n = state.numel
     if out is not None:
-        _check_out(out, state, dtype, dev)
+        _check_out(out, state, dtype, packed.device)
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"dequantize_4bit: unsupported dtype {dtype}")
-    if packed.numel() * packed.element_size() != (n + 1) // 2:
-        raise QuantFormatError(
-            f"dequantize_4bit: packed has {packed.numel() * packed.element_size()} bytes, "
-            f"shape {list(state.shape)} needs {(n + 1) // 2}"
-        )
-    _check_scales(state)
-    core = _core_or_none()
-    if n == 0 or not _native_path(core, packed):
-        res = dequantize_4bit_reference(packed, state, dtype=dtype)
-        if out is None:
-            return res
-        out.view(state.shape).copy_(res)
-        return out
-    p = packed.contiguous().view(-1).view(torch.uint8)
-    if on_gpu(p):
-        res = out if out is not None else torch.empty(state.shape, dtype=dtype, device=dev)
-        index, stream = _stream(p)
-        if state.nested:
-            q = state.absmax.to(dev, torch.uint8).contiguous()
-            nested = state.nested_absmax.to(dev, torch.float32).contiguous()
-            ncode = (
-                (state.nested_code if state.nested_code is not None else dynamic_map())
-                .to(dev, torch.float32)
-                .contiguous()
+    plan = DequantPlan(packed, state)
+    res = out if out is not None else torch.empty(state.shape, dtype=dtype, device=packed.device)
+    plan.run(res, plan.stream())
+    return res
+
+
+class DequantPlan:
+    """One weight's dequantize with every check and conversion done once.
+
+    Built from the packed bytes and their :class:`QuantState` (checked here: byte count, scale
+    counts, blocksize, quant type); keeps the converted byte and scale tensors, so :meth:`run` is
+    ONE native call on a GPU (the dequantize kernel) with no per-call validation, ``.to()`` or
+    ``.contiguous()``. Addresses are read from the kept tensors at each run (a few
+    ``data_ptr()``), so a storage re-allocated under them (FSDP2 frees and re-gathers the packed
+    bytes around every forward and backward) is followed. Callers that dequantize the same weight
+    many times (each forward, recompute and backward of a 4-bit layer) build it once and drop it
+    when the bytes, the state or the device change (``Linear4bit.dequant_plan`` does).
+    """
+
+    __slots__ = ("_core", "_keep", "_kind", "_sizes", "device", "index", "numel", "offset", "shape")
+
+    def __init__(self, packed: torch.Tensor, state: QuantState) -> None:
+        n = state.numel
+        if packed.numel() * packed.element_size() != (n + 1) // 2:
+            raise QuantFormatError(
+                f"dequantize_4bit: packed has {packed.numel() * packed.element_size()} bytes, "
+                f"shape {list(state.shape)} needs {(n + 1) // 2}"
             )
-            ptrs = (0, q.data_ptr(), nested.data_ptr(), ncode.data_ptr(), float(state.nested_offset))
+        _check_scales(state)
+        self.shape, self.numel, self.device = torch.Size(state.shape), n, packed.device
+        self.index = 0
+        self._sizes = (n, state.blocksize, state.quant_type)
+        self.offset = float(state.nested_offset) if state.nested else 0.0
+        self._core = core = _core_or_none()
+        if n == 0 or not _native_path(core, packed):
+            self._kind, self._keep = "reference", (packed, state)
+            return
+        p = packed.contiguous().view(-1).view(torch.uint8)
+        dev = p.device
+        if on_gpu(p):
+            self.index = device_index(p)
+            self._kind = "cuda"
+            if state.nested:
+                code = state.nested_code if state.nested_code is not None else dynamic_map()
+                self._keep = (
+                    p,
+                    state.absmax.to(dev, torch.uint8).contiguous(),
+                    state.nested_absmax.to(dev, torch.float32).contiguous(),
+                    code.to(dev, torch.float32).contiguous(),
+                )
+            else:
+                self._keep = (p, state.absmax.to(dev, torch.float32).contiguous())
+            return
+        # CPU: float32 scales (double quantization undone in Rust), float32 values, then a cast.
+        self._kind = "cpu"
+        if state.nested:
+            nested = state.nested_absmax.to(torch.float32).contiguous()
+            self._keep = (p, state.absmax.to(torch.uint8).contiguous(), nested)
         else:
-            a = state.absmax.to(dev, torch.float32).contiguous()
-            ptrs = (a.data_ptr(), 0, 0, 0, 0.0)
-        core.nf4_dequantize_cuda(
-            p.data_ptr(), *ptrs, res.data_ptr(), n, state.blocksize, state.quant_type,
-            _DTYPE_NAMES[dtype], index, stream,
+            self._keep = (p, state.absmax.to(torch.float32).contiguous())
+
+    def stream(self) -> int:
+        """The raw handle of torch's current stream on the plan's GPU (0 on the CPU)."""
+        return _raw_stream(self.index) if self._kind == "cuda" else 0
+
+    def run(self, out: torch.Tensor, stream: int) -> None:
+        """Write the dense weight into ``out`` (contiguous, ``numel`` elements of float32/16/bf16 on
+        the plan's device; the caller guarantees it) on ``stream`` (from :meth:`stream`)."""
+        keep = self._keep
+        if self._kind == "cuda":
+            # nf4_dequantize_cuda(packed, absmax, absmax_q, nested, nested_code, offset, out, n,
+            # blocksize, quant_type, out_dtype, device, stream)
+            if len(keep) == 4:
+                p, q, nested, code = keep
+                ins = (p.data_ptr(), 0, q.data_ptr(), nested.data_ptr(), code.data_ptr(), self.offset)
+            else:
+                ins = (keep[0].data_ptr(), keep[1].data_ptr(), 0, 0, 0, 0.0)
+            self._core.nf4_dequantize_cuda(
+                *ins, out.data_ptr(), *self._sizes, _DTYPE_NAMES[out.dtype], self.index, stream
+            )
+        elif self._kind == "cpu":
+            self._run_cpu(out)
+        else:
+            packed, state = keep
+            out.view(self.shape).copy_(dequantize_4bit_reference(packed, state, dtype=out.dtype))
+
+    def _run_cpu(self, out: torch.Tensor) -> None:
+        core, keep = self._core, self._keep
+        p = keep[0]
+        if len(keep) == 3:
+            q, nested = keep[1], keep[2]
+            scales = torch.empty(q.numel(), dtype=torch.float32)
+            core.dequant_scales_cpu(
+                q.data_ptr(), q.numel(), nested.data_ptr(), nested.numel(), self.offset,
+                scales.data_ptr(), scales.numel(),
+            )  # fmt: skip
+        else:
+            scales = keep[1]
+        n, blocksize, quant_type = self._sizes
+        f32 = out if out.dtype == torch.float32 else torch.empty(n, dtype=torch.float32)
+        core.nf4_dequantize_cpu(
+            p.data_ptr(), p.numel(), scales.data_ptr(), scales.numel(), blocksize, quant_type,
+            f32.data_ptr(), f32.numel(),
         )  # fmt: skip
-        return res.view(state.shape) if out is None else out
-    # CPU: float32 scales (undoing double quantization in Rust), then float32 values, then cast.
-    if state.nested:
-        q = state.absmax.to(torch.uint8).contiguous()
-        nested = state.nested_absmax.to(torch.float32).contiguous()
-        scales = torch.empty(q.numel(), dtype=torch.float32)
-        core.dequant_scales_cpu(q.data_ptr(), q.numel(), nested.data_ptr(), nested.numel(),
-                                float(state.nested_offset), scales.data_ptr(), scales.numel())  # fmt: skip
-    else:
-        scales = state.absmax.to(torch.float32).contiguous()
-    f32_out = out if (out is not None and dtype == torch.float32) else torch.empty(n, dtype=torch.float32)
-    core.nf4_dequantize_cpu(p.data_ptr(), p.numel(), scales.data_ptr(), scales.numel(), state.blocksize,
-                            state.quant_type, f32_out.data_ptr(), f32_out.numel())  # fmt: skip
-    if out is f32_out:
-        return out
-    if out is not None:
-        out.view(-1).copy_(f32_out)
-        return out
-    return f32_out.to(dtype).view(state.shape)
+        if f32 is not out:
+            out.view(-1).copy_(f32)
+
+
+def _raw_stream(index: int) -> int:
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+if hasattr(torch._C, "_cuda_getCurrentRawStream"):  # CUDA builds: no Stream object per call
+    _raw_stream = torch._C._cuda_getCurrentRawStream  # noqa: F811
 
 
 def _check_scales(state: QuantState) -> None:

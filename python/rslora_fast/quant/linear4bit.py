@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from ..errors import QuantFormatError
-from .functional import QuantState, dequantize_4bit, quantize_4bit
+from .functional import DequantPlan, QuantState, dequantize_4bit, quantize_4bit
 
-__all__ = ["Linear4bit", "check_quant_args"]
+__all__ = ["Linear4bit", "check_quant_args", "is_4bit_linear"]
 
 _QUANT_TYPES = ("nf4", "fp4")
 # Sentinel module prefix used to talk to QuantState's (de)serializers, whatever their separator
@@ -42,6 +42,11 @@ _QUANT_TYPES = ("nf4", "fp4")
 _SENTINEL = "__rslora_q__"
 # Parameters holding the 4-bit storage once it is exposed (never cast, never trained).
 _STORAGE_PARAMS = ("weight", "absmax", "nested_absmax")
+
+
+def is_4bit_linear(module: nn.Module) -> bool:
+    """True for a packed 4-bit linear layer (any class with ``is_4bit_linear = True``)."""
+    return bool(getattr(type(module), "is_4bit_linear", False))
 
 
 def check_quant_args(blocksize: int, quant_type: str) -> None:
@@ -72,6 +77,9 @@ class _ThreadScratch:
 
 
 _LOCAL = threading.local()
+# Linear4bit -> (weight Parameter, QuantState, its data_ptr, DequantPlan): the plan's cache, kept
+# outside the module so deepcopy / pickling never copy it.
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Every live thread's scratch, so clear_scratch() can release them all.
 _ALL_SCRATCH: weakref.WeakSet[_ThreadScratch] = weakref.WeakSet()
 _ALL_LOCK = threading.Lock()
@@ -84,30 +92,6 @@ def _thread_scratch() -> dict[tuple, torch.Tensor]:
         with _ALL_LOCK:
             _ALL_SCRATCH.add(mine)
     return mine.bufs
-
-
-def _scratch_key(device: torch.device, dtype: torch.dtype) -> tuple:
-    device = torch.device(device)
-    stream = 0
-    if device.type == "cuda":
-        stream = torch.cuda.current_stream(device).cuda_stream
-    return (device, stream, dtype, torch.is_inference_mode_enabled())
-
-
-def _scratch(device: torch.device, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
-    """A view of this thread's scratch buffer for ``(device, stream, dtype, mode)`` with ``shape``."""
-    numel = 1
-    for s in shape:
-        numel *= int(s)
-    bufs = _thread_scratch()
-    key = _scratch_key(device, dtype)
-    buf = bufs.get(key)
-    if buf is None or buf.numel() < numel:
-        # Drop the old buffer first so the caching allocator can reuse its memory.
-        bufs.pop(key, None)
-        buf = torch.empty(numel, device=device, dtype=dtype)
-        bufs[key] = buf
-    return buf[:numel].view(shape)
 
 
 def clear_scratch() -> None:
@@ -125,11 +109,19 @@ def _packed_bytes(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     return packed.reshape(-1).view(torch.uint8)[:nbytes].view(-1, 1)
 
 
-def _dequant_into_scratch(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
-    packed = _packed_bytes(packed, state)
-    out = _scratch(packed.device, dtype, torch.Size(state.shape))
-    res = dequantize_4bit(packed, state, out=out, dtype=dtype)
-    return out if res is None else res
+def dequant_into_scratch(plan: DequantPlan, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight of ``plan`` in ``dtype``, written into this thread's scratch (one native
+    call on a GPU); valid until the next dequantize on the same thread, stream and dtype."""
+    stream = plan.stream()
+    key = (plan.device, stream, dtype, torch.is_inference_mode_enabled())
+    bufs = _thread_scratch()
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < plan.numel:
+        bufs.pop(key, None)  # first, so the caching allocator can reuse its memory
+        buf = bufs[key] = torch.empty(plan.numel, device=plan.device, dtype=dtype)
+    out = buf[: plan.numel].view(plan.shape)
+    plan.run(out, stream)
+    return out
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -143,18 +135,15 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 class _Matmul4bit(torch.autograd.Function):
     """``y = x @ W.T + b`` with ``W`` dequantized on the fly, forward and backward.
 
-    Only ``x``'s shape-free inputs are kept for backward (the packed bytes and the state, which
-    the module holds anyway); the dense weight is never saved, so activation memory does not grow
-    by one dense weight per layer.
+    Backward keeps only the layer's :class:`DequantPlan` (the packed bytes and scales the module
+    holds anyway); the dense weight is never saved, so activation memory does not grow by one
+    dense weight per layer.
     """
 
     @staticmethod
-    def forward(
-        ctx: Any, x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        w = _dequant_into_scratch(packed, state, x.dtype)
-        ctx.packed = packed
-        ctx.state = state
+    def forward(ctx: Any, x: torch.Tensor, plan: DequantPlan, bias: torch.Tensor | None) -> torch.Tensor:
+        w = dequant_into_scratch(plan, x.dtype)
+        ctx.plan = plan
         ctx.has_bias = bias is not None
         return torch.nn.functional.linear(x, w, bias)
 
@@ -162,11 +151,11 @@ class _Matmul4bit(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            w = _dequant_into_scratch(ctx.packed, ctx.state, grad_out.dtype)
+            w = dequant_into_scratch(ctx.plan, grad_out.dtype)
             grad_x = grad_out @ w
-        if ctx.has_bias and ctx.needs_input_grad[3]:
+        if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, None, None, grad_bias
+        return grad_x, None, grad_bias
 
 
 class Linear4bit(nn.Module):
@@ -437,8 +426,31 @@ class Linear4bit(nn.Module):
             dt = torch.get_autocast_dtype(x.device.type)
         xc = x.to(dt)
         bias = None if self.bias is None else self.bias.to(dt)
-        y = _Matmul4bit.apply(xc, self.weight, state, bias)
+        y = _Matmul4bit.apply(xc, self.dequant_plan(state), bias)
         return y.to(in_dtype) if in_dtype.is_floating_point else y
+
+    def dequant_plan(self, state: QuantState | None = None) -> DequantPlan:
+        """The :class:`DequantPlan` of the stored weight, built once and reused while the packed
+        bytes, the state and the device stay the same (a new ``weight`` Parameter or
+        ``quant_state``, as ``requantize_``, ``load_state_dict`` and ``.to()`` make, or a new
+        storage under the Parameter, builds a new one). With the storage exposed (FSDP2 swaps
+        the Parameters around every forward) it is built per call."""
+        packed = self._parameters["weight"]
+        qs = self.__dict__.get("_qs")
+        hit = _PLANS.get(self)
+        if (
+            hit is not None
+            and hit[0] is packed
+            and hit[1] is qs
+            and hit[2] == packed.data_ptr()
+            and qs is not None
+        ):
+            return hit[3]
+        state = state if state is not None else self._require_state()
+        plan = DequantPlan(_packed_bytes(packed, state), state)
+        if not self.storage_exposed:
+            _PLANS[self] = (packed, qs, packed.data_ptr(), plan)
+        return plan
 
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
