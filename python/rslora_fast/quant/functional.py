@@ -390,6 +390,18 @@ def _double_quant_reference(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return q.reshape(-1)[:n].contiguous(), nested, float(offset.item())
 
 
+def _single_state(weight: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str) -> QuantState:
+    """The quant state of ``weight`` with float32 block scales (before any double quantization)."""
+    return QuantState(
+        absmax=absmax,
+        shape=weight.shape,
+        dtype=weight.dtype,
+        blocksize=blocksize,
+        quant_type=quant_type,
+        code=get_4bit_code(quant_type, weight.device),
+    )
+
+
 def quantize_4bit_reference(
     weight: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", compress_statistics: bool = True
 ) -> tuple[torch.Tensor, QuantState]:
@@ -401,14 +413,7 @@ def quantize_4bit_reference(
         scaled = torch.nn.functional.pad(scaled, (0, 1))
     q = _encode_4bit(scaled, quant_type)
     packed = ((q[0::2] << 4) | q[1::2]).view(-1, 1)
-    state = QuantState(
-        absmax=absmax,
-        shape=weight.shape,
-        dtype=weight.dtype,
-        blocksize=blocksize,
-        quant_type=quant_type,
-        code=get_4bit_code(quant_type, weight.device),
-    )
+    state = _single_state(weight, absmax, blocksize, quant_type)
     if compress_statistics:
         q8, nested, offset = _double_quant_reference(absmax)
         state.absmax = q8
@@ -453,14 +458,7 @@ def _quantize_rust(
             src.data_ptr(), n, blocksize, quant_type,
             packed.data_ptr(), packed.numel(), absmax.data_ptr(), absmax.numel(),
         )  # fmt: skip
-    state = QuantState(
-        absmax=absmax,
-        shape=weight.shape,
-        dtype=weight.dtype,
-        blocksize=blocksize,
-        quant_type=quant_type,
-        code=get_4bit_code(quant_type, dev),
-    )
+    state = _single_state(weight, absmax, blocksize, quant_type)
     if compress_statistics and n:
         # The offset is torch's float32 mean, exactly as bitsandbytes computes it.
         offset = absmax.mean()
