@@ -114,37 +114,36 @@ impl RopeArgs {
     /// without overflow, and `[ptr, ptr + extent)` non-null, element-aligned and not wrapping.
     fn check_extents(&self) -> Result<()> {
         let elem = self.dtype.size();
-        let qk = |name: &str, ptr: usize, heads: usize, s: &[i64; 3]| {
-            let dims = [(self.batch, s[0]), (heads, s[1]), (self.seq, s[2])];
+        let (b, s) = (self.batch, self.seq);
+        let [q0, q1, q2] = self.q_strides;
+        let [k0, k1, k2] = self.k_strides;
+        let [c0, c1] = self.cos_strides;
+        let [s0, s1] = self.sin_strides;
+        let tensors: [(&str, usize, &[Dim]); 4] = [
+            ("rope q", self.q, &[(b, q0), (self.q_heads, q1), (s, q2)]),
+            ("rope k", self.k, &[(b, k0), (self.k_heads, k1), (s, k2)]),
+            ("rope cos", self.cos, &[(b, c0), (s, c1)]),
+            ("rope sin", self.sin, &[(b, s0), (s, s1)]),
+        ];
+        for (name, ptr, dims) in tensors {
             check_extent(
                 name,
                 ptr,
-                strided_span(name, &dims, self.head_dim)?,
+                strided_span(name, dims, self.head_dim)?,
                 elem,
                 elem,
-            )
-        };
-        let table = |name: &str, ptr: usize, s: &[i64; 2]| {
-            let dims = [(self.batch, s[0]), (self.seq, s[1])];
-            check_extent(
-                name,
-                ptr,
-                strided_span(name, &dims, self.head_dim)?,
-                elem,
-                elem,
-            )
-        };
-        qk("rope q", self.q, self.q_heads, &self.q_strides)?;
-        qk("rope k", self.k, self.k_heads, &self.k_strides)?;
-        table("rope cos", self.cos, &self.cos_strides)?;
-        table("rope sin", self.sin, &self.sin_strides)?;
+            )?;
+        }
         Ok(())
     }
 }
 
+/// One dimension of a strided tensor: `(size, stride in elements)`.
+type Dim = (usize, i64);
+
 /// Elements from the first to one past the last element of a tensor with the given
 /// `(size, stride)` dimensions and a contiguous last dimension of `inner` elements (0 when empty).
-fn strided_span(what: &str, dims: &[(usize, i64)], inner: usize) -> Result<usize> {
+fn strided_span(what: &str, dims: &[Dim], inner: usize) -> Result<usize> {
     if inner == 0 || dims.iter().any(|&(n, _)| n == 0) {
         return Ok(0);
     }
