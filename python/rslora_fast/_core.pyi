@@ -3,10 +3,19 @@
 Kept in step with ``src/python/*.rs`` by ``scripts/check_stubs.py`` (run in CI). Pointers are plain
 integers (``tensor.data_ptr()``), streams are ``torch.cuda.current_stream().cuda_stream`` integers,
 dtypes are strings (``"float32"``, ``"float16"``, ``"bfloat16"``). Errors are the classes of
-``rslora_fast.errors`` (the extension imports and raises them; it defines none of its own).
+``rslora_fast.errors`` (the extension imports and raises them; it defines none of its own and
+re-exports these, the same class objects).
 """
 
 from typing import Any
+
+from rslora_fast.errors import CudaError as CudaError
+from rslora_fast.errors import HostMemoryError as HostMemoryError
+from rslora_fast.errors import InvalidArgumentError as InvalidArgumentError
+from rslora_fast.errors import KernelsUnavailableError as KernelsUnavailableError
+from rslora_fast.errors import OffloadError as OffloadError
+from rslora_fast.errors import QuantFormatError as QuantFormatError
+from rslora_fast.errors import RsloraError as RsloraError
 
 # ---------------------------------------------------------------------------- CUDA bridge
 def cuda_info() -> dict[str, Any]:

@@ -1,8 +1,9 @@
 //! One mapping from [`crate::Error`] to Python exceptions, all under `RsloraError`.
 //!
 //! The classes are the Python ones in `rslora_fast.errors` (the canonical hierarchy, importable
-//! without the extension); Rust imports them by name the first time it raises one, so
-//! `except rslora_fast.errors.InvalidArgumentError` catches what the extension raises.
+//! without the extension); Rust imports them by name, so `except
+//! rslora_fast.errors.InvalidArgumentError` catches what the extension raises. `_core` also
+//! exposes them under the same names (the same class objects, not copies).
 
 use pyo3::import_exception;
 use pyo3::prelude::*;
@@ -17,6 +18,25 @@ import_exception!(rslora_fast.errors, QuantFormatError);
 import_exception!(rslora_fast.errors, OffloadError);
 import_exception!(rslora_fast.errors, InvalidArgumentError);
 import_exception!(rslora_fast.errors, HostMemoryError);
+
+/// Expose the error classes on `_core` (`_core.OffloadError is rslora_fast.errors.OffloadError`).
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("RsloraError", py.get_type::<RsloraError>())?;
+    m.add("CudaError", py.get_type::<CudaError>())?;
+    m.add(
+        "KernelsUnavailableError",
+        py.get_type::<KernelsUnavailableError>(),
+    )?;
+    m.add("QuantFormatError", py.get_type::<QuantFormatError>())?;
+    m.add("OffloadError", py.get_type::<OffloadError>())?;
+    m.add(
+        "InvalidArgumentError",
+        py.get_type::<InvalidArgumentError>(),
+    )?;
+    m.add("HostMemoryError", py.get_type::<HostMemoryError>())?;
+    Ok(())
+}
 
 impl From<Error> for PyErr {
     fn from(err: Error) -> PyErr {

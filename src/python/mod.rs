@@ -20,6 +20,7 @@ pub(crate) use errors::guard;
 /// `rslora_fast._core`: the compiled extension.
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::register(m)?;
     cuda::register(m)?;
     kernels::register(m)?;
     kernels_cross_entropy::register(m)?;

@@ -192,4 +192,8 @@ def test_a_rust_error_is_caught_as_the_python_class():
         core.regex_fullmatch("(", ["x"])
     assert type(info.value) is errors.InvalidArgumentError
     assert isinstance(info.value, ValueError) and isinstance(info.value, errors.RsloraError)
-    assert not hasattr(core, "RsloraError")  # one class per error, defined on the Python side
+    # one class per error, defined on the Python side; _core's names are the same objects
+    for name in ("RsloraError", "CudaError", "KernelsUnavailableError", "QuantFormatError", "OffloadError"):
+        assert getattr(core, name) is getattr(errors, name)
+    assert core.InvalidArgumentError is errors.InvalidArgumentError
+    assert core.HostMemoryError is errors.HostMemoryError
