@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import numbers
 import os
 import re
 import struct
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._validate import positive_int
 from .errors import QuantFormatError, RsloraError
 
 __all__ = [
@@ -599,7 +599,7 @@ def from_pretrained(
             f"from_pretrained got unexpected keyword argument(s) {sorted(kwargs)}; accepted: {ACCEPTED_KEYWORDS}"
         )
     scale_rope = max_seq_length is not None
-    max_seq_length = 2048 if max_seq_length is None else _checked_max_seq_length(max_seq_length)
+    max_seq_length = 2048 if max_seq_length is None else positive_int("max_seq_length", max_seq_length)
     load_in_4bit = _pick_bits(load_in_4bit, load_in_8bit, full_finetuning)
     config_options = {
         "rope_scaling": _check_rope_scaling(rope_scaling),
@@ -636,16 +636,6 @@ ACCEPTED_KEYWORDS = [
     "quant_type", "double_quant", "skip_modules", "load_in_8bit", "full_finetuning", "rope_scaling",
     "attn_implementation", "gguf_file", "revision", "cache_dir", "progress",
 ]  # fmt: skip
-
-
-def _checked_max_seq_length(max_seq_length: Any) -> int:
-    if (
-        isinstance(max_seq_length, bool)
-        or not isinstance(max_seq_length, numbers.Integral)
-        or max_seq_length <= 0
-    ):
-        raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
-    return int(max_seq_length)
 
 
 def _pick_bits(load_in_4bit: bool | None, load_in_8bit: bool, full_finetuning: bool) -> bool:

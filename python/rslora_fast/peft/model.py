@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import numbers
 import os
 import warnings
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._validate import boolean, int_or_none, is_int, positive_int
 from ..checkpointing import apply_gradient_checkpointing, validate_mode
 from . import init as _init
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
@@ -116,7 +116,7 @@ def _checked_ranks(model: nn.Module, config: LoraConfig, targets) -> dict[str, i
         r = pattern_value(config.rank_pattern, name, config.r)
         base = model.get_submodule(name)
         limit = max(int(base.in_features), int(base.out_features))
-        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 0 < r <= limit:
+        if not is_int(r) or not 0 < r <= limit:
             raise ValueError(
                 f"LoRA rank r={r!r} for {name} ({base.in_features} -> {base.out_features}) is out of "
                 f"range; expected an int in 1..{limit}"
@@ -1021,20 +1021,9 @@ def _check_model_and_keywords(model: Any, kwargs: dict) -> None:
 def _checked_training_options(use_gradient_checkpointing, random_state, max_seq_length, kwargs: dict):
     """``(checkpointing mode, use_reentrant)`` after checking the seed and the sequence length."""
     mode = validate_mode(use_gradient_checkpointing)
-    if random_state is not None and (
-        isinstance(random_state, bool) or not isinstance(random_state, numbers.Integral)
-    ):
-        raise ValueError(f"random_state must be an int or None, got {random_state!r}")
-    if (
-        isinstance(max_seq_length, bool)
-        or not isinstance(max_seq_length, numbers.Integral)
-        or max_seq_length <= 0
-    ):
-        raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
-    use_reentrant = kwargs.get("use_reentrant", False)
-    if not isinstance(use_reentrant, bool):
-        raise ValueError(f"use_reentrant must be a bool, got {use_reentrant!r}")
-    return mode, use_reentrant
+    int_or_none("random_state", random_state)
+    positive_int("max_seq_length", max_seq_length)
+    return mode, boolean("use_reentrant", kwargs.get("use_reentrant", False))
 
 
 def _split_full_train_targets(model: nn.Module, target_modules, modules_to_save) -> tuple[Any, list[str]]:
