@@ -20,17 +20,9 @@
 // (fewer than E elements) goes by whole units, then single elements; buffers that are not aligned
 // for the vector loads/stores (vec_ok = 0) go entirely by single elements.
 //
-// Measured on the H200 (benches/nf4.py, 14336 x 4096, blocksize 64, cold L2, % of a 1 GiB device
-// copy, DQ bf16 / fp16 / fp32 with double quantization, then without): this kernel (then a
-// selectable variant "warp4", without the folded-in unaligned path; same 32 registers) 84.8 /
-// 84.4 / 87.2 and 85.8 / 85.1 / 87.9 (bitsandbytes 46.3 DQ bf16, 54.1 without). Lost to it, do not
-// retry blindly: the previous kernel, one unit per thread with the scale loaded and rebuilt per
-// unit (77.9 / 77.7 / 81.7, 80.0 / 79.8 / 82.7: 5-7 points under); chunks of 32 * 8 units (83.6 /
-// 83.7 / 86.3, 84.0 / 84.6 / 87.3: 0.5-2 points under; 40 registers, 6 blocks per SM); one
-// resident wave of blocks looping over the chunks, plain or requesting chunk i + 1 before storing
-// chunk i, at 4 or 8 units (78-82 everywhere). Earlier, on the per-unit kernel: an unrolled loop
-// of 16 units (61 registers, half the occupancy: about 60) and the nested map read through L1
-// instead of shared memory (61 / 71); see docs/benchmarks.md.
+// Why warp-owned chunks: one scale fetch and one nested absmax per warp instead of per unit, and
+// every warp instruction a contiguous span; the variants measured against it are in
+// docs/benchmarks.md ("NF4 dequantize").
 #include "common.cuh"
 #include <type_traits>
 
@@ -51,10 +43,10 @@ __constant__ float kFP4[16] = {
 __constant__ unsigned char kFP4Order[16] = {11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3};
 
 constexpr int kThreads = 256;
-// Store units per lane per chunk (see the header: 8 lost by about a point).
+// Store units per lane per chunk (docs/benchmarks.md, "NF4 dequantize": 4 beats 8).
 constexpr int kUnitsPerLane = 4;
 // Resident blocks per SM asked of ptxas for dequantize: 8 pins 32 registers (full occupancy on
-// sm_90, no spills); the measured numbers above were taken with this bound.
+// sm_90, no spills).
 constexpr int kDequantMinBlocks = 8;
 
 // Scale of quantization block `b`: float32 absmax, or rebuilt from the nested statistics as

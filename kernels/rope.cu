@@ -20,19 +20,14 @@
 // index with two 64-bit div/mods per thread; it runs only the shapes one pass of the fast grid
 // cannot cover (more than 256 chunks per half row, batch over grid z).
 //
-// H200, benches/kernels.py --only rope (Llama-3-8B q+k, 2 x 4096 tokens, 32/8 heads, head_dim
-// 128), % of a 1 GiB device copy, bf16 / fp16 / fp32, one run:
-//   fast kernel (2 heads per thread, 63 registers, 4 blocks of 256 per SM): 80.1 / 80.7 / 88.5
-//   fallback as the only kernel:                                            75.9 / 82.3 / 87.4
-//   fast kernel with 4 heads per thread:                                    70.6 / 80.9 / 88.1
-//   4 heads per thread, head groups on grid x:                              72.9 / 87.2 / 91.9
-// The last was ahead in fp16/fp32 (+6.5 / +3.4) but 7.2 behind in bf16, the training dtype; the
-// fast kernel is the only one at >= 80% in all three, so it serves every dtype.
+// Why two heads per thread on a division-free grid: the index split dominated the grid-stride
+// kernel's instructions, and two heads is the one setting at >= 80% of copy bandwidth in all three
+// dtypes (docs/benchmarks.md, "RoPE").
 #include "common.cuh"
 
 namespace {
 
-constexpr int HP = 2;  // heads per thread (4 measured slower in bf16, see the header)
+constexpr int HP = 2;  // heads per thread (docs/benchmarks.md, "RoPE": 4 is slower in bf16)
 
 // Must match `RopeParams` in src/kernels/rope.rs (repr(C)); strides are in elements.
 struct RopeParams {

@@ -42,6 +42,10 @@ def read_stub(path: Path) -> tuple[dict[str, list], dict[str, dict[str, list | s
     funcs: dict[str, list] = {}
     classes: dict[str, dict[str, list | str]] = {}
     for node in tree.body:
+        if isinstance(node, ast.ImportFrom):  # re-exported classes (``from m import X as X``)
+            for alias in node.names:
+                if alias.asname == alias.name and alias.name[:1].isupper():
+                    classes[alias.name] = {}
         if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
             funcs[node.name] = _params(node.args)
         elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):

@@ -2,32 +2,20 @@
 
 Kept in step with ``src/python/*.rs`` by ``scripts/check_stubs.py`` (run in CI). Pointers are plain
 integers (``tensor.data_ptr()``), streams are ``torch.cuda.current_stream().cuda_stream`` integers,
-dtypes are strings (``"float32"``, ``"float16"``, ``"bfloat16"``).
+dtypes are strings (``"float32"``, ``"float16"``, ``"bfloat16"``). Errors are the classes of
+``rslora_fast.errors`` (the extension imports and raises them; it defines none of its own and
+re-exports these, the same class objects).
 """
 
 from typing import Any
 
-# ---------------------------------------------------------------------------- exceptions
-class RsloraError(Exception):
-    """Base class of every error raised by the extension."""
-
-class InvalidArgumentError(RsloraError, ValueError):
-    """A shape, size, pointer or option the call cannot accept."""
-
-class HostMemoryError(RsloraError, MemoryError):
-    """Host memory could not be allocated or the offload pool's cap was reached."""
-
-class CudaError(RsloraError):
-    """A CUDA driver call failed (the message names the call and the CUDA error)."""
-
-class KernelsUnavailableError(RsloraError):
-    """The embedded kernels cannot run here (no driver, no GPU, or an unsupported architecture)."""
-
-class QuantFormatError(RsloraError):
-    """A 4-bit format problem: unknown quant type, blocksize not allowed, malformed quant state."""
-
-class OffloadError(RsloraError):
-    """Misuse of the offload scheduler (unknown or released handle, cap exceeded)."""
+from rslora_fast.errors import CudaError as CudaError
+from rslora_fast.errors import HostMemoryError as HostMemoryError
+from rslora_fast.errors import InvalidArgumentError as InvalidArgumentError
+from rslora_fast.errors import KernelsUnavailableError as KernelsUnavailableError
+from rslora_fast.errors import OffloadError as OffloadError
+from rslora_fast.errors import QuantFormatError as QuantFormatError
+from rslora_fast.errors import RsloraError as RsloraError
 
 # ---------------------------------------------------------------------------- CUDA bridge
 def cuda_info() -> dict[str, Any]:

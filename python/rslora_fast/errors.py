@@ -1,9 +1,9 @@
 """Exception hierarchy shared by the Python package and the Rust extension.
 
-Every error rslora_fast raises on purpose derives from :class:`RsloraError`. The Rust side
-(``src/python/errors.rs``) raises the classes defined in ``rslora_fast._core`` with the same names;
-they are re-exported here when the extension is present so ``except rslora_fast.RsloraError`` catches
-both.
+Every error rslora_fast raises on purpose derives from :class:`RsloraError`. These classes are the
+canonical ones: the extension (``src/python/errors.rs``) imports them from this module and raises
+them, so this module never needs the extension and ``except rslora_fast.RsloraError`` catches both
+sides.
 
 Two classes also derive from a builtin, so older ``except`` clauses keep working:
 :class:`InvalidArgumentError` is a ``ValueError`` (a size, shape, pointer or option the call cannot
@@ -13,38 +13,33 @@ reached).
 
 from __future__ import annotations
 
-try:  # the extension defines the canonical classes (so Rust can raise them)
-    from ._core import (  # type: ignore[attr-defined]
-        CudaError,
-        HostMemoryError,
-        InvalidArgumentError,
-        KernelsUnavailableError,
-        OffloadError,
-        QuantFormatError,
-        RsloraError,
-    )
-except ImportError:  # pure-Python source tree without the built extension
 
-    class RsloraError(Exception):
-        """Base class of every error raised by rslora_fast."""
+class RsloraError(Exception):
+    """Base class of every error raised by rslora_fast."""
 
-    class CudaError(RsloraError):
-        """A CUDA driver call or kernel launch failed."""
 
-    class KernelsUnavailableError(RsloraError):
-        """The compiled kernels are missing or cannot load on this machine."""
+class CudaError(RsloraError):
+    """A CUDA driver call or kernel launch failed; the message names the kernel and the CUDA error."""
 
-    class QuantFormatError(RsloraError, ValueError):
-        """A quantized tensor or its serialized state is malformed."""
 
-    class OffloadError(RsloraError):
-        """The activation-offload scheduler was misused or ran out of host memory."""
+class KernelsUnavailableError(RsloraError):
+    """The compiled extension or kernels are missing or cannot load on this machine."""
 
-    class InvalidArgumentError(RsloraError, ValueError):
-        """An argument is not acceptable (a size, shape, pointer or option)."""
 
-    class HostMemoryError(RsloraError, MemoryError):
-        """Host memory could not be allocated or a configured cap was reached."""
+class QuantFormatError(RsloraError, ValueError):
+    """A quantized tensor or its serialized state is malformed."""
+
+
+class OffloadError(RsloraError):
+    """The activation-offload scheduler was misused or ran out of host memory."""
+
+
+class InvalidArgumentError(RsloraError, ValueError):
+    """An argument is not acceptable (a size, shape, pointer or option)."""
+
+
+class HostMemoryError(RsloraError, MemoryError):
+    """Host memory could not be allocated or a configured cap was reached."""
 
 
 class DataError(RsloraError, ValueError):

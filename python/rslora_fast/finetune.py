@@ -401,7 +401,7 @@ def _sample_prompt(args, fmt: str, examples, tokenizer) -> tuple[str, str]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run one fine-tune as described by ``args``; returns a summary dict (losses, paths, exit_code)."""
     from .data_formats import read_records
-    from .demo import build_demo_model, demo_data_path
+    from .demo_model import build_demo_model, demo_data_path
     from .loading import _load_tokenizer, _resolve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

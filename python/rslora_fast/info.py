@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import __version__
+from . import __version__, _native
 
 
 def collect_info() -> dict:
@@ -23,14 +23,12 @@ def collect_info() -> dict:
         "transformers": transformers.__version__,
         "cuda_available": torch.cuda.is_available(),
     }
-    try:
-        from . import _core
-
-        info.update({f"core_{k}": v for k, v in _core.cuda_info().items()})
-        info["core"] = "loaded"
-    except ImportError as exc:
-        info["core"] = f"not built ({exc})"
+    _core = _native.core_or_none()
+    if _core is None:
+        info["core"] = f"not available: {_native.missing_reason()}"
         return info
+    info.update({f"core_{k}": v for k, v in _core.cuda_info().items()})
+    info["core"] = "loaded"
     driver = info.get("core_driver_version")
     if driver:
         info["driver_cuda"] = f"{driver // 1000}.{driver % 1000 // 10}"

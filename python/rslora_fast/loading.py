@@ -25,19 +25,20 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import numbers
 import os
 import re
 import struct
 import types
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._validate import positive_int
 from .errors import QuantFormatError, RsloraError
 
 __all__ = [
@@ -598,9 +599,9 @@ def from_pretrained(
             f"from_pretrained got unexpected keyword argument(s) {sorted(kwargs)}; accepted: {ACCEPTED_KEYWORDS}"
         )
     scale_rope = max_seq_length is not None
-    max_seq_length = 2048 if max_seq_length is None else _checked_max_seq_length(max_seq_length)
+    max_seq_length = 2048 if max_seq_length is None else positive_int("max_seq_length", max_seq_length)
     load_in_4bit = _pick_bits(load_in_4bit, load_in_8bit, full_finetuning)
-    options = {
+    config_options = {
         "rope_scaling": _check_rope_scaling(rope_scaling),
         "attn_implementation": _check_attn_implementation(attn_implementation),
         "scale_rope": scale_rope,
@@ -610,12 +611,14 @@ def from_pretrained(
 
     root, gguf_path = _resolve_gguf(model_name, gguf_file, token, revision, cache_dir)
     device = _pick_device(device_map)
-    dtype = _pick_dtype(dtype, device)
+    options = _LoadOptions(
+        max_seq_length=max_seq_length, dtype=_pick_dtype(dtype, device), load_in_4bit=load_in_4bit,
+        device=device, token=token, trust_remote_code=trust_remote_code, blocksize=blocksize,
+        quant_type=quant_type, double_quant=double_quant, skip_modules=tuple(skip_modules or ()),
+        progress=progress, config_options=config_options, gguf_path=gguf_path,
+    )  # fmt: skip
     try:
-        model, tokenizer = _load(
-            root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote_code,
-            blocksize, quant_type, double_quant, list(skip_modules or ()), progress, options, gguf_path,
-        )  # fmt: skip
+        model, tokenizer = _load(root, options)
     except BaseException:
         # Whatever was already placed on the GPU is unreachable now; give it back.
         if device.type == "cuda":
@@ -633,16 +636,6 @@ ACCEPTED_KEYWORDS = [
     "quant_type", "double_quant", "skip_modules", "load_in_8bit", "full_finetuning", "rope_scaling",
     "attn_implementation", "gguf_file", "revision", "cache_dir", "progress",
 ]  # fmt: skip
-
-
-def _checked_max_seq_length(max_seq_length: Any) -> int:
-    if (
-        isinstance(max_seq_length, bool)
-        or not isinstance(max_seq_length, numbers.Integral)
-        or max_seq_length <= 0
-    ):
-        raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
-    return int(max_seq_length)
 
 
 def _pick_bits(load_in_4bit: bool | None, load_in_8bit: bool, full_finetuning: bool) -> bool:
@@ -702,20 +695,78 @@ def _open_gguf(path: Path):
     return gf, config, _with_pad_token(tokenizer, path)
 
 
-def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote_code, blocksize, quant_type,
-          double_quant, skip_modules, progress, options=None, gguf_path=None):  # fmt: skip
-    from safetensors import safe_open
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM
+@dataclass(frozen=True)
+class _LoadOptions:
+    """What :func:`from_pretrained` decided, checked, for the loading steps."""
 
-    from .quant.functional import QuantState, check_finite_scales, dequantize_4bit, quantize_4bit
-    from .quant.linear4bit import Linear4bit, check_quant_args
+    max_seq_length: int
+    dtype: torch.dtype
+    load_in_4bit: bool
+    device: torch.device
+    token: str | None = None
+    trust_remote_code: bool = False
+    blocksize: int = 64
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    skip_modules: tuple[str, ...] = ()
+    progress: bool = True
+    config_options: dict = field(default_factory=dict)
+    gguf_path: Path | None = None
 
-    if gguf_path is not None:
-        gfile, config, tokenizer = _open_gguf(gguf_path)
+
+@dataclass
+class _CheckpointMap:
+    """Which checkpoint tensor fills which model tensor."""
+
+    files: list[Path]
+    header: dict[str, tuple[Path, Any, tuple[int, ...]]]
+    to_model: Callable[[str], str | None]
+    quant_parts: dict[str, dict[str, Any]]  # model weight name -> {ckpt key: header} (pre-quantized)
+    ckpt_of: dict[str, str]  # model name -> ckpt key (dense tensors and 4-bit bases)
+    tied_name: str | None = None  # the output head tied to the input embedding (not read)
+
+
+def _load(root: Path, opts: _LoadOptions):
+    """``(model, tokenizer)``: headers checked first, then one tensor in host memory at a time."""
+    config, tokenizer, gfile = _read_config_and_tokenizer(root, opts)
+    prequant = _is_prequantized(root, config)
+    if gfile is None:  # every check below reads headers only: fail before any weight is touched
+        source = _SafetensorsSource(root)
+        tokenizer = _load_tokenizer(root, opts.token, opts.trust_remote_code)
+    model = _meta_skeleton(config, opts)
+    if gfile is not None:  # a GGUF file names its tensors after llama.cpp; the map needs the skeleton
+        source = _GGUFSourceAdapter(gfile, model)
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = bool(getattr(config, "tie_word_embeddings", False)) and out_emb is not None
+    cmap = _map_checkpoint(root, model, config, source, prequant)
+    quantize_on_arrival = _install_4bit_shells(model, cmap, prequant, opts)
+    if tied:
+        cmap.tied_name = next(n for n, m in model.named_modules() if m is out_emb) + ".weight"
+    _check_shapes_and_coverage(root, model, cmap)
+    _stream_weights(root, model, source, cmap, quantize_on_arrival, opts)
+    if tied:
+        out_emb.weight = in_emb.weight
+    _rebuild_meta_buffers(model, opts.device)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"tensor(s) not materialized after loading {root}: {left[:10]}")
+    _finish_model(model, tokenizer, opts)
+    return model, tokenizer
+
+
+def _read_config_and_tokenizer(root: Path, opts: _LoadOptions):
+    """``(config with the options applied, tokenizer or None, open GGUF file or None)``."""
+    gfile = tokenizer = None
+    if opts.gguf_path is not None:
+        gfile, config, tokenizer = _open_gguf(opts.gguf_path)
     else:
-        config = _read_config(root, token, trust_remote_code)
-    _apply_config_options(config, max_seq_length, options or {})
+        config = _read_config(root, opts.token, opts.trust_remote_code)
+    _apply_config_options(config, opts.max_seq_length, opts.config_options)
+    return config, tokenizer, gfile
+
+
+def _is_prequantized(root: Path, config: Any) -> bool:
+    """Whether the checkpoint holds bitsandbytes 4-bit weights; any other quantization is refused."""
     qcfg = _quant_config(config)
     prequant = qcfg is not None and qcfg.get("quant_method") == "bitsandbytes"
     if qcfg is not None and not (prequant and qcfg.get("load_in_4bit", False)):
@@ -723,28 +774,24 @@ def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote
             f"{root / 'config.json'}: quantization_config {qcfg.get('quant_method')!r} "
             f"(load_in_8bit={qcfg.get('load_in_8bit')}) is not supported; only bitsandbytes 4-bit"
         )
+    return prequant
 
-    # Every check below reads headers only: fail before any weight is touched.
-    source = None
-    if gguf_path is None:
-        source = _SafetensorsSource(root)
-        tokenizer = _load_tokenizer(root, token, trust_remote_code)
+
+def _meta_skeleton(config: Any, opts: _LoadOptions) -> nn.Module:
+    """The model built from its config on the meta device (no memory), without quantization_config."""
+    from transformers import AutoModelForCausalLM
 
     skel_cfg = copy.deepcopy(config)
     if hasattr(skel_cfg, "quantization_config"):
         del skel_cfg.quantization_config
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(skel_cfg, dtype=dtype, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(
+            skel_cfg, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code
+        )
 
-    out_emb = model.get_output_embeddings()
-    in_emb = model.get_input_embeddings()
-    tied = bool(getattr(config, "tie_word_embeddings", False)) and out_emb is not None
-    keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    if source is None:  # a GGUF file names its tensors after llama.cpp; the map needs the skeleton
-        source = _GGUFSourceAdapter(gfile, model)
-    files, header = source.files, source.header
 
-    # Checkpoint key -> model name (checkpoints saved from the bare base model lack its prefix).
+def _model_names(model: nn.Module) -> Callable[[str], str | None]:
+    """Checkpoint key -> model name (checkpoints saved from the bare base model lack its prefix)."""
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     names |= {
         f"{m}.{b}" if m else b
@@ -763,9 +810,16 @@ def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote
             return key[len(prefix) + 1 :]
         return None
 
-    # Which linears become Linear4bit: from the checkpoint's own layout when pre-quantized.
-    quant_parts: dict[str, dict[str, Any]] = {}  # model weight name -> {ckpt key: header}
-    ckpt_of: dict[str, str] = {}  # model name -> ckpt key (dense tensors and 4-bit bases)
+    to_model.names = names  # type: ignore[attr-defined]  (the coverage check needs the set)
+    return to_model
+
+
+def _map_checkpoint(root: Path, model: nn.Module, config: Any, source, prequant: bool) -> _CheckpointMap:
+    """Map every checkpoint tensor to its model tensor; 4-bit parts grouped by weight, then checked."""
+    header = source.header
+    to_model = _model_names(model)
+    quant_parts: dict[str, dict[str, Any]] = {}
+    ckpt_of: dict[str, str] = {}
     ignored: list[str] = list(source.unmapped)
     for key in header:
         m = _AUX_RE.match(key)
@@ -794,29 +848,66 @@ def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote
             len(ignored),
             ignored[:5],
         )
+    return _CheckpointMap(source.files, header, to_model, quant_parts, ckpt_of)
 
-    # Replace the targeted linears with 4-bit shells.
+
+def _install_4bit_shells(
+    model: nn.Module, cmap: _CheckpointMap, prequant: bool, opts: _LoadOptions
+) -> set[str]:
+    """Replace the targeted linears with 4-bit shells; returns the weights to quantize as they arrive.
+
+    A pre-quantized checkpoint decides from its own layout; otherwise every linear but the output
+    head and ``skip_modules``.
+    """
+    from .quant.linear4bit import Linear4bit
+
+    out_emb = model.get_output_embeddings()
     quantize_on_arrival: set[str] = set()
     for mod_name, mod in list(model.named_modules()):
         if not isinstance(mod, nn.Linear) or mod is out_emb:
             continue
         wname = f"{mod_name}.weight"
         if prequant:
-            make4 = wname in quant_parts and load_in_4bit
+            make4 = wname in cmap.quant_parts and opts.load_in_4bit
         else:
-            make4 = load_in_4bit and not _matches(mod_name, skip_modules)
+            make4 = opts.load_in_4bit and not _matches(mod_name, opts.skip_modules)
         if not make4:
             continue
         shell = Linear4bit(
-            mod.in_features, mod.out_features, bias=mod.bias is not None, compute_dtype=dtype,
-            blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant, device="meta",
+            mod.in_features, mod.out_features, bias=mod.bias is not None, compute_dtype=opts.dtype,
+            blocksize=opts.blocksize, quant_type=opts.quant_type, compress_statistics=opts.double_quant,
+            device="meta",
         )  # fmt: skip
         parent_name, _, child = mod_name.rpartition(".")
         setattr(_get_module(model, parent_name), child, shell)
         if not prequant:
             quantize_on_arrival.add(wname)
+    return quantize_on_arrival
 
-    # Expected shapes from the skeleton; check every header against them up front.
+
+def _prequant_shape(path: Path, key: str, parts: dict[str, Any]) -> tuple[int, ...]:
+    """The dense shape a pre-quantized weight stands for, read from its quant_state (checked)."""
+    from safetensors import safe_open
+
+    from .quant.linear4bit import check_quant_args
+
+    try:
+        qs_key = next(k for k in parts if ".quant_state." in k)
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            meta = json.loads(bytes(fh.get_tensor(qs_key).tolist()).decode("utf-8"))
+        shape = tuple(int(s) for s in meta["shape"])
+        check_quant_args(int(meta["blocksize"]), meta["quant_type"])
+    except QuantFormatError as exc:
+        raise QuantFormatError(f"{path}: tensor {key!r}: {exc}") from exc
+    except Exception as exc:
+        raise CheckpointError(f"{path}: tensor {key!r}: unreadable bitsandbytes quant_state ({exc})") from exc
+    return shape
+
+
+def _check_shapes_and_coverage(root: Path, model: nn.Module, cmap: _CheckpointMap) -> None:
+    """Every checkpoint tensor has the shape the skeleton expects; every model tensor is present."""
+    from .quant.linear4bit import Linear4bit
+
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers(remove_duplicate=False))
 
@@ -828,26 +919,12 @@ def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote
         t = params.get(name, buffers.get(name))
         return tuple(t.shape)
 
-    tied_name = None
-    if tied:
-        tied_name = next(n for n, m in model.named_modules() if m is out_emb) + ".weight"
-    for tgt, key in ckpt_of.items():
-        if tgt == tied_name:
+    header = cmap.header
+    for tgt, key in cmap.ckpt_of.items():
+        if tgt == cmap.tied_name:
             continue
-        if tgt in quant_parts:
-            path = header[key][0]
-            try:
-                qs_key = next(k for k in quant_parts[tgt] if ".quant_state." in k)
-                with safe_open(str(path), framework="pt", device="cpu") as fh:
-                    meta = json.loads(bytes(fh.get_tensor(qs_key).tolist()).decode("utf-8"))
-                shape = tuple(int(s) for s in meta["shape"])
-                check_quant_args(int(meta["blocksize"]), meta["quant_type"])
-            except QuantFormatError as exc:
-                raise QuantFormatError(f"{path}: tensor {key!r}: {exc}") from exc
-            except Exception as exc:
-                raise CheckpointError(
-                    f"{path}: tensor {key!r}: unreadable bitsandbytes quant_state ({exc})"
-                ) from exc
+        if tgt in cmap.quant_parts:
+            shape = _prequant_shape(header[key][0], key, cmap.quant_parts[tgt])
         else:
             shape = header[key][2]
         want = dense_shape(tgt)
@@ -856,26 +933,44 @@ def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote
                 f"{header[key][0]}: tensor {key!r} has shape {list(shape)} but the model built from "
                 f"config.json expects {list(want)} for {tgt!r}"
             )
-    missing = sorted(n for n in params if n not in ckpt_of and n != tied_name and n not in quant_parts)
+    ckpt_of, names = cmap.ckpt_of, cmap.to_model.names  # type: ignore[attr-defined]
+    missing = sorted(
+        n for n in params if n not in ckpt_of and n != cmap.tied_name and n not in cmap.quant_parts
+    )
     missing += sorted(n for n in names - set(params) if n not in ckpt_of)
     if missing:
         raise CheckpointError(
             f"tensor(s) missing from the checkpoint in {root}: {missing[:10]}{' ...' if len(missing) > 10 else ''}"
         )
 
-    # Stream: one tensor in host memory at a time; quantize linears on the target device.
+
+def _reading_order(cmap: _CheckpointMap) -> dict[Path, list[str]]:
+    """Checkpoint keys to read, per shard file (the tied head and aux-less bases read once)."""
     todo: dict[Path, list[str]] = {}
-    for tgt, key in ckpt_of.items():
-        if tgt != tied_name:
-            todo.setdefault(header[key][0], []).append(key)
-    for tgt, parts in quant_parts.items():
+    for tgt, key in cmap.ckpt_of.items():
+        if tgt != cmap.tied_name:
+            todo.setdefault(cmap.header[key][0], []).append(key)
+    for tgt, parts in cmap.quant_parts.items():
         for key in parts:
-            if key != ckpt_of[tgt]:
-                todo.setdefault(header[key][0], []).append(key)
+            if key != cmap.ckpt_of[tgt]:
+                todo.setdefault(cmap.header[key][0], []).append(key)
+    return todo
+
+
+def _stream_weights(root, model, source, cmap: _CheckpointMap, quantize_on_arrival: set[str], opts) -> None:
+    """Read every tensor once, one in host memory at a time; quantize linears on the target device."""
+    from tqdm.auto import tqdm
+
+    from .quant.functional import QuantState, dequantize_4bit
+    from .quant.linear4bit import Linear4bit
+
+    todo = _reading_order(cmap)
+    keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    device, dtype = opts.device, opts.dtype
     pending: dict[str, dict[str, torch.Tensor]] = {}
     total = sum(len(v) for v in todo.values())
-    with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not progress) as bar:
-        for path in files:
+    with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not opts.progress) as bar:
+        for path in cmap.files:
             keys = todo.get(path, [])
             if not keys:
                 continue
@@ -884,29 +979,18 @@ def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote
                 for key in keys:
                     t = get(key)
                     m = _AUX_RE.match(key)
-                    tgt = to_model(m.group("base") if m else key)
-                    if tgt in quant_parts:
+                    tgt = cmap.to_model(m.group("base") if m else key)
+                    if tgt in cmap.quant_parts:
                         got = pending.setdefault(tgt, {})
                         got[key] = t
-                        if len(got) == len(quant_parts[tgt]):
-                            _finish_prequant(model, tgt, ckpt_of[tgt], pending.pop(tgt), device, dtype, path,
-                                             QuantState, dequantize_4bit, Linear4bit)  # fmt: skip
+                        if len(got) == len(cmap.quant_parts[tgt]):
+                            _finish_prequant(model, tgt, cmap.ckpt_of[tgt], pending.pop(tgt), device, dtype,
+                                             path, QuantState, dequantize_4bit, Linear4bit)  # fmt: skip
                     elif tgt in quantize_on_arrival:
                         w = t.to(device).to(dtype)
-                        del t
-                        try:
-                            if w.is_cuda and not bool(torch.isfinite(w).all()):
-                                # the CUDA quantizer's max ignores NaN, so no scale would show it
-                                raise QuantFormatError("non-finite (NaN/inf) weight value(s)")
-                            packed, state = quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
-                                                          compress_statistics=double_quant)  # fmt: skip
-                            check_finite_scales(state, "scales")  # NaN/inf weights: refused, named
-                        except QuantFormatError as exc:
-                            raise QuantFormatError(f"{path}: tensor {key!r}: {exc}") from exc
+                        del t  # the host copy goes before quantizing
+                        _quantize_into_shell(model, tgt, w, path, key, opts)
                         del w
-                        mod = _get_module(model, tgt.rpartition(".")[0])
-                        mod._set_quantized(packed, state)
-                        mod.compute_dtype = dtype
                     else:
                         want = torch.float32 if _matches(tgt, keep_fp32) else dtype
                         t = t.to(device, want if t.is_floating_point() else None)
@@ -915,17 +999,34 @@ def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote
     if pending:
         raise CheckpointError(f"incomplete 4-bit tensors in {root}: {sorted(pending)}")
 
-    if tied:
-        out_emb.weight = in_emb.weight
-    _rebuild_meta_buffers(model, device)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise CheckpointError(f"tensor(s) not materialized after loading {root}: {left[:10]}")
+
+def _quantize_into_shell(model: nn.Module, tgt: str, w: torch.Tensor, path: Path, key: str, opts) -> None:
+    """Quantize one dense weight (on the target device) into its 4-bit shell; NaN/inf refused, named."""
+    from .quant.functional import check_finite_scales, quantize_4bit
+
+    try:
+        if w.is_cuda and not bool(torch.isfinite(w).all()):
+            # the CUDA quantizer's max ignores NaN, so no scale would show it
+            raise QuantFormatError("non-finite (NaN/inf) weight value(s)")
+        packed, state = quantize_4bit(
+            w, blocksize=opts.blocksize, quant_type=opts.quant_type, compress_statistics=opts.double_quant
+        )
+        check_finite_scales(state, "scales")  # NaN/inf weights: refused, named
+    except QuantFormatError as exc:
+        raise QuantFormatError(f"{path}: tensor {key!r}: {exc}") from exc
+    mod = _get_module(model, tgt.rpartition(".")[0])
+    mod._set_quantized(packed, state)
+    mod.compute_dtype = opts.dtype
+
+
+def _finish_model(model: nn.Module, tokenizer: Any, opts: _LoadOptions) -> None:
+    """Eval mode, the recorded options, 4-bit save routing and the export methods."""
+    from .quant.linear4bit import Linear4bit
 
     model.eval()
-    model.max_seq_length = max_seq_length
-    model.config.max_seq_length = max_seq_length
-    model.config.dtype = dtype
+    model.max_seq_length = opts.max_seq_length
+    model.config.max_seq_length = opts.max_seq_length
+    model.config.dtype = opts.dtype
     model.is_loaded_in_4bit = any(isinstance(m, Linear4bit) for m in model.modules())
     if model.is_loaded_in_4bit:
         _route_save_to_4bit(model)
@@ -933,7 +1034,6 @@ def _load(root, max_seq_length, dtype, load_in_4bit, device, token, trust_remote
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     _attach_export_methods(model)
-    return model, tokenizer
 
 
 def _num_parameters_4bit(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:

@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from . import _native
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -51,9 +53,7 @@ _CACHE_KWARGS = ("past_key_values", "layer_past", "past_key_value")
 
 
 def _scheduler_class():
-    from ._core import OffloadScheduler  # the extension; imported lazily (design.md)
-
-    return OffloadScheduler
+    return _native.core().OffloadScheduler  # the extension, at first use
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:

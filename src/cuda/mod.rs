@@ -2,7 +2,7 @@
 //! modules (loaded once per device: the device's SASS, else PTX the driver JIT-compiles; see
 //! `images`), raw-stream launches and events.
 //!
-//! Rules we keep (design.md §3.4): never create or destroy a context, never own PyTorch's stream or
+//! Rules we keep: never create or destroy a context, never own PyTorch's stream or
 //! memory (streams and pointers arrive as plain integers), check every driver call. We use cudarc's
 //! `sys` layer because its safe types would take ownership of what PyTorch owns.
 

@@ -48,9 +48,8 @@ pub(crate) fn all_aligned16(ptrs: &[usize]) -> bool {
 }
 
 /// Grid for a grid-stride elementwise kernel over `n` elements with `per_thread` elements per
-/// thread per trip: as many blocks as the work needs (measured on the H200: many short-lived
-/// blocks beat one resident wave looping over the tensor, 83% vs 74% of copy bandwidth for SwiGLU
-/// forward). `RSLORA_FAST_MAX_WAVES=N` caps the grid at N waves of `resident` blocks (see
+/// thread per trip: as many blocks as the work needs (many short-lived blocks beat one resident
+/// wave looping over the tensor: docs/benchmarks.md, "Grid sizing"). `RSLORA_FAST_MAX_WAVES=N` caps the grid at N waves of `resident` blocks (see
 /// [`crate::cuda::resident_blocks`]); it exists for benchmarking.
 pub(crate) fn elementwise_grid(
     n: usize,

@@ -96,7 +96,7 @@ pub unsafe fn dequantize(
     let mut vec_ok = (packed % 4 == 0 && all_aligned16(&[out])) as i32;
     let kernel = dequant_kernel(dtype);
     // One chunk per warp, i.e. UNITS_PER_LANE store units per thread (one resident wave looping
-    // over the chunks measured slower; see the header of nf4.cu).
+    // over the chunks is slower: docs/benchmarks.md, "NF4 dequantize").
     let unit_elems = 16 / dtype.size();
     let blocks = elementwise_grid(n, UNITS_PER_LANE * unit_elems, THREADS, || {
         cuda::resident_blocks(device, "nf4", kernel, THREADS)

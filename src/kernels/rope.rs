@@ -4,6 +4,7 @@
 use std::ffi::c_void;
 
 use super::{all_aligned16, check_ptrs, elementwise_grid, DType};
+use crate::args::check_extent;
 use crate::cuda::{self, LaunchConfig, RawStream};
 use crate::{Error, Result};
 
@@ -80,6 +81,7 @@ impl RopeArgs {
         if strides.clone().any(|&s| s < 0) {
             return Err(Error::invalid("rope: negative strides are not supported"));
         }
+        self.check_extents()?;
         let half = self.head_dim / 2;
         let n = 16 / self.dtype.size();
         let vec = half % n == 0
@@ -105,6 +107,54 @@ impl RopeArgs {
             groups: groups as u32,
         })
     }
+}
+
+impl RopeArgs {
+    /// Every tensor's strided extent must be addressable: its last element's offset computed
+    /// without overflow, and `[ptr, ptr + extent)` non-null, element-aligned and not wrapping.
+    fn check_extents(&self) -> Result<()> {
+        let elem = self.dtype.size();
+        let (b, s) = (self.batch, self.seq);
+        let [q0, q1, q2] = self.q_strides;
+        let [k0, k1, k2] = self.k_strides;
+        let [c0, c1] = self.cos_strides;
+        let [s0, s1] = self.sin_strides;
+        let tensors: [(&str, usize, &[Dim]); 4] = [
+            ("rope q", self.q, &[(b, q0), (self.q_heads, q1), (s, q2)]),
+            ("rope k", self.k, &[(b, k0), (self.k_heads, k1), (s, k2)]),
+            ("rope cos", self.cos, &[(b, c0), (s, c1)]),
+            ("rope sin", self.sin, &[(b, s0), (s, s1)]),
+        ];
+        for (name, ptr, dims) in tensors {
+            check_extent(
+                name,
+                ptr,
+                strided_span(name, dims, self.head_dim)?,
+                elem,
+                elem,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// One dimension of a strided tensor: `(size, stride in elements)`.
+type Dim = (usize, i64);
+
+/// Elements from the first to one past the last element of a tensor with the given
+/// `(size, stride)` dimensions and a contiguous last dimension of `inner` elements (0 when empty).
+fn strided_span(what: &str, dims: &[Dim], inner: usize) -> Result<usize> {
+    if inner == 0 || dims.iter().any(|&(n, _)| n == 0) {
+        return Ok(0);
+    }
+    let overflow = || Error::invalid(format!("{what}: the strided extent overflows"));
+    let mut last = 0usize;
+    for &(n, stride) in dims {
+        let stride = usize::try_from(stride).map_err(|_| overflow())?;
+        let step = (n - 1).checked_mul(stride).ok_or_else(overflow)?;
+        last = last.checked_add(step).ok_or_else(overflow)?;
+    }
+    last.checked_add(inner).ok_or_else(overflow)
 }
 
 /// The fast kernel (one pass of a 3-D grid, see `kernels/rope.cu`).
@@ -280,6 +330,23 @@ mod tests {
         a.k_strides[2] = 66;
         assert!(!a.plan().unwrap().vec);
         assert!(args(DType::F32, 64).plan().unwrap().vec);
+    }
+
+    #[test]
+    fn rejects_strides_whose_extent_overflows_or_wraps_and_misaligned_pointers() {
+        let mut a = args(DType::BF16, 64);
+        a.q_strides[0] = i64::MAX / 2; // (batch - 1) * stride + ... fits usize, wraps the address space
+        assert!(matches!(a.plan(), Err(Error::InvalidArgument(m)) if m.contains("rope q")));
+        let mut a = args(DType::BF16, 64);
+        a.cos_strides[1] = i64::MAX; // (seq - 1) * stride overflows
+        assert!(matches!(a.plan(), Err(Error::InvalidArgument(m)) if m.contains("rope cos")));
+        let mut a = args(DType::F32, 64);
+        a.sin += 2; // not a whole f32
+        assert!(matches!(a.plan(), Err(Error::InvalidArgument(m)) if m.contains("aligned")));
+        let mut a = args(DType::F32, 64);
+        a.k_heads = 0; // an empty k is never dereferenced
+        a.k = 3;
+        assert!(a.plan().is_ok());
     }
 
     #[test]

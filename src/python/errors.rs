@@ -1,88 +1,25 @@
 //! One mapping from [`crate::Error`] to Python exceptions, all under `RsloraError`.
+//!
+//! The classes are the Python ones in `rslora_fast.errors` (the canonical hierarchy, importable
+//! without the extension); Rust imports them by name, so `except
+//! rslora_fast.errors.InvalidArgumentError` catches what the extension raises. `_core` also
+//! exposes them under the same names (the same class objects, not copies).
 
-use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyMemoryError, PyValueError};
+use pyo3::import_exception;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyTuple, PyType};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::Error;
 
-create_exception!(
-    _core,
-    RsloraError,
-    PyException,
-    "Base class of every error raised by rslora_fast."
-);
-create_exception!(
-    _core,
-    CudaError,
-    RsloraError,
-    "A CUDA driver call or kernel launch failed; the message names the kernel and the CUDA error."
-);
-create_exception!(
-    _core,
-    KernelsUnavailableError,
-    RsloraError,
-    "The compiled kernels are missing or cannot be loaded on this machine."
-);
-create_exception!(
-    _core,
-    QuantFormatError,
-    RsloraError,
-    "A quantized tensor or its serialized state is malformed."
-);
-create_exception!(
-    _core,
-    OffloadError,
-    RsloraError,
-    "The activation-offload scheduler was misused or ran out of host memory."
-);
+import_exception!(rslora_fast.errors, RsloraError);
+import_exception!(rslora_fast.errors, CudaError);
+import_exception!(rslora_fast.errors, KernelsUnavailableError);
+import_exception!(rslora_fast.errors, QuantFormatError);
+import_exception!(rslora_fast.errors, OffloadError);
+import_exception!(rslora_fast.errors, InvalidArgumentError);
+import_exception!(rslora_fast.errors, HostMemoryError);
 
-// Two classes with a second, builtin base (so `except ValueError` / `except MemoryError` keep
-// working): `create_exception!` takes one base, so they are made with `type(name, bases, ns)`.
-static INVALID_ARGUMENT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
-static HOST_MEMORY: PyOnceLock<Py<PyType>> = PyOnceLock::new();
-
-fn two_base_class<'py>(
-    py: Python<'py>,
-    cell: &'static PyOnceLock<Py<PyType>>,
-    name: &str,
-    builtin: Bound<'py, PyType>,
-    doc: &str,
-) -> PyResult<Bound<'py, PyType>> {
-    let cls = cell.get_or_try_init(py, || -> PyResult<Py<PyType>> {
-        let bases = PyTuple::new(py, [py.get_type::<RsloraError>(), builtin])?;
-        let ns = PyDict::new(py);
-        ns.set_item("__doc__", doc)?;
-        ns.set_item("__module__", "rslora_fast._core")?;
-        let cls = py.get_type::<PyType>().call1((name, bases, ns))?;
-        Ok(cls.cast_into::<PyType>()?.unbind())
-    })?;
-    Ok(cls.bind(py).clone())
-}
-
-fn invalid_argument_error(py: Python<'_>) -> PyResult<Bound<'_, PyType>> {
-    two_base_class(
-        py,
-        &INVALID_ARGUMENT,
-        "InvalidArgumentError",
-        py.get_type::<PyValueError>(),
-        "An argument passed to the extension is not acceptable (also a ValueError).",
-    )
-}
-
-fn host_memory_error(py: Python<'_>) -> PyResult<Bound<'_, PyType>> {
-    two_base_class(
-        py,
-        &HOST_MEMORY,
-        "HostMemoryError",
-        py.get_type::<PyMemoryError>(),
-        "Host memory could not be allocated or a configured cap was reached (also a MemoryError).",
-    )
-}
-
+/// Expose the error classes on `_core` (`_core.OffloadError is rslora_fast.errors.OffloadError`).
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("RsloraError", py.get_type::<RsloraError>())?;
@@ -93,8 +30,11 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add("QuantFormatError", py.get_type::<QuantFormatError>())?;
     m.add("OffloadError", py.get_type::<OffloadError>())?;
-    m.add("InvalidArgumentError", invalid_argument_error(py)?)?;
-    m.add("HostMemoryError", host_memory_error(py)?)?;
+    m.add(
+        "InvalidArgumentError",
+        py.get_type::<InvalidArgumentError>(),
+    )?;
+    m.add("HostMemoryError", py.get_type::<HostMemoryError>())?;
     Ok(())
 }
 
@@ -102,26 +42,14 @@ impl From<Error> for PyErr {
     fn from(err: Error) -> PyErr {
         let msg = err.to_string();
         match err {
-            Error::InvalidArgument(_) => two_base_err(invalid_argument_error, msg),
+            Error::InvalidArgument(_) => InvalidArgumentError::new_err(msg),
             Error::Cuda { .. } | Error::CudaUnavailable(_) => CudaError::new_err(msg),
             Error::KernelsUnavailable(_) => KernelsUnavailableError::new_err(msg),
             Error::QuantFormat(_) => QuantFormatError::new_err(msg),
-            Error::HostMemory(_) => two_base_err(host_memory_error, msg),
+            Error::HostMemory(_) => HostMemoryError::new_err(msg),
             Error::Offload(_) => OffloadError::new_err(msg),
         }
     }
-}
-
-/// An instance of one of the two-base classes; before `register` ran (never in practice) the
-/// builtin base is raised instead, so the error is not lost.
-fn two_base_err(
-    class: for<'py> fn(Python<'py>) -> PyResult<Bound<'py, PyType>>,
-    msg: String,
-) -> PyErr {
-    Python::attach(|py| match class(py) {
-        Ok(cls) => PyErr::from_type(cls, msg),
-        Err(e) => e,
-    })
 }
 
 /// Run a binding body, turning `Err` into the mapped exception and a panic into `RsloraError`.

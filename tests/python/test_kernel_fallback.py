@@ -1,7 +1,7 @@
 """When our CUDA kernels cannot be loaded, every op runs its plain-torch path after ONE warning.
 
 There is no GPU here, so the tests make CPU tensors look like GPU tensors to the dispatch
-(``_launch.on_gpu``) and make loading fail: once through a fake extension whose every launch
+(``_device.on_gpu``) and make loading fail: once through a fake extension whose every launch
 function raises (so a launch after a failed load would be caught), once through the real extension,
 which cannot load the driver on this machine. The results are checked against plain-torch formulas.
 """
@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rslora_fast import _device, _native
 from rslora_fast.errors import KernelsUnavailableError
-from rslora_fast.ops import _launch
 from rslora_fast.ops.cross_entropy import cross_entropy
 from rslora_fast.ops.fused_ce import fused_linear_cross_entropy
 from rslora_fast.ops.geglu import geglu
@@ -38,14 +38,14 @@ class _FailingCore:
 
 
 def _fake_gpu(monkeypatch, core) -> None:
-    monkeypatch.setattr(_launch, "on_gpu", lambda t: True)
+    monkeypatch.setattr(_device, "on_gpu", lambda t: True)
     monkeypatch.setattr(functional, "on_gpu", lambda t: True)
-    monkeypatch.setattr(_launch, "device_index", lambda t: 0)
-    monkeypatch.setattr(_launch, "_ready", {})
-    monkeypatch.setattr(_launch, "_warned", False)
+    monkeypatch.setattr(_device, "device_index", lambda t: 0)
+    monkeypatch.setattr(_device, "_ready", {})
+    monkeypatch.setattr(_device, "_warned", False)
     if core is not None:
-        monkeypatch.setattr(_launch, "core", lambda: core)
-        monkeypatch.setattr(functional, "_core_or_none", lambda: core)
+        monkeypatch.setattr(_native, "core", lambda: core)
+        monkeypatch.setattr(_native, "core_or_none", lambda: core)
 
 
 def _grad_check(fn, *inputs):
@@ -137,7 +137,7 @@ OPS = {
 
 
 def _fallback_warnings(caught) -> list[str]:
-    return [str(w.message) for w in caught if issubclass(w.category, _launch.KernelsFallbackWarning)]
+    return [str(w.message) for w in caught if issubclass(w.category, _device.KernelsFallbackWarning)]
 
 
 @pytest.mark.parametrize("op", list(OPS))
@@ -162,7 +162,7 @@ def test_one_warning_for_all_ops(monkeypatch):
             run()
             run()
     assert len(_fallback_warnings(caught)) == 1
-    assert _launch.kernel_status() == {0: False}
+    assert _device.kernel_status() == {0: False}
 
 
 def test_real_extension_without_a_driver_falls_back(monkeypatch):

@@ -13,6 +13,7 @@ import torch
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
+from rslora_fast import _native  # noqa: E402
 from rslora_fast.errors import QuantFormatError  # noqa: E402
 from rslora_fast.quant import functional as F  # noqa: E402
 
@@ -20,7 +21,7 @@ SHAPES = [(7, 13), (64, 64), (33, 65), (130, 257), (1, 1), (5,), (3, 4096 + 5)]
 
 
 def _core():
-    core = F._core_or_none()
+    core = _native.core_or_none()
     if core is None:
         pytest.skip("rslora_fast._core not built")
     return core
@@ -120,7 +121,7 @@ def test_quant_state_json_and_keys_like_bitsandbytes():
         for k, v in ref.items():
             assert torch.equal(ours[k], v), k
         raw = bytes(ours[f"m.weight.quant_state.bitsandbytes__{qt}"].tolist())
-        core = F._core_or_none()
+        core = _native.core_or_none()
         assert core.quant_state_json(qt, 64, "bfloat16", [40, 24], s.nested_offset) == raw
         # And back: our loader reads bitsandbytes' tensors.
         tensors = dict(ref)

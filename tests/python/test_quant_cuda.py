@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import rslora_fast
+from rslora_fast import _native
 from rslora_fast.quant import functional as F
 
 pytestmark = [
@@ -68,7 +69,7 @@ def test_gpu_quantize_bytes_equal_cpu(quant_type, dtype):
 
 
 def test_gpu_double_quant_equals_cpu_given_same_offset():
-    core = F._core_or_none()
+    core = _native.core_or_none()
     w = torch.randn(999, 1001, device="cuda", dtype=torch.bfloat16)
     p, s = F.quantize_4bit(w, 64, "nf4", True)
     _, s_plain = F.quantize_4bit(w, 64, "nf4", False)

@@ -1,6 +1,6 @@
 //! Tests of `rslora_fast::quant`: tables, packing order, odd sizes, partial blocks, round-trip
 //! error, double quantization and the quant_state JSON. Expected values come from the format
-//! definition (reference.md §1) and float64 math, never from the code under test.
+//! definition (docs/formats.md, "NF4 / FP4") and float64 math, never from the code under test.
 
 use rslora_fast::quant::codebook::{dynamic_lut, encode8};
 use rslora_fast::quant::*;

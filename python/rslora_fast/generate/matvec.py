@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..ops._launch import core, dtype_name, stream_of, use_kernels
+from .._device import dtype_name, stream_of, use_kernels
+from .._native import core
 from ..quant.functional import dynamic_map
 from ..quant.linear4bit import _is_dtensor, _packed_bytes
 

@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._validate import boolean, is_int, positive_int
+
 CONFIG_NAME = "adapter_config.json"
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -28,8 +30,7 @@ _UNSUPPORTED_IF_NOT_EMPTY = ("target_parameters", "trainable_token_indices", "la
 
 
 def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    positive_int(name, value)
 
 
 def _check_positive_number(name: str, value: Any) -> None:
@@ -109,8 +110,7 @@ class LoraConfig:
             raise ValueError(f"lora_dropout must be a number in [0, 1), got {d!r}")
         if self.bias not in ACCEPTED_BIAS:
             raise ValueError(f"bias must be one of {list(ACCEPTED_BIAS)}, got {self.bias!r}")
-        if not isinstance(self.use_rslora, bool):
-            raise ValueError(f"use_rslora must be a bool, got {self.use_rslora!r}")
+        boolean("use_rslora", self.use_rslora)
         iw = self.init_lora_weights
         if not (isinstance(iw, bool) or (isinstance(iw, str) and iw in ("gaussian", "loftq"))):
             raise ValueError(
@@ -135,7 +135,7 @@ class LoraConfig:
         if ltt is not None:
             items = [ltt] if not isinstance(ltt, (list, tuple)) else list(ltt)
             for i in items:
-                if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0:
+                if not is_int(i) or i < 0:
                     raise ValueError(
                         f"layers_to_transform must be a non-negative int or a list of them, got {ltt!r}"
                     )

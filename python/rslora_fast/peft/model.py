@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import numbers
 import os
 import warnings
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._validate import boolean, int_or_none, is_int, positive_int
 from ..checkpointing import apply_gradient_checkpointing, validate_mode
 from ..quant.linear4bit import is_4bit_linear
 from . import init as _init
@@ -117,7 +117,7 @@ def _checked_ranks(model: nn.Module, config: LoraConfig, targets) -> dict[str, i
         r = pattern_value(config.rank_pattern, name, config.r)
         base = model.get_submodule(name)
         limit = max(int(base.in_features), int(base.out_features))
-        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 0 < r <= limit:
+        if not is_int(r) or not 0 < r <= limit:
             raise ValueError(
                 f"LoRA rank r={r!r} for {name} ({base.in_features} -> {base.out_features}) is out of "
                 f"range; expected an int in 1..{limit}"
@@ -963,68 +963,14 @@ def get_peft_model(
             accepted), ``target_modules`` matches nothing, ``layers_to_transform`` is out of range,
             or the model already has adapters with different settings.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
-    if _is_hf_peft_model(model):
-        raise TypeError(
-            f"model is already wrapped by HF peft ({type(model).__module__}.{type(model).__name__}); pass "
-            "the base model (peft_model.get_base_model(), or merge_and_unload() to keep its adapter)"
-        )
-    unknown = sorted(set(kwargs) - set(ACCEPTED_KWARGS))
-    if unknown:
-        raise TypeError(
-            f"get_peft_model() got unexpected keyword argument(s) {unknown}; accepted extra keyword "
-            f"arguments: {list(ACCEPTED_KWARGS)}"
-        )
-    for flag in ("use_dora", "fan_in_fan_out", "lora_bias"):
-        if kwargs.get(flag, False):
-            raise ValueError(
-                f"{flag}={kwargs[flag]!r} is not supported by rslora_fast; only False is accepted"
-            )
-    mode = validate_mode(use_gradient_checkpointing)
-    if random_state is not None and (
-        isinstance(random_state, bool) or not isinstance(random_state, numbers.Integral)
-    ):
-        raise ValueError(f"random_state must be an int or None, got {random_state!r}")
-    if (
-        isinstance(max_seq_length, bool)
-        or not isinstance(max_seq_length, numbers.Integral)
-        or max_seq_length <= 0
-    ):
-        raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
-    use_reentrant = kwargs.get("use_reentrant", False)
-    if not isinstance(use_reentrant, bool):
-        raise ValueError(f"use_reentrant must be a bool, got {use_reentrant!r}")
-
-    modules_to_save = kwargs.get("modules_to_save")
-    modules_to_save = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save or [])
-    if isinstance(target_modules, (list, tuple, set)):
-        tm = list(target_modules)
-        inner = model.base_model.model if isinstance(model, PeftModel) else model
-        head = output_head_name(inner)
-        full = [t for t in tm if t in _FULL_TRAIN_TARGETS or (head is not None and t == head)]
-        for t in full:
-            tm.remove(t)
-            if t not in modules_to_save:
-                modules_to_save.append(t)
-        if full and not tm:
-            raise ValueError(
-                f"target_modules={list(target_modules)!r} names only modules trained in full ({full}); "
-                "add at least one linear layer name"
-            )
-        target_modules = tm
-
-    init = kwargs.get("init_lora_weights", True)
-    loftq = dict(loftq_config or {})
-    if loftq and init is True:
-        init = "loftq"
-    if init == "loftq" and not loftq:
-        loftq = {"loftq_bits": 4, "loftq_iter": 1}
-    if loftq and init != "loftq":
-        raise ValueError(
-            f"loftq_config is given but init_lora_weights={init!r}; use 'loftq' (or leave it True)"
-        )
-
+    _check_model_and_keywords(model, kwargs)
+    mode, use_reentrant = _checked_training_options(
+        use_gradient_checkpointing, random_state, max_seq_length, kwargs
+    )
+    target_modules, modules_to_save = _split_full_train_targets(
+        model, target_modules, kwargs.get("modules_to_save")
+    )
+    init, loftq = _resolve_init(kwargs.get("init_lora_weights", True), loftq_config)
     inner = model.base_model.model if isinstance(model, PeftModel) else model
     cfg_obj = getattr(inner, "config", None)
     config = LoraConfig(
@@ -1046,38 +992,109 @@ def get_peft_model(
         base_model_name_or_path=getattr(cfg_obj, "_name_or_path", None)
         or getattr(inner, "name_or_path", None),
     )
-
     if isinstance(model, PeftModel):
-        ours = config.settings()
-        theirs = model._requested_settings
-        if ours == theirs:
-            warnings.warn(
-                "the model already has LoRA adapters with these settings; returning it unchanged",
-                stacklevel=2,
-            )
-            return model
-        diff = sorted(k for k in ours if ours[k] != theirs.get(k))
-        raise ValueError(
-            f"the model already has LoRA adapters with different settings (differing: {diff}); call "
-            "get_peft_model on the base model (peft_model.unload()) to start again"
-        )
+        return _same_adapters_or_error(model, config)
     if _has_adapters(model):
         raise ValueError("the model already contains LoRA layers; pass its PeftModel instead")
 
     peft_model = PeftModel(model, config, random_state=random_state)
+    _install_checkpointing(
+        peft_model, model, mode, max_seq_length, use_reentrant, kwargs.get("max_memory_gb")
+    )
+    return peft_model
+
+
+def _check_model_and_keywords(model: Any, kwargs: dict) -> None:
+    """A torch module not wrapped by HF peft, known keywords, unsupported flags left False."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    if _is_hf_peft_model(model):
+        raise TypeError(
+            f"model is already wrapped by HF peft ({type(model).__module__}.{type(model).__name__}); pass "
+            "the base model (peft_model.get_base_model(), or merge_and_unload() to keep its adapter)"
+        )
+    unknown = sorted(set(kwargs) - set(ACCEPTED_KWARGS))
+    if unknown:
+        raise TypeError(
+            f"get_peft_model() got unexpected keyword argument(s) {unknown}; accepted extra keyword "
+            f"arguments: {list(ACCEPTED_KWARGS)}"
+        )
+    for flag in ("use_dora", "fan_in_fan_out", "lora_bias"):
+        if kwargs.get(flag, False):
+            raise ValueError(
+                f"{flag}={kwargs[flag]!r} is not supported by rslora_fast; only False is accepted"
+            )
+
+
+def _checked_training_options(use_gradient_checkpointing, random_state, max_seq_length, kwargs: dict):
+    """``(checkpointing mode, use_reentrant)`` after checking the seed and the sequence length."""
+    mode = validate_mode(use_gradient_checkpointing)
+    int_or_none("random_state", random_state)
+    positive_int("max_seq_length", max_seq_length)
+    return mode, boolean("use_reentrant", kwargs.get("use_reentrant", False))
+
+
+def _split_full_train_targets(model: nn.Module, target_modules, modules_to_save) -> tuple[Any, list[str]]:
+    """Move embeddings and the output head named in a target list to ``modules_to_save``."""
+    modules_to_save = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save or [])
+    if not isinstance(target_modules, (list, tuple, set)):
+        return target_modules, modules_to_save
+    tm = list(target_modules)
+    inner = model.base_model.model if isinstance(model, PeftModel) else model
+    head = output_head_name(inner)
+    full = [t for t in tm if t in _FULL_TRAIN_TARGETS or (head is not None and t == head)]
+    for t in full:
+        tm.remove(t)
+        if t not in modules_to_save:
+            modules_to_save.append(t)
+    if full and not tm:
+        raise ValueError(
+            f"target_modules={list(target_modules)!r} names only modules trained in full ({full}); "
+            "add at least one linear layer name"
+        )
+    return tm, modules_to_save
+
+
+def _resolve_init(init: Any, loftq_config: dict | None) -> tuple[Any, dict]:
+    """``(init_lora_weights, loftq settings)``: a LoftQ config implies ``"loftq"`` and vice versa."""
+    loftq = dict(loftq_config or {})
+    if loftq and init is True:
+        init = "loftq"
+    if init == "loftq" and not loftq:
+        loftq = {"loftq_bits": 4, "loftq_iter": 1}
+    if loftq and init != "loftq":
+        raise ValueError(
+            f"loftq_config is given but init_lora_weights={init!r}; use 'loftq' (or leave it True)"
+        )
+    return init, loftq
+
+
+def _same_adapters_or_error(model: PeftModel, config: LoraConfig) -> PeftModel:
+    """A PeftModel asked again with its own settings is returned (with a warning); else an error."""
+    ours = config.settings()
+    theirs = model._requested_settings
+    if ours == theirs:
+        warnings.warn(
+            "the model already has LoRA adapters with these settings; returning it unchanged",
+            stacklevel=3,
+        )
+        return model
+    diff = sorted(k for k in ours if ours[k] != theirs.get(k))
+    raise ValueError(
+        f"the model already has LoRA adapters with different settings (differing: {diff}); call "
+        "get_peft_model on the base model (peft_model.unload()) to start again"
+    )
+
+
+def _install_checkpointing(peft_model, model, mode, max_seq_length, use_reentrant, max_memory_gb) -> None:
+    """Switch the checkpointing mode on and remember it (``FastLanguageModel.for_training`` re-applies it)."""
     if mode is not False:
         mode = apply_gradient_checkpointing(
-            model,
-            mode,
-            max_seq_length,
-            use_reentrant=use_reentrant,
-            max_memory_gb=kwargs.get("max_memory_gb"),
+            model, mode, max_seq_length, use_reentrant=use_reentrant, max_memory_gb=max_memory_gb
         )
-    # Remembered so FastLanguageModel.for_training can switch the configured mode back on.
     peft_model._gradient_checkpointing = {
         "mode": mode,
         "max_seq_length": int(max_seq_length),
         "use_reentrant": use_reentrant,
-        "max_memory_gb": kwargs.get("max_memory_gb"),
+        "max_memory_gb": max_memory_gb,
     }
-    return peft_model

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 from typing import TYPE_CHECKING
 
 from torch import nn
 
+from .. import _native
 from ..errors import InvalidArgumentError
 from ..quant.linear4bit import is_4bit_linear
 
@@ -102,7 +102,7 @@ def fullmatch(pattern: str, name: str) -> bool:
     """
     if pattern == name:
         return True
-    core = _core_matcher()
+    core = _native.core_or_none()
     if core is not None:
         return core.regex_fullmatch(pattern, [name])[0]
     if len(pattern) > MAX_PATTERN_CHARS or _NESTED_QUANTIFIER.search(pattern):
@@ -114,15 +114,6 @@ def fullmatch(pattern: str, name: str) -> bool:
         return re.fullmatch(pattern, name) is not None
     except re.error as exc:
         raise InvalidArgumentError(f"module-name pattern {pattern[:80]!r}: {exc}") from None
-
-
-@functools.cache
-def _core_matcher():
-    try:
-        from .. import _core
-    except ImportError:
-        return None
-    return _core if hasattr(_core, "regex_fullmatch") else None
 
 
 def layer_index(name: str, layers_pattern) -> int | None:

@@ -23,8 +23,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .. import _native
+from .._device import KERNEL_DTYPES, device_index, on_gpu, raw_stream, stream_of, use_kernels
 from ..errors import QuantFormatError
-from ..ops._launch import device_index, on_gpu, use_kernels
 
 __all__ = [
     "DequantPlan",
@@ -33,6 +34,7 @@ __all__ = [
     "dequantize_4bit",
     "dequantize_4bit_reference",
     "dynamic_map",
+    "NF4_CODE",
     "get_4bit_code",
     "quantize_4bit",
     "quantize_4bit_reference",
@@ -42,7 +44,7 @@ QUANT_TYPES = ("nf4", "fp4")
 NESTED_BLOCKSIZE = 256
 
 # Code values (float32), index = the 4-bit code. FP4: bit 3 is the sign, magnitudes /12.
-_NF4 = (
+NF4_CODE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
@@ -54,8 +56,7 @@ _FP4 = tuple(m / 12.0 for m in _FP4_MAG) + tuple(-m / 12.0 for m in _FP4_MAG)
 # what bitsandbytes' encoder uses (a value in (0, first midpoint] encodes as code 8, i.e. -0).
 _FP4_ORDER = (11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3)
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+_NAME_DTYPES = {v: k for k, v in KERNEL_DTYPES.items()}
 
 
 def _check(blocksize: int, quant_type: str) -> None:
@@ -74,7 +75,7 @@ def get_4bit_code(quant_type: str = "nf4", device: torch.device | str = "cpu") -
     """The 16 float32 code values of ``quant_type`` (bitsandbytes' ``quant_map``)."""
     if quant_type not in QUANT_TYPES:
         raise QuantFormatError(f"unknown 4-bit quant type {quant_type!r}; expected 'nf4' or 'fp4'")
-    return torch.tensor(_NF4 if quant_type == "nf4" else _FP4, dtype=torch.float32, device=device)
+    return torch.tensor(NF4_CODE if quant_type == "nf4" else _FP4, dtype=torch.float32, device=device)
 
 
 @functools.cache
@@ -177,7 +178,7 @@ class QuantState:
         d = {
             "quant_type": self.quant_type,
             "blocksize": self.blocksize,
-            "dtype": _DTYPE_NAMES.get(self.dtype, str(self.dtype).removeprefix("torch.")),
+            "dtype": KERNEL_DTYPES.get(self.dtype, str(self.dtype).removeprefix("torch.")),
             "shape": list(self.shape),
         }
         if self.nested:
@@ -317,7 +318,7 @@ def check_finite_scales(state: QuantState, what: str) -> None:
 
 def parse_quant_state(raw: bytes, what: str = "quant_state") -> dict:
     """Parse and check bitsandbytes' ``quant_state`` JSON; :class:`QuantFormatError` if malformed."""
-    core = _core_or_none()
+    core = _native.core_or_none()
     if core is not None:
         return core.parse_quant_state(raw)
     try:
@@ -343,15 +344,6 @@ def parse_quant_state(raw: bytes, what: str = "quant_state") -> dict:
         if not isinstance(meta["nested_offset"], (int, float)):
             raise QuantFormatError(f"{what}: bad nested_offset")
     return meta
-
-
-@functools.cache
-def _core_or_none():
-    try:
-        from .. import _core
-    except ImportError:
-        return None
-    return _core if hasattr(_core, "nf4_quantize_cpu") else None
 
 
 # ----------------------------------------------------------------------- plain-torch reference
@@ -442,11 +434,6 @@ def dequantize_4bit_reference(
 
 
 # ----------------------------------------------------------------------------- public API
-def _stream(t: torch.Tensor) -> tuple[int, int]:
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    return index, torch.cuda.current_stream(index).cuda_stream
-
-
 def _quantize_rust(
     weight: torch.Tensor, blocksize: int, quant_type: str, compress_statistics: bool, core
 ) -> tuple[torch.Tensor, QuantState]:
@@ -456,9 +443,9 @@ def _quantize_rust(
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=dev)
     if on_gpu(weight):
         src = weight.detach().contiguous()
-        index, stream = _stream(src)
+        index, stream = stream_of(src)
         core.nf4_quantize_cuda(
-            src.data_ptr(), _DTYPE_NAMES[src.dtype], n, blocksize, quant_type,
+            src.data_ptr(), KERNEL_DTYPES[src.dtype], n, blocksize, quant_type,
             packed.data_ptr(), absmax.data_ptr(), index, stream,
         )  # fmt: skip
     else:
@@ -505,11 +492,11 @@ def quantize_4bit(
     plain-torch reference when the extension is not built).
     """
     _check(blocksize, quant_type)
-    if weight.dtype not in _DTYPE_NAMES:
+    if weight.dtype not in KERNEL_DTYPES:
         raise ValueError(
             f"quantize_4bit: unsupported dtype {weight.dtype}; expected float32/float16/bfloat16"
         )
-    core = _core_or_none()
+    core = _native.core_or_none()
     if not _native_path(core, weight):
         return quantize_4bit_reference(weight, blocksize, quant_type, compress_statistics)
     return _quantize_rust(weight, blocksize, quant_type, compress_statistics, core)
@@ -537,7 +524,7 @@ def dequantize_4bit(
     dtype = dtype or (out.dtype if out is not None else state.dtype)
     if out is not None:
         _check_out(out, state, dtype, packed.device)
-    if dtype not in _DTYPE_NAMES:
+    if dtype not in KERNEL_DTYPES:
         raise ValueError(f"dequantize_4bit: unsupported dtype {dtype}")
     plan = DequantPlan(packed, state)
     res = out if out is not None else torch.empty(state.shape, dtype=dtype, device=packed.device)
@@ -572,7 +559,7 @@ class DequantPlan:
         self.index = 0
         self._sizes = (n, state.blocksize, state.quant_type)
         self.offset = float(state.nested_offset) if state.nested else 0.0
-        self._core = core = _core_or_none()
+        self._core = core = _native.core_or_none()
         if n == 0 or not _native_path(core, packed):
             self._kind, self._keep = "reference", (packed, state)
             return
@@ -602,7 +589,7 @@ class DequantPlan:
 
     def stream(self) -> int:
         """The raw handle of torch's current stream on the plan's GPU (0 on the CPU)."""
-        return _raw_stream(self.index) if self._kind == "cuda" else 0
+        return raw_stream(self.index) if self._kind == "cuda" else 0
 
     def run(self, out: torch.Tensor, stream: int) -> None:
         """Write the dense weight into ``out`` (contiguous, ``numel`` elements of float32/16/bf16 on
@@ -617,7 +604,7 @@ class DequantPlan:
             else:
                 ins = (keep[0].data_ptr(), keep[1].data_ptr(), 0, 0, 0, 0.0)
             self._core.nf4_dequantize_cuda(
-                *ins, out.data_ptr(), *self._sizes, _DTYPE_NAMES[out.dtype], self.index, stream
+                *ins, out.data_ptr(), *self._sizes, KERNEL_DTYPES[out.dtype], self.index, stream
             )
         elif self._kind == "cpu":
             self._run_cpu(out)
@@ -645,14 +632,6 @@ class DequantPlan:
         )  # fmt: skip
         if f32 is not out:
             out.view(-1).copy_(f32)
-
-
-def _raw_stream(index: int) -> int:
-    return torch.cuda.current_stream(index).cuda_stream
-
-
-if hasattr(torch._C, "_cuda_getCurrentRawStream"):  # CUDA builds: no Stream object per call
-    _raw_stream = torch._C._cuda_getCurrentRawStream  # noqa: F811
 
 
 def _check_scales(state: QuantState) -> None:
