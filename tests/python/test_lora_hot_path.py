@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rslora_fast.quant.functional as qf
+from rslora_fast import _native
 from rslora_fast.ops import lora_linear as ll
 from rslora_fast.ops.lora_linear import FusableLora, fused_lora_disabled, lora_linears
 from rslora_fast.peft.layer import LoraLinear
@@ -163,7 +164,7 @@ def test_dequant_plan_built_once_per_layer_and_no_validating_dequantize_per_call
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_cuda_one_native_call_per_dequantize(monkeypatch):
-    core = qf._core_or_none()
+    core = _native.core_or_none()
     calls = []
 
     class Counting:
@@ -174,7 +175,7 @@ def test_cuda_one_native_call_per_dequantize(monkeypatch):
             calls.append(1)
             return core.nf4_dequantize_cuda(*args)
 
-    monkeypatch.setattr(qf, "_core_or_none", Counting)
+    monkeypatch.setattr(_native, "core_or_none", Counting)
     (qkv, *_) = _decoder_like("4bit", torch.bfloat16, hidden=515, device="cuda")
     x = torch.randn(3, 77, 515, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     for _ in range(3):
