@@ -474,8 +474,10 @@ def worker(args: argparse.Namespace, loader: Callable | None = None) -> dict:
     model = (loader or load_system)(args.system, model_dir, args.seq_len, args.r)
     _sync()
     load_s = time.perf_counter() - t0
-    extra = _budget_fields(model) if parse_system(args.system).name == "rslora_fast" else {}
-    return measure(model, args, load_s, extra)
+    row = measure(model, args, load_s)
+    if parse_system(args.system).name == "rslora_fast":
+        row.update(_budget_fields(model))  # after training: the budget is planned in the first step
+    return row
 
 
 def _budget_fields(model) -> dict:
