@@ -34,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,6 +192,8 @@ def build_checkpoint(shape: str, cache: Path) -> Path:
 
     build_demo_tokenizer().save_pretrained(tmp)
     del model
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the parent keeps no GPU memory while the systems run
     tmp.rename(folder)
     return folder
 
@@ -467,14 +468,15 @@ def measure(model, args: argparse.Namespace, load_s: float, extra: dict | None =
     return row
 
 
-def worker(args: argparse.Namespace, loader: Callable | None = None) -> dict:
-    """One system in this process: load (``loader`` for peer systems), train, measure; returns the row."""
+def worker(args: argparse.Namespace, peer=None) -> dict:
+    """One system in this process: load (``peer.load_model`` for a peer system), train, measure."""
     model_dir = Path(args.model_dir)
     t0 = time.perf_counter()
-    model = (loader or load_system)(args.system, model_dir, args.seq_len, args.r)
+    load = peer.load_model if peer is not None else load_system
+    model = load(args.system, model_dir, args.seq_len, args.r)
     _sync()
     load_s = time.perf_counter() - t0
-    row = measure(model, args, load_s)
+    row = measure(model, args, load_s, {"version": peer.version()} if peer is not None else None)
     if parse_system(args.system).name == "rslora_fast":
         row.update(_budget_fields(model))  # after training: the budget is planned in the first step
     return row
@@ -741,11 +743,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(
     argv: list[str] | None = None,
     runners: dict[str, list[str]] | None = None,
-    loaders: dict[str, Callable] | None = None,
+    loaders: dict | None = None,
 ) -> int:
     """The bench's command line. ``runners`` maps a system name to the command that runs its worker
-    (benches/train_step.py names benches/peers.py for Unsloth); ``loaders`` is what a peer runner
-    passes to load its own system in the worker."""
+    (benches/train_step.py names benches/peers.py for Unsloth); ``loaders`` maps a system name to the
+    module a peer runner loads it with (``load_model``, ``version``; see benches/peers.py)."""
     p = build_parser()
     args = p.parse_args(argv)
     optimizers = [o for o in args.optimizer.split(",") if o]
@@ -753,8 +755,8 @@ def main(
     if bad or not optimizers:
         p.error(f"--optimizer {args.optimizer!r}: each must be one of {list(OPTIMIZERS)}")
     if args.worker:
-        loader = (loaders or {}).get(parse_system(args.system).name)
-        row = longctx_worker(args) if args.mode == "longctx" else worker(args, loader)
+        peer = (loaders or {}).get(parse_system(args.system).name)
+        row = longctx_worker(args) if args.mode == "longctx" else worker(args, peer)
         Path(args.result).write_text(json.dumps(row))
         return 0
 
