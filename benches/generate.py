@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None, loaders: dict | None = None) -> int:
     peer_site = (
         bench.install_peer_wheels(Path(args.peer_wheels), Path(args.cache)) if args.peer_wheels else None
     )
-    deadline = time.time() + args.time_budget_s if args.time_budget_s else None
+    deadline = None if args.time_budget_s is None else time.time() + args.time_budget_s
     runner = bench.Runner(
         peer_site,
         {"unsloth": [sys.executable, str(HERE / "peers.py"), "generate", "--bench-module", __file__]},

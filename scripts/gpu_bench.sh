@@ -25,7 +25,7 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 peer_args=()
 if ls "$PEERS"/*.whl >/dev/null 2>&1; then peer_args=(--peer-wheels "$PEERS"); else
   echo "no peer wheels in $PEERS: the Unsloth / bitsandbytes / TRL systems are skipped"; fi
-left() { echo $((BUDGET_S - ($(date +%s) - START))); }
+left() { local s=$((BUDGET_S - ($(date +%s) - START))); echo $((s > 1 ? s : 1)); }
 train() {  # shape batch systems optimizer
   python3 benches/train_step.py --cache "$CACHE" --out "$OUT/train.jsonl" "${peer_args[@]}" \
     --shape "$1" --batch "$2" --seq-len 2048 --systems "$3" --optimizer "$4" --warmup 3 --steps 20 \

@@ -660,7 +660,7 @@ class Runner:
     def skip_reason(self, spec: SystemSpec, script: str) -> str | None:
         if spec.name in PEER_SYSTEMS and self.peer_site is None:
             return f"no --peer-wheels given: {spec.name} runs from the peer wheels"
-        if spec.name in PEER_SYSTEMS and spec.name not in self.runners and spec.name == "unsloth":
+        if spec.name == "unsloth" and "unsloth" not in self.runners:
             return f"Unsloth runs only from a checkout ({script}); the package holds no Unsloth code"
         if self.deadline is not None and self.deadline - time.time() < 20:
             return "the call's --time-budget-s was spent before this system started"
@@ -761,7 +761,7 @@ def main(
         return 0
 
     peer_site = install_peer_wheels(Path(args.peer_wheels), Path(args.cache)) if args.peer_wheels else None
-    deadline = time.time() + args.time_budget_s if args.time_budget_s else None
+    deadline = None if args.time_budget_s is None else time.time() + args.time_budget_s
     runner = Runner(peer_site, runners or {}, deadline)
     model_dir = build_checkpoint(args.shape, Path(args.cache))
     rows = []

@@ -125,6 +125,10 @@ def test_peer_systems_skipped_with_a_note_without_wheels(tmp_path):
     rows = _rows(out)
     assert [r["kind"] for r in rows] == ["skipped", "skipped"]
     assert all("no --peer-wheels given" in r["skipped"] for r in rows)
+    # A spent time budget skips what has not started, with the reason.
+    argv = [*TINY, "--systems", "rslora_fast:16bit", "--cache", str(tmp_path / "c"), "--out", str(out)]
+    assert bench.main([*argv, "--time-budget-s", "0"]) == 0
+    assert "--time-budget-s was spent" in _rows(out)[-1]["skipped"]
     # From the package alone (no checkout runner), Unsloth is refused even with wheels.
     runner = bench.Runner(tmp_path, {}, None)
     assert "only from a checkout" in runner.skip_reason(bench.parse_system("unsloth:4bit"), "x")
