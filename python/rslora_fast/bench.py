@@ -649,6 +649,13 @@ def run_worker_process(cmd: list[str], env: dict, log: Path, timeout: float | No
     return f"exit {proc.returncode}: {lines[-1] if lines else ''} (log: {log})"
 
 
+def _installed_here(spec: SystemSpec) -> bool:
+    """HF peft + bitsandbytes also runs where bitsandbytes is installed (a dev venv, a carried site)."""
+    import importlib.util
+
+    return spec.name == "hf_peft_bnb" and importlib.util.find_spec("bitsandbytes") is not None
+
+
 @dataclass
 class Runner:
     """How the systems of one call run: where peers come from, and the time left."""
@@ -658,7 +665,7 @@ class Runner:
     deadline: float | None
 
     def skip_reason(self, spec: SystemSpec, script: str) -> str | None:
-        if spec.name in PEER_SYSTEMS and self.peer_site is None:
+        if spec.name in PEER_SYSTEMS and self.peer_site is None and not _installed_here(spec):
             return f"no --peer-wheels given: {spec.name} runs from the peer wheels"
         if spec.name == "unsloth" and "unsloth" not in self.runners:
             return f"Unsloth runs only from a checkout ({script}); the package holds no Unsloth code"

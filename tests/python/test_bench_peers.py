@@ -115,7 +115,7 @@ def test_peer_systems_skipped_with_a_note_without_wheels(tmp_path):
     argv = [
         *TINY,
         "--systems",
-        "unsloth:4bit,hf_peft_bnb:nf4",
+        "unsloth:4bit,unsloth:bf16",
         "--cache",
         str(tmp_path / "c"),
         "--out",
@@ -124,7 +124,7 @@ def test_peer_systems_skipped_with_a_note_without_wheels(tmp_path):
     assert bench.main(argv) == 0
     rows = _rows(out)
     assert [r["kind"] for r in rows] == ["skipped", "skipped"]
-    assert all("no --peer-wheels given" in r["skipped"] for r in rows)
+    assert all("no --peer-wheels given: unsloth runs from the peer wheels" in r["skipped"] for r in rows)
     # A spent time budget skips what has not started, with the reason.
     argv = [*TINY, "--systems", "rslora_fast:16bit", "--cache", str(tmp_path / "c"), "--out", str(out)]
     assert bench.main([*argv, "--time-budget-s", "0"]) == 0
