@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# This folder's kernels.py would shadow the PyPI package `kernels` that bitsandbytes probes.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 GENERATE_SYSTEMS = "rslora_fast:4bit,unsloth:4bit,hf_peft_bnb:nf4,rslora_fast:16bit,unsloth:bf16"
 SMOKE = ["--shape", "tiny", "--batches", "1,2", "--prompt-len", "16", "--new-tokens", "4",
          "--long-prompt", "32", "--runs", "1", "--max-seq-length", "64", "--grpo-completion", "4",

@@ -15,6 +15,9 @@ import importlib.util
 import os
 import sys
 
+# This folder's kernels.py would shadow the PyPI package `kernels` that Unsloth and bitsandbytes probe.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
