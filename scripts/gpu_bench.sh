@@ -11,7 +11,9 @@
 # Aliases: train = train8b train1b, generate = gen4bit gen16bit (each over 10 minutes together:
 # give them one call each). Every part stops starting systems when BUDGET_S (default 570 s from
 # the script's start) is spent, so one call stays under the 10-minute limit and keeps what ran.
-# WHEELS: folder of our wheel (default dist); PEERS: folder of the peer wheels (default .peer-wheels).
+# WHEELS: folder of our wheel (default dist; "none": use the installed package); PEERS: folder of the
+# peer wheels (default .peer-wheels). `bash scripts/gpu_bench.sh smoke` runs the parts' commands on a
+# tiny shape (CPU is fine) to check this script.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 WHEELS=${WHEELS:-dist}
@@ -20,15 +22,19 @@ CACHE=${CACHE:-bench-cache}
 START=$(date +%s)
 BUDGET_S=${BUDGET_S:-570}
 mkdir -p "$OUT/logs"
-python3 -m pip install -q --no-deps --no-index --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if [ "$WHEELS" != none ]; then
+  python3 -m pip install -q --no-deps --no-index --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
 peer_args=()
 if ls "$PEERS"/*.whl >/dev/null 2>&1; then peer_args=(--peer-wheels "$PEERS"); else
   echo "no peer wheels in $PEERS: the Unsloth / bitsandbytes / TRL systems are skipped"; fi
 left() { local s=$((BUDGET_S - ($(date +%s) - START))); echo $((s > 1 ? s : 1)); }
 train() {  # shape batch systems optimizer
   python3 benches/train_step.py --cache "$CACHE" --out "$OUT/train.jsonl" "${peer_args[@]}" \
-    --shape "$1" --batch "$2" --seq-len 2048 --systems "$3" --optimizer "$4" --warmup 3 --steps 20 \
+    --shape "$1" --batch "$2" --seq-len "${SEQ:-2048}" --systems "$3" --optimizer "$4" --warmup "${WARMUP:-3}" \
+    --steps "${STEPS:-20}" \
     --time-budget-s "$(left)" 2>>"$OUT/logs/train.err" | sed -n '/^| system/,$p'
 }
 parts=()
@@ -59,7 +65,14 @@ for part in "${parts[@]}"; do
     profile)
       timeout "$(left)" python3 benches/profile_step.py --cache "$CACHE" --out "$OUT/profile.txt" \
         --json-out "$OUT/profile.jsonl" --system "${PROFILE_SYSTEM:-rslora_fast:4bit:unsloth}" 2>>"$OUT/logs/profile.err" | head -20 ;;
-    *) echo "unknown part $part (train8b train8b-fused train1b gen4bit gen16bit grpo profile; train; generate)" ;;
+    smoke)  # the same commands on a tiny shape, to check this script anywhere
+      SEQ=32 WARMUP=1 STEPS=2 train tiny 2 rslora_fast:4bit:unsloth,unsloth:4bit default,fused
+      python3 benches/generate.py --smoke --part generate,grpo --cache "$CACHE" --out "$OUT/generate.jsonl" \
+        "${peer_args[@]}" --systems rslora_fast:4bit,unsloth:4bit --time-budget-s "$(left)" \
+        2>>"$OUT/logs/generate.err" | sed -n '/^| system/,$p'
+      python3 benches/profile_step.py --smoke --cache "$CACHE" --out "$OUT/profile.txt" --json-out "$OUT/profile.jsonl" \
+        2>>"$OUT/logs/profile.err" | head -3 ;;
+    *) echo "unknown part $part (train8b train8b-fused train1b gen4bit gen16bit grpo profile smoke; train; generate)" ;;
   esac
 done
 cp "$CACHE"/logs/*.log "$OUT/logs/" 2>/dev/null
