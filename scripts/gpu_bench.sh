@@ -8,6 +8,8 @@
 #   bash scripts/gpu_bench.sh gen4bit            # 8B generation, 4-bit, with Unsloth and HF peft + bnb (~6 min)
 #   bash scripts/gpu_bench.sh gen16bit profile   # 8B generation, 16-bit; the step's profile (~6 min)
 #   bash scripts/gpu_bench.sh train8b-fused      # the deciding row again with fused AdamW (~4.5 min)
+#   bash scripts/gpu_bench.sh train8b-budget     # max_memory_gb=21 vs Unsloth without checkpointing (~4.5 min)
+#   bash scripts/gpu_bench.sh train8b-long       # 8 x 8192 (~9 min: a call of its own, checkpoint cached first)
 # Aliases: train = train8b train1b, generate = gen4bit gen16bit (each over 10 minutes together:
 # give them one call each). Every part stops starting systems when BUDGET_S (default 570 s from
 # the script's start) is spent, so one call stays under the 10-minute limit and keeps what ran.
@@ -52,6 +54,10 @@ for part in "${parts[@]}"; do
       train llama-3-8b 2 rslora_fast:4bit:unsloth,unsloth:4bit default
       train llama-3-8b 2 rslora_fast:16bit:unsloth,unsloth:bf16 default ;;
     train8b-fused) train llama-3-8b 2 rslora_fast:4bit:unsloth,unsloth:4bit fused ;;
+    train8b-budget)  # max_memory_gb = Unsloth-without-checkpointing's peak, against it
+      train llama-3-8b 2 "rslora_fast:4bit:unsloth:budget=${BUDGET_GIB:-21},unsloth:4bit:false" default ;;
+    train8b-long)  # batch 8 x 8192: ~6.5 s steps, about 9 minutes with the checkpoint cached
+      SEQ=8192 train llama-3-8b 8 rslora_fast:4bit:unsloth,unsloth:4bit default ;;
     train1b)
       train llama-3.2-1b 4 rslora_fast:4bit:unsloth,unsloth:4bit,rslora_fast:16bit:unsloth,unsloth:bf16 default ;;
     gen4bit|gen16bit)
@@ -72,7 +78,7 @@ for part in "${parts[@]}"; do
         2>>"$OUT/logs/generate.err" | sed -n '/^| system/,$p'
       python3 benches/profile_step.py --smoke --cache "$CACHE" --out "$OUT/profile.txt" --json-out "$OUT/profile.jsonl" \
         2>>"$OUT/logs/profile.err" | head -3 ;;
-    *) echo "unknown part $part (train8b train8b-fused train1b gen4bit gen16bit grpo profile smoke; train; generate)" ;;
+    *) echo "unknown part $part (train8b train8b-fused train8b-budget train8b-long train1b gen4bit gen16bit grpo profile smoke; train; generate)" ;;
   esac
 done
 cp "$CACHE"/logs/*.log "$OUT/logs/" 2>/dev/null

@@ -555,9 +555,9 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
         if r.get("kind") != "train_step" or parse_system(r["system"]).name == "unsloth":
             continue
         spec = parse_system(r["system"])
-        ref = refs.get((spec.precision, r["optimizer"], spec.checkpointing)) or refs.get(
-            (spec.precision, r["optimizer"])
-        )
+        # A memory budget spends memory to skip recompute: its peer is Unsloth without checkpointing.
+        mode = "false" if spec.budget is not None else spec.checkpointing
+        ref = refs.get((spec.precision, r["optimizer"], mode)) or refs.get((spec.precision, r["optimizer"]))
         if ref is None:
             continue
         ratio = {"kind": "ratio_to_unsloth", "system": r["system"], "optimizer": r["optimizer"]}

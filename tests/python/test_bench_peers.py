@@ -147,9 +147,18 @@ def test_ratio_rows_pair_each_system_with_unsloth_of_its_precision_and_optimizer
         row("rslora_fast:4bit:unsloth", "default", 1300.0, 6.3),
         row("rslora_fast:16bit:unsloth", "default", 2500.0, 16.0),
         row("rslora_fast:4bit:unsloth", "fused", 1400.0, 6.3),  # no fused Unsloth row: no ratio
+        row("unsloth:4bit:false", "default", 1500.0, 21.0),
+        row("rslora_fast:4bit:unsloth:budget=21", "default", 1800.0, 21.0),
     ]
     got = {r["system"]: r for r in bench.ratio_rows(rows)}
-    assert set(got) == {"rslora_fast:4bit:unsloth", "rslora_fast:16bit:unsloth"}
+    assert set(got) == {
+        "rslora_fast:4bit:unsloth",
+        "rslora_fast:16bit:unsloth",
+        "rslora_fast:4bit:unsloth:budget=21",
+    }
+    # A budget row is compared with Unsloth without checkpointing.
+    assert got["rslora_fast:4bit:unsloth:budget=21"]["unsloth"] == "unsloth:4bit:false"
+    assert got["rslora_fast:4bit:unsloth:budget=21"]["tokens_per_s"] == 1.2
     assert got["rslora_fast:4bit:unsloth"]["unsloth"] == "unsloth:4bit"
     assert got["rslora_fast:4bit:unsloth"]["tokens_per_s"] == 1.3
     assert got["rslora_fast:4bit:unsloth"]["peak_alloc_gib"] == 0.9
