@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -638,9 +639,13 @@ def run_worker_process(cmd: list[str], env: dict, log: Path, timeout: float | No
     """Run one system's process (output to ``log``); returns None on success, else the error line."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
+        # Its own session, so that a timeout also ends what it started (compile workers).
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             return f"timed out after {timeout:.0f} s (log: {log})"
     if proc.returncode == 0:
         return None
@@ -675,8 +680,9 @@ class Runner:
 
     def env(self, spec: SystemSpec) -> dict:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if spec.name in PEER_SYSTEMS:
+        if spec.name in PEER_SYSTEMS and self.peer_site is not None:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.peer_site), env.get("PYTHONPATH")]))
+        if spec.name == "unsloth":
             env.update(UNSLOTH_DISABLE_STATISTICS="1", HF_HUB_OFFLINE="1")
         return env
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import zipfile
 from pathlib import Path
@@ -256,3 +257,26 @@ def test_profile_smoke_reports_the_lora_share(tmp_path):
     assert cats["LoRA GEMMs"] > 0 and cats["base GEMMs"] > 0 and cats["attention"] > 0
     assert 0 < row["lora_share"] < 1
     assert "LoRA share:" in (tmp_path / "p.txt").read_text()
+
+
+def test_a_system_past_its_time_is_ended_with_what_it_started(tmp_path):
+    import time
+
+    from rslora_fast import bench
+
+    pid_file = tmp_path / "child.pid"
+    script = (
+        "import subprocess, sys, time\n"
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(c.pid))\n"
+        "time.sleep(60)\n"
+    )
+    t0 = time.time()
+    err = bench.run_worker_process([sys.executable, "-c", script], {**os.environ}, tmp_path / "w.log", 3.0)
+    assert err.startswith("timed out after 3 s") and time.time() - t0 < 30
+    child = Path(f"/proc/{pid_file.read_text()}/status")
+    for _ in range(50):  # the orphan is reaped by init shortly after it is killed
+        if not child.exists() or "\tZ" in child.read_text():
+            break
+        time.sleep(0.1)
+    assert not child.exists() or "\tZ" in child.read_text()
