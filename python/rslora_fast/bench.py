@@ -12,7 +12,8 @@ Builds the named shape with random bf16 weights once into ``--cache`` (save_pret
 through each system's own loader in its own process, runs ``--warmup`` + ``--steps`` training steps
 (random token ids, labels = inputs, ``torch.optim.AdamW(lr=2e-4)`` on the LoRA parameters with
 torch's defaults, or fused with ``--optimizer fused``; LoRA r=16 on the seven projections), then
-``--busy-steps`` more with the GPU kept ahead of the host to measure the GPU's own time per step.
+``--busy-steps`` more with the GPU kept ahead of the host (its own time per step), and as many
+with its kernel timeline traced (its idle share of the step).
 Prints a table with every figure as a ratio to the Unsloth system of the same precision measured in
 the same call; every row is appended as a JSON line to ``--out`` as soon as its system finishes.
 
@@ -392,6 +393,7 @@ def train_steps(
         out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     if cuda and busy_steps and out["step_times"]:
         out.update(_busy_steps(model, opt, gen, batch, seq_len, vocab, device, busy_steps, out))
+        out.update(_traced_steps(model, opt, gen, batch, seq_len, vocab, device, busy_steps, out))
     return out
 
 
@@ -413,6 +415,40 @@ def _busy_steps(model, opt, gen, batch, seq_len, vocab, device, n: int, timed: d
     return {"busy_times": busy, "busy_upper_bound": max(enqueue) > 0.9 * spin_s}
 
 
+def union_length(spans: list[tuple[float, float]]) -> float:
+    """Total length covered by the intervals (overlaps, e.g. kernels on two streams, counted once)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def _traced_steps(model, opt, gen, batch, seq_len, vocab, device, n: int, timed: dict) -> dict:
+    """The GPU's idle share per step from its kernel timeline (CUDA activity only, no op tracing).
+
+    Kernels, copies and memsets that overlap count once; idle = 1 - busy / the step's wall time.
+    Tracing adds a little host time per launch, so the traced steps' own wall time is reported too.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    idle, walls = [], []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            loss, wall, _, _ = _timed_step(model, opt, ids)
+        timed["losses"].append(float(loss))
+        cuda = torch.autograd.DeviceType.CUDA
+        spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == cuda]
+        if not spans:
+            return {}
+        idle.append(max(0.0, 1.0 - union_length(spans) / 1e6 / wall))
+        walls.append(wall)
+    return {"traced_idle": idle, "traced_step_times": walls}
+
+
 def step_stats(res: dict, batch: int, seq_len: int) -> dict:
     """Medians, spread (slowest / median), host enqueue and the GPU's idle share of the step."""
     times = res["step_times"]
@@ -431,8 +467,13 @@ def step_stats(res: dict, batch: int, seq_len: int) -> dict:
     if res.get("busy_times"):
         busy = statistics.median(res["busy_times"])
         stats["gpu_busy_s_median"] = round(busy, 4)
-        stats["gpu_idle_share"] = round(max(0.0, 1.0 - busy / med), 4)
+        stats["gpu_idle_share_spin"] = round(max(0.0, 1.0 - busy / med), 4)
         stats["gpu_busy_upper_bound"] = res["busy_upper_bound"]
+        stats.update(gpu_idle_share=stats["gpu_idle_share_spin"], gpu_idle_source="spin")
+    if res.get("traced_idle"):
+        stats["gpu_idle_share"] = round(statistics.median(res["traced_idle"]), 4)
+        stats["gpu_idle_source"] = "kernel trace"
+        stats["traced_step_s_median"] = round(statistics.median(res["traced_step_times"]), 4)
     return stats
 
 
@@ -601,9 +642,8 @@ def print_table(rows: list[dict]) -> None:
             continue
         x = ratios.get((r["system"], r["optimizer"]), {})
         idle = r.get("gpu_idle_share")
-        idle_s = (
-            "-" if idle is None else f"{100 * idle:.1f}%" + ("+" if r.get("gpu_busy_upper_bound") else "")
-        )
+        bound = r.get("gpu_idle_source") == "spin" and r.get("gpu_busy_upper_bound")
+        idle_s = "-" if idle is None else f"{100 * idle:.1f}%" + ("+" if bound else "")
         print(
             f"| {r['system']} | {r['optimizer']} | {r['tokens_per_s']:,.0f} | {_fmt(x.get('tokens_per_s'))} | "
             f"{r['step_s_median']:.3f} | {r['spread']:.2f} | {r['host_enqueue_s_median']:.3f} | "
@@ -732,7 +772,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (Unsloth compiles in them)")
     p.add_argument("--steps", type=int, default=20, help="timed steps; the median is reported")
-    p.add_argument("--busy-steps", type=int, default=5, help="extra steps timing the GPU's own work (CUDA)")
+    p.add_argument(
+        "--busy-steps", type=int, default=5, help="CUDA: extra steps timing the GPU's own work, each way"
+    )
     p.add_argument("--optimizer", default="default", help="default | fused | default,fused (one row each)")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--cap-gib", type=float, default=24.0)

@@ -280,3 +280,11 @@ def test_a_system_past_its_time_is_ended_with_what_it_started(tmp_path):
             break
         time.sleep(0.1)
     assert not child.exists() or "\tZ" in child.read_text()
+
+
+def test_union_length_counts_overlaps_once():
+    from rslora_fast.bench import union_length
+
+    # [0,4] and [2,5] overlap on [2,4]; [6,7] is apart; [6.2,6.5] lies inside it: 5 + 1 covered.
+    assert union_length([(6.0, 7.0), (0.0, 4.0), (2.0, 5.0), (6.2, 6.5)]) == 6.0
+    assert union_length([]) == 0.0
