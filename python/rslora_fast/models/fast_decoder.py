@@ -356,7 +356,8 @@ _KINDS = (
     ("attention", _attention_why_not, _fast_attention_forward, lambda n: n.endswith("Attention")),
     ("RMSNorm", _rms_norm_why_not, _fast_rms_norm_forward, lambda n: n.endswith("RMSNorm")),
     ("MLP", fast_mlp._why_not, fast_mlp._fused_forward, lambda n: n.endswith("MLP")),
-    ("decoder layer", _layer_why_not, _fast_decoder_layer_forward, lambda n: n.endswith("DecoderLayer")),
+    # only the named families' layers: the others (gemma 2/3, phi-3) are not missing a fusion
+    ("decoder layer", _layer_why_not, _fast_decoder_layer_forward, lambda n: n in DECODER_LAYER_CLASSES),
 )
 
 
