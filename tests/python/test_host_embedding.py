@@ -79,6 +79,12 @@ def test_cpu_wiring_keeps_names_values_results_and_restores():
     for n in grads:
         assert torch.equal(grads[n], grads_ref[n]), n
     assert torch.equal(_generate(model, ids), gen_ref)
+    kept = emb.weight
+    inner.to("cpu")  # a device move (what trainers do) keeps the table where it is
+    assert emb.weight is kept
+    inner.to(torch.float64)  # a dtype change converts it
+    assert emb.weight.dtype == torch.float64 and torch.equal(emb.weight, table.double())
+    inner.to(torch.float32)
 
     he.restore_embedding(inner)
     assert not he.is_offloaded(inner) and emb.weight is param and torch.equal(param, table)
@@ -151,6 +157,9 @@ def test_cuda_results_are_bit_identical_and_the_table_leaves_the_gpu(dtype):
         assert torch.equal(_generate(fast, ids), _generate(plain, ids))
         view = emb.__dict__[he._VIEWS][ids.device]
         assert view.data_ptr() == emb.weight.data_ptr()  # the GPU reads the host table itself
+        fast.to("cuda")  # what trainers do: the table stays in pinned host memory
+        assert emb.weight.device.type == "cpu" and emb.weight.is_pinned()
+        assert torch.equal(_step(fast, ids)[0], loss_ref)
 
 
 @cuda

@@ -18,7 +18,8 @@ the step's token ids straight from that host memory:
 
 Tied embeddings (``lm_head.weight is embed_tokens.weight``) are refused: the head reads the whole
 table every step, so it must stay on the GPU and offloading would save nothing.
-``restore_embedding(model)`` puts the table back as a parameter on its device.
+``model.to(dtype)`` converts the table where it is; ``model.to(device)`` (trainers move models)
+leaves it on the host. ``restore_embedding(model)`` puts it back as a parameter on its device.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def _move_to_host(emb: nn.Embedding, pin: bool) -> int:
     emb.__dict__[_STATE] = (w, device)
     emb.__dict__[_VIEWS] = {}
     emb.forward = functools.partial(_host_embedding_forward, emb)
+    emb._apply = functools.partial(_apply_on_host, emb)
     return nbytes
 
 
@@ -98,6 +100,7 @@ def restore_embedding(model: nn.Module) -> None:
     param, device = emb.__dict__.pop(_STATE)
     emb.__dict__.pop(_VIEWS, None)
     emb.__dict__.pop("forward", None)
+    emb.__dict__.pop("_apply", None)
     param.data = emb._buffers.pop("weight").to(device)
     emb.weight = param
 
@@ -142,6 +145,21 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a is b or (
         a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
     )
+
+
+def _apply_on_host(self: nn.Embedding, fn, recurse: bool = True) -> nn.Embedding:
+    """``nn.Module._apply`` for the offloaded embedding: ``model.to(dtype)`` converts the table,
+    a device move (``model.to("cuda")``, as trainers do) leaves it in pinned host memory."""
+    host = self._buffers["weight"]
+    # What `fn` does, learnt on an empty tensor: a device move would copy the whole table to the
+    # GPU first (and leave that block in the allocator's cache), so only its dtype is applied.
+    dtype = fn(torch.empty(0, dtype=host.dtype, device=host.device)).dtype
+    new = host if dtype == host.dtype else host.to(dtype)
+    if new is not host and host.is_pinned():
+        new = new.pin_memory()
+    self._buffers["weight"] = new
+    self.__dict__[_VIEWS] = {}  # aliases of the old table
+    return self
 
 
 def _host_embedding_forward(self: nn.Embedding, input: torch.Tensor) -> torch.Tensor:
