@@ -178,6 +178,45 @@ def cross_entropy_rows(dtype: torch.dtype, tokens: int = 4096, vocab: int = 1282
     return [(f"{name} fwd", size, ours_fwd, eager_fwd), (f"{name} bwd", 2 * size, ours_bwd, eager_bwd)]
 
 
+# ---- residual add + RMSNorm (added by the fusions work; one function and one line in main) ----
+def add_rms_norm_rows(n: int, dtype: torch.dtype, hidden: int = 4096) -> list:
+    """The decoder layer's post-attention ``s = x + residual; y = norm(s)``: forward reads x and
+    the residual and writes s and y; the frozen-weight backward reads dy, ds and s and writes the
+    addends' gradient. Eager: the add and transformers' LlamaRMSNorm expression (autograd for bwd)."""
+    from rslora_fast.ops.rms_norm import add_rms_norm_bwd_dx, add_rms_norm_fwd
+
+    x = torch.randn(n // hidden, hidden, device="cuda", dtype=dtype)
+    r, dy, ds = torch.randn_like(x), torch.randn_like(x), torch.randn_like(x)
+    w = torch.randn(hidden, device="cuda", dtype=dtype)
+    s, _y, rstd = add_rms_norm_fwd(x, r, w, 1e-6, False)
+    x_leaf = x.detach().requires_grad_()
+
+    def eager_sum_norm(xx):
+        sf = (xx + r).float()
+        return xx + r, w * (sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+
+    def eager_bwd():
+        s_e, y_e = eager_sum_norm(x_leaf)
+        return torch.autograd.grad([s_e, y_e], [x_leaf], [ds, dy])
+
+    size = x.numel() * x.element_size()
+    name = f"rows of {hidden}"
+    return [
+        (
+            f"add_rms_norm fwd ({name})",
+            4 * size,
+            lambda: add_rms_norm_fwd(x, r, w, 1e-6, False),
+            lambda: eager_sum_norm(x),
+        ),
+        (
+            f"add_rms_norm bwd dx ({name})",
+            4 * size,
+            lambda: add_rms_norm_bwd_dx(dy, ds, s, w, rstd, False),
+            eager_bwd,
+        ),
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--elements", type=int, default=64 * 1024 * 1024)
@@ -195,6 +234,7 @@ def main() -> int:
         cases = swiglu_rows(args.elements, dtype) + geglu_rows(args.elements, dtype)
         cases += rms_norm_rows(args.elements, dtype) + rope_rows(dtype)
         cases += cross_entropy_rows(dtype)
+        cases += add_rms_norm_rows(args.elements, dtype)  # fusions
         for name, nbytes, ours, eager in cases:
             if args.only not in name:
                 continue

@@ -4,6 +4,10 @@
 //   Gemma: y = T(x * rstd * (1 + w))      (fp32 all the way, one rounding)
 // Backward, with g = dy * w_eff (w_eff = w or 1 + w) and xn = x * rstd:
 //   dx = rstd * (g - xn * mean(g * xn)),   dw = sum over rows of dy * xn (Llama: dy * T(xn))
+// Residual-add variants (`add_rms_norm_*`, the decoder layer's "h = residual + attn_out; norm(h)"):
+//   forward: s = T(x + residual) is written and normalized as x above (s is what the layer adds
+//   its MLP output to); backward (frozen weight only): ds_total = T(ds + dx(s)), one rounding,
+//   the gradient of both x and residual. One pass each way instead of an add kernel plus a norm.
 //
 // A group of `group` threads owns one row at a time: a warp (group = 32, narrow rows, several rows
 // per block) or the whole block (group = blockDim.x). Thread `lane` of a group always owns the same
@@ -71,11 +75,38 @@ __device__ __forceinline__ T norm_out(float xn, float w, int gemma) {
                : rf::from_f32<T>(rf::to_f32(rf::from_f32<T>(xn)) * w);
 }
 
+// buf[k] <- T(buf[k] + res[k]) (the residual sum, rounded as torch's add), stored to `s`.
+template <typename T, int K>
+__device__ __forceinline__ void add_residual(rf::Vec<T> (&buf)[K], const T* __restrict__ res,
+                                             T* __restrict__ s, int lane, int nvec, int group) {
+  constexpr int N = rf::Vec<T>::N;
+  rf::Vec<T> rv[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int v = lane + k * group;
+    if (v < nvec) rv[k] = rf::load_vec(res + v * N);
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int v = lane + k * group;
+    if (v < nvec) {
+#pragma unroll
+      for (int j = 0; j < N; ++j)
+        buf[k].v[j] = rf::from_f32<T>(rf::to_f32(buf[k].v[j]) + rf::to_f32(rv[k].v[j]));
+      rf::store_vec(s + v * N, buf[k]);
+    }
+  }
+}
+
 // Forward with the row in registers: K vectors of x and K of the weight per thread, all loads
 // issued before the reduction. In-row indices are int: the launcher sets `fast` only for
 // cols <= K * N * MAX_THREADS.
-template <typename T, int K>
-__device__ void fwd_regs(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+// ADD: x <- T(x + res) first, written to `s`; the weight is then loaded vector by vector in the
+// output pass (L1 hits, as the dx-only backward does) instead of held: x, res and a held weight
+// (3K vectors) spill at 128 registers.
+template <typename T, int K, bool ADD = false>
+__device__ void fwd_regs(const T* __restrict__ x, const T* __restrict__ res,
+                         const T* __restrict__ w, T* __restrict__ s, T* __restrict__ y,
                          float* __restrict__ rstd, int64_t rows, int cols, float eps, int gemma,
                          int group, float* red) {
   constexpr int N = rf::Vec<T>::N;
@@ -90,8 +121,9 @@ __device__ void fwd_regs(const T* __restrict__ x, const T* __restrict__ w, T* __
       const int v = gr.lane + k * group;
       if (v < nvec) buf[k] = rf::load_vec(xr + v * N);
     }
+    if constexpr (ADD) add_residual<T, K>(buf, res + r * cols, s + r * cols, gr.lane, nvec, group);
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
+    for (int k = 0; k < K && !ADD; ++k) {
       const int v = gr.lane + k * group;
       if (v < nvec) wv[k] = rf::load_vec(w + v * N);
     }
@@ -114,26 +146,37 @@ __device__ void fwd_regs(const T* __restrict__ x, const T* __restrict__ w, T* __
       const int v = gr.lane + k * group;
       if (v < nvec) {
         rf::Vec<T> out;
+        const rf::Vec<T> wk = ADD ? rf::load_vec(w + v * N) : wv[k];
 #pragma unroll
         for (int j = 0; j < N; ++j)
-          out.v[j] = norm_out<T>(rf::to_f32(buf[k].v[j]) * rs, rf::to_f32(wv[k].v[j]), gemma);
+          out.v[j] = norm_out<T>(rf::to_f32(buf[k].v[j]) * rs, rf::to_f32(wk.v[j]), gemma);
         rf::store_vec(yr + v * N, out);
       }
     }
   }
 }
 
-template <typename T>
-__device__ void fwd_generic(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+// ADD: the residual sum is written to `s` in the first pass and read back (by the thread that
+// wrote it) in the second.
+template <typename T, bool ADD = false>
+__device__ void fwd_generic(const T* __restrict__ x, const T* __restrict__ res,
+                            const T* __restrict__ w, T* __restrict__ s, T* __restrict__ y,
                             float* __restrict__ rstd, int64_t rows, int64_t cols, float eps,
                             int gemma, int group, float* red) {
   const Groups gr = groups(group);
   const float inv_cols = 1.0f / (float)cols;
   for (int64_t r = gr.id; r < rows; r += gr.n) {
-    const T* xr = x + r * cols;
+    const T* xr = ADD ? s + r * cols : x + r * cols;
     float ss = 0.0f;
     for (int64_t c = gr.lane; c < cols; c += group) {
-      const float f = rf::to_f32(xr[c]);
+      float f;
+      if constexpr (ADD) {
+        const T sum = rf::from_f32<T>(rf::to_f32(x[r * cols + c]) + rf::to_f32(res[r * cols + c]));
+        s[r * cols + c] = sum;
+        f = rf::to_f32(sum);
+      } else {
+        f = rf::to_f32(xr[c]);
+      }
       ss += f * f;
     }
     const float rs = rsqrtf(group_sum(ss, group, red) * inv_cols + eps);
@@ -218,11 +261,13 @@ __device__ void bwd_fast(const T* __restrict__ dy, const T* __restrict__ x,
   }
 }
 
-template <typename T, bool DW = true>
+// ADD (with DW = false): dx += ds before the one rounding.
+template <typename T, bool DW = true, bool ADD = false>
 __device__ void bwd_generic(const T* __restrict__ dy, const T* __restrict__ x,
                             const T* __restrict__ w, const float* __restrict__ rstd,
                             T* __restrict__ dx, float* __restrict__ partial, int64_t rows,
-                            int64_t cols, int gemma, int group, float* red) {
+                            int64_t cols, int gemma, int group, float* red,
+                            const T* __restrict__ ds = nullptr) {
   const Groups gr = groups(group);
   const float inv_cols = 1.0f / (float)cols;
   const float w_add = gemma ? 1.0f : 0.0f;
@@ -244,7 +289,8 @@ __device__ void bwd_generic(const T* __restrict__ dy, const T* __restrict__ x,
     for (int64_t c = gr.lane; c < cols; c += group) {
       const float xn = rf::to_f32(xr[c]) * rs;
       const float g = rf::to_f32(dyr[c]) * (rf::to_f32(w[c]) + w_add);
-      dx[r * cols + c] = rf::from_f32<T>(rs * (g - xn * mean_dot));
+      const float d = rs * (g - xn * mean_dot);
+      dx[r * cols + c] = rf::from_f32<T>(ADD ? d + rf::to_f32(ds[r * cols + c]) : d);
     }
   }
 }
@@ -253,11 +299,13 @@ __device__ void bwd_generic(const T* __restrict__ dy, const T* __restrict__ x,
 // reduction and the dx pass, so each is read once from DRAM and nothing but dx is written. The
 // weight is loaded in both passes instead of held (L1 hits: one row shared by every block), which
 // keeps the 16-bit K=4 kernel at 63 registers rather than 77 (8 blocks of 128 per SM, not 6).
-template <typename T, int K>
+// ADD: the residual sum's own gradient `ds` is read in the dx pass (not held across the
+// reduction) and added before the one rounding.
+template <typename T, int K, bool ADD = false>
 __device__ void bwd_dx_regs(const T* __restrict__ dy, const T* __restrict__ x,
                             const T* __restrict__ w, const float* __restrict__ rstd,
                             T* __restrict__ dx, int64_t rows, int cols, int gemma, int group,
-                            float* red) {
+                            float* red, const T* __restrict__ ds = nullptr) {
   constexpr int N = rf::Vec<T>::N;
   const Groups gr = groups(group);
   const int nvec = cols / N;
@@ -295,13 +343,15 @@ __device__ void bwd_dx_regs(const T* __restrict__ dy, const T* __restrict__ x,
     for (int k = 0; k < K; ++k) {
       const int v = gr.lane + k * group;
       if (v < nvec) {
-        rf::Vec<T> out;
+        rf::Vec<T> out, db;
         const rf::Vec<T> wk = rf::load_vec(w + v * N);
+        if constexpr (ADD) db = rf::load_vec(ds + r * cols + v * N);
 #pragma unroll
         for (int j = 0; j < N; ++j) {
           const float xn = rf::to_f32(xb[k].v[j]) * rs;
           const float g = rf::to_f32(gb[k].v[j]) * (rf::to_f32(wk.v[j]) + w_add);
-          out.v[j] = rf::from_f32<T>(rs * (g - xn * mean_dot));
+          const float d = rs * (g - xn * mean_dot);  // not `+ 0.0f` without ADD: -0 would change
+          out.v[j] = rf::from_f32<T>(ADD ? d + rf::to_f32(db.v[j]) : d);
         }
         rf::store_vec(dxr + v * N, out);
       }
@@ -321,9 +371,10 @@ __device__ void bwd_dx_regs(const T* __restrict__ dy, const T* __restrict__ x,
                             int64_t cols, float eps, int gemma, int group, int fast) {           \
     __shared__ float red[MAX_THREADS / 32];                                                      \
     if (fast)                                                                                    \
-      fwd_regs<T, FWD_VECS>(x, w, y, rstd, rows, (int)cols, eps, gemma, group, red);             \
+      fwd_regs<T, FWD_VECS>(x, nullptr, w, nullptr, y, rstd, rows, (int)cols, eps, gemma, group, \
+                            red);                                                                \
     else                                                                                         \
-      fwd_generic<T>(x, w, y, rstd, rows, cols, eps, gemma, group, red);                         \
+      fwd_generic<T>(x, nullptr, w, nullptr, y, rstd, rows, cols, eps, gemma, group, red);       \
   }                                                                                              \
   extern "C" __global__ void __launch_bounds__(MAX_THREADS) rms_norm_bwd_##SUFFIX(               \
       const T* dy, const T* x, const T* w, const float* rstd, T* dx, float* partial,             \
@@ -334,7 +385,18 @@ __device__ void bwd_dx_regs(const T* __restrict__ dy, const T* __restrict__ x,
     else                                                                                         \
       bwd_generic<T>(dy, x, w, rstd, dx, partial, rows, cols, gemma, group, red);                \
   }                                                                                              \
-  RMS_NORM_DX(rms_norm_bwd_dx8_##SUFFIX, T, 8)
+  RMS_NORM_DX(rms_norm_bwd_dx8_##SUFFIX, T, 8)                                                   \
+  extern "C" __global__ void __launch_bounds__(MAX_THREADS) add_rms_norm_fwd_##SUFFIX(           \
+      const T* x, const T* res, const T* w, T* s, T* y, float* rstd, int64_t rows, int64_t cols, \
+      float eps, int gemma, int group, int fast) {                                               \
+    __shared__ float red[MAX_THREADS / 32];                                                      \
+    if (fast)                                                                                    \
+      fwd_regs<T, FWD_VECS, true>(x, res, w, s, y, rstd, rows, (int)cols, eps, gemma, group,     \
+                                  red);                                                          \
+    else                                                                                         \
+      fwd_generic<T, true>(x, res, w, s, y, rstd, rows, cols, eps, gemma, group, red);           \
+  }                                                                                              \
+  ADD_RMS_NORM_DX(add_rms_norm_bwd_dx8_##SUFFIX, T, 8)
 
 #define RMS_NORM_DX(NAME, T, K)                                                                  \
   extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                      \
@@ -347,6 +409,19 @@ __device__ void bwd_dx_regs(const T* __restrict__ dy, const T* __restrict__ x,
       bwd_generic<T, false>(dy, x, w, rstd, dx, nullptr, rows, cols, gemma, group, red);         \
   }
 
+// The residual-add backward: dy, ds, the saved sum s, w, rstd -> the gradient of x and residual.
+#define ADD_RMS_NORM_DX(NAME, T, K)                                                              \
+  extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                      \
+      NAME(const T* dy, const T* ds, const T* s, const T* w, const float* rstd, T* dx,           \
+           int64_t rows, int64_t cols, int gemma, int group, int fast) {                         \
+    __shared__ float red[MAX_THREADS / 32];                                                      \
+    if (fast)                                                                                    \
+      bwd_dx_regs<T, K, true>(dy, s, w, rstd, dx, rows, (int)cols, gemma, group, red, ds);       \
+    else                                                                                         \
+      bwd_generic<T, false, true>(dy, s, w, rstd, dx, nullptr, rows, cols, gemma, group, red,    \
+                                  ds);                                                           \
+  }
+
 RMS_NORM_ENTRIES(f32, float)
 RMS_NORM_ENTRIES(f16, __half)
 RMS_NORM_ENTRIES(bf16, __nv_bfloat16)
@@ -355,3 +430,5 @@ RMS_NORM_ENTRIES(bf16, __nv_bfloat16)
 // either way.
 RMS_NORM_DX(rms_norm_bwd_dx4_f16, __half, 4)
 RMS_NORM_DX(rms_norm_bwd_dx4_bf16, __nv_bfloat16, 4)
+ADD_RMS_NORM_DX(add_rms_norm_bwd_dx4_f16, __half, 4)
+ADD_RMS_NORM_DX(add_rms_norm_bwd_dx4_bf16, __nv_bfloat16, 4)

@@ -146,6 +146,39 @@ def rms_norm_bwd_dx(
 ) -> None:
     """Input gradient of RMSNorm only (frozen weight) into ``dx``: one pass, no ``dw`` partials."""
 
+def add_rms_norm_fwd(
+    x: int,
+    residual: int,
+    w: int,
+    s: int,
+    y: int,
+    rstd: int,
+    rows: int,
+    cols: int,
+    eps: float,
+    gemma: bool,
+    dtype: str,
+    device: int,
+    stream: int,
+) -> None:
+    """Residual add + RMSNorm in one pass: ``s = x + residual`` and ``y``, float32 ``rstd`` of ``s``."""
+
+def add_rms_norm_bwd_dx(
+    dy: int,
+    ds: int,
+    s: int,
+    w: int,
+    rstd: int,
+    dx: int,
+    rows: int,
+    cols: int,
+    gemma: bool,
+    dtype: str,
+    device: int,
+    stream: int,
+) -> None:
+    """Gradient of both inputs of ``add_rms_norm_fwd`` (frozen weight): ``ds`` + the norm's input gradient."""
+
 # ---------------------------------------------------------------------------- 4-bit quantization
 def nf4_quantize_cpu(
     src: int,

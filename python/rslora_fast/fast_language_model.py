@@ -111,6 +111,21 @@ def _set_use_cache(model: nn.Module, value: bool) -> None:
             cfg.use_cache = value
 
 
+def _offload_embedding(model: nn.Module, value: Any, full_finetuning: bool) -> None:
+    from .models.host_embedding import offload_embedding
+
+    if value is not True:
+        raise ValueError(f"offload_embedding must be a bool, got {value!r}")
+    if full_finetuning:
+        raise ValueError(
+            "offload_embedding=True and full_finetuning=True contradict each other: the embedding "
+            "trains, so its table stays on the GPU; drop one of them"
+        )
+    inner = _inner(model)
+    inner.get_input_embeddings().weight.requires_grad_(False)  # frozen, as get_peft_model leaves it
+    offload_embedding(inner)
+
+
 class FastLanguageModel:
     """Load a causal LM (optionally 4-bit) and add LoRA adapters to it."""
 
@@ -125,9 +140,17 @@ class FastLanguageModel:
         use_gradient_checkpointing: Any = None,
         load_in_16bit: bool = False,
         fast_inference: bool = False,
+        offload_embedding: bool = False,
         **kwargs: Any,
     ):
         """Load ``(model, tokenizer)``; see :func:`rslora_fast.loading.from_pretrained` for the options.
+
+        ``offload_embedding=True`` keeps the frozen input embedding table in pinned host memory
+        (the GPU reads only each step's rows; :mod:`rslora_fast.models.host_embedding`); refused
+        with ``full_finetuning=True`` (the table trains) and for tied embeddings. Default False:
+        it saves the table's GPU memory (0.98 GiB for Llama-3-8B) at the cost of reading the
+        step's rows over PCIe every forward and of page-locked host memory; worth it when GPU
+        memory is what limits the run. :func:`get_peft_model` takes the same option.
 
         Also accepts, as Unsloth does:
 
@@ -174,6 +197,8 @@ class FastLanguageModel:
             ) from exc
         if adapter is not None:
             model, tokenizer = _attach_adapter(model, tokenizer, adapter, kwargs)
+        if offload_embedding is not False:
+            _offload_embedding(model, offload_embedding, full_finetuning)
         if full_finetuning and use_gradient_checkpointing is None:
             use_gradient_checkpointing = "unsloth"  # Unsloth's default
         if full_finetuning or (adapter is not None and use_gradient_checkpointing is not None):

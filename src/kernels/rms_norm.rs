@@ -1,5 +1,6 @@
 //! Launchers for `kernels/rms_norm.cu`: RMSNorm over the last dimension (Llama's `w * x_hat` and
-//! Gemma's `(1 + w) * x_hat`), forward and backward, on a contiguous `[rows, cols]` tensor.
+//! Gemma's `(1 + w) * x_hat`), forward and backward, on a contiguous `[rows, cols]` tensor; and
+//! the residual-add variants (`s = x + residual` written and normalized in the same pass).
 
 use std::ffi::c_void;
 
@@ -43,20 +44,33 @@ fn forward_plan(dtype: DType, cols: usize) -> Plan {
     Plan::with_elems(cols, FWD_VECS * vec_elems(dtype))
 }
 
-/// Entry of the dx-only backward for `cols`-wide rows and its elements per thread: 32 (4 vectors
-/// of x and 4 of dy for 16-bit types at 63 registers, 8 + 8 for fp32 at 104: about 128 KB of
-/// reads in flight per SM either way); 16-bit rows wider than 32 x 512 take the 8-vector entry
-/// so that they stay on the fast path.
-fn dx_kernel(dtype: DType, cols: usize) -> (&'static str, usize) {
+fn add_forward_kernel(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "add_rms_norm_fwd_f32",
+        DType::F16 => "add_rms_norm_fwd_f16",
+        DType::BF16 => "add_rms_norm_fwd_bf16",
+    }
+}
+
+/// Entry of the dx-only backward (`add`: its residual-add variant) for `cols`-wide rows and its
+/// elements per thread: 32 (4 vectors of x and 4 of dy for 16-bit types at 63 registers, 8 + 8
+/// for fp32 at 104: about 128 KB of reads in flight per SM either way); 16-bit rows wider than
+/// 32 x 512 take the 8-vector entry so that they stay on the fast path.
+fn dx_kernel(dtype: DType, cols: usize, add: bool) -> (&'static str, usize) {
     let n = vec_elems(dtype);
     let wide = cols > 4 * n * MAX_THREADS;
     let k = if dtype == DType::F32 || wide { 8 } else { 4 };
-    let name = match (dtype, k) {
-        (DType::F32, _) => "rms_norm_bwd_dx8_f32",
-        (DType::F16, 4) => "rms_norm_bwd_dx4_f16",
-        (DType::F16, _) => "rms_norm_bwd_dx8_f16",
-        (DType::BF16, 4) => "rms_norm_bwd_dx4_bf16",
-        (DType::BF16, _) => "rms_norm_bwd_dx8_bf16",
+    let name = match (dtype, k, add) {
+        (DType::F32, _, false) => "rms_norm_bwd_dx8_f32",
+        (DType::F16, 4, false) => "rms_norm_bwd_dx4_f16",
+        (DType::F16, _, false) => "rms_norm_bwd_dx8_f16",
+        (DType::BF16, 4, false) => "rms_norm_bwd_dx4_bf16",
+        (DType::BF16, _, false) => "rms_norm_bwd_dx8_bf16",
+        (DType::F32, _, true) => "add_rms_norm_bwd_dx8_f32",
+        (DType::F16, 4, true) => "add_rms_norm_bwd_dx4_f16",
+        (DType::F16, _, true) => "add_rms_norm_bwd_dx8_f16",
+        (DType::BF16, 4, true) => "add_rms_norm_bwd_dx4_bf16",
+        (DType::BF16, _, true) => "add_rms_norm_bwd_dx8_bf16",
     };
     (name, k * n)
 }
@@ -164,46 +178,181 @@ pub unsafe fn forward(
     device: i32,
     stream: RawStream,
 ) -> Result<()> {
-    check_shape("rms_norm forward", rows, cols)?;
-    if rows == 0 {
-        return Ok(());
-    }
-    check_ptrs("rms_norm forward", &[x, w, y, rstd])?;
-    if !(eps >= 0.0 && eps.is_finite()) {
-        return Err(Error::invalid(format!(
-            "rms_norm forward: eps must be finite and >= 0, got {eps}"
-        )));
-    }
-    let plan = forward_plan(dtype, cols);
-    let mut fast = plan.fast(dtype, cols, &[x, w, y]) as i32;
-    let blocks = rows.div_ceil(plan.rows_per_block()).min(i32::MAX as usize) as u32;
-    let (mut x, mut w, mut y, mut rstd) = (x, w, y, rstd);
-    let (mut rows64, mut cols64, mut eps) = (rows as i64, cols as i64, eps);
-    let (mut gemma, mut group) = (gemma as i32, plan.group as i32);
-    let mut args = [
-        &mut x as *mut usize as *mut c_void,
-        &mut w as *mut usize as *mut c_void,
-        &mut y as *mut usize as *mut c_void,
-        &mut rstd as *mut usize as *mut c_void,
-        &mut rows64 as *mut i64 as *mut c_void,
-        &mut cols64 as *mut i64 as *mut c_void,
-        &mut eps as *mut f32 as *mut c_void,
-        &mut gemma as *mut i32 as *mut c_void,
-        &mut group as *mut i32 as *mut c_void,
-        &mut fast as *mut i32 as *mut c_void,
-    ];
-    // SAFETY: args match `rms_norm_fwd_<dtype>(const T*, const T*, T*, float*, int64_t, int64_t,
-    // float, int, int, int)`; the caller guarantees the pointers and sizes; `fast` is set only
-    // when the plan's threads hold the whole row at FWD_VECS vectors per thread.
+    let rows_args = RowArgs::new("rms_norm forward", rows, cols, gemma, device, stream)?;
+    // SAFETY: `rms_norm_fwd_<dtype>(const T* x, const T* w, T* y, float* rstd, ...)`; the caller
+    // guarantees the pointers and sizes.
     unsafe {
-        cuda::launch(
+        launch_forward(
+            forward_kernel(dtype),
+            dtype,
+            &[x, w, y],
+            rstd,
+            eps,
+            rows_args,
+        )
+    }
+}
+
+/// Residual add + RMSNorm forward: `s = x + residual` (rounded to `dtype`, `rows x cols`), and
+/// `y`, `rstd` of `s` as [`forward`] computes them, in one pass over the rows.
+///
+/// # Safety
+/// `x`, `residual`, `s`, `y` must be device pointers on `device` to `rows * cols` contiguous
+/// elements of `dtype`, `w` to `cols` elements, `rstd` to `rows` f32, all live until the launch
+/// has run on `stream`; `s`, `y` and `rstd` overlap nothing else.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn add_forward(
+    dtype: DType,
+    x: usize,
+    residual: usize,
+    w: usize,
+    s: usize,
+    y: usize,
+    rstd: usize,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+    gemma: bool,
+    device: i32,
+    stream: RawStream,
+) -> Result<()> {
+    let rows_args = RowArgs::new("add_rms_norm forward", rows, cols, gemma, device, stream)?;
+    let ptrs = [x, residual, w, s, y];
+    // SAFETY: `add_rms_norm_fwd_<dtype>(const T* x, const T* res, const T* w, T* s, T* y,
+    // float* rstd, ...)`; the caller guarantees the pointers and sizes.
+    unsafe {
+        launch_forward(
+            add_forward_kernel(dtype),
+            dtype,
+            &ptrs,
+            rstd,
+            eps,
+            rows_args,
+        )
+    }
+}
+
+/// The arguments every row kernel takes after its pointers, checked once.
+struct RowArgs {
+    what: &'static str,
+    rows: usize,
+    cols: usize,
+    gemma: bool,
+    device: i32,
+    stream: RawStream,
+}
+
+impl RowArgs {
+    fn new(
+        what: &'static str,
+        rows: usize,
+        cols: usize,
+        gemma: bool,
+        device: i32,
+        stream: RawStream,
+    ) -> Result<RowArgs> {
+        check_shape(what, rows, cols)?;
+        Ok(RowArgs {
+            what,
+            rows,
+            cols,
+            gemma,
             device,
             stream,
+        })
+    }
+}
+
+/// Launch a forward entry: `ptrs` are its `dtype` pointers in signature order (each row-sized but
+/// the weight), then `rstd`, rows, cols, eps, gemma, group, fast; one group per row.
+///
+/// # Safety
+/// As [`forward`] / [`add_forward`] for the entry's pointers.
+unsafe fn launch_forward(
+    kernel: &'static str,
+    dtype: DType,
+    ptrs: &[usize],
+    rstd: usize,
+    eps: f32,
+    a: RowArgs,
+) -> Result<()> {
+    if a.rows == 0 {
+        return Ok(());
+    }
+    let mut all = ptrs.to_vec();
+    all.push(rstd);
+    check_ptrs(a.what, &all)?;
+    if !(eps >= 0.0 && eps.is_finite()) {
+        return Err(Error::invalid(format!(
+            "{}: eps must be finite and >= 0, got {eps}",
+            a.what
+        )));
+    }
+    let plan = forward_plan(dtype, a.cols);
+    let fast = plan.fast(dtype, a.cols, ptrs) as i32;
+    let blocks = a
+        .rows
+        .div_ceil(plan.rows_per_block())
+        .min(i32::MAX as usize) as u32;
+    let mut scalars = Scalars {
+        rows: a.rows as i64,
+        cols: a.cols as i64,
+        eps,
+        gemma: a.gemma as i32,
+        group: plan.group as i32,
+        fast,
+    };
+    let mut args: Vec<*mut c_void> = all
+        .iter_mut()
+        .map(|p| p as *mut usize as *mut c_void)
+        .collect();
+    args.extend(scalars.forward_args());
+    // SAFETY: the entry takes its pointers, then (int64 rows, int64 cols, float eps, int gemma,
+    // int group, int fast); `fast` is set only when the plan's threads hold the whole row at
+    // FWD_VECS vectors per thread and every row pointer is 16-byte aligned.
+    unsafe {
+        cuda::launch(
+            a.device,
+            a.stream,
             "rms_norm",
-            forward_kernel(dtype),
+            kernel,
             LaunchConfig::linear(blocks, plan.threads),
             &mut args,
         )
+    }
+}
+
+/// The scalar kernel arguments, kept in one place so their pointers outlive the launch.
+struct Scalars {
+    rows: i64,
+    cols: i64,
+    eps: f32,
+    gemma: i32,
+    group: i32,
+    fast: i32,
+}
+
+impl Scalars {
+    fn forward_args(&mut self) -> [*mut c_void; 6] {
+        [
+            &mut self.rows as *mut i64 as *mut c_void,
+            &mut self.cols as *mut i64 as *mut c_void,
+            &mut self.eps as *mut f32 as *mut c_void,
+            &mut self.gemma as *mut i32 as *mut c_void,
+            &mut self.group as *mut i32 as *mut c_void,
+            &mut self.fast as *mut i32 as *mut c_void,
+        ]
+    }
+
+    /// The backward entries' tail: rows, cols, gemma, group, fast (no eps).
+    fn backward_args(&mut self) -> [*mut c_void; 5] {
+        [
+            &mut self.rows as *mut i64 as *mut c_void,
+            &mut self.cols as *mut i64 as *mut c_void,
+            &mut self.gemma as *mut i32 as *mut c_void,
+            &mut self.group as *mut i32 as *mut c_void,
+            &mut self.fast as *mut i32 as *mut c_void,
+        ]
     }
 }
 
@@ -299,38 +448,92 @@ pub unsafe fn backward_dx(
     device: i32,
     stream: RawStream,
 ) -> Result<()> {
-    check_shape("rms_norm backward", rows, cols)?;
-    if rows == 0 {
+    let a = RowArgs::new("rms_norm backward", rows, cols, gemma, device, stream)?;
+    let (kernel, elems) = dx_kernel(dtype, cols, false);
+    // SAFETY: `rms_norm_bwd_dx{4,8}_<dtype>(const T* dy, const T* x, const T* w, const float*
+    // rstd, T* dx, ...)`; the caller guarantees the pointers and sizes.
+    unsafe { launch_dx(kernel, elems, dtype, &[dy, x, w, rstd, dx], 3, a) }
+}
+
+/// Residual add + RMSNorm backward for a frozen weight: `dx = ds + d norm(s) / d s` rounded once
+/// (`rows x cols`, `dtype`): the gradient of both `x` and `residual` of [`add_forward`], from the
+/// normed output's gradient `dy` and the sum's own gradient `ds`.
+///
+/// # Safety
+/// `dy`, `ds`, `s`, `dx` must be device pointers on `device` to `rows * cols` contiguous elements
+/// of `dtype`, `w` to `cols` elements, `rstd` to `rows` f32 (as written by [`add_forward`]), all
+/// live until the launch has run on `stream`; `dx` overlaps nothing else.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn add_backward_dx(
+    dtype: DType,
+    dy: usize,
+    ds: usize,
+    s: usize,
+    w: usize,
+    rstd: usize,
+    dx: usize,
+    rows: usize,
+    cols: usize,
+    gemma: bool,
+    device: i32,
+    stream: RawStream,
+) -> Result<()> {
+    let a = RowArgs::new("add_rms_norm backward", rows, cols, gemma, device, stream)?;
+    let (kernel, elems) = dx_kernel(dtype, cols, true);
+    // SAFETY: `add_rms_norm_bwd_dx{4,8}_<dtype>(const T* dy, const T* ds, const T* s, const T* w,
+    // const float* rstd, T* dx, ...)`; the caller guarantees the pointers and sizes.
+    unsafe { launch_dx(kernel, elems, dtype, &[dy, ds, s, w, rstd, dx], 4, a) }
+}
+
+/// Launch a dx-only entry: `ptrs` in signature order, `ptrs[rstd_at]` the fp32 rstd (not part of
+/// the 16-byte alignment test), then rows, cols, gemma, group, fast; one group per row.
+///
+/// # Safety
+/// As [`backward_dx`] / [`add_backward_dx`] for the entry's pointers.
+unsafe fn launch_dx(
+    kernel: &'static str,
+    elems: usize,
+    dtype: DType,
+    ptrs: &[usize],
+    rstd_at: usize,
+    a: RowArgs,
+) -> Result<()> {
+    if a.rows == 0 {
         return Ok(());
     }
-    check_ptrs("rms_norm backward", &[dy, x, w, rstd, dx])?;
-    let (kernel, elems) = dx_kernel(dtype, cols);
-    let plan = Plan::with_elems(cols, elems);
-    let mut fast = plan.fast(dtype, cols, &[dy, x, w, dx]) as i32;
+    check_ptrs(a.what, ptrs)?;
+    let plan = Plan::with_elems(a.cols, elems);
+    let vec_ptrs: Vec<usize> = (ptrs.iter().enumerate())
+        .filter(|&(i, _)| i != rstd_at)
+        .map(|(_, &p)| p)
+        .collect();
+    let fast = plan.fast(dtype, a.cols, &vec_ptrs) as i32;
     // One group per row (the kernel loops when the grid is capped): short blocks, as forward.
-    let blocks = rows.div_ceil(plan.rows_per_block()).min(i32::MAX as usize) as u32;
-    let (mut dy, mut x, mut w, mut rstd, mut dx) = (dy, x, w, rstd, dx);
-    let (mut rows64, mut cols64) = (rows as i64, cols as i64);
-    let (mut gemma, mut group) = (gemma as i32, plan.group as i32);
-    let mut args = [
-        &mut dy as *mut usize as *mut c_void,
-        &mut x as *mut usize as *mut c_void,
-        &mut w as *mut usize as *mut c_void,
-        &mut rstd as *mut usize as *mut c_void,
-        &mut dx as *mut usize as *mut c_void,
-        &mut rows64 as *mut i64 as *mut c_void,
-        &mut cols64 as *mut i64 as *mut c_void,
-        &mut gemma as *mut i32 as *mut c_void,
-        &mut group as *mut i32 as *mut c_void,
-        &mut fast as *mut i32 as *mut c_void,
-    ];
-    // SAFETY: args match `rms_norm_bwd_dx{4,8}_<dtype>(const T*, const T*, const T*, const
-    // float*, T*, int64_t, int64_t, int, int, int)`; the caller guarantees the pointers and sizes;
-    // `fast` is set only when the plan's threads hold the whole row at the entry's elements.
+    let blocks = a
+        .rows
+        .div_ceil(plan.rows_per_block())
+        .min(i32::MAX as usize) as u32;
+    let mut scalars = Scalars {
+        rows: a.rows as i64,
+        cols: a.cols as i64,
+        eps: 0.0,
+        gemma: a.gemma as i32,
+        group: plan.group as i32,
+        fast,
+    };
+    let mut all = ptrs.to_vec();
+    let mut args: Vec<*mut c_void> = all
+        .iter_mut()
+        .map(|p| p as *mut usize as *mut c_void)
+        .collect();
+    args.extend(scalars.backward_args());
+    // SAFETY: the entry takes its pointers, then (int64 rows, int64 cols, int gemma, int group,
+    // int fast); `fast` is set only when the plan's threads hold the whole row at the entry's
+    // elements and every row pointer is 16-byte aligned.
     unsafe {
         cuda::launch(
-            device,
-            stream,
+            a.device,
+            a.stream,
             "rms_norm",
             kernel,
             LaunchConfig::linear(blocks, plan.threads),
@@ -386,14 +589,17 @@ mod tests {
 
     #[test]
     fn dx_only_plan_stays_on_the_fast_path_for_wide_16_bit_rows() {
-        let (name, elems) = dx_kernel(DType::BF16, 4096);
-        assert_eq!((name, elems), ("rms_norm_bwd_dx4_bf16", 32));
-        assert_eq!(Plan::with_elems(4096, elems).threads, 128);
-        let (name, elems) = dx_kernel(DType::F16, 20000);
-        assert_eq!((name, elems), ("rms_norm_bwd_dx8_f16", 64));
-        assert!(Plan::with_elems(20000, elems).fast(DType::F16, 20000, &[256]));
-        let (name, elems) = dx_kernel(DType::F32, 4096);
-        assert_eq!((name, elems), ("rms_norm_bwd_dx8_f32", 32));
+        for add in [false, true] {
+            let pre = if add { "add_" } else { "" };
+            let (name, elems) = dx_kernel(DType::BF16, 4096, add);
+            assert_eq!((name, elems), (&*format!("{pre}rms_norm_bwd_dx4_bf16"), 32));
+            assert_eq!(Plan::with_elems(4096, elems).threads, 128);
+            let (name, elems) = dx_kernel(DType::F16, 20000, add);
+            assert_eq!((name, elems), (&*format!("{pre}rms_norm_bwd_dx8_f16"), 64));
+            assert!(Plan::with_elems(20000, elems).fast(DType::F16, 20000, &[256]));
+            let (name, elems) = dx_kernel(DType::F32, 4096, add);
+            assert_eq!((name, elems), (&*format!("{pre}rms_norm_bwd_dx8_f32"), 32));
+        }
     }
 
     #[test]

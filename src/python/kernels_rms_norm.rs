@@ -170,10 +170,113 @@ fn rms_norm_bwd_dx(
     })
 }
 
+/// add_rms_norm_fwd(x, residual, w, s, y, rstd, rows, cols, eps, gemma, dtype, device, stream) -> None
+///
+/// Residual add + RMSNorm in one pass: ``s = x + residual`` (rounded to the dtype) and
+/// ``y``, ``rstd`` of ``s`` as ``rms_norm_fwd`` computes them. Pointers are CUDA device addresses.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn add_rms_norm_fwd(
+    py: Python<'_>,
+    x: usize,
+    residual: usize,
+    w: usize,
+    s: usize,
+    y: usize,
+    rstd: usize,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+    gemma: bool,
+    dtype: &str,
+    device: i32,
+    stream: usize,
+) -> PyResult<()> {
+    let dtype = guard(|| DType::parse(dtype))?;
+    guard(|| {
+        let span = row_span("add_rms_norm_fwd", rows, cols, cols)?;
+        check_device("add_rms_norm_fwd", &[x, residual, s, y], span, dtype.size())?;
+        check_device("add_rms_norm_fwd w", &[w], cols, dtype.size())?;
+        check_device("add_rms_norm_fwd rstd", &[rstd], rows, 4)
+    })?;
+    // SAFETY: the Python op passes live contiguous tensors of the stated sizes on `device`, with
+    // fresh outputs `s`, `y` and `rstd`.
+    py.detach(|| {
+        guard(|| unsafe {
+            rms_norm::add_forward(
+                dtype,
+                x,
+                residual,
+                w,
+                s,
+                y,
+                rstd,
+                rows,
+                cols,
+                eps,
+                gemma,
+                device,
+                RawStream(stream),
+            )
+        })
+    })
+}
+
+/// add_rms_norm_bwd_dx(dy, ds, s, w, rstd, dx, rows, cols, gemma, dtype, device, stream) -> None
+///
+/// Gradient of both inputs of ``add_rms_norm_fwd`` for a frozen weight: ``ds`` (the sum's own
+/// gradient) plus the RMSNorm input gradient of ``dy``, rounded once, into ``dx``.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn add_rms_norm_bwd_dx(
+    py: Python<'_>,
+    dy: usize,
+    ds: usize,
+    s: usize,
+    w: usize,
+    rstd: usize,
+    dx: usize,
+    rows: usize,
+    cols: usize,
+    gemma: bool,
+    dtype: &str,
+    device: i32,
+    stream: usize,
+) -> PyResult<()> {
+    let dtype = guard(|| DType::parse(dtype))?;
+    guard(|| {
+        let span = row_span("add_rms_norm_bwd_dx", rows, cols, cols)?;
+        check_device("add_rms_norm_bwd_dx", &[dy, ds, s, dx], span, dtype.size())?;
+        check_device("add_rms_norm_bwd_dx w", &[w], cols, dtype.size())?;
+        check_device("add_rms_norm_bwd_dx rstd", &[rstd], rows, 4)
+    })?;
+    // SAFETY: as in add_rms_norm_fwd; `dx` is a fresh output allocated by torch.
+    py.detach(|| {
+        guard(|| unsafe {
+            rms_norm::add_backward_dx(
+                dtype,
+                dy,
+                ds,
+                s,
+                w,
+                rstd,
+                dx,
+                rows,
+                cols,
+                gemma,
+                device,
+                RawStream(stream),
+            )
+        })
+    })
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rms_norm_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_bwd_partial_rows, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_bwd, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_bwd_dx, m)?)?;
+    m.add_function(wrap_pyfunction!(add_rms_norm_fwd, m)?)?;
+    m.add_function(wrap_pyfunction!(add_rms_norm_bwd_dx, m)?)?;
     Ok(())
 }

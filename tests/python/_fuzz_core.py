@@ -133,6 +133,16 @@ def f_rms_norm_bwd_dx(rng):
     _core.rms_norm_bwd_dx(*_defect(rng, a, [0, 1, 2, 3, 4], [5, 6], 8))
 
 
+def f_add_rms_norm_fwd(rng):
+    a = [dev_ptr(rng) for _ in range(6)] + [some_int(rng), some_int(rng), 1e-6, False, "bfloat16", 0, 0]
+    _core.add_rms_norm_fwd(*_defect(rng, a, [0, 1, 2, 3, 4, 5], [6, 7], 10))
+
+
+def f_add_rms_norm_bwd_dx(rng):
+    a = [dev_ptr(rng) for _ in range(6)] + [some_int(rng), some_int(rng), False, "float16", 0, 0]
+    _core.add_rms_norm_bwd_dx(*_defect(rng, a, [0, 1, 2, 3, 4, 5], [6, 7], 9))
+
+
 def f_rope_apply(rng):
     # No stride-extent check exists for rope: only calls with a pre-launch defect (dtype, null).
     a = [dev_ptr(rng) for _ in range(4)] + [some_int(rng) for _ in range(5)]

@@ -51,7 +51,8 @@ def _peft(family: str, dtype=torch.float32, device="cpu", seed=0, **kw):
 
     torch.manual_seed(seed)
     base = transformers.AutoModelForCausalLM.from_config(_config(family)).to(device, dtype)
-    model = get_peft_model(base, r=4, lora_alpha=8, use_gradient_checkpointing=False, **kw)
+    kw.setdefault("use_gradient_checkpointing", False)
+    model = get_peft_model(base, r=4, lora_alpha=8, **kw)
     gen = torch.Generator().manual_seed(seed + 1)
     for m in model.modules():  # non-zero B so every adapter changes the output and gets a gradient
         if isinstance(m, LoraLinear):
@@ -172,6 +173,80 @@ def test_unsupported_norm_dtype_falls_back_to_transformers():
     want = type(norm).forward(norm, x)
     assert got.dtype == want.dtype == torch.float32
     torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------------------- fused add + norm
+def _count_fused_add_norm(monkeypatch):
+    import rslora_fast.models.fast_decoder as fd
+
+    calls = []
+    real = fd.add_rms_norm
+
+    def counting(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(fd, "add_rms_norm", counting)
+    return calls
+
+
+@pytest.mark.parametrize("checkpointing", [False, True, "unsloth"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_layer_fuses_its_post_attention_add_and_norm(family, checkpointing, monkeypatch):
+    model = _peft(family, use_gradient_checkpointing=checkpointing)
+    model.train()
+    calls = _count_fused_add_norm(monkeypatch)
+    ids = _batch("cpu")
+    _compare(model, 1e-5, 1e-6, input_ids=ids, labels=ids)
+    n = model.base_model.model.config.num_hidden_layers
+    # forward once per layer, plus the layer's replay in backward when it is checkpointed
+    assert len(calls) == n * (2 if checkpointing else 1), calls
+
+
+def test_hooked_post_attention_norm_runs_as_a_module(monkeypatch):
+    model = _peft("llama")
+    calls = _count_fused_add_norm(monkeypatch)
+    seen = []
+    layer0 = model.base_model.model.model.layers[0]
+    handle = layer0.post_attention_layernorm.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    ids = _batch("cpu")
+    _compare(model, 1e-5, 1e-6, input_ids=ids, labels=ids)
+    handle.remove()
+    assert len(seen) == 2  # the fast run and the generic run both called the hooked norm
+    assert len(calls) == model.base_model.model.config.num_hidden_layers - 1  # layer 0 unfused
+
+
+def test_layer_forward_left_inside_a_wrapper_runs_the_class_forward_after_uninstall(monkeypatch):
+    # offload wraps whole layers after install: an uninstall then cannot remove our forward from
+    # inside the wrapper, so the forward must stop fusing by itself
+    import rslora_fast.models.fast_decoder as fd
+
+    model = _peft("llama")
+    inner = model.base_model.model
+    layer = inner.model.layers[0]
+    ours = layer.__dict__["forward"]
+    layer.forward = lambda *a, **k: ours(*a, **k)  # someone else's wrapper around our forward
+    uninstall_fast_decoder(inner)
+    monkeypatch.setattr(fd, "add_rms_norm", lambda *a, **k: pytest.fail("fused after uninstall"))
+    ids = _batch("cpu")
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        del layer.__dict__["forward"]
+        want = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want)
+
+
+def test_layer_of_another_transformers_release_keeps_its_forward():
+    import rslora_fast.models.fast_decoder as fd
+
+    model = _peft("llama")
+    layer = model.base_model.model.model.layers[0]
+
+    def forward(self, hidden_states, **kwargs):  # reads a dropout the fused forward lacks
+        return self.dropout(type(layer).forward(self, hidden_states, **kwargs))
+
+    layer.__class__ = type("LlamaDecoderLayer", (type(layer),), {"forward": forward})
+    assert "another transformers release" in fd._layer_why_not(layer)
 
 
 # ---------------------------------------------------------------------------- GPU

@@ -170,6 +170,23 @@ def test_loss_and_every_lora_gradient_match_the_generic_path(family):
     _compare(model, family, 1e-5, 1e-6, input_ids=ids, labels=ids)
 
 
+@pytest.mark.parametrize("checkpointing", [False, "unsloth"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gemma_layers_fuse_the_residual_add_into_the_pre_mlp_norm(family, checkpointing, monkeypatch):
+    # gemma 2/3: residual + post_attention_layernorm(attn) and pre_feedforward_layernorm in one op;
+    # phi-3 keeps transformers' layer (dropouts around its adds)
+    import rslora_fast.models.fast_decoder as fd
+
+    calls = []
+    real = fd.add_rms_norm
+    monkeypatch.setattr(fd, "add_rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = _peft(family, checkpointing=checkpointing)
+    ids = _ids(shape=(2, 13))
+    _compare(model, family, 1e-5, 1e-6, input_ids=ids, labels=ids)
+    per_pass = 2 if family.startswith("gemma") else 0  # two layers
+    assert len(calls) == per_pass * (2 if checkpointing else 1)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 

@@ -197,3 +197,80 @@ def test_cuda_all_ignored_gives_zero_gradient():
     loss = fused_linear_cross_entropy(h, w, t, chunk_tokens=4)
     (g,) = torch.autograd.grad(loss, h)
     assert float(loss) == 0.0 and g.abs().max() == 0
+
+
+def _count_mm(fn):
+    """Run ``fn`` and count the matrix products (aten mm/addmm/matmul) it dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+@pytest.mark.parametrize("softcap", [None, 2.5])
+def test_backward_runs_no_head_gemm(monkeypatch, kernels, softcap):
+    # the chunk's gradient is taken in the forward; backward only scales it by grad_output
+    import rslora_fast.ops.fused_ce as fused_ce
+
+    monkeypatch.setattr(fused_ce, "_use_kernels", lambda hidden: kernels)
+    h = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(101, 16) / 4
+    t = torch.randint(0, 101, (37,))
+    loss = fused_linear_cross_entropy(h, w, t, chunk_tokens=8, softcap=softcap)
+    assert _count_mm(lambda: loss.backward()) == 0
+    assert h.grad is not None and h.grad.abs().sum() > 0
+
+
+def test_no_gradient_gemm_when_hidden_is_frozen():
+    # a loss-only forward (frozen hidden or no_grad) runs one head GEMM per chunk, not two
+    h = torch.randn(37, 16)
+    w = torch.randn(101, 16) / 4
+    t = torch.randint(0, 101, (37,))
+    assert _count_mm(lambda: fused_linear_cross_entropy(h, w, t, chunk_tokens=8)) == 5
+    h.requires_grad_()
+    assert _count_mm(lambda: fused_linear_cross_entropy(h, w, t, chunk_tokens=8)) == 10
+    with torch.no_grad():
+        assert _count_mm(lambda: fused_linear_cross_entropy(h, w, t, chunk_tokens=8)) == 5
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+@pytest.mark.parametrize("softcap", [None, 1.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_upstream_gradient_scales_the_forward_gradient(monkeypatch, kernels, softcap, dtype):
+    # loss * 3.7 (gradient accumulation's scaling) and a second backward with retain_graph: every
+    # gradient equals float64 autograd on the full logits with the same scale
+    import rslora_fast.ops.fused_ce as fused_ce
+
+    monkeypatch.setattr(fused_ce, "_use_kernels", lambda hidden: kernels)
+    torch.manual_seed(3)
+    h = torch.randn(29, 24).to(dtype).requires_grad_()
+    w = (torch.randn(53, 24) / 5).to(dtype)
+    t = torch.randint(0, 53, (29,))
+    t[::4] = -100
+    loss = fused_linear_cross_entropy(h, w, t, chunk_tokens=7, softcap=softcap, num_items_in_batch=31)
+    (loss * 3.7).backward(retain_graph=True)
+    g1 = h.grad.clone()
+    (loss * -0.5).backward()
+    g2 = h.grad - g1
+    h64 = h.detach().double().requires_grad_()
+    logits = h64 @ w.double().t()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    ref = F.cross_entropy(logits, t, ignore_index=-100, reduction="sum") / 31
+    (g_ref,) = torch.autograd.grad(ref, h64)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}[dtype]
+    assert abs(float(loss) - float(ref)) < tol * max(1.0, float(ref))
+    for got, scale in ((g1, 3.7), (g2, -0.5)):
+        err = float((got.double() - scale * g_ref).norm() / (abs(scale) * g_ref.norm()))
+        assert err < tol, (scale, err)
+        assert got[::4].abs().max() == 0

@@ -19,6 +19,14 @@ checkpointing wrappers exactly as they are:
   the sliding windows are what transformers makes of them), as do the masks, the per-layer-type
   rotary tables of Gemma 3 and the KV cache, so ``generate`` works unchanged.
 * MLP modules run the fused SwiGLU (GeGLU for the gemmas) forward of :mod:`rslora_fast.models.fast_mlp`.
+* Decoder layers of llama, mistral, qwen2, qwen3 and gemma run transformers' own layer forward
+  with one change: ``h = residual + attn_out; normed = post_attention_layernorm(h)`` is one op,
+  :func:`rslora_fast.ops.rms_norm.add_rms_norm` (one kernel each way instead of an add and a norm);
+  gemma 2 and gemma 3 layers likewise fuse ``h = residual + post_attention_layernorm(attn_out);
+  pre_feedforward_layernorm(h)``. The layer's signature and output are transformers', so
+  checkpointing, offload (which wraps whole layers) and hooks on the layer see no difference; a
+  hooked norm or tensors the fused op does not take (mixed dtypes) run the add and the norm module
+  as before. Phi-3 (dropouts around its adds) keeps its own layer.
 
 Installed by ``get_peft_model`` (after the adapters are injected) and removed by ``unload`` /
 ``merge_and_unload``. A module that does not qualify keeps its generic forward; one log line gives
@@ -38,7 +46,7 @@ import torch
 from torch import nn
 
 from ..ops.lora_linear import lora_linears
-from ..ops.rms_norm import rms_norm
+from ..ops.rms_norm import add_rms_norm, rms_norm
 from ..ops.rope import apply_rope_, rotate_half
 from . import fast_mlp
 
@@ -256,11 +264,159 @@ def _attention_why_not(module: nn.Module) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------------------- decoder layer
+# The attributes each class's transformers forward reads (its bytecode's global and attribute
+# names): a release whose layer reads anything else (a dropout, another norm) keeps its forward.
+_LAYER_NAMES = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+_SANDWICH_NAMES = (  # gemma 2/3: a norm on each side of attention and of the MLP
+    "input_layernorm",
+    "self_attn",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "mlp",
+    "post_feedforward_layernorm",
+)
+_LAYER_LAYOUT = {
+    "LlamaDecoderLayer": _LAYER_NAMES,
+    "MistralDecoderLayer": _LAYER_NAMES,
+    "Qwen2DecoderLayer": _LAYER_NAMES,
+    "Qwen3DecoderLayer": _LAYER_NAMES,
+    "GemmaDecoderLayer": _LAYER_NAMES,
+    "Gemma2DecoderLayer": _SANDWICH_NAMES,
+    "Gemma3DecoderLayer": _SANDWICH_NAMES,
+}
+DECODER_LAYER_CLASSES = tuple(_LAYER_LAYOUT)
+# Set on a layer while its fused forward is active. Offload wraps whole layers after we patch
+# them and may hand our forward back after uninstall; without the flag it runs the class forward.
+_LAYER_FLAG = "_rslora_fused_add_norm"
+
+
+def _fast_decoder_layer_forward(
+    self,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    past_key_values: Any = None,
+    use_cache: bool | None = False,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """transformers' llama-family layer forward with the post-attention add and norm fused."""
+    if not self.__dict__.get(_LAYER_FLAG):
+        return type(self).forward(
+            self,
+            hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+    residual = hidden_states
+    hidden_states, _ = self.self_attn(
+        hidden_states=self.input_layernorm(hidden_states),
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        use_cache=use_cache,
+        position_embeddings=position_embeddings,
+        **kwargs,
+    )
+    residual, hidden_states = _add_and_norm(self.post_attention_layernorm, hidden_states, residual)
+    return residual + self.mlp(hidden_states)
+
+
+def _fast_sandwich_layer_forward(
+    self,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    past_key_values: Any = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """transformers' gemma 2/3 layer forward with the post-attention add and the pre-MLP norm fused."""
+    if not self.__dict__.get(_LAYER_FLAG):
+        return type(self).forward(
+            self,
+            hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+    residual = hidden_states
+    hidden_states, _ = self.self_attn(
+        hidden_states=self.input_layernorm(hidden_states),
+        position_embeddings=position_embeddings,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        **kwargs,
+    )
+    attn = self.post_attention_layernorm(hidden_states)
+    residual, hidden_states = _add_and_norm(self.pre_feedforward_layernorm, attn, residual)
+    return residual + self.post_feedforward_layernorm(self.mlp(hidden_states))
+
+
+def _add_and_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor):
+    """``(residual + x, norm(residual + x))``, as one op when ``norm`` runs our RMSNorm, unhooked,
+    on tensors of its weight's dtype and device."""
+    w = getattr(norm, "weight", None)
+    if (
+        _ours(norm)
+        and not _has_hooks(norm)
+        and x.shape == residual.shape
+        and x.dtype == residual.dtype == w.dtype
+        and x.device == residual.device == w.device
+    ):
+        return add_rms_norm(x, residual, w, _norm_eps(norm), gemma=type(norm).__name__ in _GEMMA_NORMS)
+    s = residual + x
+    return s, norm(s)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run any hook (its own or a global one)."""
+    g = nn.modules.module
+    if g._global_forward_hooks or g._global_forward_pre_hooks or _has_backward_hooks(module):
+        return True
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _layer_why_not(module: nn.Module) -> str | None:
+    name = type(module).__name__
+    layout = _LAYER_LAYOUT.get(name)
+    if layout is None:
+        return f"{name} is not a supported decoder layer"
+    code = getattr(type(module).forward, "__code__", None)
+    if code is None or tuple(code.co_names) != layout:
+        return f"{name}.forward is not the layer this path was written for (another transformers release)"
+    if not all(isinstance(getattr(module, a, None), nn.Module) for a in layout):
+        return f"{name} lacks {', '.join(layout)}"
+    fused_norm = "post_attention_layernorm" if layout is _LAYER_NAMES else "pre_feedforward_layernorm"
+    return _rms_norm_why_not(getattr(module, fused_norm))
+
+
 # ---------------------------------------------------------------------------- install / remove
 _KINDS = (
     ("attention", _attention_why_not, _fast_attention_forward, lambda n: n.endswith("Attention")),
     ("RMSNorm", _rms_norm_why_not, _fast_rms_norm_forward, lambda n: n.endswith("RMSNorm")),
     ("MLP", fast_mlp._why_not, fast_mlp._fused_forward, lambda n: n.endswith("MLP")),
+    # only the named families' layers: the others (phi-3, ...) are not missing a fusion
+    (
+        "decoder layer",
+        _layer_why_not,
+        _fast_decoder_layer_forward,
+        lambda n: _LAYER_LAYOUT.get(n) is _LAYER_NAMES,
+    ),
+    (
+        "decoder layer",
+        _layer_why_not,
+        _fast_sandwich_layer_forward,
+        lambda n: _LAYER_LAYOUT.get(n) is _SANDWICH_NAMES,
+    ),
 )
 
 
@@ -279,12 +435,14 @@ def install_fast_decoder(model: nn.Module) -> dict[str, int]:
                 continue
             if _ours(module):
                 counts[kind] += 1  # installed already (a second get_peft_model on the same model)
+                module.__dict__[_LAYER_FLAG] = True
                 continue
             # someone else's per-instance forward (accelerate's device-map hooks, a profiler) stays
             reason = "has a patched forward" if "forward" in module.__dict__ else why_not(module)
             if reason is None:
                 # a partial (not a bound method) so the model still pickles; deepcopy rebinds it
                 module.forward = functools.partial(forward, module)
+                module.__dict__[_LAYER_FLAG] = True  # read by the decoder layer's forward only
                 counts[kind] += 1
             else:
                 skipped[reason] += 1
@@ -323,7 +481,9 @@ def _ours(module: nn.Module) -> bool:
 
 def uninstall_fast_decoder(model: nn.Module) -> None:
     """Restore the class ``forward`` of every module switched by :func:`install_fast_decoder`
-    (a per-instance forward installed by anyone else is left alone)."""
+    (a per-instance forward installed by anyone else is left alone; a fused layer forward that
+    offload wrapped stays inside the wrapper but runs the class forward from now on)."""
     for module in model.modules():
+        module.__dict__.pop(_LAYER_FLAG, None)
         if _ours(module):
             del module.__dict__["forward"]

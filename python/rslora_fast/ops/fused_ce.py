@@ -1,13 +1,20 @@
 """Fused lm_head + cross-entropy, chunked over tokens, so the full ``[tokens, vocab]`` logits never exist.
 
 Forward: for each chunk of tokens, ``logits = h @ W^T`` in the activation dtype (as ``nn.Linear`` computes
-them), upcast to float32 (as transformers' loss does), log-sum-exp and the target logit; only the per-token
-log-sum-exp (4 bytes a token) is kept. Backward recomputes each chunk's logits and writes
-``dh = (softmax - onehot) * g @ W`` chunk by chunk. The head weight stays frozen (no gradient).
+them), upcast to float32 (as transformers' loss does), log-sum-exp and the target logit; and, when
+``h`` needs a gradient, the chunk's ``dh = (softmax - onehot) / denom @ W`` right there, while its
+logits exist. The loss is a sum over tokens divided by ``denom``, so its upstream gradient only scales
+that ``dh``: backward is one multiply by ``grad_output`` and runs no head GEMM (recomputing the logits
+would be a third one). What is kept for backward is ``dh`` (``[tokens, hidden]``, the size of ``h``
+that the recompute kept instead). The head weight stays frozen (no gradient): a trainable or adapted
+head never reaches this function (``models/causal_lm.py`` routes it through the model's own forward).
+A forward whose result is never backpropagated (loss only, ``h`` requiring grad) still pays the
+gradient GEMM; under ``torch.no_grad()`` or with a frozen ``h`` it is skipped.
 
 On CUDA (float32/float16/bfloat16) each chunk runs our cross-entropy kernels instead
-(``ops/cross_entropy.py``): the forward reads the chunk's logits once for the log-sum-exp and the
-target logit, the backward turns them into their gradient in place; no float32 copy of a chunk exists.
+(``ops/cross_entropy.py``): the forward kernel reads the chunk's logits once for the log-sum-exp and
+the target logit, the backward kernel turns them into their gradient in place; no float32 copy of a
+chunk exists.
 
 Peak extra memory is one chunk of logits instead of the whole tensor: chunks are sized so that a
 float32 chunk is about 0.25 GiB (on the CUDA kernel path the chunk stays in the activation dtype, so
@@ -43,72 +50,67 @@ def default_chunk_tokens(vocab_size: int, budget_bytes: int = 256 * 2**20) -> in
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, denom, chunk, softcap):  # noqa: D417
-        n = hidden.shape[0]
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        ctx.chunk = chunk
-        ctx.softcap = softcap
-        ctx.kernels = softcap is None and _use_kernels(hidden)
-        if ctx.kernels:
-            from .cross_entropy import cross_entropy_fwd
-
-            targets = targets.long()
-            for s in range(0, n, chunk):
-                e = min(n, s + chunk)
-                lse_c, loss_c = cross_entropy_fwd(hidden[s:e] @ weight.t(), targets[s:e], IGNORE_INDEX)
-                total += loss_c.sum()
-                lse[s:e] = lse_c
-            ctx.save_for_backward(hidden, weight, targets, lse, denom)
-            return total / denom
-        valid = targets != IGNORE_INDEX
-        safe_t = torch.where(valid, targets, 0)
-        for s in range(0, n, chunk):
-            e = min(n, s + chunk)
-            logits = _capped(hidden[s:e] @ weight.t(), softcap)[0]
-            lse_c = torch.logsumexp(logits, dim=-1)
-            tgt = logits.gather(1, safe_t[s:e, None]).squeeze(1)
-            total += ((lse_c - tgt) * valid[s:e]).sum()
-            lse[s:e] = lse_c
-        ctx.save_for_backward(hidden, weight, safe_t, valid, lse, denom)
+    def forward(ctx, hidden, weight, targets, denom, chunk, softcap, want_dh):  # noqa: D417
+        # d loss / d loss_row is 1/denom on valid rows, 0 on ignored ones; backward's grad_output
+        # only scales it, so each chunk's gradient is taken here, while its logits exist.
+        if softcap is None and _use_kernels(hidden):
+            total, dh = _forward_kernels(hidden, weight, targets.long(), denom, chunk, want_dh)
+        else:
+            total, dh = _forward_torch(hidden, weight, targets, denom, chunk, softcap, want_dh)
+        ctx.save_for_backward(dh)
         return total / denom
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        (dh,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
-        if ctx.kernels:
-            return _backward_kernels(ctx, grad)
-        hidden, weight, safe_t, valid, lse, denom = ctx.saved_tensors
-        scale = (grad / denom).float()
-        dh = torch.empty_like(hidden)
-        n, chunk = hidden.shape[0], ctx.chunk
-        for s in range(0, n, chunk):
-            e = min(n, s + chunk)
-            logits, t = _capped(hidden[s:e] @ weight.t(), ctx.softcap)
-            p = torch.exp(logits - lse[s:e, None])
-            p.scatter_add_(1, safe_t[s:e, None], torch.full((e - s, 1), -1.0, device=p.device))
-            p *= (valid[s:e].float() * scale)[:, None]
-            if t is not None:  # d(c * tanh(z / c)) / dz = 1 - tanh(z / c)^2
-                p *= 1.0 - t * t
-            dh[s:e] = p.to(hidden.dtype) @ weight
-        return dh, None, None, None, None, None
+            return None, None, None, None, None, None, None
+        return dh * grad, None, None, None, None, None, None
 
 
-def _backward_kernels(ctx, grad):
-    from .cross_entropy import cross_entropy_bwd_
+def _forward_kernels(hidden, weight, targets, denom, chunk, want_dh):
+    """Chunk loop on our CUDA kernels: loss sum and (``want_dh``) d(sum / denom) / d hidden."""
+    from .cross_entropy import cross_entropy_bwd_, cross_entropy_fwd
 
-    hidden, weight, targets, lse, denom = ctx.saved_tensors
-    # per-row factor: d loss / d loss_row = grad / denom on valid rows, 0 on ignored rows
-    row_scale = (targets != IGNORE_INDEX).float() * (grad / denom).float()
-    dh = torch.empty_like(hidden)
-    n, chunk = hidden.shape[0], ctx.chunk
+    n = hidden.shape[0]
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    dh = torch.empty_like(hidden) if want_dh else None
+    row_scale = (targets != IGNORE_INDEX).float() / denom if want_dh else None
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
-        logits = hidden[s:e] @ weight.t()  # recomputed, nobody else reads it: overwritten in place
-        cross_entropy_bwd_(logits, lse[s:e], targets[s:e], row_scale[s:e], IGNORE_INDEX)
-        torch.mm(logits, weight, out=dh[s:e])
-    return dh, None, None, None, None, None
+        logits = hidden[s:e] @ weight.t()
+        lse, loss = cross_entropy_fwd(logits, targets[s:e], IGNORE_INDEX)
+        total += loss.sum()
+        if want_dh:  # the chunk's logits are read by nobody else: their gradient overwrites them
+            cross_entropy_bwd_(logits, lse, targets[s:e], row_scale[s:e], IGNORE_INDEX)
+            torch.mm(logits, weight, out=dh[s:e])
+    return total, dh
+
+
+def _forward_torch(hidden, weight, targets, denom, chunk, softcap, want_dh):
+    """Chunk loop in float32 torch (any device, soft-cap): loss sum and (``want_dh``) its gradient."""
+    n = hidden.shape[0]
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    dh = torch.empty_like(hidden) if want_dh else None
+    valid = targets != IGNORE_INDEX
+    safe_t = torch.where(valid, targets, 0)
+    row_scale = valid.float() / denom
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        logits, t = _capped(hidden[s:e] @ weight.t(), softcap)
+        lse = torch.logsumexp(logits, dim=-1)
+        tgt = logits.gather(1, safe_t[s:e, None]).squeeze(1)
+        total += ((lse - tgt) * valid[s:e]).sum()
+        if not want_dh:
+            continue
+        p = torch.exp(logits - lse[:, None])
+        p.scatter_add_(1, safe_t[s:e, None], torch.full((e - s, 1), -1.0, device=p.device))
+        p *= row_scale[s:e, None]
+        if t is not None:  # d(c * tanh(z / c)) / dz = 1 - tanh(z / c)^2
+            p *= 1.0 - t * t
+        dh[s:e] = p.to(hidden.dtype) @ weight
+    return total, dh
 
 
 def _capped(logits: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -142,15 +144,16 @@ def fused_linear_cross_entropy(
             float: Gemma 2's ``final_logit_softcapping``).
 
     Returns:
-        A scalar float32 loss, differentiable with respect to ``hidden`` only.
+        A scalar float32 loss, differentiable (once) with respect to ``hidden`` only; its gradient
+        is computed in this call's forward (see the module docstring).
 
     Raises:
         ValueError: on mismatched shapes, dtypes or devices, or a ``softcap`` that is not positive.
     """
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
-        # Autocast would run the forward's matmul in its dtype but not the backward's recompute
-        # (backward runs outside autocast): cast once here and run the whole function without it.
+        # Run the head GEMMs (loss and gradient) in autocast's dtype, cast once here, and the
+        # chunk loop without autocast (it would otherwise pick the dtype GEMM by GEMM).
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
             return fused_linear_cross_entropy(
@@ -179,4 +182,7 @@ def fused_linear_cross_entropy(
         denom = torch.as_tensor(num_items_in_batch, device=hidden.device).float()
     chunk = chunk_tokens or default_chunk_tokens(weight.shape[0])
     cap = None if softcap is None else float(softcap)
-    return _FusedLinearCrossEntropy.apply(hidden, weight, targets.to(hidden.device), denom, chunk, cap)
+    want_dh = hidden.requires_grad and torch.is_grad_enabled()  # forward runs with grad mode off
+    return _FusedLinearCrossEntropy.apply(
+        hidden, weight, targets.to(hidden.device), denom, chunk, cap, want_dh
+    )

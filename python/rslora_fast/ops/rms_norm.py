@@ -7,6 +7,12 @@ the Rust launcher; CPU tensors run the plain-torch expressions below (the refere
 saves only ``x``, the weight (a reference to the parameter) and ``rstd`` (float32, one per row).
 When the weight needs no gradient (LoRA freezes the norms) backward runs ``rms_norm_bwd_dx``: the
 input gradient alone, without the ``dw`` partial sums and their reduction.
+
+:func:`add_rms_norm` is the decoder layer's ``h = residual + attn_out; normed = norm(h)`` as one
+op: one kernel writes the sum (rounded to the dtype, as torch's add) and its norm, and, for a frozen
+weight, one backward kernel gives the gradient of both addends, ``dh + d normed / d h`` rounded
+once (transformers rounds the norm's input gradient, then adds ``dh``: at most one unit in the last
+place apart). A trainable weight takes the RMSNorm backward with ``dw`` and then one add.
 """
 
 from __future__ import annotations
@@ -230,3 +236,171 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, gemma: bo
     """
     y, _rstd = rms_norm_fwd(x, weight, eps, gemma)
     return y
+
+
+# ---------------------------------------------------------------------------- residual add + RMSNorm
+def add_rms_norm_reference(
+    x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool = False
+):
+    """Plain-torch ``(s, y, rstd)``: ``s = x + residual`` in the input dtype, ``y, rstd`` its RMSNorm."""
+    s = x + residual
+    y, rstd = rms_norm_reference(s, w, eps, gemma)
+    return s, y, rstd
+
+
+def add_rms_norm_backward_reference(
+    dy: torch.Tensor,
+    ds: torch.Tensor,
+    s: torch.Tensor,
+    w: torch.Tensor,
+    rstd: torch.Tensor,
+    gemma: bool = False,
+) -> torch.Tensor:
+    """Plain-torch gradient of both addends: ``ds + d y / d s`` in float32, rounded once to the dtype."""
+    dx, _ = _dx_reference(dy, s, w, rstd, gemma)
+    return (dx + ds.float()).to(s.dtype)
+
+
+def _check_add(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, op: str) -> None:
+    _check(x, w, op)
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(
+            f"{op}: residual ({tuple(residual.shape)}, {residual.dtype}, {residual.device}) does not "
+            f"match the input ({tuple(x.shape)}, {x.dtype}, {x.device})"
+        )
+
+
+@torch.library.custom_op("rslora_fast::add_rms_norm_fwd", mutates_args=())
+def add_rms_norm_fwd(
+    x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward: ``(s, y, rstd)`` with ``s = x + residual``, ``y = rms_norm(s)``, ``rstd`` float32."""
+    _check_add(x, residual, w, "add_rms_norm")
+    if not use_kernels(x):
+        return add_rms_norm_reference(x, residual, w, eps, gemma)
+    x, residual, w = x.contiguous(), residual.contiguous(), w.contiguous()
+    cols = x.shape[-1]
+    rows = x.numel() // cols
+    s, y = torch.empty_like(x), torch.empty_like(x)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if rows:
+        device, stream = stream_of(x)
+        core().add_rms_norm_fwd(
+            x.data_ptr(),
+            residual.data_ptr(),
+            w.data_ptr(),
+            s.data_ptr(),
+            y.data_ptr(),
+            rstd.data_ptr(),
+            rows,
+            cols,
+            eps,
+            gemma,
+            dtype_name(x, "add_rms_norm"),
+            device,
+            stream,
+        )
+    return s, y, rstd
+
+
+@add_rms_norm_fwd.register_fake
+def _(x, residual, w, eps, gemma):
+    _check_add(x, residual, w, "add_rms_norm")
+    s = torch.empty_like(x, memory_format=torch.contiguous_format)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return s, y, x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("rslora_fast::add_rms_norm_bwd_dx", mutates_args=())
+def add_rms_norm_bwd_dx(
+    dy: torch.Tensor, ds: torch.Tensor, s: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, gemma: bool
+) -> torch.Tensor:
+    """Backward for a frozen weight: the gradient of both addends, ``ds + d y / d s`` (one rounding)."""
+    _check_backward(dy, s, w, rstd)
+    if ds.shape != s.shape:
+        raise ValueError(f"add_rms_norm backward: sum grad shape {tuple(ds.shape)} != {tuple(s.shape)}")
+    if not use_kernels(s):
+        return add_rms_norm_backward_reference(dy, ds, s, w, rstd, gemma)
+    dy, s, w, rstd = _backward_operands(dy, s, w, rstd)
+    ds = ds.to(s.dtype).contiguous()
+    cols = s.shape[-1]
+    rows = s.numel() // cols
+    dx = torch.empty_like(s)
+    if rows:
+        device, stream = stream_of(s)
+        core().add_rms_norm_bwd_dx(
+            dy.data_ptr(),
+            ds.data_ptr(),
+            s.data_ptr(),
+            w.data_ptr(),
+            rstd.data_ptr(),
+            dx.data_ptr(),
+            rows,
+            cols,
+            gemma,
+            dtype_name(s, "add_rms_norm"),
+            device,
+            stream,
+        )
+    return dx
+
+
+@add_rms_norm_bwd_dx.register_fake
+def _(dy, ds, s, w, rstd, gemma):
+    return torch.empty_like(s, memory_format=torch.contiguous_format)
+
+
+def _setup_add_context(ctx, inputs, output):
+    _x, _residual, w, _eps, gemma = inputs
+    s, _y, rstd = output
+    ctx.save_for_backward(s, w, rstd)
+    ctx.gemma = gemma
+    ctx.mark_non_differentiable(rstd)
+
+
+def _add_backward(ctx, ds, dy, _drstd):
+    s, w, rstd = ctx.saved_tensors
+    ds = torch.zeros_like(s) if ds is None else ds
+    dw = None
+    if dy is None:  # only the sum was used downstream
+        d = ds.to(s.dtype)
+    elif ctx.needs_input_grad[2]:  # trainable weight: the dw kernel, then the sum's own gradient
+        dn, dw = rms_norm_bwd(dy, s, w, rstd, ctx.gemma)
+        d = dn + ds.to(s.dtype)
+    else:
+        d = add_rms_norm_bwd_dx(dy, ds, s, w, rstd, ctx.gemma)
+    return (
+        d if ctx.needs_input_grad[0] else None,
+        d if ctx.needs_input_grad[1] else None,
+        dw,
+        None,
+        None,
+    )
+
+
+add_rms_norm_fwd.register_autograd(_add_backward, setup_context=_setup_add_context)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, gemma: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + residual`` and ``rms_norm(s)`` in one kernel on CUDA (plain torch on CPU).
+
+    Args:
+        x: the branch output ``[..., hidden]`` (e.g. attention's); float32, float16 or bfloat16 on CUDA.
+        residual: the residual stream, same shape, dtype and device as ``x``.
+        weight: ``[hidden]`` in ``x``'s dtype and on its device.
+        eps: added to the mean square before the reciprocal square root.
+        gemma: ``False`` for ``LlamaRMSNorm``, ``True`` for ``GemmaRMSNorm`` (as :func:`rms_norm`).
+
+    Returns:
+        ``(s, normed)``: the sum (rounded to the dtype, as ``x + residual``) and its RMSNorm, both new
+        contiguous tensors; differentiable in ``x``, ``residual`` and ``weight`` (the gradient of
+        both addends is the sum's gradient plus the norm's input gradient).
+
+    Raises:
+        ValueError: the residual does not match ``x``, the weight does not match the last dimension,
+            dtype or device of ``x``, the last dimension is empty, or the dtype is unsupported on CUDA.
+    """
+    s, y, _rstd = add_rms_norm_fwd(x, residual, weight, eps, gemma)
+    return s, y

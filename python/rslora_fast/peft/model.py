@@ -42,6 +42,7 @@ ACCEPTED_KWARGS = (
     "use_dora",
     "fan_in_fan_out",
     "lora_bias",
+    "offload_embedding",
 )
 
 # target names that mean "train this embedding / head in full" (moved to modules_to_save)
@@ -718,6 +719,10 @@ class PeftModel(nn.Module):
 
         model = self.base_model.model
         uninstall_fast_decoder(model)
+        if self.__dict__.get("_offloaded_embedding"):
+            from ..models.host_embedding import restore_embedding
+
+            restore_embedding(model)
         for name, module in list(model.named_modules()):
             if isinstance(module, LoraLinear):
                 parent, child = _parent_of(model, name)
@@ -905,6 +910,25 @@ def _trainer_visible_class() -> type:
     return _VISIBLE["cls"]
 
 
+def _checked_offload_embedding(model: nn.Module, value: Any, modules_to_save: list[str]) -> bool:
+    """``offload_embedding`` validated before the model changes (the checks of host_embedding)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"offload_embedding must be a bool, got {value!r}")
+    from ..models.host_embedding import check_offloadable, is_offloaded
+
+    if value:
+        check_offloadable(model)
+    if value or is_offloaded(model):
+        emb = model.get_input_embeddings()
+        names = {n for n, m in model.named_modules() if m is emb}
+        if any(t == n or n.endswith("." + t) for t in modules_to_save for n in names):
+            raise ValueError(
+                "offload_embedding=True and the input embedding in modules_to_save contradict each "
+                "other: a trained table stays on the GPU; drop one of them"
+            )
+    return value
+
+
 # ---------------------------------------------------------------------- public entry point
 def get_peft_model(
     model: nn.Module,
@@ -950,8 +974,11 @@ def get_peft_model(
             ``exclude_modules``, ``init_lora_weights`` (True, False, "gaussian", "loftq"),
             ``rank_pattern``, ``alpha_pattern``, ``task_type`` (default ``"CAUSAL_LM"``),
             ``use_reentrant`` (checkpointing flavour, default False), ``max_memory_gb`` (with
-            ``"unsloth"``: GPU budget for layer activations kept without recompute), and ``use_dora``,
-            ``fan_in_fan_out``, ``lora_bias`` (only False is supported).
+            ``"unsloth"``: GPU budget for layer activations kept without recompute),
+            ``offload_embedding`` (default False: the frozen input embedding table in pinned host
+            memory, the GPU reading only the step's rows; see
+            :mod:`rslora_fast.models.host_embedding`), and ``use_dora``, ``fan_in_fan_out``,
+            ``lora_bias`` (only False is supported).
 
     Returns:
         A :class:`PeftModel`. Called on a :class:`PeftModel` with the same settings, returns it
@@ -997,7 +1024,12 @@ def get_peft_model(
     if _has_adapters(model):
         raise ValueError("the model already contains LoRA layers; pass its PeftModel instead")
 
+    offload = _checked_offload_embedding(model, kwargs.get("offload_embedding", False), modules_to_save)
     peft_model = PeftModel(model, config, random_state=random_state)
+    if offload:
+        from ..models.host_embedding import offload_embedding
+
+        peft_model._offloaded_embedding = offload_embedding(model) > 0
     _install_checkpointing(
         peft_model, model, mode, max_seq_length, use_reentrant, kwargs.get("max_memory_gb")
     )
