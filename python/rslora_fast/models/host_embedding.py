@@ -191,7 +191,7 @@ class _CudaArray:
         self.__cuda_array_interface__ = {
             "shape": tuple(t.shape),
             "typestr": typestr,
-            "data": (t.data_ptr(), True),
+            "data": (t.data_ptr(), False),  # torch accepts only writable arrays; we never write
             "version": 2,
             "strides": None,
         }
