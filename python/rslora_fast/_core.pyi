@@ -247,10 +247,17 @@ def regex_fullmatch(pattern: str, names: list[str]) -> list[bool]:
 
 # ---------------------------------------------------------------------------- offload
 class OffloadScheduler:
-    """Pinned host-memory pool + offload / prefetch / wait scheduler (host or CUDA transport)."""
+    """The offload schedule (policy, pinned host-memory pool, copies) of one device."""
 
     def __new__(
-        cls, device: int | None = None, lookahead: int = 1, host_cap_bytes: int | None = None
+        cls,
+        device: int | None = None,
+        lookahead: int = 1,
+        host_cap_bytes: int | None = None,
+        *,
+        min_tokens: int = 0,
+        last_layer: int | None = None,
+        budget_bytes: int | None = None,
     ) -> OffloadScheduler: ...
     @property
     def device(self) -> int | None:
@@ -279,8 +286,32 @@ class OffloadScheduler:
     def release_all(self) -> int:
         """Release every live handle; returns how many there were."""
 
+    def begin_layer(self, layer: int, tokens: int, offloadable: bool = True) -> tuple[int, str]:
+        """Forward reaches ``layer``: its pass and plan (keep, offload, last, short, unsupported)."""
+
+    def offload_layer(self, layer: int, tensor: Any, stream: int = 0) -> int:
+        """Park ``layer``'s input in host memory (held until ``stream`` waited for the copy)."""
+
+    def fetch_layer(self, pass_: int, layer: int, handle: int | None = None, stream: int = 0) -> Any | None:
+        """Backward reaches ``layer``: start the planned copies back; return its own input."""
+
+    def wants_measure(self, layer: int) -> bool:
+        """Whether ``layer``'s saved bytes should be measured (budget mode)."""
+
+    def record_saved_bytes(self, layer: int, nbytes: int, tokens: int) -> None:
+        """What ``layer`` saved for backward at ``tokens`` tokens."""
+
+    def budget_stats(self) -> dict[str, int | None]:
+        """``budget_bytes``, ``kept_layers``, ``kept_bytes`` of the latest pass."""
+
+    def set_trace(self, on: bool) -> None:
+        """Start (clearing) or stop recording the schedule's actions."""
+
+    def trace(self) -> list[tuple[str, int, int]]:
+        """The recorded actions: ``(kind, pass, layer)``."""
+
     def plan_prefetch(self, before: int) -> list[int]:
-        """Handles to prefetch next (lookahead policy), newest first."""
+        """Handles to prefetch next by handle order alone, newest first."""
 
     def next_handle(self) -> int:
         """The handle the next offload will get."""
