@@ -67,6 +67,7 @@ fn policy_32() -> PolicyConfig {
         min_tokens: 512,
         last_layer: Some(LAYERS - 1),
         budget_bytes: None,
+        ..PolicyConfig::default()
     }
 }
 

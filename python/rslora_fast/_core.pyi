@@ -258,6 +258,9 @@ class OffloadScheduler:
         min_tokens: int = 0,
         last_layer: int | None = None,
         budget_bytes: int | None = None,
+        save: str = "never",
+        link_bytes_per_s: float | None = None,
+        min_parked_bytes: int | None = None,
     ) -> OffloadScheduler: ...
     @property
     def device(self) -> int | None:
@@ -287,10 +290,13 @@ class OffloadScheduler:
         """Release every live handle; returns how many there were."""
 
     def begin_layer(self, layer: int, tokens: int, offloadable: bool = True) -> tuple[int, str]:
-        """Forward reaches ``layer``: its pass and plan (keep, offload, last, short, unsupported)."""
+        """Forward reaches ``layer``: its pass and plan (keep, save, offload, last, short, unsupported)."""
 
     def offload_layer(self, layer: int, tensor: Any, stream: int = 0) -> int:
         """Park ``layer``'s input in host memory (held until ``stream`` waited for the copy)."""
+
+    def pack_tensor(self, layer: int, tensor: Any, stream: int = 0) -> int | None:
+        """A tensor a ``"save"`` layer saves: ``None`` (kept) or the handle of its host copy."""
 
     def fetch_layer(self, pass_: int, layer: int, handle: int | None = None, stream: int = 0) -> Any | None:
         """Backward reaches ``layer``: start the planned copies back; return its own input."""
@@ -301,8 +307,14 @@ class OffloadScheduler:
     def record_saved_bytes(self, layer: int, nbytes: int, tokens: int) -> None:
         """What ``layer`` saved for backward at ``tokens`` tokens."""
 
+    def record_layer_cost(self, layer: int, nbytes: int, seconds: float, tokens: int) -> None:
+        """``layer``'s measured saved bytes and forward seconds at ``tokens`` tokens."""
+
+    def set_budget(self, budget_bytes: int | None) -> None:
+        """Change the device budget (from the next layer on)."""
+
     def budget_stats(self) -> dict[str, int | None]:
-        """``budget_bytes``, ``kept_layers``, ``kept_bytes`` of the latest pass."""
+        """What the budget and the save policy did in the latest pass."""
 
     def set_trace(self, on: bool) -> None:
         """Start (clearing) or stop recording the schedule's actions."""

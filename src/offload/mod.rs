@@ -16,7 +16,7 @@ pub mod scheduler;
 pub mod transport;
 
 pub use cuda::{CudaEvent, CudaTransport};
-pub use policy::{BudgetStats, LayerPlan, Policy, PolicyConfig, Tag};
+pub use policy::{BudgetStats, LayerPlan, Policy, PolicyConfig, SaveMode, Tag, MIN_PARKED_BYTES};
 pub use pool::{size_class, Block, HostPool, PoolStats, MAX_REQUEST};
 pub use scheduler::{Action, HandleState, Scheduler, SchedulerStats};
 pub use transport::{HostTransport, Transport, HOST_ALIGN};

@@ -1,7 +1,13 @@
 //! The offload schedule's decisions, apart from the copying ([`super::Scheduler`] carries them
-//! out): per forward pass and per decoder layer, whether the layer's input goes to the host, stays
-//! on the device, or whether the layer runs without any recompute (memory budget); in backward,
-//! which offloaded inputs start coming back while a layer recomputes.
+//! out): per forward pass and per decoder layer, whether the layer is recomputed in backward from
+//! an input parked on the host (or kept on the device), or runs without recompute, its saved
+//! tensors kept on the device or parked on the host tensor by tensor ([`Policy::pack`]); in
+//! backward, which parked tensors start coming back while a layer runs its backward.
+//!
+//! The save decision comes from measured costs: a layer's saved bytes and forward time per token
+//! (measured on its first step, when it is checkpointed), the link's bandwidth and the device
+//! budget. Saving instead of recomputing pays when the bytes that do not fit the budget cross the
+//! link in less time than the layer's forward takes (the copies then hide behind compute).
 //!
 //! Layers are numbered by the caller (their index in the model). A pass begins when a layer
 //! index does not grow (the first layer of the next forward); handles carry the pass they were
@@ -24,13 +30,38 @@ pub struct PolicyConfig {
     /// Device bytes for activations kept without recompute (whole layers, forward order, as
     /// measured by [`Policy::record_saved_bytes`]). `None`: every layer is checkpointed.
     pub budget_bytes: Option<u64>,
+    /// When a layer may skip its recompute by parking its saved tensors on the host.
+    pub save: SaveMode,
+    /// Measured device-to-host bandwidth (bytes per second); `None`: unknown (never
+    /// [`SaveMode::Auto`]-saves).
+    pub link_bytes_per_s: Option<f64>,
+    /// Saved tensors smaller than this stay on the device (`None`: [`MIN_PARKED_BYTES`]).
+    pub min_parked_bytes: Option<usize>,
 }
+
+/// When a layer runs without recompute, its saved tensors kept or parked tensor by tensor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SaveMode {
+    /// Never: every layer that does not fit the budget whole is checkpointed (recomputed).
+    #[default]
+    Never,
+    /// When the measured costs say the copies hide behind the layer's forward.
+    Auto,
+    /// Every measured layer but the last (tests, and forcing it on for a measurement).
+    Always,
+}
+
+/// Saved tensors smaller than this stay on the device by default: a copy would cost more (in
+/// launch and bookkeeping) than the memory it frees.
+pub const MIN_PARKED_BYTES: usize = 64 * 1024;
 
 /// What one layer call does with its activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LayerPlan {
     /// Run as is, saving everything (it fits in the memory budget): no recompute.
     Keep,
+    /// Run as is without recompute; each saved tensor is kept or parked ([`Policy::pack`]).
+    Save,
     /// Checkpoint with the input parked in host memory.
     Offload,
     /// Checkpoint with the input kept on the device: the last layer.
@@ -46,6 +77,7 @@ impl LayerPlan {
     pub fn name(self) -> &'static str {
         match self {
             LayerPlan::Keep => "keep",
+            LayerPlan::Save => "save",
             LayerPlan::Offload => "offload",
             LayerPlan::CheckpointLast => "last",
             LayerPlan::CheckpointShort => "short",
@@ -63,15 +95,25 @@ pub struct Tag {
     pub layer: usize,
 }
 
-/// What the memory budget kept in the latest pass.
+/// What the memory budget kept in the latest pass, and what the save policy did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BudgetStats {
     /// The budget (`None`: no budget).
     pub budget_bytes: Option<u64>,
-    /// Layers of the latest pass run without recompute.
+    /// Layers of the latest pass run without recompute, everything saved on the device.
     pub kept_layers: usize,
-    /// Their measured activation bytes.
+    /// Activation bytes kept on the device without recompute (whole layers and single tensors).
     pub kept_bytes: u64,
+    /// Layers run without recompute with their saved tensors kept or parked one by one.
+    pub saved_layers: usize,
+    /// Layers checkpointed (recomputed in backward).
+    pub recomputed_layers: usize,
+    /// Saved tensors kept on the device / parked on the host, in [`LayerPlan::Save`] layers.
+    pub tensors_kept: usize,
+    /// See `tensors_kept`.
+    pub tensors_parked: usize,
+    /// Bytes sent to the host in the pass (each comes back once): layer inputs and saved tensors.
+    pub parked_bytes: u64,
 }
 
 /// The policy's state: the pass in progress and the layers' measured sizes.
@@ -80,10 +122,9 @@ pub struct Policy {
     cfg: PolicyConfig,
     pass: u64,
     last_seen: Option<usize>,
-    kept_bytes: u64,
-    kept_layers: usize,
-    /// Saved activation bytes per token, per layer (measured once, on a recompute).
-    per_token: BTreeMap<usize, f64>,
+    stats: BudgetStats,
+    /// Saved activation bytes and forward seconds per token, per layer (measured once).
+    per_token: BTreeMap<usize, (f64, f64)>,
 }
 
 impl Policy {
@@ -115,11 +156,19 @@ impl Policy {
     ) -> (u64, LayerPlan) {
         if self.last_seen.is_none_or(|prev| layer <= prev) {
             self.pass += 1;
-            self.kept_bytes = 0;
-            self.kept_layers = 0;
+            self.stats = BudgetStats {
+                budget_bytes: self.cfg.budget_bytes,
+                ..BudgetStats::default()
+            };
         }
         self.last_seen = Some(layer);
-        (self.pass, self.plan(layer, tokens, offloadable))
+        let plan = self.plan(layer, tokens, offloadable);
+        match plan {
+            LayerPlan::Keep => self.stats.kept_layers += 1,
+            LayerPlan::Save => self.stats.saved_layers += 1,
+            _ => self.stats.recomputed_layers += 1,
+        }
+        (self.pass, plan)
     }
 
     fn plan(&mut self, layer: usize, tokens: usize, offloadable: bool) -> LayerPlan {
@@ -132,61 +181,136 @@ impl Policy {
             LayerPlan::CheckpointShort
         } else if !offloadable {
             LayerPlan::CheckpointUnsupported
+        } else if self.saving_pays(layer, tokens) {
+            LayerPlan::Save
         } else {
             LayerPlan::Offload
         }
     }
 
+    /// Device bytes the budget has left in this pass.
+    fn budget_left(&self) -> u64 {
+        self.cfg
+            .budget_bytes
+            .map_or(0, |b| b.saturating_sub(self.stats.kept_bytes))
+    }
+
     /// Budget mode: keep the layer (no recompute) while this pass's kept bytes stay within the
     /// budget; layers not measured yet are checkpointed (the first step measures them).
     fn fits_budget(&mut self, layer: usize, tokens: usize) -> bool {
-        let (Some(budget), Some(per_token)) = (self.cfg.budget_bytes, self.per_token.get(&layer))
+        let (Some(_), Some(&(per_token, _))) = (self.cfg.budget_bytes, self.per_token.get(&layer))
         else {
             return false;
         };
         let need = (per_token * tokens as f64).ceil() as u64;
-        if self.kept_bytes.saturating_add(need) > budget {
+        if need > self.budget_left() {
             return false;
         }
-        self.kept_bytes += need;
-        self.kept_layers += 1;
+        self.stats.kept_bytes += need;
         true
     }
 
-    /// Whether `layer`'s saved bytes should be measured on its next recompute (budget mode only).
+    /// Whether skipping the recompute of a measured layer pays: the saved bytes the budget cannot
+    /// hold cross the link within the layer's forward time (so the copies hide behind compute),
+    /// or the mode says always.
+    fn saving_pays(&self, layer: usize, tokens: usize) -> bool {
+        let Some(&(bytes_pt, seconds_pt)) = self.per_token.get(&layer) else {
+            return false;
+        };
+        match (self.cfg.save, self.cfg.link_bytes_per_s) {
+            (SaveMode::Always, _) => true,
+            (SaveMode::Auto, Some(bw)) if bw > 0.0 => {
+                let parked = (bytes_pt * tokens as f64 - self.budget_left() as f64).max(0.0);
+                parked / bw <= seconds_pt * tokens as f64
+            }
+            _ => false,
+        }
+    }
+
+    /// A tensor of `nbytes` saved by a [`LayerPlan::Save`] layer: `true` keeps it on the device
+    /// (it is small, or the budget still has room for it, spent tensor by tensor in forward
+    /// order), `false` parks it on the host.
+    pub fn pack(&mut self, nbytes: usize) -> bool {
+        let n = nbytes as u64;
+        let small = nbytes < self.cfg.min_parked_bytes.unwrap_or(MIN_PARKED_BYTES);
+        let keep = small || n <= self.budget_left();
+        if keep {
+            self.stats.kept_bytes += n;
+            self.stats.tensors_kept += 1;
+        } else {
+            self.stats.tensors_parked += 1;
+        }
+        keep
+    }
+
+    /// Count bytes sent to the host in this pass.
+    pub fn count_parked(&mut self, nbytes: usize) {
+        self.stats.parked_bytes += nbytes as u64;
+    }
+
+    /// Whether `layer`'s costs should be measured on its next recompute: in budget mode, or
+    /// when saving may be chosen.
     pub fn wants_measure(&self, layer: usize) -> bool {
-        self.cfg.budget_bytes.is_some() && !self.per_token.contains_key(&layer)
+        (self.cfg.budget_bytes.is_some() || self.cfg.save != SaveMode::Never)
+            && !self.per_token.contains_key(&layer)
     }
 
     /// Record what a layer's forward saved for backward, for `tokens` tokens.
     pub fn record_saved_bytes(&mut self, layer: usize, bytes: u64, tokens: usize) {
-        self.per_token
-            .insert(layer, bytes as f64 / tokens.max(1) as f64);
+        self.record_layer_cost(layer, bytes, 0.0, tokens)
     }
 
-    /// What the budget kept in the latest pass.
+    /// Record a layer's measured costs: the bytes its forward saved for backward and the seconds
+    /// the forward took, for `tokens` tokens.
+    pub fn record_layer_cost(&mut self, layer: usize, bytes: u64, seconds: f64, tokens: usize) {
+        let t = tokens.max(1) as f64;
+        self.per_token
+            .insert(layer, (bytes as f64 / t, seconds.max(0.0) / t));
+    }
+
+    /// Change the device budget (from the next layer on).
+    pub fn set_budget(&mut self, budget_bytes: Option<u64>) {
+        self.cfg.budget_bytes = budget_bytes;
+    }
+
+    /// What the budget and the save policy did in the latest pass.
     pub fn budget_stats(&self) -> BudgetStats {
         BudgetStats {
             budget_bytes: self.cfg.budget_bytes,
-            kept_layers: self.kept_layers,
-            kept_bytes: self.kept_bytes,
+            ..self.stats
         }
     }
 
     /// Backward reaches `layer` of `pass`: of the `offloaded` handles (id, tag, already on their
-    /// way back), in offload order, the ones to start copying back now, in order. The `lookahead`
-    /// nearest earlier layers of the same pass are kept in flight; handles already on their way
-    /// count towards that depth.
+    /// way back), in offload order, the ones to start copying back now, in order. Every handle of
+    /// the `lookahead` nearest earlier layers of the same pass is kept in flight (newest layer
+    /// first, a layer's tensors in the order they were saved); handles already on their way count
+    /// towards that depth.
     pub fn prefetch_order<I>(&self, pass: u64, layer: usize, offloaded: I) -> Vec<u64>
     where
         I: DoubleEndedIterator<Item = (u64, Tag, bool)>,
     {
-        offloaded
-            .rev()
-            .filter(|(_, tag, _)| tag.pass == pass && tag.layer < layer)
-            .take(self.cfg.lookahead)
-            .filter(|&(_, _, in_flight)| !in_flight)
-            .map(|(id, _, _)| id)
-            .collect()
+        let mut layers_seen = 0;
+        let mut current = None;
+        let mut out: Vec<(usize, u64)> = Vec::new();
+        for (id, tag, in_flight) in offloaded.rev() {
+            if tag.pass != pass || tag.layer >= layer {
+                continue;
+            }
+            if current != Some(tag.layer) {
+                if layers_seen == self.cfg.lookahead {
+                    break;
+                }
+                layers_seen += 1;
+                current = Some(tag.layer);
+            }
+            if !in_flight {
+                out.push((tag.layer, id));
+            }
+        }
+        // Newest layer first; within a layer, saved order (backward reads them in reverse, but
+        // all of them are needed before the layer's backward ends).
+        out.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        out.into_iter().map(|(_, id)| id).collect()
     }
 }

@@ -197,8 +197,8 @@ impl<T: Transport, L, M: Clone + Default> Scheduler<T, L, M> {
         offloadable: bool,
     ) -> Result<(u64, LayerPlan)> {
         let (pass, plan) = self.policy.begin_layer(layer, tokens, offloadable);
-        if plan != LayerPlan::Offload {
-            self.settle_all_but(None)?;
+        if !matches!(plan, LayerPlan::Offload | LayerPlan::Save) {
+            self.settle_all()?;
         }
         Ok((pass, plan))
     }
@@ -224,8 +224,32 @@ impl<T: Transport, L, M: Clone + Default> Scheduler<T, L, M> {
         };
         // SAFETY: forwarded from the caller.
         let id = unsafe { self.offload_tagged(src, nbytes, compute, tag, Some(lease), meta)? };
-        self.settle_all_but(Some(id))?;
+        self.policy.count_parked(nbytes);
+        self.settle_older_than(tag)?;
         Ok(id)
+    }
+
+    /// A tensor saved for backward by `layer`, a [`LayerPlan::Save`] layer: the policy keeps it
+    /// on the device (`Ok(None)`: the lease is given back at once) or parks it on the host like
+    /// [`Scheduler::offload_layer`] (`Ok(Some(handle))`).
+    ///
+    /// # Safety
+    /// As [`Scheduler::offload_layer`].
+    pub unsafe fn pack_layer(
+        &mut self,
+        layer: usize,
+        src: usize,
+        nbytes: usize,
+        compute: RawStream,
+        lease: L,
+        meta: M,
+    ) -> Result<Option<u64>> {
+        if self.policy.pack(nbytes) {
+            self.freed.push(lease);
+            return Ok(None);
+        }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.offload_layer(layer, src, nbytes, compute, lease, meta) }.map(Some)
     }
 
     /// Backward reaches `layer` of `pass`: the handles to copy back now, in order, with their
@@ -309,6 +333,16 @@ impl<T: Transport, L, M: Clone + Default> Scheduler<T, L, M> {
         self.policy.record_saved_bytes(layer, bytes, tokens)
     }
 
+    /// Record `layer`'s measured saved bytes and forward seconds at `tokens` tokens.
+    pub fn record_layer_cost(&mut self, layer: usize, bytes: u64, seconds: f64, tokens: usize) {
+        self.policy.record_layer_cost(layer, bytes, seconds, tokens)
+    }
+
+    /// Change the device budget (from the next layer on).
+    pub fn set_budget(&mut self, budget_bytes: Option<u64>) {
+        self.policy.set_budget(budget_bytes)
+    }
+
     /// What the memory budget kept in the latest pass.
     pub fn budget_stats(&self) -> BudgetStats {
         self.policy.budget_stats()
@@ -345,11 +379,23 @@ impl<T: Transport, L, M: Clone + Default> Scheduler<T, L, M> {
         Ok(())
     }
 
-    fn settle_all_but(&mut self, newest: Option<u64>) -> Result<()> {
+    /// Settle the copies out of earlier layers (and other passes): each layer's copies overlap
+    /// the compute up to the next layer's first copy.
+    fn settle_older_than(&mut self, tag: Tag) -> Result<()> {
         let busy: Vec<u64> = self
             .entries
             .iter()
-            .filter(|(&id, e)| e.src.is_some() && Some(id) != newest)
+            .filter(|(_, e)| e.src.is_some() && (e.tag.pass != tag.pass || e.tag.layer < tag.layer))
+            .map(|(&id, _)| id)
+            .collect();
+        busy.into_iter().try_for_each(|id| self.settle(id))
+    }
+
+    fn settle_all(&mut self) -> Result<()> {
+        let busy: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.src.is_some())
             .map(|(&id, _)| id)
             .collect();
         busy.into_iter().try_for_each(|id| self.settle(id))

@@ -12,16 +12,47 @@ use pyo3::types::{PyDict, PyList, PyTuple};
 use super::guard;
 use crate::cuda::RawStream;
 use crate::offload::{
-    Action, CudaTransport, HandleState, HostTransport, LayerPlan, PolicyConfig, Scheduler,
-    SchedulerStats,
+    Action, CudaTransport, HandleState, HostTransport, LayerPlan, PolicyConfig, SaveMode,
+    Scheduler, SchedulerStats,
 };
 use crate::{Error, Result};
 
-/// What it takes to allocate a prefetch destination: the offloaded tensor's shape and dtype name.
+/// What it takes to allocate a prefetch destination: the offloaded tensor's shape, strides and
+/// dtype name.
 #[derive(Clone, Debug, Default)]
 struct Meta {
     shape: Vec<i64>,
+    stride: Vec<i64>,
     dtype: String,
+}
+
+/// Whether `shape`/`stride` cover exactly `numel` elements with no gap or overlap (contiguous up
+/// to a permutation of the dimensions), so the tensor's bytes are one range from its address.
+fn dense(shape: &[i64], stride: &[i64]) -> bool {
+    if shape.len() != stride.len() || shape.iter().any(|&n| n < 0) {
+        return false;
+    }
+    let mut dims: Vec<(i64, i64)> = shape
+        .iter()
+        .copied()
+        .zip(stride.iter().copied())
+        .filter(|&(n, _)| n != 1)
+        .collect();
+    if dims.iter().any(|&(n, _)| n == 0) {
+        return true;
+    }
+    dims.sort_by_key(|&(_, st)| st);
+    let mut expected = 1i64;
+    for (n, st) in dims {
+        if st != expected {
+            return false;
+        }
+        expected = match expected.checked_mul(n) {
+            Some(e) => e,
+            None => return false,
+        };
+    }
+    true
 }
 
 type Lease = Py<PyAny>;
@@ -57,8 +88,13 @@ macro_rules! each {
 ///         ``HostMemoryError``, a ``MemoryError`` (never blocks on something that cannot finish).
 ///     min_tokens: layer calls with fewer tokens keep their input on the device.
 ///     last_layer: index of the last layer run; its input stays on the device.
-///     budget_bytes: device bytes for activations kept without recompute (whole layers, in
-///         forward order, as measured by :meth:`record_saved_bytes`).
+///     budget_bytes: device bytes for activations kept without recompute (whole layers, then
+///         single saved tensors, in forward order, as measured by :meth:`record_layer_cost`).
+///     save: ``"never"``, ``"auto"`` or ``"always"``: when a layer may skip its recompute by
+///         parking its saved tensors on the host (:meth:`pack_tensor`); ``"auto"`` when the bytes
+///         the budget cannot hold cross the link within the layer's measured forward time.
+///     link_bytes_per_s: the measured device-to-host bandwidth ``"auto"`` decides with.
+///     min_parked_bytes: saved tensors smaller than this stay on the device (default 64 KiB).
 ///
 /// The layer schedule: :meth:`begin_layer` (forward, each layer) -> :meth:`offload_layer` ->
 /// :meth:`fetch_layer` (backward, each layer) -> :meth:`release`. Raw handles:
@@ -124,8 +160,14 @@ impl PyOffloadScheduler {
             ))
             .into());
         }
-        if !t.call_method0("is_contiguous")?.extract::<bool>()? {
-            return Err(Error::invalid("offload_layer needs a contiguous tensor").into());
+        let shape: Vec<i64> = t.getattr("shape")?.extract()?;
+        let stride: Vec<i64> = t.call_method0("stride")?.extract()?;
+        if !dense(&shape, &stride) {
+            return Err(Error::invalid(format!(
+                "a tensor of shape {shape:?} and strides {stride:?} has gaps or overlaps; only dense \
+                 tensors (contiguous up to a permutation of dimensions) can be offloaded"
+            ))
+            .into());
         }
         let numel: usize = t.call_method0("numel")?.extract()?;
         let item: usize = t.call_method0("element_size")?.extract()?;
@@ -133,10 +175,17 @@ impl PyOffloadScheduler {
             .checked_mul(item)
             .ok_or_else(|| Error::invalid("tensor size overflows"))?;
         let ptr: usize = t.call_method0("data_ptr")?.extract()?;
-        let shape: Vec<i64> = t.getattr("shape")?.extract()?;
         let dtype: String = t.getattr("dtype")?.str()?.extract()?;
         let dtype = dtype.trim_start_matches("torch.").to_string();
-        Ok((ptr, nbytes, Meta { shape, dtype }))
+        Ok((
+            ptr,
+            nbytes,
+            Meta {
+                shape,
+                stride,
+                dtype,
+            },
+        ))
     }
 
     /// A fresh tensor of `meta`'s shape and dtype on our device, checked to hold `nbytes`.
@@ -145,7 +194,11 @@ impl PyOffloadScheduler {
         let kwargs = PyDict::new(py);
         kwargs.set_item("dtype", torch.getattr(meta.dtype.as_str())?)?;
         kwargs.set_item("device", self.device_name())?;
-        let t = torch.call_method("empty", (PyTuple::new(py, &meta.shape)?,), Some(&kwargs))?;
+        let args = (
+            PyTuple::new(py, &meta.shape)?,
+            PyTuple::new(py, &meta.stride)?,
+        );
+        let t = torch.call_method("empty_strided", args, Some(&kwargs))?;
         let (ptr, got, _) = self.tensor_parts(&t)?;
         if got != nbytes {
             return Err(Error::Offload(format!(
@@ -181,7 +234,9 @@ fn state_name(s: HandleState) -> &'static str {
 impl PyOffloadScheduler {
     #[new]
     #[pyo3(signature = (device=None, lookahead=1, host_cap_bytes=None, *, min_tokens=0,
-                        last_layer=None, budget_bytes=None))]
+                        last_layer=None, budget_bytes=None, save="never", link_bytes_per_s=None,
+                        min_parked_bytes=None))]
+    #[allow(clippy::too_many_arguments)] // Python keywords, each with a default
     fn new(
         device: Option<i32>,
         lookahead: usize,
@@ -189,13 +244,29 @@ impl PyOffloadScheduler {
         min_tokens: usize,
         last_layer: Option<usize>,
         budget_bytes: Option<u64>,
+        save: &str,
+        link_bytes_per_s: Option<f64>,
+        min_parked_bytes: Option<usize>,
     ) -> PyResult<Self> {
         guard(|| {
+            let save = match save {
+                "never" => SaveMode::Never,
+                "auto" => SaveMode::Auto,
+                "always" => SaveMode::Always,
+                other => {
+                    return Err(Error::invalid(format!(
+                        "save must be \"never\", \"auto\" or \"always\", got {other:?}"
+                    )))
+                }
+            };
             let cfg = PolicyConfig {
                 lookahead,
                 min_tokens,
                 last_layer,
                 budget_bytes,
+                save,
+                link_bytes_per_s,
+                min_parked_bytes,
             };
             let inner = match device {
                 None => Inner::Host(Scheduler::with_policy(
@@ -353,6 +424,29 @@ impl PyOffloadScheduler {
         })
     }
 
+    /// pack_tensor(layer, tensor, stream=0) -> int | None
+    ///
+    /// A tensor saved for backward by ``layer`` (planned ``"save"``): ``None`` when the policy
+    /// keeps it on the device, else the handle of its copy on the host (held like
+    /// :meth:`offload_layer`; :meth:`fetch_layer` brings it back).
+    #[pyo3(signature = (layer, tensor, stream=0))]
+    fn pack_tensor(
+        &self,
+        py: Python<'_>,
+        layer: usize,
+        tensor: Bound<'_, PyAny>,
+        stream: usize,
+    ) -> PyResult<Option<u64>> {
+        let (ptr, nbytes, meta) = self.tensor_parts(&tensor)?;
+        let lease = tensor.unbind();
+        self.with(py, move |g| {
+            // SAFETY: as in `offload_layer`.
+            each!(g, s => unsafe {
+                s.pack_layer(layer, ptr, nbytes, RawStream(stream), lease, meta)
+            })
+        })
+    }
+
     /// fetch_layer(pass_, layer, handle=None, stream=0) -> Tensor | None
     ///
     /// Backward reaches ``layer`` of pass ``pass_``: start copying back what the policy names
@@ -406,15 +500,52 @@ impl PyOffloadScheduler {
         })
     }
 
+    /// record_layer_cost(layer, nbytes, seconds, tokens) -> None
+    ///
+    /// ``layer``'s measured costs: the bytes its forward saved for backward and the seconds the
+    /// forward took, at ``tokens`` tokens (what the budget and ``save="auto"`` decide with).
+    fn record_layer_cost(
+        &self,
+        layer: usize,
+        nbytes: u64,
+        seconds: f64,
+        tokens: usize,
+    ) -> PyResult<()> {
+        guard(|| {
+            each!(&mut *self.lock()?, s => s.record_layer_cost(layer, nbytes, seconds, tokens));
+            Ok(())
+        })
+    }
+
+    /// set_budget(budget_bytes) -> None
+    ///
+    /// Change the device budget (from the next layer on), e.g. once ``max_memory_gb="auto"``
+    /// has read the device's free memory.
+    fn set_budget(&self, budget_bytes: Option<u64>) -> PyResult<()> {
+        guard(|| {
+            each!(&mut *self.lock()?, s => s.set_budget(budget_bytes));
+            Ok(())
+        })
+    }
+
     /// budget_stats() -> dict
     ///
-    /// ``{"budget_bytes", "kept_layers", "kept_bytes"}`` of the latest pass.
+    /// The latest pass: ``budget_bytes``, ``kept_layers`` (no recompute, all saved on the
+    /// device), ``kept_bytes`` (activation bytes kept on the device without recompute),
+    /// ``saved_layers`` (no recompute, saved tensors kept or parked one by one),
+    /// ``recomputed_layers``, ``tensors_kept``, ``tensors_parked``, ``parked_bytes`` (bytes sent
+    /// to the host; each comes back once).
     fn budget_stats(&self, py: Python<'_>) -> PyResult<Py<PyDict>> {
         let st = guard(|| Ok(each!(&*self.lock()?, s => s.budget_stats())))?;
         let d = PyDict::new(py);
         d.set_item("budget_bytes", st.budget_bytes)?;
         d.set_item("kept_layers", st.kept_layers)?;
         d.set_item("kept_bytes", st.kept_bytes)?;
+        d.set_item("saved_layers", st.saved_layers)?;
+        d.set_item("recomputed_layers", st.recomputed_layers)?;
+        d.set_item("tensors_kept", st.tensors_kept)?;
+        d.set_item("tensors_parked", st.tensors_parked)?;
+        d.set_item("parked_bytes", st.parked_bytes)?;
         Ok(d.unbind())
     }
 

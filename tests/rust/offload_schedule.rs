@@ -4,7 +4,8 @@
 
 use rslora_fast::cuda::RawStream;
 use rslora_fast::offload::{
-    Action, HostTransport, LayerPlan, Policy, PolicyConfig, Scheduler, Tag,
+    Action, HostTransport, LayerPlan, Policy, PolicyConfig, SaveMode, Scheduler, Tag,
+    MIN_PARKED_BYTES,
 };
 
 const S: RawStream = RawStream(0);
@@ -19,6 +20,7 @@ fn cfg(lookahead: usize, last_layer: Option<usize>) -> PolicyConfig {
         min_tokens: 0,
         last_layer,
         budget_bytes: None,
+        ..PolicyConfig::default()
     }
 }
 
@@ -193,6 +195,7 @@ fn the_plan_per_layer_follows_tokens_last_layer_budget_and_device() {
         min_tokens: 512,
         last_layer: Some(3),
         budget_bytes: Some(10_000),
+        ..PolicyConfig::default()
     });
     let plans: Vec<LayerPlan> = (0..4).map(|i| p.begin_layer(i, 1000, true).1).collect();
     use LayerPlan::*;
@@ -231,4 +234,162 @@ fn prefetch_order_counts_copies_in_flight_towards_the_depth() {
     assert_eq!(p.prefetch_order(1, 2, live.into_iter()), vec![2, 1]);
     assert!(p.prefetch_order(1, 0, live.into_iter()).is_empty());
     assert_eq!(p.prefetch_order(2, 5, live.into_iter()), vec![3]);
+}
+
+fn save_cfg(save: SaveMode, link: Option<f64>, budget: Option<u64>) -> PolicyConfig {
+    PolicyConfig {
+        lookahead: 1,
+        min_tokens: 0,
+        last_layer: Some(3),
+        budget_bytes: budget,
+        save,
+        link_bytes_per_s: link,
+        min_parked_bytes: None,
+    }
+}
+
+/// Every layer saves 1000 bytes per token and its forward takes 1 us per token.
+fn measured(cfg: PolicyConfig) -> Policy {
+    let mut p = Policy::new(cfg);
+    for i in 0..4 {
+        p.record_layer_cost(i, 1000 * 4096, 4096e-6, 4096);
+    }
+    p
+}
+
+fn plans(p: &mut Policy, tokens: usize) -> Vec<LayerPlan> {
+    (0..4).map(|i| p.begin_layer(i, tokens, true).1).collect()
+}
+
+#[test]
+fn saving_is_chosen_when_the_parked_bytes_cross_the_link_within_the_forward() {
+    use LayerPlan::*;
+    // 1000 B/token over 2 GB/s = 0.5 us/token < 1 us/token of forward: the copies hide.
+    let mut fast = measured(save_cfg(SaveMode::Auto, Some(2e9), None));
+    assert_eq!(
+        plans(&mut fast, 8192),
+        vec![Save, Save, Save, CheckpointLast]
+    );
+    // Over 0.5 GB/s it would take 2 us/token: recompute from the offloaded input instead.
+    let mut slow = measured(save_cfg(SaveMode::Auto, Some(5e8), None));
+    assert_eq!(
+        plans(&mut slow, 8192),
+        vec![Offload, Offload, Offload, CheckpointLast]
+    );
+    // ... unless the budget holds enough of a layer that the rest crosses in time. At 1000 tokens
+    // a layer saves 1 MB and its forward takes 1 ms, in which the link moves 0.5 MB. Layer 0 is
+    // kept whole; with 0.5 MB left, layer 1 parks the other 0.5 MB in time; its tensors spend the
+    // budget, so layer 2 would park 1 MB (2 ms): recomputed.
+    let mut budget = measured(save_cfg(SaveMode::Auto, Some(5e8), Some(1_500_000)));
+    assert_eq!(budget.begin_layer(0, 1000, true).1, Keep);
+    assert_eq!(budget.begin_layer(1, 1000, true).1, Save);
+    assert!(budget.pack(500_000) && !budget.pack(500_000));
+    assert_eq!(budget.begin_layer(2, 1000, true).1, Offload);
+    // Unknown link: never saved; not measured: never saved; "never": never saved.
+    let mut unknown = measured(save_cfg(SaveMode::Auto, None, None));
+    assert_eq!(plans(&mut unknown, 8192)[0], Offload);
+    let mut fresh = Policy::new(save_cfg(SaveMode::Always, Some(2e9), None));
+    assert_eq!(plans(&mut fresh, 8192)[0], Offload);
+    assert!(fresh.wants_measure(0));
+    let mut never = measured(save_cfg(SaveMode::Never, Some(2e9), None));
+    assert_eq!(plans(&mut never, 8192)[0], Offload);
+    assert!(!Policy::new(save_cfg(SaveMode::Never, None, None)).wants_measure(0));
+}
+
+#[test]
+fn saved_tensors_spend_the_budget_one_by_one_and_small_ones_stay() {
+    let mut p = measured(save_cfg(SaveMode::Always, None, Some(300_000)));
+    assert_eq!(p.begin_layer(0, 4096, true).1, LayerPlan::Save);
+    let keeps: Vec<bool> = [
+        200_000,
+        200_000,
+        100_000,
+        MIN_PARKED_BYTES - 1,
+        MIN_PARKED_BYTES,
+    ]
+    .into_iter()
+    .map(|n| p.pack(n))
+    .collect();
+    assert_eq!(keeps, vec![true, false, true, true, false]);
+    let st = p.budget_stats();
+    assert_eq!(
+        (st.tensors_kept, st.tensors_parked, st.saved_layers),
+        (3, 2, 1)
+    );
+    assert_eq!(st.kept_bytes, 300_000 + MIN_PARKED_BYTES as u64 - 1);
+}
+
+#[test]
+fn a_saving_layers_tensors_come_back_together_ahead_of_its_backward() {
+    let mut s = Sched::with_policy(
+        HostTransport::new(),
+        save_cfg(SaveMode::Always, None, None),
+        None,
+    );
+    for i in 0..4 {
+        s.record_layer_cost(i, 1 << 30, 1.0, 1);
+    }
+    let big: Vec<Vec<u8>> = (0..3)
+        .map(|i| vec![i as u8 + 1; MIN_PARKED_BYTES])
+        .collect();
+    let small = [9u8; 100];
+    let mut parked = Vec::new();
+    for layer in 0..3 {
+        let (_, plan) = s.begin_layer(layer, 1, true).unwrap();
+        assert_eq!(plan, LayerPlan::Save);
+        drop(s.take_freed());
+        // SAFETY: the buffers outlive the synchronous host copies.
+        let kept = unsafe {
+            s.pack_layer(
+                layer,
+                small.as_ptr() as usize,
+                small.len(),
+                S,
+                (layer, false),
+                layer,
+            )
+        };
+        assert_eq!(kept.unwrap(), None, "a small tensor stays");
+        assert_eq!(
+            s.take_freed(),
+            vec![(layer, false)],
+            "its lease is given back at once"
+        );
+        for (k, b) in big.iter().enumerate() {
+            // SAFETY: as above.
+            let h = unsafe {
+                s.pack_layer(
+                    layer,
+                    b.as_ptr() as usize,
+                    b.len(),
+                    S,
+                    (layer, false),
+                    layer,
+                )
+            };
+            parked.push((layer, h.unwrap().unwrap()));
+            if k == 0 && layer > 0 {
+                // This layer's first copy lets the previous layer's sources go, all three.
+                assert_eq!(s.take_freed(), vec![(layer - 1, false); 3]);
+            }
+        }
+    }
+    assert_eq!(
+        s.begin_layer(3, 1, true).unwrap().1,
+        LayerPlan::CheckpointLast
+    );
+    // Backward of the last layer: all three of layer 2's tensors start back, in saved order.
+    let plan: Vec<(u64, usize)> = s
+        .backward_plan(1, 3, None)
+        .into_iter()
+        .map(|(id, _, layer)| (id, layer))
+        .collect();
+    let layer2: Vec<(u64, usize)> = parked
+        .iter()
+        .filter(|p| p.0 == 2)
+        .map(|&(l, h)| (h, l))
+        .collect();
+    assert_eq!(plan, layer2);
+    assert_eq!(s.budget_stats().parked_bytes, 9 * MIN_PARKED_BYTES as u64);
+    s.release_all().unwrap();
 }

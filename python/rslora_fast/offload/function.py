@@ -9,6 +9,7 @@ hands it tensors.
 
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["LayerCall", "OffloadedCheckpoint", "stream_int"]
+__all__ = ["LayerCall", "OffloadedCheckpoint", "Parked", "stream_int"]
 
 
 def stream_int(device: torch.device) -> int:
@@ -35,17 +36,17 @@ def _release_quietly(sched, handle: int) -> None:
         pass
 
 
-class _Parked:
-    """A layer input in the scheduler's host pool, tied to the autograd graph that needs it: the
-    block is released after backward, or when the graph goes away (an abandoned graph, an
+class Parked:
+    """A tensor in the scheduler's host pool, tied to the autograd graph that needs it: the block
+    is released after its backward, or when the graph goes away (an abandoned graph, an
     exception)."""
 
     __slots__ = ("__weakref__", "_release", "handle", "sched")
 
-    def __init__(self, sched, layer: int, x: torch.Tensor):
+    def __init__(self, sched, handle: int):
         self.sched = sched
-        self.handle = sched.offload_layer(layer, x.contiguous(), stream_int(x.device))
-        self._release = weakref.finalize(self, _release_quietly, sched, self.handle)
+        self.handle = handle
+        self._release = weakref.finalize(self, _release_quietly, sched, handle)
 
     def release(self) -> None:
         self._release()
@@ -68,8 +69,9 @@ class LayerCall:
     x_requires_grad: bool
     device: torch.device
     all_params: list  # every layer weight, trainable or not (not activations, for SavedBytes)
-    measure: Any = None  # callable(saved_bytes) in budget mode's first recompute, else None
-    parked: _Parked | None = None
+    measure: Any = None  # callable(saved_bytes, seconds) on the layer's first recompute, else None
+    timer: Any = None  # the forward's start and end (CUDA events, or perf_counter values)
+    parked: Parked | None = None
     out_spec: Any = None
     out_leaves: list = field(default_factory=list)
     out_tensor_idx: list[int] = field(default_factory=list)
@@ -116,8 +118,14 @@ class OffloadedCheckpoint(torch.autograd.Function):
             call.rng_device = ([idx], [torch.cuda.get_rng_state(idx)])
         call.autocast = _autocast_state()
         if call.offload:  # started before the layer runs, so the copy overlaps its compute
-            call.parked = _Parked(call.sched, call.layer, x)
-        out = call.run(x, grad_args)
+            src = x.contiguous()
+            call.parked = Parked(call.sched, call.sched.offload_layer(call.layer, src, stream_int(x.device)))
+        if call.measure is None:
+            out = call.run(x, grad_args)
+        else:
+            start = _mark(x.device)
+            out = call.run(x, grad_args)
+            call.timer = (start, _mark(x.device))
         leaves, call.out_spec = tree_flatten(out)
         call.out_tensor_idx = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
         call.out_leaves = [None if isinstance(t, torch.Tensor) else t for t in leaves]
@@ -164,7 +172,7 @@ def _replay(call: LayerCall, x: torch.Tensor, grad_args: list) -> Any:
                 return call.run(x, grad_args)
             with SavedBytes(call.all_params) as counted:
                 out = call.run(x, grad_args)
-            call.measure(counted.total)
+            call.measure(counted.total, _seconds(*call.timer))
             return out
 
 
@@ -180,6 +188,22 @@ def _grads(call: LayerCall, out: Any, grad_outs: tuple, x: torch.Tensor, grad_ar
     if outs and inputs:
         return list(torch.autograd.grad(outs, inputs, grads, allow_unused=True))
     return [None] * len(inputs)
+
+
+def _mark(device: torch.device):
+    if device.type == "cuda":
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(torch.cuda.current_stream(device))
+        return ev
+    return time.perf_counter()
+
+
+def _seconds(start, end) -> float:
+    """Seconds between two marks; the forward finished long ago, so the sync costs nothing."""
+    if isinstance(start, float):
+        return end - start
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
 
 
 class _ReplayAutocast:

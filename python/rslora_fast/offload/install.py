@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..models.layers import find_decoder_layers
 from .function import LayerCall, OffloadedCheckpoint
 from .host_memory import default_host_cap_bytes
+from .saving import SaveHooks
 
 logger = logging.getLogger("rslora_fast.offload")
 
@@ -28,6 +29,11 @@ __all__ = ["OffloadedCheckpointing", "install_offloaded_checkpointing", "uninsta
 
 _CACHE_KWARGS = ("past_key_values", "layer_past", "past_key_value")
 _COPYABLE = ("cuda", "cpu")
+SAVE_POLICIES = ("never", "auto", "always")
+# max_memory_gb="auto": the device's free memory at the first measured step, minus this margin
+# (the backward's transient buffers, the optimizer's first allocations, fragmentation).
+AUTO_MARGIN_BYTES = 2 << 30
+AUTO_MARGIN_FRACTION = 0.10
 
 
 def _scheduler_class():
@@ -55,7 +61,9 @@ class OffloadedCheckpointing:
         host_cap_bytes: cap on the host pool of each device (``None``: unbounded; the installer
             passes its default cap unless asked for ``float("inf")``).
         max_memory_gb: budget for activations kept on the device without recompute (``None``:
-            every layer is checkpointed).
+            every layer is checkpointed; ``"auto"``: the device's free memory minus a margin).
+        save_policy: ``"never"``, ``"auto"`` or ``"always"``: when a layer skips its recompute by
+            parking the tensors it saves in host memory (see :func:`install_offloaded_checkpointing`).
     """
 
     def __init__(
@@ -65,15 +73,24 @@ class OffloadedCheckpointing:
         lookahead: int,
         min_tokens: int,
         host_cap_bytes: int | None,
-        max_memory_gb: float | None,
+        max_memory_gb: float | str | None,
         last_index: int,
+        save_policy: str = "never",
     ):
         self.layers = layers
         self.lookahead = int(lookahead)
         self.min_tokens = int(min_tokens)
         self.host_cap_bytes = host_cap_bytes
         self.max_memory_gb = max_memory_gb
-        self._budget = None if max_memory_gb is None else int(max_memory_gb * (1 << 30))
+        self.save_policy = save_policy
+        self.min_parked_bytes: int | None = None  # saved tensors below it stay (None: Rust's 64 KiB)
+        self._auto_budget = max_memory_gb == "auto"
+        if max_memory_gb is None:
+            self._budget = None
+        elif self._auto_budget:
+            self._budget = 0  # measured layers first; set from free memory once they are
+        else:
+            self._budget = int(max_memory_gb * (1 << 30))
         self._schedulers: dict[Any, Any] = {}
         self._lock = threading.Lock()
         self._logged: set[str] = set()
@@ -99,6 +116,9 @@ class OffloadedCheckpointing:
                         min_tokens=self.min_tokens,
                         last_layer=self._last_index,
                         budget_bytes=self._budget,
+                        save=self.save_policy,
+                        link_bytes_per_s=_link_bandwidth(device) if self.save_policy == "auto" else None,
+                        min_parked_bytes=self.min_parked_bytes,
                     )
                     self._schedulers[key] = sched
         return sched
@@ -126,11 +146,28 @@ class OffloadedCheckpointing:
         kwargs = self._without_cache(layer, kwargs)
         tokens = x.numel() // max(1, x.shape[-1])
         sched = self.scheduler(x.device)
+        if st.index == 0 and self._auto_budget:
+            self._set_auto_budget(sched, x.device)
         pass_, plan = sched.begin_layer(st.index, tokens, x.device.type in _COPYABLE)
         self._log_plan(st, plan, tokens, sched)
         if plan == "keep":
             return st.orig_forward(x, *rest, **kwargs)
+        if plan == "save":
+            weights = {p.untyped_storage().data_ptr() for p in st.layer.parameters()}
+            with SaveHooks(sched, st.index, pass_, x.device, weights).hooks():
+                return st.orig_forward(x, *rest, **kwargs)
         return self._checkpointed(st, sched, pass_, plan == "offload", x, rest, kwargs, tokens)
+
+    def _set_auto_budget(self, sched, device: torch.device) -> None:
+        """``max_memory_gb="auto"``: once every layer is measured, the budget is the device's free
+        memory at the start of that step minus a margin (never on the CPU: no device budget)."""
+        if device.type != "cuda" or any(sched.wants_measure(i) for i in range(len(self._states))):
+            return
+        free, total = torch.cuda.mem_get_info(device)
+        margin = max(AUTO_MARGIN_BYTES, int(AUTO_MARGIN_FRACTION * total))
+        self._budget = max(0, free - margin)
+        sched.set_budget(self._budget)
+        self._auto_budget = False
 
     def _without_cache(self, layer: nn.Module, kwargs: dict) -> dict:
         # As transformers' own checkpointing does: a recompute would update a cache twice.
@@ -155,8 +192,8 @@ class OffloadedCheckpointing:
         measure = None
         if sched.wants_measure(st.index):
 
-            def measure(saved: int, _s=sched, _i=st.index, _t=tokens) -> None:
-                _s.record_saved_bytes(_i, saved, _t)
+            def measure(saved: int, seconds: float, _s=sched, _i=st.index, _t=tokens) -> None:
+                _s.record_layer_cost(_i, saved, seconds, _t)
 
         call = LayerCall(
             fn=st.orig_forward,
@@ -189,14 +226,20 @@ class OffloadedCheckpointing:
                 f"offloaded checkpointing: {tokens} tokens < min_tokens={self.min_tokens}; "
                 "plain checkpointing for such calls (the copy would not pay)",
             )
-        if st.is_last and self._budget is not None and not sched.wants_measure(st.index):
-            kept = sched.budget_stats()
-            self._log_once(
-                "budget",
-                f"offloaded checkpointing: memory budget {self.max_memory_gb:g} GiB keeps {kept['kept_layers']} of "
-                f"{len(self._states)} decoder layers without recompute ({kept['kept_bytes'] / 2**30:.2f} GiB of "
-                f"activations at {tokens} tokens per call)",
-            )
+        if st.is_last and not sched.wants_measure(st.index):
+            self._log_once("plan", self._plan_line(sched.budget_stats(), tokens))
+
+    def _plan_line(self, s: dict, tokens: int) -> str:
+        """The one line per model: what is kept, parked, recomputed, and the PCIe bytes per step."""
+        budget = "" if self._budget is None else f"memory budget {self._budget / 2**30:.2f} GiB "
+        return (
+            f"offloaded checkpointing: {budget}keeps {s['kept_layers']} of {len(self._states)} decoder "
+            f"layers without recompute; {s['saved_layers']} run without recompute with their saved tensors "
+            f"kept ({s['tensors_kept']}) or parked in host memory ({s['tensors_parked']}); "
+            f"{s['recomputed_layers']} recomputed from their input; {s['kept_bytes'] / 2**30:.2f} GiB of "
+            f"activations kept on the device; expected PCIe traffic {2 * s['parked_bytes'] / 2**30:.3f} GiB "
+            f"per step (out and back) at {tokens} tokens per call (save policy {self.save_policy!r})"
+        )
 
     # -- state and lifecycle ---------------------------------------------------------------
 
@@ -204,17 +247,20 @@ class OffloadedCheckpointing:
         """What the memory budget kept in the latest forward pass.
 
         Returns:
-            ``{"budget_bytes", "kept_layers", "kept_bytes", "layers"}``: the budget (``None`` without
-            ``max_memory_gb``), the layers run without checkpointing and their measured activation bytes
-            (0 in the first training step, which measures every layer), and the number of decoder layers.
+            ``{"budget_bytes", "kept_layers", "kept_bytes", "layers", ...}``: the budget (``None`` without
+            ``max_memory_gb``), the layers run without checkpointing and the activation bytes kept on the
+            device (0 in the first training step, which measures every layer), the number of decoder
+            layers, and the save policy's counts (``saved_layers``, ``recomputed_layers``,
+            ``tensors_kept``, ``tensors_parked``, ``parked_bytes``: bytes sent to host memory).
         """
-        kept = [s.budget_stats() for s in list(self._schedulers.values())]
-        return {
-            "budget_bytes": self._budget,
-            "kept_layers": sum(k["kept_layers"] for k in kept),
-            "kept_bytes": sum(k["kept_bytes"] for k in kept),
-            "layers": len(self._states),
-        }
+        out: dict[str, Any] = {"budget_bytes": self._budget, "layers": len(self._states)}
+        for kept in [s.budget_stats() for s in list(self._schedulers.values())]:
+            for k, v in kept.items():
+                if k != "budget_bytes":
+                    out[k] = out.get(k, 0) + v
+        for k in ("kept_layers", "kept_bytes", "saved_layers", "recomputed_layers", "parked_bytes"):
+            out.setdefault(k, 0)
+        return out
 
     def stats(self) -> dict:
         """Host-pool counters summed over devices (see ``OffloadScheduler.stats``)."""
@@ -251,13 +297,31 @@ class OffloadedCheckpointing:
         self.installed = False
 
 
+def _link_bandwidth(device: torch.device, nbytes: int = 64 << 20) -> float | None:
+    """Measured device-to-pinned-host bandwidth in bytes per second (``None`` off CUDA)."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    stream = torch.cuda.current_stream(device)
+    dst.copy_(src, non_blocking=True)  # warm
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record(stream)
+    for _ in range(3):
+        dst.copy_(src, non_blocking=True)
+    end.record(stream)
+    end.synchronize()
+    return 3 * nbytes / (start.elapsed_time(end) / 1e3)
+
+
 def install_offloaded_checkpointing(
     model: nn.Module,
     *,
     lookahead: int = 1,
     min_tokens: int = 512,
     host_cap_bytes: int | float | None = None,
-    max_memory_gb: float | None = None,
+    max_memory_gb: float | str | None = None,
+    save_policy: str = "never",
 ) -> OffloadedCheckpointing:
     """Run every decoder layer of ``model`` as an offloaded checkpoint (the "unsloth" mode).
 
@@ -279,8 +343,17 @@ def install_offloaded_checkpointing(
             a run whose sequence lengths vary cannot grow the pinned pool until the OS kills it.
             ``float("inf")``: no cap.
         max_memory_gb: optional budget (GiB) for activations kept on the device without any
-            recompute: layers whose saved activations fit (measured per layer on a short probe)
-            run un-checkpointed, the rest are offloaded.
+            recompute: layers whose saved activations fit (measured per layer in the first step)
+            run un-checkpointed, in forward order; with ``save_policy`` the rest of the budget is
+            spent tensor by tensor in the layers that skip their recompute. ``"auto"``: the
+            device's free memory once every layer is measured, minus the larger of 2 GiB and 10%
+            of the device's memory (on the CPU: no budget).
+        save_policy: when a layer skips its recompute by parking the tensors autograd saves for it
+            in pinned host memory (brought back ahead of its backward) instead of recomputing from
+            its input: ``"never"`` (default: today's checkpointing), ``"auto"`` (when the bytes the
+            budget cannot hold cross the measured device-to-host link within the layer's measured
+            forward time, so the copies hide behind compute), ``"always"`` (every measured layer but
+            the last). Layers are measured in the first step, which checkpoints them all.
 
     Returns:
         A handle with ``stats()``, ``release_all()`` and ``uninstall()``.
@@ -301,8 +374,11 @@ def install_offloaded_checkpointing(
         host_cap_bytes = None  # explicitly unbounded
     else:
         host_cap_bytes = int(host_cap_bytes)
-    if max_memory_gb is not None and max_memory_gb < 0:
-        raise ValueError("max_memory_gb must be >= 0")
+    if max_memory_gb is not None and max_memory_gb != "auto":
+        if isinstance(max_memory_gb, str) or not max_memory_gb >= 0:
+            raise ValueError(f'max_memory_gb must be a number >= 0 or "auto", got {max_memory_gb!r}')
+    if save_policy not in SAVE_POLICIES:
+        raise ValueError(f"save_policy must be one of {list(SAVE_POLICIES)}, got {save_policy!r}")
     if any("_rslora_offload" in layer.__dict__ for layer in layers):
         raise ValueError("offloaded checkpointing is already installed on this model")
     config = getattr(model, "config", None)
@@ -315,6 +391,7 @@ def install_offloaded_checkpointing(
         host_cap_bytes=host_cap_bytes,
         max_memory_gb=max_memory_gb,
         last_index=last_index,
+        save_policy=save_policy,
     )
     for i, layer in enumerate(layers):
         had = "forward" in layer.__dict__
