@@ -311,7 +311,7 @@ class OffloadScheduler:
         """``layer``'s measured saved bytes and forward seconds at ``tokens`` tokens."""
 
     def set_budget(self, budget_bytes: int | None) -> None:
-        """Change the device budget (from the next layer on)."""
+        """Change the device budget (from the next pass on)."""
 
     def budget_stats(self) -> dict[str, int | None]:
         """What the budget and the save policy did in the latest pass."""

@@ -13,7 +13,7 @@
 //! index does not grow (the first layer of the next forward); handles carry the pass they were
 //! made in, so two graphs alive at once never fetch each other's inputs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// What the policy needs to know once per model.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -125,7 +125,16 @@ pub struct Policy {
     stats: BudgetStats,
     /// Saved activation bytes and forward seconds per token, per layer (measured once).
     per_token: BTreeMap<usize, (f64, f64)>,
+    /// Layers the budget keeps whole in this pass (chosen at its first layer) and their bytes.
+    keep: BTreeSet<usize>,
+    reserved: u64,
+    /// Bytes of single saved tensors kept on the device in this pass.
+    tensor_kept: u64,
 }
+
+/// Measured recompute costs within this fraction of each other count as equal (timing noise), so
+/// equal layers are kept in forward order.
+const SAME_COST: f64 = 0.9;
 
 impl Policy {
     /// A policy with no pass begun yet.
@@ -160,6 +169,8 @@ impl Policy {
                 budget_bytes: self.cfg.budget_bytes,
                 ..BudgetStats::default()
             };
+            (self.keep, self.reserved) = self.layers_to_keep(tokens);
+            self.tensor_kept = 0;
         }
         self.last_seen = Some(layer);
         let plan = self.plan(layer, tokens, offloadable);
@@ -188,24 +199,61 @@ impl Policy {
         }
     }
 
-    /// Device bytes the budget has left in this pass.
+    /// Device bytes the budget has left in this pass for single tensors (the layers kept whole
+    /// have theirs reserved).
     fn budget_left(&self) -> u64 {
-        self.cfg
-            .budget_bytes
-            .map_or(0, |b| b.saturating_sub(self.stats.kept_bytes))
+        self.cfg.budget_bytes.map_or(0, |b| {
+            b.saturating_sub(self.reserved)
+                .saturating_sub(self.tensor_kept)
+        })
     }
 
-    /// Budget mode: keep the layer (no recompute) while this pass's kept bytes stay within the
-    /// budget; layers not measured yet are checkpointed (the first step measures them).
-    fn fits_budget(&mut self, layer: usize, tokens: usize) -> bool {
-        let (Some(_), Some(&(per_token, _))) = (self.cfg.budget_bytes, self.per_token.get(&layer))
-        else {
-            return false;
+    /// The layers the budget keeps whole at `tokens` tokens per call: those whose recompute
+    /// costs the most per saved byte (measured forward seconds over saved bytes) first, layers of
+    /// equal cost in forward order, while their bytes fit. Unmeasured layers are checkpointed
+    /// (the first step measures them).
+    fn layers_to_keep(&self, tokens: usize) -> (BTreeSet<usize>, u64) {
+        let Some(budget) = self.cfg.budget_bytes else {
+            return (BTreeSet::new(), 0);
         };
-        let need = (per_token * tokens as f64).ceil() as u64;
-        if need > self.budget_left() {
+        let mut by_cost: Vec<(usize, f64, u64)> = self
+            .per_token
+            .iter()
+            .map(|(&l, &(b, s))| (l, s / b.max(1e-12), (b * tokens as f64).ceil() as u64))
+            .collect();
+        by_cost.sort_by(|a, b| b.1.total_cmp(&a.1));
+        // Tiers of equal cost (within SAME_COST of the tier's most costly), each in layer order.
+        let mut ordered = Vec::with_capacity(by_cost.len());
+        let mut tier: Vec<(usize, u64)> = Vec::new();
+        let mut tier_cost = f64::INFINITY;
+        for (l, cost, need) in by_cost {
+            if cost < SAME_COST * tier_cost {
+                tier.sort_unstable();
+                ordered.append(&mut tier);
+                tier_cost = cost;
+            }
+            tier.push((l, need));
+        }
+        tier.sort_unstable();
+        ordered.append(&mut tier);
+        let mut left = budget;
+        let mut keep = BTreeSet::new();
+        for (l, need) in ordered {
+            if need <= left {
+                left -= need;
+                keep.insert(l);
+            }
+        }
+        (keep, budget - left)
+    }
+
+    /// Budget mode: keep the layer whole (no recompute) when the pass's choice names it.
+    fn fits_budget(&mut self, layer: usize, tokens: usize) -> bool {
+        if !self.keep.contains(&layer) {
             return false;
         }
+        let per_token = self.per_token.get(&layer).map_or(0.0, |c| c.0);
+        let need = (per_token * tokens as f64).ceil() as u64;
         self.stats.kept_bytes += need;
         true
     }
@@ -236,6 +284,9 @@ impl Policy {
         let keep = small || n <= self.budget_left();
         if keep {
             self.stats.kept_bytes += n;
+            if !small {
+                self.tensor_kept += n;
+            }
             self.stats.tensors_kept += 1;
         } else {
             self.stats.tensors_parked += 1;
@@ -268,7 +319,7 @@ impl Policy {
             .insert(layer, (bytes as f64 / t, seconds.max(0.0) / t));
     }
 
-    /// Change the device budget (from the next layer on).
+    /// Change the device budget (from the next pass on).
     pub fn set_budget(&mut self, budget_bytes: Option<u64>) {
         self.cfg.budget_bytes = budget_bytes;
     }

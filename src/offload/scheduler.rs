@@ -338,7 +338,7 @@ impl<T: Transport, L, M: Clone + Default> Scheduler<T, L, M> {
         self.policy.record_layer_cost(layer, bytes, seconds, tokens)
     }
 
-    /// Change the device budget (from the next layer on).
+    /// Change the device budget (from the next pass on).
     pub fn set_budget(&mut self, budget_bytes: Option<u64>) {
         self.policy.set_budget(budget_bytes)
     }

@@ -519,7 +519,7 @@ impl PyOffloadScheduler {
 
     /// set_budget(budget_bytes) -> None
     ///
-    /// Change the device budget (from the next layer on), e.g. once ``max_memory_gb="auto"``
+    /// Change the device budget (from the next pass on), e.g. once ``max_memory_gb="auto"``
     /// has read the device's free memory.
     fn set_budget(&self, budget_bytes: Option<u64>) -> PyResult<()> {
         guard(|| {

@@ -393,3 +393,31 @@ fn a_saving_layers_tensors_come_back_together_ahead_of_its_backward() {
     assert_eq!(s.budget_stats().parked_bytes, 9 * MIN_PARKED_BYTES as u64);
     s.release_all().unwrap();
 }
+
+#[test]
+fn the_budget_keeps_the_layers_whose_recompute_costs_most_per_byte() {
+    use LayerPlan::*;
+    let mut p = Policy::new(save_cfg(SaveMode::Never, None, Some(2_000_000)));
+    // 1000 B/token each; layers 1 and 3 take twice as long per token (e.g. global attention
+    // among sliding-window layers): the budget's two layers go to them, not to the first two.
+    for (i, secs) in [(0, 1e-6), (1, 2e-6), (2, 1.02e-6), (3, 1.98e-6)] {
+        p.record_layer_cost(i, 1_000_000, secs * 1000.0, 1000);
+    }
+    assert_eq!(plans(&mut p, 1000), vec![Offload, Keep, Offload, Keep]);
+    assert_eq!(p.budget_stats().kept_bytes, 2_000_000);
+    // Costs within timing noise of each other count as equal: forward order.
+    let mut q = Policy::new(save_cfg(SaveMode::Never, None, Some(2_000_000)));
+    for (i, secs) in [(0, 1e-6), (1, 1.05e-6), (2, 1.02e-6), (3, 0.98e-6)] {
+        q.record_layer_cost(i, 1_000_000, secs * 1000.0, 1000);
+    }
+    assert_eq!(
+        plans(&mut q, 1000),
+        vec![Keep, Keep, Offload, CheckpointLast]
+    );
+    // The budget is read at each pass's first layer.
+    q.set_budget(Some(1_000_000));
+    assert_eq!(
+        plans(&mut q, 1000),
+        vec![Keep, Offload, Offload, CheckpointLast]
+    );
+}

@@ -344,8 +344,9 @@ def install_offloaded_checkpointing(
             ``float("inf")``: no cap.
         max_memory_gb: optional budget (GiB) for activations kept on the device without any
             recompute: layers whose saved activations fit (measured per layer in the first step)
-            run un-checkpointed, in forward order; with ``save_policy`` the rest of the budget is
-            spent tensor by tensor in the layers that skip their recompute. ``"auto"``: the
+            run un-checkpointed, those whose recompute costs the most per byte first; with
+            ``save_policy`` the rest of the budget is spent tensor by tensor in the layers that
+            skip their recompute. ``"auto"``: the
             device's free memory once every layer is measured, minus the larger of 2 GiB and 10%
             of the device's memory (on the CPU: no budget).
         save_policy: when a layer skips its recompute by parking the tensors autograd saves for it
