@@ -130,11 +130,13 @@ pub struct Policy {
     reserved: u64,
     /// Bytes of single saved tensors kept on the device in this pass.
     tensor_kept: u64,
+    /// Host bytes the pool may still take (`None`: no cap).
+    host_room: Option<u64>,
 }
 
-/// Measured recompute costs within this fraction of each other count as equal (timing noise), so
-/// equal layers are kept in forward order.
-const SAME_COST: f64 = 0.9;
+/// Measured recompute costs within this fraction of each other count as equal (timing noise: a
+/// layer's GPU time includes any wait for the host), so equal layers are kept in forward order.
+const SAME_COST: f64 = 0.75;
 
 impl Policy {
     /// A policy with no pass begun yet.
@@ -260,19 +262,30 @@ impl Policy {
 
     /// Whether skipping the recompute of a measured layer pays: the saved bytes the budget cannot
     /// hold cross the link within the layer's forward time (so the copies hide behind compute),
-    /// or the mode says always.
+    /// or the mode says always; in both cases they must fit in half the host room the pool has
+    /// left (the other half stays for later layers' inputs), else the layer is recomputed.
     fn saving_pays(&self, layer: usize, tokens: usize) -> bool {
         let Some(&(bytes_pt, seconds_pt)) = self.per_token.get(&layer) else {
             return false;
         };
+        let parked = (bytes_pt * tokens as f64 - self.budget_left() as f64).max(0.0);
+        if self
+            .host_room
+            .is_some_and(|room| parked > room as f64 / 2.0)
+        {
+            return false;
+        }
         match (self.cfg.save, self.cfg.link_bytes_per_s) {
             (SaveMode::Always, _) => true,
-            (SaveMode::Auto, Some(bw)) if bw > 0.0 => {
-                let parked = (bytes_pt * tokens as f64 - self.budget_left() as f64).max(0.0);
-                parked / bw <= seconds_pt * tokens as f64
-            }
+            (SaveMode::Auto, Some(bw)) if bw > 0.0 => parked / bw <= seconds_pt * tokens as f64,
             _ => false,
         }
+    }
+
+    /// The host bytes the pool may still take before its cap (`None`: no cap), read by the next
+    /// layer's plan.
+    pub fn set_host_room(&mut self, room: Option<u64>) {
+        self.host_room = room;
     }
 
     /// A tensor of `nbytes` saved by a [`LayerPlan::Save`] layer: `true` keeps it on the device

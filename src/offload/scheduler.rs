@@ -196,6 +196,11 @@ impl<T: Transport, L, M: Clone + Default> Scheduler<T, L, M> {
         tokens: usize,
         offloadable: bool,
     ) -> Result<(u64, LayerPlan)> {
+        let pool = self.pool.stats();
+        let room = pool
+            .cap_bytes
+            .map(|cap| cap.saturating_sub(pool.in_use_bytes) as u64);
+        self.policy.set_host_room(room);
         let (pass, plan) = self.policy.begin_layer(layer, tokens, offloadable);
         if !matches!(plan, LayerPlan::Offload | LayerPlan::Save) {
             self.settle_all()?;

@@ -199,3 +199,21 @@ def test_fast_path_saving_equals_plain_checkpointing(family, dtype):
                 assert_same(grads_o[n], grads_r[n], f"{name} {n} step {s}")
     kept = inner.__dict__["_rslora_offload"].budget_stats()
     assert kept["saved_layers"] == LAYERS - 1 and kept["tensors_parked"] > 10 * (LAYERS - 1)
+
+
+def test_a_tight_host_cap_falls_back_to_recompute_instead_of_failing():
+    base = tiny_llama(dropout=0.0)
+    ids = torch.randint(0, 101, (2, 300))  # a layer input is 153,600 bytes; its saved tensors MiBs
+    ref = copy.deepcopy(base)
+    ref.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ours = copy.deepcopy(base)
+    handle = install_offloaded_checkpointing(ours, min_tokens=0, save_policy="always", host_cap_bytes=1 << 20)
+    for s in range(3):
+        loss_r, grads_r = step(ref, s, input_ids=ids, labels=ids)
+        loss_o, grads_o = step(ours, s, input_ids=ids, labels=ids)
+        assert_same(loss_o, loss_r, f"loss step {s}")
+        for n in grads_r:
+            assert_same(grads_o[n], grads_r[n], n)
+    kept = handle.budget_stats()
+    assert kept["saved_layers"] == 0 and kept["recomputed_layers"] == LAYERS
+    assert handle.stats()["offloads"] == 3 * (LAYERS - 1)  # the inputs still went to the host

@@ -421,3 +421,16 @@ fn the_budget_keeps_the_layers_whose_recompute_costs_most_per_byte() {
         vec![Keep, Offload, Offload, CheckpointLast]
     );
 }
+
+#[test]
+fn a_layer_whose_saved_tensors_would_crowd_the_host_cap_is_recomputed() {
+    // Each layer parks 1000 B/token; at 1000 tokens that is 1 MB, which must fit in half the
+    // host room the pool has left.
+    let mut p = measured(save_cfg(SaveMode::Always, None, None));
+    p.set_host_room(Some(2_000_000));
+    assert_eq!(p.begin_layer(0, 1000, true).1, LayerPlan::Save);
+    p.set_host_room(Some(1_999_999));
+    assert_eq!(p.begin_layer(1, 1000, true).1, LayerPlan::Offload);
+    p.set_host_room(None);
+    assert_eq!(p.begin_layer(2, 1000, true).1, LayerPlan::Save);
+}

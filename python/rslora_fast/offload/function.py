@@ -9,7 +9,6 @@ hands it tensors.
 
 from __future__ import annotations
 
-import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,7 +69,7 @@ class LayerCall:
     device: torch.device
     all_params: list  # every layer weight, trainable or not (not activations, for SavedBytes)
     measure: Any = None  # callable(saved_bytes, seconds) on the layer's first recompute, else None
-    timer: Any = None  # the forward's start and end (CUDA events, or perf_counter values)
+    timer: Any = None  # the forward's start and end (CUDA events; None off CUDA)
     parked: Parked | None = None
     out_spec: Any = None
     out_leaves: list = field(default_factory=list)
@@ -191,17 +190,20 @@ def _grads(call: LayerCall, out: Any, grad_outs: tuple, x: torch.Tensor, grad_ar
 
 
 def _mark(device: torch.device):
-    if device.type == "cuda":
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record(torch.cuda.current_stream(device))
-        return ev
-    return time.perf_counter()
+    """A CUDA event on the compute stream; off CUDA nothing: a host timer would measure the load
+    of the machine as much as the layer, and no decision off CUDA needs the time."""
+    if device.type != "cuda":
+        return None
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record(torch.cuda.current_stream(device))
+    return ev
 
 
 def _seconds(start, end) -> float:
-    """Seconds between two marks; the forward finished long ago, so the sync costs nothing."""
-    if isinstance(start, float):
-        return end - start
+    """GPU seconds between two marks (0 off CUDA); the forward finished long ago, so the sync
+    costs nothing."""
+    if start is None:
+        return 0.0
     end.synchronize()
     return start.elapsed_time(end) / 1e3
 
