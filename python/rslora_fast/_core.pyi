@@ -304,9 +304,6 @@ class OffloadScheduler:
     def wants_measure(self, layer: int) -> bool:
         """Whether ``layer``'s saved bytes should be measured (budget mode)."""
 
-    def record_saved_bytes(self, layer: int, nbytes: int, tokens: int) -> None:
-        """What ``layer`` saved for backward at ``tokens`` tokens."""
-
     def record_layer_cost(self, layer: int, nbytes: int, seconds: float, tokens: int) -> None:
         """``layer``'s measured saved bytes and forward seconds at ``tokens`` tokens."""
 
@@ -321,12 +318,6 @@ class OffloadScheduler:
 
     def trace(self) -> list[tuple[str, int, int]]:
         """The recorded actions: ``(kind, pass, layer)``."""
-
-    def plan_prefetch(self, before: int) -> list[int]:
-        """Handles to prefetch next by handle order alone, newest first."""
-
-    def next_handle(self) -> int:
-        """The handle the next offload will get."""
 
     def nbytes(self, handle: int) -> int:
         """Size of a live handle's data."""

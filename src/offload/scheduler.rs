@@ -333,11 +333,6 @@ impl<T: Transport, L, M: Clone + Default> Scheduler<T, L, M> {
         self.policy.wants_measure(layer)
     }
 
-    /// Record what `layer` saved for backward at `tokens` tokens (budget mode).
-    pub fn record_saved_bytes(&mut self, layer: usize, bytes: u64, tokens: usize) {
-        self.policy.record_saved_bytes(layer, bytes, tokens)
-    }
-
     /// Record `layer`'s measured saved bytes and forward seconds at `tokens` tokens.
     pub fn record_layer_cost(&mut self, layer: usize, bytes: u64, seconds: f64, tokens: usize) {
         self.policy.record_layer_cost(layer, bytes, seconds, tokens)

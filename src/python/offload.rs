@@ -6,6 +6,7 @@
 
 use std::sync::{Mutex, MutexGuard};
 
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
@@ -145,6 +146,13 @@ impl PyOffloadScheduler {
 
     /// Address, byte size and description of a contiguous tensor on our device.
     fn tensor_parts(&self, t: &Bound<'_, PyAny>) -> PyResult<(usize, usize, Meta)> {
+        let tensor = t.py().import("torch")?.getattr("Tensor")?;
+        if !t.is_instance(&tensor)? {
+            return Err(PyTypeError::new_err(format!(
+                "expected a torch.Tensor, got {}",
+                t.get_type().name()?
+            )));
+        }
         let device = t.getattr("device")?;
         let kind: String = device.getattr("type")?.extract()?;
         let index: Option<i32> = device.getattr("index")?.extract()?;
@@ -490,16 +498,6 @@ impl PyOffloadScheduler {
         guard(|| Ok(each!(&*self.lock()?, s => s.wants_measure(layer))))
     }
 
-    /// record_saved_bytes(layer, nbytes, tokens) -> None
-    ///
-    /// What ``layer``'s forward saved for backward at ``tokens`` tokens (budget mode).
-    fn record_saved_bytes(&self, layer: usize, nbytes: u64, tokens: usize) -> PyResult<()> {
-        guard(|| {
-            each!(&mut *self.lock()?, s => s.record_saved_bytes(layer, nbytes, tokens));
-            Ok(())
-        })
-    }
-
     /// record_layer_cost(layer, nbytes, seconds, tokens) -> None
     ///
     /// ``layer``'s measured costs: the bytes its forward saved for backward and the seconds the
@@ -567,22 +565,6 @@ impl PyOffloadScheduler {
         let acts: Vec<(&'static str, u64, usize)> =
             guard(|| Ok(each!(&*self.lock()?, s => s.trace().iter().map(action_parts).collect())))?;
         Ok(PyList::new(py, acts)?.unbind())
-    }
-
-    /// plan_prefetch(before) -> list[int]
-    ///
-    /// The lookahead by handle order alone: of the live handles offloaded before ``before`` (a
-    /// handle, or a value of :meth:`next_handle`), the ``lookahead`` most recent, newest first,
-    /// that have not been prefetched yet.
-    fn plan_prefetch(&self, before: u64) -> PyResult<Vec<u64>> {
-        guard(|| Ok(each!(&*self.lock()?, s => s.plan_prefetch(before))))
-    }
-
-    /// next_handle() -> int
-    ///
-    /// The handle the next offload will get (handles only grow).
-    fn next_handle(&self) -> PyResult<u64> {
-        guard(|| Ok(each!(&*self.lock()?, s => s.next_handle())))
     }
 
     /// nbytes(handle) -> int

@@ -10,12 +10,15 @@ layer's input stays on the device (its copy could not be hidden); layer calls sh
 transport (``memcpy``) runs the same code path.
 
 The Rust scheduler (``rslora_fast._core.OffloadScheduler``) owns the schedule: it decides per layer
-call what is offloaded or kept, which inputs come back when, and holds every tensor a copy touches
-until the compute stream has waited for that copy. The files here:
+call whether the layer is recomputed from an offloaded input, kept whole, or saved without
+recompute (its saved tensors kept or parked one by one), which tensors come back when, and holds
+every tensor a copy touches until the compute stream has waited for that copy. The files here:
 
 * ``install``: wraps the decoder layers' forwards and marks layer boundaries for the scheduler.
 * ``function``: the autograd function (forward without saving; backward fetch, replay, grad), with
   RNG and autocast replay so results equal plain checkpointing bitwise.
+* ``saving``: a layer the policy runs without recompute; autograd's saved tensors go through the
+  scheduler, which keeps each on the device or parks it in host memory (the save policy).
 * ``host_memory``: the default cap on the pinned host pool.
 
 Use::

@@ -231,13 +231,13 @@ class OffloadedCheckpointing:
 
     def _plan_line(self, s: dict, tokens: int) -> str:
         """The one line per model: what is kept, parked, recomputed, and the PCIe bytes per step."""
-        budget = "" if self._budget is None else f"memory budget {self._budget / 2**30:.2f} GiB "
+        budget = "" if self._budget is None else f"memory budget {self._budget / 2**30:.3g} GiB "
         return (
             f"offloaded checkpointing: {budget}keeps {s['kept_layers']} of {len(self._states)} decoder "
             f"layers without recompute; {s['saved_layers']} run without recompute with their saved tensors "
             f"kept ({s['tensors_kept']}) or parked in host memory ({s['tensors_parked']}); "
-            f"{s['recomputed_layers']} recomputed from their input; {s['kept_bytes'] / 2**30:.2f} GiB of "
-            f"activations kept on the device; expected PCIe traffic {2 * s['parked_bytes'] / 2**30:.3f} GiB "
+            f"{s['recomputed_layers']} recomputed from their input; {s['kept_bytes'] / 2**30:.3g} GiB of "
+            f"activations kept on the device; expected PCIe traffic {2 * s['parked_bytes'] / 2**30:.3g} GiB "
             f"per step (out and back) at {tokens} tokens per call (save policy {self.save_policy!r})"
         )
 
