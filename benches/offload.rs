@@ -1,8 +1,10 @@
 //! Offload scheduler benches.
 //!
 //! `offload/host/...` (any machine, host transport): the scheduler's own cost per operation
-//! (offload, prefetch, wait, release of a small buffer, so bookkeeping dominates) and a step of
-//! pool reuse (32 layer inputs out and back).
+//! (offload, prefetch, wait, release of a small buffer, so bookkeeping dominates), the schedule's
+//! decisions (the policy's plan per layer in forward and its prefetch plan in backward with a
+//! 32-layer model's handles live, and one whole step of the layer schedule on small buffers), and
+//! a step of pool reuse (32 layer inputs out and back).
 //!
 //! `offload/cuda/...` (a GPU at run time; otherwise one line says why they were skipped): the
 //! scheduler's offload (device to host) and prefetch (host to device) against a plain pinned
@@ -20,7 +22,9 @@ use common::{record, DevBuf, Gpu, Pair, Pinned, Stream};
 use criterion::{criterion_group, BenchmarkId, Criterion, SamplingMode, Throughput};
 use cudarc::driver::sys;
 use rslora_fast::cuda::RawStream;
-use rslora_fast::offload::{CudaTransport, HandleState, HostTransport, Scheduler, Transport};
+use rslora_fast::offload::{
+    CudaTransport, HostTransport, LayerPlan, PolicyConfig, Scheduler, Transport,
+};
 
 /// The compute stream the scheduler orders its copies after (the legacy default stream, idle here).
 const S: RawStream = RawStream(0);
@@ -52,15 +56,83 @@ fn scheduler_ops(c: &mut Criterion) {
             s.release(black_box(h)).unwrap();
         })
     });
-    // The lookahead plan with 31 live handles (a 32-layer model mid-backward).
-    let hs: Vec<u64> = (0..31)
-        // SAFETY: as above.
-        .map(|_| unsafe { s.offload(src.as_ptr() as usize, src.len(), S).unwrap() })
+    s.release_all().unwrap();
+    g.finish();
+}
+
+/// The policy of a 32-layer model: last layer kept, lookahead as the Python default.
+fn policy_32() -> PolicyConfig {
+    PolicyConfig {
+        lookahead: LOOKAHEAD,
+        min_tokens: 512,
+        last_layer: Some(LAYERS - 1),
+        budget_bytes: None,
+        ..PolicyConfig::default()
+    }
+}
+
+/// A scheduler over the host transport whose leases are plain ids (no Python).
+type HostSched = Scheduler<HostTransport, usize, usize>;
+
+/// The schedule's decisions alone, and one whole step of it on 256-byte inputs (copies cost
+/// nothing, so this is the per-step bookkeeping the Python path pays through the binding).
+fn schedule(c: &mut Criterion) {
+    let mut g = c.benchmark_group("offload/host/schedule");
+    let src = vec![7u8; 256];
+    let mut s = HostSched::with_policy(HostTransport::new(), policy_32(), None);
+    g.bench_function("begin_layer (32 layers, one pass)", |b| {
+        b.iter(|| {
+            for i in 0..LAYERS {
+                black_box(s.begin_layer(black_box(i), 4096, true).unwrap());
+            }
+        })
+    });
+    // The backward plan with 31 live handles of one pass (a 32-layer model mid-backward).
+    let (pass, _) = s.begin_layer(0, 4096, true).unwrap();
+    let hs: Vec<u64> = (0..OFFLOADED)
+        // SAFETY: `src` outlives the synchronous host copies.
+        .map(|i| unsafe {
+            s.offload_layer(i, src.as_ptr() as usize, src.len(), S, i, i)
+                .unwrap()
+        })
         .collect();
-    g.bench_function("plan_prefetch (31 live)", |b| {
-        b.iter(|| black_box(s.plan_prefetch(black_box(hs[20]))))
+    g.bench_function("backward_plan (31 live)", |b| {
+        b.iter(|| black_box(s.backward_plan(pass, black_box(20), Some(hs[20]))))
     });
     s.release_all().unwrap();
+    drop(s.take_freed());
+    let mut dst = vec![0u8; 256];
+    g.bench_function("step: 32 layers through the layer schedule (256 B)", |b| {
+        b.iter(|| {
+            let mut handles = [None; LAYERS];
+            let mut pass = 0;
+            for (i, h) in handles.iter_mut().enumerate() {
+                let (p, plan) = s.begin_layer(i, 4096, true).unwrap();
+                pass = p;
+                if plan == LayerPlan::Offload {
+                    // SAFETY: as above.
+                    *h = Some(unsafe {
+                        s.offload_layer(i, src.as_ptr() as usize, src.len(), S, i, i)
+                            .unwrap()
+                    });
+                }
+            }
+            for i in (0..LAYERS).rev() {
+                for (id, _, layer) in s.backward_plan(pass, i, handles[i]) {
+                    // SAFETY: `dst` holds 256 bytes; the host copies are synchronous.
+                    unsafe {
+                        s.prefetch_leased(id, dst.as_mut_ptr() as usize, S, layer)
+                            .unwrap()
+                    };
+                }
+                if let Some(h) = handles[i] {
+                    black_box(s.take_ready(h, S).unwrap());
+                    s.release(h).unwrap();
+                }
+            }
+            black_box(s.take_freed());
+        })
+    });
     g.finish();
 }
 
@@ -110,6 +182,11 @@ fn rounds(iters: u64) -> impl Iterator<Item = usize> {
 fn cuda_scheduler() -> Scheduler<CudaTransport> {
     let t = CudaTransport::new(0).unwrap_or_else(|e| panic!("CUDA transport: {e}"));
     Scheduler::new(t, LOOKAHEAD, None)
+}
+
+fn cuda_step_scheduler() -> Scheduler<CudaTransport, usize, usize> {
+    let t = CudaTransport::new(0).unwrap_or_else(|e| panic!("CUDA transport: {e}"));
+    Scheduler::with_policy(t, policy_32(), None)
 }
 
 /// Buffers of one single-size comparison, made on first use (a filtered run allocates nothing).
@@ -255,7 +332,7 @@ fn cuda_size(
 /// Buffers of the step comparison: each layer's input has its own slot of `LAYER_BYTES` in
 /// `dev`; the prefetch writes it back into the same slot (a fresh buffer in the real step).
 struct StepBufs {
-    sched: Scheduler<CudaTransport>,
+    sched: Scheduler<CudaTransport, usize, usize>,
     plain: Stream,
     host: Vec<Pinned>,
     dev: DevBuf,
@@ -266,7 +343,7 @@ const OFFLOADED: usize = LAYERS - 1;
 impl StepBufs {
     fn new() -> StepBufs {
         StepBufs {
-            sched: cuda_scheduler(),
+            sched: cuda_step_scheduler(),
             plain: Stream::new(),
             host: (0..OFFLOADED).map(|_| Pinned::new(LAYER_BYTES)).collect(),
             dev: DevBuf::new(OFFLOADED * LAYER_BYTES),
@@ -278,42 +355,34 @@ impl StepBufs {
     }
 }
 
-/// One step of the Python path's calls, in its order (`python/rslora_fast/offload.py`): forward
-/// offloads each layer's input and lets the compute stream wait for the previous layer's copy;
-/// backward, at each layer, prefetches what the lookahead plan names, then waits for its own
-/// input and releases it.
+/// One step of the layer schedule as the Python path drives it (`rslora_fast.offload`): forward
+/// marks each layer and offloads what the policy says (the previous layer's copy is then waited
+/// for); backward, at each layer, prefetches what the policy's plan names into the slot of that
+/// layer, then takes its own input and releases it.
 fn real_step(b: &mut StepBufs) {
-    let mut before = Vec::with_capacity(LAYERS);
-    let mut hs: Vec<u64> = Vec::with_capacity(OFFLOADED);
-    for i in 0..LAYERS {
-        before.push(b.sched.next_handle());
-        let prev = hs.last().copied();
-        if i < OFFLOADED {
+    let mut handles = [None; LAYERS];
+    let mut pass = 0;
+    for (i, h) in handles.iter_mut().enumerate() {
+        let (p, plan) = b.sched.begin_layer(i, 4096, true).unwrap();
+        pass = p;
+        if plan == LayerPlan::Offload {
             let src = b.slot(i);
             // SAFETY: the slot holds LAYER_BYTES and outlives the step's copies.
-            hs.push(unsafe { b.sched.offload(src, LAYER_BYTES, S).unwrap() });
-        }
-        if let Some(p) = prev {
-            b.sched.wait(p, S).unwrap();
+            *h = Some(unsafe { b.sched.offload_layer(i, src, LAYER_BYTES, S, i, i).unwrap() });
         }
     }
-    let first = hs[0];
     for i in (0..LAYERS).rev() {
-        for h in b.sched.plan_prefetch(before[i]) {
-            let dst = b.slot((h - first) as usize);
+        for (id, _, layer) in b.sched.backward_plan(pass, i, handles[i]) {
+            let dst = b.slot(layer);
             // SAFETY: the slot holds LAYER_BYTES; nothing else touches it during the step.
-            unsafe { b.sched.prefetch(h, dst, S).unwrap() };
+            unsafe { b.sched.prefetch_leased(id, dst, S, layer).unwrap() };
         }
-        if i < OFFLOADED {
-            let h = hs[i];
-            if b.sched.state(h).unwrap() == HandleState::Offloaded {
-                // SAFETY: as above.
-                unsafe { b.sched.prefetch(h, b.slot(i), S).unwrap() };
-            }
-            b.sched.wait(h, S).unwrap();
+        if let Some(h) = handles[i] {
+            b.sched.take_ready(h, S).unwrap();
             b.sched.release(h).unwrap();
         }
     }
+    b.sched.take_freed();
     b.sched.transport_mut().synchronize_all().unwrap();
 }
 
@@ -407,7 +476,7 @@ fn summary() -> Vec<Pair> {
     pairs
 }
 
-criterion_group!(benches, scheduler_ops, pool_reuse, gpu_bandwidth);
+criterion_group!(benches, scheduler_ops, schedule, pool_reuse, gpu_bandwidth);
 
 fn main() {
     benches();

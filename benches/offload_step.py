@@ -13,6 +13,8 @@ Modes:
 * ``plain``   : per-layer checkpointing (``use_gradient_checkpointing=True``)
 * ``offload`` : the "unsloth" mode (layer inputs offloaded to pinned host memory)
 * ``budget``  : ``offload`` with ``--budget-gb`` of activations kept without recompute
+* ``save``    : ``offload`` with ``save_policy="auto"`` (layers skip their recompute when their
+  saved tensors can cross PCIe in time; no budget)
 * ``none``    : no checkpointing (usually out of memory at long sequences)
 
 LoRA (``--lora``): ``rslora`` (default) is the product: ``rslora_fast.get_peft_model`` with its fast
@@ -44,7 +46,7 @@ import torch
 from torch import nn
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CKPT = {"plain": True, "offload": "unsloth", "budget": "unsloth", "none": False}
+CKPT = {"plain": True, "offload": "unsloth", "budget": "unsloth", "save": "unsloth", "none": False}
 
 
 class Lora(nn.Module):
@@ -118,7 +120,8 @@ def set_mode(inner, mode: str, args) -> None:
     from rslora_fast.checkpointing import apply_gradient_checkpointing
 
     budget = args.budget_gb if mode == "budget" else None
-    apply_gradient_checkpointing(inner, CKPT[mode], max(args.seq), max_memory_gb=budget)
+    save = "auto" if mode == "save" else "never"
+    apply_gradient_checkpointing(inner, CKPT[mode], max(args.seq), max_memory_gb=budget, save_policy=save)
     handle = inner.__dict__.get("_rslora_offload")
     if handle is not None:
         handle.lookahead = args.lookahead

@@ -289,10 +289,20 @@ def regex_fullmatch(pattern: str, names: list[str]) -> list[bool]:
 
 # ---------------------------------------------------------------------------- offload
 class OffloadScheduler:
-    """Pinned host-memory pool + offload / prefetch / wait scheduler (host or CUDA transport)."""
+    """The offload schedule (policy, pinned host-memory pool, copies) of one device."""
 
     def __new__(
-        cls, device: int | None = None, lookahead: int = 1, host_cap_bytes: int | None = None
+        cls,
+        device: int | None = None,
+        lookahead: int = 1,
+        host_cap_bytes: int | None = None,
+        *,
+        min_tokens: int = 0,
+        last_layer: int | None = None,
+        budget_bytes: int | None = None,
+        save: str = "never",
+        link_bytes_per_s: float | None = None,
+        min_parked_bytes: int | None = None,
     ) -> OffloadScheduler: ...
     @property
     def device(self) -> int | None:
@@ -321,11 +331,35 @@ class OffloadScheduler:
     def release_all(self) -> int:
         """Release every live handle; returns how many there were."""
 
-    def plan_prefetch(self, before: int) -> list[int]:
-        """Handles to prefetch next (lookahead policy), newest first."""
+    def begin_layer(self, layer: int, tokens: int, offloadable: bool = True) -> tuple[int, str]:
+        """Forward reaches ``layer``: its pass and plan (keep, save, offload, last, short, unsupported)."""
 
-    def next_handle(self) -> int:
-        """The handle the next offload will get."""
+    def offload_layer(self, layer: int, tensor: Any, stream: int = 0) -> int:
+        """Park ``layer``'s input in host memory (held until ``stream`` waited for the copy)."""
+
+    def pack_tensor(self, layer: int, tensor: Any, stream: int = 0) -> int | None:
+        """A tensor a ``"save"`` layer saves: ``None`` (kept) or the handle of its host copy."""
+
+    def fetch_layer(self, pass_: int, layer: int, handle: int | None = None, stream: int = 0) -> Any | None:
+        """Backward reaches ``layer``: start the planned copies back; return its own input."""
+
+    def wants_measure(self, layer: int) -> bool:
+        """Whether ``layer``'s saved bytes should be measured (budget mode)."""
+
+    def record_layer_cost(self, layer: int, nbytes: int, seconds: float, tokens: int) -> None:
+        """``layer``'s measured saved bytes and forward seconds at ``tokens`` tokens."""
+
+    def set_budget(self, budget_bytes: int | None) -> None:
+        """Change the device budget (from the next pass on)."""
+
+    def budget_stats(self) -> dict[str, int | None]:
+        """What the budget and the save policy did in the latest pass."""
+
+    def set_trace(self, on: bool) -> None:
+        """Start (clearing) or stop recording the schedule's actions."""
+
+    def trace(self) -> list[tuple[str, int, int]]:
+        """The recorded actions: ``(kind, pass, layer)``."""
 
     def nbytes(self, handle: int) -> int:
         """Size of a live handle's data."""

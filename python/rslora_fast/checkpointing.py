@@ -10,7 +10,10 @@ Modes:
   brought back (prefetched one layer ahead) just in time for its recompute in backward. The last
   layer's input stays on the GPU; layer calls with fewer than 512 tokens (batch x sequence) use plain
   checkpointing, since the copy would not pay.
-  With ``max_memory_gb`` the layers whose activations fit in that budget are not recomputed at all.
+  With ``max_memory_gb`` the layers whose activations fit in that budget are not recomputed at all;
+  with ``save_policy`` (``"auto"``/``"always"``) a layer may also skip its recompute by parking the
+  tensors it saves in host memory (decided by the Rust scheduler from measured costs; see
+  docs/checkpointing.md).
 
 Both reentrant and non-reentrant ``torch.utils.checkpoint`` are supported. Non-reentrant is the
 default. With reentrant checkpointing a checkpointed block whose inputs do not require grad would
@@ -81,7 +84,8 @@ def apply_gradient_checkpointing(
     max_seq_length: int = 2048,
     *,
     use_reentrant: bool = False,
-    max_memory_gb: float | None = None,
+    max_memory_gb: float | str | None = None,
+    save_policy: str = "never",
 ) -> bool | str:
     """Install (or remove) gradient checkpointing on a transformers model.
 
@@ -92,7 +96,10 @@ def apply_gradient_checkpointing(
             mode decides per call from the actual token count (plain checkpointing below 512).
         use_reentrant: use reentrant ``torch.utils.checkpoint``; the input embeddings' output is then
             made to require grad so LoRA weights inside checkpointed layers still get gradients.
-        max_memory_gb: ``"unsloth"`` only: GPU memory budget for activations kept without recompute.
+        max_memory_gb: ``"unsloth"`` only: GPU memory budget for activations kept without recompute
+            (GiB, or ``"auto"``: the free memory minus a margin).
+        save_policy: ``"unsloth"`` only: ``"never"``, ``"auto"`` or ``"always"``; when a layer skips
+            its recompute by parking its saved tensors in host memory.
 
     Returns:
         The normalized mode.
@@ -128,7 +135,9 @@ def apply_gradient_checkpointing(
         from .offload import install_offloaded_checkpointing
 
         try:
-            handle = install_offloaded_checkpointing(model, max_memory_gb=max_memory_gb)
+            handle = install_offloaded_checkpointing(
+                model, max_memory_gb=max_memory_gb, save_policy=save_policy
+            )
         except ValueError as exc:  # no decoder-layer list found: plain checkpointing still works
             warnings.warn(
                 f'use_gradient_checkpointing="unsloth": {exc}; using plain checkpointing', stacklevel=2

@@ -4,12 +4,20 @@
 //! the compute stream) -> [`Scheduler::prefetch`] (host to device into a buffer the caller
 //! allocated) -> [`Scheduler::wait`] (the compute stream waits for that copy; the host does not)
 //! -> [`Scheduler::release`] (the block goes back to the pool, held back while its copy may still
-//! be in flight). Handles are numbered in offload order, which is what the lookahead policy
-//! ([`Scheduler::plan_prefetch`]) walks backwards: while layer i recomputes, the inputs of layers
-//! i-1 .. i-depth are already on their way back.
+//! be in flight). Handles are numbered in offload order.
+//!
+//! The training step drives it by layer boundaries ([`Scheduler::begin_layer`] in forward,
+//! [`Scheduler::backward_plan`] in backward); the [`Policy`] decides, the scheduler carries out.
+//! Device memory a copy reads or writes is held by a *lease* (`L`, opaque here: a tensor for the
+//! Python binding) until the compute stream has waited for that copy; only then does the lease go
+//! to [`Scheduler::take_freed`], so the caller's allocator reuses the memory in stream order
+//! (no `record_stream`, whose host-side bookkeeping keeps blocks busy while the host runs ahead).
+//! A source is waited for once the next layer's input is offloaded (one layer of overlap); a
+//! prefetch buffer when its layer takes it ([`Scheduler::take_ready`]) or is released.
 
 use std::collections::BTreeMap;
 
+use super::policy::{BudgetStats, LayerPlan, Policy, PolicyConfig, Tag};
 use super::pool::{Block, HostPool, PoolStats};
 use super::transport::Transport;
 use crate::cuda::RawStream;
@@ -26,12 +34,32 @@ pub enum HandleState {
     Ready,
 }
 
-struct Entry<E> {
+struct Entry<E, L, M> {
     block: Block,
     nbytes: usize,
     state: HandleState,
     /// Event of the last copy that touched the block.
     last_copy: E,
+    /// The stream the copies were ordered after, waited on before a lease is let go.
+    compute: RawStream,
+    tag: Tag,
+    /// The source a copy to host may still read (until settled).
+    src: Option<L>,
+    /// The destination a copy back may still write (until taken or released).
+    dst: Option<L>,
+    /// What the caller needs to allocate a destination (e.g. shape and dtype).
+    meta: M,
+}
+
+/// One scheduler action, recorded when tracing is on (tests, and callers checking the order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// A tensor of this tag went to the host.
+    Offload(Tag),
+    /// Its copy back started.
+    Prefetch(Tag),
+    /// The compute stream waits for its copy back; the layer may read it.
+    Ready(Tag),
 }
 
 /// Scheduler counters: the pool's plus the handle traffic.
@@ -53,25 +81,42 @@ pub struct SchedulerStats {
 
 /// Offload bookkeeping over a [`Transport`]. Not thread-safe by itself; wrap it in a mutex to
 /// share it (the Python binding does, since autograd runs backward on its own thread).
-pub struct Scheduler<T: Transport> {
+/// `L` is a lease on device memory (dropped by the caller, from [`Scheduler::take_freed`]), `M`
+/// the caller's description of an offloaded buffer.
+pub struct Scheduler<T: Transport, L = (), M = ()> {
     transport: T,
     pool: HostPool<T>,
-    entries: BTreeMap<u64, Entry<T::Event>>,
+    entries: BTreeMap<u64, Entry<T::Event, L, M>>,
     next_id: u64,
-    lookahead: usize,
+    policy: Policy,
+    freed: Vec<L>,
+    trace: Option<Vec<Action>>,
     stats: SchedulerStats,
 }
 
 impl<T: Transport> Scheduler<T> {
-    /// A scheduler over `transport`; `lookahead` is the prefetch depth, `host_cap_bytes` bounds
-    /// the host pool.
+    /// A scheduler over `transport` with only a lookahead policy (no budget, no last layer, no
+    /// token minimum); `host_cap_bytes` bounds the host pool.
     pub fn new(transport: T, lookahead: usize, host_cap_bytes: Option<usize>) -> Self {
+        let cfg = PolicyConfig {
+            lookahead,
+            ..PolicyConfig::default()
+        };
+        Scheduler::with_policy(transport, cfg, host_cap_bytes)
+    }
+}
+
+impl<T: Transport, L, M: Clone + Default> Scheduler<T, L, M> {
+    /// A scheduler over `transport` following `policy`; `host_cap_bytes` bounds the host pool.
+    pub fn with_policy(transport: T, policy: PolicyConfig, host_cap_bytes: Option<usize>) -> Self {
         Scheduler {
             transport,
             pool: HostPool::new(host_cap_bytes),
             entries: BTreeMap::new(),
             next_id: 1,
-            lookahead,
+            policy: Policy::new(policy),
+            freed: Vec::new(),
+            trace: None,
             stats: SchedulerStats::default(),
         }
     }
@@ -88,7 +133,12 @@ impl<T: Transport> Scheduler<T> {
 
     /// The prefetch depth.
     pub fn lookahead(&self) -> usize {
-        self.lookahead
+        self.policy.config().lookahead
+    }
+
+    /// The policy (its configuration and the pass in progress).
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     /// The id the next offload will get. Ids only grow, so "handles offloaded before this point"
@@ -122,13 +172,246 @@ impl<T: Transport> Scheduler<T> {
     }
 
     /// Copy `nbytes` at device address `src` to a host block, after the work queued so far on
-    /// `compute`; returns the handle.
+    /// `compute`; returns the handle. Outside any pass: the schedule never prefetches it.
     ///
     /// # Safety
     /// `src` must be a device address (a host address for the host transport) readable for
-    /// `nbytes` until the copy completes: keep the memory alive and unmodified past the copy
-    /// stream's progress (from Python: `Tensor.record_stream` on the copy stream).
+    /// `nbytes` until the copy completes: keep the memory alive and unmodified until `compute`
+    /// has waited for it ([`Scheduler::wait`]).
     pub unsafe fn offload(&mut self, src: usize, nbytes: usize, compute: RawStream) -> Result<u64> {
+        let tag = Tag {
+            pass: 0,
+            layer: usize::MAX,
+        };
+        // SAFETY: forwarded from the caller.
+        unsafe { self.offload_tagged(src, nbytes, compute, tag, None, M::default()) }
+    }
+
+    /// Forward reaches `layer` with `tokens` tokens: the policy's plan for it, and the pass it
+    /// belongs to. A layer that keeps its input on the device lets every earlier copy out finish
+    /// first (nothing later would overlap them).
+    pub fn begin_layer(
+        &mut self,
+        layer: usize,
+        tokens: usize,
+        offloadable: bool,
+    ) -> Result<(u64, LayerPlan)> {
+        let pool = self.pool.stats();
+        let room = pool
+            .cap_bytes
+            .map(|cap| cap.saturating_sub(pool.in_use_bytes) as u64);
+        self.policy.set_host_room(room);
+        let (pass, plan) = self.policy.begin_layer(layer, tokens, offloadable);
+        if !matches!(plan, LayerPlan::Offload | LayerPlan::Save) {
+            self.settle_all()?;
+        }
+        Ok((pass, plan))
+    }
+
+    /// Offload the input of `layer` in the pass in progress, holding `lease` (the source) until
+    /// the compute stream has waited for the copy: that happens when the next layer's input is
+    /// offloaded (or a layer keeps its input), so each copy overlaps one layer of compute.
+    ///
+    /// # Safety
+    /// As [`Scheduler::offload`]; `lease` must keep `src` alive and unmodified.
+    pub unsafe fn offload_layer(
+        &mut self,
+        layer: usize,
+        src: usize,
+        nbytes: usize,
+        compute: RawStream,
+        lease: L,
+        meta: M,
+    ) -> Result<u64> {
+        let tag = Tag {
+            pass: self.policy.pass(),
+            layer,
+        };
+        // SAFETY: forwarded from the caller.
+        let id = unsafe { self.offload_tagged(src, nbytes, compute, tag, Some(lease), meta)? };
+        self.policy.count_parked(nbytes);
+        self.settle_older_than(tag)?;
+        Ok(id)
+    }
+
+    /// A tensor saved for backward by `layer`, a [`LayerPlan::Save`] layer: the policy keeps it
+    /// on the device (`Ok(None)`: the lease is given back at once) or parks it on the host like
+    /// [`Scheduler::offload_layer`] (`Ok(Some(handle))`).
+    ///
+    /// # Safety
+    /// As [`Scheduler::offload_layer`].
+    pub unsafe fn pack_layer(
+        &mut self,
+        layer: usize,
+        src: usize,
+        nbytes: usize,
+        compute: RawStream,
+        lease: L,
+        meta: M,
+    ) -> Result<Option<u64>> {
+        if self.policy.pack(nbytes) {
+            self.freed.push(lease);
+            return Ok(None);
+        }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.offload_layer(layer, src, nbytes, compute, lease, meta) }.map(Some)
+    }
+
+    /// Backward reaches `layer` of `pass`: the handles to copy back now, in order, with their
+    /// size and description (the caller allocates each destination and calls
+    /// [`Scheduler::prefetch_leased`]). When `own` (this layer's input) was not among the earlier
+    /// prefetches it comes last.
+    pub fn backward_plan(&self, pass: u64, layer: usize, own: Option<u64>) -> Vec<(u64, usize, M)> {
+        let offloaded = self
+            .entries
+            .iter()
+            .map(|(&id, e)| (id, e.tag, e.state != HandleState::Offloaded));
+        let mut ids = self.policy.prefetch_order(pass, layer, offloaded);
+        if let Some(h) = own {
+            if self
+                .entries
+                .get(&h)
+                .is_some_and(|e| e.state == HandleState::Offloaded)
+            {
+                ids.push(h);
+            }
+        }
+        ids.into_iter()
+            .map(|id| {
+                let e = &self.entries[&id];
+                (id, e.nbytes, e.meta.clone())
+            })
+            .collect()
+    }
+
+    /// Start copying `handle` back into `dst`, holding `lease` (the destination) until the compute
+    /// stream waits for it; a handle already on its way back is left alone (its lease is freed).
+    ///
+    /// # Safety
+    /// As [`Scheduler::prefetch`]; `lease` must keep `dst` alive.
+    pub unsafe fn prefetch_leased(
+        &mut self,
+        handle: u64,
+        dst: usize,
+        compute: RawStream,
+        lease: L,
+    ) -> Result<()> {
+        if self.state(handle)? != HandleState::Offloaded {
+            self.freed.push(lease);
+            return Ok(());
+        }
+        self.settle(handle)?;
+        // SAFETY: forwarded from the caller.
+        unsafe { self.prefetch(handle, dst, compute)? };
+        let e = self
+            .entries
+            .get_mut(&handle)
+            .ok_or_else(|| unknown(handle))?;
+        e.dst = Some(lease);
+        Ok(())
+    }
+
+    /// Order `compute` after `handle`'s copy back and hand its destination lease to the caller:
+    /// the buffer may now be read on `compute`.
+    pub fn take_ready(&mut self, handle: u64, compute: RawStream) -> Result<Option<L>> {
+        self.wait(handle, compute)?;
+        let e = self
+            .entries
+            .get_mut(&handle)
+            .ok_or_else(|| unknown(handle))?;
+        Ok(e.dst.take())
+    }
+
+    /// Leases the scheduler no longer needs (the compute stream has waited for their copies);
+    /// the caller drops them, outside any lock the scheduler sits behind.
+    pub fn take_freed(&mut self) -> Vec<L> {
+        std::mem::take(&mut self.freed)
+    }
+
+    /// Whether `layer`'s saved bytes should be measured on its next recompute (budget mode).
+    pub fn wants_measure(&self, layer: usize) -> bool {
+        self.policy.wants_measure(layer)
+    }
+
+    /// Record `layer`'s measured saved bytes and forward seconds at `tokens` tokens.
+    pub fn record_layer_cost(&mut self, layer: usize, bytes: u64, seconds: f64, tokens: usize) {
+        self.policy.record_layer_cost(layer, bytes, seconds, tokens)
+    }
+
+    /// Change the device budget (from the next pass on).
+    pub fn set_budget(&mut self, budget_bytes: Option<u64>) {
+        self.policy.set_budget(budget_bytes)
+    }
+
+    /// What the memory budget kept in the latest pass.
+    pub fn budget_stats(&self) -> BudgetStats {
+        self.policy.budget_stats()
+    }
+
+    /// Start (or stop) recording actions; starting clears the record.
+    pub fn set_trace(&mut self, on: bool) {
+        self.trace = on.then(Vec::new);
+    }
+
+    /// The actions recorded since tracing started.
+    pub fn trace(&self) -> &[Action] {
+        self.trace.as_deref().unwrap_or(&[])
+    }
+
+    fn record(&mut self, handle: u64, action: fn(Tag) -> Action) {
+        if let (Some(t), Some(e)) = (self.trace.as_mut(), self.entries.get(&handle)) {
+            if e.tag.pass > 0 {
+                t.push(action(e.tag));
+            }
+        }
+    }
+
+    /// Order `compute` after `handle`'s copy out and let its source go.
+    fn settle(&mut self, handle: u64) -> Result<()> {
+        let e = self
+            .entries
+            .get_mut(&handle)
+            .ok_or_else(|| unknown(handle))?;
+        if let Some(src) = e.src.take() {
+            self.transport.wait(e.last_copy, e.compute)?;
+            self.freed.push(src);
+        }
+        Ok(())
+    }
+
+    /// Settle the copies out of earlier layers (and other passes): each layer's copies overlap
+    /// the compute up to the next layer's first copy.
+    fn settle_older_than(&mut self, tag: Tag) -> Result<()> {
+        let busy: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.src.is_some() && (e.tag.pass != tag.pass || e.tag.layer < tag.layer))
+            .map(|(&id, _)| id)
+            .collect();
+        busy.into_iter().try_for_each(|id| self.settle(id))
+    }
+
+    fn settle_all(&mut self) -> Result<()> {
+        let busy: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.src.is_some())
+            .map(|(&id, _)| id)
+            .collect();
+        busy.into_iter().try_for_each(|id| self.settle(id))
+    }
+
+    /// # Safety
+    /// As [`Scheduler::offload`].
+    unsafe fn offload_tagged(
+        &mut self,
+        src: usize,
+        nbytes: usize,
+        compute: RawStream,
+        tag: Tag,
+        lease: Option<L>,
+        meta: M,
+    ) -> Result<u64> {
         if nbytes == 0 {
             return Err(Error::Offload("cannot offload an empty buffer".into()));
         }
@@ -163,10 +446,16 @@ impl<T: Transport> Scheduler<T> {
                 nbytes,
                 state: HandleState::Offloaded,
                 last_copy: event,
+                compute,
+                tag,
+                src: lease,
+                dst: None,
+                meta,
             },
         );
         self.stats.offloads += 1;
         self.stats.bytes_to_host += nbytes as u64;
+        self.record(id, Action::Offload);
         Ok(id)
     }
 
@@ -174,8 +463,8 @@ impl<T: Transport> Scheduler<T> {
     /// for `nbytes(handle)` bytes), after the work queued so far on `compute`.
     ///
     /// # Safety
-    /// `dst` must be writable for `nbytes(handle)` bytes until the copy completes (from Python:
-    /// `Tensor.record_stream` on the copy stream, and [`Scheduler::wait`] before reading it).
+    /// `dst` must be writable for `nbytes(handle)` bytes until the copy completes (keep it alive
+    /// until `compute` has waited for the copy, [`Scheduler::wait`], before reading it).
     pub unsafe fn prefetch(&mut self, handle: u64, dst: usize, compute: RawStream) -> Result<()> {
         if dst == 0 {
             return Err(Error::Offload("destination address is null".into()));
@@ -207,15 +496,16 @@ impl<T: Transport> Scheduler<T> {
         let old = std::mem::replace(&mut entry.last_copy, ev);
         self.transport.recycle(old);
         entry.state = HandleState::Prefetched;
+        entry.compute = compute;
         self.stats.prefetches += 1;
         self.stats.bytes_to_device += entry.nbytes as u64;
+        self.record(handle, Action::Prefetch);
         Ok(())
     }
 
     /// Make `compute` wait for the handle's latest copy; the host does not block. After a
     /// prefetch, the device buffer given to [`Scheduler::prefetch`] may then be read on `compute`;
-    /// right after an offload, the source may then be freed or overwritten in `compute`'s order
-    /// (no `record_stream`, whose host-side bookkeeping keeps blocks busy while the host runs ahead).
+    /// right after an offload, the source may then be freed or overwritten in `compute`'s order.
     pub fn wait(&mut self, handle: u64, compute: RawStream) -> Result<()> {
         let entry = self
             .entries
@@ -225,19 +515,41 @@ impl<T: Transport> Scheduler<T> {
             HandleState::Offloaded => self.transport.wait(entry.last_copy, compute),
             HandleState::Prefetched | HandleState::Ready => {
                 self.transport.wait(entry.last_copy, compute)?;
+                let first = entry.state == HandleState::Prefetched;
                 entry.state = HandleState::Ready;
+                if first {
+                    self.record(handle, Action::Ready);
+                }
                 Ok(())
             }
         }
     }
 
     /// Release a handle: its block returns to the pool (reused only once its last copy has
-    /// finished). Releasing an unknown or already released handle is an error.
+    /// finished) and its leases, once the compute stream has waited for that copy, to
+    /// [`Scheduler::take_freed`]. Releasing an unknown or already released handle is an error.
     pub fn release(&mut self, handle: u64) -> Result<()> {
-        let entry = self
+        let mut entry = self
             .entries
             .remove(&handle)
             .ok_or_else(|| unknown(handle))?;
+        let leases: Vec<L> = entry
+            .src
+            .take()
+            .into_iter()
+            .chain(entry.dst.take())
+            .collect();
+        if !leases.is_empty() {
+            // A copy nobody waited for (an abandoned graph, an error): order the compute stream
+            // after it before its memory goes back to the caller's allocator.
+            let waited = self.transport.wait(entry.last_copy, entry.compute);
+            self.freed.extend(leases);
+            if let Err(e) = waited {
+                self.pool
+                    .release(&mut self.transport, entry.block, Some(entry.last_copy))?;
+                return Err(e);
+            }
+        }
         self.pool
             .release(&mut self.transport, entry.block, Some(entry.last_copy))
     }
@@ -251,15 +563,14 @@ impl<T: Transport> Scheduler<T> {
         Ok(ids.len())
     }
 
-    /// The lookahead policy: among live handles offloaded before `before` (an id from
-    /// [`Scheduler::next_handle`] or a handle), the `lookahead` most recent ones, newest first,
-    /// that have not been prefetched yet. Handles already on their way count towards the depth,
-    /// so calling this at the start of each layer's backward keeps `lookahead` copies ahead.
+    /// The lookahead policy by handle order alone: among live handles offloaded before `before`
+    /// (an id from [`Scheduler::next_handle`] or a handle), the `lookahead` most recent ones,
+    /// newest first, that have not been prefetched yet (for callers outside the layer schedule).
     pub fn plan_prefetch(&self, before: u64) -> Vec<u64> {
         self.entries
             .range(..before)
             .rev()
-            .take(self.lookahead)
+            .take(self.lookahead())
             .filter(|(_, e)| e.state == HandleState::Offloaded)
             .map(|(&id, _)| id)
             .collect()
@@ -271,7 +582,7 @@ impl<T: Transport> Scheduler<T> {
         self.pool.trim(&mut self.transport)
     }
 
-    fn entry(&self, handle: u64) -> Result<&Entry<T::Event>> {
+    fn entry(&self, handle: u64) -> Result<&Entry<T::Event, L, M>> {
         self.entries.get(&handle).ok_or_else(|| unknown(handle))
     }
 }
@@ -282,9 +593,10 @@ fn unknown(handle: u64) -> Error {
     ))
 }
 
-impl<T: Transport> Drop for Scheduler<T> {
+impl<T: Transport, L, M> Drop for Scheduler<T, L, M> {
     fn drop(&mut self) {
-        // Copies may still read or write our blocks: let them finish before freeing anything.
+        // Copies may still read or write our blocks (and the leased device memory): let them
+        // finish before freeing anything.
         let _ = self.transport.synchronize_all();
         for (_, e) in std::mem::take(&mut self.entries) {
             let _ = self.pool.release(&mut self.transport, e.block, None);

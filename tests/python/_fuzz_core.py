@@ -305,8 +305,46 @@ def f_state(rng):
     _SCHED.state(rng.choice(BAD_INTS))
 
 
-def f_plan_prefetch(rng):
-    _SCHED.plan_prefetch(rng.choice(BAD_INTS))
+def some_tensor(rng: random.Random):
+    """A tensor the layer schedule may or may not take: strided, empty, of another dtype, or not
+    a tensor at all."""
+    t = torch.zeros(
+        rng.choice((0, 1, 7, 64)), rng.choice((1, 3, 5)), dtype=rng.choice((torch.float32, torch.int8))
+    )
+    _keep.append(t)
+    return rng.choice((t, t.t(), t[:, ::2], t.expand(2, *t.shape), 3, "x", None))
+
+
+def f_begin_layer(rng):
+    _SCHED.begin_layer(some_int(rng), some_int(rng), rng.random() < 0.5)
+
+
+def f_offload_layer(rng):
+    h = _SCHED.offload_layer(some_int(rng), some_tensor(rng), 0)
+    _SCHED.release(h)
+
+
+def f_pack_tensor(rng):
+    h = _SCHED.pack_tensor(some_int(rng), some_tensor(rng), 0)
+    if h is not None:
+        _SCHED.release(h)
+
+
+def f_fetch_layer(rng):
+    _SCHED.fetch_layer(some_int(rng), some_int(rng), rng.choice((None, *BAD_INTS)), 0)
+
+
+def f_record_layer_cost(rng):
+    seconds = rng.choice((0.0, -1.0, float("nan"), float("inf"), 1e-3))
+    _SCHED.record_layer_cost(some_int(rng), some_int(rng), seconds, some_int(rng))
+
+
+def f_wants_measure(rng):
+    _SCHED.wants_measure(some_int(rng))
+
+
+def f_set_budget(rng):
+    _SCHED.set_budget(rng.choice((None, *BAD_INTS)))
 
 
 FUZZED = {name[2:]: fn for name, fn in globals().items() if name.startswith("f_")}

@@ -234,7 +234,7 @@ def test_reaching_the_host_cap_raises_a_clear_error():
 
 
 def test_own_cgroup_and_its_parents_are_read(monkeypatch, tmp_path):
-    import rslora_fast.offload as off
+    import rslora_fast.offload.host_memory as off
 
     proc = tmp_path / "cgroup"
     proc.write_text("0::/slurm/job_7/step_0\n")
@@ -270,7 +270,7 @@ def test_changing_lengths_under_the_cap_reuse_memory_instead_of_growing():
 
 
 def test_default_host_cap_follows_cgroup_limits_and_launchers(monkeypatch, tmp_path):
-    import rslora_fast.offload as off
+    import rslora_fast.offload.host_memory as off
 
     limit = tmp_path / "memory.max"
     limit.write_text(str(8 << 30) + "\n")  # a container limit far below any host's RAM

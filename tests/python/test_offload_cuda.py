@@ -212,3 +212,41 @@ def test_gpu_memory_budget_mode_is_exact_and_skips_offloads():
         for n in grads_r:
             torch.testing.assert_close(grads_o[n], grads_r[n], rtol=0, atol=0, msg=n)
     assert handle.stats()["offloads"] == 4  # only the first (measuring) step offloaded
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_saving_instead_of_recomputing_gives_the_plain_gradients(dtype):
+    """Save policy "always": every layer but the last skips its recompute, each saved activation
+    parked in pinned host memory and brought back ahead of its backward (SDPA: q/k/v, the output
+    and its log-sum-exp among them)."""
+    base = llama(256, 688, 5, 4, 1000, dtype, dropout=0.0, attn="sdpa")
+    ref = reference_copy(base)
+    ours = copy.deepcopy(base)
+    handle = install_offloaded_checkpointing(ours, save_policy="always")
+    handle.min_parked_bytes = 0
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for s in range(3):
+        ids = torch.randint(0, 1000, (2, 300 + 37 * s), device="cuda", generator=gen)
+        loss_r, grads_r = step(ref, ids, 100 + s)
+        loss_o, grads_o = step(ours, ids, 100 + s)
+        torch.testing.assert_close(loss_o, loss_r, msg=f"loss step {s}")
+        for n in grads_r:
+            assert grads_r[n].float().abs().sum() > 0, n
+            torch.testing.assert_close(grads_o[n], grads_r[n], msg=f"{n} step {s}")
+        st = handle.stats()
+        assert st["in_use_bytes"] == 0 and st["live_handles"] == 0
+    kept = handle.budget_stats()
+    assert kept["saved_layers"] == 4 and kept["tensors_parked"] > 4 and kept["parked_bytes"] > 0
+    assert handle.stats()["pageable_bytes"] == 0
+
+
+def test_gpu_auto_budget_reads_free_memory():
+    model = llama(256, 688, 3, 4, 1000, torch.bfloat16, dropout=0.0, attn="sdpa")
+    handle = install_offloaded_checkpointing(model, max_memory_gb="auto", save_policy="auto")
+    ids = torch.randint(0, 1000, (2, 400), device="cuda")
+    for s in range(2):
+        step(model, ids, s)
+    free, total = torch.cuda.mem_get_info()
+    budget = handle.budget_stats()["budget_bytes"]
+    assert 0 < budget <= free  # free memory then, minus a margin of at least 2 GiB
+    assert handle.budget_stats()["kept_layers"] == 3  # a tiny model fits whole
