@@ -17,9 +17,10 @@ with its kernel timeline traced (its idle share of the step).
 Prints a table with every figure as a ratio to the Unsloth system of the same precision measured in
 the same call; every row is appended as a JSON line to ``--out`` as soon as its system finishes.
 
-Systems (``name:base[:checkpointing][:budget=GiB][:embed=host]``, checkpointing one of unsloth | true | false):
+Systems (``name:base[:checkpointing][:budget=GiB][:embed=host][:save=auto|always]``, checkpointing one of unsloth | true | false):
   rslora_fast:4bit | rslora_fast:16bit   rslora_fast; ``budget=`` is ``get_peft_model(max_memory_gb=)``,
-                                        ``embed=host`` is ``get_peft_model(offload_embedding=True)``
+                                        ``embed=host`` is ``get_peft_model(offload_embedding=True)``,
+                                        ``save=`` is ``get_peft_model(save_policy=)``
   hf_peft:bf16       transformers + peft, bf16 base, HF (non-reentrant) checkpointing
   hf_peft_bnb:nf4    transformers + peft + bitsandbytes NF4, double quant (from the peer wheels)
   unsloth:4bit | unsloth:bf16   Unsloth from the peer wheels (``--peer-wheels DIR``), own process
@@ -125,7 +126,7 @@ OPTIMIZERS = ("default", "fused")
 
 @dataclass(frozen=True)
 class SystemSpec:
-    """One system of the bench, parsed from ``name:base[:checkpointing][:budget=GiB][:embed=host]``."""
+    """One system of the bench, parsed from ``name:base[:checkpointing][:budget=GiB][:embed=host][:save=...]``."""
 
     text: str
     name: str
@@ -133,6 +134,7 @@ class SystemSpec:
     checkpointing: str
     budget: float | None
     offload_embedding: bool = False
+    save_policy: str = "never"
 
     @property
     def precision(self) -> str:
@@ -148,21 +150,25 @@ def parse_system(text: str) -> SystemSpec:
     base = parts[1] if len(parts) > 1 and parts[1] else SYSTEM_BASES[name][0]
     if base not in SYSTEM_BASES[name]:
         raise ValueError(f"system {text!r}: base {base!r} is not one of {list(SYSTEM_BASES[name])}")
-    mode, budget, embed = "unsloth", None, False
+    mode, budget, embed, save = "unsloth", None, False, "never"
     for extra in parts[2:]:
         if extra.startswith("budget=") and name == "rslora_fast":
             try:
                 budget = float(extra.removeprefix("budget="))
             except ValueError:
                 raise ValueError(f"system {text!r}: budget must be GiB as a number, got {extra!r}") from None
+        elif extra in ("save=auto", "save=always") and name == "rslora_fast":
+            save = extra.removeprefix("save=")
         elif extra == "embed=host" and name == "rslora_fast":
             embed = True
         elif extra in CHECKPOINTING:
             mode = extra
         else:
-            accepted = list(CHECKPOINTING) + (["budget=GiB", "embed=host"] if name == "rslora_fast" else [])
+            accepted = list(CHECKPOINTING) + (
+                ["budget=GiB", "embed=host", "save=auto", "save=always"] if name == "rslora_fast" else []
+            )
             raise ValueError(f"system {text!r}: {extra!r} is not one of {accepted}")
-    return SystemSpec(text, name, base, mode, budget, embed)
+    return SystemSpec(text, name, base, mode, budget, embed, save)
 
 
 def shape_folder_name(shape: str) -> str:
@@ -265,6 +271,7 @@ def _load_rslora_fast(spec: SystemSpec, model_dir: Path, seq_len: int, lora_r: i
         use_gradient_checkpointing=CHECKPOINTING[spec.checkpointing],
         max_memory_gb=spec.budget,
         offload_embedding=spec.offload_embedding,
+        save_policy=spec.save_policy,
         random_state=3407,
         max_seq_length=seq_len,
     )

@@ -51,6 +51,15 @@ def validate_mode(mode: Any) -> bool | str:
     raise ValueError(f"use_gradient_checkpointing must be one of {list(ACCEPTED_MODES)}, got {mode!r}")
 
 
+def validate_save_policy(policy: Any) -> str:
+    """``policy`` if it is one of the offload save policies, else a ValueError naming them."""
+    from .offload.install import SAVE_POLICIES
+
+    if policy not in SAVE_POLICIES:
+        raise ValueError(f"save_policy must be one of {list(SAVE_POLICIES)}, got {policy!r}")
+    return policy
+
+
 def _make_inputs_require_grad(model: nn.Module) -> None:
     if callable(getattr(model, "enable_input_require_grads", None)):
         model.enable_input_require_grads()
@@ -109,6 +118,7 @@ def apply_gradient_checkpointing(
             warning and no checkpointing (the return value is then ``False``).
     """
     mode = validate_mode(mode)
+    validate_save_policy(save_policy)
     _uninstall_offload(model)
     if mode is False:
         if getattr(model, "is_gradient_checkpointing", False):

@@ -270,6 +270,7 @@ class FastLanguageModel:
                 cfg.get("max_seq_length", 2048),
                 use_reentrant=bool(cfg.get("use_reentrant", False)),
                 max_memory_gb=cfg.get("max_memory_gb"),
+                save_policy=cfg.get("save_policy", "never"),
             )
         _set_use_cache(inner, False)
         model.train()

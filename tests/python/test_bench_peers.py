@@ -170,7 +170,7 @@ def test_ratio_rows_pair_each_system_with_unsloth_of_its_precision_and_optimizer
     "text,match",
     [("unsloth:8bit", "base '8bit' is not one of"), ("hf_peft:bf16:budget=3", "is not one of"),
      ("rslora_fast:4bit:budget=x", "budget must be GiB"), ("rslora_fast:4bit:sometimes", "'sometimes' is not one of"),
-     ("unsloth:4bit:embed=host", "'embed=host' is not one of")],
+     ("unsloth:4bit:embed=host", "'embed=host' is not one of"), ("rslora_fast:4bit:save=sometimes", "is not one of")],
 )  # fmt: skip
 def test_bad_systems_are_named(text, match):
     from rslora_fast import bench
@@ -179,11 +179,14 @@ def test_bad_systems_are_named(text, match):
         bench.parse_system(text)
 
 
-def test_embed_host_asks_for_the_embedding_table_in_host_memory():
+def test_embed_host_and_save_reach_get_peft_model_options():
     from rslora_fast import bench
 
     assert bench.parse_system("rslora_fast:4bit:unsloth:embed=host").offload_embedding
     assert not bench.parse_system("rslora_fast:4bit:unsloth").offload_embedding
+    both = bench.parse_system("rslora_fast:4bit:unsloth:embed=host:save=auto")
+    assert both.offload_embedding and both.save_policy == "auto"
+    assert bench.parse_system("rslora_fast:4bit").save_policy == "never"
 
 
 def test_optimizer_rows_default_and_fused():

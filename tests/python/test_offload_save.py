@@ -217,3 +217,17 @@ def test_a_tight_host_cap_falls_back_to_recompute_instead_of_failing():
     kept = handle.budget_stats()
     assert kept["saved_layers"] == 0 and kept["recomputed_layers"] == LAYERS
     assert handle.stats()["offloads"] == 3 * (LAYERS - 1)  # the inputs still went to the host
+
+
+def test_get_peft_model_passes_the_save_policy_and_for_training_keeps_it():
+    from rslora_fast import FastLanguageModel, get_peft_model
+    from rslora_fast.checkpointing import offload_handle
+
+    base = tiny_llama()
+    model = get_peft_model(base, r=4, use_gradient_checkpointing="unsloth", save_policy="always")
+    assert offload_handle(base).save_policy == "always"
+    FastLanguageModel.for_inference(model)
+    FastLanguageModel.for_training(model)
+    assert offload_handle(base).save_policy == "always"
+    with pytest.raises(ValueError, match="save_policy must be one of .*'sometimes'"):
+        get_peft_model(tiny_llama(), r=4, use_gradient_checkpointing="unsloth", save_policy="sometimes")

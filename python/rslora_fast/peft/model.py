@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .._validate import boolean, int_or_none, is_int, positive_int
-from ..checkpointing import apply_gradient_checkpointing, validate_mode
+from ..checkpointing import apply_gradient_checkpointing, validate_mode, validate_save_policy
 from ..quant.linear4bit import is_4bit_linear
 from . import init as _init
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
@@ -39,6 +39,7 @@ ACCEPTED_KWARGS = (
     "task_type",
     "use_reentrant",
     "max_memory_gb",
+    "save_policy",
     "use_dora",
     "fan_in_fan_out",
     "lora_bias",
@@ -454,12 +455,14 @@ class PeftModel(nn.Module):
             prev.get("max_seq_length", 2048),
             use_reentrant=reentrant,
             max_memory_gb=prev.get("max_memory_gb"),
+            save_policy=prev.get("save_policy", "never"),
         )
         self._gradient_checkpointing = {
             "mode": mode,
             "max_seq_length": prev.get("max_seq_length", 2048),
             "use_reentrant": reentrant,
             "max_memory_gb": prev.get("max_memory_gb"),
+            "save_policy": prev.get("save_policy", "never"),
         }
 
     # ---------------------------------------------------------------- counting
@@ -974,7 +977,10 @@ def get_peft_model(
             ``exclude_modules``, ``init_lora_weights`` (True, False, "gaussian", "loftq"),
             ``rank_pattern``, ``alpha_pattern``, ``task_type`` (default ``"CAUSAL_LM"``),
             ``use_reentrant`` (checkpointing flavour, default False), ``max_memory_gb`` (with
-            ``"unsloth"``: GPU budget for layer activations kept without recompute),
+            ``"unsloth"``: GPU budget for layer activations kept without recompute, or ``"auto"``),
+            ``save_policy`` (with ``"unsloth"``: ``"never"`` (default), ``"auto"`` or ``"always"``:
+            whether a layer may skip its recompute by parking its saved tensors in host memory; see
+            docs/checkpointing.md),
             ``offload_embedding`` (default False: the frozen input embedding table in pinned host
             memory, the GPU reading only the step's rows; see
             :mod:`rslora_fast.models.host_embedding`), and ``use_dora``, ``fan_in_fan_out``,
@@ -1031,7 +1037,13 @@ def get_peft_model(
 
         peft_model._offloaded_embedding = offload_embedding(model) > 0
     _install_checkpointing(
-        peft_model, model, mode, max_seq_length, use_reentrant, kwargs.get("max_memory_gb")
+        peft_model,
+        model,
+        mode,
+        max_seq_length,
+        use_reentrant,
+        kwargs.get("max_memory_gb"),
+        kwargs.get("save_policy", "never"),
     )
     return peft_model
 
@@ -1063,6 +1075,7 @@ def _checked_training_options(use_gradient_checkpointing, random_state, max_seq_
     mode = validate_mode(use_gradient_checkpointing)
     int_or_none("random_state", random_state)
     positive_int("max_seq_length", max_seq_length)
+    validate_save_policy(kwargs.get("save_policy", "never"))
     return mode, boolean("use_reentrant", kwargs.get("use_reentrant", False))
 
 
@@ -1118,15 +1131,23 @@ def _same_adapters_or_error(model: PeftModel, config: LoraConfig) -> PeftModel:
     )
 
 
-def _install_checkpointing(peft_model, model, mode, max_seq_length, use_reentrant, max_memory_gb) -> None:
+def _install_checkpointing(
+    peft_model, model, mode, max_seq_length, use_reentrant, max_memory_gb, save_policy
+) -> None:
     """Switch the checkpointing mode on and remember it (``FastLanguageModel.for_training`` re-applies it)."""
     if mode is not False:
         mode = apply_gradient_checkpointing(
-            model, mode, max_seq_length, use_reentrant=use_reentrant, max_memory_gb=max_memory_gb
+            model,
+            mode,
+            max_seq_length,
+            use_reentrant=use_reentrant,
+            max_memory_gb=max_memory_gb,
+            save_policy=save_policy,
         )
     peft_model._gradient_checkpointing = {
         "mode": mode,
         "max_seq_length": int(max_seq_length),
         "use_reentrant": use_reentrant,
         "max_memory_gb": max_memory_gb,
+        "save_policy": save_policy,
     }
