@@ -371,6 +371,19 @@ def _fingerprint(lm: nn.Module) -> tuple:
     return switches, w.device, w.dtype, w.data_ptr()
 
 
+def _embedding_table(embed: nn.Embedding, device: torch.device) -> torch.Tensor:
+    """The input embedding table readable on ``device`` (offload_embedding keeps it in host memory)."""
+    from ..models.host_embedding import device_table
+
+    table = device_table(embed, device)
+    if table is None:
+        raise InvalidArgumentError(
+            f"FastEngine: the input embedding lives on {embed.weight.device} and {device} cannot read it "
+            "directly (offload_embedding without a device alias)"
+        )
+    return table
+
+
 def _positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidArgumentError(f"FastEngine: {name} must be a positive int, got {value!r}")
@@ -417,9 +430,9 @@ class FastEngine:
         lm = _causal_lm(self._model)
         decoder = lm.model
         embed = _unwrap(decoder.embed_tokens)
-        self.embed = embed.weight
-        self.dtype = self.embed.dtype
-        self.device = self.embed.device
+        self.dtype = embed.weight.dtype
+        self.device = decoder.norm.weight.device  # the embedding table may live in host memory
+        self.embed = _embedding_table(embed, self.device)
         family = lm.config.model_type
         # never inference tensors: the engine is written in place later, maybe outside inference mode
         with torch.no_grad(), torch.inference_mode(False):

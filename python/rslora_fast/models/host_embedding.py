@@ -174,6 +174,15 @@ def _host_embedding_forward(self: nn.Embedding, input: torch.Tensor) -> torch.Te
     return rows.view(*input.shape, host.shape[1]).to(input.device, non_blocking=True)
 
 
+def device_table(emb: nn.Embedding, device: torch.device) -> torch.Tensor | None:
+    """The table as a tensor on ``device``: itself when it lives there, else the CUDA alias of the
+    pinned host table (None when the GPU cannot read it directly). For code that indexes the
+    table without calling the module (the decode engine's captured step)."""
+    if emb.weight.device == device:
+        return emb.weight
+    return _device_view(emb, emb.weight, device)
+
+
 def _device_view(self: nn.Embedding, host: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     """A CUDA tensor aliasing the pinned table on ``device`` (cached), or None where none can be made."""
     views = self.__dict__.setdefault(_VIEWS, {})
