@@ -11,8 +11,21 @@
 // e >> bs_log2 (block sizes are powers of two >= 32): float32 absmax[blk], or with double
 // quantization ncode[q[blk]] * nested[blk >> 8] + offset (nested blocks of 256).
 //
-// Fast kernel (dm_mma_<dtype>; K % 32 == 0 and 16-byte aligned x and packed): why tensor cores
-// at batch 1: the weights are 4 bits, so the GPU must dequantize 2 elements per packed byte at
+// Stream kernel (dm_stream<NB>_<dtype>, NB = 1, 2, 4: batches up to 4, padded to NB; K % 32 == 0,
+// 16-byte aligned x and packed, one quantization type in the group). Why: at batch 1 the work is
+// a stream of packed bytes, so the kernel is built to keep HBM busy: a persistent grid (the blocks
+// resident at once, striding over work) builds its code table once per block, and each warp owns
+// a tile of 4 rows of one member: lane l takes the 16-byte chunks c = l, l + 32, ... (32 elements,
+// inside one quantization block) of all 4 rows, so every warp load is 512 contiguous bytes, and
+// the next k-step's 4 loads (and raw scales) go out before this step's arithmetic. A packed byte
+// becomes its two codes in T (high nibble = even element) by one lookup in a 256-entry table
+// replicated per lane (word 32 v + lane: conflict-free, 32 KB), then fp32 multiply-adds with x
+// (read through L1, shared by the 4 rows) into a per-chunk partial that is scaled once per chunk
+// (nested scales decoded once per chunk). Warp-shuffle sums; lane r * NB + b runs the epilogue.
+// Batch rows share each weight load (read once for B <= 4).
+//
+// Tensor-core kernel (dm_mma_<dtype>; batches 5..8, or a group mixing NF4 and FP4; same K and
+// alignment conditions): why tensor cores at batch 8: the weights are 4 bits, so the GPU must dequantize 2 elements per packed byte at
 // HBM speed; a CUDA-core dot product costs a table lookup and an FMA per element per batch row,
 // which the SMs cannot issue fast enough at 4.8 TB/s, while one mma.sync m16n8k16 takes 256
 // weight elements and all 8 batch columns per warp instruction. A block owns 16 rows of one
@@ -55,6 +68,8 @@ constexpr int kUnroll = 4;
 // Resident blocks per SM asked of ptxas for the fast kernel: 3 caps it at 85 registers, so the
 // q/k/v group of an 8B model (384 tiles) runs in one wave on 132 SMs (97 registers gave 2).
 constexpr int kMmaMinBlocks = 3;
+// Resident blocks per SM asked of ptxas for the stream kernel (<= 128 registers).
+constexpr int kStreamMinBlocks = 2;
 
 // One layer of the group; must match `MemberParams` in src/kernels/decode_matvec.rs.
 struct Member {
@@ -276,6 +291,169 @@ __device__ __forceinline__ void mma_kernel(const Params& p) {
   }
 }
 
+// ---------------------------------------------------------------------------- stream kernel
+constexpr int kStreamRows = 4;  // rows of one warp tile
+
+// Word m (0..3) of a 16-byte vector.
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int m) {
+  return m == 0 ? v.x : m == 1 ? v.y : m == 2 ? v.z : v.w;
+}
+
+// The two values of a 32-bit word of T (element 2i in the low half) as fp32.
+template <typename T> __device__ __forceinline__ void unpack2(uint32_t w, float& lo, float& hi);
+template <>
+__device__ __forceinline__ void unpack2<__nv_bfloat16>(uint32_t w, float& lo, float& hi) {
+  lo = __uint_as_float(w << 16);
+  hi = __uint_as_float(w & 0xFFFF0000u);
+}
+template <> __device__ __forceinline__ void unpack2<__half>(uint32_t w, float& lo, float& hi) {
+  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w));
+  lo = f.x;
+  hi = f.y;
+}
+
+// The bits of v rounded to T.
+template <typename T> __device__ __forceinline__ uint32_t bits16(float v);
+template <> __device__ __forceinline__ uint32_t bits16<__nv_bfloat16>(float v) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+template <> __device__ __forceinline__ uint32_t bits16<__half>(float v) {
+  return __half_as_ushort(__float2half_rn(v));
+}
+
+// What one lane loads for one k-step of its tile: chunk c (16 packed bytes) of each row and the
+// raw scale of that chunk (the float32 absmax bits, or the uint8 code with double quantization).
+struct StreamLoads {
+  uint4 w[kStreamRows];
+  uint32_t s[kStreamRows];
+};
+
+__device__ __forceinline__ void stream_load(StreamLoads& ld, const Member& m, int64_t row0,
+                                            int64_t c, int64_t chunks, int64_t K) {
+#pragma unroll
+  for (int r = 0; r < kStreamRows; ++r) {
+    ld.w[r] = make_uint4(0, 0, 0, 0);
+    ld.s[r] = 0;
+    const int64_t row = row0 + r;
+    if (c < chunks && row < m.n) {
+      ld.w[r] = __ldg(reinterpret_cast<const uint4*>(m.packed + row * (K >> 1)) + c);
+      const int64_t blk = (row * K + 32 * c) >> m.bs_log2;
+      ld.s[r] = m.absmax_q != nullptr ? (uint32_t)__ldg(m.absmax_q + blk)
+                                      : __float_as_uint(__ldg(m.absmax + blk));
+    }
+  }
+}
+
+// The scale of row0 + r's chunk c from its raw load (the nested decode reads L1-resident tables).
+__device__ __forceinline__ float stream_scale(const Member& m, uint32_t raw, int64_t row, int64_t c,
+                                              int64_t K) {
+  if (m.absmax_q == nullptr) return __uint_as_float(raw);
+  const int64_t blk = (row * K + 32 * c) >> m.bs_log2;
+  return __fadd_rn(__fmul_rn(__ldg(m.ncode + raw), __ldg(m.nested + (blk >> 8))), m.offset);
+}
+
+template <typename T, int NB>
+__device__ __forceinline__ void stream_kernel(const Params& p) {
+  __shared__ __align__(16) uint32_t s_lut[256 * 32];
+  const int tid = threadIdx.x, lane = tid & 31;
+  // Table: word 32 v + l holds byte v's two codes in T (high nibble, the even element, in the
+  // low half), one copy per lane so any 32 lookups hit 32 banks. Every member has the same
+  // quantization type (the launcher checks).
+  {
+    const float* code = kCodes[p.m[0].quant_type];
+    for (int i = tid; i < 256 * 8; i += kThreads) {
+      const int v = i >> 3;
+      const uint32_t w = bits16<T>(code[v >> 4]) | (bits16<T>(code[v & 15]) << 16);
+      reinterpret_cast<uint4*>(s_lut)[i] = make_uint4(w, w, w, w);
+    }
+  }
+  __syncthreads();
+  const uint32_t lane4 = lane << 2;
+  const uint8_t* lut = reinterpret_cast<const uint8_t*>(s_lut);
+  const int64_t K = p.k, chunks = K >> 5, steps = (chunks + 31) >> 5;
+  const int64_t tiles = p.m[p.members - 1].start +
+                        (p.m[p.members - 1].n + kStreamRows - 1) / kStreamRows;
+  const int64_t stride = (int64_t)gridDim.x * kWarps;
+
+  for (int64_t tile = (int64_t)blockIdx.x * kWarps + (tid >> 5); tile < tiles; tile += stride) {
+    const Member& m = p.m[member_of(p, tile)];
+    const int64_t row0 = (tile - m.start) * kStreamRows;
+    float acc[kStreamRows][NB];
+#pragma unroll
+    for (int r = 0; r < kStreamRows; ++r)
+#pragma unroll
+      for (int b = 0; b < NB; ++b) acc[r][b] = 0.0f;
+
+    StreamLoads cur;
+    stream_load(cur, m, row0, lane, chunks, K);
+    for (int64_t i = 0; i < steps; ++i) {
+      const int64_t c = 32 * i + lane;
+      // The next k-step's loads go out before this one's arithmetic.
+      StreamLoads nxt;
+      stream_load(nxt, m, row0, c + 32, (i + 1 < steps) ? chunks : 0, K);
+      float part[kStreamRows][NB];
+#pragma unroll
+      for (int r = 0; r < kStreamRows; ++r)
+#pragma unroll
+        for (int b = 0; b < NB; ++b) part[r][b] = 0.0f;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        // x[b, 32 c + 8 q .. + 8): 8 values per batch row (zeros past K or the batch).
+        uint4 xv[NB];
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+          xv[b] = (c < chunks && b < p.batch)
+                      ? __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + b * K +
+                                                             32 * c + 8 * q))
+                      : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          // Packed byte 4 q + j of the chunk: elements 8 q + 2 j (high nibble) and + 1.
+          float xe[NB], xo[NB];
+#pragma unroll
+          for (int b = 0; b < NB; ++b) unpack2<T>(word_of(xv[b], j), xe[b], xo[b]);
+#pragma unroll
+          for (int r = 0; r < kStreamRows; ++r) {
+            const uint32_t wd = word_of(cur.w[r], q);
+            const uint32_t off = ((j == 0 ? (wd << 7) : (wd >> (8 * j - 7))) & 0x7F80u) | lane4;
+            const uint32_t t = *reinterpret_cast<const uint32_t*>(lut + off);
+            float we, wo;
+            unpack2<T>(t, we, wo);
+#pragma unroll
+            for (int b = 0; b < NB; ++b) {
+              part[r][b] = fmaf(we, xe[b], part[r][b]);
+              part[r][b] = fmaf(wo, xo[b], part[r][b]);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kStreamRows; ++r) {
+        const float s = c < chunks && row0 + r < m.n ? stream_scale(m, cur.s[r], row0 + r, c, K)
+                                                     : 0.0f;
+#pragma unroll
+        for (int b = 0; b < NB; ++b) acc[r][b] = fmaf(s, part[r][b], acc[r][b]);
+      }
+      cur = nxt;
+    }
+
+    // Warp sums; lane r * NB + b then runs the epilogue of row0 + r, batch row b.
+    float mine = 0.0f;
+#pragma unroll
+    for (int r = 0; r < kStreamRows; ++r)
+#pragma unroll
+      for (int b = 0; b < NB; ++b) {
+        float v = acc[r][b];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        mine = lane == r * NB + b ? v : mine;
+      }
+    const int r = lane / NB, b = lane % NB;
+    if (r < kStreamRows && b < p.batch && row0 + r < m.n) epilogue<T>(p, m, row0 + r, b, mine);
+  }
+}
+
 // --------------------------------------------------------------------------- generic kernel
 template <typename T>
 __device__ __forceinline__ void any_kernel(const Params& p) {
@@ -317,13 +495,25 @@ __device__ __forceinline__ void any_kernel(const Params& p) {
 
 }  // namespace
 
+// __grid_constant__: the kernels index the members with a computed index; without it the
+// compiler would copy the whole Params into each thread's local memory to take its address.
 #define DM_ENTRY(SUFFIX, T)                                                                   \
   extern "C" __global__ void __launch_bounds__(kThreads, kMmaMinBlocks)                       \
-      dm_mma_##SUFFIX(const Params p) {                                                       \
+      dm_mma_##SUFFIX(const __grid_constant__ Params p) {                                     \
     mma_kernel<T>(p);                                                                         \
   }                                                                                           \
-  extern "C" __global__ void __launch_bounds__(kThreads) dm_any_##SUFFIX(const Params p) {   \
+  extern "C" __global__ void __launch_bounds__(kThreads)                                      \
+      dm_any_##SUFFIX(const __grid_constant__ Params p) {                                     \
     any_kernel<T>(p);                                                                         \
+  }                                                                                           \
+  DM_STREAM(SUFFIX, T, 1)                                                                     \
+  DM_STREAM(SUFFIX, T, 2)                                                                     \
+  DM_STREAM(SUFFIX, T, 4)
+
+#define DM_STREAM(SUFFIX, T, NB)                                                              \
+  extern "C" __global__ void __launch_bounds__(kThreads, kStreamMinBlocks)                    \
+      dm_stream##NB##_##SUFFIX(const __grid_constant__ Params p) {                            \
+    stream_kernel<T, NB>(p);                                                                  \
   }
 
 DM_ENTRY(f16, __half)

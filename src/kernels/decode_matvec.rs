@@ -16,8 +16,13 @@ pub const MAX_MEMBERS: usize = 4;
 /// Batch rows one launch serves (`kMaxBatch`: the mma's n); larger batches take several.
 pub const MAX_BATCH: usize = 8;
 const THREADS: u32 = 256;
-/// Output rows per block of the fast kernel (`kTileRows`) and per block of the generic one.
+/// Output rows per block of the tensor-core kernel (`kTileRows`).
 const TILE_ROWS: usize = 16;
+/// Output rows per warp tile of the stream kernel (`kStreamRows`).
+const STREAM_ROWS: usize = 4;
+/// Batch rows up to which the stream (CUDA-core) kernel runs; the tensor-core kernel takes
+/// 5..8, where the stream kernel's fp32 multiply-adds per weight grow with the batch.
+pub const STREAM_MAX_BATCH: usize = 4;
 const WARPS: usize = THREADS as usize / 32;
 
 /// One layer of a group: its 4-bit weight `[n, k]`, optional bias `[n]` and optional LoRA
@@ -86,17 +91,55 @@ struct Params {
     pad: i32,
 }
 
-fn kernel(dtype: DType, fast: bool) -> Result<&'static str> {
-    Ok(match (dtype, fast) {
-        (DType::BF16, true) => "dm_mma_bf16",
-        (DType::BF16, false) => "dm_any_bf16",
-        (DType::F16, true) => "dm_mma_f16",
-        (DType::F16, false) => "dm_any_f16",
-        (DType::F32, _) => {
-            return Err(Error::invalid(
-                "decode_matvec_4bit: dtype float32 is not supported; expected float16 or bfloat16",
-            ))
+/// Which kernel one launch runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// `dm_stream<nb>_*`: a warp per 4 rows, CUDA cores, batch rows padded to `nb`.
+    Stream(usize),
+    /// `dm_mma_*`: a block per 16 rows, tensor cores.
+    Mma,
+    /// `dm_any_*`: a warp per row, any K and alignment.
+    Any,
+}
+
+impl Path {
+    /// Output rows per grid unit (the members' `start` counts these units).
+    fn unit_rows(self) -> usize {
+        match self {
+            Path::Stream(_) => STREAM_ROWS,
+            Path::Mma => TILE_ROWS,
+            Path::Any => 1,
         }
+    }
+}
+
+fn kernel(dtype: DType, path: Path) -> Result<&'static str> {
+    let names: [&'static str; 5] =
+        match dtype {
+            DType::BF16 => [
+                "dm_stream1_bf16",
+                "dm_stream2_bf16",
+                "dm_stream4_bf16",
+                "dm_mma_bf16",
+                "dm_any_bf16",
+            ],
+            DType::F16 => [
+                "dm_stream1_f16",
+                "dm_stream2_f16",
+                "dm_stream4_f16",
+                "dm_mma_f16",
+                "dm_any_f16",
+            ],
+            DType::F32 => return Err(Error::invalid(
+                "decode_matvec_4bit: dtype float32 is not supported; expected float16 or bfloat16",
+            )),
+        };
+    Ok(match path {
+        Path::Stream(1) => names[0],
+        Path::Stream(2) => names[1],
+        Path::Stream(_) => names[2],
+        Path::Mma => names[3],
+        Path::Any => names[4],
     })
 }
 
@@ -109,7 +152,7 @@ impl Args {
     /// Check counts, sizes and pointers; returns the total output elements per batch row.
     pub fn check(&self) -> Result<usize> {
         let what = "decode_matvec_4bit";
-        kernel(self.dtype, true)?;
+        kernel(self.dtype, Path::Any)?;
         if self.members.is_empty() || self.members.len() > MAX_MEMBERS {
             return Err(Error::invalid(format!(
                 "{what}: {} members; expected 1 to {MAX_MEMBERS}",
@@ -203,12 +246,31 @@ fn check_member(m: &Member, i: usize, k: usize, xa_ld: usize, es: usize) -> Resu
     Ok(())
 }
 
-/// Whether the fast (tensor-core) kernel applies: whole 32-element chunks per row and 16-byte
-/// aligned rows of x and of every packed weight.
+/// Whether the fast kernels (stream, tensor-core) apply: whole 32-element chunks per row and
+/// 16-byte aligned rows of x and of every packed weight.
 fn fast_path(a: &Args) -> bool {
     let mut ptrs = vec![a.x];
     ptrs.extend(a.members.iter().map(|m| m.packed));
     a.k % 32 == 0 && all_aligned16(&ptrs)
+}
+
+/// The kernel for a launch of `rows` batch rows: the stream kernel up to [`STREAM_MAX_BATCH`]
+/// rows when every member has the same quantization type (its code table is built once per
+/// block), else the tensor-core one; the generic one when the fast kernels do not apply.
+fn path_for(a: &Args, rows: usize) -> Path {
+    if !fast_path(a) {
+        return Path::Any;
+    }
+    let one_type = a
+        .members
+        .iter()
+        .all(|m| m.quant_type == a.members[0].quant_type);
+    match rows {
+        1 if one_type => Path::Stream(1),
+        2 if one_type => Path::Stream(2),
+        r if r <= STREAM_MAX_BATCH && one_type => Path::Stream(4),
+        _ => Path::Mma,
+    }
 }
 
 fn member_params(m: &Member, start: usize, y: usize) -> Result<MemberParams> {
@@ -244,6 +306,31 @@ fn member_params(m: &Member, start: usize, y: usize) -> Result<MemberParams> {
     })
 }
 
+/// Each member's first grid unit, and the blocks: one per 16-row tile (tensor cores), per 8 rows
+/// (generic), or enough 8-warp blocks for one warp per 4-row tile up to the blocks resident on
+/// the device at once (the stream kernel strides over the rest, building its table once).
+fn grid(a: &Args, path: Path, name: &'static str, device: i32) -> Result<(Vec<usize>, u32)> {
+    let mut starts = Vec::with_capacity(a.members.len());
+    let mut units = 0usize;
+    for m in &a.members {
+        starts.push(units);
+        units += m.n.div_ceil(path.unit_rows());
+    }
+    let blocks = match path {
+        Path::Mma => units,
+        Path::Any => units.div_ceil(WARPS),
+        Path::Stream(_) => {
+            let resident = cuda::resident_blocks(device, "decode_matvec", name, THREADS)?;
+            units.div_ceil(WARPS).min(resident as usize)
+        }
+    };
+    let blocks = u32::try_from(blocks)
+        .ok()
+        .filter(|&b| b <= i32::MAX as u32)
+        .ok_or_else(|| Error::invalid("decode_matvec_4bit: too many output rows"))?;
+    Ok((starts, blocks))
+}
+
 /// Run the group for every batch row: one launch per [`MAX_BATCH`] rows.
 ///
 /// # Safety
@@ -254,23 +341,12 @@ pub unsafe fn launch(a: &Args, device: i32, stream: RawStream) -> Result<()> {
     if a.batch == 0 {
         return Ok(());
     }
-    let fast = fast_path(a);
-    let name = kernel(a.dtype, fast)?;
     let es = a.dtype.size();
-    // Grid units: 16-row tiles (fast) or rows (generic), members one after the other.
-    let mut starts = Vec::with_capacity(a.members.len());
-    let mut units = 0usize;
-    for m in &a.members {
-        starts.push(units);
-        units += if fast { m.n.div_ceil(TILE_ROWS) } else { m.n };
-    }
-    let blocks = if fast { units } else { units.div_ceil(WARPS) };
-    let blocks = u32::try_from(blocks)
-        .ok()
-        .filter(|&b| b <= i32::MAX as u32)
-        .ok_or_else(|| Error::invalid("decode_matvec_4bit: too many output rows"))?;
     for b0 in (0..a.batch).step_by(MAX_BATCH) {
         let rows = (a.batch - b0).min(MAX_BATCH);
+        let path = path_for(a, rows);
+        let name = kernel(a.dtype, path)?;
+        let (starts, blocks) = grid(a, path, name, device)?;
         let mut m = [MemberParams::default(); MAX_MEMBERS];
         let mut y_off = 0usize; // elements before member i's output in `out`
         for (i, mem) in a.members.iter().enumerate() {
@@ -385,5 +461,31 @@ mod tests {
         let mut m = member(8);
         m.packed += 8;
         assert!(!fast_path(&args(vec![m])));
+    }
+
+    #[test]
+    fn small_batches_stream_and_mixed_types_take_tensor_cores() {
+        let a = args(vec![member(8), member(3)]);
+        let paths: Vec<Path> = (1..=8).map(|r| path_for(&a, r)).collect();
+        assert_eq!(
+            &paths[..4],
+            &[
+                Path::Stream(1),
+                Path::Stream(2),
+                Path::Stream(4),
+                Path::Stream(4)
+            ]
+        );
+        assert!(paths[4..].iter().all(|&p| p == Path::Mma));
+        let mut fp4 = member(8);
+        fp4.quant_type = QuantType::Fp4;
+        assert_eq!(path_for(&args(vec![member(8), fp4]), 1), Path::Mma);
+        let mut odd = args(vec![member(8)]);
+        odd.k = 100;
+        assert_eq!(path_for(&odd, 1), Path::Any);
+        assert_eq!(
+            kernel(DType::F16, Path::Stream(2)).unwrap(),
+            "dm_stream2_f16"
+        );
     }
 }

@@ -120,10 +120,18 @@ def test_core_entry_rejects_bad_arguments_before_launching(members, xa, xa_ld, b
 
 
 # --------------------------------------------------------------------------------------- GPU
-# (K, member widths): the fast kernel with whole and partial 16-row tiles and a K that is a
-# multiple of 32 but not of 64 or 128; the generic kernel for a K that is not a multiple of 32
-# (37 x 3 elements: an odd count, the last byte half padding).
-SHAPES = [(256, (64, 32, 32)), (96, (37, 5, 21)), (100, (19, 8)), (37, (3, 6)), (4096, (48,))]
+# (K, member widths): the fast kernels (stream for batches 1..4, tensor cores for 5..8) with
+# whole and partial 4- and 16-row tiles and a K that is a multiple of 32 but not of 64 or 128,
+# and one of 33 chunks (the stream kernel's second k-step has one lane busy); the generic kernel
+# for a K that is not a multiple of 32 (37 x 3 elements: an odd count, the last byte half padding).
+SHAPES = [
+    (256, (64, 32, 32)),
+    (96, (37, 5, 21)),
+    (100, (19, 8)),
+    (37, (3, 6)),
+    (4096, (48,)),
+    (1056, (13, 6, 4, 9)),
+]
 
 
 @cuda
@@ -159,6 +167,38 @@ def test_kernel_block_sizes(blocksize, k, ns):
     group = ProjectionGroup.from_modules(layers, dtype)
     assert group.uses_kernel and use_kernels(layers[0].weight)
     x = torch.randn(3, k, device="cuda", dtype=dtype)
+    for out, ref in zip(group(x), reference(x, group)):
+        _close(out, ref, dtype)
+
+
+@cuda
+@pytest.mark.cuda
+def test_stream_kernel_strides_over_more_tiles_than_resident_warps():
+    # 9,008 rows: more 4-row tiles than the warps resident on an H200 (132 SMs x 16), so warps
+    # take several tiles, crossing members.
+    dtype = torch.bfloat16
+    layers = _group(64, (6000, 3001, 7), quant=True, bias=True, rank=4, dtype=dtype, device="cuda")
+    group = ProjectionGroup.from_modules(layers, dtype)
+    assert group.uses_kernel and use_kernels(layers[0].weight)
+    for batch in (1, 4):
+        x = torch.randn(batch, 64, device="cuda", dtype=dtype)
+        for out, ref in zip(group(x), reference(x, group)):
+            _close(out, ref, dtype)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch", [1, 3])
+def test_group_of_nf4_and_fp4_members(batch):
+    # The stream kernel's code table serves one type: a mixed group takes the tensor-core kernel.
+    dtype = torch.float16
+    layers = [
+        _layer(256, 40, quant=True, bias=False, rank=0, dtype=dtype, device="cuda", quant_type=qt, seed=i)
+        for i, qt in enumerate(("nf4", "fp4"))
+    ]
+    group = ProjectionGroup.from_modules(layers, dtype)
+    assert group.uses_kernel and use_kernels(layers[0].weight)
+    x = torch.randn(batch, 256, device="cuda", dtype=dtype)
     for out, ref in zip(group(x), reference(x, group)):
         _close(out, ref, dtype)
 
