@@ -68,8 +68,6 @@ constexpr int kUnroll = 4;
 // Resident blocks per SM asked of ptxas for the fast kernel: 3 caps it at 85 registers, so the
 // q/k/v group of an 8B model (384 tiles) runs in one wave on 132 SMs (97 registers gave 2).
 constexpr int kMmaMinBlocks = 3;
-// Resident blocks per SM asked of ptxas for the stream kernel (<= 128 registers).
-constexpr int kStreamMinBlocks = 2;
 
 // One layer of the group; must match `MemberParams` in src/kernels/decode_matvec.rs.
 struct Member {
@@ -493,6 +491,71 @@ __device__ __forceinline__ void any_kernel(const Params& p) {
   }
 }
 
+// ------------------------------------------------------------------------------ LoRA x A^T
+// xa[b, j] = sum_k x[b, k] A[j, k] for every LoRA row j of the group (all members' A stacked):
+// a block per row j, threads striding over k (8 elements per 16-byte load when `vec`), fp32
+// sums reduced by warp shuffles then shared memory, rounded to T as a matmul's output is.
+struct XaParams {
+  const void* x;  // [batch, k]
+  const void* a;  // [rows, k]
+  void* xa;       // [batch, xa_ld]
+  int64_t k;
+  int32_t batch;  // 1..8
+  int32_t xa_ld;
+  int32_t vec;  // k % 8 == 0 and 16-byte aligned x and a
+  int32_t pad_;
+};
+
+template <typename T>
+__device__ __forceinline__ void xa_kernel(const XaParams& p) {
+  __shared__ float s_sum[kWarps][kMaxBatch];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t j = blockIdx.x, K = p.k;
+  const T* x = static_cast<const T*>(p.x);
+  const T* a = static_cast<const T*>(p.a) + j * K;
+  float acc[kMaxBatch];
+#pragma unroll
+  for (int b = 0; b < kMaxBatch; ++b) acc[b] = 0.0f;
+  if (p.vec) {
+    for (int64_t k0 = 8 * (int64_t)tid; k0 < K; k0 += 8 * kThreads) {
+      const uint4 av = __ldg(reinterpret_cast<const uint4*>(a + k0));
+#pragma unroll
+      for (int b = 0; b < kMaxBatch; ++b) {
+        if (b >= p.batch) break;
+        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + b * K + k0));
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+          float a0, a1, x0, x1;
+          unpack2<T>(word_of(av, m), a0, a1);
+          unpack2<T>(word_of(xv, m), x0, x1);
+          acc[b] = fmaf(a1, x1, fmaf(a0, x0, acc[b]));
+        }
+      }
+    }
+  } else {
+    for (int64_t k = tid; k < K; k += kThreads) {
+      const float av = rf::to_f32(a[k]);
+#pragma unroll
+      for (int b = 0; b < kMaxBatch; ++b) {
+        if (b < p.batch) acc[b] = fmaf(av, rf::to_f32(x[b * K + k]), acc[b]);
+      }
+    }
+  }
+#pragma unroll
+  for (int b = 0; b < kMaxBatch; ++b) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc[b] += __shfl_xor_sync(0xffffffffu, acc[b], o);
+    if (lane == 0) s_sum[warp][b] = acc[b];
+  }
+  __syncthreads();
+  if (tid < p.batch) {
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) v += s_sum[w][tid];
+    static_cast<T*>(p.xa)[(int64_t)tid * p.xa_ld + j] = rf::from_f32<T>(v);
+  }
+}
+
 }  // namespace
 
 // __grid_constant__: the kernels index the members with a computed index; without it the
@@ -506,12 +569,18 @@ __device__ __forceinline__ void any_kernel(const Params& p) {
       dm_any_##SUFFIX(const __grid_constant__ Params p) {                                     \
     any_kernel<T>(p);                                                                         \
   }                                                                                           \
-  DM_STREAM(SUFFIX, T, 1)                                                                     \
-  DM_STREAM(SUFFIX, T, 2)                                                                     \
-  DM_STREAM(SUFFIX, T, 4)
+  extern "C" __global__ void __launch_bounds__(kThreads)                                      \
+      dm_xa_##SUFFIX(const __grid_constant__ XaParams p) {                                    \
+    xa_kernel<T>(p);                                                                          \
+  }                                                                                           \
+  DM_STREAM(SUFFIX, T, 1, 3)                                                                  \
+  DM_STREAM(SUFFIX, T, 2, 2)                                                                  \
+  DM_STREAM(SUFFIX, T, 4, 2)
 
-#define DM_STREAM(SUFFIX, T, NB)                                                              \
-  extern "C" __global__ void __launch_bounds__(kThreads, kStreamMinBlocks)                    \
+// NB = 1 fits 80 registers without spilling (3 resident blocks, 24 warps per SM); 2 and 4 take
+// up to 128 (2 blocks).
+#define DM_STREAM(SUFFIX, T, NB, MINB)                                                        \
+  extern "C" __global__ void __launch_bounds__(kThreads, MINB)                                \
       dm_stream##NB##_##SUFFIX(const __grid_constant__ Params p) {                            \
     stream_kernel<T, NB>(p);                                                                  \
   }

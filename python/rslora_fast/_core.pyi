@@ -237,6 +237,22 @@ def decode_matvec_4bit(
     down-projection ``[batch, xa_ld]`` (0 when no member has LoRA). Device addresses.
     """
 
+def decode_lora_a(
+    x: int,
+    a: int,
+    xa: int,
+    rows: int,
+    xa_ld: int,
+    batch: int,
+    k: int,
+    dtype: str,
+    device: int,
+    stream: int,
+) -> None:
+    """``xa[:, :rows] = x a^T`` for ``x`` ``[batch, k]`` and ``a`` ``[rows, k]`` (a group's stacked
+    LoRA A matrices) into ``xa`` ``[batch, xa_ld]``, float16/bfloat16, in one launch. Device addresses.
+    """
+
 def nf4_quantize_cuda(
     src: int,
     src_dtype: str,

@@ -387,6 +387,118 @@ pub unsafe fn launch(a: &Args, device: i32, stream: RawStream) -> Result<()> {
     Ok(())
 }
 
+/// The LoRA down-projection of a whole group: `xa[b, j] = sum_k x[b, k] a[j, k]` for `x`
+/// `[batch, k]`, `a` `[rows, k]` (every member's A stacked) into `xa` `[batch, xa_ld]`,
+/// `rows <= xa_ld`, in one launch per [`MAX_BATCH`] batch rows.
+#[derive(Clone, Debug)]
+pub struct XaArgs {
+    pub dtype: DType,
+    pub x: usize,
+    pub a: usize,
+    pub xa: usize,
+    pub rows: usize,
+    pub xa_ld: usize,
+    pub batch: usize,
+    pub k: usize,
+}
+
+/// Must match `XaParams` in `kernels/decode_matvec.cu` field for field.
+#[repr(C)]
+struct XaParams {
+    x: usize,
+    a: usize,
+    xa: usize,
+    k: i64,
+    batch: i32,
+    xa_ld: i32,
+    vec: i32,
+    pad: i32,
+}
+
+impl XaArgs {
+    /// Check counts, sizes and pointers.
+    pub fn check(&self) -> Result<()> {
+        let what = "decode_lora_a";
+        xa_kernel(self.dtype)?;
+        if self.k == 0 || self.k > i32::MAX as usize {
+            return Err(Error::invalid(format!(
+                "{what}: k = {} out of range",
+                self.k
+            )));
+        }
+        if self.rows == 0 || self.rows > self.xa_ld {
+            return Err(Error::invalid(format!(
+                "{what}: {} LoRA rows for xa's width {}; expected 1 to the width",
+                self.rows, self.xa_ld
+            )));
+        }
+        to_i32("xa_ld", self.xa_ld)?;
+        let es = self.dtype.size();
+        check_device("decode_lora_a x", &[self.x], mul(self.batch, self.k)?, es)?;
+        check_device("decode_lora_a a", &[self.a], mul(self.rows, self.k)?, es)?;
+        check_device(
+            "decode_lora_a xa",
+            &[self.xa],
+            mul(self.batch, self.xa_ld)?,
+            es,
+        )?;
+        Ok(())
+    }
+}
+
+fn xa_kernel(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::BF16 => "dm_xa_bf16",
+        DType::F16 => "dm_xa_f16",
+        DType::F32 => {
+            return Err(Error::invalid(
+                "decode_lora_a: dtype float32 is not supported; expected float16 or bfloat16",
+            ))
+        }
+    })
+}
+
+/// Run [`XaArgs`]: a block per LoRA row.
+///
+/// # Safety
+/// Every pointer must be a live device allocation on `device` of the size [`XaArgs::check`]
+/// verifies from the counts given; `xa` must not overlap `x` or `a`.
+pub unsafe fn launch_xa(a: &XaArgs, device: i32, stream: RawStream) -> Result<()> {
+    a.check()?;
+    let name = xa_kernel(a.dtype)?;
+    let es = a.dtype.size();
+    let vec = a.k % 8 == 0 && all_aligned16(&[a.x, a.a]);
+    let blocks =
+        u32::try_from(a.rows).map_err(|_| Error::invalid("decode_lora_a: too many LoRA rows"))?;
+    for b0 in (0..a.batch).step_by(MAX_BATCH) {
+        let rows = (a.batch - b0).min(MAX_BATCH);
+        let mut params = XaParams {
+            x: a.x + b0 * a.k * es,
+            a: a.a,
+            xa: a.xa + b0 * a.xa_ld * es,
+            k: a.k as i64,
+            batch: rows as i32,
+            xa_ld: a.xa_ld as i32,
+            vec: vec as i32,
+            pad: 0,
+        };
+        let mut kargs = [&mut params as *mut XaParams as *mut c_void];
+        // SAFETY: the one argument is an `XaParams` laid out as the kernel's by-value struct;
+        // `check` verified the extents of x, a and xa, and b0 < batch keeps the offsets inside.
+        unsafe {
+            cuda::launch(
+                device,
+                stream,
+                "decode_matvec",
+                name,
+                LaunchConfig::linear(blocks, THREADS),
+                &mut kargs,
+            )?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -487,5 +599,39 @@ mod tests {
             kernel(DType::F16, Path::Stream(2)).unwrap(),
             "dm_stream2_f16"
         );
+    }
+
+    #[test]
+    fn lora_a_checks_name_the_bad_value() {
+        let a = XaArgs {
+            dtype: DType::BF16,
+            x: 1 << 20,
+            a: 2 << 20,
+            xa: 3 << 20,
+            rows: 48,
+            xa_ld: 48,
+            batch: 2,
+            k: 4096,
+        };
+        assert!(a.check().is_ok());
+        let err = |a: XaArgs| a.check().unwrap_err().to_string();
+        assert!(err(XaArgs {
+            rows: 49,
+            ..a.clone()
+        })
+        .contains("49 LoRA rows"));
+        assert!(err(XaArgs {
+            rows: 0,
+            ..a.clone()
+        })
+        .contains("0 LoRA rows"));
+        assert!(err(XaArgs { k: 0, ..a.clone() }).contains("k = 0"));
+        assert!(err(XaArgs { a: 0, ..a.clone() }).contains("null"));
+        assert!(err(XaArgs {
+            dtype: DType::F32,
+            ..a
+        })
+        .contains("float32"));
+        assert_eq!(std::mem::size_of::<XaParams>(), 3 * 8 + 8 + 16);
     }
 }

@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 
 use super::guard;
 use crate::cuda::RawStream;
-use crate::kernels::decode_matvec::{self, Args, Member};
+use crate::kernels::decode_matvec::{self, Args, Member, XaArgs};
 use crate::kernels::nf4::ScalesPtr;
 use crate::kernels::DType;
 use crate::quant::QuantType;
@@ -105,7 +105,47 @@ fn decode_matvec_4bit(
     py.detach(|| guard(|| unsafe { decode_matvec::launch(&args, device, RawStream(stream)) }))
 }
 
+/// decode_lora_a(x, a, xa, rows, xa_ld, batch, k, dtype, device, stream) -> None
+///
+/// ``xa[:, :rows] = x a^T`` for ``x`` ``[batch, k]`` and ``a`` ``[rows, k]`` (a group's stacked
+/// LoRA A matrices) into ``xa`` ``[batch, xa_ld]``, all float16/bfloat16 CUDA device addresses
+/// on ``device``: one launch for the whole group.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn decode_lora_a(
+    py: Python<'_>,
+    x: usize,
+    a: usize,
+    xa: usize,
+    rows: usize,
+    xa_ld: usize,
+    batch: usize,
+    k: usize,
+    dtype: &str,
+    device: i32,
+    stream: usize,
+) -> PyResult<()> {
+    let args = guard(|| {
+        let args = XaArgs {
+            dtype: DType::parse(dtype)?,
+            x,
+            a,
+            xa,
+            rows,
+            xa_ld,
+            batch,
+            k,
+        };
+        args.check()?;
+        Ok(args)
+    })?;
+    // SAFETY: the planner passes live contiguous tensors on `device` of the counts given (x, the
+    // group's stacked A copy, the output buffer's xa slice); `launch_xa` re-checks the extents.
+    py.detach(|| guard(|| unsafe { decode_matvec::launch_xa(&args, device, RawStream(stream)) }))
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode_matvec_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_lora_a, m)?)?;
     Ok(())
 }

@@ -119,6 +119,19 @@ def test_core_entry_rejects_bad_arguments_before_launching(members, xa, xa_ld, b
         _core.decode_matvec_4bit(members, 1 << 20, 2 << 20, xa, xa_ld, batch, k, dtype, 0, 0)
 
 
+@pytest.mark.parametrize(
+    ("rows", "xa_ld", "k", "dtype", "text"),
+    [
+        (49, 48, 64, "bfloat16", "49 LoRA rows"),
+        (4, 4, 0, "float16", "k = 0"),
+        (4, 4, 64, "float32", "float32"),
+    ],
+)
+def test_core_lora_a_entry_rejects_bad_arguments(rows, xa_ld, k, dtype, text):
+    with pytest.raises(InvalidArgumentError, match=text):
+        _core.decode_lora_a(1 << 20, 2 << 20, 3 << 20, rows, xa_ld, 1, k, dtype, 0, 0)
+
+
 # --------------------------------------------------------------------------------------- GPU
 # (K, member widths): the fast kernels (stream for batches 1..4, tensor cores for 5..8) with
 # whole and partial 4- and 16-row tiles and a K that is a multiple of 32 but not of 64 or 128,

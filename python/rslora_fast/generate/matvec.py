@@ -18,8 +18,9 @@ Contract used by the engine:
 On CUDA (float16/bfloat16) the 4-bit members run as ONE launch of ``kernels/decode_matvec.cu``
 (packed weights read as stored, nested scales decoded in the kernel, bias and the LoRA
 up-projection in its epilogue); 16-bit members run as a torch matmul. The LoRA down-projections of
-all members are one matmul ``x @ A_all^T`` into a slice of the output buffer, so a call allocates
-one buffer and launches 1 + (LoRA ? 1 : 0) + 16-bit members (+ their LoRA adds) kernels.
+all members are one launch of the same file's ``x A_all^T`` kernel (a torch matmul where the
+kernels do not run) into a slice of the output buffer, so a call allocates one buffer and launches
+1 + (LoRA ? 1 : 0) + 16-bit members (+ their LoRA adds) kernels.
 """
 
 from __future__ import annotations
@@ -261,8 +262,15 @@ def _run_fast(x: torch.Tensor, group: ProjectionGroup, plan: _KernelPlan) -> tup
         outs[i] = flat[off : off + batch * n].view(batch, n)
         off += batch * n
     xa = flat[off:].view(batch, rank)
-    if rank:
-        torch.mm(x2, group.lora_a.t(), out=xa)
+    if rank and batch:
+        if use_kernels(x2):
+            index, stream = stream_of(x2)
+            core().decode_lora_a(
+                x2.data_ptr(), group.lora_a.data_ptr(), xa.data_ptr(), rank, rank, batch, k,
+                dtype_name(x2, "ProjectionGroup"), index, stream,
+            )  # fmt: skip
+        else:
+            torch.mm(x2, group.lora_a.t(), out=xa)
     if plan.quantized and batch:
         index, stream = stream_of(x2)
         core().decode_matvec_4bit(
