@@ -491,6 +491,24 @@ __device__ __forceinline__ void any_kernel(const Params& p) {
   }
 }
 
+// -------------------------------------------------------------------- LoRA terms of 16-bit layers
+// y[b, n] += s * sum_j xa[b, col + j] Bl[n, j] for the members' rows (a thread per row, all batch
+// rows; members without LoRA are left as they are): the group's 16-bit members' LoRA
+// up-projections in one launch after their base matmuls. Only n, start, y and the LoRA fields of
+// each member are read.
+template <typename T>
+__device__ __forceinline__ void lora_b_kernel(const Params& p) {
+  const int64_t row = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  const Member& last = p.m[p.members - 1];
+  if (row >= last.start + last.n) return;
+  const Member& m = p.m[member_of(p, row)];
+  const int64_t n = row - m.start;
+  if (m.lora_b == nullptr) return;
+  for (int b = 0; b < p.batch; ++b) {
+    epilogue<T>(p, m, n, b, rf::to_f32(static_cast<const T*>(m.y)[(int64_t)b * m.n + n]));
+  }
+}
+
 // ------------------------------------------------------------------------------ LoRA x A^T
 // xa[b, j] = sum_k x[b, k] A[j, k] for every LoRA row j of the group (all members' A stacked):
 // a block per row j, threads striding over k (8 elements per 16-byte load when `vec`), fp32
@@ -572,6 +590,10 @@ __device__ __forceinline__ void xa_kernel(const XaParams& p) {
   extern "C" __global__ void __launch_bounds__(kThreads)                                      \
       dm_xa_##SUFFIX(const __grid_constant__ XaParams p) {                                    \
     xa_kernel<T>(p);                                                                          \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(kThreads)                                      \
+      dm_lorab_##SUFFIX(const __grid_constant__ Params p) {                                   \
+    lora_b_kernel<T>(p);                                                                      \
   }                                                                                           \
   DM_STREAM(SUFFIX, T, 1, 3)                                                                  \
   DM_STREAM(SUFFIX, T, 2, 2)                                                                  \

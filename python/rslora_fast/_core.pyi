@@ -237,6 +237,21 @@ def decode_matvec_4bit(
     down-projection ``[batch, xa_ld]`` (0 when no member has LoRA). Device addresses.
     """
 
+def decode_lora_b(
+    members: list[tuple[int, int, int, float, int]],
+    out: int,
+    xa: int,
+    xa_ld: int,
+    batch: int,
+    dtype: str,
+    device: int,
+    stream: int,
+) -> None:
+    """Add each member's LoRA term ``scaling * xa[:, xa_col:xa_col+rank] lora_b^T`` in place to its
+    ``[batch, n]`` output in ``out`` (members ``(n, lora_b, rank, scaling, xa_col)`` one after the
+    other; lora_b 0 and rank 0: none), in one launch. Device addresses.
+    """
+
 def decode_lora_a(
     x: int,
     a: int,

@@ -499,6 +499,152 @@ pub unsafe fn launch_xa(a: &XaArgs, device: i32, stream: RawStream) -> Result<()
     Ok(())
 }
 
+/// One 16-bit layer of a group whose LoRA term [`launch_lora_b`] adds: its width and its
+/// up-projection `lora_b` `[n, rank]` (0 and rank 0: no LoRA) reading columns `xa_col..` of xa.
+#[derive(Clone, Copy, Debug)]
+pub struct LoraB {
+    pub n: usize,
+    pub lora_b: usize,
+    pub rank: usize,
+    pub scaling: f32,
+    pub xa_col: usize,
+}
+
+/// `out` holds the members' outputs one after the other, member i's `[batch, n_i]` (as in
+/// [`Args`]); each gets `+= scaling * xa[:, xa_col..xa_col + rank] lora_b^T` in place.
+#[derive(Clone, Debug)]
+pub struct LoraBArgs {
+    pub dtype: DType,
+    pub members: Vec<LoraB>,
+    pub out: usize,
+    pub xa: usize,
+    pub xa_ld: usize,
+    pub batch: usize,
+}
+
+impl LoraBArgs {
+    /// Check counts, sizes and pointers; returns the total output elements per batch row.
+    pub fn check(&self) -> Result<usize> {
+        let what = "decode_lora_b";
+        kernel(self.dtype, Path::Any)?;
+        if self.members.is_empty() || self.members.len() > MAX_MEMBERS {
+            return Err(Error::invalid(format!(
+                "{what}: {} members; expected 1 to {MAX_MEMBERS}",
+                self.members.len()
+            )));
+        }
+        let es = self.dtype.size();
+        let mut width = 0usize;
+        for (i, m) in self.members.iter().enumerate() {
+            let w = |s: &str| format!("{what} member {i} {s}");
+            if m.n == 0 {
+                return Err(Error::invalid(w("has 0 output rows")));
+            }
+            if m.rank > 0 {
+                check_device(&w("lora_b"), &[m.lora_b], mul(m.n, m.rank)?, es)?;
+                if m.xa_col.checked_add(m.rank).is_none_or(|e| e > self.xa_ld) {
+                    return Err(Error::invalid(w(&format!(
+                        "LoRA columns {}..{}+{} exceed xa's width {}",
+                        m.xa_col, m.xa_col, m.rank, self.xa_ld
+                    ))));
+                }
+            } else if m.lora_b != 0 {
+                return Err(Error::invalid(w("has lora_b but rank 0")));
+            }
+            width = width
+                .checked_add(m.n)
+                .ok_or_else(|| Error::invalid(format!("{what}: output widths overflow")))?;
+        }
+        to_i32("xa_ld", self.xa_ld)?;
+        check_device(
+            "decode_lora_b out",
+            &[self.out],
+            mul(self.batch, width)?,
+            es,
+        )?;
+        check_device(
+            "decode_lora_b xa",
+            &[self.xa],
+            mul(self.batch, self.xa_ld)?,
+            es,
+        )?;
+        Ok(width)
+    }
+}
+
+fn lora_b_kernel(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::BF16 => "dm_lorab_bf16",
+        DType::F16 => "dm_lorab_f16",
+        DType::F32 => {
+            return Err(Error::invalid(
+                "decode_lora_b: dtype float32 is not supported; expected float16 or bfloat16",
+            ))
+        }
+    })
+}
+
+/// Run [`LoraBArgs`]: a thread per output row, one launch per [`MAX_BATCH`] batch rows.
+///
+/// # Safety
+/// Every pointer must be a live device allocation on `device` of the size [`LoraBArgs::check`]
+/// verifies from the counts given; `out` must not overlap `xa` or the `lora_b`s.
+pub unsafe fn launch_lora_b(a: &LoraBArgs, device: i32, stream: RawStream) -> Result<()> {
+    let width = a.check()?;
+    if a.batch == 0 {
+        return Ok(());
+    }
+    let name = lora_b_kernel(a.dtype)?;
+    let es = a.dtype.size();
+    let blocks = u32::try_from(width.div_ceil(THREADS as usize))
+        .ok()
+        .filter(|&b| b <= i32::MAX as u32)
+        .ok_or_else(|| Error::invalid("decode_lora_b: too many output rows"))?;
+    for b0 in (0..a.batch).step_by(MAX_BATCH) {
+        let rows = (a.batch - b0).min(MAX_BATCH);
+        let mut m = [MemberParams::default(); MAX_MEMBERS];
+        let (mut start, mut y_off) = (0usize, 0usize);
+        for (i, mem) in a.members.iter().enumerate() {
+            m[i] = MemberParams {
+                lora_b: if mem.rank > 0 { mem.lora_b } else { 0 },
+                y: a.out + (y_off + b0 * mem.n) * es,
+                n: mem.n as i64,
+                start: start as i64,
+                scaling: mem.scaling,
+                rank: to_i32("rank", mem.rank)?,
+                xa_col: to_i32("xa_col", mem.xa_col)?,
+                ..MemberParams::default()
+            };
+            start += mem.n;
+            y_off += a.batch * mem.n;
+        }
+        let mut params = Params {
+            m,
+            x: 0,
+            xa: a.xa + b0 * a.xa_ld * es,
+            k: 0,
+            batch: rows as i32,
+            xa_ld: a.xa_ld as i32,
+            members: a.members.len() as i32,
+            pad: 0,
+        };
+        let mut kargs = [&mut params as *mut Params as *mut c_void];
+        // SAFETY: one `Params` argument laid out as the kernel's; the kernel reads only the
+        // members' n, start, y and LoRA fields, whose extents `check` verified (b0 < batch).
+        unsafe {
+            cuda::launch(
+                device,
+                stream,
+                "decode_matvec",
+                name,
+                LaunchConfig::linear(blocks, THREADS),
+                &mut kargs,
+            )?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -633,5 +779,44 @@ mod tests {
         })
         .contains("float32"));
         assert_eq!(std::mem::size_of::<XaParams>(), 3 * 8 + 8 + 16);
+    }
+
+    #[test]
+    fn lora_b_checks_name_the_bad_value() {
+        let m = LoraB {
+            n: 64,
+            lora_b: 5 << 20,
+            rank: 16,
+            scaling: 2.0,
+            xa_col: 0,
+        };
+        let a = LoraBArgs {
+            dtype: DType::F16,
+            members: vec![m, LoraB { xa_col: 16, ..m }],
+            out: 1 << 20,
+            xa: 2 << 20,
+            xa_ld: 32,
+            batch: 3,
+        };
+        assert_eq!(a.check().unwrap(), 128);
+        let err = |a: LoraBArgs| a.check().unwrap_err().to_string();
+        let wide = LoraB { xa_col: 20, ..m };
+        assert!(err(LoraBArgs {
+            members: vec![wide],
+            ..a.clone()
+        })
+        .contains("exceed xa's width 32"));
+        assert!(err(LoraBArgs {
+            members: vec![m; 5],
+            ..a.clone()
+        })
+        .contains("5 members"));
+        let stray = LoraB { rank: 0, ..m };
+        assert!(err(LoraBArgs {
+            members: vec![stray],
+            ..a.clone()
+        })
+        .contains("rank 0"));
+        assert!(err(LoraBArgs { out: 0, ..a }).contains("null"));
     }
 }

@@ -76,6 +76,15 @@ def test_cpu_group_is_the_reference_and_stays_off_the_kernel():
         torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("members", "text"),
+    [([(8, 4096, 4, 1.0, 6)], "exceed xa's width 8"), ([(8, 4096, 0, 1.0, 0)], "rank 0"), ([], "0 members")],
+)
+def test_core_lora_b_entry_rejects_bad_arguments(members, text):
+    with pytest.raises(InvalidArgumentError, match=text):
+        _core.decode_lora_b(members, 1 << 20, 2 << 20, 8, 1, "bfloat16", 0, 0)
+
+
 def test_lora_a_is_one_matrix_and_refresh_updates_it():
     layers = _group(64, [16, 8, 8], quant=False, bias=False, rank=4, dtype=torch.float32, device="cpu")
     layers[1] = layers[1].base_layer  # a member without LoRA keeps no rows
@@ -228,7 +237,9 @@ def test_mixed_and_16bit_groups_match_reference(dtype):
     for members in (layers, layers[1:]):
         group = ProjectionGroup.from_modules(members, dtype)
         assert group.uses_kernel and use_kernels(members[0].weight)
-        for batch in (1, 4):
+        # One launch adds the 16-bit members' LoRA terms (the one without LoRA left alone).
+        assert group._plan.dense_lora is not None and group._plan.dense_lora[-1][2] == 0
+        for batch in (1, 4, 11):
             x = torch.randn(batch, 128, device="cuda", dtype=dtype)
             for out, ref in zip(group(x), reference(x, group)):
                 _close(out, ref, dtype)
