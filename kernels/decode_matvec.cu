@@ -3,8 +3,10 @@
 //   y_i[b, n] = sum_k x[b, k] W_i[n, k] (+ bias_i[n]) + s_i * sum_j xa[b, col_i + j] Bl_i[n, j]
 // where W_i is a 4-bit NF4/FP4 weight in bitsandbytes' layout (docs/formats.md) read as it is
 // stored and dequantized in registers, and xa = x A^T is the LoRA down-projection of every member
-// computed before this launch (one small matmul, columns col_i.. of xa), so the LoRA up-projection
-// Bl_i [N_i, r_i] and its scale s_i are applied in the epilogue. Accumulation in fp32.
+// computed before this launch (dm_xa below: one launch for the group's stacked A, columns col_i..
+// of xa), so the LoRA up-projection Bl_i [N_i, r_i] and its scale s_i are applied in the
+// epilogue. Accumulation in fp32. dm_lorab adds the same LoRA term in place to 16-bit members'
+// outputs (their base matmuls run in torch), all members in one launch.
 //
 // Layout facts used: W_i flattened row-major, element e = n * K + k; packed byte e / 2 holds
 // element e in its high nibble when e is even; the scale of element e is that of block
@@ -17,7 +19,8 @@
 // resident at once, striding over work) builds its code table once per block, and each warp owns
 // a tile of 4 rows of one member: lane l takes the 16-byte chunks c = l, l + 32, ... (32 elements,
 // inside one quantization block) of all 4 rows, so every warp load is 512 contiguous bytes, and
-// the next k-step's 4 loads (and raw scales) go out before this step's arithmetic. A packed byte
+// a ring of DEPTH k-steps' loads (4 x 16 bytes and 4 raw scales each) stays in flight during a
+// step's arithmetic (DEPTH 2 at NB = 1, 1 above: the deepest that fits 128 registers). A packed byte
 // becomes its two codes in T (high nibble = even element) by one lookup in a 256-entry table
 // replicated per lane (word 32 v + lane: conflict-free, 32 KB), then fp32 multiply-adds with x
 // (read through L1, shared by the 4 rows) into a per-chunk partial that is scaled once per chunk
@@ -350,7 +353,59 @@ __device__ __forceinline__ float stream_scale(const Member& m, uint32_t raw, int
   return __fadd_rn(__fmul_rn(__ldg(m.ncode + raw), __ldg(m.nested + (blk >> 8))), m.offset);
 }
 
+// One k-step of a warp tile: chunk c of the 4 rows (loaded in `cur`) times x, into acc.
 template <typename T, int NB>
+__device__ __forceinline__ void stream_step(float (&acc)[kStreamRows][NB], const StreamLoads& cur,
+                                            const Params& p, const Member& m, int64_t row0,
+                                            int64_t c, int64_t chunks, int64_t K,
+                                            const uint8_t* lut, uint32_t lane4) {
+  float part[kStreamRows][NB];
+#pragma unroll
+  for (int r = 0; r < kStreamRows; ++r)
+#pragma unroll
+    for (int b = 0; b < NB; ++b) part[r][b] = 0.0f;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    // x[b, 32 c + 8 q .. + 8): 8 values per batch row (zeros past K or the batch).
+    uint4 xv[NB];
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      xv[b] = (c < chunks && b < p.batch)
+                  ? __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + b * K +
+                                                         32 * c + 8 * q))
+                  : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      // Packed byte 4 q + j of the chunk: elements 8 q + 2 j (high nibble) and + 1.
+      float xe[NB], xo[NB];
+#pragma unroll
+      for (int b = 0; b < NB; ++b) unpack2<T>(word_of(xv[b], j), xe[b], xo[b]);
+#pragma unroll
+      for (int r = 0; r < kStreamRows; ++r) {
+        const uint32_t wd = word_of(cur.w[r], q);
+        const uint32_t off = ((j == 0 ? (wd << 7) : (wd >> (8 * j - 7))) & 0x7F80u) | lane4;
+        const uint32_t t = *reinterpret_cast<const uint32_t*>(lut + off);
+        float we, wo;
+        unpack2<T>(t, we, wo);
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+          part[r][b] = fmaf(we, xe[b], part[r][b]);
+          part[r][b] = fmaf(wo, xo[b], part[r][b]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kStreamRows; ++r) {
+    const float s =
+        c < chunks && row0 + r < m.n ? stream_scale(m, cur.s[r], row0 + r, c, K) : 0.0f;
+#pragma unroll
+    for (int b = 0; b < NB; ++b) acc[r][b] = fmaf(s, part[r][b], acc[r][b]);
+  }
+}
+
+template <typename T, int NB, int D>
 __device__ __forceinline__ void stream_kernel(const Params& p) {
   __shared__ __align__(16) uint32_t s_lut[256 * 32];
   const int tid = threadIdx.x, lane = tid & 31;
@@ -382,58 +437,20 @@ __device__ __forceinline__ void stream_kernel(const Params& p) {
 #pragma unroll
       for (int b = 0; b < NB; ++b) acc[r][b] = 0.0f;
 
-    StreamLoads cur;
-    stream_load(cur, m, row0, lane, chunks, K);
-    for (int64_t i = 0; i < steps; ++i) {
-      const int64_t c = 32 * i + lane;
-      // The next k-step's loads go out before this one's arithmetic.
-      StreamLoads nxt;
-      stream_load(nxt, m, row0, c + 32, (i + 1 < steps) ? chunks : 0, K);
-      float part[kStreamRows][NB];
+    // A ring of D k-steps' loads: step i's registers are taken, the slot refilled with step
+    // i + D, then step i's arithmetic runs with D steps' loads in flight.
+    StreamLoads ring[D];
 #pragma unroll
-      for (int r = 0; r < kStreamRows; ++r)
+    for (int u = 0; u < D; ++u) stream_load(ring[u], m, row0, 32 * u + lane, u < steps ? chunks : 0, K);
+    for (int64_t i0 = 0; i0 < steps; i0 += D) {
 #pragma unroll
-        for (int b = 0; b < NB; ++b) part[r][b] = 0.0f;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        // x[b, 32 c + 8 q .. + 8): 8 values per batch row (zeros past K or the batch).
-        uint4 xv[NB];
-#pragma unroll
-        for (int b = 0; b < NB; ++b) {
-          xv[b] = (c < chunks && b < p.batch)
-                      ? __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + b * K +
-                                                             32 * c + 8 * q))
-                      : make_uint4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          // Packed byte 4 q + j of the chunk: elements 8 q + 2 j (high nibble) and + 1.
-          float xe[NB], xo[NB];
-#pragma unroll
-          for (int b = 0; b < NB; ++b) unpack2<T>(word_of(xv[b], j), xe[b], xo[b]);
-#pragma unroll
-          for (int r = 0; r < kStreamRows; ++r) {
-            const uint32_t wd = word_of(cur.w[r], q);
-            const uint32_t off = ((j == 0 ? (wd << 7) : (wd >> (8 * j - 7))) & 0x7F80u) | lane4;
-            const uint32_t t = *reinterpret_cast<const uint32_t*>(lut + off);
-            float we, wo;
-            unpack2<T>(t, we, wo);
-#pragma unroll
-            for (int b = 0; b < NB; ++b) {
-              part[r][b] = fmaf(we, xe[b], part[r][b]);
-              part[r][b] = fmaf(wo, xo[b], part[r][b]);
-            }
-          }
-        }
+      for (int u = 0; u < D; ++u) {
+        const int64_t i = i0 + u;
+        if (i >= steps) break;  // warp-uniform
+        const StreamLoads cur = ring[u];
+        stream_load(ring[u], m, row0, 32 * (i + D) + lane, i + D < steps ? chunks : 0, K);
+        stream_step<T, NB>(acc, cur, p, m, row0, 32 * i + lane, chunks, K, lut, lane4);
       }
-#pragma unroll
-      for (int r = 0; r < kStreamRows; ++r) {
-        const float s = c < chunks && row0 + r < m.n ? stream_scale(m, cur.s[r], row0 + r, c, K)
-                                                     : 0.0f;
-#pragma unroll
-        for (int b = 0; b < NB; ++b) acc[r][b] = fmaf(s, part[r][b], acc[r][b]);
-      }
-      cur = nxt;
     }
 
     // Warp sums; lane r * NB + b then runs the epilogue of row0 + r, batch row b.
@@ -595,16 +612,16 @@ __device__ __forceinline__ void xa_kernel(const XaParams& p) {
       dm_lorab_##SUFFIX(const __grid_constant__ Params p) {                                   \
     lora_b_kernel<T>(p);                                                                      \
   }                                                                                           \
-  DM_STREAM(SUFFIX, T, 1, 3)                                                                  \
-  DM_STREAM(SUFFIX, T, 2, 2)                                                                  \
-  DM_STREAM(SUFFIX, T, 4, 2)
+  DM_STREAM(SUFFIX, T, 1, 2, 2)                                                               \
+  DM_STREAM(SUFFIX, T, 2, 1, 2)                                                               \
+  DM_STREAM(SUFFIX, T, 4, 1, 2)
 
-// NB = 1 fits 80 registers without spilling (3 resident blocks, 24 warps per SM); 2 and 4 take
-// up to 128 (2 blocks).
-#define DM_STREAM(SUFFIX, T, NB, MINB)                                                        \
+// (batch padding NB, k-steps in flight DEPTH, resident blocks per SM asked of ptxas MINB): the
+// deepest ring that fits 128 registers (16 warps per SM) without spilling, checked with ptxas -v.
+#define DM_STREAM(SUFFIX, T, NB, DEPTH, MINB)                                                 \
   extern "C" __global__ void __launch_bounds__(kThreads, MINB)                                \
       dm_stream##NB##_##SUFFIX(const __grid_constant__ Params p) {                            \
-    stream_kernel<T, NB>(p);                                                                  \
+    stream_kernel<T, NB, DEPTH>(p);                                                                  \
   }
 
 DM_ENTRY(f16, __half)
