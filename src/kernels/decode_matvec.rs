@@ -555,6 +555,9 @@ impl LoraBArgs {
                 .checked_add(m.n)
                 .ok_or_else(|| Error::invalid(format!("{what}: output widths overflow")))?;
         }
+        if self.members.iter().all(|m| m.rank == 0) {
+            return Err(Error::invalid(format!("{what}: no member has LoRA")));
+        }
         to_i32("xa_ld", self.xa_ld)?;
         check_device(
             "decode_lora_b out",
@@ -817,6 +820,20 @@ mod tests {
             ..a.clone()
         })
         .contains("rank 0"));
-        assert!(err(LoraBArgs { out: 0, ..a }).contains("null"));
+        assert!(err(LoraBArgs {
+            out: 0,
+            ..a.clone()
+        })
+        .contains("null"));
+        let plain = LoraB {
+            rank: 0,
+            lora_b: 0,
+            ..m
+        };
+        assert!(err(LoraBArgs {
+            members: vec![plain],
+            ..a
+        })
+        .contains("no member has LoRA"));
     }
 }
