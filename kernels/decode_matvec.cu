@@ -15,8 +15,8 @@
 //
 // Stream kernel (dm_stream<NB>_<dtype>, NB = 1, 2, 4: batches up to 4, padded to NB; K % 32 == 0,
 // 16-byte aligned x and packed, one quantization type in the group). Why: at batch 1 the work is
-// a stream of packed bytes, so the kernel is built to keep HBM busy: a persistent grid (the blocks
-// resident at once, striding over work) builds its code table once per block, and each warp owns
+// a stream of packed bytes, so the kernel is built to keep HBM busy: a persistent grid of 4-warp
+// blocks (the blocks resident at once, striding over work) builds its code table once per block, and each warp owns
 // a tile of 4 rows of one member: lane l takes the 16-byte chunks c = l, l + 32, ... (32 elements,
 // inside one quantization block) of all 4 rows, so every warp load is 512 contiguous bytes, and
 // a ring of DEPTH k-steps' loads (4 x 16 bytes and 4 raw scales each) stays in flight during a
@@ -294,6 +294,10 @@ __device__ __forceinline__ void mma_kernel(const Params& p) {
 
 // ---------------------------------------------------------------------------- stream kernel
 constexpr int kStreamRows = 4;  // rows of one warp tile
+// Threads of a stream block: 4 warps, so a small group's tiles spread over every SM in blocks of
+// even size (its 32 KB table is built by 128 threads in 16 stores each).
+constexpr int kStreamThreads = 128;
+constexpr int kStreamWarps = kStreamThreads / 32;
 
 // Word m (0..3) of a 16-byte vector.
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int m) {
@@ -414,7 +418,7 @@ __device__ __forceinline__ void stream_kernel(const Params& p) {
   // quantization type (the launcher checks).
   {
     const float* code = kCodes[p.m[0].quant_type];
-    for (int i = tid; i < 256 * 8; i += kThreads) {
+    for (int i = tid; i < 256 * 8; i += kStreamThreads) {
       const int v = i >> 3;
       const uint32_t w = bits16<T>(code[v >> 4]) | (bits16<T>(code[v & 15]) << 16);
       reinterpret_cast<uint4*>(s_lut)[i] = make_uint4(w, w, w, w);
@@ -426,9 +430,10 @@ __device__ __forceinline__ void stream_kernel(const Params& p) {
   const int64_t K = p.k, chunks = K >> 5, steps = (chunks + 31) >> 5;
   const int64_t tiles = p.m[p.members - 1].start +
                         (p.m[p.members - 1].n + kStreamRows - 1) / kStreamRows;
-  const int64_t stride = (int64_t)gridDim.x * kWarps;
+  const int64_t stride = (int64_t)gridDim.x * kStreamWarps;
 
-  for (int64_t tile = (int64_t)blockIdx.x * kWarps + (tid >> 5); tile < tiles; tile += stride) {
+  for (int64_t tile = (int64_t)blockIdx.x * kStreamWarps + (tid >> 5); tile < tiles;
+       tile += stride) {
     const Member& m = p.m[member_of(p, tile)];
     const int64_t row0 = (tile - m.start) * kStreamRows;
     float acc[kStreamRows][NB];
@@ -612,14 +617,15 @@ __device__ __forceinline__ void xa_kernel(const XaParams& p) {
       dm_lorab_##SUFFIX(const __grid_constant__ Params p) {                                   \
     lora_b_kernel<T>(p);                                                                      \
   }                                                                                           \
-  DM_STREAM(SUFFIX, T, 1, 2, 2)                                                               \
-  DM_STREAM(SUFFIX, T, 2, 1, 2)                                                               \
-  DM_STREAM(SUFFIX, T, 4, 1, 2)
+  DM_STREAM(SUFFIX, T, 1, 2, 4)                                                               \
+  DM_STREAM(SUFFIX, T, 2, 1, 4)                                                               \
+  DM_STREAM(SUFFIX, T, 4, 1, 4)
 
 // (batch padding NB, k-steps in flight DEPTH, resident blocks per SM asked of ptxas MINB): the
-// deepest ring that fits 128 registers (16 warps per SM) without spilling, checked with ptxas -v.
+// deepest ring that fits 128 registers (4 blocks of 4 warps per SM) without spilling, checked
+// with ptxas -v.
 #define DM_STREAM(SUFFIX, T, NB, DEPTH, MINB)                                                 \
-  extern "C" __global__ void __launch_bounds__(kThreads, MINB)                                \
+  extern "C" __global__ void __launch_bounds__(kStreamThreads, MINB)                          \
       dm_stream##NB##_##SUFFIX(const __grid_constant__ Params p) {                            \
     stream_kernel<T, NB, DEPTH>(p);                                                                  \
   }

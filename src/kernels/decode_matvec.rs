@@ -24,6 +24,9 @@ const STREAM_ROWS: usize = 4;
 /// 5..8, where the stream kernel's fp32 multiply-adds per weight grow with the batch.
 pub const STREAM_MAX_BATCH: usize = 4;
 const WARPS: usize = THREADS as usize / 32;
+/// Threads of a stream-kernel block (`kStreamThreads`): 4 warps, one 4-row tile each.
+const STREAM_THREADS: u32 = 128;
+const STREAM_WARPS: usize = STREAM_THREADS as usize / 32;
 
 /// One layer of a group: its 4-bit weight `[n, k]`, optional bias `[n]` and optional LoRA
 /// up-projection `lora_b` `[n, rank]` reading columns `xa_col..xa_col + rank` of `xa`.
@@ -307,7 +310,7 @@ fn member_params(m: &Member, start: usize, y: usize) -> Result<MemberParams> {
 }
 
 /// Each member's first grid unit, and the blocks: one per 16-row tile (tensor cores), per 8 rows
-/// (generic), or enough 8-warp blocks for one warp per 4-row tile up to the blocks resident on
+/// (generic), or enough 4-warp blocks for one warp per 4-row tile up to the blocks resident on
 /// the device at once (the stream kernel strides over the rest, building its table once).
 fn grid(a: &Args, path: Path, name: &'static str, device: i32) -> Result<(Vec<usize>, u32)> {
     let mut starts = Vec::with_capacity(a.members.len());
@@ -320,8 +323,8 @@ fn grid(a: &Args, path: Path, name: &'static str, device: i32) -> Result<(Vec<us
         Path::Mma => units,
         Path::Any => units.div_ceil(WARPS),
         Path::Stream(_) => {
-            let resident = cuda::resident_blocks(device, "decode_matvec", name, THREADS)?;
-            units.div_ceil(WARPS).min(resident as usize)
+            let resident = cuda::resident_blocks(device, "decode_matvec", name, STREAM_THREADS)?;
+            units.div_ceil(STREAM_WARPS).min(resident as usize)
         }
     };
     let blocks = u32::try_from(blocks)
@@ -347,6 +350,10 @@ pub unsafe fn launch(a: &Args, device: i32, stream: RawStream) -> Result<()> {
         let path = path_for(a, rows);
         let name = kernel(a.dtype, path)?;
         let (starts, blocks) = grid(a, path, name, device)?;
+        let threads = match path {
+            Path::Stream(_) => STREAM_THREADS,
+            Path::Mma | Path::Any => THREADS,
+        };
         let mut m = [MemberParams::default(); MAX_MEMBERS];
         let mut y_off = 0usize; // elements before member i's output in `out`
         for (i, mem) in a.members.iter().enumerate() {
@@ -379,7 +386,7 @@ pub unsafe fn launch(a: &Args, device: i32, stream: RawStream) -> Result<()> {
                 stream,
                 "decode_matvec",
                 name,
-                LaunchConfig::linear(blocks, THREADS),
+                LaunchConfig::linear(blocks, threads),
                 &mut kargs,
             )?;
         }
