@@ -14,24 +14,24 @@
 // quantization ncode[q[blk]] * nested[blk >> 8] + offset (nested blocks of 256).
 //
 // Stream kernel (dm_stream<NB>_<dtype>, NB = 1, 2, 4: batches up to 4, padded to NB; K % 32 == 0,
-// 16-byte aligned x and packed, one quantization type in the group). Why: at batch 1 the work is
-// a stream of packed bytes, so the kernel is built to keep HBM busy: a persistent grid of 4-warp
-// blocks (the blocks resident at once, striding over work) builds its code table once per block, and each warp owns
-// a tile of 4 rows of one member: lane l takes the 16-byte chunks c = l, l + 32, ... (32 elements,
-// inside one quantization block) of all 4 rows, so every warp load is 512 contiguous bytes, and
-// a ring of DEPTH k-steps' loads (4 x 16 bytes and 4 raw scales each) stays in flight during a
-// step's arithmetic (DEPTH 2 at NB = 1, 1 above: the deepest that fits 128 registers). A packed byte
-// becomes its two codes in T (high nibble = even element) by one lookup in a 256-entry table
-// replicated per lane (word 32 v + lane: conflict-free, 32 KB), then fp32 multiply-adds with x
-// (read through L1, shared by the 4 rows) into a per-chunk partial that is scaled once per chunk
-// (nested scales decoded once per chunk). Warp-shuffle sums; lane r * NB + b runs the epilogue.
-// Batch rows share each weight load (read once for B <= 4).
+// 16-byte aligned x and packed, one quantization type in the group). Why: at batch 1 the work is a
+// stream of packed bytes, so the kernel is built to keep HBM busy: a persistent grid of 4-warp
+// blocks (the blocks resident at once, striding over work) builds its code table once per block,
+// and each warp owns a tile of 4 rows of one member: lane l takes the 16-byte chunks c = l, l + 32,
+// ... (32 elements, inside one quantization block) of all 4 rows, so every warp load is 512
+// contiguous bytes, and a ring of DEPTH k-steps' loads (4 x 16 bytes and 4 raw scales each) stays
+// in flight during a step's arithmetic (DEPTH 2 at NB = 1, 1 above: the deepest that fits 128
+// registers). A packed byte becomes its two codes in T (high nibble = even element) by one lookup
+// in a 256-entry table replicated per lane (word 32 v + lane: conflict-free, 32 KB), then fp32
+// multiply-adds with x (read through L1, shared by the 4 rows) into a per-chunk partial that is
+// scaled once per chunk (nested scales decoded once per chunk). Warp-shuffle sums; lane r * NB + b
+// runs the epilogue. Batch rows share each weight load (read once for B <= 4).
 //
 // Tensor-core kernel (dm_mma_<dtype>; batches 5..8, or a group mixing NF4 and FP4; same K and
-// alignment conditions): why tensor cores at batch 8: the weights are 4 bits, so the GPU must dequantize 2 elements per packed byte at
-// HBM speed; a CUDA-core dot product costs a table lookup and an FMA per element per batch row,
-// which the SMs cannot issue fast enough at 4.8 TB/s, while one mma.sync m16n8k16 takes 256
-// weight elements and all 8 batch columns per warp instruction. A block owns 16 rows of one
+// alignment conditions): why tensor cores at batch 8: the weights are 4 bits, so the GPU must
+// dequantize 2 elements per packed byte at HBM speed; a CUDA-core dot product costs a table
+// lookup and an FMA per element per batch row, 8 FMAs per element at batch 8, while one mma.sync
+// m16n8k16 takes 256 weight elements and all 8 batch columns per warp instruction. A block owns 16 rows of one
 // member (one m-tile) and its 8 warps split K: warp w takes 128-wide k-steps w, w + 8, ... In a
 // k-step, lane (g = lane / 4, t = lane % 4) loads the 16 packed bytes of rows g and g + 8 at
 // chunk c = 4 * step + t (32 elements, inside one quantization block as 32 divides the block
@@ -446,7 +446,9 @@ __device__ __forceinline__ void stream_kernel(const Params& p) {
     // i + D, then step i's arithmetic runs with D steps' loads in flight.
     StreamLoads ring[D];
 #pragma unroll
-    for (int u = 0; u < D; ++u) stream_load(ring[u], m, row0, 32 * u + lane, u < steps ? chunks : 0, K);
+    for (int u = 0; u < D; ++u) {
+      stream_load(ring[u], m, row0, 32 * u + lane, u < steps ? chunks : 0, K);
+    }
     for (int64_t i0 = 0; i0 < steps; i0 += D) {
 #pragma unroll
       for (int u = 0; u < D; ++u) {
@@ -627,7 +629,7 @@ __device__ __forceinline__ void xa_kernel(const XaParams& p) {
 #define DM_STREAM(SUFFIX, T, NB, DEPTH, MINB)                                                 \
   extern "C" __global__ void __launch_bounds__(kStreamThreads, MINB)                          \
       dm_stream##NB##_##SUFFIX(const __grid_constant__ Params p) {                            \
-    stream_kernel<T, NB, DEPTH>(p);                                                                  \
+    stream_kernel<T, NB, DEPTH>(p);                                                           \
   }
 
 DM_ENTRY(f16, __half)
