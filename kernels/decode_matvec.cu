@@ -32,8 +32,8 @@
 // dequantize 2 elements per packed byte at HBM speed; a CUDA-core dot product costs a table
 // lookup and an FMA per element per batch row, 8 FMAs per element at batch 8, while one mma.sync
 // m16n8k16 takes 256 weight elements and all 8 batch columns per warp instruction. A block owns
-// 16 rows of one member (one m-tile) and its 8 warps split K: warp w takes 128-wide k-steps w, w + 8, ... In a
-// k-step, lane (g = lane / 4, t = lane % 4) loads the 16 packed bytes of rows g and g + 8 at
+// 16 rows of one member (one m-tile) and its 8 warps split K: warp w takes 128-wide k-steps
+// w, w + 8, ... In a k-step, lane (g = lane / 4, t = lane % 4) loads the 16 packed bytes of rows g and g + 8 at
 // chunk c = 4 * step + t (32 elements, inside one quantization block as 32 divides the block
 // size and the chunk start), i.e. every warp load is 8 rows x 64 contiguous bytes. The 8 mmas of
 // the step use k-slots permuted so that each thread's registers hold its own chunk: mma j takes
