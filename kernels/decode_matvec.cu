@@ -29,22 +29,22 @@
 //
 // Tensor-core kernel (dm_mma_<dtype>; batches 5..8, or a group mixing NF4 and FP4; same K and
 // alignment conditions): why tensor cores at batch 8: the weights are 4 bits, so the GPU must
-// dequantize 2 elements per packed byte at HBM speed; a CUDA-core dot product costs a table
-// lookup and an FMA per element per batch row, 8 FMAs per element at batch 8, while one mma.sync
-// m16n8k16 takes 256 weight elements and all 8 batch columns per warp instruction. A block owns
-// 16 rows of one member (one m-tile) and its 8 warps split K: warp w takes 128-wide k-steps
-// w, w + 8, ... In a k-step, lane (g = lane / 4, t = lane % 4) loads the 16 packed bytes of rows g and g + 8 at
-// chunk c = 4 * step + t (32 elements, inside one quantization block as 32 divides the block
-// size and the chunk start), i.e. every warp load is 8 rows x 64 contiguous bytes. The 8 mmas of
-// the step use k-slots permuted so that each thread's registers hold its own chunk: mma j takes
-// from thread t the chunk's elements 4 j + {0,1} (A/B registers of columns 2t, 2t+1) and
-// 4 j + {2,3} (columns 2t+8, 2t+9), so its B fragment (x of batch row g) is 4 consecutive
-// values of x and its A registers are packed bytes 2 j and 2 j + 1. A packed byte becomes an A
-// register (two 16-bit values, the high nibble in the low half) by one lookup in a 256-entry
-// table replicated per bank (entry b of lane l at word 32 b + l: conflict-free, 32 KB), then one
-// packed multiply by the chunk's scale in the model dtype. A warp's first loads go out before
-// the block builds the table (16-byte stores) and waits for it. The warps' accumulators are
-// summed through shared memory and 128 threads (16 rows x 8 batch columns) run the epilogue.
+// dequantize 2 elements per packed byte at HBM speed; a CUDA-core dot product costs a table lookup
+// and an FMA per element per batch row, 8 FMAs per element at batch 8, while one mma.sync m16n8k16
+// takes 256 weight elements and all 8 batch columns per warp instruction. A block owns 16 rows of
+// one member (one m-tile) and its 8 warps split K: warp w takes 128-wide k-steps w, w + 8, ... In a
+// k-step, lane (g = lane / 4, t = lane % 4) loads the 16 packed bytes of rows g and g + 8 at chunk
+// c = 4 * step + t (32 elements, inside one quantization block as 32 divides the block size and the
+// chunk start), i.e. every warp load is 8 rows x 64 contiguous bytes. The 8 mmas of the step use
+// k-slots permuted so that each thread's registers hold its own chunk: mma j takes from thread t
+// the chunk's elements 4 j + {0,1} (A/B registers of columns 2t, 2t+1) and 4 j + {2,3} (columns
+// 2t+8, 2t+9), so its B fragment (x of batch row g) is 4 consecutive values of x and its A
+// registers are packed bytes 2 j and 2 j + 1. A packed byte becomes an A register (two 16-bit
+// values, the high nibble in the low half) by one lookup in a 256-entry table replicated per bank
+// (entry b of lane l at word 32 b + l: conflict-free, 32 KB), then one packed multiply by the
+// chunk's scale in the model dtype. A warp's first loads go out before the block builds the table
+// (16-byte stores) and waits for it. The warps' accumulators are summed through shared memory and
+// 128 threads (16 rows x 8 batch columns) run the epilogue.
 //
 // Generic kernel (dm_any_<dtype>; any K, any alignment; the correctness path): one warp per
 // output row, lanes stride over k element by element, warp-shuffle reduction, same epilogue.
