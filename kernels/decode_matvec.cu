@@ -535,8 +535,11 @@ __device__ __forceinline__ void lora_b_kernel(const Params& p) {
 
 // ------------------------------------------------------------------------------ LoRA x A^T
 // xa[b, j] = sum_k x[b, k] A[j, k] for every LoRA row j of the group (all members' A stacked):
-// a block per row j, threads striding over k (8 elements per 16-byte load when `vec`), fp32
-// sums reduced by warp shuffles then shared memory, rounded to T as a matmul's output is.
+// a block of 1024 threads per row j (a row of K = 14336 is under 2 loads per thread, so the
+// block waits on about one memory round trip), threads striding over k (8 elements per 16-byte
+// load when `vec`), fp32 sums reduced by warp shuffles then shared memory, rounded to T as a
+// matmul's output is.
+constexpr int kXaThreads = 1024;
 struct XaParams {
   const void* x;  // [batch, k]
   const void* a;  // [rows, k]
@@ -550,7 +553,7 @@ struct XaParams {
 
 template <typename T>
 __device__ __forceinline__ void xa_kernel(const XaParams& p) {
-  __shared__ float s_sum[kWarps][kMaxBatch];
+  __shared__ float s_sum[kXaThreads / 32][kMaxBatch];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t j = blockIdx.x, K = p.k;
   const T* x = static_cast<const T*>(p.x);
@@ -559,7 +562,7 @@ __device__ __forceinline__ void xa_kernel(const XaParams& p) {
 #pragma unroll
   for (int b = 0; b < kMaxBatch; ++b) acc[b] = 0.0f;
   if (p.vec) {
-    for (int64_t k0 = 8 * (int64_t)tid; k0 < K; k0 += 8 * kThreads) {
+    for (int64_t k0 = 8 * (int64_t)tid; k0 < K; k0 += 8 * kXaThreads) {
       const uint4 av = __ldg(reinterpret_cast<const uint4*>(a + k0));
 #pragma unroll
       for (int b = 0; b < kMaxBatch; ++b) {
@@ -575,7 +578,7 @@ __device__ __forceinline__ void xa_kernel(const XaParams& p) {
       }
     }
   } else {
-    for (int64_t k = tid; k < K; k += kThreads) {
+    for (int64_t k = tid; k < K; k += kXaThreads) {
       const float av = rf::to_f32(a[k]);
 #pragma unroll
       for (int b = 0; b < kMaxBatch; ++b) {
@@ -593,7 +596,7 @@ __device__ __forceinline__ void xa_kernel(const XaParams& p) {
   if (tid < p.batch) {
     float v = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) v += s_sum[w][tid];
+    for (int w = 0; w < kXaThreads / 32; ++w) v += s_sum[w][tid];
     static_cast<T*>(p.xa)[(int64_t)tid * p.xa_ld + j] = rf::from_f32<T>(v);
   }
 }
@@ -611,7 +614,7 @@ __device__ __forceinline__ void xa_kernel(const XaParams& p) {
       dm_any_##SUFFIX(const __grid_constant__ Params p) {                                     \
     any_kernel<T>(p);                                                                         \
   }                                                                                           \
-  extern "C" __global__ void __launch_bounds__(kThreads)                                      \
+  extern "C" __global__ void __launch_bounds__(kXaThreads)                                    \
       dm_xa_##SUFFIX(const __grid_constant__ XaParams p) {                                    \
     xa_kernel<T>(p);                                                                          \
   }                                                                                           \

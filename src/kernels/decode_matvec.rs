@@ -409,6 +409,9 @@ pub struct XaArgs {
     pub k: usize,
 }
 
+/// Threads of a `dm_xa` block (`kXaThreads`): one block per LoRA row.
+const XA_THREADS: u32 = 1024;
+
 /// Must match `XaParams` in `kernels/decode_matvec.cu` field for field.
 #[repr(C)]
 struct XaParams {
@@ -498,7 +501,7 @@ pub unsafe fn launch_xa(a: &XaArgs, device: i32, stream: RawStream) -> Result<()
                 stream,
                 "decode_matvec",
                 name,
-                LaunchConfig::linear(blocks, THREADS),
+                LaunchConfig::linear(blocks, XA_THREADS),
                 &mut kargs,
             )?;
         }
