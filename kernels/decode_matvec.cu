@@ -3,32 +3,48 @@
 //   y_i[b, n] = sum_k x[b, k] W_i[n, k] (+ bias_i[n]) + s_i * sum_j xa[b, col_i + j] Bl_i[n, j]
 // where W_i is a 4-bit NF4/FP4 weight in bitsandbytes' layout (docs/formats.md) read as it is
 // stored and dequantized in registers, and xa = x A^T is the LoRA down-projection of every member
-// computed before this launch (one small matmul, columns col_i.. of xa), so the LoRA up-projection
-// Bl_i [N_i, r_i] and its scale s_i are applied in the epilogue. Accumulation in fp32.
+// computed before this launch (dm_xa below: one launch for the group's stacked A, columns col_i..
+// of xa), so the LoRA up-projection Bl_i [N_i, r_i] and its scale s_i are applied in the
+// epilogue. Accumulation in fp32. dm_lorab adds the same LoRA term in place to 16-bit members'
+// outputs (their base matmuls run in torch), all members in one launch.
 //
 // Layout facts used: W_i flattened row-major, element e = n * K + k; packed byte e / 2 holds
 // element e in its high nibble when e is even; the scale of element e is that of block
 // e >> bs_log2 (block sizes are powers of two >= 32): float32 absmax[blk], or with double
 // quantization ncode[q[blk]] * nested[blk >> 8] + offset (nested blocks of 256).
 //
-// Fast kernel (dm_mma_<dtype>; K % 32 == 0 and 16-byte aligned x and packed): why tensor cores
-// at batch 1: the weights are 4 bits, so the GPU must dequantize 2 elements per packed byte at
-// HBM speed; a CUDA-core dot product costs a table lookup and an FMA per element per batch row,
-// which the SMs cannot issue fast enough at 4.8 TB/s, while one mma.sync m16n8k16 takes 256
-// weight elements and all 8 batch columns per warp instruction. A block owns 16 rows of one
-// member (one m-tile) and its 8 warps split K: warp w takes 128-wide k-steps w, w + 8, ... In a
-// k-step, lane (g = lane / 4, t = lane % 4) loads the 16 packed bytes of rows g and g + 8 at
-// chunk c = 4 * step + t (32 elements, inside one quantization block as 32 divides the block
-// size and the chunk start), i.e. every warp load is 8 rows x 64 contiguous bytes. The 8 mmas of
-// the step use k-slots permuted so that each thread's registers hold its own chunk: mma j takes
-// from thread t the chunk's elements 4 j + {0,1} (A/B registers of columns 2t, 2t+1) and
-// 4 j + {2,3} (columns 2t+8, 2t+9), so its B fragment (x of batch row g) is 4 consecutive
-// values of x and its A registers are packed bytes 2 j and 2 j + 1. A packed byte becomes an A
-// register (two 16-bit values, the high nibble in the low half) by one lookup in a 256-entry
-// table replicated per bank (entry b of lane l at word 32 b + l: conflict-free, 32 KB), then one
-// packed multiply by the chunk's scale in the model dtype. A warp's first loads go out before
-// the block builds the table (16-byte stores) and waits for it. The warps' accumulators are
-// summed through shared memory and 128 threads (16 rows x 8 batch columns) run the epilogue.
+// Stream kernel (dm_stream<NB>_<dtype>, NB = 1, 2, 4: batches up to 4, padded to NB; K % 32 == 0,
+// 16-byte aligned x and packed, one quantization type in the group). Why: at batch 1 the work is a
+// stream of packed bytes, so the kernel is built to keep HBM busy: a persistent grid of 4-warp
+// blocks (the blocks resident at once, striding over work) builds its code table once per block,
+// and each warp owns a tile of 4 rows of one member: lane l takes the 16-byte chunks c = l, l + 32,
+// ... (32 elements, inside one quantization block) of all 4 rows, so every warp load is 512
+// contiguous bytes, and a ring of DEPTH k-steps' loads (4 x 16 bytes and 4 raw scales each) stays
+// in flight during a step's arithmetic (DEPTH 2 at NB = 1, 1 above: the deepest that fits 128
+// registers). A packed byte becomes its two codes in T (high nibble = even element) by one lookup
+// in a 256-entry table replicated per lane (word 32 v + lane: conflict-free, 32 KB), then fp32
+// multiply-adds with x (read through L1, shared by the 4 rows) into a per-chunk partial that is
+// scaled once per chunk (nested scales decoded once per chunk). Warp-shuffle sums; lane r * NB + b
+// runs the epilogue. Batch rows share each weight load (read once for B <= 4).
+//
+// Tensor-core kernel (dm_mma_<dtype>; batches 5..8, or a group mixing NF4 and FP4; same K and
+// alignment conditions): why tensor cores at batch 8: the weights are 4 bits, so the GPU must
+// dequantize 2 elements per packed byte at HBM speed; a CUDA-core dot product costs a table lookup
+// and an FMA per element per batch row, 8 FMAs per element at batch 8, while one mma.sync m16n8k16
+// takes 256 weight elements and all 8 batch columns per warp instruction. A block owns 16 rows of
+// one member (one m-tile) and its 8 warps split K: warp w takes 128-wide k-steps w, w + 8, ... In a
+// k-step, lane (g = lane / 4, t = lane % 4) loads the 16 packed bytes of rows g and g + 8 at chunk
+// c = 4 * step + t (32 elements, inside one quantization block as 32 divides the block size and the
+// chunk start), i.e. every warp load is 8 rows x 64 contiguous bytes. The 8 mmas of the step use
+// k-slots permuted so that each thread's registers hold its own chunk: mma j takes from thread t
+// the chunk's elements 4 j + {0,1} (A/B registers of columns 2t, 2t+1) and 4 j + {2,3} (columns
+// 2t+8, 2t+9), so its B fragment (x of batch row g) is 4 consecutive values of x and its A
+// registers are packed bytes 2 j and 2 j + 1. A packed byte becomes an A register (two 16-bit
+// values, the high nibble in the low half) by one lookup in a 256-entry table replicated per bank
+// (entry b of lane l at word 32 b + l: conflict-free, 32 KB), then one packed multiply by the
+// chunk's scale in the model dtype. A warp's first loads go out before the block builds the table
+// (16-byte stores) and waits for it. The warps' accumulators are summed through shared memory and
+// 128 threads (16 rows x 8 batch columns) run the epilogue.
 //
 // Generic kernel (dm_any_<dtype>; any K, any alignment; the correctness path): one warp per
 // output row, lanes stride over k element by element, warp-shuffle reduction, same epilogue.
@@ -276,6 +292,190 @@ __device__ __forceinline__ void mma_kernel(const Params& p) {
   }
 }
 
+// ---------------------------------------------------------------------------- stream kernel
+constexpr int kStreamRows = 4;  // rows of one warp tile
+// Threads of a stream block: 4 warps, so a small group's tiles spread over every SM in blocks of
+// even size (its 32 KB table is built by 128 threads in 16 stores each).
+constexpr int kStreamThreads = 128;
+constexpr int kStreamWarps = kStreamThreads / 32;
+
+// Word m (0..3) of a 16-byte vector.
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int m) {
+  return m == 0 ? v.x : m == 1 ? v.y : m == 2 ? v.z : v.w;
+}
+
+// The two values of a 32-bit word of T (element 2i in the low half) as fp32.
+template <typename T> __device__ __forceinline__ void unpack2(uint32_t w, float& lo, float& hi);
+template <>
+__device__ __forceinline__ void unpack2<__nv_bfloat16>(uint32_t w, float& lo, float& hi) {
+  lo = __uint_as_float(w << 16);
+  hi = __uint_as_float(w & 0xFFFF0000u);
+}
+template <> __device__ __forceinline__ void unpack2<__half>(uint32_t w, float& lo, float& hi) {
+  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w));
+  lo = f.x;
+  hi = f.y;
+}
+
+// The bits of v rounded to T.
+template <typename T> __device__ __forceinline__ uint32_t bits16(float v);
+template <> __device__ __forceinline__ uint32_t bits16<__nv_bfloat16>(float v) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+template <> __device__ __forceinline__ uint32_t bits16<__half>(float v) {
+  return __half_as_ushort(__float2half_rn(v));
+}
+
+// What one lane loads for one k-step of its tile: chunk c (16 packed bytes) of each row and the
+// raw scale of that chunk (the float32 absmax bits, or the uint8 code with double quantization).
+struct StreamLoads {
+  uint4 w[kStreamRows];
+  uint32_t s[kStreamRows];
+};
+
+__device__ __forceinline__ void stream_load(StreamLoads& ld, const Member& m, int64_t row0,
+                                            int64_t c, int64_t chunks, int64_t K) {
+#pragma unroll
+  for (int r = 0; r < kStreamRows; ++r) {
+    ld.w[r] = make_uint4(0, 0, 0, 0);
+    ld.s[r] = 0;
+    const int64_t row = row0 + r;
+    if (c < chunks && row < m.n) {
+      ld.w[r] = __ldg(reinterpret_cast<const uint4*>(m.packed + row * (K >> 1)) + c);
+      const int64_t blk = (row * K + 32 * c) >> m.bs_log2;
+      ld.s[r] = m.absmax_q != nullptr ? (uint32_t)__ldg(m.absmax_q + blk)
+                                      : __float_as_uint(__ldg(m.absmax + blk));
+    }
+  }
+}
+
+// The scale of row0 + r's chunk c from its raw load (the nested decode reads L1-resident tables).
+__device__ __forceinline__ float stream_scale(const Member& m, uint32_t raw, int64_t row, int64_t c,
+                                              int64_t K) {
+  if (m.absmax_q == nullptr) return __uint_as_float(raw);
+  const int64_t blk = (row * K + 32 * c) >> m.bs_log2;
+  return __fadd_rn(__fmul_rn(__ldg(m.ncode + raw), __ldg(m.nested + (blk >> 8))), m.offset);
+}
+
+// One k-step of a warp tile: chunk c of the 4 rows (loaded in `cur`) times x, into acc.
+template <typename T, int NB>
+__device__ __forceinline__ void stream_step(float (&acc)[kStreamRows][NB], const StreamLoads& cur,
+                                            const Params& p, const Member& m, int64_t row0,
+                                            int64_t c, int64_t chunks, int64_t K,
+                                            const uint8_t* lut, uint32_t lane4) {
+  float part[kStreamRows][NB];
+#pragma unroll
+  for (int r = 0; r < kStreamRows; ++r)
+#pragma unroll
+    for (int b = 0; b < NB; ++b) part[r][b] = 0.0f;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    // x[b, 32 c + 8 q .. + 8): 8 values per batch row (zeros past K or the batch).
+    uint4 xv[NB];
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      xv[b] = (c < chunks && b < p.batch)
+                  ? __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + b * K +
+                                                         32 * c + 8 * q))
+                  : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      // Packed byte 4 q + j of the chunk: elements 8 q + 2 j (high nibble) and + 1.
+      float xe[NB], xo[NB];
+#pragma unroll
+      for (int b = 0; b < NB; ++b) unpack2<T>(word_of(xv[b], j), xe[b], xo[b]);
+#pragma unroll
+      for (int r = 0; r < kStreamRows; ++r) {
+        const uint32_t wd = word_of(cur.w[r], q);
+        const uint32_t off = ((j == 0 ? (wd << 7) : (wd >> (8 * j - 7))) & 0x7F80u) | lane4;
+        const uint32_t t = *reinterpret_cast<const uint32_t*>(lut + off);
+        float we, wo;
+        unpack2<T>(t, we, wo);
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+          part[r][b] = fmaf(we, xe[b], part[r][b]);
+          part[r][b] = fmaf(wo, xo[b], part[r][b]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kStreamRows; ++r) {
+    const float s =
+        c < chunks && row0 + r < m.n ? stream_scale(m, cur.s[r], row0 + r, c, K) : 0.0f;
+#pragma unroll
+    for (int b = 0; b < NB; ++b) acc[r][b] = fmaf(s, part[r][b], acc[r][b]);
+  }
+}
+
+template <typename T, int NB, int D>
+__device__ __forceinline__ void stream_kernel(const Params& p) {
+  __shared__ __align__(16) uint32_t s_lut[256 * 32];
+  const int tid = threadIdx.x, lane = tid & 31;
+  // Table: word 32 v + l holds byte v's two codes in T (high nibble, the even element, in the
+  // low half), one copy per lane so any 32 lookups hit 32 banks. Every member has the same
+  // quantization type (the launcher checks).
+  {
+    const float* code = kCodes[p.m[0].quant_type];
+    for (int i = tid; i < 256 * 8; i += kStreamThreads) {
+      const int v = i >> 3;
+      const uint32_t w = bits16<T>(code[v >> 4]) | (bits16<T>(code[v & 15]) << 16);
+      reinterpret_cast<uint4*>(s_lut)[i] = make_uint4(w, w, w, w);
+    }
+  }
+  __syncthreads();
+  const uint32_t lane4 = lane << 2;
+  const uint8_t* lut = reinterpret_cast<const uint8_t*>(s_lut);
+  const int64_t K = p.k, chunks = K >> 5, steps = (chunks + 31) >> 5;
+  const int64_t tiles = p.m[p.members - 1].start +
+                        (p.m[p.members - 1].n + kStreamRows - 1) / kStreamRows;
+  const int64_t stride = (int64_t)gridDim.x * kStreamWarps;
+
+  for (int64_t tile = (int64_t)blockIdx.x * kStreamWarps + (tid >> 5); tile < tiles;
+       tile += stride) {
+    const Member& m = p.m[member_of(p, tile)];
+    const int64_t row0 = (tile - m.start) * kStreamRows;
+    float acc[kStreamRows][NB];
+#pragma unroll
+    for (int r = 0; r < kStreamRows; ++r)
+#pragma unroll
+      for (int b = 0; b < NB; ++b) acc[r][b] = 0.0f;
+
+    // A ring of D k-steps' loads: step i's registers are taken, the slot refilled with step
+    // i + D, then step i's arithmetic runs with D steps' loads in flight.
+    StreamLoads ring[D];
+#pragma unroll
+    for (int u = 0; u < D; ++u) {
+      stream_load(ring[u], m, row0, 32 * u + lane, u < steps ? chunks : 0, K);
+    }
+    for (int64_t i0 = 0; i0 < steps; i0 += D) {
+#pragma unroll
+      for (int u = 0; u < D; ++u) {
+        const int64_t i = i0 + u;
+        if (i >= steps) break;  // warp-uniform
+        const StreamLoads cur = ring[u];
+        stream_load(ring[u], m, row0, 32 * (i + D) + lane, i + D < steps ? chunks : 0, K);
+        stream_step<T, NB>(acc, cur, p, m, row0, 32 * i + lane, chunks, K, lut, lane4);
+      }
+    }
+
+    // Warp sums; lane r * NB + b then runs the epilogue of row0 + r, batch row b.
+    float mine = 0.0f;
+#pragma unroll
+    for (int r = 0; r < kStreamRows; ++r)
+#pragma unroll
+      for (int b = 0; b < NB; ++b) {
+        float v = acc[r][b];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        mine = lane == r * NB + b ? v : mine;
+      }
+    const int r = lane / NB, b = lane % NB;
+    if (r < kStreamRows && b < p.batch && row0 + r < m.n) epilogue<T>(p, m, row0 + r, b, mine);
+  }
+}
+
 // --------------------------------------------------------------------------- generic kernel
 template <typename T>
 __device__ __forceinline__ void any_kernel(const Params& p) {
@@ -315,15 +515,124 @@ __device__ __forceinline__ void any_kernel(const Params& p) {
   }
 }
 
+// -------------------------------------------------------------------- LoRA terms of 16-bit layers
+// y[b, n] += s * sum_j xa[b, col + j] Bl[n, j] for the members' rows (a thread per row, all batch
+// rows; members without LoRA are left as they are): the group's 16-bit members' LoRA
+// up-projections in one launch after their base matmuls. Only n, start, y and the LoRA fields of
+// each member are read.
+template <typename T>
+__device__ __forceinline__ void lora_b_kernel(const Params& p) {
+  const int64_t row = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  const Member& last = p.m[p.members - 1];
+  if (row >= last.start + last.n) return;
+  const Member& m = p.m[member_of(p, row)];
+  const int64_t n = row - m.start;
+  if (m.lora_b == nullptr) return;
+  for (int b = 0; b < p.batch; ++b) {
+    epilogue<T>(p, m, n, b, rf::to_f32(static_cast<const T*>(m.y)[(int64_t)b * m.n + n]));
+  }
+}
+
+// ------------------------------------------------------------------------------ LoRA x A^T
+// xa[b, j] = sum_k x[b, k] A[j, k] for every LoRA row j of the group (all members' A stacked):
+// a block of 1024 threads per row j (a row of K = 14336 is under 2 loads per thread, so the
+// block waits on about one memory round trip), threads striding over k (8 elements per 16-byte
+// load when `vec`), fp32 sums reduced by warp shuffles then shared memory, rounded to T as a
+// matmul's output is.
+constexpr int kXaThreads = 1024;
+struct XaParams {
+  const void* x;  // [batch, k]
+  const void* a;  // [rows, k]
+  void* xa;       // [batch, xa_ld]
+  int64_t k;
+  int32_t batch;  // 1..8
+  int32_t xa_ld;
+  int32_t vec;  // k % 8 == 0 and 16-byte aligned x and a
+  int32_t pad_;
+};
+
+template <typename T>
+__device__ __forceinline__ void xa_kernel(const XaParams& p) {
+  __shared__ float s_sum[kXaThreads / 32][kMaxBatch];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t j = blockIdx.x, K = p.k;
+  const T* x = static_cast<const T*>(p.x);
+  const T* a = static_cast<const T*>(p.a) + j * K;
+  float acc[kMaxBatch];
+#pragma unroll
+  for (int b = 0; b < kMaxBatch; ++b) acc[b] = 0.0f;
+  if (p.vec) {
+    for (int64_t k0 = 8 * (int64_t)tid; k0 < K; k0 += 8 * kXaThreads) {
+      const uint4 av = __ldg(reinterpret_cast<const uint4*>(a + k0));
+#pragma unroll
+      for (int b = 0; b < kMaxBatch; ++b) {
+        if (b >= p.batch) break;
+        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + b * K + k0));
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+          float a0, a1, x0, x1;
+          unpack2<T>(word_of(av, m), a0, a1);
+          unpack2<T>(word_of(xv, m), x0, x1);
+          acc[b] = fmaf(a1, x1, fmaf(a0, x0, acc[b]));
+        }
+      }
+    }
+  } else {
+    for (int64_t k = tid; k < K; k += kXaThreads) {
+      const float av = rf::to_f32(a[k]);
+#pragma unroll
+      for (int b = 0; b < kMaxBatch; ++b) {
+        if (b < p.batch) acc[b] = fmaf(av, rf::to_f32(x[b * K + k]), acc[b]);
+      }
+    }
+  }
+#pragma unroll
+  for (int b = 0; b < kMaxBatch; ++b) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc[b] += __shfl_xor_sync(0xffffffffu, acc[b], o);
+    if (lane == 0) s_sum[warp][b] = acc[b];
+  }
+  __syncthreads();
+  if (tid < p.batch) {
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kXaThreads / 32; ++w) v += s_sum[w][tid];
+    static_cast<T*>(p.xa)[(int64_t)tid * p.xa_ld + j] = rf::from_f32<T>(v);
+  }
+}
+
 }  // namespace
 
+// __grid_constant__: the kernels index the members with a computed index; without it the
+// compiler would copy the whole Params into each thread's local memory to take its address.
 #define DM_ENTRY(SUFFIX, T)                                                                   \
   extern "C" __global__ void __launch_bounds__(kThreads, kMmaMinBlocks)                       \
-      dm_mma_##SUFFIX(const Params p) {                                                       \
+      dm_mma_##SUFFIX(const __grid_constant__ Params p) {                                     \
     mma_kernel<T>(p);                                                                         \
   }                                                                                           \
-  extern "C" __global__ void __launch_bounds__(kThreads) dm_any_##SUFFIX(const Params p) {   \
+  extern "C" __global__ void __launch_bounds__(kThreads)                                      \
+      dm_any_##SUFFIX(const __grid_constant__ Params p) {                                     \
     any_kernel<T>(p);                                                                         \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(kXaThreads)                                    \
+      dm_xa_##SUFFIX(const __grid_constant__ XaParams p) {                                    \
+    xa_kernel<T>(p);                                                                          \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(kThreads)                                      \
+      dm_lorab_##SUFFIX(const __grid_constant__ Params p) {                                   \
+    lora_b_kernel<T>(p);                                                                      \
+  }                                                                                           \
+  DM_STREAM(SUFFIX, T, 1, 2, 4)                                                               \
+  DM_STREAM(SUFFIX, T, 2, 1, 4)                                                               \
+  DM_STREAM(SUFFIX, T, 4, 1, 4)
+
+// (batch padding NB, k-steps in flight DEPTH, resident blocks per SM asked of ptxas MINB): the
+// deepest ring that fits 128 registers (4 blocks of 4 warps per SM) without spilling, checked
+// with ptxas -v.
+#define DM_STREAM(SUFFIX, T, NB, DEPTH, MINB)                                                 \
+  extern "C" __global__ void __launch_bounds__(kStreamThreads, MINB)                          \
+      dm_stream##NB##_##SUFFIX(const __grid_constant__ Params p) {                            \
+    stream_kernel<T, NB, DEPTH>(p);                                                           \
   }
 
 DM_ENTRY(f16, __half)

@@ -270,6 +270,37 @@ def decode_matvec_4bit(
     down-projection ``[batch, xa_ld]`` (0 when no member has LoRA). Device addresses.
     """
 
+def decode_lora_b(
+    members: list[tuple[int, int, int, float, int]],
+    out: int,
+    xa: int,
+    xa_ld: int,
+    batch: int,
+    dtype: str,
+    device: int,
+    stream: int,
+) -> None:
+    """Add each member's LoRA term ``scaling * xa[:, xa_col:xa_col+rank] lora_b^T`` in place to its
+    ``[batch, n]`` output in ``out`` (members ``(n, lora_b, rank, scaling, xa_col)`` one after the
+    other; lora_b 0 and rank 0: none), in one launch. Device addresses.
+    """
+
+def decode_lora_a(
+    x: int,
+    a: int,
+    xa: int,
+    rows: int,
+    xa_ld: int,
+    batch: int,
+    k: int,
+    dtype: str,
+    device: int,
+    stream: int,
+) -> None:
+    """``xa[:, :rows] = x a^T`` for ``x`` ``[batch, k]`` and ``a`` ``[rows, k]`` (a group's stacked
+    LoRA A matrices) into ``xa`` ``[batch, xa_ld]``, float16/bfloat16, in one launch. Device addresses.
+    """
+
 def nf4_quantize_cuda(
     src: int,
     src_dtype: str,

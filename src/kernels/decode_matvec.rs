@@ -16,9 +16,17 @@ pub const MAX_MEMBERS: usize = 4;
 /// Batch rows one launch serves (`kMaxBatch`: the mma's n); larger batches take several.
 pub const MAX_BATCH: usize = 8;
 const THREADS: u32 = 256;
-/// Output rows per block of the fast kernel (`kTileRows`) and per block of the generic one.
+/// Output rows per block of the tensor-core kernel (`kTileRows`).
 const TILE_ROWS: usize = 16;
+/// Output rows per warp tile of the stream kernel (`kStreamRows`).
+const STREAM_ROWS: usize = 4;
+/// Batch rows up to which the stream (CUDA-core) kernel runs; the tensor-core kernel takes
+/// 5..8, where the stream kernel's fp32 multiply-adds per weight grow with the batch.
+pub const STREAM_MAX_BATCH: usize = 4;
 const WARPS: usize = THREADS as usize / 32;
+/// Threads of a stream-kernel block (`kStreamThreads`): 4 warps, one 4-row tile each.
+const STREAM_THREADS: u32 = 128;
+const STREAM_WARPS: usize = STREAM_THREADS as usize / 32;
 
 /// One layer of a group: its 4-bit weight `[n, k]`, optional bias `[n]` and optional LoRA
 /// up-projection `lora_b` `[n, rank]` reading columns `xa_col..xa_col + rank` of `xa`.
@@ -86,17 +94,55 @@ struct Params {
     pad: i32,
 }
 
-fn kernel(dtype: DType, fast: bool) -> Result<&'static str> {
-    Ok(match (dtype, fast) {
-        (DType::BF16, true) => "dm_mma_bf16",
-        (DType::BF16, false) => "dm_any_bf16",
-        (DType::F16, true) => "dm_mma_f16",
-        (DType::F16, false) => "dm_any_f16",
-        (DType::F32, _) => {
-            return Err(Error::invalid(
-                "decode_matvec_4bit: dtype float32 is not supported; expected float16 or bfloat16",
-            ))
+/// Which kernel one launch runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// `dm_stream<nb>_*`: a warp per 4 rows, CUDA cores, batch rows padded to `nb`.
+    Stream(usize),
+    /// `dm_mma_*`: a block per 16 rows, tensor cores.
+    Mma,
+    /// `dm_any_*`: a warp per row, any K and alignment.
+    Any,
+}
+
+impl Path {
+    /// Output rows per grid unit (the members' `start` counts these units).
+    fn unit_rows(self) -> usize {
+        match self {
+            Path::Stream(_) => STREAM_ROWS,
+            Path::Mma => TILE_ROWS,
+            Path::Any => 1,
         }
+    }
+}
+
+fn kernel(dtype: DType, path: Path) -> Result<&'static str> {
+    let names: [&'static str; 5] =
+        match dtype {
+            DType::BF16 => [
+                "dm_stream1_bf16",
+                "dm_stream2_bf16",
+                "dm_stream4_bf16",
+                "dm_mma_bf16",
+                "dm_any_bf16",
+            ],
+            DType::F16 => [
+                "dm_stream1_f16",
+                "dm_stream2_f16",
+                "dm_stream4_f16",
+                "dm_mma_f16",
+                "dm_any_f16",
+            ],
+            DType::F32 => return Err(Error::invalid(
+                "decode_matvec_4bit: dtype float32 is not supported; expected float16 or bfloat16",
+            )),
+        };
+    Ok(match path {
+        Path::Stream(1) => names[0],
+        Path::Stream(2) => names[1],
+        Path::Stream(_) => names[2],
+        Path::Mma => names[3],
+        Path::Any => names[4],
     })
 }
 
@@ -109,7 +155,7 @@ impl Args {
     /// Check counts, sizes and pointers; returns the total output elements per batch row.
     pub fn check(&self) -> Result<usize> {
         let what = "decode_matvec_4bit";
-        kernel(self.dtype, true)?;
+        kernel(self.dtype, Path::Any)?;
         if self.members.is_empty() || self.members.len() > MAX_MEMBERS {
             return Err(Error::invalid(format!(
                 "{what}: {} members; expected 1 to {MAX_MEMBERS}",
@@ -203,12 +249,31 @@ fn check_member(m: &Member, i: usize, k: usize, xa_ld: usize, es: usize) -> Resu
     Ok(())
 }
 
-/// Whether the fast (tensor-core) kernel applies: whole 32-element chunks per row and 16-byte
-/// aligned rows of x and of every packed weight.
+/// Whether the fast kernels (stream, tensor-core) apply: whole 32-element chunks per row and
+/// 16-byte aligned rows of x and of every packed weight.
 fn fast_path(a: &Args) -> bool {
     let mut ptrs = vec![a.x];
     ptrs.extend(a.members.iter().map(|m| m.packed));
     a.k % 32 == 0 && all_aligned16(&ptrs)
+}
+
+/// The kernel for a launch of `rows` batch rows: the stream kernel up to [`STREAM_MAX_BATCH`]
+/// rows when every member has the same quantization type (its code table is built once per
+/// block), else the tensor-core one; the generic one when the fast kernels do not apply.
+fn path_for(a: &Args, rows: usize) -> Path {
+    if !fast_path(a) {
+        return Path::Any;
+    }
+    let one_type = a
+        .members
+        .iter()
+        .all(|m| m.quant_type == a.members[0].quant_type);
+    match rows {
+        1 if one_type => Path::Stream(1),
+        2 if one_type => Path::Stream(2),
+        r if r <= STREAM_MAX_BATCH && one_type => Path::Stream(4),
+        _ => Path::Mma,
+    }
 }
 
 fn member_params(m: &Member, start: usize, y: usize) -> Result<MemberParams> {
@@ -244,6 +309,31 @@ fn member_params(m: &Member, start: usize, y: usize) -> Result<MemberParams> {
     })
 }
 
+/// Each member's first grid unit, and the blocks: one per 16-row tile (tensor cores), per 8 rows
+/// (generic), or enough 4-warp blocks for one warp per 4-row tile up to the blocks resident on
+/// the device at once (the stream kernel strides over the rest, building its table once).
+fn grid(a: &Args, path: Path, name: &'static str, device: i32) -> Result<(Vec<usize>, u32)> {
+    let mut starts = Vec::with_capacity(a.members.len());
+    let mut units = 0usize;
+    for m in &a.members {
+        starts.push(units);
+        units += m.n.div_ceil(path.unit_rows());
+    }
+    let blocks = match path {
+        Path::Mma => units,
+        Path::Any => units.div_ceil(WARPS),
+        Path::Stream(_) => {
+            let resident = cuda::resident_blocks(device, "decode_matvec", name, STREAM_THREADS)?;
+            units.div_ceil(STREAM_WARPS).min(resident as usize)
+        }
+    };
+    let blocks = u32::try_from(blocks)
+        .ok()
+        .filter(|&b| b <= i32::MAX as u32)
+        .ok_or_else(|| Error::invalid("decode_matvec_4bit: too many output rows"))?;
+    Ok((starts, blocks))
+}
+
 /// Run the group for every batch row: one launch per [`MAX_BATCH`] rows.
 ///
 /// # Safety
@@ -254,23 +344,16 @@ pub unsafe fn launch(a: &Args, device: i32, stream: RawStream) -> Result<()> {
     if a.batch == 0 {
         return Ok(());
     }
-    let fast = fast_path(a);
-    let name = kernel(a.dtype, fast)?;
     let es = a.dtype.size();
-    // Grid units: 16-row tiles (fast) or rows (generic), members one after the other.
-    let mut starts = Vec::with_capacity(a.members.len());
-    let mut units = 0usize;
-    for m in &a.members {
-        starts.push(units);
-        units += if fast { m.n.div_ceil(TILE_ROWS) } else { m.n };
-    }
-    let blocks = if fast { units } else { units.div_ceil(WARPS) };
-    let blocks = u32::try_from(blocks)
-        .ok()
-        .filter(|&b| b <= i32::MAX as u32)
-        .ok_or_else(|| Error::invalid("decode_matvec_4bit: too many output rows"))?;
     for b0 in (0..a.batch).step_by(MAX_BATCH) {
         let rows = (a.batch - b0).min(MAX_BATCH);
+        let path = path_for(a, rows);
+        let name = kernel(a.dtype, path)?;
+        let (starts, blocks) = grid(a, path, name, device)?;
+        let threads = match path {
+            Path::Stream(_) => STREAM_THREADS,
+            Path::Mma | Path::Any => THREADS,
+        };
         let mut m = [MemberParams::default(); MAX_MEMBERS];
         let mut y_off = 0usize; // elements before member i's output in `out`
         for (i, mem) in a.members.iter().enumerate() {
@@ -297,6 +380,270 @@ pub unsafe fn launch(a: &Args, device: i32, stream: RawStream) -> Result<()> {
         // SAFETY: the one argument is a `Params`, laid out (repr(C)) exactly as the kernel's
         // by-value struct; `check` verified every extent the kernel reads or writes from the
         // counts, and the offsets above stay inside them (b0 < batch).
+        unsafe {
+            cuda::launch(
+                device,
+                stream,
+                "decode_matvec",
+                name,
+                LaunchConfig::linear(blocks, threads),
+                &mut kargs,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The LoRA down-projection of a whole group: `xa[b, j] = sum_k x[b, k] a[j, k]` for `x`
+/// `[batch, k]`, `a` `[rows, k]` (every member's A stacked) into `xa` `[batch, xa_ld]`,
+/// `rows <= xa_ld`, in one launch per [`MAX_BATCH`] batch rows.
+#[derive(Clone, Debug)]
+pub struct XaArgs {
+    pub dtype: DType,
+    pub x: usize,
+    pub a: usize,
+    pub xa: usize,
+    pub rows: usize,
+    pub xa_ld: usize,
+    pub batch: usize,
+    pub k: usize,
+}
+
+/// Threads of a `dm_xa` block (`kXaThreads`): one block per LoRA row.
+const XA_THREADS: u32 = 1024;
+
+/// Must match `XaParams` in `kernels/decode_matvec.cu` field for field.
+#[repr(C)]
+struct XaParams {
+    x: usize,
+    a: usize,
+    xa: usize,
+    k: i64,
+    batch: i32,
+    xa_ld: i32,
+    vec: i32,
+    pad: i32,
+}
+
+impl XaArgs {
+    /// Check counts, sizes and pointers.
+    pub fn check(&self) -> Result<()> {
+        let what = "decode_lora_a";
+        xa_kernel(self.dtype)?;
+        if self.k == 0 || self.k > i32::MAX as usize {
+            return Err(Error::invalid(format!(
+                "{what}: k = {} out of range",
+                self.k
+            )));
+        }
+        if self.rows == 0 || self.rows > self.xa_ld {
+            return Err(Error::invalid(format!(
+                "{what}: {} LoRA rows for xa's width {}; expected 1 to the width",
+                self.rows, self.xa_ld
+            )));
+        }
+        to_i32("xa_ld", self.xa_ld)?;
+        let es = self.dtype.size();
+        check_device("decode_lora_a x", &[self.x], mul(self.batch, self.k)?, es)?;
+        check_device("decode_lora_a a", &[self.a], mul(self.rows, self.k)?, es)?;
+        check_device(
+            "decode_lora_a xa",
+            &[self.xa],
+            mul(self.batch, self.xa_ld)?,
+            es,
+        )?;
+        Ok(())
+    }
+}
+
+fn xa_kernel(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::BF16 => "dm_xa_bf16",
+        DType::F16 => "dm_xa_f16",
+        DType::F32 => {
+            return Err(Error::invalid(
+                "decode_lora_a: dtype float32 is not supported; expected float16 or bfloat16",
+            ))
+        }
+    })
+}
+
+/// Run [`XaArgs`]: a block per LoRA row.
+///
+/// # Safety
+/// Every pointer must be a live device allocation on `device` of the size [`XaArgs::check`]
+/// verifies from the counts given; `xa` must not overlap `x` or `a`.
+pub unsafe fn launch_xa(a: &XaArgs, device: i32, stream: RawStream) -> Result<()> {
+    a.check()?;
+    let name = xa_kernel(a.dtype)?;
+    let es = a.dtype.size();
+    let vec = a.k % 8 == 0 && all_aligned16(&[a.x, a.a]);
+    let blocks =
+        u32::try_from(a.rows).map_err(|_| Error::invalid("decode_lora_a: too many LoRA rows"))?;
+    for b0 in (0..a.batch).step_by(MAX_BATCH) {
+        let rows = (a.batch - b0).min(MAX_BATCH);
+        let mut params = XaParams {
+            x: a.x + b0 * a.k * es,
+            a: a.a,
+            xa: a.xa + b0 * a.xa_ld * es,
+            k: a.k as i64,
+            batch: rows as i32,
+            xa_ld: a.xa_ld as i32,
+            vec: vec as i32,
+            pad: 0,
+        };
+        let mut kargs = [&mut params as *mut XaParams as *mut c_void];
+        // SAFETY: the one argument is an `XaParams` laid out as the kernel's by-value struct;
+        // `check` verified the extents of x, a and xa, and b0 < batch keeps the offsets inside.
+        unsafe {
+            cuda::launch(
+                device,
+                stream,
+                "decode_matvec",
+                name,
+                LaunchConfig::linear(blocks, XA_THREADS),
+                &mut kargs,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// One 16-bit layer of a group whose LoRA term [`launch_lora_b`] adds: its width and its
+/// up-projection `lora_b` `[n, rank]` (0 and rank 0: no LoRA) reading columns `xa_col..` of xa.
+#[derive(Clone, Copy, Debug)]
+pub struct LoraB {
+    pub n: usize,
+    pub lora_b: usize,
+    pub rank: usize,
+    pub scaling: f32,
+    pub xa_col: usize,
+}
+
+/// `out` holds the members' outputs one after the other, member i's `[batch, n_i]` (as in
+/// [`Args`]); each gets `+= scaling * xa[:, xa_col..xa_col + rank] lora_b^T` in place.
+#[derive(Clone, Debug)]
+pub struct LoraBArgs {
+    pub dtype: DType,
+    pub members: Vec<LoraB>,
+    pub out: usize,
+    pub xa: usize,
+    pub xa_ld: usize,
+    pub batch: usize,
+}
+
+impl LoraBArgs {
+    /// Check counts, sizes and pointers; returns the total output elements per batch row.
+    pub fn check(&self) -> Result<usize> {
+        let what = "decode_lora_b";
+        kernel(self.dtype, Path::Any)?;
+        if self.members.is_empty() || self.members.len() > MAX_MEMBERS {
+            return Err(Error::invalid(format!(
+                "{what}: {} members; expected 1 to {MAX_MEMBERS}",
+                self.members.len()
+            )));
+        }
+        let es = self.dtype.size();
+        let mut width = 0usize;
+        for (i, m) in self.members.iter().enumerate() {
+            let w = |s: &str| format!("{what} member {i} {s}");
+            if m.n == 0 {
+                return Err(Error::invalid(w("has 0 output rows")));
+            }
+            if m.rank > 0 {
+                check_device(&w("lora_b"), &[m.lora_b], mul(m.n, m.rank)?, es)?;
+                if m.xa_col.checked_add(m.rank).is_none_or(|e| e > self.xa_ld) {
+                    return Err(Error::invalid(w(&format!(
+                        "LoRA columns {}..{}+{} exceed xa's width {}",
+                        m.xa_col, m.xa_col, m.rank, self.xa_ld
+                    ))));
+                }
+            } else if m.lora_b != 0 {
+                return Err(Error::invalid(w("has lora_b but rank 0")));
+            }
+            width = width
+                .checked_add(m.n)
+                .ok_or_else(|| Error::invalid(format!("{what}: output widths overflow")))?;
+        }
+        if self.members.iter().all(|m| m.rank == 0) {
+            return Err(Error::invalid(format!("{what}: no member has LoRA")));
+        }
+        to_i32("xa_ld", self.xa_ld)?;
+        check_device(
+            "decode_lora_b out",
+            &[self.out],
+            mul(self.batch, width)?,
+            es,
+        )?;
+        check_device(
+            "decode_lora_b xa",
+            &[self.xa],
+            mul(self.batch, self.xa_ld)?,
+            es,
+        )?;
+        Ok(width)
+    }
+}
+
+fn lora_b_kernel(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::BF16 => "dm_lorab_bf16",
+        DType::F16 => "dm_lorab_f16",
+        DType::F32 => {
+            return Err(Error::invalid(
+                "decode_lora_b: dtype float32 is not supported; expected float16 or bfloat16",
+            ))
+        }
+    })
+}
+
+/// Run [`LoraBArgs`]: a thread per output row, one launch per [`MAX_BATCH`] batch rows.
+///
+/// # Safety
+/// Every pointer must be a live device allocation on `device` of the size [`LoraBArgs::check`]
+/// verifies from the counts given; `out` must not overlap `xa` or the `lora_b`s.
+pub unsafe fn launch_lora_b(a: &LoraBArgs, device: i32, stream: RawStream) -> Result<()> {
+    let width = a.check()?;
+    if a.batch == 0 {
+        return Ok(());
+    }
+    let name = lora_b_kernel(a.dtype)?;
+    let es = a.dtype.size();
+    let blocks = u32::try_from(width.div_ceil(THREADS as usize))
+        .ok()
+        .filter(|&b| b <= i32::MAX as u32)
+        .ok_or_else(|| Error::invalid("decode_lora_b: too many output rows"))?;
+    for b0 in (0..a.batch).step_by(MAX_BATCH) {
+        let rows = (a.batch - b0).min(MAX_BATCH);
+        let mut m = [MemberParams::default(); MAX_MEMBERS];
+        let (mut start, mut y_off) = (0usize, 0usize);
+        for (i, mem) in a.members.iter().enumerate() {
+            m[i] = MemberParams {
+                lora_b: if mem.rank > 0 { mem.lora_b } else { 0 },
+                y: a.out + (y_off + b0 * mem.n) * es,
+                n: mem.n as i64,
+                start: start as i64,
+                scaling: mem.scaling,
+                rank: to_i32("rank", mem.rank)?,
+                xa_col: to_i32("xa_col", mem.xa_col)?,
+                ..MemberParams::default()
+            };
+            start += mem.n;
+            y_off += a.batch * mem.n;
+        }
+        let mut params = Params {
+            m,
+            x: 0,
+            xa: a.xa + b0 * a.xa_ld * es,
+            k: 0,
+            batch: rows as i32,
+            xa_ld: a.xa_ld as i32,
+            members: a.members.len() as i32,
+            pad: 0,
+        };
+        let mut kargs = [&mut params as *mut Params as *mut c_void];
+        // SAFETY: one `Params` argument laid out as the kernel's; the kernel reads only the
+        // members' n, start, y and LoRA fields, whose extents `check` verified (b0 < batch).
         unsafe {
             cuda::launch(
                 device,
@@ -385,5 +732,118 @@ mod tests {
         let mut m = member(8);
         m.packed += 8;
         assert!(!fast_path(&args(vec![m])));
+    }
+
+    #[test]
+    fn small_batches_stream_and_mixed_types_take_tensor_cores() {
+        let a = args(vec![member(8), member(3)]);
+        let paths: Vec<Path> = (1..=8).map(|r| path_for(&a, r)).collect();
+        assert_eq!(
+            &paths[..4],
+            &[
+                Path::Stream(1),
+                Path::Stream(2),
+                Path::Stream(4),
+                Path::Stream(4)
+            ]
+        );
+        assert!(paths[4..].iter().all(|&p| p == Path::Mma));
+        let mut fp4 = member(8);
+        fp4.quant_type = QuantType::Fp4;
+        assert_eq!(path_for(&args(vec![member(8), fp4]), 1), Path::Mma);
+        let mut odd = args(vec![member(8)]);
+        odd.k = 100;
+        assert_eq!(path_for(&odd, 1), Path::Any);
+        assert_eq!(
+            kernel(DType::F16, Path::Stream(2)).unwrap(),
+            "dm_stream2_f16"
+        );
+    }
+
+    #[test]
+    fn lora_a_checks_name_the_bad_value() {
+        let a = XaArgs {
+            dtype: DType::BF16,
+            x: 1 << 20,
+            a: 2 << 20,
+            xa: 3 << 20,
+            rows: 48,
+            xa_ld: 48,
+            batch: 2,
+            k: 4096,
+        };
+        assert!(a.check().is_ok());
+        let err = |a: XaArgs| a.check().unwrap_err().to_string();
+        assert!(err(XaArgs {
+            rows: 49,
+            ..a.clone()
+        })
+        .contains("49 LoRA rows"));
+        assert!(err(XaArgs {
+            rows: 0,
+            ..a.clone()
+        })
+        .contains("0 LoRA rows"));
+        assert!(err(XaArgs { k: 0, ..a.clone() }).contains("k = 0"));
+        assert!(err(XaArgs { a: 0, ..a.clone() }).contains("null"));
+        assert!(err(XaArgs {
+            dtype: DType::F32,
+            ..a
+        })
+        .contains("float32"));
+        assert_eq!(std::mem::size_of::<XaParams>(), 3 * 8 + 8 + 16);
+    }
+
+    #[test]
+    fn lora_b_checks_name_the_bad_value() {
+        let m = LoraB {
+            n: 64,
+            lora_b: 5 << 20,
+            rank: 16,
+            scaling: 2.0,
+            xa_col: 0,
+        };
+        let a = LoraBArgs {
+            dtype: DType::F16,
+            members: vec![m, LoraB { xa_col: 16, ..m }],
+            out: 1 << 20,
+            xa: 2 << 20,
+            xa_ld: 32,
+            batch: 3,
+        };
+        assert_eq!(a.check().unwrap(), 128);
+        let err = |a: LoraBArgs| a.check().unwrap_err().to_string();
+        let wide = LoraB { xa_col: 20, ..m };
+        assert!(err(LoraBArgs {
+            members: vec![wide],
+            ..a.clone()
+        })
+        .contains("exceed xa's width 32"));
+        assert!(err(LoraBArgs {
+            members: vec![m; 5],
+            ..a.clone()
+        })
+        .contains("5 members"));
+        let stray = LoraB { rank: 0, ..m };
+        assert!(err(LoraBArgs {
+            members: vec![stray],
+            ..a.clone()
+        })
+        .contains("rank 0"));
+        assert!(err(LoraBArgs {
+            out: 0,
+            ..a.clone()
+        })
+        .contains("null"));
+        let plain = LoraB {
+            rank: 0,
+            lora_b: 0,
+            ..m
+        };
+        assert!(err(LoraBArgs {
+            members: vec![plain],
+            ..a
+        })
+        .contains("no member has LoRA"));
     }
 }

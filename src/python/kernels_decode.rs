@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 
 use super::guard;
 use crate::cuda::RawStream;
-use crate::kernels::decode_matvec::{self, Args, Member};
+use crate::kernels::decode_matvec::{self, Args, LoraB, LoraBArgs, Member, XaArgs};
 use crate::kernels::nf4::ScalesPtr;
 use crate::kernels::DType;
 use crate::quant::QuantType;
@@ -105,7 +105,95 @@ fn decode_matvec_4bit(
     py.detach(|| guard(|| unsafe { decode_matvec::launch(&args, device, RawStream(stream)) }))
 }
 
+/// decode_lora_a(x, a, xa, rows, xa_ld, batch, k, dtype, device, stream) -> None
+///
+/// ``xa[:, :rows] = x a^T`` for ``x`` ``[batch, k]`` and ``a`` ``[rows, k]`` (a group's stacked
+/// LoRA A matrices) into ``xa`` ``[batch, xa_ld]``, all float16/bfloat16 CUDA device addresses
+/// on ``device``: one launch for the whole group.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn decode_lora_a(
+    py: Python<'_>,
+    x: usize,
+    a: usize,
+    xa: usize,
+    rows: usize,
+    xa_ld: usize,
+    batch: usize,
+    k: usize,
+    dtype: &str,
+    device: i32,
+    stream: usize,
+) -> PyResult<()> {
+    let args = guard(|| {
+        let args = XaArgs {
+            dtype: DType::parse(dtype)?,
+            x,
+            a,
+            xa,
+            rows,
+            xa_ld,
+            batch,
+            k,
+        };
+        args.check()?;
+        Ok(args)
+    })?;
+    // SAFETY: the planner passes live contiguous tensors on `device` of the counts given (x, the
+    // group's stacked A copy, the output buffer's xa slice); `launch_xa` re-checks the extents.
+    py.detach(|| guard(|| unsafe { decode_matvec::launch_xa(&args, device, RawStream(stream)) }))
+}
+
+/// decode_lora_b(members, out, xa, xa_ld, batch, dtype, device, stream) -> None
+///
+/// For each member, a tuple ``(n, lora_b, rank, scaling, xa_col)`` (``lora_b`` 0 and rank 0: no
+/// LoRA), add ``scaling * xa[:, xa_col:xa_col+rank] lora_b^T`` in place to its output in ``out``
+/// (members one after the other, each ``[batch, n]``); ``xa`` is ``[batch, xa_ld]``. The 16-bit
+/// members' LoRA terms of a group in one launch. float16/bfloat16 CUDA device addresses.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn decode_lora_b(
+    py: Python<'_>,
+    members: Vec<(usize, usize, usize, f32, usize)>,
+    out: usize,
+    xa: usize,
+    xa_ld: usize,
+    batch: usize,
+    dtype: &str,
+    device: i32,
+    stream: usize,
+) -> PyResult<()> {
+    let args = guard(|| {
+        let args = LoraBArgs {
+            dtype: DType::parse(dtype)?,
+            members: members
+                .iter()
+                .map(|&(n, lora_b, rank, scaling, xa_col)| LoraB {
+                    n,
+                    lora_b,
+                    rank,
+                    scaling,
+                    xa_col,
+                })
+                .collect(),
+            out,
+            xa,
+            xa_ld,
+            batch,
+        };
+        args.check()?;
+        Ok(args)
+    })?;
+    // SAFETY: the planner passes live contiguous tensors on `device` (the output buffer, its xa
+    // slice, the LoRA B copies) of the counts given; `launch_lora_b` re-checks the extents.
+    py.detach(|| {
+        guard(|| unsafe { decode_matvec::launch_lora_b(&args, device, RawStream(stream)) })
+    })
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(decode_lora_b, m)?)?;
     m.add_function(wrap_pyfunction!(decode_matvec_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_lora_a, m)?)?;
     Ok(())
 }

@@ -250,6 +250,23 @@ def f_decode_matvec_4bit(rng):
     _core.decode_matvec_4bit(*_defect(rng, a, [1, 2], [5, 6], 7))
 
 
+def f_decode_lora_a(rng):
+    a = [dev_ptr(rng), dev_ptr(rng), dev_ptr(rng), some_int(rng), some_int(rng), some_int(rng), some_int(rng)]
+    a += [rng.choice(("bfloat16", "float16")), 0, 0]
+    _core.decode_lora_a(*_defect(rng, a, [0, 1, 2], [5, 6], 7))
+
+
+def f_decode_lora_b(rng):
+    def member():
+        rank = rng.choice((0, 16, 2**40, 2**64 - 1))
+        return (some_int(rng), rng.choice((0, dev_ptr(rng))), rank, 2.0, some_int(rng))
+
+    members = [member() for _ in range(rng.choice((0, 1, 2, 3, 4, 5)))]
+    a = [members, dev_ptr(rng), dev_ptr(rng), some_int(rng), some_int(rng)]
+    a += [rng.choice(("bfloat16", "float16")), 0, 0]
+    _core.decode_lora_b(*_defect(rng, a, [1, 2], [3, 4], 5))
+
+
 def f_device_info(rng):
     _core.device_info(rng.choice((-1, 99, 2**31 - 1)))
 

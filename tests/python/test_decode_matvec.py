@@ -76,6 +76,15 @@ def test_cpu_group_is_the_reference_and_stays_off_the_kernel():
         torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("members", "text"),
+    [([(8, 4096, 4, 1.0, 6)], "exceed xa's width 8"), ([(8, 4096, 0, 1.0, 0)], "rank 0"), ([], "0 members")],
+)
+def test_core_lora_b_entry_rejects_bad_arguments(members, text):
+    with pytest.raises(InvalidArgumentError, match=text):
+        _core.decode_lora_b(members, 1 << 20, 2 << 20, 8, 1, "bfloat16", 0, 0)
+
+
 def test_lora_a_is_one_matrix_and_refresh_updates_it():
     layers = _group(64, [16, 8, 8], quant=False, bias=False, rank=4, dtype=torch.float32, device="cpu")
     layers[1] = layers[1].base_layer  # a member without LoRA keeps no rows
@@ -119,11 +128,32 @@ def test_core_entry_rejects_bad_arguments_before_launching(members, xa, xa_ld, b
         _core.decode_matvec_4bit(members, 1 << 20, 2 << 20, xa, xa_ld, batch, k, dtype, 0, 0)
 
 
+@pytest.mark.parametrize(
+    ("rows", "xa_ld", "k", "dtype", "text"),
+    [
+        (49, 48, 64, "bfloat16", "49 LoRA rows"),
+        (4, 4, 0, "float16", "k = 0"),
+        (4, 4, 64, "float32", "float32"),
+    ],
+)
+def test_core_lora_a_entry_rejects_bad_arguments(rows, xa_ld, k, dtype, text):
+    with pytest.raises(InvalidArgumentError, match=text):
+        _core.decode_lora_a(1 << 20, 2 << 20, 3 << 20, rows, xa_ld, 1, k, dtype, 0, 0)
+
+
 # --------------------------------------------------------------------------------------- GPU
-# (K, member widths): the fast kernel with whole and partial 16-row tiles and a K that is a
-# multiple of 32 but not of 64 or 128; the generic kernel for a K that is not a multiple of 32
-# (37 x 3 elements: an odd count, the last byte half padding).
-SHAPES = [(256, (64, 32, 32)), (96, (37, 5, 21)), (100, (19, 8)), (37, (3, 6)), (4096, (48,))]
+# (K, member widths): the fast kernels (stream for batches 1..4, tensor cores for 5..8) with
+# whole and partial 4- and 16-row tiles and a K that is a multiple of 32 but not of 64 or 128,
+# and one of 33 chunks (the stream kernel's second k-step has one lane busy); the generic kernel
+# for a K that is not a multiple of 32 (37 x 3 elements: an odd count, the last byte half padding).
+SHAPES = [
+    (256, (64, 32, 32)),
+    (96, (37, 5, 21)),
+    (100, (19, 8)),
+    (37, (3, 6)),
+    (4096, (48,)),
+    (1056, (13, 6, 4, 9)),
+]
 
 
 @cuda
@@ -165,6 +195,38 @@ def test_kernel_block_sizes(blocksize, k, ns):
 
 @cuda
 @pytest.mark.cuda
+def test_stream_kernel_strides_over_more_tiles_than_resident_warps():
+    # 9,008 rows: more 4-row tiles than the warps resident on an H200 (132 SMs x 16), so warps
+    # take several tiles, crossing members.
+    dtype = torch.bfloat16
+    layers = _group(64, (6000, 3001, 7), quant=True, bias=True, rank=4, dtype=dtype, device="cuda")
+    group = ProjectionGroup.from_modules(layers, dtype)
+    assert group.uses_kernel and use_kernels(layers[0].weight)
+    for batch in (1, 4):
+        x = torch.randn(batch, 64, device="cuda", dtype=dtype)
+        for out, ref in zip(group(x), reference(x, group)):
+            _close(out, ref, dtype)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch", [1, 3])
+def test_group_of_nf4_and_fp4_members(batch):
+    # The stream kernel's code table serves one type: a mixed group takes the tensor-core kernel.
+    dtype = torch.float16
+    layers = [
+        _layer(256, 40, quant=True, bias=False, rank=0, dtype=dtype, device="cuda", quant_type=qt, seed=i)
+        for i, qt in enumerate(("nf4", "fp4"))
+    ]
+    group = ProjectionGroup.from_modules(layers, dtype)
+    assert group.uses_kernel and use_kernels(layers[0].weight)
+    x = torch.randn(batch, 256, device="cuda", dtype=dtype)
+    for out, ref in zip(group(x), reference(x, group)):
+        _close(out, ref, dtype)
+
+
+@cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mixed_and_16bit_groups_match_reference(dtype):
     layers = [
@@ -175,7 +237,9 @@ def test_mixed_and_16bit_groups_match_reference(dtype):
     for members in (layers, layers[1:]):
         group = ProjectionGroup.from_modules(members, dtype)
         assert group.uses_kernel and use_kernels(members[0].weight)
-        for batch in (1, 4):
+        # One launch adds the 16-bit members' LoRA terms (the one without LoRA left alone).
+        assert group._plan.dense_lora is not None and group._plan.dense_lora[-1][2] == 0
+        for batch in (1, 4, 11):
             x = torch.randn(batch, 128, device="cuda", dtype=dtype)
             for out, ref in zip(group(x), reference(x, group)):
                 _close(out, ref, dtype)

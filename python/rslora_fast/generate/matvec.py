@@ -18,8 +18,10 @@ Contract used by the engine:
 On CUDA (float16/bfloat16) the 4-bit members run as ONE launch of ``kernels/decode_matvec.cu``
 (packed weights read as stored, nested scales decoded in the kernel, bias and the LoRA
 up-projection in its epilogue); 16-bit members run as a torch matmul. The LoRA down-projections of
-all members are one matmul ``x @ A_all^T`` into a slice of the output buffer, so a call allocates
-one buffer and launches 1 + (LoRA ? 1 : 0) + 16-bit members (+ their LoRA adds) kernels.
+all members are one launch of the same file's ``x A_all^T`` kernel (a torch matmul where the
+kernels do not run) into a slice of the output buffer, and the 16-bit members' LoRA up-projections
+one more launch after their matmuls, so a call allocates one buffer and launches
+(4-bit ? 1 : 0) + (LoRA ? 1 : 0) + 16-bit members (+ 1 for their LoRA terms) kernels.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ class _KernelPlan:
     device: torch.device
     in_features: int
     keep: list[torch.Tensor] = field(default_factory=list)
+    # The 16-bit members' LoRA terms as ``_core.decode_lora_b`` tuples (one launch for them all),
+    # or None: no 16-bit member has LoRA, or more than one launch serves.
+    dense_lora: list[tuple[int, int, int, float, int]] | None = None
 
 
 def _split_lora(layer: nn.Module) -> tuple[nn.Module, torch.Tensor | None, torch.Tensor | None, float]:
@@ -199,6 +204,14 @@ def _plan_kernels(projections: list[_Projection], dtype: torch.dtype) -> _Kernel
         if member is None:
             return None
         plan.members.append(member)
+    dense = [projections[i] for i in plan.dense]
+    if any(p.a is not None for p in dense) and len(dense) <= MAX_MEMBERS:
+        plan.dense_lora = [
+            (p.out_features, p.b.data_ptr(), p.a.shape[0], p.scaling, p.a_row)
+            if p.a is not None
+            else (p.out_features, 0, 0, 0.0, 0)
+            for p in dense
+        ]
     return plan
 
 
@@ -261,14 +274,22 @@ def _run_fast(x: torch.Tensor, group: ProjectionGroup, plan: _KernelPlan) -> tup
         outs[i] = flat[off : off + batch * n].view(batch, n)
         off += batch * n
     xa = flat[off:].view(batch, rank)
-    if rank:
-        torch.mm(x2, group.lora_a.t(), out=xa)
+    if rank and batch:
+        if use_kernels(x2):
+            index, stream = stream_of(x2)
+            core().decode_lora_a(
+                x2.data_ptr(), group.lora_a.data_ptr(), xa.data_ptr(), rank, rank, batch, k,
+                dtype_name(x2, "ProjectionGroup"), index, stream,
+            )  # fmt: skip
+        else:
+            torch.mm(x2, group.lora_a.t(), out=xa)
     if plan.quantized and batch:
         index, stream = stream_of(x2)
         core().decode_matvec_4bit(
             plan.members, x2.data_ptr(), flat.data_ptr(), xa.data_ptr() if rank else 0, rank,
             batch, k, dtype_name(x2, "ProjectionGroup"), index, stream,
         )  # fmt: skip
+    one_lora_launch = plan.dense_lora is not None and batch > 0 and use_kernels(x2)
     for i in plan.dense:
         p = projs[i]
         w = p.base.weight
@@ -276,8 +297,14 @@ def _run_fast(x: torch.Tensor, group: ProjectionGroup, plan: _KernelPlan) -> tup
             torch.mm(x2, w.t(), out=outs[i])
         else:
             torch.addmm(p.bias, x2, w.t(), out=outs[i])
-        if p.a is not None:
+        if p.a is not None and not one_lora_launch:
             outs[i].addmm_(xa[:, p.a_row : p.a_row + p.a.shape[0]], p.b.t(), alpha=p.scaling)
+    if one_lora_launch:
+        index, stream = stream_of(x2)
+        core().decode_lora_b(
+            plan.dense_lora, outs[plan.dense[0]].data_ptr(), xa.data_ptr(), rank, batch,
+            dtype_name(x2, "ProjectionGroup"), index, stream,
+        )  # fmt: skip
     return tuple(outs[i].view(*lead, projs[i].out_features) for i in range(len(projs)))
 
 
