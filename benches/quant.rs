@@ -160,7 +160,14 @@ enum Case {
 }
 
 fn enqueue(b: &GpuBufs, n: usize, case: Case) {
-    let s = b.stream.raw();
+    let params = nf4::Params {
+        n,
+        blocksize: BLOCKSIZE,
+        qt: QuantType::Nf4,
+        dtype: DType::BF16,
+        device: 0,
+        stream: b.stream.raw(),
+    };
     let p = |d: &DevBuf| d.ptr as usize;
     // SAFETY: every buffer is a live device allocation of the size each call needs (made for
     // `n` elements in GpuBufs::new); all run on the one bench stream, synchronized after.
@@ -173,28 +180,11 @@ fn enqueue(b: &GpuBufs, n: usize, case: Case) {
                 );
                 Ok(())
             }
-            Case::Quantize => nf4::quantize(
-                p(&b.weight),
-                p(&b.packed),
-                p(&b.absmax),
-                n,
-                BLOCKSIZE,
-                QuantType::Nf4,
-                DType::BF16,
-                0,
-                s,
-            ),
-            Case::Dequantize => nf4::dequantize(
-                p(&b.packed),
-                ScalesPtr::Plain(p(&b.absmax)),
-                p(&b.out),
-                n,
-                BLOCKSIZE,
-                QuantType::Nf4,
-                DType::BF16,
-                0,
-                s,
-            ),
+            Case::Quantize => nf4::quantize(&params, p(&b.weight), p(&b.packed), p(&b.absmax)),
+            Case::Dequantize => {
+                let scales = ScalesPtr::Plain(p(&b.absmax));
+                nf4::dequantize(&params, p(&b.packed), scales, p(&b.out))
+            }
             Case::DequantizeNested => {
                 let scales = ScalesPtr::Nested {
                     codes: p(&b.codes),
@@ -202,17 +192,7 @@ fn enqueue(b: &GpuBufs, n: usize, case: Case) {
                     nested_code: p(&b.nested_map),
                     offset: b.offset,
                 };
-                nf4::dequantize(
-                    p(&b.packed),
-                    scales,
-                    p(&b.out),
-                    n,
-                    BLOCKSIZE,
-                    QuantType::Nf4,
-                    DType::BF16,
-                    0,
-                    s,
-                )
+                nf4::dequantize(&params, p(&b.packed), scales, p(&b.out))
             }
         }
     };

@@ -56,39 +56,40 @@ fn check_shape(what: &str, rows: usize, cols: usize, ld: usize) -> Result<()> {
     Ok(())
 }
 
+/// The shape and launch context both entries share: `rows` rows of `cols` contiguous `dtype`
+/// logits, `ld` elements apart, targets equal to `ignore` skipped, on `stream` of `device`.
+#[derive(Clone, Copy, Debug)]
+pub struct Logits {
+    pub dtype: DType,
+    pub ld: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub ignore: i64,
+    pub device: i32,
+    pub stream: RawStream,
+}
+
 /// One launch of a row kernel: both kernels take `(logits, ld, p1, p2, p3, rows, cols, ignore)`.
 ///
 /// # Safety
 /// As [`forward`] / [`backward`] for the pointers they name.
-#[allow(clippy::too_many_arguments)]
-unsafe fn launch_rows(
-    fwd: bool,
-    dtype: DType,
-    logits: usize,
-    ld: usize,
-    rest: [usize; 3],
-    rows: usize,
-    cols: usize,
-    ignore: i64,
-    device: i32,
-    stream: RawStream,
-) -> Result<()> {
+unsafe fn launch_rows(fwd: bool, l: &Logits, logits: usize, rest: [usize; 3]) -> Result<()> {
     let what = if fwd {
         "cross_entropy forward"
     } else {
         "cross_entropy backward"
     };
-    check_shape(what, rows, cols, ld)?;
-    if rows == 0 {
+    check_shape(what, l.rows, l.cols, l.ld)?;
+    if l.rows == 0 {
         return Ok(());
     }
     check_ptrs(what, &[logits, rest[0], rest[1], rest[2]])?;
-    let kernel = kernel_name(fwd, dtype);
-    let threads = threads_for(cols, dtype, if fwd { FWD_VECS } else { BWD_VECS });
-    let blocks = rows.min(MAX_BLOCKS) as u32;
+    let kernel = kernel_name(fwd, l.dtype);
+    let threads = threads_for(l.cols, l.dtype, if fwd { FWD_VECS } else { BWD_VECS });
+    let blocks = l.rows.min(MAX_BLOCKS) as u32;
     let [mut p1, mut p2, mut p3] = rest;
-    let (mut logits, mut ld) = (logits, ld as i64);
-    let (mut rows, mut cols, mut ignore) = (rows as i64, cols as i64, ignore);
+    let (mut logits, mut ld) = (logits, l.ld as i64);
+    let (mut rows, mut cols, mut ignore) = (l.rows as i64, l.cols as i64, l.ignore);
     let mut args = [
         &mut logits as *mut usize as *mut c_void,
         &mut ld as *mut i64 as *mut c_void,
@@ -99,20 +100,12 @@ unsafe fn launch_rows(
         &mut cols as *mut i64 as *mut c_void,
         &mut ignore as *mut i64 as *mut c_void,
     ];
+    let cfg = LaunchConfig::linear(blocks, threads);
     // SAFETY: args match `cross_entropy_fwd_<dtype>(const T*, int64_t, const int64_t* targets,
     // float* lse, float* loss, int64_t, int64_t, int64_t)` and `cross_entropy_bwd_<dtype>(T*,
     // int64_t, const float* lse, const int64_t* targets, const float* scale, int64_t, int64_t,
     // int64_t)`; the callers pass `rest` in those orders and guarantee the pointers.
-    unsafe {
-        cuda::launch(
-            device,
-            stream,
-            "cross_entropy",
-            kernel,
-            LaunchConfig::linear(blocks, threads),
-            &mut args,
-        )
-    }
+    unsafe { cuda::launch(l.device, l.stream, "cross_entropy", kernel, cfg, &mut args) }
 }
 
 /// Forward: `lse[i] = logsumexp(logits[i, :])` and `loss[i] = lse[i] - logits[i, targets[i]]`
@@ -123,35 +116,15 @@ unsafe fn launch_rows(
 /// `logits` must be a device pointer on `device` to `rows` rows of `cols` contiguous `dtype`
 /// elements, row `i` starting at element `i * ld`; `targets` to `rows` int64; `lse` and `loss`
 /// to `rows` f32 each, overlapping nothing else; all live until the launch has run on `stream`.
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn forward(
-    dtype: DType,
+    l: &Logits,
     logits: usize,
-    ld: usize,
     targets: usize,
     lse: usize,
     loss: usize,
-    rows: usize,
-    cols: usize,
-    ignore: i64,
-    device: i32,
-    stream: RawStream,
 ) -> Result<()> {
     // SAFETY: the caller's guarantees, passed on in the kernel's argument order.
-    unsafe {
-        launch_rows(
-            true,
-            dtype,
-            logits,
-            ld,
-            [targets, lse, loss],
-            rows,
-            cols,
-            ignore,
-            device,
-            stream,
-        )
-    }
+    unsafe { launch_rows(true, l, logits, [targets, lse, loss]) }
 }
 
 /// Backward, in place: `logits[i, j] = T((exp(logits[i, j] - lse[i]) - [j == targets[i]]) *
@@ -160,35 +133,15 @@ pub unsafe fn forward(
 /// # Safety
 /// As [`forward`] for `logits` (read and written) and `targets`; `lse` and `scale` must point to
 /// `rows` f32 each on `device`, overlapping `logits` nowhere.
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn backward(
-    dtype: DType,
+    l: &Logits,
     logits: usize,
-    ld: usize,
     lse: usize,
     targets: usize,
     scale: usize,
-    rows: usize,
-    cols: usize,
-    ignore: i64,
-    device: i32,
-    stream: RawStream,
 ) -> Result<()> {
     // SAFETY: the caller's guarantees, passed on in the kernel's argument order.
-    unsafe {
-        launch_rows(
-            false,
-            dtype,
-            logits,
-            ld,
-            [lse, targets, scale],
-            rows,
-            cols,
-            ignore,
-            device,
-            stream,
-        )
-    }
+    unsafe { launch_rows(false, l, logits, [lse, targets, scale]) }
 }
 
 #[cfg(test)]
@@ -226,11 +179,19 @@ mod tests {
 
     #[test]
     fn zero_rows_launch_nothing() {
+        let mut l = Logits {
+            dtype: DType::BF16,
+            ld: 7,
+            rows: 0,
+            cols: 7,
+            ignore: -100,
+            device: 0,
+            stream: RawStream(0),
+        };
         // SAFETY: no rows: returns before touching any pointer or the driver.
-        let r = unsafe { forward(DType::BF16, 0, 7, 0, 0, 0, 0, 7, -100, 0, RawStream(0)) };
-        assert!(r.is_ok());
+        assert!(unsafe { forward(&l, 0, 0, 0, 0) }.is_ok());
+        l.dtype = DType::F32;
         // SAFETY: as above.
-        let r = unsafe { backward(DType::F32, 0, 7, 0, 0, 0, 0, 7, -100, 0, RawStream(0)) };
-        assert!(r.is_ok());
+        assert!(unsafe { backward(&l, 0, 0, 0, 0) }.is_ok());
     }
 }

@@ -17,53 +17,34 @@ pub(crate) struct Kernel {
     pub name: &'static str,
 }
 
+/// `n` contiguous elements of `dtype` per tensor, launched on `stream` of `device`: the
+/// context every elementwise launcher shares.
+#[derive(Clone, Copy, Debug)]
+pub struct Elems {
+    pub dtype: DType,
+    pub n: usize,
+    pub device: i32,
+    pub stream: RawStream,
+}
+
 /// `h[i] = act(g[i]) * u[i]` for `n` contiguous elements; `what` names the op in errors.
 ///
 /// # Safety
 /// `g`, `u` and `h` must be device pointers on `device` to at least `n` elements of `dtype`,
 /// live until the launch has run on `stream`; `h` must not overlap `g` or `u`; `kernel` must take
 /// `(const T*, const T*, T*, int64_t, int)`.
-#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn forward(
     kernel: Kernel,
     what: &str,
-    dtype: DType,
+    e: &Elems,
     g: usize,
     u: usize,
     h: usize,
-    n: usize,
-    device: i32,
-    stream: RawStream,
 ) -> Result<()> {
-    if n == 0 {
-        return Ok(());
-    }
-    check_ptrs(what, &[g, u, h])?;
-    let mut vec_ok = all_aligned16(&[g, u, h]) as i32;
     // The forward bodies handle two 16-byte vectors per thread per trip.
-    let blocks = elementwise_grid(n, 2 * (16 / dtype.size()), THREADS, || {
-        cuda::resident_blocks(device, kernel.module, kernel.name, THREADS)
-    })?;
-    let (mut g, mut u, mut h, mut n64) = (g, u, h, n as i64);
-    let mut args = [
-        &mut g as *mut usize as *mut c_void,
-        &mut u as *mut usize as *mut c_void,
-        &mut h as *mut usize as *mut c_void,
-        &mut n64 as *mut i64 as *mut c_void,
-        &mut vec_ok as *mut i32 as *mut c_void,
-    ];
-    // SAFETY: args match `(const T*, const T*, T*, int64_t, int)`, which the caller guarantees
-    // for `kernel`, as it guarantees the pointers.
-    unsafe {
-        cuda::launch(
-            device,
-            stream,
-            kernel.module,
-            kernel.name,
-            LaunchConfig::linear(blocks, THREADS),
-            &mut args,
-        )
-    }
+    let per_thread = 2 * (16 / e.dtype.size());
+    // SAFETY: the caller's guarantees, for a kernel taking `(g, u, h, n, vec_ok)`.
+    unsafe { launch(kernel, what, e, &[g, u, h], per_thread) }
 }
 
 /// Gradients `dg`, `du` from `dh`, `g`, `u` (all `n` contiguous elements).
@@ -75,43 +56,55 @@ pub(crate) unsafe fn forward(
 pub(crate) unsafe fn backward(
     kernel: Kernel,
     what: &str,
-    dtype: DType,
+    e: &Elems,
     dh: usize,
     g: usize,
     u: usize,
     dg: usize,
     du: usize,
-    n: usize,
-    device: i32,
-    stream: RawStream,
 ) -> Result<()> {
-    if n == 0 {
+    let per_thread = 16 / e.dtype.size();
+    // SAFETY: the caller's guarantees, for a kernel taking `(dh, g, u, dg, du, n, vec_ok)`.
+    unsafe { launch(kernel, what, e, &[dh, g, u, dg, du], per_thread) }
+}
+
+/// Launch `kernel` over `e.n` elements, `per_thread` per thread per trip, with the arguments
+/// `(ptrs..., int64_t n, int vec_ok)`; `vec_ok` when every pointer is 16-byte aligned.
+///
+/// # Safety
+/// `ptrs` must match the kernel's pointer parameters, valid for `e.n` elements each.
+unsafe fn launch(
+    kernel: Kernel,
+    what: &str,
+    e: &Elems,
+    ptrs: &[usize],
+    per_thread: usize,
+) -> Result<()> {
+    if e.n == 0 {
         return Ok(());
     }
-    check_ptrs(what, &[dh, g, u, dg, du])?;
-    let mut vec_ok = all_aligned16(&[dh, g, u, dg, du]) as i32;
-    let blocks = elementwise_grid(n, 16 / dtype.size(), THREADS, || {
-        cuda::resident_blocks(device, kernel.module, kernel.name, THREADS)
+    check_ptrs(what, ptrs)?;
+    let mut vec_ok = all_aligned16(ptrs) as i32;
+    let blocks = elementwise_grid(e.n, per_thread, THREADS, || {
+        cuda::resident_blocks(e.device, kernel.module, kernel.name, THREADS)
     })?;
-    let (mut dh, mut g, mut u, mut dg, mut du, mut n64) = (dh, g, u, dg, du, n as i64);
-    let mut args = [
-        &mut dh as *mut usize as *mut c_void,
-        &mut g as *mut usize as *mut c_void,
-        &mut u as *mut usize as *mut c_void,
-        &mut dg as *mut usize as *mut c_void,
-        &mut du as *mut usize as *mut c_void,
-        &mut n64 as *mut i64 as *mut c_void,
-        &mut vec_ok as *mut i32 as *mut c_void,
-    ];
-    // SAFETY: args match `(const T*, const T*, const T*, T*, T*, int64_t, int)`, which the caller
-    // guarantees for `kernel`, as it guarantees the pointers.
+    let (mut ptrs, mut n64) = (ptrs.to_vec(), e.n as i64);
+    let mut args: Vec<*mut c_void> = ptrs
+        .iter_mut()
+        .map(|p| p as *mut usize as *mut c_void)
+        .collect();
+    args.push(&mut n64 as *mut i64 as *mut c_void);
+    args.push(&mut vec_ok as *mut i32 as *mut c_void);
+    let cfg = LaunchConfig::linear(blocks, THREADS);
+    // SAFETY: args are the caller's pointers then (int64_t n, int vec_ok), as the caller
+    // guarantees the kernel takes them.
     unsafe {
         cuda::launch(
-            device,
-            stream,
+            e.device,
+            e.stream,
             kernel.module,
             kernel.name,
-            LaunchConfig::linear(blocks, THREADS),
+            cfg,
             &mut args,
         )
     }

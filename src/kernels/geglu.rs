@@ -1,8 +1,7 @@
 //! Launchers for `kernels/geglu.cu`: `h = gelu(g) * u` (tanh or erf gelu) and its backward.
 
-use super::gated::{self, Kernel};
+use super::gated::{self, Elems, Kernel};
 use super::DType;
-use crate::cuda::RawStream;
 use crate::{Error, Result};
 
 /// Which gelu the kernel computes; names follow `torch.nn.functional.gelu(approximate=...)`.
@@ -57,32 +56,11 @@ fn kernel(fwd: bool, gelu: Gelu, dtype: DType) -> Kernel {
 /// # Safety
 /// `g`, `u` and `h` must be device pointers on `device` to at least `n` elements of `dtype`,
 /// live until the launch has run on `stream`; `h` must not overlap `g` or `u`.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn forward(
-    dtype: DType,
-    gelu: Gelu,
-    g: usize,
-    u: usize,
-    h: usize,
-    n: usize,
-    device: i32,
-    stream: RawStream,
-) -> Result<()> {
+pub unsafe fn forward(e: &Elems, gelu: Gelu, g: usize, u: usize, h: usize) -> Result<()> {
+    let k = kernel(true, gelu, e.dtype);
     // SAFETY: the caller's guarantees; `geglu_<variant>_fwd_<dtype>` takes the gated forward
     // arguments.
-    unsafe {
-        gated::forward(
-            kernel(true, gelu, dtype),
-            "geglu forward",
-            dtype,
-            g,
-            u,
-            h,
-            n,
-            device,
-            stream,
-        )
-    }
+    unsafe { gated::forward(k, "geglu forward", e, g, u, h) }
 }
 
 /// Gradients of GeGLU: `dg = dh * u * gelu'(g)`, `du = dh * gelu(g)` (all `n` contiguous
@@ -90,37 +68,19 @@ pub unsafe fn forward(
 ///
 /// # Safety
 /// As [`forward`]; `dg` and `du` are outputs that overlap neither each other nor the inputs.
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn backward(
-    dtype: DType,
+    e: &Elems,
     gelu: Gelu,
     dh: usize,
     g: usize,
     u: usize,
     dg: usize,
     du: usize,
-    n: usize,
-    device: i32,
-    stream: RawStream,
 ) -> Result<()> {
+    let k = kernel(false, gelu, e.dtype);
     // SAFETY: the caller's guarantees; `geglu_<variant>_bwd_<dtype>` takes the gated backward
     // arguments.
-    unsafe {
-        let k = kernel(false, gelu, dtype);
-        gated::backward(
-            k,
-            "geglu backward",
-            dtype,
-            dh,
-            g,
-            u,
-            dg,
-            du,
-            n,
-            device,
-            stream,
-        )
-    }
+    unsafe { gated::backward(k, "geglu backward", e, dh, g, u, dg, du) }
 }
 
 #[cfg(test)]
@@ -136,11 +96,24 @@ mod tests {
 
     #[test]
     fn null_pointer_is_rejected_before_any_cuda_call() {
+        let stream = crate::cuda::RawStream(0);
+        let e = Elems {
+            dtype: DType::F32,
+            n: 4,
+            device: 0,
+            stream,
+        };
         // SAFETY: n > 0 with a null pointer must fail in the argument check, touching no device.
-        let r = unsafe { forward(DType::F32, Gelu::Tanh, 0, 16, 32, 4, 0, RawStream(0)) };
+        let r = unsafe { forward(&e, Gelu::Tanh, 0, 16, 32) };
         assert!(matches!(r, Err(Error::InvalidArgument(_))));
+        let e = Elems {
+            dtype: DType::BF16,
+            n: 0,
+            device: 0,
+            stream,
+        };
         // SAFETY: n == 0 returns before any pointer is looked at.
-        let r = unsafe { backward(DType::BF16, Gelu::Erf, 0, 0, 0, 0, 0, 0, 0, RawStream(0)) };
+        let r = unsafe { backward(&e, Gelu::Erf, 0, 0, 0, 0, 0) };
         assert!(r.is_ok());
     }
 }

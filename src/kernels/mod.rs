@@ -12,6 +12,8 @@ pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
 
+pub use gated::Elems;
+
 /// Floating-point element types our kernels are compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {

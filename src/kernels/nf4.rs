@@ -50,43 +50,65 @@ pub enum ScalesPtr {
     },
 }
 
-/// Dequantize `n` elements of packed NF4/FP4 codes into `out` (`dtype`).
-///
-/// # Safety
-/// Every pointer must be a device pointer on `device`: `packed` to `ceil(n/2)` bytes, the scale
-/// buffers to the sizes [`ScalesPtr`] names, `out` to `n` elements of `dtype` not overlapping
-/// the inputs; all live until the launch has run on `stream`.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn dequantize(
-    packed: usize,
-    scales: ScalesPtr,
-    out: usize,
-    n: usize,
-    blocksize: usize,
-    qt: QuantType,
-    dtype: DType,
-    device: i32,
-    stream: RawStream,
-) -> Result<()> {
-    check_blocksize(blocksize)?;
-    if n == 0 {
-        return Ok(());
+/// What both launchers take besides their buffers: `n` elements of `dtype`, quantized in blocks
+/// of `blocksize` as `qt` 4-bit codes, launched on `stream` of `device`.
+#[derive(Clone, Copy, Debug)]
+pub struct Params {
+    pub n: usize,
+    pub blocksize: usize,
+    pub qt: QuantType,
+    pub dtype: DType,
+    pub device: i32,
+    pub stream: RawStream,
+}
+
+impl Params {
+    /// Launch `kernel` of `nf4.cu` on `blocks` blocks of [`THREADS`].
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameters, as [`cuda::launch`] requires.
+    unsafe fn launch(
+        &self,
+        kernel: &'static str,
+        blocks: u32,
+        args: &mut [*mut c_void],
+    ) -> Result<()> {
+        let cfg = LaunchConfig::linear(blocks, THREADS);
+        // SAFETY: the caller guarantees the arguments.
+        unsafe { cuda::launch(self.device, self.stream, "nf4", kernel, cfg, args) }
     }
-    let (mut absmax, mut codes, mut nested, mut ncode, mut offset) = match scales {
-        ScalesPtr::Plain(p) => (p, 0usize, 0usize, 0usize, 0f32),
+}
+
+/// The four scale pointers of the dequantize entry (`absmax`, `codes`, `nested_absmax`,
+/// `nested_code`; zero where unused) and the offset, after checking the nested ones.
+fn scale_args(scales: ScalesPtr) -> Result<([usize; 4], f32)> {
+    match scales {
+        ScalesPtr::Plain(p) => Ok(([p, 0, 0, 0], 0.0)),
         ScalesPtr::Nested {
             codes,
             nested_absmax,
             nested_code,
             offset,
         } => {
-            check_ptrs(
-                "nf4 dequantize (nested scales)",
-                &[codes, nested_absmax, nested_code],
-            )?;
-            (0, codes, nested_absmax, nested_code, offset)
+            let ptrs = [codes, nested_absmax, nested_code];
+            check_ptrs("nf4 dequantize (nested scales)", &ptrs)?;
+            Ok(([0, codes, nested_absmax, nested_code], offset))
         }
-    };
+    }
+}
+
+/// Dequantize `p.n` elements of packed NF4/FP4 codes into `out` (`p.dtype`).
+///
+/// # Safety
+/// Every pointer must be a device pointer on `device`: `packed` to `ceil(n/2)` bytes, the scale
+/// buffers to the sizes [`ScalesPtr`] names, `out` to `n` elements of `dtype` not overlapping
+/// the inputs; all live until the launch has run on `stream`.
+pub unsafe fn dequantize(p: &Params, packed: usize, scales: ScalesPtr, out: usize) -> Result<()> {
+    check_blocksize(p.blocksize)?;
+    if p.n == 0 {
+        return Ok(());
+    }
+    let ([mut absmax, mut codes, mut nested, mut ncode], mut offset) = scale_args(scales)?;
     check_ptrs("nf4 dequantize", &[packed, out])?;
     if absmax == 0 && codes == 0 {
         return Err(Error::invalid("nf4 dequantize: null scale pointer"));
@@ -94,16 +116,16 @@ pub unsafe fn dequantize(
     // The chunk and unit loops read 4 (2 for fp32) packed bytes as one word and write one
     // 16-byte vector per unit; otherwise the kernel goes element by element.
     let mut vec_ok = (packed % 4 == 0 && all_aligned16(&[out])) as i32;
-    let kernel = dequant_kernel(dtype);
+    let kernel = dequant_kernel(p.dtype);
     // One chunk per warp, i.e. UNITS_PER_LANE store units per thread (one resident wave looping
     // over the chunks is slower: docs/benchmarks.md, "NF4 dequantize").
-    let unit_elems = 16 / dtype.size();
-    let blocks = elementwise_grid(n, UNITS_PER_LANE * unit_elems, THREADS, || {
-        cuda::resident_blocks(device, "nf4", kernel, THREADS)
+    let unit_elems = 16 / p.dtype.size();
+    let blocks = elementwise_grid(p.n, UNITS_PER_LANE * unit_elems, THREADS, || {
+        cuda::resident_blocks(p.device, "nf4", kernel, THREADS)
     })?;
-    let mut qt_i = qt_code(qt);
-    let mut n64 = n as i64;
-    let mut bs_log2 = blocksize.trailing_zeros() as i32;
+    let mut qt_i = qt_code(p.qt);
+    let mut n64 = p.n as i64;
+    let mut bs_log2 = p.blocksize.trailing_zeros() as i32;
     let (mut packed, mut out) = (packed, out);
     let mut args = [
         &mut packed as *mut usize as *mut c_void,
@@ -122,50 +144,31 @@ pub unsafe fn dequantize(
     // const float*, const float*, float, int, T*, int64_t, int, int vec_ok)`; vec_ok is set only
     // when the packed and output pointers are aligned for the word loads and vector stores; the
     // caller guarantees the pointers (null scale pointers select the other scale source).
-    unsafe {
-        cuda::launch(
-            device,
-            stream,
-            "nf4",
-            kernel,
-            LaunchConfig::linear(blocks, THREADS),
-            &mut args,
-        )
-    }
+    unsafe { p.launch(kernel, blocks, &mut args) }
 }
 
-/// Quantize `n` contiguous elements of `src` (`dtype`) into `packed` (`ceil(n/2)` bytes) and
-/// `absmax` (float32, `ceil(n/blocksize)`), byte-identical to [`crate::quant::quantize_4bit`].
+/// Quantize `p.n` contiguous elements of `src` (`p.dtype`) into `packed` (`ceil(n/2)` bytes)
+/// and `absmax` (float32, `ceil(n/blocksize)`), byte-identical to
+/// [`crate::quant::quantize_4bit`].
 ///
 /// # Safety
 /// `src`, `packed` and `absmax` must be device pointers on `device` of the sizes above, not
 /// overlapping, live until the launch has run on `stream`.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn quantize(
-    src: usize,
-    packed: usize,
-    absmax: usize,
-    n: usize,
-    blocksize: usize,
-    qt: QuantType,
-    dtype: DType,
-    device: i32,
-    stream: RawStream,
-) -> Result<()> {
-    check_blocksize(blocksize)?;
-    if n == 0 {
+pub unsafe fn quantize(p: &Params, src: usize, packed: usize, absmax: usize) -> Result<()> {
+    check_blocksize(p.blocksize)?;
+    if p.n == 0 {
         return Ok(());
     }
     check_ptrs("nf4 quantize", &[src, packed, absmax])?;
     // One warp per quantization block; 8 warps per CTA; enough CTAs to fill the GPU.
-    let nblocks = n.div_ceil(blocksize);
+    let nblocks = p.n.div_ceil(p.blocksize);
     let warps_per_cta = (THREADS / 32) as usize;
-    let cap = cuda::sm_count(device)? as usize * 16;
+    let cap = cuda::sm_count(p.device)? as usize * 16;
     let ctas = nblocks.div_ceil(warps_per_cta).clamp(1, cap.max(1)) as u32;
     let (mut src, mut packed, mut absmax) = (src, packed, absmax);
-    let mut n64 = n as i64;
-    let mut bs = blocksize as i32;
-    let mut qt_i = qt_code(qt);
+    let mut n64 = p.n as i64;
+    let mut bs = p.blocksize as i32;
+    let mut qt_i = qt_code(p.qt);
     let mut args = [
         &mut src as *mut usize as *mut c_void,
         &mut packed as *mut usize as *mut c_void,
@@ -176,14 +179,5 @@ pub unsafe fn quantize(
     ];
     // SAFETY: args match `nf4_quant_<dtype>(const T*, uint8_t*, float*, int64_t, int, int)`;
     // the caller guarantees the pointers.
-    unsafe {
-        cuda::launch(
-            device,
-            stream,
-            "nf4",
-            quant_kernel(dtype),
-            LaunchConfig::linear(ctas, THREADS),
-            &mut args,
-        )
-    }
+    unsafe { p.launch(quant_kernel(p.dtype), ctas, &mut args) }
 }

@@ -156,6 +156,18 @@ pub fn backward_partial_rows(rows: usize, cols: usize, dtype: DType, device: i32
     Ok(blocks * per_block)
 }
 
+/// The shape and launch context every RMSNorm entry shares: `rows` contiguous rows of `cols`
+/// elements of `dtype` (`gemma` selects `(1 + w)`), launched on `stream` of `device`.
+#[derive(Clone, Copy, Debug)]
+pub struct Rows {
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+    pub gemma: bool,
+    pub device: i32,
+    pub stream: RawStream,
+}
+
 /// RMSNorm forward: `y` (`rows x cols`, `dtype`) and `rstd` (`rows` fp32) from `x` and `w`
 /// (`cols`); `gemma` selects `(1 + w)` with a single rounding instead of Llama's
 /// `w * T(x_hat)`.
@@ -164,33 +176,12 @@ pub fn backward_partial_rows(rows: usize, cols: usize, dtype: DType, device: i32
 /// `x`, `y` must be device pointers on `device` to `rows * cols` contiguous elements of `dtype`,
 /// `w` to `cols` elements, `rstd` to `rows` f32, all live until the launch has run on `stream`;
 /// `y` and `rstd` overlap nothing else.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn forward(
-    dtype: DType,
-    x: usize,
-    w: usize,
-    y: usize,
-    rstd: usize,
-    rows: usize,
-    cols: usize,
-    eps: f32,
-    gemma: bool,
-    device: i32,
-    stream: RawStream,
-) -> Result<()> {
-    let rows_args = RowArgs::new("rms_norm forward", rows, cols, gemma, device, stream)?;
+pub unsafe fn forward(r: &Rows, x: usize, w: usize, y: usize, rstd: usize, eps: f32) -> Result<()> {
+    check_shape("rms_norm forward", r.rows, r.cols)?;
     // SAFETY: `rms_norm_fwd_<dtype>(const T* x, const T* w, T* y, float* rstd, ...)`; the caller
     // guarantees the pointers and sizes.
-    unsafe {
-        launch_forward(
-            forward_kernel(dtype),
-            dtype,
-            &[x, w, y],
-            rstd,
-            eps,
-            rows_args,
-        )
-    }
+    let kernel = forward_kernel(r.dtype);
+    unsafe { launch_forward("rms_norm forward", kernel, r, &[x, w, y], rstd, eps) }
 }
 
 /// Residual add + RMSNorm forward: `s = x + residual` (rounded to `dtype`, `rows x cols`), and
@@ -202,65 +193,21 @@ pub unsafe fn forward(
 /// has run on `stream`; `s`, `y` and `rstd` overlap nothing else.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn add_forward(
-    dtype: DType,
+    r: &Rows,
     x: usize,
     residual: usize,
     w: usize,
     s: usize,
     y: usize,
     rstd: usize,
-    rows: usize,
-    cols: usize,
     eps: f32,
-    gemma: bool,
-    device: i32,
-    stream: RawStream,
 ) -> Result<()> {
-    let rows_args = RowArgs::new("add_rms_norm forward", rows, cols, gemma, device, stream)?;
-    let ptrs = [x, residual, w, s, y];
+    const WHAT: &str = "add_rms_norm forward";
+    check_shape(WHAT, r.rows, r.cols)?;
+    let kernel = add_forward_kernel(r.dtype);
     // SAFETY: `add_rms_norm_fwd_<dtype>(const T* x, const T* res, const T* w, T* s, T* y,
     // float* rstd, ...)`; the caller guarantees the pointers and sizes.
-    unsafe {
-        launch_forward(
-            add_forward_kernel(dtype),
-            dtype,
-            &ptrs,
-            rstd,
-            eps,
-            rows_args,
-        )
-    }
-}
-
-/// The arguments every row kernel takes after its pointers, checked once.
-struct RowArgs {
-    what: &'static str,
-    rows: usize,
-    cols: usize,
-    gemma: bool,
-    device: i32,
-    stream: RawStream,
-}
-
-impl RowArgs {
-    fn new(
-        what: &'static str,
-        rows: usize,
-        cols: usize,
-        gemma: bool,
-        device: i32,
-        stream: RawStream,
-    ) -> Result<RowArgs> {
-        check_shape(what, rows, cols)?;
-        Ok(RowArgs {
-            what,
-            rows,
-            cols,
-            gemma,
-            device,
-            stream,
-        })
-    }
+    unsafe { launch_forward(WHAT, kernel, r, &[x, residual, w, s, y], rstd, eps) }
 }
 
 /// Launch a forward entry: `ptrs` are its `dtype` pointers in signature order (each row-sized but
@@ -269,57 +216,70 @@ impl RowArgs {
 /// # Safety
 /// As [`forward`] / [`add_forward`] for the entry's pointers.
 unsafe fn launch_forward(
+    what: &str,
     kernel: &'static str,
-    dtype: DType,
+    r: &Rows,
     ptrs: &[usize],
     rstd: usize,
     eps: f32,
-    a: RowArgs,
 ) -> Result<()> {
-    if a.rows == 0 {
+    if r.rows == 0 {
         return Ok(());
     }
     let mut all = ptrs.to_vec();
     all.push(rstd);
-    check_ptrs(a.what, &all)?;
+    check_ptrs(what, &all)?;
     if !(eps >= 0.0 && eps.is_finite()) {
         return Err(Error::invalid(format!(
-            "{}: eps must be finite and >= 0, got {eps}",
-            a.what
+            "{what}: eps must be finite and >= 0, got {eps}"
         )));
     }
-    let plan = forward_plan(dtype, a.cols);
-    let fast = plan.fast(dtype, a.cols, ptrs) as i32;
-    let blocks = a
-        .rows
-        .div_ceil(plan.rows_per_block())
-        .min(i32::MAX as usize) as u32;
-    let mut scalars = Scalars {
-        rows: a.rows as i64,
-        cols: a.cols as i64,
-        eps,
-        gemma: a.gemma as i32,
-        group: plan.group as i32,
-        fast,
-    };
-    let mut args: Vec<*mut c_void> = all
-        .iter_mut()
-        .map(|p| p as *mut usize as *mut c_void)
-        .collect();
-    args.extend(scalars.forward_args());
+    let plan = forward_plan(r.dtype, r.cols);
+    let fast = plan.fast(r.dtype, r.cols, ptrs);
+    let mut scalars = Scalars::new(r, plan, eps, fast);
     // SAFETY: the entry takes its pointers, then (int64 rows, int64 cols, float eps, int gemma,
     // int group, int fast); `fast` is set only when the plan's threads hold the whole row at
     // FWD_VECS vectors per thread and every row pointer is 16-byte aligned.
     unsafe {
-        cuda::launch(
-            a.device,
-            a.stream,
-            "rms_norm",
+        launch_rows(
+            r,
             kernel,
-            LaunchConfig::linear(blocks, plan.threads),
-            &mut args,
+            plan,
+            row_blocks(r, plan),
+            all,
+            &scalars.forward_args(),
         )
     }
+}
+
+/// Blocks for one group per row (the kernel loops when the grid is capped): short blocks.
+fn row_blocks(r: &Rows, plan: Plan) -> u32 {
+    r.rows
+        .div_ceil(plan.rows_per_block())
+        .min(i32::MAX as usize) as u32
+}
+
+/// Launch `kernel` of `kernels/rms_norm.cu` on `blocks` blocks of `plan`'s threads with the
+/// pointer arguments `ptrs` followed by the scalar arguments `tail`.
+///
+/// # Safety
+/// `ptrs` then `tail` must match the entry's signature, with the sizes its caller guarantees.
+unsafe fn launch_rows(
+    r: &Rows,
+    kernel: &'static str,
+    plan: Plan,
+    blocks: u32,
+    mut ptrs: Vec<usize>,
+    tail: &[*mut c_void],
+) -> Result<()> {
+    let mut args: Vec<*mut c_void> = ptrs
+        .iter_mut()
+        .map(|p| p as *mut usize as *mut c_void)
+        .collect();
+    args.extend_from_slice(tail);
+    let cfg = LaunchConfig::linear(blocks, plan.threads);
+    // SAFETY: the caller guarantees the arguments; `ptrs` outlives the launch call.
+    unsafe { cuda::launch(r.device, r.stream, "rms_norm", kernel, cfg, &mut args) }
 }
 
 /// The scalar kernel arguments, kept in one place so their pointers outlive the launch.
@@ -333,6 +293,17 @@ struct Scalars {
 }
 
 impl Scalars {
+    fn new(r: &Rows, plan: Plan, eps: f32, fast: bool) -> Scalars {
+        Scalars {
+            rows: r.rows as i64,
+            cols: r.cols as i64,
+            eps,
+            gemma: r.gemma as i32,
+            group: plan.group as i32,
+            fast: fast as i32,
+        }
+    }
+
     fn forward_args(&mut self) -> [*mut c_void; 6] {
         [
             &mut self.rows as *mut i64 as *mut c_void,
@@ -367,7 +338,7 @@ impl Scalars {
 /// `partial` overlap nothing else.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn backward(
-    dtype: DType,
+    r: &Rows,
     dy: usize,
     x: usize,
     w: usize,
@@ -375,55 +346,28 @@ pub unsafe fn backward(
     dx: usize,
     partial: usize,
     partial_rows: usize,
-    rows: usize,
-    cols: usize,
-    gemma: bool,
-    device: i32,
-    stream: RawStream,
 ) -> Result<()> {
-    let expected = backward_partial_rows(rows, cols, dtype, device)?;
+    let expected = backward_partial_rows(r.rows, r.cols, r.dtype, r.device)?;
     if partial_rows != expected {
         return Err(Error::invalid(format!(
             "rms_norm backward: partial buffer has {partial_rows} rows, expected {expected}"
         )));
     }
-    if cols == 0 {
+    if r.cols == 0 {
         return Ok(());
     }
-    check_ptrs("rms_norm backward", &[dy, x, w, rstd, dx, partial])?;
-    let plan = Plan::for_backward(cols);
-    let mut fast = plan.fast(dtype, cols, &[dy, x, w, dx, partial]) as i32;
+    let ptrs = vec![dy, x, w, rstd, dx, partial];
+    check_ptrs("rms_norm backward", &ptrs)?;
+    let plan = Plan::for_backward(r.cols);
+    let fast = plan.fast(r.dtype, r.cols, &[dy, x, w, dx, partial]);
     // Exactly the grid `backward_partial_rows` assumed: one partial row per group.
     let blocks = (expected / plan.rows_per_block()) as u32;
-    let (mut dy, mut x, mut w, mut rstd, mut dx, mut partial) = (dy, x, w, rstd, dx, partial);
-    let (mut rows64, mut cols64) = (rows as i64, cols as i64);
-    let (mut gemma, mut group) = (gemma as i32, plan.group as i32);
-    let mut args = [
-        &mut dy as *mut usize as *mut c_void,
-        &mut x as *mut usize as *mut c_void,
-        &mut w as *mut usize as *mut c_void,
-        &mut rstd as *mut usize as *mut c_void,
-        &mut dx as *mut usize as *mut c_void,
-        &mut partial as *mut usize as *mut c_void,
-        &mut rows64 as *mut i64 as *mut c_void,
-        &mut cols64 as *mut i64 as *mut c_void,
-        &mut gemma as *mut i32 as *mut c_void,
-        &mut group as *mut i32 as *mut c_void,
-        &mut fast as *mut i32 as *mut c_void,
-    ];
+    let mut scalars = Scalars::new(r, plan, 0.0, fast);
+    let kernel = backward_kernel(r.dtype);
     // SAFETY: args match `rms_norm_bwd_<dtype>(const T*, const T*, const T*, const float*, T*,
     // float*, int64_t, int64_t, int, int, int)`; the caller guarantees the pointers and sizes,
     // and the grid has exactly `partial_rows` groups, so every partial row is written.
-    unsafe {
-        cuda::launch(
-            device,
-            stream,
-            "rms_norm",
-            backward_kernel(dtype),
-            LaunchConfig::linear(blocks, plan.threads),
-            &mut args,
-        )
-    }
+    unsafe { launch_rows(r, kernel, plan, blocks, ptrs, &scalars.backward_args()) }
 }
 
 /// RMSNorm backward for a frozen weight: `dx` only (`rows x cols`, `dtype`), one pass with the
@@ -434,25 +378,27 @@ pub unsafe fn backward(
 /// `dy`, `x`, `dx` must be device pointers on `device` to `rows * cols` contiguous elements of
 /// `dtype`, `w` to `cols` elements, `rstd` to `rows` f32 (as written by [`forward`]), all live
 /// until the launch has run on `stream`; `dx` overlaps nothing else.
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn backward_dx(
-    dtype: DType,
+    r: &Rows,
     dy: usize,
     x: usize,
     w: usize,
     rstd: usize,
     dx: usize,
-    rows: usize,
-    cols: usize,
-    gemma: bool,
-    device: i32,
-    stream: RawStream,
 ) -> Result<()> {
-    let a = RowArgs::new("rms_norm backward", rows, cols, gemma, device, stream)?;
-    let (kernel, elems) = dx_kernel(dtype, cols, false);
+    check_shape("rms_norm backward", r.rows, r.cols)?;
+    let (kernel, elems) = dx_kernel(r.dtype, r.cols, false);
     // SAFETY: `rms_norm_bwd_dx{4,8}_<dtype>(const T* dy, const T* x, const T* w, const float*
     // rstd, T* dx, ...)`; the caller guarantees the pointers and sizes.
-    unsafe { launch_dx(kernel, elems, dtype, &[dy, x, w, rstd, dx], 3, a) }
+    unsafe {
+        launch_dx(
+            "rms_norm backward",
+            (kernel, elems),
+            r,
+            &[dy, x, w, rstd, dx],
+            3,
+        )
+    }
 }
 
 /// Residual add + RMSNorm backward for a frozen weight: `dx = ds + d norm(s) / d s` rounded once
@@ -463,83 +409,52 @@ pub unsafe fn backward_dx(
 /// `dy`, `ds`, `s`, `dx` must be device pointers on `device` to `rows * cols` contiguous elements
 /// of `dtype`, `w` to `cols` elements, `rstd` to `rows` f32 (as written by [`add_forward`]), all
 /// live until the launch has run on `stream`; `dx` overlaps nothing else.
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn add_backward_dx(
-    dtype: DType,
+    r: &Rows,
     dy: usize,
     ds: usize,
     s: usize,
     w: usize,
     rstd: usize,
     dx: usize,
-    rows: usize,
-    cols: usize,
-    gemma: bool,
-    device: i32,
-    stream: RawStream,
 ) -> Result<()> {
-    let a = RowArgs::new("add_rms_norm backward", rows, cols, gemma, device, stream)?;
-    let (kernel, elems) = dx_kernel(dtype, cols, true);
+    const WHAT: &str = "add_rms_norm backward";
+    check_shape(WHAT, r.rows, r.cols)?;
+    let entry = dx_kernel(r.dtype, r.cols, true);
     // SAFETY: `add_rms_norm_bwd_dx{4,8}_<dtype>(const T* dy, const T* ds, const T* s, const T* w,
     // const float* rstd, T* dx, ...)`; the caller guarantees the pointers and sizes.
-    unsafe { launch_dx(kernel, elems, dtype, &[dy, ds, s, w, rstd, dx], 4, a) }
+    unsafe { launch_dx(WHAT, entry, r, &[dy, ds, s, w, rstd, dx], 4) }
 }
 
-/// Launch a dx-only entry: `ptrs` in signature order, `ptrs[rstd_at]` the fp32 rstd (not part of
-/// the 16-byte alignment test), then rows, cols, gemma, group, fast; one group per row.
+/// Launch a dx-only entry (`(name, elements per thread)`): `ptrs` in signature order,
+/// `ptrs[rstd_at]` the fp32 rstd (not part of the 16-byte alignment test), then rows, cols,
+/// gemma, group, fast; one group per row.
 ///
 /// # Safety
 /// As [`backward_dx`] / [`add_backward_dx`] for the entry's pointers.
 unsafe fn launch_dx(
-    kernel: &'static str,
-    elems: usize,
-    dtype: DType,
+    what: &str,
+    (kernel, elems): (&'static str, usize),
+    r: &Rows,
     ptrs: &[usize],
     rstd_at: usize,
-    a: RowArgs,
 ) -> Result<()> {
-    if a.rows == 0 {
+    if r.rows == 0 {
         return Ok(());
     }
-    check_ptrs(a.what, ptrs)?;
-    let plan = Plan::with_elems(a.cols, elems);
+    check_ptrs(what, ptrs)?;
+    let plan = Plan::with_elems(r.cols, elems);
     let vec_ptrs: Vec<usize> = (ptrs.iter().enumerate())
         .filter(|&(i, _)| i != rstd_at)
         .map(|(_, &p)| p)
         .collect();
-    let fast = plan.fast(dtype, a.cols, &vec_ptrs) as i32;
-    // One group per row (the kernel loops when the grid is capped): short blocks, as forward.
-    let blocks = a
-        .rows
-        .div_ceil(plan.rows_per_block())
-        .min(i32::MAX as usize) as u32;
-    let mut scalars = Scalars {
-        rows: a.rows as i64,
-        cols: a.cols as i64,
-        eps: 0.0,
-        gemma: a.gemma as i32,
-        group: plan.group as i32,
-        fast,
-    };
-    let mut all = ptrs.to_vec();
-    let mut args: Vec<*mut c_void> = all
-        .iter_mut()
-        .map(|p| p as *mut usize as *mut c_void)
-        .collect();
-    args.extend(scalars.backward_args());
+    let fast = plan.fast(r.dtype, r.cols, &vec_ptrs);
+    let mut scalars = Scalars::new(r, plan, 0.0, fast);
+    let tail = scalars.backward_args();
     // SAFETY: the entry takes its pointers, then (int64 rows, int64 cols, int gemma, int group,
     // int fast); `fast` is set only when the plan's threads hold the whole row at the entry's
     // elements and every row pointer is 16-byte aligned.
-    unsafe {
-        cuda::launch(
-            a.device,
-            a.stream,
-            "rms_norm",
-            kernel,
-            LaunchConfig::linear(blocks, plan.threads),
-            &mut args,
-        )
-    }
+    unsafe { launch_rows(r, kernel, plan, row_blocks(r, plan), ptrs.to_vec(), &tail) }
 }
 
 #[cfg(test)]

@@ -1,8 +1,7 @@
 //! Launchers for `kernels/swiglu.cu`: `h = silu(g) * u` and its backward.
 
-use super::gated::{self, Kernel};
+use super::gated::{self, Elems, Kernel};
 use super::DType;
-use crate::cuda::RawStream;
 use crate::Result;
 
 fn kernel_name(fwd: bool, dtype: DType) -> &'static str {
@@ -28,61 +27,25 @@ fn kernel(fwd: bool, dtype: DType) -> Kernel {
 /// # Safety
 /// `g`, `u` and `h` must be device pointers on `device` to at least `n` elements of `dtype`,
 /// live until the launch has run on `stream`; `h` must not overlap `g` or `u`.
-pub unsafe fn forward(
-    dtype: DType,
-    g: usize,
-    u: usize,
-    h: usize,
-    n: usize,
-    device: i32,
-    stream: RawStream,
-) -> Result<()> {
+pub unsafe fn forward(e: &Elems, g: usize, u: usize, h: usize) -> Result<()> {
+    let k = kernel(true, e.dtype);
     // SAFETY: the caller's guarantees; `swiglu_fwd_<dtype>` takes the gated forward arguments.
-    unsafe {
-        gated::forward(
-            kernel(true, dtype),
-            "swiglu forward",
-            dtype,
-            g,
-            u,
-            h,
-            n,
-            device,
-            stream,
-        )
-    }
+    unsafe { gated::forward(k, "swiglu forward", e, g, u, h) }
 }
 
 /// Gradients of SwiGLU: `dg`, `du` from `dh`, `g`, `u` (all `n` contiguous elements).
 ///
 /// # Safety
 /// As [`forward`]; `dg` and `du` are outputs that overlap neither each other nor the inputs.
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn backward(
-    dtype: DType,
+    e: &Elems,
     dh: usize,
     g: usize,
     u: usize,
     dg: usize,
     du: usize,
-    n: usize,
-    device: i32,
-    stream: RawStream,
 ) -> Result<()> {
+    let k = kernel(false, e.dtype);
     // SAFETY: the caller's guarantees; `swiglu_bwd_<dtype>` takes the gated backward arguments.
-    unsafe {
-        gated::backward(
-            kernel(false, dtype),
-            "swiglu backward",
-            dtype,
-            dh,
-            g,
-            u,
-            dg,
-            du,
-            n,
-            device,
-            stream,
-        )
-    }
+    unsafe { gated::backward(k, "swiglu backward", e, dh, g, u, dg, du) }
 }

@@ -4,10 +4,30 @@
 
 use pyo3::prelude::*;
 
-use super::guard;
+use super::{guard, launch};
 use crate::args::check_device;
 use crate::cuda::RawStream;
-use crate::kernels::{swiglu, DType};
+use crate::kernels::{swiglu, DType, Elems};
+
+/// The launch context of an elementwise binding over `n` elements, after parsing its dtype name
+/// and checking its buffers (`what` names the binding in errors).
+pub(super) fn checked_elems(
+    what: &str,
+    bufs: &[usize],
+    n: usize,
+    dtype: DType,
+    device: i32,
+    stream: usize,
+) -> PyResult<Elems> {
+    guard(|| check_device(what, bufs, n, dtype.size()))?;
+    let stream = RawStream(stream);
+    Ok(Elems {
+        dtype,
+        n,
+        device,
+        stream,
+    })
+}
 
 /// swiglu_fwd(g, u, h, n, dtype, device, stream) -> None
 ///
@@ -25,9 +45,9 @@ fn swiglu_fwd(
     stream: usize,
 ) -> PyResult<()> {
     let dtype = guard(|| DType::parse(dtype))?;
-    guard(|| check_device("swiglu_fwd", &[g, u, h], n, dtype.size()))?;
+    let e = checked_elems("swiglu_fwd", &[g, u, h], n, dtype, device, stream)?;
     // SAFETY: the Python op passes live, contiguous tensors of `n` elements of `dtype` on `device`.
-    py.detach(|| guard(|| unsafe { swiglu::forward(dtype, g, u, h, n, device, RawStream(stream)) }))
+    launch(py, || unsafe { swiglu::forward(&e, g, u, h) })
 }
 
 /// swiglu_bwd(dh, g, u, dg, du, n, dtype, device, stream) -> None
@@ -48,11 +68,9 @@ fn swiglu_bwd(
     stream: usize,
 ) -> PyResult<()> {
     let dtype = guard(|| DType::parse(dtype))?;
-    guard(|| check_device("swiglu_bwd", &[dh, g, u, dg, du], n, dtype.size()))?;
+    let e = checked_elems("swiglu_bwd", &[dh, g, u, dg, du], n, dtype, device, stream)?;
     // SAFETY: as in swiglu_fwd; dg/du are fresh outputs allocated by torch.
-    py.detach(|| {
-        guard(|| unsafe { swiglu::backward(dtype, dh, g, u, dg, du, n, device, RawStream(stream)) })
-    })
+    launch(py, || unsafe { swiglu::backward(&e, dh, g, u, dg, du) })
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -5,10 +5,52 @@
 
 use pyo3::prelude::*;
 
-use super::guard;
+use super::{guard, launch};
 use crate::args::{check_device, row_span};
 use crate::cuda::RawStream;
-use crate::kernels::{cross_entropy, DType};
+use crate::kernels::cross_entropy::{self, Logits};
+use crate::kernels::DType;
+
+/// The launch context of a binding, after parsing its dtype name.
+fn logits_of(
+    dtype: &str,
+    ld: usize,
+    rows: usize,
+    cols: usize,
+    ignore: i64,
+    device: i32,
+    stream: usize,
+) -> PyResult<Logits> {
+    let dtype = guard(|| DType::parse(dtype))?;
+    let stream = RawStream(stream);
+    Ok(Logits {
+        dtype,
+        ld,
+        rows,
+        cols,
+        ignore,
+        device,
+        stream,
+    })
+}
+
+/// Check the buffers of binding `what`: the strided `logits`, `rows` int64 `targets`, and the
+/// two per-row float32 buffers `floats` (named `names` in errors).
+fn check_bufs(
+    what: &str,
+    l: &Logits,
+    logits: usize,
+    targets: usize,
+    (names, floats): (&str, [usize; 2]),
+) -> PyResult<()> {
+    guard(|| {
+        let on_logits = format!("{what} logits");
+        let span = row_span(&on_logits, l.rows, l.cols, l.ld)?;
+        check_device(&on_logits, &[logits], span, l.dtype.size())?;
+        check_device(&format!("{what} targets"), &[targets], l.rows, 8)?;
+        check_device(&format!("{what} {names}"), &floats, l.rows, 4)
+    })
+}
 
 /// cross_entropy_fwd(logits, ld, targets, lse, loss, rows, cols, ignore_index, dtype, device, stream) -> None
 ///
@@ -31,31 +73,18 @@ fn cross_entropy_fwd(
     device: i32,
     stream: usize,
 ) -> PyResult<()> {
-    let dtype = guard(|| DType::parse(dtype))?;
-    guard(|| {
-        let span = row_span("cross_entropy_fwd logits", rows, cols, ld)?;
-        check_device("cross_entropy_fwd logits", &[logits], span, dtype.size())?;
-        check_device("cross_entropy_fwd targets", &[targets], rows, 8)?;
-        check_device("cross_entropy_fwd lse/loss", &[lse, loss], rows, 4)
-    })?;
+    let l = logits_of(dtype, ld, rows, cols, ignore_index, device, stream)?;
+    check_bufs(
+        "cross_entropy_fwd",
+        &l,
+        logits,
+        targets,
+        ("lse/loss", [lse, loss]),
+    )?;
     // SAFETY: the Python op passes live tensors of the stated shapes, dtypes and strides on
     // `device`; lse and loss are fresh float32 outputs.
-    py.detach(|| {
-        guard(|| unsafe {
-            cross_entropy::forward(
-                dtype,
-                logits,
-                ld,
-                targets,
-                lse,
-                loss,
-                rows,
-                cols,
-                ignore_index,
-                device,
-                RawStream(stream),
-            )
-        })
+    launch(py, || unsafe {
+        cross_entropy::forward(&l, logits, targets, lse, loss)
     })
 }
 
@@ -79,31 +108,18 @@ fn cross_entropy_bwd(
     device: i32,
     stream: usize,
 ) -> PyResult<()> {
-    let dtype = guard(|| DType::parse(dtype))?;
-    guard(|| {
-        let span = row_span("cross_entropy_bwd logits", rows, cols, ld)?;
-        check_device("cross_entropy_bwd logits", &[logits], span, dtype.size())?;
-        check_device("cross_entropy_bwd targets", &[targets], rows, 8)?;
-        check_device("cross_entropy_bwd lse/scale", &[lse, scale], rows, 4)
-    })?;
+    let l = logits_of(dtype, ld, rows, cols, ignore_index, device, stream)?;
+    check_bufs(
+        "cross_entropy_bwd",
+        &l,
+        logits,
+        targets,
+        ("lse/scale", [lse, scale]),
+    )?;
     // SAFETY: as in cross_entropy_fwd; logits is the op's mutated input, lse/scale/targets are
     // separate tensors.
-    py.detach(|| {
-        guard(|| unsafe {
-            cross_entropy::backward(
-                dtype,
-                logits,
-                ld,
-                lse,
-                targets,
-                scale,
-                rows,
-                cols,
-                ignore_index,
-                device,
-                RawStream(stream),
-            )
-        })
+    launch(py, || unsafe {
+        cross_entropy::backward(&l, logits, lse, targets, scale)
     })
 }
 

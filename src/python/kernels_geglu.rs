@@ -5,9 +5,8 @@
 
 use pyo3::prelude::*;
 
-use super::guard;
-use crate::args::check_device;
-use crate::cuda::RawStream;
+use super::kernels::checked_elems;
+use super::{guard, launch};
 use crate::kernels::geglu::{self, Gelu};
 use crate::kernels::DType;
 
@@ -29,11 +28,9 @@ fn geglu_fwd(
     stream: usize,
 ) -> PyResult<()> {
     let (dtype, gelu) = guard(|| Ok((DType::parse(dtype)?, Gelu::parse(approximate)?)))?;
-    guard(|| check_device("geglu_fwd", &[g, u, h], n, dtype.size()))?;
+    let e = checked_elems("geglu_fwd", &[g, u, h], n, dtype, device, stream)?;
     // SAFETY: the Python op passes live, contiguous tensors of `n` elements of `dtype` on `device`.
-    py.detach(|| {
-        guard(|| unsafe { geglu::forward(dtype, gelu, g, u, h, n, device, RawStream(stream)) })
-    })
+    launch(py, || unsafe { geglu::forward(&e, gelu, g, u, h) })
 }
 
 /// geglu_bwd(dh, g, u, dg, du, n, dtype, approximate, device, stream) -> None
@@ -55,12 +52,10 @@ fn geglu_bwd(
     stream: usize,
 ) -> PyResult<()> {
     let (dtype, gelu) = guard(|| Ok((DType::parse(dtype)?, Gelu::parse(approximate)?)))?;
-    guard(|| check_device("geglu_bwd", &[dh, g, u, dg, du], n, dtype.size()))?;
+    let e = checked_elems("geglu_bwd", &[dh, g, u, dg, du], n, dtype, device, stream)?;
     // SAFETY: as in geglu_fwd; dg/du are fresh outputs allocated by torch.
-    py.detach(|| {
-        guard(|| unsafe {
-            geglu::backward(dtype, gelu, dh, g, u, dg, du, n, device, RawStream(stream))
-        })
+    launch(py, || unsafe {
+        geglu::backward(&e, gelu, dh, g, u, dg, du)
     })
 }
 

@@ -4,10 +4,44 @@
 
 use pyo3::prelude::*;
 
-use super::guard;
+use super::{guard, launch};
 use crate::args::{check_device, row_span};
 use crate::cuda::RawStream;
-use crate::kernels::{rms_norm, DType};
+use crate::kernels::rms_norm::{self, Rows};
+use crate::kernels::DType;
+
+/// The launch context of a binding, after parsing its dtype name.
+fn rows_of(
+    dtype: &str,
+    rows: usize,
+    cols: usize,
+    gemma: bool,
+    device: i32,
+    stream: usize,
+) -> PyResult<Rows> {
+    let dtype = guard(|| DType::parse(dtype))?;
+    let stream = RawStream(stream);
+    Ok(Rows {
+        dtype,
+        rows,
+        cols,
+        gemma,
+        device,
+        stream,
+    })
+}
+
+/// Check the buffers of binding `what`: `row_bufs` hold `rows x cols` elements of the dtype, `w`
+/// holds `cols` of them and `rstd` `rows` float32.
+fn check_bufs(what: &str, r: &Rows, row_bufs: &[usize], w: usize, rstd: usize) -> PyResult<()> {
+    let size = r.dtype.size();
+    guard(|| {
+        let span = row_span(what, r.rows, r.cols, r.cols)?;
+        check_device(what, row_bufs, span, size)?;
+        check_device(&format!("{what} w"), &[w], r.cols, size)?;
+        check_device(&format!("{what} rstd"), &[rstd], r.rows, 4)
+    })
+}
 
 /// rms_norm_fwd(x, w, y, rstd, rows, cols, eps, gemma, dtype, device, stream) -> None
 ///
@@ -29,32 +63,11 @@ fn rms_norm_fwd(
     device: i32,
     stream: usize,
 ) -> PyResult<()> {
-    let dtype = guard(|| DType::parse(dtype))?;
-    guard(|| {
-        let span = row_span("rms_norm_fwd", rows, cols, cols)?;
-        check_device("rms_norm_fwd", &[x, y], span, dtype.size())?;
-        check_device("rms_norm_fwd w", &[w], cols, dtype.size())?;
-        check_device("rms_norm_fwd rstd", &[rstd], rows, 4)
-    })?;
+    let r = rows_of(dtype, rows, cols, gemma, device, stream)?;
+    check_bufs("rms_norm_fwd", &r, &[x, y], w, rstd)?;
     // SAFETY: the Python op passes live contiguous tensors of the stated sizes on `device`, with
     // fresh outputs `y` and `rstd`.
-    py.detach(|| {
-        guard(|| unsafe {
-            rms_norm::forward(
-                dtype,
-                x,
-                w,
-                y,
-                rstd,
-                rows,
-                cols,
-                eps,
-                gemma,
-                device,
-                RawStream(stream),
-            )
-        })
-    })
+    launch(py, || unsafe { rms_norm::forward(&r, x, w, y, rstd, eps) })
 }
 
 /// rms_norm_bwd_partial_rows(rows, cols, dtype, device) -> int
@@ -94,32 +107,11 @@ fn rms_norm_bwd(
     device: i32,
     stream: usize,
 ) -> PyResult<()> {
-    let dtype = guard(|| DType::parse(dtype))?;
-    guard(|| {
-        let span = row_span("rms_norm_bwd", rows, cols, cols)?;
-        check_device("rms_norm_bwd", &[dy, x, dx], span, dtype.size())?;
-        check_device("rms_norm_bwd w", &[w], cols, dtype.size())?;
-        check_device("rms_norm_bwd rstd", &[rstd], rows, 4)
-    })?;
+    let r = rows_of(dtype, rows, cols, gemma, device, stream)?;
+    check_bufs("rms_norm_bwd", &r, &[dy, x, dx], w, rstd)?;
     // SAFETY: as in rms_norm_fwd; `dx` and `partial` are fresh outputs allocated by torch.
-    py.detach(|| {
-        guard(|| unsafe {
-            rms_norm::backward(
-                dtype,
-                dy,
-                x,
-                w,
-                rstd,
-                dx,
-                partial,
-                partial_rows,
-                rows,
-                cols,
-                gemma,
-                device,
-                RawStream(stream),
-            )
-        })
+    launch(py, || unsafe {
+        rms_norm::backward(&r, dy, x, w, rstd, dx, partial, partial_rows)
     })
 }
 
@@ -143,30 +135,11 @@ fn rms_norm_bwd_dx(
     device: i32,
     stream: usize,
 ) -> PyResult<()> {
-    let dtype = guard(|| DType::parse(dtype))?;
-    guard(|| {
-        let span = row_span("rms_norm_bwd_dx", rows, cols, cols)?;
-        check_device("rms_norm_bwd_dx", &[dy, x, dx], span, dtype.size())?;
-        check_device("rms_norm_bwd_dx w", &[w], cols, dtype.size())?;
-        check_device("rms_norm_bwd_dx rstd", &[rstd], rows, 4)
-    })?;
+    let r = rows_of(dtype, rows, cols, gemma, device, stream)?;
+    check_bufs("rms_norm_bwd_dx", &r, &[dy, x, dx], w, rstd)?;
     // SAFETY: as in rms_norm_fwd; `dx` is a fresh output allocated by torch.
-    py.detach(|| {
-        guard(|| unsafe {
-            rms_norm::backward_dx(
-                dtype,
-                dy,
-                x,
-                w,
-                rstd,
-                dx,
-                rows,
-                cols,
-                gemma,
-                device,
-                RawStream(stream),
-            )
-        })
+    launch(py, || unsafe {
+        rms_norm::backward_dx(&r, dy, x, w, rstd, dx)
     })
 }
 
@@ -192,33 +165,12 @@ fn add_rms_norm_fwd(
     device: i32,
     stream: usize,
 ) -> PyResult<()> {
-    let dtype = guard(|| DType::parse(dtype))?;
-    guard(|| {
-        let span = row_span("add_rms_norm_fwd", rows, cols, cols)?;
-        check_device("add_rms_norm_fwd", &[x, residual, s, y], span, dtype.size())?;
-        check_device("add_rms_norm_fwd w", &[w], cols, dtype.size())?;
-        check_device("add_rms_norm_fwd rstd", &[rstd], rows, 4)
-    })?;
+    let r = rows_of(dtype, rows, cols, gemma, device, stream)?;
+    check_bufs("add_rms_norm_fwd", &r, &[x, residual, s, y], w, rstd)?;
     // SAFETY: the Python op passes live contiguous tensors of the stated sizes on `device`, with
     // fresh outputs `s`, `y` and `rstd`.
-    py.detach(|| {
-        guard(|| unsafe {
-            rms_norm::add_forward(
-                dtype,
-                x,
-                residual,
-                w,
-                s,
-                y,
-                rstd,
-                rows,
-                cols,
-                eps,
-                gemma,
-                device,
-                RawStream(stream),
-            )
-        })
+    launch(py, || unsafe {
+        rms_norm::add_forward(&r, x, residual, w, s, y, rstd, eps)
     })
 }
 
@@ -243,31 +195,11 @@ fn add_rms_norm_bwd_dx(
     device: i32,
     stream: usize,
 ) -> PyResult<()> {
-    let dtype = guard(|| DType::parse(dtype))?;
-    guard(|| {
-        let span = row_span("add_rms_norm_bwd_dx", rows, cols, cols)?;
-        check_device("add_rms_norm_bwd_dx", &[dy, ds, s, dx], span, dtype.size())?;
-        check_device("add_rms_norm_bwd_dx w", &[w], cols, dtype.size())?;
-        check_device("add_rms_norm_bwd_dx rstd", &[rstd], rows, 4)
-    })?;
+    let r = rows_of(dtype, rows, cols, gemma, device, stream)?;
+    check_bufs("add_rms_norm_bwd_dx", &r, &[dy, ds, s, dx], w, rstd)?;
     // SAFETY: as in add_rms_norm_fwd; `dx` is a fresh output allocated by torch.
-    py.detach(|| {
-        guard(|| unsafe {
-            rms_norm::add_backward_dx(
-                dtype,
-                dy,
-                ds,
-                s,
-                w,
-                rstd,
-                dx,
-                rows,
-                cols,
-                gemma,
-                device,
-                RawStream(stream),
-            )
-        })
+    launch(py, || unsafe {
+        rms_norm::add_backward_dx(&r, dy, ds, s, w, rstd, dx)
     })
 }
 

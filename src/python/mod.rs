@@ -18,6 +18,11 @@ mod quant;
 
 pub(crate) use errors::guard;
 
+/// Run a checked launch with the GIL released, through [`guard`]: every kernel binding ends so.
+pub(crate) fn launch(py: Python<'_>, f: impl FnOnce() -> crate::Result<()> + Send) -> PyResult<()> {
+    py.detach(|| guard(f))
+}
+
 /// `rslora_fast._core`: the compiled extension.
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {

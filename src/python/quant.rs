@@ -5,7 +5,7 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-use super::guard;
+use super::{guard, launch};
 use crate::args::{byte_size, check_device, check_disjoint, host_slice, host_slice_mut};
 use crate::cuda::RawStream;
 use crate::kernels::nf4::{self, ScalesPtr};
@@ -303,23 +303,10 @@ fn nf4_dequantize_cuda(
     } else {
         ScalesPtr::Plain(absmax)
     };
+    let p = params(n, blocksize, qt, dtype, device, stream);
     // SAFETY: the Python layer passes live contiguous CUDA tensors of the documented sizes on
     // `device`, allocated by torch; `out` is a separate buffer.
-    py.detach(|| {
-        guard(|| unsafe {
-            nf4::dequantize(
-                packed,
-                scales,
-                out,
-                n,
-                blocksize,
-                qt,
-                dtype,
-                device,
-                RawStream(stream),
-            )
-        })
-    })
+    launch(py, || unsafe { nf4::dequantize(&p, packed, scales, out) })
 }
 
 /// nf4_quantize_cuda(src, src_dtype, n, blocksize, quant_type, packed, absmax, device, stream)
@@ -355,22 +342,29 @@ fn nf4_quantize_cuda(
         let nb = quant::num_blocks(n, blocksize);
         check_device("nf4_quantize_cuda absmax", &[absmax], nb, 4)
     })?;
+    let p = params(n, blocksize, qt, dtype, device, stream);
     // SAFETY: as in nf4_dequantize_cuda; outputs are fresh torch allocations.
-    py.detach(|| {
-        guard(|| unsafe {
-            nf4::quantize(
-                src,
-                packed,
-                absmax,
-                n,
-                blocksize,
-                qt,
-                dtype,
-                device,
-                RawStream(stream),
-            )
-        })
-    })
+    launch(py, || unsafe { nf4::quantize(&p, src, packed, absmax) })
+}
+
+/// The launch parameters of a CUDA binding.
+fn params(
+    n: usize,
+    blocksize: usize,
+    qt: QuantType,
+    dtype: DType,
+    device: i32,
+    stream: usize,
+) -> nf4::Params {
+    let stream = RawStream(stream);
+    nf4::Params {
+        n,
+        blocksize,
+        qt,
+        dtype,
+        device,
+        stream,
+    }
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
