@@ -41,74 +41,31 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-SHAPES: dict[str, dict] = {
-    "llama-3-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        rope_theta=500000.0,
-        model_type="llama",
-    ),
-    # Llama-3.2-1B-like: 16 layers, hidden 2048, the head tied to the input embedding.
-    "llama-3.2-1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        rope_theta=500000.0,
-        model_type="llama",
-        tie_word_embeddings=True,
-    ),
-    "llama-3.2-3b": dict(
-        hidden_size=3072,
-        intermediate_size=8192,
-        num_hidden_layers=28,
-        num_attention_heads=24,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        rope_theta=500000.0,
-        model_type="llama",
-    ),
-    "qwen2.5-7b": dict(
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-        rope_theta=1000000.0,
-        model_type="qwen2",
-    ),
-    "mistral-7b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=32768,
-        rope_theta=1000000.0,
-        model_type="mistral",
-    ),
+# One row per shape, in the order of _SHAPE_FIELDS (the Hugging Face config keys).
+_SHAPE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "rope_theta",
+    "model_type",
+)
+_SHAPE_ROWS: dict[str, tuple] = {
+    "llama-3-8b": (4096, 14336, 32, 32, 8, 128256, 500000.0, "llama"),
+    # Llama-3.2-1B-like: 16 layers, hidden 2048, the head tied to the input embedding (below).
+    "llama-3.2-1b": (2048, 8192, 16, 32, 8, 128256, 500000.0, "llama"),
+    "llama-3.2-3b": (3072, 8192, 28, 24, 8, 128256, 500000.0, "llama"),
+    "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064, 1000000.0, "qwen2"),
+    "mistral-7b": (4096, 14336, 32, 32, 8, 32768, 1000000.0, "mistral"),
     # CPU-sized, for the test that keeps this harness from rotting
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        rope_theta=10000.0,
-        model_type="llama",
-    ),
+    "tiny": (64, 128, 2, 4, 2, 256, 10000.0, "llama"),
 }
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
+SHAPES: dict[str, dict] = {
+    name: dict(zip(_SHAPE_FIELDS, row, strict=True)) for name, row in _SHAPE_ROWS.items()
+}
+SHAPES["llama-3.2-1b"]["tie_word_embeddings"] = True
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # name -> accepted bases (the first is the default)

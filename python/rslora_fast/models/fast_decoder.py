@@ -302,27 +302,17 @@ def _fast_decoder_layer_forward(
     **kwargs: Any,
 ) -> torch.Tensor:
     """transformers' llama-family layer forward with the post-attention add and norm fused."""
-    if not self.__dict__.get(_LAYER_FLAG):
-        return type(self).forward(
-            self,
-            hidden_states,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            position_embeddings=position_embeddings,
-            **kwargs,
-        )
-    residual = hidden_states
-    hidden_states, _ = self.self_attn(
-        hidden_states=self.input_layernorm(hidden_states),
+    kwargs.update(
         attention_mask=attention_mask,
         position_ids=position_ids,
         past_key_values=past_key_values,
         use_cache=use_cache,
         position_embeddings=position_embeddings,
-        **kwargs,
     )
+    if not self.__dict__.get(_LAYER_FLAG):
+        return type(self).forward(self, hidden_states, **kwargs)
+    residual = hidden_states
+    hidden_states = _attention(self, hidden_states, kwargs)
     residual, hidden_states = _add_and_norm(self.post_attention_layernorm, hidden_states, residual)
     return residual + self.mlp(hidden_states)
 
@@ -337,28 +327,24 @@ def _fast_sandwich_layer_forward(
     **kwargs: Any,
 ) -> torch.Tensor:
     """transformers' gemma 2/3 layer forward with the post-attention add and the pre-MLP norm fused."""
-    if not self.__dict__.get(_LAYER_FLAG):
-        return type(self).forward(
-            self,
-            hidden_states,
-            position_embeddings=position_embeddings,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            **kwargs,
-        )
-    residual = hidden_states
-    hidden_states, _ = self.self_attn(
-        hidden_states=self.input_layernorm(hidden_states),
+    kwargs.update(
         position_embeddings=position_embeddings,
         attention_mask=attention_mask,
         position_ids=position_ids,
         past_key_values=past_key_values,
-        **kwargs,
     )
-    attn = self.post_attention_layernorm(hidden_states)
+    if not self.__dict__.get(_LAYER_FLAG):
+        return type(self).forward(self, hidden_states, **kwargs)
+    residual = hidden_states
+    attn = self.post_attention_layernorm(_attention(self, hidden_states, kwargs))
     residual, hidden_states = _add_and_norm(self.pre_feedforward_layernorm, attn, residual)
     return residual + self.post_feedforward_layernorm(self.mlp(hidden_states))
+
+
+def _attention(self, hidden_states: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The layer's self-attention on its normed input (the attention weights are dropped)."""
+    hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+    return hidden_states
 
 
 def _add_and_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor):

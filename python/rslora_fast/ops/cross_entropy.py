@@ -93,23 +93,9 @@ def cross_entropy_fwd(
     if not _row_layout(logits):
         logits = logits.contiguous()
     targets = targets.contiguous()
-    rows, cols = logits.shape
-    lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     loss = torch.empty_like(lse)
-    device, stream = stream_of(logits)
-    core().cross_entropy_fwd(
-        logits.data_ptr(),
-        logits.stride(0),
-        targets.data_ptr(),
-        lse.data_ptr(),
-        loss.data_ptr(),
-        rows,
-        cols,
-        ignore_index,
-        name,
-        device,
-        stream,
-    )
+    _launch("cross_entropy_fwd", logits, (targets, lse, loss), ignore_index, name)
     return lse, loss
 
 
@@ -144,20 +130,17 @@ def cross_entropy_bwd_(
 
 def _launch_bwd(logits, lse, targets, scale, ignore_index: int, name: str) -> None:
     lse, targets, scale = lse.contiguous(), targets.contiguous(), scale.contiguous()
+    _launch("cross_entropy_bwd", logits, (lse, targets, scale), ignore_index, name)
+
+
+def _launch(launcher: str, logits, tensors, ignore_index: int, name: str) -> None:
+    """``core().<launcher>(logits, its row stride, *tensors, rows, cols, ignore_index, dtype, device,
+    stream)``: both kernels read the logits through their row stride."""
     rows, cols = logits.shape
     device, stream = stream_of(logits)
-    core().cross_entropy_bwd(
-        logits.data_ptr(),
-        logits.stride(0),
-        lse.data_ptr(),
-        targets.data_ptr(),
-        scale.data_ptr(),
-        rows,
-        cols,
-        ignore_index,
-        name,
-        device,
-        stream,
+    pointers = [t.data_ptr() for t in tensors]
+    getattr(core(), launcher)(
+        logits.data_ptr(), logits.stride(0), *pointers, rows, cols, ignore_index, name, device, stream
     )
 
 

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._launch import check_gate_up, core, dtype_name, stream_of, use_kernels
+from ._launch import check_gate_up, gated_bwd_fake, launch_gated_bwd, launch_gated_fwd, use_kernels
 
 APPROXIMATE = ("tanh", "none")
 
@@ -56,20 +56,7 @@ def geglu_fwd(g: torch.Tensor, u: torch.Tensor, approximate: str) -> torch.Tenso
     _check_approximate(approximate, "geglu")
     if not use_kernels(g):
         return geglu_reference(g, u, approximate)
-    g, u = g.contiguous(), u.contiguous()
-    h = torch.empty_like(g)
-    device, stream = stream_of(g)
-    core().geglu_fwd(
-        g.data_ptr(),
-        u.data_ptr(),
-        h.data_ptr(),
-        g.numel(),
-        dtype_name(g, "geglu"),
-        approximate,
-        device,
-        stream,
-    )
-    return h
+    return launch_gated_fwd("geglu_fwd", "geglu", g, u, approximate)
 
 
 @geglu_fwd.register_fake
@@ -89,30 +76,12 @@ def geglu_bwd(
     _check_approximate(approximate, "geglu backward")
     if not use_kernels(g):
         return geglu_backward_reference(dh, g, u, approximate)
-    dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()
-    dg, du = torch.empty_like(g), torch.empty_like(u)
-    device, stream = stream_of(g)
-    core().geglu_bwd(
-        dh.data_ptr(),
-        g.data_ptr(),
-        u.data_ptr(),
-        dg.data_ptr(),
-        du.data_ptr(),
-        g.numel(),
-        dtype_name(g, "geglu"),
-        approximate,
-        device,
-        stream,
-    )
-    return dg, du
+    return launch_gated_bwd("geglu_bwd", "geglu", dh, g, u, approximate)
 
 
 @geglu_bwd.register_fake
 def _(dh, g, u, approximate):
-    return (
-        torch.empty_like(g, memory_format=torch.contiguous_format),
-        torch.empty_like(u, memory_format=torch.contiguous_format),
-    )
+    return gated_bwd_fake(g, u)
 
 
 def _setup_context(ctx, inputs, output):

@@ -61,6 +61,17 @@ def _check(x: torch.Tensor, w: torch.Tensor, op: str) -> None:
         raise ValueError(f"{op}: weight on {w.device} and input on {x.device}")
 
 
+def _launch_rows(launcher: str, x: torch.Tensor, tensors, *scalars, op: str) -> None:
+    """Runs ``core().<launcher>(pointers..., rows, cols, *scalars, dtype, device, stream)`` over the
+    rows of ``x``'s last dimension; nothing to launch for zero rows."""
+    cols = x.shape[-1]
+    rows = x.numel() // cols
+    if rows:
+        device, stream = stream_of(x)
+        pointers = [t.data_ptr() for t in tensors]
+        getattr(core(), launcher)(*pointers, rows, cols, *scalars, dtype_name(x, op), device, stream)
+
+
 @torch.library.custom_op("rslora_fast::rms_norm_fwd", mutates_args=())
 def rms_norm_fwd(
     x: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool
@@ -70,25 +81,9 @@ def rms_norm_fwd(
     if not use_kernels(x):
         return rms_norm_reference(x, w, eps, gemma)
     x, w = x.contiguous(), w.contiguous()
-    cols = x.shape[-1]
-    rows = x.numel() // cols
     y = torch.empty_like(x)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    if rows:
-        device, stream = stream_of(x)
-        core().rms_norm_fwd(
-            x.data_ptr(),
-            w.data_ptr(),
-            y.data_ptr(),
-            rstd.data_ptr(),
-            rows,
-            cols,
-            eps,
-            gemma,
-            dtype_name(x, "rms_norm"),
-            device,
-            stream,
-        )
+    _launch_rows("rms_norm_fwd", x, (x, w, y, rstd), eps, gemma, op="rms_norm")
     return y, rstd
 
 
@@ -166,24 +161,8 @@ def rms_norm_bwd_dx(
     if not use_kernels(x):
         return _dx_reference(dy, x, w, rstd, gemma)[0].to(x.dtype)
     dy, x, w, rstd = _backward_operands(dy, x, w, rstd)
-    cols = x.shape[-1]
-    rows = x.numel() // cols
     dx = torch.empty_like(x)
-    if rows:
-        device, stream = stream_of(x)
-        core().rms_norm_bwd_dx(
-            dy.data_ptr(),
-            x.data_ptr(),
-            w.data_ptr(),
-            rstd.data_ptr(),
-            dx.data_ptr(),
-            rows,
-            cols,
-            gemma,
-            dtype_name(x, "rms_norm"),
-            device,
-            stream,
-        )
+    _launch_rows("rms_norm_bwd_dx", x, (dy, x, w, rstd, dx), gemma, op="rms_norm")
     return dx
 
 
@@ -279,27 +258,9 @@ def add_rms_norm_fwd(
     if not use_kernels(x):
         return add_rms_norm_reference(x, residual, w, eps, gemma)
     x, residual, w = x.contiguous(), residual.contiguous(), w.contiguous()
-    cols = x.shape[-1]
-    rows = x.numel() // cols
     s, y = torch.empty_like(x), torch.empty_like(x)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    if rows:
-        device, stream = stream_of(x)
-        core().add_rms_norm_fwd(
-            x.data_ptr(),
-            residual.data_ptr(),
-            w.data_ptr(),
-            s.data_ptr(),
-            y.data_ptr(),
-            rstd.data_ptr(),
-            rows,
-            cols,
-            eps,
-            gemma,
-            dtype_name(x, "add_rms_norm"),
-            device,
-            stream,
-        )
+    _launch_rows("add_rms_norm_fwd", x, (x, residual, w, s, y, rstd), eps, gemma, op="add_rms_norm")
     return s, y, rstd
 
 
@@ -323,25 +284,8 @@ def add_rms_norm_bwd_dx(
         return add_rms_norm_backward_reference(dy, ds, s, w, rstd, gemma)
     dy, s, w, rstd = _backward_operands(dy, s, w, rstd)
     ds = ds.to(s.dtype).contiguous()
-    cols = s.shape[-1]
-    rows = s.numel() // cols
     dx = torch.empty_like(s)
-    if rows:
-        device, stream = stream_of(s)
-        core().add_rms_norm_bwd_dx(
-            dy.data_ptr(),
-            ds.data_ptr(),
-            s.data_ptr(),
-            w.data_ptr(),
-            rstd.data_ptr(),
-            dx.data_ptr(),
-            rows,
-            cols,
-            gemma,
-            dtype_name(s, "add_rms_norm"),
-            device,
-            stream,
-        )
+    _launch_rows("add_rms_norm_bwd_dx", s, (dy, ds, s, w, rstd, dx), gemma, op="add_rms_norm")
     return dx
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._launch import check_gate_up, core, dtype_name, stream_of, use_kernels
+from ._launch import check_gate_up, gated_bwd_fake, launch_gated_bwd, launch_gated_fwd, use_kernels
 
 
 def swiglu_reference(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -32,13 +32,7 @@ def swiglu_fwd(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     check_gate_up(g, u, "swiglu")
     if not use_kernels(g):
         return swiglu_reference(g, u)
-    g, u = g.contiguous(), u.contiguous()
-    h = torch.empty_like(g)
-    device, stream = stream_of(g)
-    core().swiglu_fwd(
-        g.data_ptr(), u.data_ptr(), h.data_ptr(), g.numel(), dtype_name(g, "swiglu"), device, stream
-    )
-    return h
+    return launch_gated_fwd("swiglu_fwd", "swiglu", g, u)
 
 
 @swiglu_fwd.register_fake
@@ -54,29 +48,12 @@ def swiglu_bwd(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torc
     check_gate_up(dh, g, "swiglu backward")
     if not use_kernels(g):
         return swiglu_backward_reference(dh, g, u)
-    dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()
-    dg, du = torch.empty_like(g), torch.empty_like(u)
-    device, stream = stream_of(g)
-    core().swiglu_bwd(
-        dh.data_ptr(),
-        g.data_ptr(),
-        u.data_ptr(),
-        dg.data_ptr(),
-        du.data_ptr(),
-        g.numel(),
-        dtype_name(g, "swiglu"),
-        device,
-        stream,
-    )
-    return dg, du
+    return launch_gated_bwd("swiglu_bwd", "swiglu", dh, g, u)
 
 
 @swiglu_bwd.register_fake
 def _(dh, g, u):
-    return (
-        torch.empty_like(g, memory_format=torch.contiguous_format),
-        torch.empty_like(u, memory_format=torch.contiguous_format),
-    )
+    return gated_bwd_fake(g, u)
 
 
 def _setup_context(ctx, inputs, output):

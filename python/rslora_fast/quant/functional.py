@@ -402,7 +402,15 @@ def quantize_4bit_reference(
         scaled = torch.nn.functional.pad(scaled, (0, 1))
     q = _encode_4bit(scaled, quant_type)
     packed = ((q[0::2] << 4) | q[1::2]).view(-1, 1)
-    state = QuantState(
+    state = _new_state(weight, absmax, blocksize, quant_type)
+    if compress_statistics:
+        _nest(state, *_double_quant_reference(absmax), weight.device)
+    return packed, state
+
+
+def _new_state(weight: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str) -> QuantState:
+    """The state of a just-quantized ``weight``, its block scales ``absmax`` not yet double-quantized."""
+    return QuantState(
         absmax=absmax,
         shape=weight.shape,
         dtype=weight.dtype,
@@ -410,13 +418,12 @@ def quantize_4bit_reference(
         quant_type=quant_type,
         code=get_4bit_code(quant_type, weight.device),
     )
-    if compress_statistics:
-        q8, nested, offset = _double_quant_reference(absmax)
-        state.absmax = q8
-        state.nested_absmax = nested
-        state.nested_code = dynamic_map(weight.device)
-        state.nested_offset = offset
-    return packed, state
+
+
+def _nest(state: QuantState, q8: torch.Tensor, nested: torch.Tensor, offset: float, device) -> None:
+    """Stores double-quantized scales: 8-bit codes ``q8``, their block scales ``nested`` and ``offset``."""
+    state.absmax, state.nested_absmax, state.nested_offset = q8, nested, offset
+    state.nested_code = dynamic_map(device)
 
 
 def dequantize_4bit_reference(
@@ -454,14 +461,7 @@ def _quantize_rust(
             src.data_ptr(), n, blocksize, quant_type,
             packed.data_ptr(), packed.numel(), absmax.data_ptr(), absmax.numel(),
         )  # fmt: skip
-    state = QuantState(
-        absmax=absmax,
-        shape=weight.shape,
-        dtype=weight.dtype,
-        blocksize=blocksize,
-        quant_type=quant_type,
-        code=get_4bit_code(quant_type, dev),
-    )
+    state = _new_state(weight, absmax, blocksize, quant_type)
     if compress_statistics and n:
         # The offset is torch's float32 mean, exactly as bitsandbytes computes it.
         offset = absmax.mean()
@@ -477,8 +477,7 @@ def _quantize_rust(
                 absmax.data_ptr(), absmax.numel(), off, q8.data_ptr(), q8.numel(),
                 nested.data_ptr(), nested.numel(),
             )  # fmt: skip
-        state.absmax, state.nested_absmax, state.nested_offset = q8, nested, off
-        state.nested_code = dynamic_map(dev)
+        _nest(state, q8, nested, off, dev)
     return packed, state
 
 
