@@ -5,9 +5,8 @@
 //         gelu'(x) = s + x * 2 s (1 - s) * k (1 + 3 c x^2), with s = sigmoid(2y).
 //   erf:  gelu(x) = x * Phi(x), Phi(x) = 0.5 (1 + erf(x / sqrt 2));
 //         gelu'(x) = Phi(x) + x * exp(-x^2 / 2) / sqrt(2 pi).
-// Memory-bound: each thread moves 16-byte vectors (grid-stride, consecutive threads on consecutive
-// vectors), math in fp32. `vec_ok` says every pointer is 16-byte aligned, so the vector body is
-// legal; the scalar tail (and the whole tensor when unaligned) is done element by element.
+// Memory-bound: the grid-stride 16-byte-vector body (consecutive threads on consecutive vectors)
+// is rf::gated_fwd / rf::gated_bwd (common.cuh), math in fp32.
 #include "common.cuh"
 
 namespace {
@@ -57,84 +56,21 @@ __device__ __forceinline__ void gelu_and_grad(float x, float& act, float& dact) 
   }
 }
 
-template <typename T, bool TANH>
-__device__ void geglu_fwd(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ h,
-                          int64_t n, int vec_ok) {
-  constexpr int N = rf::Vec<T>::N;
-  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-  const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  int64_t done = 0;
-  if (vec_ok) {
-    const int64_t nvec = n / N;
-    // Two vectors per thread per trip, loads issued before any math: more bytes in flight.
-    int64_t v = tid;
-    for (; v + stride < nvec; v += 2 * stride) {
-      rf::Vec<T> g0 = rf::load_vec(g + v * N), u0 = rf::load_vec(u + v * N);
-      rf::Vec<T> g1 = rf::load_vec(g + (v + stride) * N), u1 = rf::load_vec(u + (v + stride) * N);
-      rf::Vec<T> h0, h1;
-#pragma unroll
-      for (int k = 0; k < N; ++k) {
-        h0.v[k] = rf::from_f32<T>(gelu<TANH>(rf::to_f32(g0.v[k])) * rf::to_f32(u0.v[k]));
-        h1.v[k] = rf::from_f32<T>(gelu<TANH>(rf::to_f32(g1.v[k])) * rf::to_f32(u1.v[k]));
-      }
-      rf::store_vec(h + v * N, h0);
-      rf::store_vec(h + (v + stride) * N, h1);
-    }
-    for (; v < nvec; v += stride) {
-      rf::Vec<T> gv = rf::load_vec(g + v * N), uv = rf::load_vec(u + v * N), hv;
-#pragma unroll
-      for (int k = 0; k < N; ++k) {
-        hv.v[k] = rf::from_f32<T>(gelu<TANH>(rf::to_f32(gv.v[k])) * rf::to_f32(uv.v[k]));
-      }
-      rf::store_vec(h + v * N, hv);
-    }
-    done = nvec * N;
-  }
-  for (int64_t i = done + tid; i < n; i += stride) {
-    h[i] = rf::from_f32<T>(gelu<TANH>(rf::to_f32(g[i])) * rf::to_f32(u[i]));
-  }
-}
+template <bool TANH>
+struct GeGluFwd {
+  __device__ __forceinline__ float operator()(float g, float u) const { return gelu<TANH>(g) * u; }
+};
 
 template <bool TANH>
-__device__ __forceinline__ void bwd_math(float dh, float g, float u, float& dg, float& du) {
-  float act, dact;
-  gelu_and_grad<TANH>(g, act, dact);
-  du = dh * act;
-  dg = dh * u * dact;
-}
-
-template <typename T, bool TANH>
-__device__ void geglu_bwd(const T* __restrict__ dh, const T* __restrict__ g,
-                          const T* __restrict__ u, T* __restrict__ dg, T* __restrict__ du,
-                          int64_t n, int vec_ok) {
-  constexpr int N = rf::Vec<T>::N;
-  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-  const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  int64_t done = 0;
-  if (vec_ok) {
-    const int64_t nvec = n / N;
-    for (int64_t v = tid; v < nvec; v += stride) {
-      rf::Vec<T> dhv = rf::load_vec(dh + v * N), gv = rf::load_vec(g + v * N),
-                 uv = rf::load_vec(u + v * N), dgv, duv;
-#pragma unroll
-      for (int k = 0; k < N; ++k) {
-        float a, b;
-        bwd_math<TANH>(rf::to_f32(dhv.v[k]), rf::to_f32(gv.v[k]), rf::to_f32(uv.v[k]), a, b);
-        dgv.v[k] = rf::from_f32<T>(a);
-        duv.v[k] = rf::from_f32<T>(b);
-      }
-      rf::store_vec(dg + v * N, dgv);
-      rf::store_vec(du + v * N, duv);
-    }
-    done = nvec * N;
+struct GeGluBwd {
+  __device__ __forceinline__ void operator()(float dh, float g, float u, float& dg,
+                                             float& du) const {
+    float act, dact;
+    gelu_and_grad<TANH>(g, act, dact);
+    du = dh * act;
+    dg = dh * u * dact;
   }
-  for (int64_t i = done + tid; i < n; i += stride) {
-    float a, b;
-    bwd_math<TANH>(rf::to_f32(dh[i]), rf::to_f32(g[i]), rf::to_f32(u[i]), a, b);
-    dg[i] = rf::from_f32<T>(a);
-    du[i] = rf::from_f32<T>(b);
-  }
-}
+};
 
 }  // namespace
 
@@ -142,11 +78,11 @@ __device__ void geglu_bwd(const T* __restrict__ dh, const T* __restrict__ g,
 #define GEGLU_ENTRY(VARIANT, TANH, SUFFIX, T)                                                    \
   extern "C" __global__ void __launch_bounds__(256)                                              \
       geglu_##VARIANT##_fwd_##SUFFIX(const T* g, const T* u, T* h, int64_t n, int vec_ok) {      \
-    geglu_fwd<T, TANH>(g, u, h, n, vec_ok);                                                      \
+    rf::gated_fwd<T, GeGluFwd<TANH>>(g, u, h, n, vec_ok);                                        \
   }                                                                                              \
   extern "C" __global__ void __launch_bounds__(256) geglu_##VARIANT##_bwd_##SUFFIX(              \
       const T* dh, const T* g, const T* u, T* dg, T* du, int64_t n, int vec_ok) {                \
-    geglu_bwd<T, TANH>(dh, g, u, dg, du, n, vec_ok);                                             \
+    rf::gated_bwd<T, GeGluBwd<TANH>>(dh, g, u, dg, du, n, vec_ok);                               \
   }
 
 GEGLU_ENTRY(tanh, true, f32, float)

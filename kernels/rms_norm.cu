@@ -192,6 +192,16 @@ __device__ __forceinline__ float dw_term(float xn, int gemma) {
   return gemma ? xn : rf::to_f32(rf::from_f32<T>(xn));
 }
 
+// The 16-byte vectors at element `at` of one row of x and dy, and of the weight.
+template <typename T> struct BwdVecs {
+  rf::Vec<T> x, dy, w;
+};
+template <typename T>
+__device__ __forceinline__ BwdVecs<T> load_bwd_vecs(const T* xr, const T* dyr, const T* w,
+                                                    int64_t at) {
+  return {rf::load_vec(xr + at), rf::load_vec(dyr + at), rf::load_vec(w + at)};
+}
+
 template <typename T>
 __device__ void bwd_fast(const T* __restrict__ dy, const T* __restrict__ x,
                          const T* __restrict__ w, const float* __restrict__ rstd,
@@ -217,8 +227,7 @@ __device__ void bwd_fast(const T* __restrict__ dy, const T* __restrict__ x,
     for (int k = 0; k < K; ++k) {
       const int64_t v = gr.lane + (int64_t)k * group;
       if (v < nvec) {
-        const rf::Vec<T> xb = rf::load_vec(xr + v * N), gb = rf::load_vec(dyr + v * N);
-        const rf::Vec<T> wv = rf::load_vec(w + v * N);
+        const auto [xb, gb, wv] = load_bwd_vecs(xr, dyr, w, v * N);
 #pragma unroll
         for (int j = 0; j < N; ++j) {
           const float xn = rf::to_f32(xb.v[j]) * rs, d = rf::to_f32(gb.v[j]);
@@ -234,8 +243,7 @@ __device__ void bwd_fast(const T* __restrict__ dy, const T* __restrict__ x,
       if (v < nvec) {
         // Second read of x, dy and w by the same thread: cache hits, not DRAM traffic (holding
         // them in registers as well as the dw accumulator would cost occupancy or spill).
-        const rf::Vec<T> xb = rf::load_vec(xr + v * N), gb = rf::load_vec(dyr + v * N);
-        const rf::Vec<T> wv = rf::load_vec(w + v * N);
+        const auto [xb, gb, wv] = load_bwd_vecs(xr, dyr, w, v * N);
         rf::Vec<T> out;
 #pragma unroll
         for (int j = 0; j < N; ++j) {

@@ -83,6 +83,43 @@ __device__ __forceinline__ float rot_hi(float a, float b, float c, float s) {
   return __fmaf_rn(a, s, __fmul_rn(b, c));
 }
 
+// One (position, chunk) of heads h0 .. h0 + HP - 1 (those below `total_heads`): every head's two
+// halves are loaded before any math (bytes in flight), then rotated and stored. `row_of(h)` is
+// head h's chunk in the first half; `signed_sin(x)` gives the sine as this direction uses it.
+template <typename T, int W, typename RowOf, typename SignedSin>
+__device__ __forceinline__ void rotate_heads(int64_t h0, int64_t total_heads, int64_t half,
+                                             RowOf row_of, const Chunk<T, W>& c1,
+                                             const Chunk<T, W>& c2, const Chunk<T, W>& sa,
+                                             const Chunk<T, W>& sb, SignedSin signed_sin) {
+  T* rows[HP];
+  Chunk<T, W> x1[HP], x2[HP];
+#pragma unroll
+  for (int i = 0; i < HP; ++i) {
+    const int64_t h = h0 + i;
+    rows[i] = nullptr;
+    if (h < total_heads) {
+      rows[i] = row_of(h);
+      x1[i] = load_chunk<T, W>(rows[i]);
+      x2[i] = load_chunk<T, W>(rows[i] + half);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < HP; ++i) {
+    if (rows[i] == nullptr) continue;
+    Chunk<T, W> o1, o2;
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      const float a = rf::to_f32(x1[i].v[j]), bv = rf::to_f32(x2[i].v[j]);
+      const float s_a = signed_sin(rf::to_f32(sa.v[j]));
+      const float s_b = signed_sin(rf::to_f32(sb.v[j]));
+      o1.v[j] = rf::from_f32<T>(rot_lo(a, bv, rf::to_f32(c1.v[j]), s_a));
+      o2.v[j] = rf::from_f32<T>(rot_hi(a, bv, rf::to_f32(c2.v[j]), s_b));
+    }
+    store_chunk<T, W>(rows[i], o1);
+    store_chunk<T, W>(rows[i] + half, o2);
+  }
+}
+
 // The fallback: grid-stride loop over (batch, seq, chunk), blockIdx.y picks the head group.
 template <typename T, int W>
 __device__ void rope_loop_body(const RopeParams& p) {
@@ -109,33 +146,12 @@ __device__ void rope_loop_body(const RopeParams& p) {
     const T* sp = sin + b * p.s_sb + s * p.s_ss + col;
     const Chunk<T, W> c1 = load_chunk<T, W>(cp), c2 = load_chunk<T, W>(cp + p.half);
     const Chunk<T, W> sa = load_chunk<T, W>(sp + sa_off), sb = load_chunk<T, W>(sp + sb_off);
-    T* rows[HP];
-    Chunk<T, W> x1[HP], x2[HP];
-#pragma unroll
-    for (int i = 0; i < HP; ++i) {
-      const int64_t h = h0 + i;
-      rows[i] = nullptr;
-      if (h < total_heads) {
-        rows[i] = h < p.q_heads ? q + b * p.q_sb + h * p.q_sh + s * p.q_ss + col
-                                : k + b * p.k_sb + (h - p.q_heads) * p.k_sh + s * p.k_ss + col;
-        x1[i] = load_chunk<T, W>(rows[i]);
-        x2[i] = load_chunk<T, W>(rows[i] + p.half);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < HP; ++i) {
-      if (rows[i] == nullptr) continue;
-      Chunk<T, W> o1, o2;
-#pragma unroll
-      for (int j = 0; j < W; ++j) {
-        const float a = rf::to_f32(x1[i].v[j]), bv = rf::to_f32(x2[i].v[j]);
-        const float s_a = sign * rf::to_f32(sa.v[j]), s_b = sign * rf::to_f32(sb.v[j]);
-        o1.v[j] = rf::from_f32<T>(rot_lo(a, bv, rf::to_f32(c1.v[j]), s_a));
-        o2.v[j] = rf::from_f32<T>(rot_hi(a, bv, rf::to_f32(c2.v[j]), s_b));
-      }
-      store_chunk<T, W>(rows[i], o1);
-      store_chunk<T, W>(rows[i] + p.half, o2);
-    }
+    auto row_of = [&](int64_t h) {
+      return h < p.q_heads ? q + b * p.q_sb + h * p.q_sh + s * p.q_ss + col
+                           : k + b * p.k_sb + (h - p.q_heads) * p.k_sh + s * p.k_ss + col;
+    };
+    rotate_heads<T, W>(h0, total_heads, p.half, row_of, c1, c2, sa, sb,
+                       [sign](float x) { return sign * x; });
   }
 }
 
@@ -157,33 +173,11 @@ __device__ void rope_fast_body(const RopeParams& p) {
   T* k = static_cast<T*>(p.k) + b * p.k_sb + s * p.k_ss + col;
   const Chunk<T, W> c1 = load_chunk<T, W>(cp), c2 = load_chunk<T, W>(cp + p.half);
   const Chunk<T, W> sa = load_chunk<T, W>(sp + sa_off), sb = load_chunk<T, W>(sp + sb_off);
-  T* rows[HP];
-  Chunk<T, W> x1[HP], x2[HP];
-#pragma unroll
-  for (int i = 0; i < HP; ++i) {
-    const int64_t h = h0 + i;
-    rows[i] = nullptr;
-    if (h < total_heads) {
-      rows[i] = h < p.q_heads ? q + h * p.q_sh : k + (h - p.q_heads) * p.k_sh;
-      x1[i] = load_chunk<T, W>(rows[i]);
-      x2[i] = load_chunk<T, W>(rows[i] + p.half);
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < HP; ++i) {
-    if (rows[i] == nullptr) continue;
-    Chunk<T, W> o1, o2;
-#pragma unroll
-    for (int j = 0; j < W; ++j) {
-      const float a = rf::to_f32(x1[i].v[j]), bv = rf::to_f32(x2[i].v[j]);
-      const float s_a = BWD ? -rf::to_f32(sa.v[j]) : rf::to_f32(sa.v[j]);
-      const float s_b = BWD ? -rf::to_f32(sb.v[j]) : rf::to_f32(sb.v[j]);
-      o1.v[j] = rf::from_f32<T>(rot_lo(a, bv, rf::to_f32(c1.v[j]), s_a));
-      o2.v[j] = rf::from_f32<T>(rot_hi(a, bv, rf::to_f32(c2.v[j]), s_b));
-    }
-    store_chunk<T, W>(rows[i], o1);
-    store_chunk<T, W>(rows[i] + p.half, o2);
-  }
+  auto row_of = [&](int64_t h) {
+    return h < p.q_heads ? q + h * p.q_sh : k + (h - p.q_heads) * p.k_sh;
+  };
+  rotate_heads<T, W>(h0, total_heads, p.half, row_of, c1, c2, sa, sb,
+                     [](float x) { return BWD ? -x : x; });
 }
 
 template <typename T, int W>
