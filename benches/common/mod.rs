@@ -117,17 +117,8 @@ pub struct Stream(pub sys::CUstream);
 
 impl Stream {
     pub fn new() -> Stream {
-        let mut s: sys::CUstream = std::ptr::null_mut();
-        // SAFETY: a context is current; writes one stream handle.
-        ok(
-            unsafe {
-                sys::cuStreamCreate(
-                    &mut s,
-                    sys::CUstream_flags_enum::CU_STREAM_NON_BLOCKING as u32,
-                )
-            },
-            "cuStreamCreate",
-        );
+        // A context is current (see `Gpu`).
+        let s = cuda::create_stream("cuStreamCreate").unwrap_or_else(|e| panic!("{e}"));
         Stream(s)
     }
 

@@ -213,6 +213,24 @@ pub fn bind_device(ordinal: i32) -> Result<ContextGuard> {
     })
 }
 
+/// A new stream of the current context that never waits for the legacy default stream
+/// (`CU_STREAM_NON_BLOCKING`, so it does not serialize with PyTorch's streams either). The caller
+/// owns it and destroys it (`cuStreamDestroy`); `context` names the call in the error.
+pub fn create_stream(context: &str) -> Result<sys::CUstream> {
+    let mut stream: sys::CUstream = std::ptr::null_mut();
+    // SAFETY: writes one stream handle; without a current context the driver reports an error.
+    check(
+        unsafe {
+            sys::cuStreamCreate(
+                &mut stream,
+                sys::CUstream_flags_enum::CU_STREAM_NON_BLOCKING as u32,
+            )
+        },
+        context,
+    )?;
+    Ok(stream)
+}
+
 /// A loaded kernel function handle, cached per (device, kernel).
 #[derive(Clone, Copy)]
 struct Function(usize);

@@ -9,7 +9,7 @@ use std::ptr::NonNull;
 use cudarc::driver::sys;
 
 use super::transport::Transport;
-use crate::cuda::{bind_device, check, RawStream};
+use crate::cuda::{bind_device, check, create_stream, RawStream};
 use crate::{Error, Result};
 
 /// A CUDA event created by a [`CudaTransport`].
@@ -44,17 +44,7 @@ impl CudaTransport {
     /// A transport on device `device` (its primary context) with a fresh non-blocking stream.
     pub fn new(device: i32) -> Result<Self> {
         let _ctx = bind_device(device)?;
-        let mut stream: sys::CUstream = std::ptr::null_mut();
-        // SAFETY: the primary context is current; writes one stream handle, which we own.
-        check(
-            unsafe {
-                sys::cuStreamCreate(
-                    &mut stream,
-                    sys::CUstream_flags_enum::CU_STREAM_NON_BLOCKING as u32,
-                )
-            },
-            "cuStreamCreate(offload copy stream)",
-        )?;
+        let stream = create_stream("cuStreamCreate(offload copy stream)")?;
         Ok(CudaTransport {
             device,
             stream: stream as usize,
