@@ -116,6 +116,21 @@ impl CudaTransport {
         }
         Ok(ev)
     }
+
+    /// Queue one copy on our stream after the work queued so far on `compute` and return the
+    /// event that completes with it. `copy` makes the driver call (given our stream) that
+    /// `context` names in the error.
+    fn queue_copy(
+        &mut self,
+        compute: RawStream,
+        context: &str,
+        copy: impl FnOnce(sys::CUstream) -> sys::CUresult,
+    ) -> Result<CudaEvent> {
+        let _ctx = bind_device(self.device)?;
+        self.follow(compute)?;
+        check(copy(self.own_stream()), context)?;
+        self.mark()
+    }
 }
 
 impl Transport for CudaTransport {
@@ -154,22 +169,16 @@ impl Transport for CudaTransport {
         bytes: usize,
         compute: RawStream,
     ) -> Result<CudaEvent> {
-        let _ctx = bind_device(self.device)?;
-        self.follow(compute)?;
         // SAFETY: the caller keeps `src` (device) and `dst` (host) valid for `bytes` until the
         // returned event completes; the copy runs on our stream after `compute`'s queued work.
-        check(
-            unsafe {
-                sys::cuMemcpyDtoHAsync_v2(
-                    dst.as_ptr() as *mut c_void,
-                    src as sys::CUdeviceptr,
-                    bytes,
-                    self.own_stream(),
-                )
-            },
-            "cuMemcpyDtoHAsync (offload)",
-        )?;
-        self.mark()
+        self.queue_copy(compute, "cuMemcpyDtoHAsync (offload)", |stream| unsafe {
+            sys::cuMemcpyDtoHAsync_v2(
+                dst.as_ptr() as *mut c_void,
+                src as sys::CUdeviceptr,
+                bytes,
+                stream,
+            )
+        })
     }
 
     unsafe fn copy_to_device(
@@ -179,21 +188,15 @@ impl Transport for CudaTransport {
         bytes: usize,
         compute: RawStream,
     ) -> Result<CudaEvent> {
-        let _ctx = bind_device(self.device)?;
-        self.follow(compute)?;
         // SAFETY: as in copy_to_host, with the directions swapped.
-        check(
-            unsafe {
-                sys::cuMemcpyHtoDAsync_v2(
-                    dst as sys::CUdeviceptr,
-                    src.as_ptr() as *const c_void,
-                    bytes,
-                    self.own_stream(),
-                )
-            },
-            "cuMemcpyHtoDAsync (prefetch)",
-        )?;
-        self.mark()
+        self.queue_copy(compute, "cuMemcpyHtoDAsync (prefetch)", |stream| unsafe {
+            sys::cuMemcpyHtoDAsync_v2(
+                dst as sys::CUdeviceptr,
+                src.as_ptr() as *const c_void,
+                bytes,
+                stream,
+            )
+        })
     }
 
     fn wait(&mut self, event: CudaEvent, compute: RawStream) -> Result<()> {
