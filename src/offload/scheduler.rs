@@ -382,20 +382,19 @@ impl<T: Transport, L, M: Clone + Default> Scheduler<T, L, M> {
     /// Settle the copies out of earlier layers (and other passes): each layer's copies overlap
     /// the compute up to the next layer's first copy.
     fn settle_older_than(&mut self, tag: Tag) -> Result<()> {
-        let busy: Vec<u64> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| e.src.is_some() && (e.tag.pass != tag.pass || e.tag.layer < tag.layer))
-            .map(|(&id, _)| id)
-            .collect();
-        busy.into_iter().try_for_each(|id| self.settle(id))
+        self.settle_where(|t| t.pass != tag.pass || t.layer < tag.layer)
     }
 
     fn settle_all(&mut self) -> Result<()> {
+        self.settle_where(|_| true)
+    }
+
+    /// Settle every handle whose source a copy out may still read and whose tag `pick` accepts.
+    fn settle_where(&mut self, pick: impl Fn(Tag) -> bool) -> Result<()> {
         let busy: Vec<u64> = self
             .entries
             .iter()
-            .filter(|(_, e)| e.src.is_some())
+            .filter(|(_, e)| e.src.is_some() && pick(e.tag))
             .map(|(&id, _)| id)
             .collect();
         busy.into_iter().try_for_each(|id| self.settle(id))
