@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr, CString};
+use std::hash::Hash;
 use std::sync::{Mutex, OnceLock};
 
 use cudarc::driver::sys;
@@ -231,6 +232,24 @@ pub fn create_stream(context: &str) -> Result<sys::CUstream> {
     Ok(stream)
 }
 
+/// The value `table` holds for `key`, else the one `make` returns, then kept there. The lock is
+/// not held while `make` runs (it may fill other tables); `poisoned` is the error when an earlier
+/// panic poisoned the lock.
+fn cached<K: Eq + Hash, V: Copy>(
+    table: &Mutex<HashMap<K, V>>,
+    key: K,
+    poisoned: &'static str,
+    make: impl FnOnce() -> Result<V>,
+) -> Result<V> {
+    let lock = || table.lock().map_err(|_| Error::invalid(poisoned));
+    if let Some(&v) = lock()?.get(&key) {
+        return Ok(v);
+    }
+    let v = make()?;
+    lock()?.insert(key, v);
+    Ok(v)
+}
+
 /// A loaded kernel function handle, cached per (device, kernel).
 #[derive(Clone, Copy)]
 struct Function(usize);
@@ -310,26 +329,23 @@ fn load_module(ordinal: i32, module: &'static str) -> Result<sys::CUmodule> {
 }
 
 fn function(ordinal: i32, module: &'static str, kernel: &'static str) -> Result<sys::CUfunction> {
-    if let Some(f) = function_cache()
-        .lock()
-        .map_err(|_| Error::invalid("function table poisoned"))?
-        .get(&(ordinal, kernel))
-    {
-        return Ok(f.0 as sys::CUfunction);
-    }
-    let m = load_module(ordinal, module)?;
-    let cname = CString::new(kernel).map_err(|_| Error::invalid("kernel name has NUL"))?;
-    let mut f: sys::CUfunction = std::ptr::null_mut();
-    // SAFETY: `m` is a loaded module; `cname` is NUL-terminated.
-    check(
-        unsafe { sys::cuModuleGetFunction(&mut f, m, cname.as_ptr()) },
-        &format!("cuModuleGetFunction({kernel})"),
+    let f = cached(
+        function_cache(),
+        (ordinal, kernel),
+        "function table poisoned",
+        || {
+            let m = load_module(ordinal, module)?;
+            let cname = CString::new(kernel).map_err(|_| Error::invalid("kernel name has NUL"))?;
+            let mut f: sys::CUfunction = std::ptr::null_mut();
+            // SAFETY: `m` is a loaded module; `cname` is NUL-terminated.
+            check(
+                unsafe { sys::cuModuleGetFunction(&mut f, m, cname.as_ptr()) },
+                &format!("cuModuleGetFunction({kernel})"),
+            )?;
+            Ok(Function(f as usize))
+        },
     )?;
-    function_cache()
-        .lock()
-        .map_err(|_| Error::invalid("function table poisoned"))?
-        .insert((ordinal, kernel), Function(f as usize));
-    Ok(f)
+    Ok(f.0 as sys::CUfunction)
 }
 
 /// Grid / block shape and dynamic shared memory of one launch.
@@ -389,31 +405,22 @@ pub unsafe fn launch(
 pub fn sm_count(ordinal: i32) -> Result<u32> {
     static SMS: OnceLock<Mutex<HashMap<i32, u32>>> = OnceLock::new();
     let map = SMS.get_or_init(|| Mutex::new(HashMap::new()));
-    if let Some(&n) = map
-        .lock()
-        .map_err(|_| Error::invalid("poisoned"))?
-        .get(&ordinal)
-    {
-        return Ok(n);
-    }
-    let dev = device_handle(ordinal)?;
-    let mut v = 0;
-    // SAFETY: writes one int.
-    check(
-        unsafe {
-            sys::cuDeviceGetAttribute(
-                &mut v,
-                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-                dev,
-            )
-        },
-        "cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)",
-    )?;
-    let n = v.max(1) as u32;
-    map.lock()
-        .map_err(|_| Error::invalid("poisoned"))?
-        .insert(ordinal, n);
-    Ok(n)
+    cached(map, ordinal, "poisoned", || {
+        let dev = device_handle(ordinal)?;
+        let mut v = 0;
+        // SAFETY: writes one int.
+        check(
+            unsafe {
+                sys::cuDeviceGetAttribute(
+                    &mut v,
+                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                    dev,
+                )
+            },
+            "cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)",
+        )?;
+        Ok(v.max(1) as u32)
+    })
 }
 
 /// Blocks of `threads` threads that can be resident at once on the whole device for `kernel`
@@ -428,29 +435,19 @@ pub fn resident_blocks(
     type Key = (i32, &'static str, u32);
     static OCC: OnceLock<Mutex<HashMap<Key, u32>>> = OnceLock::new();
     let map = OCC.get_or_init(|| Mutex::new(HashMap::new()));
-    let key = (ordinal, kernel, threads);
-    if let Some(&n) = map
-        .lock()
-        .map_err(|_| Error::invalid("poisoned"))?
-        .get(&key)
-    {
-        return Ok(n);
-    }
-    let _ctx = bind_device(ordinal)?;
-    let f = function(ordinal, module, kernel)?;
-    let mut per_sm = 0;
-    // SAFETY: `f` is a loaded function; writes one int.
-    check(
-        unsafe {
-            sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut per_sm, f, threads as i32, 0)
-        },
-        &format!("cuOccupancyMaxActiveBlocksPerMultiprocessor({kernel})"),
-    )?;
-    let n = sm_count(ordinal)? * (per_sm.max(1) as u32);
-    map.lock()
-        .map_err(|_| Error::invalid("poisoned"))?
-        .insert(key, n);
-    Ok(n)
+    cached(map, (ordinal, kernel, threads), "poisoned", || {
+        let _ctx = bind_device(ordinal)?;
+        let f = function(ordinal, module, kernel)?;
+        let mut per_sm = 0;
+        // SAFETY: `f` is a loaded function; writes one int.
+        check(
+            unsafe {
+                sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut per_sm, f, threads as i32, 0)
+            },
+            &format!("cuOccupancyMaxActiveBlocksPerMultiprocessor({kernel})"),
+        )?;
+        Ok(sm_count(ordinal)? * (per_sm.max(1) as u32))
+    })
 }
 
 /// Which kernel modules this build carries (for `info`).
