@@ -50,6 +50,29 @@ pub enum ScalesPtr {
     },
 }
 
+impl ScalesPtr {
+    /// The scales as the bindings pass them: double-quantized when `codes` is non-zero (then
+    /// `nested_absmax`, `nested_code` and `offset` go with it), else the float32 `absmax`.
+    pub fn from_parts(
+        absmax: usize,
+        codes: usize,
+        nested_absmax: usize,
+        nested_code: usize,
+        offset: f32,
+    ) -> ScalesPtr {
+        if codes != 0 {
+            ScalesPtr::Nested {
+                codes,
+                nested_absmax,
+                nested_code,
+                offset,
+            }
+        } else {
+            ScalesPtr::Plain(absmax)
+        }
+    }
+}
+
 /// What both launchers take besides their buffers: `n` elements of `dtype`, quantized in blocks
 /// of `blocksize` as `qt` 4-bit codes, launched on `stream` of `device`.
 #[derive(Clone, Copy, Debug)]

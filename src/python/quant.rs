@@ -293,16 +293,7 @@ fn nf4_dequantize_cuda(
             check_device("nf4_dequantize_cuda absmax", &[absmax], nb, 4)
         }
     })?;
-    let scales = if absmax_q != 0 {
-        ScalesPtr::Nested {
-            codes: absmax_q,
-            nested_absmax,
-            nested_code,
-            offset,
-        }
-    } else {
-        ScalesPtr::Plain(absmax)
-    };
+    let scales = ScalesPtr::from_parts(absmax, absmax_q, nested_absmax, nested_code, offset);
     let p = params(n, blocksize, qt, dtype, device, stream);
     // SAFETY: the Python layer passes live contiguous CUDA tensors of the documented sizes on
     // `device`, allocated by torch; `out` is a separate buffer.
