@@ -1,6 +1,6 @@
 //! Launchers for `kernels/geglu.cu`: `h = gelu(g) * u` (tanh or erf gelu) and its backward.
 
-use super::gated::{self, Elems, Kernel};
+use super::gated::{self, Elems, GatedGrads, Kernel};
 use super::DType;
 use crate::{Error, Result};
 
@@ -67,20 +67,13 @@ pub unsafe fn forward(e: &Elems, gelu: Gelu, g: usize, u: usize, h: usize) -> Re
 /// elements).
 ///
 /// # Safety
-/// As [`forward`]; `dg` and `du` are outputs that overlap neither each other nor the inputs.
-pub unsafe fn backward(
-    e: &Elems,
-    gelu: Gelu,
-    dh: usize,
-    g: usize,
-    u: usize,
-    dg: usize,
-    du: usize,
-) -> Result<()> {
+/// As [`forward`] for every pointer of `b`; `dg` and `du` are outputs that overlap neither each
+/// other nor the inputs.
+pub unsafe fn backward(e: &Elems, gelu: Gelu, b: &GatedGrads) -> Result<()> {
     let k = kernel(false, gelu, e.dtype);
     // SAFETY: the caller's guarantees; `geglu_<variant>_bwd_<dtype>` takes the gated backward
     // arguments.
-    unsafe { gated::backward(k, "geglu backward", e, dh, g, u, dg, du) }
+    unsafe { gated::backward(k, "geglu backward", e, b) }
 }
 
 #[cfg(test)]
@@ -112,8 +105,15 @@ mod tests {
             device: 0,
             stream,
         };
+        let b = GatedGrads {
+            dh: 0,
+            g: 0,
+            u: 0,
+            dg: 0,
+            du: 0,
+        };
         // SAFETY: n == 0 returns before any pointer is looked at.
-        let r = unsafe { backward(&e, Gelu::Erf, 0, 0, 0, 0, 0) };
+        let r = unsafe { backward(&e, Gelu::Erf, &b) };
         assert!(r.is_ok());
     }
 }

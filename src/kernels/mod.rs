@@ -12,7 +12,7 @@ pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
 
-pub use gated::Elems;
+pub use gated::{Elems, GatedGrads};
 
 /// Floating-point element types our kernels are compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

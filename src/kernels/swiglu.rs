@@ -1,6 +1,6 @@
 //! Launchers for `kernels/swiglu.cu`: `h = silu(g) * u` and its backward.
 
-use super::gated::{self, Elems, Kernel};
+use super::gated::{self, Elems, GatedGrads, Kernel};
 use super::DType;
 use crate::Result;
 
@@ -36,16 +36,10 @@ pub unsafe fn forward(e: &Elems, g: usize, u: usize, h: usize) -> Result<()> {
 /// Gradients of SwiGLU: `dg`, `du` from `dh`, `g`, `u` (all `n` contiguous elements).
 ///
 /// # Safety
-/// As [`forward`]; `dg` and `du` are outputs that overlap neither each other nor the inputs.
-pub unsafe fn backward(
-    e: &Elems,
-    dh: usize,
-    g: usize,
-    u: usize,
-    dg: usize,
-    du: usize,
-) -> Result<()> {
+/// As [`forward`] for every pointer of `b`; `dg` and `du` are outputs that overlap neither each
+/// other nor the inputs.
+pub unsafe fn backward(e: &Elems, b: &GatedGrads) -> Result<()> {
     let k = kernel(false, e.dtype);
     // SAFETY: the caller's guarantees; `swiglu_bwd_<dtype>` takes the gated backward arguments.
-    unsafe { gated::backward(k, "swiglu backward", e, dh, g, u, dg, du) }
+    unsafe { gated::backward(k, "swiglu backward", e, b) }
 }
