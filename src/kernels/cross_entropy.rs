@@ -4,7 +4,7 @@
 
 use std::ffi::c_void;
 
-use super::{check_ptrs, DType};
+use super::{by_dtype, check_ptrs, DType};
 use crate::cuda::{self, LaunchConfig, RawStream};
 use crate::{Error, Result};
 
@@ -14,13 +14,10 @@ const MAX_THREADS: usize = 512;
 const MAX_BLOCKS: usize = i32::MAX as usize;
 
 fn kernel_name(fwd: bool, dtype: DType) -> &'static str {
-    match (fwd, dtype) {
-        (true, DType::F32) => "cross_entropy_fwd_f32",
-        (true, DType::F16) => "cross_entropy_fwd_f16",
-        (true, DType::BF16) => "cross_entropy_fwd_bf16",
-        (false, DType::F32) => "cross_entropy_bwd_f32",
-        (false, DType::F16) => "cross_entropy_bwd_f16",
-        (false, DType::BF16) => "cross_entropy_bwd_bf16",
+    if fwd {
+        by_dtype!("cross_entropy_fwd", dtype)
+    } else {
+        by_dtype!("cross_entropy_bwd", dtype)
     }
 }
 

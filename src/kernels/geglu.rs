@@ -1,7 +1,7 @@
 //! Launchers for `kernels/geglu.cu`: `h = gelu(g) * u` (tanh or erf gelu) and its backward.
 
 use super::gated::{self, Elems, GatedGrads, Kernel};
-use super::DType;
+use super::{by_dtype, DType};
 use crate::{Error, Result};
 
 /// Which gelu the kernel computes; names follow `torch.nn.functional.gelu(approximate=...)`.
@@ -28,19 +28,11 @@ impl Gelu {
 }
 
 fn kernel_name(fwd: bool, gelu: Gelu, dtype: DType) -> &'static str {
-    match (gelu, fwd, dtype) {
-        (Gelu::Tanh, true, DType::F32) => "geglu_tanh_fwd_f32",
-        (Gelu::Tanh, true, DType::F16) => "geglu_tanh_fwd_f16",
-        (Gelu::Tanh, true, DType::BF16) => "geglu_tanh_fwd_bf16",
-        (Gelu::Tanh, false, DType::F32) => "geglu_tanh_bwd_f32",
-        (Gelu::Tanh, false, DType::F16) => "geglu_tanh_bwd_f16",
-        (Gelu::Tanh, false, DType::BF16) => "geglu_tanh_bwd_bf16",
-        (Gelu::Erf, true, DType::F32) => "geglu_erf_fwd_f32",
-        (Gelu::Erf, true, DType::F16) => "geglu_erf_fwd_f16",
-        (Gelu::Erf, true, DType::BF16) => "geglu_erf_fwd_bf16",
-        (Gelu::Erf, false, DType::F32) => "geglu_erf_bwd_f32",
-        (Gelu::Erf, false, DType::F16) => "geglu_erf_bwd_f16",
-        (Gelu::Erf, false, DType::BF16) => "geglu_erf_bwd_bf16",
+    match (gelu, fwd) {
+        (Gelu::Tanh, true) => by_dtype!("geglu_tanh_fwd", dtype),
+        (Gelu::Tanh, false) => by_dtype!("geglu_tanh_bwd", dtype),
+        (Gelu::Erf, true) => by_dtype!("geglu_erf_fwd", dtype),
+        (Gelu::Erf, false) => by_dtype!("geglu_erf_bwd", dtype),
     }
 }
 

@@ -14,6 +14,19 @@ pub mod swiglu;
 
 pub use gated::{Elems, GatedGrads};
 
+/// The entry `<stem>_f32`, `<stem>_f16` or `<stem>_bf16` for `dtype`: the kernel files build one
+/// entry per dtype by appending that suffix (`##SUFFIX` in `kernels/*.cu`).
+macro_rules! by_dtype {
+    ($stem:literal, $dtype:expr) => {
+        match $dtype {
+            $crate::kernels::DType::F32 => concat!($stem, "_f32"),
+            $crate::kernels::DType::F16 => concat!($stem, "_f16"),
+            $crate::kernels::DType::BF16 => concat!($stem, "_bf16"),
+        }
+    };
+}
+pub(crate) use by_dtype;
+
 /// Floating-point element types our kernels are compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {

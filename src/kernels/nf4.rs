@@ -3,7 +3,7 @@
 
 use std::ffi::c_void;
 
-use super::{all_aligned16, check_ptrs, elementwise_grid, DType};
+use super::{all_aligned16, by_dtype, check_ptrs, elementwise_grid, DType};
 use crate::cuda::{self, LaunchConfig, RawStream};
 use crate::quant::{check_blocksize, QuantType};
 use crate::{Error, Result};
@@ -11,22 +11,6 @@ use crate::{Error, Result};
 const THREADS: u32 = 256;
 /// Store units per lane in one warp chunk of the dequantize kernel (`kUnitsPerLane` in nf4.cu).
 const UNITS_PER_LANE: usize = 4;
-
-fn dequant_kernel(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => "nf4_dequant_f32",
-        DType::F16 => "nf4_dequant_f16",
-        DType::BF16 => "nf4_dequant_bf16",
-    }
-}
-
-fn quant_kernel(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => "nf4_quant_f32",
-        DType::F16 => "nf4_quant_f16",
-        DType::BF16 => "nf4_quant_bf16",
-    }
-}
 
 fn qt_code(qt: QuantType) -> i32 {
     match qt {
@@ -139,7 +123,7 @@ pub unsafe fn dequantize(p: &Params, packed: usize, scales: ScalesPtr, out: usiz
     // The chunk and unit loops read 4 (2 for fp32) packed bytes as one word and write one
     // 16-byte vector per unit; otherwise the kernel goes element by element.
     let mut vec_ok = (packed % 4 == 0 && all_aligned16(&[out])) as i32;
-    let kernel = dequant_kernel(p.dtype);
+    let kernel = by_dtype!("nf4_dequant", p.dtype);
     // One chunk per warp, i.e. UNITS_PER_LANE store units per thread (one resident wave looping
     // over the chunks is slower: docs/benchmarks.md, "NF4 dequantize").
     let unit_elems = 16 / p.dtype.size();
@@ -202,5 +186,5 @@ pub unsafe fn quantize(p: &Params, src: usize, packed: usize, absmax: usize) -> 
     ];
     // SAFETY: args match `nf4_quant_<dtype>(const T*, uint8_t*, float*, int64_t, int, int)`;
     // the caller guarantees the pointers.
-    unsafe { p.launch(quant_kernel(p.dtype), ctas, &mut args) }
+    unsafe { p.launch(by_dtype!("nf4_quant", p.dtype), ctas, &mut args) }
 }

@@ -4,7 +4,7 @@
 
 use std::ffi::c_void;
 
-use super::{all_aligned16, check_ptrs, DType};
+use super::{all_aligned16, by_dtype, check_ptrs, DType};
 use crate::cuda::{self, LaunchConfig, RawStream};
 use crate::{Error, Result};
 
@@ -17,22 +17,6 @@ const FWD_VECS: usize = 8;
 /// Block size when a warp owns a row (narrow rows): eight rows per block.
 const WARP_MODE_THREADS: usize = 256;
 
-fn forward_kernel(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => "rms_norm_fwd_f32",
-        DType::F16 => "rms_norm_fwd_f16",
-        DType::BF16 => "rms_norm_fwd_bf16",
-    }
-}
-
-fn backward_kernel(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => "rms_norm_bwd_f32",
-        DType::F16 => "rms_norm_bwd_f16",
-        DType::BF16 => "rms_norm_bwd_bf16",
-    }
-}
-
 /// Elements of `dtype` in one 16-byte vector.
 fn vec_elems(dtype: DType) -> usize {
     16 / dtype.size()
@@ -44,14 +28,6 @@ fn forward_elems(dtype: DType) -> usize {
     FWD_VECS * vec_elems(dtype)
 }
 
-fn add_forward_kernel(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => "add_rms_norm_fwd_f32",
-        DType::F16 => "add_rms_norm_fwd_f16",
-        DType::BF16 => "add_rms_norm_fwd_bf16",
-    }
-}
-
 /// Entry of the dx-only backward (`add`: its residual-add variant) for `cols`-wide rows and its
 /// elements per thread: 32 (4 vectors of x and 4 of dy for 16-bit types at 63 registers, 8 + 8
 /// for fp32 at 104: about 128 KB of reads in flight per SM either way); 16-bit rows wider than
@@ -60,17 +36,12 @@ fn dx_kernel(dtype: DType, cols: usize, add: bool) -> (&'static str, usize) {
     let n = vec_elems(dtype);
     let wide = cols > 4 * n * MAX_THREADS;
     let k = if dtype == DType::F32 || wide { 8 } else { 4 };
-    let name = match (dtype, k, add) {
-        (DType::F32, _, false) => "rms_norm_bwd_dx8_f32",
-        (DType::F16, 4, false) => "rms_norm_bwd_dx4_f16",
-        (DType::F16, _, false) => "rms_norm_bwd_dx8_f16",
-        (DType::BF16, 4, false) => "rms_norm_bwd_dx4_bf16",
-        (DType::BF16, _, false) => "rms_norm_bwd_dx8_bf16",
-        (DType::F32, _, true) => "add_rms_norm_bwd_dx8_f32",
-        (DType::F16, 4, true) => "add_rms_norm_bwd_dx4_f16",
-        (DType::F16, _, true) => "add_rms_norm_bwd_dx8_f16",
-        (DType::BF16, 4, true) => "add_rms_norm_bwd_dx4_bf16",
-        (DType::BF16, _, true) => "add_rms_norm_bwd_dx8_bf16",
+    // There is no 4-vector float32 entry: `k` is 8 for float32.
+    let name = match (add, k) {
+        (false, 4) => by_dtype!("rms_norm_bwd_dx4", dtype),
+        (false, _) => by_dtype!("rms_norm_bwd_dx8", dtype),
+        (true, 4) => by_dtype!("add_rms_norm_bwd_dx4", dtype),
+        (true, _) => by_dtype!("add_rms_norm_bwd_dx8", dtype),
     };
     (name, k * n)
 }
@@ -150,8 +121,8 @@ pub fn backward_partial_rows(rows: usize, cols: usize, dtype: DType, device: i32
     // One wave at the kernel's real occupancy (registers keep it under 2048 threads per SM; a
     // grid sized for 2048 ran in several waves with a mostly idle last one), never more groups
     // than rows: each group sums its rows' dw in registers, so fewer groups mean fewer partials.
-    let resident =
-        cuda::resident_blocks(device, "rms_norm", backward_kernel(dtype), plan.threads)? as usize;
+    let kernel = by_dtype!("rms_norm_bwd", dtype);
+    let resident = cuda::resident_blocks(device, "rms_norm", kernel, plan.threads)? as usize;
     let blocks = rows.div_ceil(per_block).clamp(1, resident.max(1));
     Ok(blocks * per_block)
 }
@@ -177,7 +148,8 @@ pub struct Rows {
 /// `w` to `cols` elements, `rstd` to `rows` f32, all live until the launch has run on `stream`;
 /// `y` and `rstd` overlap nothing else.
 pub unsafe fn forward(r: &Rows, x: usize, w: usize, y: usize, rstd: usize, eps: f32) -> Result<()> {
-    let entry = (forward_kernel(r.dtype), forward_elems(r.dtype));
+    let kernel = by_dtype!("rms_norm_fwd", r.dtype);
+    let entry = (kernel, forward_elems(r.dtype));
     let ptrs = [x, w, y, rstd];
     // SAFETY: `rms_norm_fwd_<dtype>(const T* x, const T* w, T* y, float* rstd, ...)`; the caller
     // guarantees the pointers and sizes.
@@ -202,7 +174,8 @@ pub unsafe fn add_forward(
     rstd: usize,
     eps: f32,
 ) -> Result<()> {
-    let entry = (add_forward_kernel(r.dtype), forward_elems(r.dtype));
+    let kernel = by_dtype!("add_rms_norm_fwd", r.dtype);
+    let entry = (kernel, forward_elems(r.dtype));
     let ptrs = [x, residual, w, s, y, rstd];
     // SAFETY: `add_rms_norm_fwd_<dtype>(const T* x, const T* res, const T* w, T* s, T* y,
     // float* rstd, ...)`; the caller guarantees the pointers and sizes.
@@ -364,7 +337,7 @@ pub unsafe fn backward(r: &Rows, g: &Grads, partial: usize, partial_rows: usize)
     // Exactly the grid `backward_partial_rows` assumed: one partial row per group.
     let blocks = (expected / plan.rows_per_block()) as u32;
     let mut scalars = Scalars::new(r, plan, 0.0, fast);
-    let kernel = backward_kernel(r.dtype);
+    let kernel = by_dtype!("rms_norm_bwd", r.dtype);
     // SAFETY: args match `rms_norm_bwd_<dtype>(const T*, const T*, const T*, const float*, T*,
     // float*, int64_t, int64_t, int, int, int)`; the caller guarantees the pointers and sizes,
     // and the grid has exactly `partial_rows` groups, so every partial row is written.

@@ -1,24 +1,18 @@
 //! Launchers for `kernels/swiglu.cu`: `h = silu(g) * u` and its backward.
 
 use super::gated::{self, Elems, GatedGrads, Kernel};
-use super::DType;
+use super::{by_dtype, DType};
 use crate::Result;
 
-fn kernel_name(fwd: bool, dtype: DType) -> &'static str {
-    match (fwd, dtype) {
-        (true, DType::F32) => "swiglu_fwd_f32",
-        (true, DType::F16) => "swiglu_fwd_f16",
-        (true, DType::BF16) => "swiglu_fwd_bf16",
-        (false, DType::F32) => "swiglu_bwd_f32",
-        (false, DType::F16) => "swiglu_bwd_f16",
-        (false, DType::BF16) => "swiglu_bwd_bf16",
-    }
-}
-
 fn kernel(fwd: bool, dtype: DType) -> Kernel {
+    let name = if fwd {
+        by_dtype!("swiglu_fwd", dtype)
+    } else {
+        by_dtype!("swiglu_bwd", dtype)
+    };
     Kernel {
         module: "swiglu",
-        name: kernel_name(fwd, dtype),
+        name,
     }
 }
 
