@@ -2,10 +2,8 @@
 //! input (q/k/v, gate/up) from 4-bit weights, with bias and the LoRA up-projection fused, in one
 //! launch per 8 batch rows. Every size and pointer is checked here before any pointer arithmetic.
 
-use std::ffi::c_void;
-
 use super::nf4::ScalesPtr;
-use super::{all_aligned16, DType};
+use super::{all_aligned16, kernel_args, DType};
 use crate::args::{byte_size, check_device};
 use crate::cuda::{self, LaunchConfig, RawStream};
 use crate::quant::{check_blocksize, num_blocks, packed_len, QuantType, NESTED_BLOCKSIZE};
@@ -359,7 +357,7 @@ unsafe fn launch_params<P>(
     (blocks, threads): (u32, u32),
     params: &mut P,
 ) -> Result<()> {
-    let mut kargs = [params as *mut P as *mut c_void];
+    let mut kargs = kernel_args![*params];
     let cfg = LaunchConfig::linear(blocks, threads);
     // SAFETY: the caller guarantees the struct's layout and the pointers it carries.
     unsafe { cuda::launch(device, stream, "decode_matvec", name, cfg, &mut kargs) }

@@ -2,9 +2,7 @@
 //! `(g, u, h, n, vec_ok)` forward and `(dh, g, u, dg, du, n, vec_ok)` backward over contiguous
 //! elements, so only the module and kernel names differ.
 
-use std::ffi::c_void;
-
-use super::{all_aligned16, check_ptrs, elementwise_grid, DType};
+use super::{all_aligned16, check_ptrs, elementwise_grid, kernel_args, ptr_args, DType};
 use crate::cuda::{self, LaunchConfig, RawStream};
 use crate::Result;
 
@@ -91,12 +89,8 @@ unsafe fn launch(
         cuda::resident_blocks(e.device, kernel.module, kernel.name, THREADS)
     })?;
     let (mut ptrs, mut n64) = (ptrs.to_vec(), e.n as i64);
-    let mut args: Vec<*mut c_void> = ptrs
-        .iter_mut()
-        .map(|p| p as *mut usize as *mut c_void)
-        .collect();
-    args.push(&mut n64 as *mut i64 as *mut c_void);
-    args.push(&mut vec_ok as *mut i32 as *mut c_void);
+    let mut args = ptr_args(&mut ptrs);
+    args.extend(kernel_args![n64, vec_ok]);
     let cfg = LaunchConfig::linear(blocks, THREADS);
     // SAFETY: args are the caller's pointers then (int64_t n, int vec_ok), as the caller
     // guarantees the kernel takes them.

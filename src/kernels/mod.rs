@@ -27,6 +27,23 @@ macro_rules! by_dtype {
 }
 pub(crate) use by_dtype;
 
+/// The argument array of a launch: a pointer to each given place, in the kernel's parameter order
+/// (the driver reads every parameter's value through its pointer, so the places must be live
+/// until the launch call returns).
+macro_rules! kernel_args {
+    ($($place:expr),* $(,)?) => {
+        [$(&mut $place as *mut _ as *mut std::ffi::c_void),*]
+    };
+}
+pub(crate) use kernel_args;
+
+/// [`kernel_args!`] for a run of pointer parameters held in `ptrs`.
+pub(crate) fn ptr_args(ptrs: &mut [usize]) -> Vec<*mut std::ffi::c_void> {
+    ptrs.iter_mut()
+        .map(|p| p as *mut usize as *mut std::ffi::c_void)
+        .collect()
+}
+
 /// Floating-point element types our kernels are compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {

@@ -3,7 +3,7 @@
 
 use std::ffi::c_void;
 
-use super::{all_aligned16, by_dtype, check_ptrs, elementwise_grid, DType};
+use super::{all_aligned16, by_dtype, check_ptrs, elementwise_grid, kernel_args, DType};
 use crate::cuda::{self, LaunchConfig, RawStream};
 use crate::quant::{check_blocksize, QuantType};
 use crate::{Error, Result};
@@ -134,19 +134,8 @@ pub unsafe fn dequantize(p: &Params, packed: usize, scales: ScalesPtr, out: usiz
     let mut n64 = p.n as i64;
     let mut bs_log2 = p.blocksize.trailing_zeros() as i32;
     let (mut packed, mut out) = (packed, out);
-    let mut args = [
-        &mut packed as *mut usize as *mut c_void,
-        &mut absmax as *mut usize as *mut c_void,
-        &mut codes as *mut usize as *mut c_void,
-        &mut nested as *mut usize as *mut c_void,
-        &mut ncode as *mut usize as *mut c_void,
-        &mut offset as *mut f32 as *mut c_void,
-        &mut qt_i as *mut i32 as *mut c_void,
-        &mut out as *mut usize as *mut c_void,
-        &mut n64 as *mut i64 as *mut c_void,
-        &mut bs_log2 as *mut i32 as *mut c_void,
-        &mut vec_ok as *mut i32 as *mut c_void,
-    ];
+    let mut args =
+        kernel_args![packed, absmax, codes, nested, ncode, offset, qt_i, out, n64, bs_log2, vec_ok];
     // SAFETY: args match `nf4_dequant_<dtype>(const uint8_t*, const float*, const uint8_t*,
     // const float*, const float*, float, int, T*, int64_t, int, int vec_ok)`; vec_ok is set only
     // when the packed and output pointers are aligned for the word loads and vector stores; the
@@ -176,14 +165,7 @@ pub unsafe fn quantize(p: &Params, src: usize, packed: usize, absmax: usize) -> 
     let mut n64 = p.n as i64;
     let mut bs = p.blocksize as i32;
     let mut qt_i = qt_code(p.qt);
-    let mut args = [
-        &mut src as *mut usize as *mut c_void,
-        &mut packed as *mut usize as *mut c_void,
-        &mut absmax as *mut usize as *mut c_void,
-        &mut n64 as *mut i64 as *mut c_void,
-        &mut bs as *mut i32 as *mut c_void,
-        &mut qt_i as *mut i32 as *mut c_void,
-    ];
+    let mut args = kernel_args![src, packed, absmax, n64, bs, qt_i];
     // SAFETY: args match `nf4_quant_<dtype>(const T*, uint8_t*, float*, int64_t, int, int)`;
     // the caller guarantees the pointers.
     unsafe { p.launch(by_dtype!("nf4_quant", p.dtype), ctas, &mut args) }

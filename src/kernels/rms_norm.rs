@@ -4,7 +4,7 @@
 
 use std::ffi::c_void;
 
-use super::{all_aligned16, by_dtype, check_ptrs, DType};
+use super::{all_aligned16, by_dtype, check_ptrs, kernel_args, ptr_args, DType};
 use crate::cuda::{self, LaunchConfig, RawStream};
 use crate::{Error, Result};
 
@@ -248,10 +248,7 @@ unsafe fn launch_rows(
     mut ptrs: Vec<usize>,
     tail: &[*mut c_void],
 ) -> Result<()> {
-    let mut args: Vec<*mut c_void> = ptrs
-        .iter_mut()
-        .map(|p| p as *mut usize as *mut c_void)
-        .collect();
+    let mut args = ptr_args(&mut ptrs);
     args.extend_from_slice(tail);
     let cfg = LaunchConfig::linear(blocks, plan.threads);
     // SAFETY: the caller guarantees the arguments; `ptrs` outlives the launch call.
@@ -283,19 +280,11 @@ impl Scalars {
     /// The entries' scalar tail: rows, cols, eps (forward entries only: `with_eps`), gemma,
     /// group, fast.
     fn args(&mut self, with_eps: bool) -> Vec<*mut c_void> {
-        let mut args = vec![
-            &mut self.rows as *mut i64 as *mut c_void,
-            &mut self.cols as *mut i64 as *mut c_void,
-        ];
         if with_eps {
-            args.push(&mut self.eps as *mut f32 as *mut c_void);
+            kernel_args![self.rows, self.cols, self.eps, self.gemma, self.group, self.fast].to_vec()
+        } else {
+            kernel_args![self.rows, self.cols, self.gemma, self.group, self.fast].to_vec()
         }
-        args.extend([
-            &mut self.gemma as *mut i32 as *mut c_void,
-            &mut self.group as *mut i32 as *mut c_void,
-            &mut self.fast as *mut i32 as *mut c_void,
-        ]);
-        args
     }
 }
 

@@ -1,9 +1,7 @@
 //! Launchers for `kernels/rope.cu`: rotary position embedding applied in place to q and k in one
 //! launch (forward), and its transpose applied in place to their gradients (backward).
 
-use std::ffi::c_void;
-
-use super::{all_aligned16, by_dtype, check_ptrs, elementwise_grid, DType};
+use super::{all_aligned16, by_dtype, check_ptrs, elementwise_grid, kernel_args, DType};
 use crate::args::check_extent;
 use crate::cuda::{self, LaunchConfig, RawStream};
 use crate::{Error, Result};
@@ -264,7 +262,7 @@ pub unsafe fn apply(args: &RopeArgs, backward: bool, device: i32, stream: RawStr
         s_s: args.sin_strides,
         backward: backward as i32,
     };
-    let mut kargs = [&mut params as *mut RopeParams as *mut c_void];
+    let mut kargs = kernel_args![params];
     // SAFETY: the one argument is a `RopeParams`, laid out (repr(C)) exactly as the kernel's
     // by-value struct parameter; the caller guarantees the pointers and strides it carries.
     unsafe { cuda::launch(device, stream, "rope", name, cfg, &mut kargs) }
