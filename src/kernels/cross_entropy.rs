@@ -2,9 +2,7 @@
 //! logits (forward) and the in-place logits gradient `(softmax - onehot) * scale` (backward).
 //! One block per row; rows may be strided (`ld` elements apart), columns are contiguous.
 
-use std::ffi::c_void;
-
-use super::{check_ptrs, DType};
+use super::{by_dtype, check_ptrs, kernel_args, DType};
 use crate::cuda::{self, LaunchConfig, RawStream};
 use crate::{Error, Result};
 
@@ -14,13 +12,10 @@ const MAX_THREADS: usize = 512;
 const MAX_BLOCKS: usize = i32::MAX as usize;
 
 fn kernel_name(fwd: bool, dtype: DType) -> &'static str {
-    match (fwd, dtype) {
-        (true, DType::F32) => "cross_entropy_fwd_f32",
-        (true, DType::F16) => "cross_entropy_fwd_f16",
-        (true, DType::BF16) => "cross_entropy_fwd_bf16",
-        (false, DType::F32) => "cross_entropy_bwd_f32",
-        (false, DType::F16) => "cross_entropy_bwd_f16",
-        (false, DType::BF16) => "cross_entropy_bwd_bf16",
+    if fwd {
+        by_dtype!("cross_entropy_fwd", dtype)
+    } else {
+        by_dtype!("cross_entropy_bwd", dtype)
     }
 }
 
@@ -90,16 +85,7 @@ unsafe fn launch_rows(fwd: bool, l: &Logits, logits: usize, rest: [usize; 3]) ->
     let [mut p1, mut p2, mut p3] = rest;
     let (mut logits, mut ld) = (logits, l.ld as i64);
     let (mut rows, mut cols, mut ignore) = (l.rows as i64, l.cols as i64, l.ignore);
-    let mut args = [
-        &mut logits as *mut usize as *mut c_void,
-        &mut ld as *mut i64 as *mut c_void,
-        &mut p1 as *mut usize as *mut c_void,
-        &mut p2 as *mut usize as *mut c_void,
-        &mut p3 as *mut usize as *mut c_void,
-        &mut rows as *mut i64 as *mut c_void,
-        &mut cols as *mut i64 as *mut c_void,
-        &mut ignore as *mut i64 as *mut c_void,
-    ];
+    let mut args = kernel_args![logits, ld, p1, p2, p3, rows, cols, ignore];
     let cfg = LaunchConfig::linear(blocks, threads);
     // SAFETY: args match `cross_entropy_fwd_<dtype>(const T*, int64_t, const int64_t* targets,
     // float* lse, float* loss, int64_t, int64_t, int64_t)` and `cross_entropy_bwd_<dtype>(T*,

@@ -2,10 +2,8 @@
 //! input (q/k/v, gate/up) from 4-bit weights, with bias and the LoRA up-projection fused, in one
 //! launch per 8 batch rows. Every size and pointer is checked here before any pointer arithmetic.
 
-use std::ffi::c_void;
-
 use super::nf4::ScalesPtr;
-use super::{all_aligned16, DType};
+use super::{all_aligned16, kernel_args, DType};
 use crate::args::{byte_size, check_device};
 use crate::cuda::{self, LaunchConfig, RawStream};
 use crate::quant::{check_blocksize, num_blocks, packed_len, QuantType, NESTED_BLOCKSIZE};
@@ -116,27 +114,37 @@ impl Path {
     }
 }
 
+/// `bf16` or `f16` for `dtype`: the decode kernels are built for the 16-bit types only (`what`
+/// names the call in the error for float32).
+fn by_half<T>(what: &str, dtype: DType, bf16: T, f16: T) -> Result<T> {
+    match dtype {
+        DType::BF16 => Ok(bf16),
+        DType::F16 => Ok(f16),
+        DType::F32 => Err(Error::invalid(format!(
+            "{what}: dtype float32 is not supported; expected float16 or bfloat16"
+        ))),
+    }
+}
+
 fn kernel(dtype: DType, path: Path) -> Result<&'static str> {
-    let names: [&'static str; 5] =
-        match dtype {
-            DType::BF16 => [
-                "dm_stream1_bf16",
-                "dm_stream2_bf16",
-                "dm_stream4_bf16",
-                "dm_mma_bf16",
-                "dm_any_bf16",
-            ],
-            DType::F16 => [
-                "dm_stream1_f16",
-                "dm_stream2_f16",
-                "dm_stream4_f16",
-                "dm_mma_f16",
-                "dm_any_f16",
-            ],
-            DType::F32 => return Err(Error::invalid(
-                "decode_matvec_4bit: dtype float32 is not supported; expected float16 or bfloat16",
-            )),
-        };
+    let names = by_half(
+        "decode_matvec_4bit",
+        dtype,
+        [
+            "dm_stream1_bf16",
+            "dm_stream2_bf16",
+            "dm_stream4_bf16",
+            "dm_mma_bf16",
+            "dm_any_bf16",
+        ],
+        [
+            "dm_stream1_f16",
+            "dm_stream2_f16",
+            "dm_stream4_f16",
+            "dm_mma_f16",
+            "dm_any_f16",
+        ],
+    )?;
     Ok(match path {
         Path::Stream(1) => names[0],
         Path::Stream(2) => names[1],
@@ -151,17 +159,25 @@ fn to_i32(what: &str, v: usize) -> Result<i32> {
         .map_err(|_| Error::invalid(format!("decode_matvec_4bit: {what} {v} too large")))
 }
 
+impl Member {
+    /// The member's output width and LoRA term.
+    fn lora(&self) -> LoraB {
+        LoraB {
+            n: self.n,
+            lora_b: self.lora_b,
+            rank: self.rank,
+            scaling: self.scaling,
+            xa_col: self.xa_col,
+        }
+    }
+}
+
 impl Args {
     /// Check counts, sizes and pointers; returns the total output elements per batch row.
     pub fn check(&self) -> Result<usize> {
         let what = "decode_matvec_4bit";
         kernel(self.dtype, Path::Any)?;
-        if self.members.is_empty() || self.members.len() > MAX_MEMBERS {
-            return Err(Error::invalid(format!(
-                "{what}: {} members; expected 1 to {MAX_MEMBERS}",
-                self.members.len()
-            )));
-        }
+        check_count(what, self.members.len())?;
         if self.k == 0 || self.k > i32::MAX as usize {
             return Err(Error::invalid(format!(
                 "{what}: k = {} out of range",
@@ -178,9 +194,7 @@ impl Args {
         let mut width = 0usize;
         for (i, m) in self.members.iter().enumerate() {
             check_member(m, i, self.k, self.xa_ld, es)?;
-            width = width
-                .checked_add(m.n)
-                .ok_or_else(|| Error::invalid(format!("{what}: output widths overflow")))?;
+            width = add_width(what, width, m.n)?;
         }
         to_i32("xa_ld", self.xa_ld)?;
         check_device(
@@ -199,6 +213,23 @@ impl Args {
         }
         Ok(width)
     }
+}
+
+/// Check that a group has 1 to [`MAX_MEMBERS`] members (`what` names the call in errors).
+fn check_count(what: &str, members: usize) -> Result<()> {
+    if members == 0 || members > MAX_MEMBERS {
+        return Err(Error::invalid(format!(
+            "{what}: {members} members; expected 1 to {MAX_MEMBERS}"
+        )));
+    }
+    Ok(())
+}
+
+/// The output width so far plus a member's `n`, checked.
+fn add_width(what: &str, width: usize, n: usize) -> Result<usize> {
+    width
+        .checked_add(n)
+        .ok_or_else(|| Error::invalid(format!("{what}: output widths overflow")))
 }
 
 fn mul(a: usize, b: usize) -> Result<usize> {
@@ -233,18 +264,9 @@ fn check_member(m: &Member, i: usize, k: usize, xa_ld: usize, es: usize) -> Resu
     if m.bias != 0 {
         check_device(&w("bias"), &[m.bias], m.n, es)?;
     }
+    m.lora().check(w, xa_ld, es)?;
     if m.rank > 0 {
-        check_device(&w("lora_b"), &[m.lora_b], mul(m.n, m.rank)?, es)?;
-        let end = m.xa_col.checked_add(m.rank);
-        if end.is_none_or(|e| e > xa_ld) {
-            return Err(Error::invalid(w(&format!(
-                "LoRA columns {}..{}+{} exceed xa's width {xa_ld}",
-                m.xa_col, m.xa_col, m.rank
-            ))));
-        }
         to_i32("rank", m.rank)?;
-    } else if m.lora_b != 0 {
-        return Err(Error::invalid(w("has lora_b but rank 0")));
     }
     Ok(())
 }
@@ -293,20 +315,52 @@ fn member_params(m: &Member, start: usize, y: usize) -> Result<MemberParams> {
         nested,
         ncode,
         bias: m.bias,
-        lora_b: if m.rank > 0 { m.lora_b } else { 0 },
-        y,
-        n: m.n as i64,
-        start: start as i64,
         offset,
-        scaling: m.scaling,
-        rank: to_i32("rank", m.rank)?,
-        xa_col: to_i32("xa_col", m.xa_col)?,
         bs_log2: m.blocksize.trailing_zeros() as i32,
         quant_type: match m.quant_type {
             QuantType::Nf4 => 0,
             QuantType::Fp4 => 1,
         },
+        ..m.lora().params(start, y)?
     })
+}
+
+/// The address of each member's first output row for batch row `b0` in `out`, where member i's
+/// `[batch, n_i]` (`n_i` from `widths`, elements of `es` bytes) follows the previous members'.
+fn output_rows(
+    out: usize,
+    widths: impl Iterator<Item = usize>,
+    batch: usize,
+    b0: usize,
+    es: usize,
+) -> Vec<usize> {
+    let mut before = 0usize; // elements of the previous members' outputs
+    widths
+        .map(|n| {
+            let y = out + (before + b0 * n) * es;
+            before += batch * n;
+            y
+        })
+        .collect()
+}
+
+/// Launch `name` of `decode_matvec.cu` on `blocks` blocks of `threads` with `params`, the one
+/// by-value struct argument every decode kernel takes.
+///
+/// # Safety
+/// `P` must be laid out (repr(C)) exactly as the kernel's parameter struct, and every pointer it
+/// carries valid for the kernel's accesses on `device` until the launch has run on `stream`.
+unsafe fn launch_params<P>(
+    device: i32,
+    stream: RawStream,
+    name: &'static str,
+    (blocks, threads): (u32, u32),
+    params: &mut P,
+) -> Result<()> {
+    let mut kargs = kernel_args![*params];
+    let cfg = LaunchConfig::linear(blocks, threads);
+    // SAFETY: the caller guarantees the struct's layout and the pointers it carries.
+    unsafe { cuda::launch(device, stream, "decode_matvec", name, cfg, &mut kargs) }
 }
 
 /// Each member's first grid unit, and the blocks: one per 16-row tile (tensor cores), per 8 rows
@@ -340,7 +394,7 @@ fn grid(a: &Args, path: Path, name: &'static str, device: i32) -> Result<(Vec<us
 /// Every pointer must be a live device allocation on `device` of the size [`Args::check`]
 /// verifies from the counts given; the outputs must not overlap the inputs.
 pub unsafe fn launch(a: &Args, device: i32, stream: RawStream) -> Result<()> {
-    let width = a.check()?;
+    a.check()?;
     if a.batch == 0 {
         return Ok(());
     }
@@ -354,14 +408,11 @@ pub unsafe fn launch(a: &Args, device: i32, stream: RawStream) -> Result<()> {
             Path::Stream(_) => STREAM_THREADS,
             Path::Mma | Path::Any => THREADS,
         };
+        let ys = output_rows(a.out, a.members.iter().map(|m| m.n), a.batch, b0, es);
         let mut m = [MemberParams::default(); MAX_MEMBERS];
-        let mut y_off = 0usize; // elements before member i's output in `out`
         for (i, mem) in a.members.iter().enumerate() {
-            let y = a.out + (y_off + b0 * mem.n) * es;
-            m[i] = member_params(mem, starts[i], y)?;
-            y_off += a.batch * mem.n;
+            m[i] = member_params(mem, starts[i], ys[i])?;
         }
-        debug_assert_eq!(y_off, a.batch * width);
         let mut params = Params {
             m,
             x: a.x + b0 * a.k * es,
@@ -376,20 +427,10 @@ pub unsafe fn launch(a: &Args, device: i32, stream: RawStream) -> Result<()> {
             members: a.members.len() as i32,
             pad: 0,
         };
-        let mut kargs = [&mut params as *mut Params as *mut c_void];
-        // SAFETY: the one argument is a `Params`, laid out (repr(C)) exactly as the kernel's
-        // by-value struct; `check` verified every extent the kernel reads or writes from the
-        // counts, and the offsets above stay inside them (b0 < batch).
-        unsafe {
-            cuda::launch(
-                device,
-                stream,
-                "decode_matvec",
-                name,
-                LaunchConfig::linear(blocks, threads),
-                &mut kargs,
-            )?;
-        }
+        // SAFETY: `Params` is laid out (repr(C)) exactly as the kernel's by-value struct;
+        // `check` verified every extent the kernel reads or writes from the counts, and the
+        // offsets above stay inside them (b0 < batch).
+        unsafe { launch_params(device, stream, name, (blocks, threads), &mut params)? };
     }
     Ok(())
 }
@@ -457,15 +498,7 @@ impl XaArgs {
 }
 
 fn xa_kernel(dtype: DType) -> Result<&'static str> {
-    Ok(match dtype {
-        DType::BF16 => "dm_xa_bf16",
-        DType::F16 => "dm_xa_f16",
-        DType::F32 => {
-            return Err(Error::invalid(
-                "decode_lora_a: dtype float32 is not supported; expected float16 or bfloat16",
-            ))
-        }
-    })
+    by_half("decode_lora_a", dtype, "dm_xa_bf16", "dm_xa_f16")
 }
 
 /// Run [`XaArgs`]: a block per LoRA row.
@@ -492,19 +525,9 @@ pub unsafe fn launch_xa(a: &XaArgs, device: i32, stream: RawStream) -> Result<()
             vec: vec as i32,
             pad: 0,
         };
-        let mut kargs = [&mut params as *mut XaParams as *mut c_void];
-        // SAFETY: the one argument is an `XaParams` laid out as the kernel's by-value struct;
-        // `check` verified the extents of x, a and xa, and b0 < batch keeps the offsets inside.
-        unsafe {
-            cuda::launch(
-                device,
-                stream,
-                "decode_matvec",
-                name,
-                LaunchConfig::linear(blocks, XA_THREADS),
-                &mut kargs,
-            )?;
-        }
+        // SAFETY: `XaParams` is laid out as the kernel's by-value struct; `check` verified the
+        // extents of x, a and xa, and b0 < batch keeps the offsets inside.
+        unsafe { launch_params(device, stream, name, (blocks, XA_THREADS), &mut params)? };
     }
     Ok(())
 }
@@ -532,17 +555,46 @@ pub struct LoraBArgs {
     pub batch: usize,
 }
 
+impl LoraB {
+    /// Check the LoRA term: `lora_b` `[n, rank]` (none with rank 0) reading columns
+    /// `xa_col..xa_col + rank` of an `xa_ld`-wide xa; `w` names the member in errors.
+    fn check(&self, w: impl Fn(&str) -> String, xa_ld: usize, es: usize) -> Result<()> {
+        if self.rank > 0 {
+            check_device(&w("lora_b"), &[self.lora_b], mul(self.n, self.rank)?, es)?;
+            if self.xa_col.checked_add(self.rank).is_none_or(|e| e > xa_ld) {
+                return Err(Error::invalid(w(&format!(
+                    "LoRA columns {}..{}+{} exceed xa's width {xa_ld}",
+                    self.xa_col, self.xa_col, self.rank
+                ))));
+            }
+        } else if self.lora_b != 0 {
+            return Err(Error::invalid(w("has lora_b but rank 0")));
+        }
+        Ok(())
+    }
+
+    /// The kernel member of this output: its rows, first grid unit `start`, output address `y`
+    /// and LoRA term; the weight fields are left zero.
+    fn params(&self, start: usize, y: usize) -> Result<MemberParams> {
+        Ok(MemberParams {
+            lora_b: if self.rank > 0 { self.lora_b } else { 0 },
+            y,
+            n: self.n as i64,
+            start: start as i64,
+            scaling: self.scaling,
+            rank: to_i32("rank", self.rank)?,
+            xa_col: to_i32("xa_col", self.xa_col)?,
+            ..MemberParams::default()
+        })
+    }
+}
+
 impl LoraBArgs {
     /// Check counts, sizes and pointers; returns the total output elements per batch row.
     pub fn check(&self) -> Result<usize> {
         let what = "decode_lora_b";
         kernel(self.dtype, Path::Any)?;
-        if self.members.is_empty() || self.members.len() > MAX_MEMBERS {
-            return Err(Error::invalid(format!(
-                "{what}: {} members; expected 1 to {MAX_MEMBERS}",
-                self.members.len()
-            )));
-        }
+        check_count(what, self.members.len())?;
         let es = self.dtype.size();
         let mut width = 0usize;
         for (i, m) in self.members.iter().enumerate() {
@@ -550,20 +602,8 @@ impl LoraBArgs {
             if m.n == 0 {
                 return Err(Error::invalid(w("has 0 output rows")));
             }
-            if m.rank > 0 {
-                check_device(&w("lora_b"), &[m.lora_b], mul(m.n, m.rank)?, es)?;
-                if m.xa_col.checked_add(m.rank).is_none_or(|e| e > self.xa_ld) {
-                    return Err(Error::invalid(w(&format!(
-                        "LoRA columns {}..{}+{} exceed xa's width {}",
-                        m.xa_col, m.xa_col, m.rank, self.xa_ld
-                    ))));
-                }
-            } else if m.lora_b != 0 {
-                return Err(Error::invalid(w("has lora_b but rank 0")));
-            }
-            width = width
-                .checked_add(m.n)
-                .ok_or_else(|| Error::invalid(format!("{what}: output widths overflow")))?;
+            m.check(w, self.xa_ld, es)?;
+            width = add_width(what, width, m.n)?;
         }
         if self.members.iter().all(|m| m.rank == 0) {
             return Err(Error::invalid(format!("{what}: no member has LoRA")));
@@ -586,15 +626,7 @@ impl LoraBArgs {
 }
 
 fn lora_b_kernel(dtype: DType) -> Result<&'static str> {
-    Ok(match dtype {
-        DType::BF16 => "dm_lorab_bf16",
-        DType::F16 => "dm_lorab_f16",
-        DType::F32 => {
-            return Err(Error::invalid(
-                "decode_lora_b: dtype float32 is not supported; expected float16 or bfloat16",
-            ))
-        }
-    })
+    by_half("decode_lora_b", dtype, "dm_lorab_bf16", "dm_lorab_f16")
 }
 
 /// Run [`LoraBArgs`]: a thread per output row, one launch per [`MAX_BATCH`] batch rows.
@@ -615,21 +647,12 @@ pub unsafe fn launch_lora_b(a: &LoraBArgs, device: i32, stream: RawStream) -> Re
         .ok_or_else(|| Error::invalid("decode_lora_b: too many output rows"))?;
     for b0 in (0..a.batch).step_by(MAX_BATCH) {
         let rows = (a.batch - b0).min(MAX_BATCH);
+        let ys = output_rows(a.out, a.members.iter().map(|m| m.n), a.batch, b0, es);
         let mut m = [MemberParams::default(); MAX_MEMBERS];
-        let (mut start, mut y_off) = (0usize, 0usize);
+        let mut start = 0usize;
         for (i, mem) in a.members.iter().enumerate() {
-            m[i] = MemberParams {
-                lora_b: if mem.rank > 0 { mem.lora_b } else { 0 },
-                y: a.out + (y_off + b0 * mem.n) * es,
-                n: mem.n as i64,
-                start: start as i64,
-                scaling: mem.scaling,
-                rank: to_i32("rank", mem.rank)?,
-                xa_col: to_i32("xa_col", mem.xa_col)?,
-                ..MemberParams::default()
-            };
+            m[i] = mem.params(start, ys[i])?;
             start += mem.n;
-            y_off += a.batch * mem.n;
         }
         let mut params = Params {
             m,
@@ -641,19 +664,9 @@ pub unsafe fn launch_lora_b(a: &LoraBArgs, device: i32, stream: RawStream) -> Re
             members: a.members.len() as i32,
             pad: 0,
         };
-        let mut kargs = [&mut params as *mut Params as *mut c_void];
-        // SAFETY: one `Params` argument laid out as the kernel's; the kernel reads only the
-        // members' n, start, y and LoRA fields, whose extents `check` verified (b0 < batch).
-        unsafe {
-            cuda::launch(
-                device,
-                stream,
-                "decode_matvec",
-                name,
-                LaunchConfig::linear(blocks, THREADS),
-                &mut kargs,
-            )?;
-        }
+        // SAFETY: `Params` is laid out as the kernel's; the kernel reads only the members' n,
+        // start, y and LoRA fields, whose extents `check` verified (b0 < batch).
+        unsafe { launch_params(device, stream, name, (blocks, THREADS), &mut params)? };
     }
     Ok(())
 }

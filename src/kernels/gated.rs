@@ -2,9 +2,7 @@
 //! `(g, u, h, n, vec_ok)` forward and `(dh, g, u, dg, du, n, vec_ok)` backward over contiguous
 //! elements, so only the module and kernel names differ.
 
-use std::ffi::c_void;
-
-use super::{all_aligned16, check_ptrs, elementwise_grid, DType};
+use super::{all_aligned16, check_ptrs, elementwise_grid, kernel_args, ptr_args, DType};
 use crate::cuda::{self, LaunchConfig, RawStream};
 use crate::Result;
 
@@ -27,6 +25,17 @@ pub struct Elems {
     pub stream: RawStream,
 }
 
+/// The buffers of a gated backward, `n` contiguous elements each: the output gradient `dh` and
+/// the inputs `g`, `u` it reads, the input gradients `dg`, `du` it writes.
+#[derive(Clone, Copy, Debug)]
+pub struct GatedGrads {
+    pub dh: usize,
+    pub g: usize,
+    pub u: usize,
+    pub dg: usize,
+    pub du: usize,
+}
+
 /// `h[i] = act(g[i]) * u[i]` for `n` contiguous elements; `what` names the op in errors.
 ///
 /// # Safety
@@ -47,25 +56,16 @@ pub(crate) unsafe fn forward(
     unsafe { launch(kernel, what, e, &[g, u, h], per_thread) }
 }
 
-/// Gradients `dg`, `du` from `dh`, `g`, `u` (all `n` contiguous elements).
+/// Gradients `b.dg`, `b.du` from `b.dh`, `b.g`, `b.u`.
 ///
 /// # Safety
-/// As [`forward`]; `dg` and `du` are outputs that overlap neither each other nor the inputs;
-/// `kernel` must take `(const T*, const T*, const T*, T*, T*, int64_t, int)`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn backward(
-    kernel: Kernel,
-    what: &str,
-    e: &Elems,
-    dh: usize,
-    g: usize,
-    u: usize,
-    dg: usize,
-    du: usize,
-) -> Result<()> {
+/// As [`forward`] for every pointer of `b`; `dg` and `du` are outputs that overlap neither each
+/// other nor the inputs; `kernel` must take `(const T*, const T*, const T*, T*, T*, int64_t, int)`.
+pub(crate) unsafe fn backward(kernel: Kernel, what: &str, e: &Elems, b: &GatedGrads) -> Result<()> {
     let per_thread = 16 / e.dtype.size();
+    let ptrs = [b.dh, b.g, b.u, b.dg, b.du];
     // SAFETY: the caller's guarantees, for a kernel taking `(dh, g, u, dg, du, n, vec_ok)`.
-    unsafe { launch(kernel, what, e, &[dh, g, u, dg, du], per_thread) }
+    unsafe { launch(kernel, what, e, &ptrs, per_thread) }
 }
 
 /// Launch `kernel` over `e.n` elements, `per_thread` per thread per trip, with the arguments
@@ -89,12 +89,8 @@ unsafe fn launch(
         cuda::resident_blocks(e.device, kernel.module, kernel.name, THREADS)
     })?;
     let (mut ptrs, mut n64) = (ptrs.to_vec(), e.n as i64);
-    let mut args: Vec<*mut c_void> = ptrs
-        .iter_mut()
-        .map(|p| p as *mut usize as *mut c_void)
-        .collect();
-    args.push(&mut n64 as *mut i64 as *mut c_void);
-    args.push(&mut vec_ok as *mut i32 as *mut c_void);
+    let mut args = ptr_args(&mut ptrs);
+    args.extend(kernel_args![n64, vec_ok]);
     let cfg = LaunchConfig::linear(blocks, THREADS);
     // SAFETY: args are the caller's pointers then (int64_t n, int vec_ok), as the caller
     // guarantees the kernel takes them.

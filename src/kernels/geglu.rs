@@ -1,7 +1,7 @@
 //! Launchers for `kernels/geglu.cu`: `h = gelu(g) * u` (tanh or erf gelu) and its backward.
 
-use super::gated::{self, Elems, Kernel};
-use super::DType;
+use super::gated::{self, Elems, GatedGrads, Kernel};
+use super::{by_dtype, DType};
 use crate::{Error, Result};
 
 /// Which gelu the kernel computes; names follow `torch.nn.functional.gelu(approximate=...)`.
@@ -28,19 +28,11 @@ impl Gelu {
 }
 
 fn kernel_name(fwd: bool, gelu: Gelu, dtype: DType) -> &'static str {
-    match (gelu, fwd, dtype) {
-        (Gelu::Tanh, true, DType::F32) => "geglu_tanh_fwd_f32",
-        (Gelu::Tanh, true, DType::F16) => "geglu_tanh_fwd_f16",
-        (Gelu::Tanh, true, DType::BF16) => "geglu_tanh_fwd_bf16",
-        (Gelu::Tanh, false, DType::F32) => "geglu_tanh_bwd_f32",
-        (Gelu::Tanh, false, DType::F16) => "geglu_tanh_bwd_f16",
-        (Gelu::Tanh, false, DType::BF16) => "geglu_tanh_bwd_bf16",
-        (Gelu::Erf, true, DType::F32) => "geglu_erf_fwd_f32",
-        (Gelu::Erf, true, DType::F16) => "geglu_erf_fwd_f16",
-        (Gelu::Erf, true, DType::BF16) => "geglu_erf_fwd_bf16",
-        (Gelu::Erf, false, DType::F32) => "geglu_erf_bwd_f32",
-        (Gelu::Erf, false, DType::F16) => "geglu_erf_bwd_f16",
-        (Gelu::Erf, false, DType::BF16) => "geglu_erf_bwd_bf16",
+    match (gelu, fwd) {
+        (Gelu::Tanh, true) => by_dtype!("geglu_tanh_fwd", dtype),
+        (Gelu::Tanh, false) => by_dtype!("geglu_tanh_bwd", dtype),
+        (Gelu::Erf, true) => by_dtype!("geglu_erf_fwd", dtype),
+        (Gelu::Erf, false) => by_dtype!("geglu_erf_bwd", dtype),
     }
 }
 
@@ -67,20 +59,13 @@ pub unsafe fn forward(e: &Elems, gelu: Gelu, g: usize, u: usize, h: usize) -> Re
 /// elements).
 ///
 /// # Safety
-/// As [`forward`]; `dg` and `du` are outputs that overlap neither each other nor the inputs.
-pub unsafe fn backward(
-    e: &Elems,
-    gelu: Gelu,
-    dh: usize,
-    g: usize,
-    u: usize,
-    dg: usize,
-    du: usize,
-) -> Result<()> {
+/// As [`forward`] for every pointer of `b`; `dg` and `du` are outputs that overlap neither each
+/// other nor the inputs.
+pub unsafe fn backward(e: &Elems, gelu: Gelu, b: &GatedGrads) -> Result<()> {
     let k = kernel(false, gelu, e.dtype);
     // SAFETY: the caller's guarantees; `geglu_<variant>_bwd_<dtype>` takes the gated backward
     // arguments.
-    unsafe { gated::backward(k, "geglu backward", e, dh, g, u, dg, du) }
+    unsafe { gated::backward(k, "geglu backward", e, b) }
 }
 
 #[cfg(test)]
@@ -112,8 +97,15 @@ mod tests {
             device: 0,
             stream,
         };
+        let b = GatedGrads {
+            dh: 0,
+            g: 0,
+            u: 0,
+            dg: 0,
+            du: 0,
+        };
         // SAFETY: n == 0 returns before any pointer is looked at.
-        let r = unsafe { backward(&e, Gelu::Erf, 0, 0, 0, 0, 0) };
+        let r = unsafe { backward(&e, Gelu::Erf, &b) };
         assert!(r.is_ok());
     }
 }

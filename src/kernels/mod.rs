@@ -12,7 +12,37 @@ pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
 
-pub use gated::Elems;
+pub use gated::{Elems, GatedGrads};
+
+/// The entry `<stem>_f32`, `<stem>_f16` or `<stem>_bf16` for `dtype`: the kernel files build one
+/// entry per dtype by appending that suffix (`##SUFFIX` in `kernels/*.cu`).
+macro_rules! by_dtype {
+    ($stem:literal, $dtype:expr) => {
+        match $dtype {
+            $crate::kernels::DType::F32 => concat!($stem, "_f32"),
+            $crate::kernels::DType::F16 => concat!($stem, "_f16"),
+            $crate::kernels::DType::BF16 => concat!($stem, "_bf16"),
+        }
+    };
+}
+pub(crate) use by_dtype;
+
+/// The argument array of a launch: a pointer to each given place, in the kernel's parameter order
+/// (the driver reads every parameter's value through its pointer, so the places must be live
+/// until the launch call returns).
+macro_rules! kernel_args {
+    ($($place:expr),* $(,)?) => {
+        [$(&mut $place as *mut _ as *mut std::ffi::c_void),*]
+    };
+}
+pub(crate) use kernel_args;
+
+/// [`kernel_args!`] for a run of pointer parameters held in `ptrs`.
+pub(crate) fn ptr_args(ptrs: &mut [usize]) -> Vec<*mut std::ffi::c_void> {
+    ptrs.iter_mut()
+        .map(|p| p as *mut usize as *mut std::ffi::c_void)
+        .collect()
+}
 
 /// Floating-point element types our kernels are compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

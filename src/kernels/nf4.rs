@@ -3,7 +3,7 @@
 
 use std::ffi::c_void;
 
-use super::{all_aligned16, check_ptrs, elementwise_grid, DType};
+use super::{all_aligned16, by_dtype, check_ptrs, elementwise_grid, kernel_args, DType};
 use crate::cuda::{self, LaunchConfig, RawStream};
 use crate::quant::{check_blocksize, QuantType};
 use crate::{Error, Result};
@@ -11,22 +11,6 @@ use crate::{Error, Result};
 const THREADS: u32 = 256;
 /// Store units per lane in one warp chunk of the dequantize kernel (`kUnitsPerLane` in nf4.cu).
 const UNITS_PER_LANE: usize = 4;
-
-fn dequant_kernel(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => "nf4_dequant_f32",
-        DType::F16 => "nf4_dequant_f16",
-        DType::BF16 => "nf4_dequant_bf16",
-    }
-}
-
-fn quant_kernel(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => "nf4_quant_f32",
-        DType::F16 => "nf4_quant_f16",
-        DType::BF16 => "nf4_quant_bf16",
-    }
-}
 
 fn qt_code(qt: QuantType) -> i32 {
     match qt {
@@ -48,6 +32,29 @@ pub enum ScalesPtr {
         nested_code: usize,
         offset: f32,
     },
+}
+
+impl ScalesPtr {
+    /// The scales as the bindings pass them: double-quantized when `codes` is non-zero (then
+    /// `nested_absmax`, `nested_code` and `offset` go with it), else the float32 `absmax`.
+    pub fn from_parts(
+        absmax: usize,
+        codes: usize,
+        nested_absmax: usize,
+        nested_code: usize,
+        offset: f32,
+    ) -> ScalesPtr {
+        if codes != 0 {
+            ScalesPtr::Nested {
+                codes,
+                nested_absmax,
+                nested_code,
+                offset,
+            }
+        } else {
+            ScalesPtr::Plain(absmax)
+        }
+    }
 }
 
 /// What both launchers take besides their buffers: `n` elements of `dtype`, quantized in blocks
@@ -116,7 +123,7 @@ pub unsafe fn dequantize(p: &Params, packed: usize, scales: ScalesPtr, out: usiz
     // The chunk and unit loops read 4 (2 for fp32) packed bytes as one word and write one
     // 16-byte vector per unit; otherwise the kernel goes element by element.
     let mut vec_ok = (packed % 4 == 0 && all_aligned16(&[out])) as i32;
-    let kernel = dequant_kernel(p.dtype);
+    let kernel = by_dtype!("nf4_dequant", p.dtype);
     // One chunk per warp, i.e. UNITS_PER_LANE store units per thread (one resident wave looping
     // over the chunks is slower: docs/benchmarks.md, "NF4 dequantize").
     let unit_elems = 16 / p.dtype.size();
@@ -127,19 +134,8 @@ pub unsafe fn dequantize(p: &Params, packed: usize, scales: ScalesPtr, out: usiz
     let mut n64 = p.n as i64;
     let mut bs_log2 = p.blocksize.trailing_zeros() as i32;
     let (mut packed, mut out) = (packed, out);
-    let mut args = [
-        &mut packed as *mut usize as *mut c_void,
-        &mut absmax as *mut usize as *mut c_void,
-        &mut codes as *mut usize as *mut c_void,
-        &mut nested as *mut usize as *mut c_void,
-        &mut ncode as *mut usize as *mut c_void,
-        &mut offset as *mut f32 as *mut c_void,
-        &mut qt_i as *mut i32 as *mut c_void,
-        &mut out as *mut usize as *mut c_void,
-        &mut n64 as *mut i64 as *mut c_void,
-        &mut bs_log2 as *mut i32 as *mut c_void,
-        &mut vec_ok as *mut i32 as *mut c_void,
-    ];
+    let mut args =
+        kernel_args![packed, absmax, codes, nested, ncode, offset, qt_i, out, n64, bs_log2, vec_ok];
     // SAFETY: args match `nf4_dequant_<dtype>(const uint8_t*, const float*, const uint8_t*,
     // const float*, const float*, float, int, T*, int64_t, int, int vec_ok)`; vec_ok is set only
     // when the packed and output pointers are aligned for the word loads and vector stores; the
@@ -169,15 +165,8 @@ pub unsafe fn quantize(p: &Params, src: usize, packed: usize, absmax: usize) -> 
     let mut n64 = p.n as i64;
     let mut bs = p.blocksize as i32;
     let mut qt_i = qt_code(p.qt);
-    let mut args = [
-        &mut src as *mut usize as *mut c_void,
-        &mut packed as *mut usize as *mut c_void,
-        &mut absmax as *mut usize as *mut c_void,
-        &mut n64 as *mut i64 as *mut c_void,
-        &mut bs as *mut i32 as *mut c_void,
-        &mut qt_i as *mut i32 as *mut c_void,
-    ];
+    let mut args = kernel_args![src, packed, absmax, n64, bs, qt_i];
     // SAFETY: args match `nf4_quant_<dtype>(const T*, uint8_t*, float*, int64_t, int, int)`;
     // the caller guarantees the pointers.
-    unsafe { p.launch(quant_kernel(p.dtype), ctas, &mut args) }
+    unsafe { p.launch(by_dtype!("nf4_quant", p.dtype), ctas, &mut args) }
 }

@@ -4,7 +4,7 @@
 
 use std::ffi::c_void;
 
-use super::{all_aligned16, check_ptrs, DType};
+use super::{all_aligned16, by_dtype, check_ptrs, kernel_args, ptr_args, DType};
 use crate::cuda::{self, LaunchConfig, RawStream};
 use crate::{Error, Result};
 
@@ -17,39 +17,15 @@ const FWD_VECS: usize = 8;
 /// Block size when a warp owns a row (narrow rows): eight rows per block.
 const WARP_MODE_THREADS: usize = 256;
 
-fn forward_kernel(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => "rms_norm_fwd_f32",
-        DType::F16 => "rms_norm_fwd_f16",
-        DType::BF16 => "rms_norm_fwd_bf16",
-    }
-}
-
-fn backward_kernel(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => "rms_norm_bwd_f32",
-        DType::F16 => "rms_norm_bwd_f16",
-        DType::BF16 => "rms_norm_bwd_bf16",
-    }
-}
-
 /// Elements of `dtype` in one 16-byte vector.
 fn vec_elems(dtype: DType) -> usize {
     16 / dtype.size()
 }
 
-/// Forward layout for `cols`-wide rows: [`FWD_VECS`] vectors (128 bytes) per thread in every
-/// dtype (64 elements of a 16-bit row: half the threads, and block-wide reductions, of 32).
-fn forward_plan(dtype: DType, cols: usize) -> Plan {
-    Plan::with_elems(cols, FWD_VECS * vec_elems(dtype))
-}
-
-fn add_forward_kernel(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => "add_rms_norm_fwd_f32",
-        DType::F16 => "add_rms_norm_fwd_f16",
-        DType::BF16 => "add_rms_norm_fwd_bf16",
-    }
+/// Row elements one thread holds on the forward fast path: [`FWD_VECS`] vectors (128 bytes) in
+/// every dtype (64 elements of a 16-bit row: half the threads, and block-wide reductions, of 32).
+fn forward_elems(dtype: DType) -> usize {
+    FWD_VECS * vec_elems(dtype)
 }
 
 /// Entry of the dx-only backward (`add`: its residual-add variant) for `cols`-wide rows and its
@@ -60,17 +36,12 @@ fn dx_kernel(dtype: DType, cols: usize, add: bool) -> (&'static str, usize) {
     let n = vec_elems(dtype);
     let wide = cols > 4 * n * MAX_THREADS;
     let k = if dtype == DType::F32 || wide { 8 } else { 4 };
-    let name = match (dtype, k, add) {
-        (DType::F32, _, false) => "rms_norm_bwd_dx8_f32",
-        (DType::F16, 4, false) => "rms_norm_bwd_dx4_f16",
-        (DType::F16, _, false) => "rms_norm_bwd_dx8_f16",
-        (DType::BF16, 4, false) => "rms_norm_bwd_dx4_bf16",
-        (DType::BF16, _, false) => "rms_norm_bwd_dx8_bf16",
-        (DType::F32, _, true) => "add_rms_norm_bwd_dx8_f32",
-        (DType::F16, 4, true) => "add_rms_norm_bwd_dx4_f16",
-        (DType::F16, _, true) => "add_rms_norm_bwd_dx8_f16",
-        (DType::BF16, 4, true) => "add_rms_norm_bwd_dx4_bf16",
-        (DType::BF16, _, true) => "add_rms_norm_bwd_dx8_bf16",
+    // There is no 4-vector float32 entry: `k` is 8 for float32.
+    let name = match (add, k) {
+        (false, 4) => by_dtype!("rms_norm_bwd_dx4", dtype),
+        (false, _) => by_dtype!("rms_norm_bwd_dx8", dtype),
+        (true, 4) => by_dtype!("add_rms_norm_bwd_dx4", dtype),
+        (true, _) => by_dtype!("add_rms_norm_bwd_dx8", dtype),
     };
     (name, k * n)
 }
@@ -150,8 +121,8 @@ pub fn backward_partial_rows(rows: usize, cols: usize, dtype: DType, device: i32
     // One wave at the kernel's real occupancy (registers keep it under 2048 threads per SM; a
     // grid sized for 2048 ran in several waves with a mostly idle last one), never more groups
     // than rows: each group sums its rows' dw in registers, so fewer groups mean fewer partials.
-    let resident =
-        cuda::resident_blocks(device, "rms_norm", backward_kernel(dtype), plan.threads)? as usize;
+    let kernel = by_dtype!("rms_norm_bwd", dtype);
+    let resident = cuda::resident_blocks(device, "rms_norm", kernel, plan.threads)? as usize;
     let blocks = rows.div_ceil(per_block).clamp(1, resident.max(1));
     Ok(blocks * per_block)
 }
@@ -177,11 +148,12 @@ pub struct Rows {
 /// `w` to `cols` elements, `rstd` to `rows` f32, all live until the launch has run on `stream`;
 /// `y` and `rstd` overlap nothing else.
 pub unsafe fn forward(r: &Rows, x: usize, w: usize, y: usize, rstd: usize, eps: f32) -> Result<()> {
-    check_shape("rms_norm forward", r.rows, r.cols)?;
+    let kernel = by_dtype!("rms_norm_fwd", r.dtype);
+    let entry = (kernel, forward_elems(r.dtype));
+    let ptrs = [x, w, y, rstd];
     // SAFETY: `rms_norm_fwd_<dtype>(const T* x, const T* w, T* y, float* rstd, ...)`; the caller
     // guarantees the pointers and sizes.
-    let kernel = forward_kernel(r.dtype);
-    unsafe { launch_forward("rms_norm forward", kernel, r, &[x, w, y], rstd, eps) }
+    unsafe { launch_per_row("rms_norm forward", entry, r, (&ptrs, 3), Some(eps)) }
 }
 
 /// Residual add + RMSNorm forward: `s = x + residual` (rounded to `dtype`, `rows x cols`), and
@@ -202,54 +174,58 @@ pub unsafe fn add_forward(
     rstd: usize,
     eps: f32,
 ) -> Result<()> {
-    const WHAT: &str = "add_rms_norm forward";
-    check_shape(WHAT, r.rows, r.cols)?;
-    let kernel = add_forward_kernel(r.dtype);
+    let kernel = by_dtype!("add_rms_norm_fwd", r.dtype);
+    let entry = (kernel, forward_elems(r.dtype));
+    let ptrs = [x, residual, w, s, y, rstd];
     // SAFETY: `add_rms_norm_fwd_<dtype>(const T* x, const T* res, const T* w, T* s, T* y,
     // float* rstd, ...)`; the caller guarantees the pointers and sizes.
-    unsafe { launch_forward(WHAT, kernel, r, &[x, residual, w, s, y], rstd, eps) }
+    unsafe { launch_per_row("add_rms_norm forward", entry, r, (&ptrs, 5), Some(eps)) }
 }
 
-/// Launch a forward entry: `ptrs` are its `dtype` pointers in signature order (each row-sized but
-/// the weight), then `rstd`, rows, cols, eps, gemma, group, fast; one group per row.
+/// Launch an entry with one thread group per row (`(name, row elements per thread)`): `ptrs` in
+/// signature order, `ptrs[rstd_at]` the fp32 rstd (not part of the 16-byte alignment test), then
+/// rows, cols, eps (the forward entries: `eps` is `Some`), gemma, group, fast.
 ///
 /// # Safety
-/// As [`forward`] / [`add_forward`] for the entry's pointers.
-unsafe fn launch_forward(
+/// As [`forward`], [`add_forward`], [`backward_dx`] and [`add_backward_dx`] for the entry's
+/// pointers.
+unsafe fn launch_per_row(
     what: &str,
-    kernel: &'static str,
+    (kernel, elems): (&'static str, usize),
     r: &Rows,
-    ptrs: &[usize],
-    rstd: usize,
-    eps: f32,
+    (ptrs, rstd_at): (&[usize], usize),
+    eps: Option<f32>,
 ) -> Result<()> {
+    check_shape(what, r.rows, r.cols)?;
     if r.rows == 0 {
         return Ok(());
     }
-    let mut all = ptrs.to_vec();
-    all.push(rstd);
-    check_ptrs(what, &all)?;
+    check_ptrs(what, ptrs)?;
+    if let Some(eps) = eps {
+        check_eps(what, eps)?;
+    }
+    let plan = Plan::with_elems(r.cols, elems);
+    let vec_ptrs: Vec<usize> = (ptrs.iter().enumerate())
+        .filter(|&(i, _)| i != rstd_at)
+        .map(|(_, &p)| p)
+        .collect();
+    let fast = plan.fast(r.dtype, r.cols, &vec_ptrs);
+    let mut scalars = Scalars::new(r, plan, eps.unwrap_or(0.0), fast);
+    let tail = scalars.args(eps.is_some());
+    // SAFETY: the entry takes its pointers, then (int64 rows, int64 cols, [float eps,] int gemma,
+    // int group, int fast); `fast` is set only when the plan's threads hold the whole row at the
+    // entry's elements and every row pointer is 16-byte aligned.
+    unsafe { launch_rows(r, kernel, plan, row_blocks(r, plan), ptrs.to_vec(), &tail) }
+}
+
+/// The forward entries' epsilon must be finite and non-negative.
+fn check_eps(what: &str, eps: f32) -> Result<()> {
     if !(eps >= 0.0 && eps.is_finite()) {
         return Err(Error::invalid(format!(
             "{what}: eps must be finite and >= 0, got {eps}"
         )));
     }
-    let plan = forward_plan(r.dtype, r.cols);
-    let fast = plan.fast(r.dtype, r.cols, ptrs);
-    let mut scalars = Scalars::new(r, plan, eps, fast);
-    // SAFETY: the entry takes its pointers, then (int64 rows, int64 cols, float eps, int gemma,
-    // int group, int fast); `fast` is set only when the plan's threads hold the whole row at
-    // FWD_VECS vectors per thread and every row pointer is 16-byte aligned.
-    unsafe {
-        launch_rows(
-            r,
-            kernel,
-            plan,
-            row_blocks(r, plan),
-            all,
-            &scalars.forward_args(),
-        )
-    }
+    Ok(())
 }
 
 /// Blocks for one group per row (the kernel loops when the grid is capped): short blocks.
@@ -272,10 +248,7 @@ unsafe fn launch_rows(
     mut ptrs: Vec<usize>,
     tail: &[*mut c_void],
 ) -> Result<()> {
-    let mut args: Vec<*mut c_void> = ptrs
-        .iter_mut()
-        .map(|p| p as *mut usize as *mut c_void)
-        .collect();
+    let mut args = ptr_args(&mut ptrs);
     args.extend_from_slice(tail);
     let cfg = LaunchConfig::linear(blocks, plan.threads);
     // SAFETY: the caller guarantees the arguments; `ptrs` outlives the launch call.
@@ -304,27 +277,27 @@ impl Scalars {
         }
     }
 
-    fn forward_args(&mut self) -> [*mut c_void; 6] {
-        [
-            &mut self.rows as *mut i64 as *mut c_void,
-            &mut self.cols as *mut i64 as *mut c_void,
-            &mut self.eps as *mut f32 as *mut c_void,
-            &mut self.gemma as *mut i32 as *mut c_void,
-            &mut self.group as *mut i32 as *mut c_void,
-            &mut self.fast as *mut i32 as *mut c_void,
-        ]
+    /// The entries' scalar tail: rows, cols, eps (forward entries only: `with_eps`), gemma,
+    /// group, fast.
+    fn args(&mut self, with_eps: bool) -> Vec<*mut c_void> {
+        if with_eps {
+            kernel_args![self.rows, self.cols, self.eps, self.gemma, self.group, self.fast].to_vec()
+        } else {
+            kernel_args![self.rows, self.cols, self.gemma, self.group, self.fast].to_vec()
+        }
     }
+}
 
-    /// The backward entries' tail: rows, cols, gemma, group, fast (no eps).
-    fn backward_args(&mut self) -> [*mut c_void; 5] {
-        [
-            &mut self.rows as *mut i64 as *mut c_void,
-            &mut self.cols as *mut i64 as *mut c_void,
-            &mut self.gemma as *mut i32 as *mut c_void,
-            &mut self.group as *mut i32 as *mut c_void,
-            &mut self.fast as *mut i32 as *mut c_void,
-        ]
-    }
+/// The buffers both RMSNorm backward entries take: the output gradient `dy` and input `x`
+/// (`rows x cols`), the weight `w` (`cols`) and `rstd` (`rows` f32, as written by [`forward`]),
+/// and the input gradient `dx` (`rows x cols`) they write.
+#[derive(Clone, Copy, Debug)]
+pub struct Grads {
+    pub dy: usize,
+    pub x: usize,
+    pub w: usize,
+    pub rstd: usize,
+    pub dx: usize,
 }
 
 /// RMSNorm backward: `dx` (`rows x cols`, `dtype`) and per-group fp32 partial sums of `dw` in
@@ -332,21 +305,10 @@ impl Scalars {
 /// [`backward_partial_rows`]`(rows, cols, dtype, device)`; the caller sums it over rows).
 ///
 /// # Safety
-/// `dy`, `x`, `dx` must be device pointers on `device` to `rows * cols` contiguous elements of
-/// `dtype`, `w` to `cols` elements, `rstd` to `rows` f32 (as written by [`forward`]), `partial`
-/// to `partial_rows * cols` f32, all live until the launch has run on `stream`; `dx` and
-/// `partial` overlap nothing else.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn backward(
-    r: &Rows,
-    dy: usize,
-    x: usize,
-    w: usize,
-    rstd: usize,
-    dx: usize,
-    partial: usize,
-    partial_rows: usize,
-) -> Result<()> {
+/// The pointers of `g` must be device pointers on `device` to the sizes [`Grads`] names, of
+/// `dtype` but `rstd`, `partial` to `partial_rows * cols` f32, all live until the launch has run
+/// on `stream`; `dx` and `partial` overlap nothing else.
+pub unsafe fn backward(r: &Rows, g: &Grads, partial: usize, partial_rows: usize) -> Result<()> {
     let expected = backward_partial_rows(r.rows, r.cols, r.dtype, r.device)?;
     if partial_rows != expected {
         return Err(Error::invalid(format!(
@@ -356,6 +318,7 @@ pub unsafe fn backward(
     if r.cols == 0 {
         return Ok(());
     }
+    let Grads { dy, x, w, rstd, dx } = *g;
     let ptrs = vec![dy, x, w, rstd, dx, partial];
     check_ptrs("rms_norm backward", &ptrs)?;
     let plan = Plan::for_backward(r.cols);
@@ -363,11 +326,11 @@ pub unsafe fn backward(
     // Exactly the grid `backward_partial_rows` assumed: one partial row per group.
     let blocks = (expected / plan.rows_per_block()) as u32;
     let mut scalars = Scalars::new(r, plan, 0.0, fast);
-    let kernel = backward_kernel(r.dtype);
+    let kernel = by_dtype!("rms_norm_bwd", r.dtype);
     // SAFETY: args match `rms_norm_bwd_<dtype>(const T*, const T*, const T*, const float*, T*,
     // float*, int64_t, int64_t, int, int, int)`; the caller guarantees the pointers and sizes,
     // and the grid has exactly `partial_rows` groups, so every partial row is written.
-    unsafe { launch_rows(r, kernel, plan, blocks, ptrs, &scalars.backward_args()) }
+    unsafe { launch_rows(r, kernel, plan, blocks, ptrs, &scalars.args(false)) }
 }
 
 /// RMSNorm backward for a frozen weight: `dx` only (`rows x cols`, `dtype`), one pass with the
@@ -375,30 +338,14 @@ pub unsafe fn backward(
 /// dx; the Python op takes it whenever the weight needs no gradient.
 ///
 /// # Safety
-/// `dy`, `x`, `dx` must be device pointers on `device` to `rows * cols` contiguous elements of
-/// `dtype`, `w` to `cols` elements, `rstd` to `rows` f32 (as written by [`forward`]), all live
-/// until the launch has run on `stream`; `dx` overlaps nothing else.
-pub unsafe fn backward_dx(
-    r: &Rows,
-    dy: usize,
-    x: usize,
-    w: usize,
-    rstd: usize,
-    dx: usize,
-) -> Result<()> {
-    check_shape("rms_norm backward", r.rows, r.cols)?;
-    let (kernel, elems) = dx_kernel(r.dtype, r.cols, false);
+/// The pointers of `g` must be device pointers on `device` to the sizes [`Grads`] names, of
+/// `dtype` but `rstd`, all live until the launch has run on `stream`; `dx` overlaps nothing else.
+pub unsafe fn backward_dx(r: &Rows, g: &Grads) -> Result<()> {
+    let entry = dx_kernel(r.dtype, r.cols, false);
+    let ptrs = [g.dy, g.x, g.w, g.rstd, g.dx];
     // SAFETY: `rms_norm_bwd_dx{4,8}_<dtype>(const T* dy, const T* x, const T* w, const float*
     // rstd, T* dx, ...)`; the caller guarantees the pointers and sizes.
-    unsafe {
-        launch_dx(
-            "rms_norm backward",
-            (kernel, elems),
-            r,
-            &[dy, x, w, rstd, dx],
-            3,
-        )
-    }
+    unsafe { launch_per_row("rms_norm backward", entry, r, (&ptrs, 3), None) }
 }
 
 /// Residual add + RMSNorm backward for a frozen weight: `dx = ds + d norm(s) / d s` rounded once
@@ -418,43 +365,11 @@ pub unsafe fn add_backward_dx(
     rstd: usize,
     dx: usize,
 ) -> Result<()> {
-    const WHAT: &str = "add_rms_norm backward";
-    check_shape(WHAT, r.rows, r.cols)?;
     let entry = dx_kernel(r.dtype, r.cols, true);
+    let ptrs = [dy, ds, s, w, rstd, dx];
     // SAFETY: `add_rms_norm_bwd_dx{4,8}_<dtype>(const T* dy, const T* ds, const T* s, const T* w,
     // const float* rstd, T* dx, ...)`; the caller guarantees the pointers and sizes.
-    unsafe { launch_dx(WHAT, entry, r, &[dy, ds, s, w, rstd, dx], 4) }
-}
-
-/// Launch a dx-only entry (`(name, elements per thread)`): `ptrs` in signature order,
-/// `ptrs[rstd_at]` the fp32 rstd (not part of the 16-byte alignment test), then rows, cols,
-/// gemma, group, fast; one group per row.
-///
-/// # Safety
-/// As [`backward_dx`] / [`add_backward_dx`] for the entry's pointers.
-unsafe fn launch_dx(
-    what: &str,
-    (kernel, elems): (&'static str, usize),
-    r: &Rows,
-    ptrs: &[usize],
-    rstd_at: usize,
-) -> Result<()> {
-    if r.rows == 0 {
-        return Ok(());
-    }
-    check_ptrs(what, ptrs)?;
-    let plan = Plan::with_elems(r.cols, elems);
-    let vec_ptrs: Vec<usize> = (ptrs.iter().enumerate())
-        .filter(|&(i, _)| i != rstd_at)
-        .map(|(_, &p)| p)
-        .collect();
-    let fast = plan.fast(r.dtype, r.cols, &vec_ptrs);
-    let mut scalars = Scalars::new(r, plan, 0.0, fast);
-    let tail = scalars.backward_args();
-    // SAFETY: the entry takes its pointers, then (int64 rows, int64 cols, int gemma, int group,
-    // int fast); `fast` is set only when the plan's threads hold the whole row at the entry's
-    // elements and every row pointer is 16-byte aligned.
-    unsafe { launch_rows(r, kernel, plan, row_blocks(r, plan), ptrs.to_vec(), &tail) }
+    unsafe { launch_per_row("add_rms_norm backward", entry, r, (&ptrs, 4), None) }
 }
 
 #[cfg(test)]
@@ -484,6 +399,10 @@ mod tests {
         assert!(!p.fast(DType::BF16, 4090, &[256, 512]));
         let wide = Plan::for_backward(40000);
         assert!(!wide.fast(DType::BF16, 40000, &[256]));
+    }
+
+    fn forward_plan(dtype: DType, cols: usize) -> Plan {
+        Plan::with_elems(cols, forward_elems(dtype))
     }
 
     #[test]

@@ -1,9 +1,7 @@
 //! Launchers for `kernels/rope.cu`: rotary position embedding applied in place to q and k in one
 //! launch (forward), and its transpose applied in place to their gradients (backward).
 
-use std::ffi::c_void;
-
-use super::{all_aligned16, check_ptrs, elementwise_grid, DType};
+use super::{all_aligned16, by_dtype, check_ptrs, elementwise_grid, kernel_args, DType};
 use crate::args::check_extent;
 use crate::cuda::{self, LaunchConfig, RawStream};
 use crate::{Error, Result};
@@ -159,25 +157,19 @@ fn strided_span(what: &str, dims: &[Dim], inner: usize) -> Result<usize> {
 
 /// The fast kernel (one pass of a 3-D grid, see `kernels/rope.cu`).
 fn kernel_name(vec: bool, dtype: DType) -> &'static str {
-    match (vec, dtype) {
-        (true, DType::F32) => "rope_vec_f32",
-        (true, DType::F16) => "rope_vec_f16",
-        (true, DType::BF16) => "rope_vec_bf16",
-        (false, DType::F32) => "rope_scalar_f32",
-        (false, DType::F16) => "rope_scalar_f16",
-        (false, DType::BF16) => "rope_scalar_bf16",
+    if vec {
+        by_dtype!("rope_vec", dtype)
+    } else {
+        by_dtype!("rope_scalar", dtype)
     }
 }
 
 /// The grid-stride fallback for shapes the fast grid cannot cover.
 fn loop_kernel_name(vec: bool, dtype: DType) -> &'static str {
-    match (vec, dtype) {
-        (true, DType::F32) => "rope_loop_vec_f32",
-        (true, DType::F16) => "rope_loop_vec_f16",
-        (true, DType::BF16) => "rope_loop_vec_bf16",
-        (false, DType::F32) => "rope_loop_scalar_f32",
-        (false, DType::F16) => "rope_loop_scalar_f16",
-        (false, DType::BF16) => "rope_loop_scalar_bf16",
+    if vec {
+        by_dtype!("rope_loop_vec", dtype)
+    } else {
+        by_dtype!("rope_loop_scalar", dtype)
     }
 }
 
@@ -270,7 +262,7 @@ pub unsafe fn apply(args: &RopeArgs, backward: bool, device: i32, stream: RawStr
         s_s: args.sin_strides,
         backward: backward as i32,
     };
-    let mut kargs = [&mut params as *mut RopeParams as *mut c_void];
+    let mut kargs = kernel_args![params];
     // SAFETY: the one argument is a `RopeParams`, laid out (repr(C)) exactly as the kernel's
     // by-value struct parameter; the caller guarantees the pointers and strides it carries.
     unsafe { cuda::launch(device, stream, "rope", name, cfg, &mut kargs) }

@@ -1,24 +1,18 @@
 //! Launchers for `kernels/swiglu.cu`: `h = silu(g) * u` and its backward.
 
-use super::gated::{self, Elems, Kernel};
-use super::DType;
+use super::gated::{self, Elems, GatedGrads, Kernel};
+use super::{by_dtype, DType};
 use crate::Result;
 
-fn kernel_name(fwd: bool, dtype: DType) -> &'static str {
-    match (fwd, dtype) {
-        (true, DType::F32) => "swiglu_fwd_f32",
-        (true, DType::F16) => "swiglu_fwd_f16",
-        (true, DType::BF16) => "swiglu_fwd_bf16",
-        (false, DType::F32) => "swiglu_bwd_f32",
-        (false, DType::F16) => "swiglu_bwd_f16",
-        (false, DType::BF16) => "swiglu_bwd_bf16",
-    }
-}
-
 fn kernel(fwd: bool, dtype: DType) -> Kernel {
+    let name = if fwd {
+        by_dtype!("swiglu_fwd", dtype)
+    } else {
+        by_dtype!("swiglu_bwd", dtype)
+    };
     Kernel {
         module: "swiglu",
-        name: kernel_name(fwd, dtype),
+        name,
     }
 }
 
@@ -36,16 +30,10 @@ pub unsafe fn forward(e: &Elems, g: usize, u: usize, h: usize) -> Result<()> {
 /// Gradients of SwiGLU: `dg`, `du` from `dh`, `g`, `u` (all `n` contiguous elements).
 ///
 /// # Safety
-/// As [`forward`]; `dg` and `du` are outputs that overlap neither each other nor the inputs.
-pub unsafe fn backward(
-    e: &Elems,
-    dh: usize,
-    g: usize,
-    u: usize,
-    dg: usize,
-    du: usize,
-) -> Result<()> {
+/// As [`forward`] for every pointer of `b`; `dg` and `du` are outputs that overlap neither each
+/// other nor the inputs.
+pub unsafe fn backward(e: &Elems, b: &GatedGrads) -> Result<()> {
     let k = kernel(false, e.dtype);
     // SAFETY: the caller's guarantees; `swiglu_bwd_<dtype>` takes the gated backward arguments.
-    unsafe { gated::backward(k, "swiglu backward", e, dh, g, u, dg, du) }
+    unsafe { gated::backward(k, "swiglu backward", e, b) }
 }

@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use super::{guard, launch};
 use crate::args::check_device;
 use crate::cuda::RawStream;
-use crate::kernels::{swiglu, DType, Elems};
+use crate::kernels::{swiglu, DType, Elems, GatedGrads};
 
 /// The launch context of an elementwise binding over `n` elements, after parsing its dtype name
 /// and checking its buffers (`what` names the binding in errors).
@@ -69,8 +69,9 @@ fn swiglu_bwd(
 ) -> PyResult<()> {
     let dtype = guard(|| DType::parse(dtype))?;
     let e = checked_elems("swiglu_bwd", &[dh, g, u, dg, du], n, dtype, device, stream)?;
+    let b = GatedGrads { dh, g, u, dg, du };
     // SAFETY: as in swiglu_fwd; dg/du are fresh outputs allocated by torch.
-    launch(py, || unsafe { swiglu::backward(&e, dh, g, u, dg, du) })
+    launch(py, || unsafe { swiglu::backward(&e, &b) })
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -1,11 +1,12 @@
 //! Binding of the decode matvec launcher (`crate::kernels::decode_matvec`). The Python planner
 //! (`python/rslora_fast/generate/matvec.py`) builds the member dicts once per projection group;
 //! each call passes `data_ptr()`s of x, the output buffer and the LoRA down-projection, the batch,
-//! the dtype name, the device and torch's current stream. Everything is checked here again.
+//! the dtype name, the device and torch's current stream. The launchers check every count, size
+//! and pointer before any pointer arithmetic.
 
 use pyo3::prelude::*;
 
-use super::guard;
+use super::{guard, launch};
 use crate::cuda::RawStream;
 use crate::kernels::decode_matvec::{self, Args, LoraB, LoraBArgs, Member, XaArgs};
 use crate::kernels::nf4::ScalesPtr;
@@ -34,20 +35,16 @@ struct PyMember {
 
 impl PyMember {
     fn to_member(&self) -> crate::Result<Member> {
-        let scales = if self.absmax_q != 0 {
-            ScalesPtr::Nested {
-                codes: self.absmax_q,
-                nested_absmax: self.nested_absmax,
-                nested_code: self.nested_code,
-                offset: self.offset,
-            }
-        } else {
-            ScalesPtr::Plain(self.absmax)
-        };
         Ok(Member {
             n: self.n,
             packed: self.packed,
-            scales,
+            scales: ScalesPtr::from_parts(
+                self.absmax,
+                self.absmax_q,
+                self.nested_absmax,
+                self.nested_code,
+                self.offset,
+            ),
             blocksize: self.blocksize,
             quant_type: QuantType::parse(&self.quant_type)?,
             bias: self.bias,
@@ -83,7 +80,7 @@ fn decode_matvec_4bit(
     stream: usize,
 ) -> PyResult<()> {
     let args = guard(|| {
-        let args = Args {
+        Ok(Args {
             dtype: DType::parse(dtype)?,
             members: members
                 .iter()
@@ -95,14 +92,14 @@ fn decode_matvec_4bit(
             xa_ld,
             batch,
             k,
-        };
-        args.check()?;
-        Ok(args)
+        })
     })?;
     // SAFETY: the planner passes live contiguous tensors on `device` whose element counts are the
     // ones given (packed weights and scales of each layer's quant state, x, the fresh output
-    // buffer and the LoRA buffers); `launch` re-checks the extents before any arithmetic.
-    py.detach(|| guard(|| unsafe { decode_matvec::launch(&args, device, RawStream(stream)) }))
+    // buffer and the LoRA buffers); `launch` checks the extents before any arithmetic.
+    launch(py, || unsafe {
+        decode_matvec::launch(&args, device, RawStream(stream))
+    })
 }
 
 /// decode_lora_a(x, a, xa, rows, xa_ld, batch, k, dtype, device, stream) -> None
@@ -125,23 +122,21 @@ fn decode_lora_a(
     device: i32,
     stream: usize,
 ) -> PyResult<()> {
-    let args = guard(|| {
-        let args = XaArgs {
-            dtype: DType::parse(dtype)?,
-            x,
-            a,
-            xa,
-            rows,
-            xa_ld,
-            batch,
-            k,
-        };
-        args.check()?;
-        Ok(args)
-    })?;
+    let args = XaArgs {
+        dtype: guard(|| DType::parse(dtype))?,
+        x,
+        a,
+        xa,
+        rows,
+        xa_ld,
+        batch,
+        k,
+    };
     // SAFETY: the planner passes live contiguous tensors on `device` of the counts given (x, the
-    // group's stacked A copy, the output buffer's xa slice); `launch_xa` re-checks the extents.
-    py.detach(|| guard(|| unsafe { decode_matvec::launch_xa(&args, device, RawStream(stream)) }))
+    // group's stacked A copy, the output buffer's xa slice); `launch_xa` checks the extents.
+    launch(py, || unsafe {
+        decode_matvec::launch_xa(&args, device, RawStream(stream))
+    })
 }
 
 /// decode_lora_b(members, out, xa, xa_ld, batch, dtype, device, stream) -> None
@@ -163,31 +158,27 @@ fn decode_lora_b(
     device: i32,
     stream: usize,
 ) -> PyResult<()> {
-    let args = guard(|| {
-        let args = LoraBArgs {
-            dtype: DType::parse(dtype)?,
-            members: members
-                .iter()
-                .map(|&(n, lora_b, rank, scaling, xa_col)| LoraB {
-                    n,
-                    lora_b,
-                    rank,
-                    scaling,
-                    xa_col,
-                })
-                .collect(),
-            out,
-            xa,
-            xa_ld,
-            batch,
-        };
-        args.check()?;
-        Ok(args)
-    })?;
+    let args = LoraBArgs {
+        dtype: guard(|| DType::parse(dtype))?,
+        members: members
+            .iter()
+            .map(|&(n, lora_b, rank, scaling, xa_col)| LoraB {
+                n,
+                lora_b,
+                rank,
+                scaling,
+                xa_col,
+            })
+            .collect(),
+        out,
+        xa,
+        xa_ld,
+        batch,
+    };
     // SAFETY: the planner passes live contiguous tensors on `device` (the output buffer, its xa
-    // slice, the LoRA B copies) of the counts given; `launch_lora_b` re-checks the extents.
-    py.detach(|| {
-        guard(|| unsafe { decode_matvec::launch_lora_b(&args, device, RawStream(stream)) })
+    // slice, the LoRA B copies) of the counts given; `launch_lora_b` checks the extents.
+    launch(py, || unsafe {
+        decode_matvec::launch_lora_b(&args, device, RawStream(stream))
     })
 }
 

@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 use super::kernels::checked_elems;
 use super::{guard, launch};
 use crate::kernels::geglu::{self, Gelu};
-use crate::kernels::DType;
+use crate::kernels::{DType, GatedGrads};
 
 /// geglu_fwd(g, u, h, n, dtype, approximate, device, stream) -> None
 ///
@@ -53,10 +53,9 @@ fn geglu_bwd(
 ) -> PyResult<()> {
     let (dtype, gelu) = guard(|| Ok((DType::parse(dtype)?, Gelu::parse(approximate)?)))?;
     let e = checked_elems("geglu_bwd", &[dh, g, u, dg, du], n, dtype, device, stream)?;
+    let b = GatedGrads { dh, g, u, dg, du };
     // SAFETY: as in geglu_fwd; dg/du are fresh outputs allocated by torch.
-    launch(py, || unsafe {
-        geglu::backward(&e, gelu, dh, g, u, dg, du)
-    })
+    launch(py, || unsafe { geglu::backward(&e, gelu, &b) })
 }
 
 /// Add the GeGLU bindings to `_core`.

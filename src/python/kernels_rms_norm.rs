@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use super::{guard, launch};
 use crate::args::{check_device, row_span};
 use crate::cuda::RawStream;
-use crate::kernels::rms_norm::{self, Rows};
+use crate::kernels::rms_norm::{self, Grads, Rows};
 use crate::kernels::DType;
 
 /// The launch context of a binding, after parsing its dtype name.
@@ -109,9 +109,10 @@ fn rms_norm_bwd(
 ) -> PyResult<()> {
     let r = rows_of(dtype, rows, cols, gemma, device, stream)?;
     check_bufs("rms_norm_bwd", &r, &[dy, x, dx], w, rstd)?;
+    let g = Grads { dy, x, w, rstd, dx };
     // SAFETY: as in rms_norm_fwd; `dx` and `partial` are fresh outputs allocated by torch.
     launch(py, || unsafe {
-        rms_norm::backward(&r, dy, x, w, rstd, dx, partial, partial_rows)
+        rms_norm::backward(&r, &g, partial, partial_rows)
     })
 }
 
@@ -137,10 +138,9 @@ fn rms_norm_bwd_dx(
 ) -> PyResult<()> {
     let r = rows_of(dtype, rows, cols, gemma, device, stream)?;
     check_bufs("rms_norm_bwd_dx", &r, &[dy, x, dx], w, rstd)?;
+    let g = Grads { dy, x, w, rstd, dx };
     // SAFETY: as in rms_norm_fwd; `dx` is a fresh output allocated by torch.
-    launch(py, || unsafe {
-        rms_norm::backward_dx(&r, dy, x, w, rstd, dx)
-    })
+    launch(py, || unsafe { rms_norm::backward_dx(&r, &g) })
 }
 
 /// add_rms_norm_fwd(x, residual, w, s, y, rstd, rows, cols, eps, gemma, dtype, device, stream) -> None

@@ -4,7 +4,7 @@
 
 use pyo3::prelude::*;
 
-use super::guard;
+use super::{guard, launch};
 use crate::cuda::RawStream;
 use crate::kernels::{rope, DType};
 
@@ -55,7 +55,9 @@ fn rope_apply(
     };
     // SAFETY: the Python op passes live tensors on `device` whose shapes and strides are the ones
     // given, q and k distinct (and in-place rows non-overlapping: it rejects overlapping layouts).
-    py.detach(|| guard(|| unsafe { rope::apply(&args, backward, device, RawStream(stream)) }))
+    launch(py, || unsafe {
+        rope::apply(&args, backward, device, RawStream(stream))
+    })
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -2,6 +2,8 @@
 //! Python passes `data_ptr()`s of contiguous torch tensors it allocated, element counts and
 //! names; `rslora_fast.quant.functional` has already checked dtypes, sizes and devices.
 
+use std::marker::PhantomData;
+
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
@@ -11,6 +13,70 @@ use crate::cuda::RawStream;
 use crate::kernels::nf4::{self, ScalesPtr};
 use crate::kernels::DType;
 use crate::quant::{self, QuantState, QuantType};
+
+/// A contiguous host buffer of `len` `T`s at `addr` passed to a CPU binding; `name` names it in
+/// errors.
+struct Host<T> {
+    name: &'static str,
+    addr: usize,
+    len: usize,
+    elem: PhantomData<T>,
+}
+
+fn host<T>(name: &'static str, addr: usize, len: usize) -> Host<T> {
+    Host {
+        name,
+        addr,
+        len,
+        elem: PhantomData,
+    }
+}
+
+impl<T> Host<T> {
+    /// `(address, bytes)` for the overlap check; a byte buffer's count is its size already.
+    fn range(&self) -> crate::Result<(usize, usize)> {
+        let bytes = match size_of::<T>() {
+            1 => self.len,
+            size => byte_size(self.name, self.len, size)?,
+        };
+        Ok((self.addr, bytes))
+    }
+
+    /// The buffer as a slice, after checking its extent (`what` names the binding in errors).
+    ///
+    /// # Safety
+    /// As [`host_slice`]: the buffer is live and holds `len` `T`s.
+    unsafe fn get<'a>(&self, what: &str) -> crate::Result<&'a [T]> {
+        // SAFETY: the caller's guarantee.
+        unsafe { host_slice(&format!("{what} {}", self.name), self.addr, self.len) }
+    }
+
+    /// As [`Host::get`], for a buffer the binding writes (nothing else may access it meanwhile).
+    ///
+    /// # Safety
+    /// As [`host_slice_mut`].
+    unsafe fn get_mut<'a>(&self, what: &str) -> crate::Result<&'a mut [T]> {
+        // SAFETY: the caller's guarantee.
+        unsafe { host_slice_mut(&format!("{what} {}", self.name), self.addr, self.len) }
+    }
+}
+
+/// Run the body of a 4-bit CPU binding with the GIL released, after parsing its quant type and
+/// checking its blocksize.
+fn run_4bit(
+    py: Python<'_>,
+    quant_type: &str,
+    blocksize: usize,
+    body: impl FnOnce(QuantType) -> crate::Result<()> + Send,
+) -> PyResult<()> {
+    let qt = guard(|| QuantType::parse(quant_type))?;
+    py.detach(|| {
+        guard(|| {
+            quant::check_blocksize(blocksize)?;
+            body(qt)
+        })
+    })
+}
 
 /// nf4_quantize_cpu(src, src_len, blocksize, quant_type, packed, packed_len, absmax, absmax_len)
 /// -> None
@@ -33,29 +99,16 @@ fn nf4_quantize_cpu(
     absmax: usize,
     absmax_len: usize,
 ) -> PyResult<()> {
-    let qt = guard(|| QuantType::parse(quant_type))?;
-    py.detach(|| {
-        guard(|| {
-            quant::check_blocksize(blocksize)?;
-            check_disjoint(
-                "nf4_quantize_cpu",
-                &[
-                    (src, byte_size("src", src_len, 4)?),
-                    (packed, packed_len),
-                    (absmax, byte_size("absmax", absmax_len, 4)?),
-                ],
-            )?;
-            // SAFETY: extents checked by host_slice*; Python passes live contiguous CPU tensors
-            // with these element counts (float32 src, uint8 packed, float32 absmax).
-            let (x, p, a) = unsafe {
-                (
-                    host_slice::<f32>("nf4_quantize_cpu src", src, src_len)?,
-                    host_slice_mut::<u8>("nf4_quantize_cpu packed", packed, packed_len)?,
-                    host_slice_mut::<f32>("nf4_quantize_cpu absmax", absmax, absmax_len)?,
-                )
-            };
-            quant::quantize_4bit(x, blocksize, qt, p, a)
-        })
+    const WHAT: &str = "nf4_quantize_cpu";
+    let src = host::<f32>("src", src, src_len);
+    let packed = host::<u8>("packed", packed, packed_len);
+    let absmax = host::<f32>("absmax", absmax, absmax_len);
+    run_4bit(py, quant_type, blocksize, |qt| {
+        check_disjoint(WHAT, &[src.range()?, packed.range()?, absmax.range()?])?;
+        // SAFETY: extents checked by `get*`; Python passes live contiguous CPU tensors with these
+        // element counts.
+        let (x, p, a) = unsafe { (src.get(WHAT)?, packed.get_mut(WHAT)?, absmax.get_mut(WHAT)?) };
+        quant::quantize_4bit(x, blocksize, qt, p, a)
     })
 }
 
@@ -78,28 +131,15 @@ fn nf4_dequantize_cpu(
     out: usize,
     out_len: usize,
 ) -> PyResult<()> {
-    let qt = guard(|| QuantType::parse(quant_type))?;
-    py.detach(|| {
-        guard(|| {
-            quant::check_blocksize(blocksize)?;
-            check_disjoint(
-                "nf4_dequantize_cpu",
-                &[
-                    (out, byte_size("out", out_len, 4)?),
-                    (packed, packed_len),
-                    (absmax, byte_size("absmax", absmax_len, 4)?),
-                ],
-            )?;
-            // SAFETY: extents checked; live contiguous CPU tensors of these element counts.
-            let (p, a, o) = unsafe {
-                (
-                    host_slice::<u8>("nf4_dequantize_cpu packed", packed, packed_len)?,
-                    host_slice::<f32>("nf4_dequantize_cpu absmax", absmax, absmax_len)?,
-                    host_slice_mut::<f32>("nf4_dequantize_cpu out", out, out_len)?,
-                )
-            };
-            quant::dequantize_4bit(p, a, blocksize, qt, o)
-        })
+    const WHAT: &str = "nf4_dequantize_cpu";
+    let packed = host::<u8>("packed", packed, packed_len);
+    let absmax = host::<f32>("absmax", absmax, absmax_len);
+    let out = host::<f32>("out", out, out_len);
+    run_4bit(py, quant_type, blocksize, |qt| {
+        check_disjoint(WHAT, &[out.range()?, packed.range()?, absmax.range()?])?;
+        // SAFETY: extents checked; live contiguous CPU tensors of these element counts.
+        let (p, a, o) = unsafe { (packed.get(WHAT)?, absmax.get(WHAT)?, out.get_mut(WHAT)?) };
+        quant::dequantize_4bit(p, a, blocksize, qt, o)
     })
 }
 
@@ -121,26 +161,19 @@ fn double_quant_cpu(
     nested_absmax: usize,
     nested_len: usize,
 ) -> PyResult<()> {
+    const WHAT: &str = "double_quant_cpu";
+    let absmax = host::<f32>("absmax", absmax, absmax_len);
+    let codes = host::<u8>("codes", codes, codes_len);
+    let nested = host::<f32>("nested_absmax", nested_absmax, nested_len);
     py.detach(|| {
         guard(|| {
-            check_disjoint(
-                "double_quant_cpu",
-                &[
-                    (absmax, byte_size("absmax", absmax_len, 4)?),
-                    (codes, codes_len),
-                    (nested_absmax, byte_size("nested_absmax", nested_len, 4)?),
-                ],
-            )?;
+            check_disjoint(WHAT, &[absmax.range()?, codes.range()?, nested.range()?])?;
             // SAFETY: extents checked; live contiguous CPU tensors of these element counts.
             let (a, c, na) = unsafe {
                 (
-                    host_slice::<f32>("double_quant_cpu absmax", absmax, absmax_len)?,
-                    host_slice_mut::<u8>("double_quant_cpu codes", codes, codes_len)?,
-                    host_slice_mut::<f32>(
-                        "double_quant_cpu nested_absmax",
-                        nested_absmax,
-                        nested_len,
-                    )?,
+                    absmax.get(WHAT)?,
+                    codes.get_mut(WHAT)?,
+                    nested.get_mut(WHAT)?,
                 )
             };
             quant::double_quant_into(a, offset, c, na)
@@ -163,27 +196,14 @@ fn dequant_scales_cpu(
     out: usize,
     out_len: usize,
 ) -> PyResult<()> {
+    const WHAT: &str = "dequant_scales_cpu";
+    let codes = host::<u8>("codes", codes, codes_len);
+    let nested = host::<f32>("nested_absmax", nested_absmax, nested_len);
+    let out = host::<f32>("out", out, out_len);
     guard(|| {
-        check_disjoint(
-            "dequant_scales_cpu",
-            &[
-                (codes, codes_len),
-                (nested_absmax, byte_size("nested_absmax", nested_len, 4)?),
-                (out, byte_size("out", out_len, 4)?),
-            ],
-        )?;
+        check_disjoint(WHAT, &[codes.range()?, nested.range()?, out.range()?])?;
         // SAFETY: extents checked; live contiguous CPU tensors of these element counts.
-        let (c, na, o) = unsafe {
-            (
-                host_slice::<u8>("dequant_scales_cpu codes", codes, codes_len)?,
-                host_slice::<f32>(
-                    "dequant_scales_cpu nested_absmax",
-                    nested_absmax,
-                    nested_len,
-                )?,
-                host_slice_mut::<f32>("dequant_scales_cpu out", out, out_len)?,
-            )
-        };
+        let (c, na, o) = unsafe { (codes.get(WHAT)?, nested.get(WHAT)?, out.get_mut(WHAT)?) };
         quant::dequant_scales(c, na, offset, o)
     })
 }
@@ -293,16 +313,7 @@ fn nf4_dequantize_cuda(
             check_device("nf4_dequantize_cuda absmax", &[absmax], nb, 4)
         }
     })?;
-    let scales = if absmax_q != 0 {
-        ScalesPtr::Nested {
-            codes: absmax_q,
-            nested_absmax,
-            nested_code,
-            offset,
-        }
-    } else {
-        ScalesPtr::Plain(absmax)
-    };
+    let scales = ScalesPtr::from_parts(absmax, absmax_q, nested_absmax, nested_code, offset);
     let p = params(n, blocksize, qt, dtype, device, stream);
     // SAFETY: the Python layer passes live contiguous CUDA tensors of the documented sizes on
     // `device`, allocated by torch; `out` is a separate buffer.
