@@ -50,11 +50,7 @@ def worker(args: argparse.Namespace) -> None:
         args.model_dir, max_seq_length=args.seq_len, dtype=dtype, load_in_4bit=args.base == "4bit",
         device_map=device, progress=False,
     )  # fmt: skip
-    model = FastLanguageModel.get_peft_model(
-        model, r=16, target_modules=ts.TARGETS, lora_alpha=16, lora_dropout=0,
-        use_gradient_checkpointing={"unsloth": "unsloth", "true": True, "false": False}[args.checkpointing],
-        random_state=3407, max_seq_length=args.seq_len,
-    )  # fmt: skip
+    model = FastLanguageModel.get_peft_model(model, **ts.protocol_lora(16, args.checkpointing, args.seq_len))
     model.train()
     load_s = time.perf_counter() - t_load
     net = model

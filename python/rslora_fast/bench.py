@@ -211,6 +211,21 @@ def _device_dtype():
     return device, torch.bfloat16 if device == "cuda" else torch.float32
 
 
+def protocol_lora(lora_r: int, checkpointing: str, seq_len: int) -> dict:
+    """The protocol's ``get_peft_model`` keywords, shared by rslora_fast and Unsloth (benches/peers.py)
+    and the DDP bench; ``checkpointing`` is a key of CHECKPOINTING."""
+    return dict(
+        r=lora_r,
+        target_modules=TARGETS,
+        lora_alpha=16,
+        lora_dropout=0,
+        bias="none",
+        use_gradient_checkpointing=CHECKPOINTING[checkpointing],
+        random_state=3407,
+        max_seq_length=seq_len,
+    )
+
+
 def _load_rslora_fast(spec: SystemSpec, model_dir: Path, seq_len: int, lora_r: int):
     from rslora_fast import FastLanguageModel
 
@@ -220,17 +235,10 @@ def _load_rslora_fast(spec: SystemSpec, model_dir: Path, seq_len: int, lora_r: i
     )
     return FastLanguageModel.get_peft_model(
         model,
-        r=lora_r,
-        target_modules=TARGETS,
-        lora_alpha=16,
-        lora_dropout=0,
-        bias="none",
-        use_gradient_checkpointing=CHECKPOINTING[spec.checkpointing],
         max_memory_gb=spec.budget,
         offload_embedding=spec.offload_embedding,
         save_policy=spec.save_policy,
-        random_state=3407,
-        max_seq_length=seq_len,
+        **protocol_lora(lora_r, spec.checkpointing, seq_len),
     )
 
 
