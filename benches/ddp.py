@@ -50,11 +50,7 @@ def worker(args: argparse.Namespace) -> None:
         args.model_dir, max_seq_length=args.seq_len, dtype=dtype, load_in_4bit=args.base == "4bit",
         device_map=device, progress=False,
     )  # fmt: skip
-    model = FastLanguageModel.get_peft_model(
-        model, r=16, target_modules=ts.TARGETS, lora_alpha=16, lora_dropout=0,
-        use_gradient_checkpointing={"unsloth": "unsloth", "true": True, "false": False}[args.checkpointing],
-        random_state=3407, max_seq_length=args.seq_len,
-    )  # fmt: skip
+    model = FastLanguageModel.get_peft_model(model, **ts.protocol_lora(16, args.checkpointing, args.seq_len))
     model.train()
     load_s = time.perf_counter() - t_load
     net = model
@@ -184,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
 
-    from rslora_fast.bench import build_checkpoint
+    from rslora_fast.bench import append_jsonl, build_checkpoint
 
     model_dir = build_checkpoint(args.shape, Path(args.cache))
     rows = []
@@ -211,11 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['base']:>5} {mode:>10} {r['gpus']:>4} {r['median_step_s']:>8.3f} {r['tokens_per_s']:>10.0f}"
             f" {speed:>8.2f} {speed / r['gpus']:>6.0%}  {'-' if wrap is None else f'{wrap:.2f}':>19}  {peaks}"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    append_jsonl(args.out, rows)
     return 0
 
 

@@ -19,32 +19,16 @@ import time
 
 import torch
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LLAMA_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-)
-TINY = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
-
 
 def _model(tiny: bool, bits: int, device: str):
     import transformers
 
     from rslora_fast import get_peft_model
+    from rslora_fast.bench import SHAPES, TARGETS
     from rslora_fast.quant.linear4bit import Linear4bit
 
-    cfg = transformers.LlamaConfig(**(TINY if tiny else LLAMA_8B), tie_word_embeddings=False)
+    shape = {k: v for k, v in SHAPES["tiny" if tiny else "llama-3-8b"].items() if k != "model_type"}
+    cfg = transformers.LlamaConfig(**shape, tie_word_embeddings=False)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device(device):
         base = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)

@@ -15,7 +15,6 @@ and appends it to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(__file__))
 from _gpu_timing import copy_bandwidth_gbs, median_ms  # noqa: E402
 
+from rslora_fast.bench import emit_row  # noqa: E402
 from rslora_fast.generate.matvec import ProjectionGroup, reference  # noqa: E402
 from rslora_fast.peft.layer import LoraLinear  # noqa: E402
 from rslora_fast.quant.linear4bit import Linear4bit  # noqa: E402
@@ -135,7 +135,6 @@ def main() -> int:
         return 1
     dtype = getattr(torch, args.dtype)
     copy_gbs = copy_bandwidth_gbs()
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with torch.no_grad():
         for name, k, ns in SHAPES:
             if args.only not in name:
@@ -144,9 +143,7 @@ def main() -> int:
                 for rank in (0, 16):
                     for batch in (1, 8):
                         row = bench_row(name, k, ns, quant, rank, batch, dtype, args.repeat, copy_gbs)
-                        print(json.dumps(row), flush=True)
-                        with open(args.out, "a") as f:
-                            f.write(json.dumps(row) + "\n")
+                        emit_row(row, args.out)
                         torch.cuda.empty_cache()
     return 0
 

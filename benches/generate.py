@@ -427,12 +427,12 @@ def main(argv: list[str] | None = None, loaders: dict | None = None) -> int:
         for system, role, env_extra in [j for j in _jobs(args) if j[1] == part]:
             for row in _run_job(args, runner, bench, system, role, env_extra, model_dir):
                 rows.append(row)
-                bench._emit(row, args.out)  # at once: a call cut short keeps what it measured
+                bench.emit_row(row, args.out)  # at once: a call cut short keeps what it measured
     ratio_to_unsloth(rows)
     for row in rows:
         if "x_unsloth" in row:
-            bench._emit({"kind": "ratio_to_unsloth", "system": row["system"], "batch": row["batch"],
-                         **row["x_unsloth"]}, args.out)  # fmt: skip
+            bench.emit_row({"kind": "ratio_to_unsloth", "system": row["system"], "batch": row["batch"],
+                            **row["x_unsloth"]}, args.out)  # fmt: skip
     print_tables(rows)
     return 0 if all(r.get("kind") != "error" for r in rows) else 1
 

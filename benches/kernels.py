@@ -9,7 +9,6 @@ Prints a table; appends one JSON line per row to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from _gpu_timing import copy_bandwidth_gbs, median_ms  # noqa: E402
 
+from rslora_fast.bench import append_jsonl  # noqa: E402
 from rslora_fast.ops.swiglu import swiglu_bwd, swiglu_fwd  # noqa: E402
 
 
@@ -258,10 +258,7 @@ def main() -> int:
                     "date": time.strftime("%Y-%m-%d"),
                 }
             )
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    append_jsonl(args.out, rows)
     print(f"{gpu}; device-to-device copy {copy:.0f} GB/s (read + write); {args.elements:,} elements")
     print("| kernel | dtype | ours (ms) | GB/s | % of copy | eager (ms) | speed-up |")
     print("|---|---|---|---|---|---|---|")

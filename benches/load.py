@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 # The checkpoint is the training-step harness's (same shapes, same random bf16 weights, one writer).
-from rslora_fast.bench import SHAPES, build_checkpoint  # noqa: E402
+from rslora_fast.bench import SHAPES, append_jsonl, build_checkpoint  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys, time, threading
@@ -97,8 +97,7 @@ def main() -> None:
         res = run_child(which, ckpt)
         res.update(shape=args.shape, checkpoint=str(ckpt))
         rows.append(res)
-        with open(args.out, "a") as fh:
-            fh.write(json.dumps(res) + "\n")
+        append_jsonl(args.out, [res])
     cols = ["loader", "load_s", "peak_host_rss_gb", "peak_gpu_gb", "gpu_after_gb", "error"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

@@ -13,7 +13,6 @@ importable. Prints a table and appends one JSON line per row to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _gpu_timing import copy_bandwidth_gbs, host_launch_us, median_ms  # noqa: E402
 
+from rslora_fast.bench import append_jsonl  # noqa: E402
 from rslora_fast.quant import functional as F  # noqa: E402
 
 
@@ -92,10 +92,7 @@ def main() -> int:
     for r in rows:
         print(f"{r['impl']:<24}{str(r['double_quant']):<6}{r['out_dtype']:<10}{r['ms']:>9.4f}"
               f"{r['gbs']:>9.0f}{r['pct_copy']:>8.1f}%{r['pct_same_size_copy']:>12.1f}%{r['launch_us']:>11.1f}")  # fmt: skip
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "a") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
+    append_jsonl(args.out, rows)
     return 0
 
 

@@ -287,9 +287,9 @@ def main(argv: list[str] | None = None) -> int:
                 emit(s)
     set_mode(inner, "none", args)
     if args.out:
-        with open(args.out, "a") as f:
-            for row in lines:
-                f.write(json.dumps(row) + "\n")
+        from rslora_fast.bench import append_jsonl
+
+        append_jsonl(args.out, lines)
     return 0
 
 

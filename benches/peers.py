@@ -6,7 +6,8 @@
 The harness that starts this process puts the installed peer wheels first on PYTHONPATH. Unsloth
 patches transformers and peft when it is imported, so it is imported here before anything else;
 the harness module (``rslora_fast/bench.py`` or ``benches/generate.py``) is then loaded from its
-file, without importing the rslora_fast package, and measures the model this module loads.
+file, without importing the rslora_fast package, and measures the model this module loads (with the
+protocol's LoRA keywords, from ``rslora_fast/bench.py`` loaded the same way).
 """
 
 from __future__ import annotations
@@ -20,9 +21,6 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CHECKPOINTING = {"unsloth": "unsloth", "true": True, "false": False}
 
 
 def _parts(system: str) -> tuple[str, str]:
@@ -46,17 +44,7 @@ def load_model(system: str, model_dir, seq_len: int, lora_r: int):
         load_in_16bit=not four_bit,
         fix_tokenizer=False,  # the checkpoint's stand-in tokenizer is not a real Llama-3 one
     )
-    model = FastLanguageModel.get_peft_model(
-        model,
-        r=lora_r,
-        target_modules=TARGETS,
-        lora_alpha=16,
-        lora_dropout=0,
-        bias="none",
-        use_gradient_checkpointing=CHECKPOINTING[mode],
-        random_state=3407,
-        max_seq_length=seq_len,
-    )
+    model = FastLanguageModel.get_peft_model(model, **_bench().protocol_lora(lora_r, mode, seq_len))
     FastLanguageModel.for_training(model)
     return model
 
@@ -74,12 +62,18 @@ def version() -> str:
     return f"unsloth {unsloth.__version__}"
 
 
-def _load_module(path: str):
-    spec = importlib.util.spec_from_file_location("peer_harness", path)
+def _load_module(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["peer_harness"] = mod  # dataclasses look their module up by name
+    sys.modules[name] = mod  # dataclasses look their module up by name
     spec.loader.exec_module(mod)
     return mod
+
+
+def _bench():
+    """``rslora_fast/bench.py`` (the protocol's LoRA keywords), loaded from its file like the harness."""
+    package = importlib.util.find_spec("rslora_fast")  # finds the package without importing it
+    return _load_module(os.path.join(os.path.dirname(package.origin), "bench.py"), "peer_protocol")
 
 
 def main(argv: list[str]) -> int:
@@ -88,7 +82,7 @@ def main(argv: list[str]) -> int:
         return 2
     import unsloth  # noqa: F401  (first: it patches transformers and peft as it is imported)
 
-    harness = _load_module(argv[2])
+    harness = _load_module(argv[2], "peer_harness")
     return harness.main(argv[3:], loaders={"unsloth": sys.modules[__name__]})
 
 

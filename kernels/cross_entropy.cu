@@ -133,27 +133,24 @@ template <> struct Word<float> {
   }
   static __device__ __forceinline__ void unpack(uint32_t w, float (&f)[1]) { f[0] = __uint_as_float(w); }
 };
-template <> struct Word<__half> {
+// The 16-bit types: two elements a word, whose packed max is __hmax2 on the pair type `T2`
+// (PTX max.f16x2 / max.bf16x2).
+template <typename T2> struct PairWord {
   static constexpr int PER = 2;
-  static constexpr uint32_t NEG_INF = 0xfc00fc00u;
   static __device__ __forceinline__ uint32_t max(uint32_t a, uint32_t b) {
-    uint32_t r;
-    asm("max.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
-    return r;
+    const T2 r = __hmax2(*reinterpret_cast<const T2*>(&a), *reinterpret_cast<const T2*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&r);
   }
+};
+template <> struct Word<__half> : PairWord<__half2> {
+  static constexpr uint32_t NEG_INF = 0xfc00fc00u;
   static __device__ __forceinline__ void unpack(uint32_t w, float (&f)[2]) {
     f[0] = __half2float(__ushort_as_half((unsigned short)(w & 0xffffu)));
     f[1] = __half2float(__ushort_as_half((unsigned short)(w >> 16)));
   }
 };
-template <> struct Word<__nv_bfloat16> {
-  static constexpr int PER = 2;
+template <> struct Word<__nv_bfloat16> : PairWord<__nv_bfloat162> {
   static constexpr uint32_t NEG_INF = 0xff80ff80u;
-  static __device__ __forceinline__ uint32_t max(uint32_t a, uint32_t b) {
-    uint32_t r;
-    asm("max.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
-    return r;
-  }
   // bf16 is the high half of a float: a shift and a mask, one instruction each.
   static __device__ __forceinline__ void unpack(uint32_t w, float (&f)[2]) {
     f[0] = __uint_as_float(w << 16);

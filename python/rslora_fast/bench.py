@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,6 +212,21 @@ def _device_dtype():
     return device, torch.bfloat16 if device == "cuda" else torch.float32
 
 
+def protocol_lora(lora_r: int, checkpointing: str, seq_len: int) -> dict:
+    """The protocol's ``get_peft_model`` keywords, shared by rslora_fast and Unsloth (benches/peers.py)
+    and the DDP bench; ``checkpointing`` is a key of CHECKPOINTING."""
+    return dict(
+        r=lora_r,
+        target_modules=TARGETS,
+        lora_alpha=16,
+        lora_dropout=0,
+        bias="none",
+        use_gradient_checkpointing=CHECKPOINTING[checkpointing],
+        random_state=3407,
+        max_seq_length=seq_len,
+    )
+
+
 def _load_rslora_fast(spec: SystemSpec, model_dir: Path, seq_len: int, lora_r: int):
     from rslora_fast import FastLanguageModel
 
@@ -220,17 +236,10 @@ def _load_rslora_fast(spec: SystemSpec, model_dir: Path, seq_len: int, lora_r: i
     )
     return FastLanguageModel.get_peft_model(
         model,
-        r=lora_r,
-        target_modules=TARGETS,
-        lora_alpha=16,
-        lora_dropout=0,
-        bias="none",
-        use_gradient_checkpointing=CHECKPOINTING[spec.checkpointing],
         max_memory_gb=spec.budget,
         offload_embedding=spec.offload_embedding,
         save_policy=spec.save_policy,
-        random_state=3407,
-        max_seq_length=seq_len,
+        **protocol_lora(lora_r, spec.checkpointing, seq_len),
     )
 
 
@@ -724,12 +733,18 @@ def run_one(args, p, runner: Runner, system: str, optimizer: str, model_dir: Pat
     return json.loads(result.read_text())
 
 
-def _emit(row: dict, out: str) -> None:
+def append_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Append each row to ``path`` as one JSON line (the benches' result files), making its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def emit_row(row: dict, out: str) -> None:
     """Print and append one row at once, so a call cut short keeps what it measured."""
     print(json.dumps(row), flush=True)
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_jsonl(out, [row])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -793,9 +808,9 @@ def main(
         for system in [s for s in args.systems.split(",") if s]:
             row = run_one(args, p, runner, system, optimizer, model_dir)
             rows.append(row)
-            _emit(row, args.out)
+            emit_row(row, args.out)
     for ratio in ratio_rows(rows):
-        _emit(ratio, args.out)
+        emit_row(ratio, args.out)
     print_table(rows)
     return 0 if all(r.get("kind") != "error" for r in rows) else 1
 

@@ -89,18 +89,25 @@ def read_records(path: str | os.PathLike, txt_split: str = "paragraph") -> list[
     return records
 
 
+def _parse_json(text: str, path: Path, expected: str, line: int | None = None) -> Any:
+    """``json.loads``, a syntax error raised as DataError at ``path:line`` and column (a JSON Lines
+    row, ``line`` given) or at the line within the document."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        if line is None:
+            where = f"{path}:{exc.lineno}: not valid JSON ({exc.msg})"
+        else:
+            where = f"{path}:{line}: not valid JSON ({exc.msg} at column {exc.colno})"
+        raise DataError(f"{where}; expected {expected}") from None
+
+
 def _read_jsonl(path: Path) -> list[Record]:
     out = []
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{path}:{i}: not valid JSON ({exc.msg} at column {exc.colno}); expected one JSON object per line"
-            ) from None
-        out.append(_as_record(row, f"{path}:{i}"))
+        if line.strip():
+            row = _parse_json(line, path, "one JSON object per line", line=i)
+            out.append(_as_record(row, f"{path}:{i}"))
     return out
 
 
@@ -108,12 +115,7 @@ def _read_json(path: Path) -> list[Record]:
     text = path.read_text(encoding="utf-8")
     if not text.strip():
         return []
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); expected a list of objects (JSON Lines files end in .jsonl)"
-        ) from None
+    data = _parse_json(text, path, "a list of objects (JSON Lines files end in .jsonl)")
     if isinstance(data, dict):
         data = data.get("data", data.get("train"))
     if not isinstance(data, list):

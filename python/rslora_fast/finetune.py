@@ -416,6 +416,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return _train(args, demo, model_path, tokenizer, fmt, examples, rows, out)
 
 
+def _load_base(args, model_path, dtype):
+    """The base model as ``--max-seq-length`` / ``--load-in-4bit`` ask (training, and the reload check)."""
+    from . import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(
+        model_path, max_seq_length=args.max_seq_length, dtype=dtype, load_in_4bit=args.load_in_4bit
+    )
+    return model
+
+
 def _train(args, demo, model_path, tokenizer, fmt, examples, rows, out: Path) -> dict[str, Any]:
     import torch
     from transformers import TrainingArguments
@@ -432,9 +442,7 @@ def _train(args, demo, model_path, tokenizer, fmt, examples, rows, out: Path) ->
     if args.resume and resume is None:
         logger.warning("--resume: no complete checkpoint in %s; starting from step 0", out)
 
-    model, _ = FastLanguageModel.from_pretrained(
-        model_path, max_seq_length=args.max_seq_length, dtype=dtype, load_in_4bit=args.load_in_4bit
-    )
+    model = _load_base(args, model_path, dtype)
     targets: Any = args.target_modules
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
@@ -545,11 +553,9 @@ def _generate_sample(args, model_path, dtype, adapter_dir, tokenizer, fmt, examp
     """Reload the saved adapter on a fresh base and generate, proving the files are complete."""
     import torch
 
-    from . import FastLanguageModel, PeftModel
+    from . import PeftModel
 
-    base, _ = FastLanguageModel.from_pretrained(
-        model_path, max_seq_length=args.max_seq_length, dtype=dtype, load_in_4bit=args.load_in_4bit
-    )
+    base = _load_base(args, model_path, dtype)
     reloaded = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     reloaded.eval()
     shown, prompt_text = _sample_prompt(args, fmt, examples, tokenizer)

@@ -152,15 +152,18 @@ def _rotate_pair(a: torch.Tensor, b: torch.Tensor, cos, sin, backward: bool) -> 
     _launch(a, b, cos, sin, backward=backward)
 
 
+def _checks_only(op: str):
+    """The fake implementation of a pair op (torch.compile, opcheck): its argument checks alone."""
+    return lambda a, b, cos, sin: _check(a, b, cos, sin, op)
+
+
 @torch.library.custom_op("rslora_fast::rope_", mutates_args=("q", "k"))
 def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate ``q`` and ``k`` in place by ``cos``/``sin`` (one CUDA launch for both)."""
     _rotate_pair(q, k, cos, sin, backward=False)
 
 
-@rope_.register_fake
-def _(q, k, cos, sin):
-    _check(q, k, cos, sin, "rope")
+rope_.register_fake(_checks_only("rope"))
 
 
 @torch.library.custom_op("rslora_fast::rope_backward_", mutates_args=("dq", "dk"))
@@ -169,9 +172,7 @@ def rope_backward_(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: t
     _rotate_pair(dq, dk, cos, sin, backward=True)
 
 
-@rope_backward_.register_fake
-def _(dq, dk, cos, sin):
-    _check(dq, dk, cos, sin, "rope backward")
+rope_backward_.register_fake(_checks_only("rope backward"))
 
 
 @torch.library.custom_op("rslora_fast::rope_grad_", mutates_args=("g",))

@@ -200,12 +200,37 @@ class LoraLinear(nn.Module):
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, dropout={self.lora_dropout_p}"
 
 
-class ModulesToSaveWrapper(nn.Module):
+class Delegating(nn.Module):
+    """A module standing in for the one ``_delegate()`` returns: calling it calls that module, and
+    attributes it lacks are read from there. The names in ``_own_attrs`` (its own submodules) are
+    never looked up there, so a missing one raises instead of recursing."""
+
+    _own_attrs: tuple[str, ...] = ()
+
+    def _delegate(self) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the module this one stands in for."""
+        return self._delegate()(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in self._own_attrs or name in ("_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self._delegate(), name)
+
+
+class ModulesToSaveWrapper(Delegating):
     """Keeps the original module and a trainable full copy; the copy is used unless disabled.
 
     Args:
         module: the module to train in full (e.g. ``lm_head``).
     """
+
+    _own_attrs = ("original_module", "modules_to_save")
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
@@ -218,14 +243,5 @@ class ModulesToSaveWrapper(nn.Module):
         """The module the forward pass uses."""
         return self.original_module if self.disabled else self.modules_to_save
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Call the active module."""
-        return self.active_module(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("original_module", "modules_to_save", "_modules", "_parameters", "_buffers"):
-                raise
-            return getattr(self.active_module, name)
+    def _delegate(self) -> nn.Module:
+        return self.active_module

@@ -25,7 +25,7 @@ from .io import (
     save_adapter,
     weights_file,
 )
-from .layer import LoraLinear, ModulesToSaveWrapper
+from .layer import Delegating, LoraLinear, ModulesToSaveWrapper
 from .targets import find_targets, output_head_name, pattern_value, with_fused_projections
 
 ACCEPTED_KWARGS = (
@@ -200,28 +200,21 @@ def _has_adapters(model: nn.Module) -> bool:
     return any(isinstance(m, (LoraLinear, ModulesToSaveWrapper)) for m in model.modules())
 
 
-class LoraModel(nn.Module):
+class LoraModel(Delegating):
     """Holds the adapted transformers model as ``.model`` (so state-dict keys read ``base_model.model.*``).
 
     Args:
         model: the transformers model (adapters already injected).
     """
 
+    _own_attrs = ("model",)
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Call the wrapped model."""
-        return self.model(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("model", "_modules", "_parameters", "_buffers"):
-                raise
-            return getattr(self.model, name)
+    def _delegate(self) -> nn.Module:
+        return self.model
 
 
 class PeftModel(nn.Module):
