@@ -29,10 +29,11 @@ pub(crate) use by_dtype;
 
 /// The argument array of a launch: a pointer to each given place, in the kernel's parameter order
 /// (the driver reads every parameter's value through its pointer, so the places must be live
-/// until the launch call returns).
+/// until the launch call returns). `addr_of_mut!` takes places only: a value expression such as
+/// `n as i64` is a compile error, not a pointer to a temporary dropped before the launch.
 macro_rules! kernel_args {
     ($($place:expr),* $(,)?) => {
-        [$(&mut $place as *mut _ as *mut std::ffi::c_void),*]
+        [$(::core::ptr::addr_of_mut!($place).cast::<::std::ffi::c_void>()),*]
     };
 }
 pub(crate) use kernel_args;
