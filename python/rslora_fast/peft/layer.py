@@ -202,8 +202,9 @@ class LoraLinear(nn.Module):
 
 class Delegating(nn.Module):
     """A module standing in for the one ``_delegate()`` returns: calling it calls that module, and
-    attributes it lacks are read from there. The names in ``_own_attrs`` (its own submodules) are
-    never looked up there, so a missing one raises instead of recursing."""
+    attributes it lacks are read from there. The names in ``_own_attrs`` (its own submodules and
+    the state ``_delegate`` reads) are never looked up there, so a missing one (a half-built or old
+    pickled module) raises AttributeError instead of recursing."""
 
     _own_attrs: tuple[str, ...] = ()
 
@@ -230,7 +231,7 @@ class ModulesToSaveWrapper(Delegating):
         module: the module to train in full (e.g. ``lm_head``).
     """
 
-    _own_attrs = ("original_module", "modules_to_save")
+    _own_attrs = ("original_module", "modules_to_save", "disabled", "active_module")
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
