@@ -52,7 +52,8 @@ fn check_shape(what: &str, rows: usize, cols: usize, ld: usize) -> Result<()> {
 }
 
 /// The shape and launch context both entries share: `rows` rows of `cols` contiguous `dtype`
-/// logits, `ld` elements apart, targets equal to `ignore` skipped, on `stream` of `device`.
+/// logits, `ld` elements apart, targets equal to `ignore` skipped, on `stream` of `device`. The
+/// launchers' docs name these fields directly.
 #[derive(Clone, Copy, Debug)]
 pub struct Logits {
     pub dtype: DType,

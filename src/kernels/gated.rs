@@ -16,7 +16,7 @@ pub(crate) struct Kernel {
 }
 
 /// `n` contiguous elements of `dtype` per tensor, launched on `stream` of `device`: the
-/// context every elementwise launcher shares.
+/// context every elementwise launcher shares (their docs name these fields directly).
 #[derive(Clone, Copy, Debug)]
 pub struct Elems {
     pub dtype: DType,

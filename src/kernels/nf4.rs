@@ -58,7 +58,8 @@ impl ScalesPtr {
 }
 
 /// What both launchers take besides their buffers: `n` elements of `dtype`, quantized in blocks
-/// of `blocksize` as `qt` 4-bit codes, launched on `stream` of `device`.
+/// of `blocksize` as `qt` 4-bit codes, launched on `stream` of `device`. The launchers' docs name
+/// these fields directly.
 #[derive(Clone, Copy, Debug)]
 pub struct Params {
     pub n: usize,

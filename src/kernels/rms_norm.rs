@@ -128,7 +128,8 @@ pub fn backward_partial_rows(rows: usize, cols: usize, dtype: DType, device: i32
 }
 
 /// The shape and launch context every RMSNorm entry shares: `rows` contiguous rows of `cols`
-/// elements of `dtype` (`gemma` selects `(1 + w)`), launched on `stream` of `device`.
+/// elements of `dtype` (`gemma` selects `(1 + w)`), launched on `stream` of `device`. The
+/// launchers' docs name these fields directly.
 #[derive(Clone, Copy, Debug)]
 pub struct Rows {
     pub dtype: DType,

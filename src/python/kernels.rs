@@ -9,8 +9,8 @@ use crate::args::check_device;
 use crate::cuda::RawStream;
 use crate::kernels::{swiglu, DType, Elems, GatedGrads};
 
-/// The launch context of an elementwise binding over `n` elements, after parsing its dtype name
-/// and checking its buffers (`what` names the binding in errors).
+/// The launch context of an elementwise binding over `n` elements of `dtype`, after checking its
+/// buffers (`what` names the binding in errors).
 pub(super) fn checked_elems(
     what: &str,
     bufs: &[usize],

@@ -1,4 +1,5 @@
-"""What the ops share beyond :mod:`rslora_fast._device`: the gated activations' input check.
+"""What the ops share beyond :mod:`rslora_fast._device`: the gated activations' (SwiGLU, GeGLU)
+input check, kernel launches and fake backward.
 
 The device, stream, dtype and kernel-availability helpers are owned by ``rslora_fast._device``
 and the extension by ``rslora_fast._native``; they are re-exported here for the ops that import
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .._device import (  # noqa: F401 - re-exported for the ops
+from .._device import (  # noqa: F401 - some only re-exported for the ops
     KERNEL_DTYPES,
     KernelsFallbackWarning,
     dtype_name,
@@ -18,7 +19,7 @@ from .._device import (  # noqa: F401 - re-exported for the ops
     stream_of,
     use_kernels,
 )
-from .._native import core  # noqa: F401 - re-exported for the ops
+from .._native import core  # noqa: F401 - also re-exported for the ops
 
 
 def check_gate_up(g: torch.Tensor, u: torch.Tensor, op: str) -> None:
@@ -43,7 +44,9 @@ def launch_gated_fwd(launcher: str, op: str, g: torch.Tensor, u: torch.Tensor, *
     return h
 
 
-def launch_gated_bwd(launcher: str, op: str, dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, *extra):
+def launch_gated_bwd(
+    launcher: str, op: str, dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, *extra
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A gated activation's backward kernel, ``core().<launcher>(dh, g, u, dg, du, n, dtype, *extra,
     device, stream)`` on contiguous inputs; returns ``(dg, du)``."""
     dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()
