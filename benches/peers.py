@@ -12,6 +12,7 @@ protocol's LoRA keywords, from ``rslora_fast/bench.py`` loaded the same way).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -70,9 +71,15 @@ def _load_module(path: str, name: str):
     return mod
 
 
+@functools.cache
 def _bench():
-    """``rslora_fast/bench.py`` (the protocol's LoRA keywords), loaded from its file like the harness."""
+    """``rslora_fast/bench.py`` (the protocol's LoRA keywords), loaded once from its file like the
+    harness, so this process never imports the rslora_fast package."""
     package = importlib.util.find_spec("rslora_fast")  # finds the package without importing it
+    if package is None or package.origin is None:
+        raise RuntimeError(
+            "benches/peers.py: rslora_fast is not on sys.path, so its bench.py cannot be found"
+        )
     return _load_module(os.path.join(os.path.dirname(package.origin), "bench.py"), "peer_protocol")
 
 
