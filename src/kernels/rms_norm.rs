@@ -240,7 +240,8 @@ fn row_blocks(r: &Rows, plan: Plan) -> u32 {
 /// pointer arguments `ptrs` followed by the scalar arguments `tail`.
 ///
 /// # Safety
-/// `ptrs` then `tail` must match the entry's signature, with the sizes its caller guarantees.
+/// `ptrs` then `tail` must match the entry's signature, with the sizes its caller guarantees;
+/// `tail`'s pointers (into a [`Scalars`]) must stay valid until this call returns.
 unsafe fn launch_rows(
     r: &Rows,
     kernel: &'static str,
