@@ -13,6 +13,7 @@ from torch import nn
 from .checkpointing import apply_gradient_checkpointing, validate_mode
 from .loading import CheckpointError, CheckpointNotFoundError
 from .peft import get_peft_model as _get_peft_model
+from .peft.inference_merge import merge_for_inference, unmerge_after_inference
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ class FastLanguageModel:
     get_peft_model = staticmethod(_get_peft_model)
 
     @staticmethod
-    def for_inference(model: nn.Module) -> nn.Module:
+    def for_inference(model: nn.Module, merge_lora: bool = False) -> nn.Module:
         """Switch a model to generation: checkpointing off, dropout off, KV cache on, fast generate.
 
         Gradient checkpointing is removed (it only costs time without a backward pass and
@@ -225,13 +226,30 @@ class FastLanguageModel:
         ``RSLORA_FAST_GENERATE=off`` keeps HF's; see docs/generation.md).
         :meth:`for_training` restores the checkpointing mode that was configured and HF's generate.
 
+        ``merge_lora=True`` folds every enabled adapter into its 16-bit base for the time of
+        generation (each step then reads the base weights only), keeping the original weights in
+        host memory; :meth:`for_training` (or ``for_inference(model)``) restores them bit for bit.
+        A training forward while merged raises. 4-bit bases are refused (merging would requantize
+        them).
+
         Args:
             model: a :class:`~rslora_fast.PeftModel` or a transformers model.
+            merge_lora: merge the adapters into their bases until :meth:`for_training`.
 
         Returns:
             ``model`` itself (changed in place), for chaining.
+
+        Raises:
+            TypeError: ``merge_lora`` is not a bool.
+            ValueError: ``merge_lora=True`` with a 4-bit base (nothing is changed).
         """
+        if not isinstance(merge_lora, bool):
+            raise TypeError(f"for_inference: merge_lora must be True or False, got {merge_lora!r}")
         inner = _inner(model)
+        if merge_lora:
+            merge_for_inference(inner)
+        else:
+            unmerge_after_inference(inner)
         was_on = bool(getattr(inner, "is_gradient_checkpointing", False))
         if was_on:
             # The configured mode is kept by get_peft_model; for other models remember that it was on.
@@ -252,7 +270,9 @@ class FastLanguageModel:
         The checkpointing mode is the one given to :func:`~rslora_fast.get_peft_model` (or enabled
         later through ``gradient_checkpointing_enable``); ``model.train()`` re-enables dropout, and
         ``use_cache`` is set to False (a cache is useless in training and conflicts with
-        checkpointing). The fast generate path is switched off and its KV cache freed.
+        checkpointing). The fast generate path is switched off and its KV cache freed, and
+        adapters merged by ``for_inference(model, merge_lora=True)`` are unmerged (the original
+        base weights restored bit for bit).
 
         Args:
             model: a :class:`~rslora_fast.PeftModel` or a transformers model.
@@ -261,6 +281,7 @@ class FastLanguageModel:
             ``model`` itself (changed in place), for chaining.
         """
         inner = _inner(model)
+        unmerge_after_inference(inner)
         cfg = getattr(model, "_gradient_checkpointing", None) or {}
         mode = cfg.get("mode", False)
         if mode is not False and not getattr(inner, "is_gradient_checkpointing", False):

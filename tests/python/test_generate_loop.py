@@ -536,3 +536,85 @@ def test_cuda_stop_strings_and_eos_like_hf(opened, text_model):
         got = model.generate(**enc, max_new_tokens=16, **kw)
         assert torch.equal(got, _hf(model, **enc, max_new_tokens=16, **kw)), kw
     assert opened == [2, 2]
+
+
+# ------------------------------------------------------------------ merge_lora=True
+
+
+def _peft_with_nonzero_b(model, seed=5):
+    pm = get_peft_model(
+        model, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]
+    )
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # non-zero B: the adapter changes the output
+    return pm
+
+
+def test_merged_generation_equals_unmerged_and_for_training_restores_the_base(forced, caplog):
+    pm = _peft_with_nonzero_b(_tiny())
+    inner = pm.base_model.model
+    ids, mask = _prompts()
+    bases = {n: p.detach().clone() for n, p in inner.named_parameters() if "lora_" not in n}
+    FastLanguageModel.for_inference(pm)
+    unmerged = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10)
+    FastLanguageModel.for_training(pm)
+    with caplog.at_level(logging.INFO, logger="rslora_fast.peft.inference_merge"):
+        FastLanguageModel.for_inference(pm, merge_lora=True)
+    assert "merged 8 LoRA adapters" in caplog.text  # 4 modules in each of 2 layers
+    changed = [n for n, p in inner.named_parameters() if n in bases and not torch.equal(p, bases[n])]
+    assert len(changed) == 2 * 4  # q, v, gate, down of both layers now hold the update
+    merged = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10)
+    assert torch.equal(merged, unmerged)
+    FastLanguageModel.for_inference(pm)  # unmerged again: the original bases are back
+    assert all(torch.equal(p, bases[n]) for n, p in inner.named_parameters() if n in bases)
+    FastLanguageModel.for_inference(pm, merge_lora=True)
+    FastLanguageModel.for_training(pm)
+    assert all(torch.equal(p, bases[n]) for n, p in inner.named_parameters() if n in bases)
+    loss = pm(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for n, p in pm.named_parameters() if "lora_A" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)  # the adapter trains again
+
+
+def test_training_while_merged_for_inference_raises_and_says_what_to_call(forced):
+    pm = _peft_with_nonzero_b(_tiny())
+    ids, mask = _prompts()
+    FastLanguageModel.for_inference(pm, merge_lora=True)
+    pm.train()
+    with pytest.raises(RuntimeError, match=r"for_training"):
+        pm(input_ids=ids, attention_mask=mask, labels=ids)
+    with torch.no_grad():
+        pm(input_ids=ids, attention_mask=mask)  # a forward without gradients is fine
+
+
+def test_merge_lora_refuses_a_4bit_base_before_changing_anything(forced, monkeypatch):
+    pm = _peft_with_nonzero_b(_tiny())
+    four_bit = pm.base_model.model.model.layers[1].self_attn.v_proj
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    monkeypatch.setattr(type(four_bit), "is_4bit", property(lambda self: self is four_bit))  # one looks 4-bit
+    with pytest.raises(ValueError, match=r"4-bit base .*layers\.1\.self_attn\.v_proj"):
+        FastLanguageModel.for_inference(pm, merge_lora=True)
+    assert all(torch.equal(p, before[n]) for n, p in pm.named_parameters())
+    assert not any(getattr(m, "merged", False) for m in pm.modules())
+
+
+def test_merge_lora_must_be_a_bool():
+    with pytest.raises(TypeError, match=r"merge_lora must be True or False, got 'yes'"):
+        FastLanguageModel.for_inference(_tiny(), merge_lora="yes")
+
+
+def test_unload_after_merging_for_inference_gives_back_the_original_base(forced):
+    pm = _peft_with_nonzero_b(_tiny())
+    inner = pm.base_model.model
+    bases = {
+        n.replace(".base_layer", ""): p.detach().clone()
+        for n, p in inner.named_parameters()
+        if "lora_" not in n
+    }
+    FastLanguageModel.for_inference(pm, merge_lora=True)
+    plain = pm.unload()
+    assert sorted(bases) == sorted(n for n, _ in plain.named_parameters())
+    assert all(torch.equal(p, bases[n]) for n, p in plain.named_parameters())

@@ -130,7 +130,10 @@ class LoraLinear(nn.Module):
 
     def _generic_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.disabled or self.merged:
+        if self.merged:
+            self._refuse_training_while_merged_for_inference()
+            return result
+        if self.disabled:
             return result
         h = x if self.lora_dropout is None else self.lora_dropout(x)
         a = self.lora_A.weight
@@ -195,6 +198,58 @@ class LoraLinear(nn.Module):
             w = self.base_layer.weight
             w.add_(delta.to(w.device, w.dtype))
         self.merged = True
+
+    @torch.no_grad()
+    def merge_for_inference(self) -> int:
+        """Fold ``scaling * B @ A`` into a dense base for generation, keeping the base's weight in
+        host memory so :meth:`unmerge` restores it bit for bit. Returns the bytes kept (0 when
+        already merged).
+
+        Raises:
+            ValueError: for a 4-bit base (requantizing would change the base for good).
+        """
+        if self.merged:
+            return 0
+        if self.is_4bit:
+            raise ValueError(
+                "merge_for_inference: a 4-bit base would be requantized with the update, which changes "
+                "it for good; generate with the adapter unmerged instead"
+            )
+        w = self.base_layer.weight
+        kept = w.detach().to("cpu", copy=True)
+        w.add_(self.get_delta_weight().to(w.device, w.dtype))
+        self.__dict__["_unmerged_weight"] = kept
+        self.merged = True
+        return kept.numel() * kept.element_size()
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight that :meth:`merge_for_inference` kept (nothing to do when the
+        adapter is not merged).
+
+        Raises:
+            RuntimeError: the adapter was merged by :meth:`merge` (an export), whose original weight
+                was not kept.
+        """
+        kept = self.__dict__.pop("_unmerged_weight", None)
+        if kept is None:
+            if self.merged:
+                raise RuntimeError(
+                    "unmerge: this adapter was merged by merge(); its original base weight was not kept"
+                )
+            return
+        self.base_layer.weight.copy_(kept)
+        self.merged = False
+
+    def _refuse_training_while_merged_for_inference(self) -> None:
+        """A training forward over an adapter merged for generation would give the adapter no
+        gradient (silently); say what to call instead."""
+        if self.training and torch.is_grad_enabled() and "_unmerged_weight" in self.__dict__:
+            raise RuntimeError(
+                "the LoRA adapters are merged into the base for generation "
+                "(FastLanguageModel.for_inference(model, merge_lora=True)); call "
+                "FastLanguageModel.for_training(model) before training"
+            )
 
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, dropout={self.lora_dropout_p}"

@@ -25,6 +25,7 @@ from .io import (
     save_adapter,
     weights_file,
 )
+from .inference_merge import unmerge_after_inference
 from .layer import Delegating, LoraLinear, ModulesToSaveWrapper
 from .targets import find_targets, output_head_name, pattern_value, with_fused_projections
 
@@ -714,6 +715,7 @@ class PeftModel(nn.Module):
         from ..models.fast_decoder import uninstall_fast_decoder
 
         model = self.base_model.model
+        unmerge_after_inference(model)  # from the original bases, whatever for_inference merged
         uninstall_fast_decoder(model)
         if self.__dict__.get("_offloaded_embedding"):
             from ..models.host_embedding import restore_embedding
