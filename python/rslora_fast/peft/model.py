@@ -17,6 +17,7 @@ from ..checkpointing import apply_gradient_checkpointing, validate_mode, validat
 from ..quant.linear4bit import is_4bit_linear
 from . import init as _init
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
+from .inference_merge import unmerge_after_inference
 from .io import (
     check_adapter_state,
     load_adapter_weights,
@@ -25,7 +26,6 @@ from .io import (
     save_adapter,
     weights_file,
 )
-from .inference_merge import unmerge_after_inference
 from .layer import Delegating, LoraLinear, ModulesToSaveWrapper
 from .targets import find_targets, output_head_name, pattern_value, with_fused_projections
 
