@@ -395,6 +395,13 @@ def _saved_tokenizer(save_directory: str | os.PathLike) -> Any:
     return AutoTokenizer.from_pretrained(str(folder))
 
 
+def _model_name(cfg) -> str:
+    """The last part of the model's name or path, without a ``.gguf`` ending (a model imported
+    from a GGUF file is named by that file)."""
+    name = str(getattr(cfg, "_name_or_path", "") or "").rstrip("/").rsplit("/", 1)[-1]
+    return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
+
+
 def save_pretrained_gguf(
     model: nn.Module,
     save_directory: str | os.PathLike,
@@ -454,7 +461,7 @@ def save_pretrained_gguf(
     path = out_dir / f"model-{method}.gguf"
     with atomic_file(path) as tmp:
         w = gguf.GGUFWriter(str(tmp), fam.arch)
-        name = str(getattr(cfg, "_name_or_path", "") or "").rstrip("/").rsplit("/", 1)[-1] or fam.arch
+        name = _model_name(cfg) or fam.arch
         _write_hparams(w, cfg, fam, name)
         w.add_file_type(int(gguf.LlamaFileType[_FILE_TYPES[method]]))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -759,6 +759,8 @@ def _read_config_and_tokenizer(root: Path, opts: _LoadOptions):
     gfile = tokenizer = None
     if opts.gguf_path is not None:
         gfile, config, tokenizer = _open_gguf(opts.gguf_path)
+        # The model's name_or_path: adapters trained on it record this file as their base.
+        config._name_or_path = str(Path(opts.gguf_path).resolve())
     else:
         config = _read_config(root, opts.token, opts.trust_remote_code)
     _apply_config_options(config, opts.max_seq_length, opts.config_options)

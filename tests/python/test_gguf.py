@@ -394,3 +394,28 @@ def test_gguf_save_as_the_gemma3_notebook_calls_it(gguf_tok, tmp_path):
     r = gguf.GGUFReader(str(path))
     types = {t.tensor_type.name for t in r.tensors if len(t.shape) == 2}
     assert types == {"Q8_0"}
+
+
+def test_an_adapter_trained_on_a_gguf_import_names_the_file_and_reloads_with_its_base(gguf_tok, tmp_path):
+    path = save_pretrained_gguf(
+        _tiny("llama"), tmp_path / "g", gguf_tok, quantization_method="f32", progress=False
+    )
+    kw = {"load_in_4bit": False, "dtype": torch.float32, "device_map": "cpu", "progress": False}
+    base, _ = FastLanguageModel.from_pretrained(str(path), **kw)
+    pm = get_peft_model(base, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    pm.save_pretrained(tmp_path / "adapter")
+    recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ]
+    assert recorded == str(path.resolve())
+    reloaded, _ = FastLanguageModel.from_pretrained(str(tmp_path / "adapter"), **kw)
+    ids = _ids(3)
+    assert torch.equal(_logits(reloaded, ids), _logits(pm, ids))
+    # a GGUF export of the imported model is named by the file it came from, without ".gguf"
+    out = save_pretrained_gguf(base, tmp_path / "again", gguf_tok, quantization_method="f32", progress=False)
+    fields = gguf.GGUFReader(str(out)).fields["general.name"]
+    assert bytes(fields.parts[fields.data[0]]).decode() == path.stem
