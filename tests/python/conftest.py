@@ -67,6 +67,35 @@ def peft_tiny_model():
     return peft_build_tiny_model
 
 
+# ---------------------------------------------------------------------- offload_: a LoRA-like llama
+OFFLOAD_LAYERS = 3
+OFFLOAD_TRAINABLE = ("self_attn.q_proj.weight", "self_attn.v_proj.weight", "mlp.down_proj.weight")
+
+
+def offload_tiny_llama(dtype=None, dropout=0.1, seed=0):
+    """A tiny llama (3 layers, hidden 64) in training mode where only a few projection weights train
+    and everything else (embeddings too) is frozen, so no layer input requires grad: the case that
+    breaks reentrant checkpointing."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=OFFLOAD_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        max_position_embeddings=512,
+        attention_dropout=dropout,
+    )
+    model = transformers.LlamaForCausalLM(cfg).to(dtype or torch.float32)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith(OFFLOAD_TRAINABLE))
+    return model.train()
+
+
 # ---------------------------------------------------------------------- the Hub, replaced
 
 

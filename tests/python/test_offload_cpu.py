@@ -14,35 +14,15 @@ import torch
 transformers = pytest.importorskip("transformers")
 core = pytest.importorskip("rslora_fast._core")
 
+from conftest import OFFLOAD_LAYERS as LAYERS  # noqa: E402
+from conftest import OFFLOAD_TRAINABLE as TRAINABLE  # noqa: E402
+from conftest import offload_tiny_llama as tiny_llama  # noqa: E402
+
 from rslora_fast.offload import (  # noqa: E402
     find_decoder_layers,
     install_offloaded_checkpointing,
     uninstall_offloaded_checkpointing,
 )
-
-LAYERS = 3
-TRAINABLE = ("self_attn.q_proj.weight", "self_attn.v_proj.weight", "mlp.down_proj.weight")
-
-
-def tiny_llama(dtype=torch.float32, dropout=0.1, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=101,
-        max_position_embeddings=512,
-        attention_dropout=dropout,
-    )
-    model = transformers.LlamaForCausalLM(cfg).to(dtype)
-    for name, p in model.named_parameters():
-        # LoRA-like: a few projection weights train, everything else (embeddings too) is frozen,
-        # so no layer input requires grad: the case that breaks reentrant checkpointing.
-        p.requires_grad_(name.endswith(TRAINABLE))
-    model.train()
-    return model
 
 
 def reference_copy(model):

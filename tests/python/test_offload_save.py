@@ -15,28 +15,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("rslora_fast._core")
 
+from conftest import OFFLOAD_LAYERS as LAYERS  # noqa: E402
+from conftest import offload_tiny_llama as tiny_llama  # noqa: E402
+
 from rslora_fast.offload import install_offloaded_checkpointing  # noqa: E402
-
-LAYERS = 3
-TRAINABLE = ("self_attn.q_proj.weight", "self_attn.v_proj.weight", "mlp.down_proj.weight")
-
-
-def tiny_llama(dtype=torch.float32, dropout=0.1, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=101,
-        max_position_embeddings=512,
-        attention_dropout=dropout,
-    )
-    model = transformers.LlamaForCausalLM(cfg).to(dtype)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.endswith(TRAINABLE))
-    return model.train()
 
 
 def step(model, seed, **batch):
