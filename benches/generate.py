@@ -79,9 +79,18 @@ def weight_bytes_per_step(config: dict, four_bit: bool, r: int) -> int:
     return int(layers * per_layer + 2 * config["vocab_size"] * h + 2 * h)
 
 
+def _without_merged(system: str) -> tuple[str, bool]:
+    """(system without a trailing ``:merged``, whether it had one): rslora_fast's merged
+    generation path, ``for_inference(model, merge_lora=True)``."""
+    if system.endswith(":merged"):
+        return system.removesuffix(":merged"), True
+    return system, False
+
+
 def _load_for_inference(args, loaders: dict):
     """The system's model with LoRA attached, B non-zero, switched to generation by its own API."""
-    name = args.system.split(":")[0]
+    system, merged = _without_merged(args.system)
+    name = system.split(":")[0]
     if name in loaders:  # Unsloth, from benches/peers.py
         peer = loaders[name]
         model = peer.load_model(args.system, args.model_dir, args.max_seq_length, args.r)
@@ -89,13 +98,14 @@ def _load_for_inference(args, loaders: dict):
         return peer.for_inference(model), peer.version()
     from rslora_fast import bench
 
-    model = bench.load_system(args.system, Path(args.model_dir), args.max_seq_length, args.r)
+    model = bench.load_system(system, Path(args.model_dir), args.max_seq_length, args.r)
     set_lora_b(model)
     if name == "rslora_fast":
         import rslora_fast
         from rslora_fast import FastLanguageModel
 
-        return FastLanguageModel.for_inference(model), f"rslora_fast {rslora_fast.__version__}"
+        model = FastLanguageModel.for_inference(model, merge_lora=merged)
+        return model, f"rslora_fast {rslora_fast.__version__}"
     import peft
 
     model.eval()
@@ -324,7 +334,10 @@ def _jobs(args) -> list[tuple[str, str, dict]]:
 def _run_job(args, runner, bench, system: str, role: str, env_extra: dict, model_dir: Path) -> list[dict]:
     head = {"system": system, "role": role, **({"fast_generate": "off"} if env_extra else {})}
     try:
-        spec = bench.parse_system(system)
+        base, merged = _without_merged(system)
+        spec = bench.parse_system(base)
+        if merged and (spec.name != "rslora_fast" or role != "generate"):
+            raise ValueError(f"system {system!r}: ':merged' is rslora_fast's generation path only")
     except ValueError as e:
         return [{**head, "kind": "error", "error": str(e)}]
     reason = runner.skip_reason(spec, "python benches/generate.py")

@@ -13,41 +13,34 @@
 // e >> bs_log2 (block sizes are powers of two >= 32): float32 absmax[blk], or with double
 // quantization ncode[q[blk]] * nested[blk >> 8] + offset (nested blocks of 256).
 //
-// Stream kernel (dm_stream<NB>_<dtype>, NB = 1, 2, 4: batches up to 4, padded to NB; K % 32 == 0,
-// 16-byte aligned x and packed, one quantization type in the group). Why: at batch 1 the work is a
-// stream of packed bytes, so the kernel is built to keep HBM busy: a persistent grid of 4-warp
-// blocks (the blocks resident at once, striding over work) builds its code table once per block,
-// and each warp owns a tile of 4 rows of one member: lane l takes the 16-byte chunks c = l, l + 32,
-// ... (32 elements, inside one quantization block) of all 4 rows, so every warp load is 512
-// contiguous bytes, and a ring of DEPTH k-steps' loads (4 x 16 bytes and 4 raw scales each) stays
-// in flight during a step's arithmetic (DEPTH 2 at NB = 1, 1 above: the deepest that fits 128
-// registers). A packed byte becomes its two codes in T (high nibble = even element) by one lookup
-// in a 256-entry table replicated per lane (word 32 v + lane: conflict-free, 32 KB), then fp32
-// multiply-adds with x (read through L1, shared by the 4 rows) into a per-chunk partial that is
-// scaled once per chunk (nested scales decoded once per chunk). Warp-shuffle sums; lane r * NB + b
-// runs the epilogue. Batch rows share each weight load (read once for B <= 4).
+// Fast kernel (dm_split<S>_<dtype>, S = 1, 2, 4, 8; batches 1..8, K % 32 == 0, 16-byte aligned x
+// and packed, one quantization type in the group). A 16-row tile of one member is one m-tile of
+// mma.sync m16n8k16 (the batch is the n dimension, padded to 8), worked on by S warps that split
+// its K: warp s of the tile takes the 128-element k-steps s, s + S, ... Why tensor cores even at
+// batch 1: the weights are 4 bits, so the GPU must decode 2 elements per packed byte at HBM speed,
+// and per warp instruction an mma consumes 256 decoded weights for every batch column, where a
+// CUDA-core dot product spends a multiply-add per weight per batch row. Why split K: a group's
+// tiles alone do not fill the resident warps (the q/k/v group of an 8B model has 384 tiles for
+// about 2,100 warp slots on an H200), and the launcher picks the S that fills them once.
+// In a k-step, lane (g = lane / 4, t = lane % 4) loads the 16 packed bytes of rows g and g + 8 at
+// chunk c = 4 * step + t (32 elements, inside one quantization block as 32 divides the block size
+// and the chunk start), every warp load 8 rows x 64 contiguous bytes, with L1 no-allocate so the
+// weights, read once, do not evict x and the scale tables, which every step reads. A ring of D
+// steps' loads (packed bytes and raw scales) stays in flight: each step's slot is refilled right
+// after its arithmetic. The 8 mmas of a step use k-slots permuted so that each thread's registers
+// hold its own chunk: mma j takes from thread t the chunk's elements 4 j + {0,1} (A/B registers of
+// columns 2t, 2t+1) and 4 j + {2,3} (columns 2t+8, 2t+9), so its B fragment (x of batch row g) is
+// 4 consecutive values of x and its A registers are packed bytes 2 j and 2 j + 1. A packed byte
+// becomes an A register (two 16-bit values, the high nibble in the low half) by one lookup in a
+// 256-entry table replicated per bank (entry b of lane l at word 32 b + l: conflict-free, 32 KB),
+// then one packed multiply by the chunk's scale in the model dtype. Rows past a member's end load
+// its last row and chunks past K load the last chunk with scale 0; batch columns past the batch
+// read x's last row; none of them is stored. The S warps' accumulators are summed through shared
+// memory and the first warp of the tile runs the epilogue from its registers.
 //
-// Tensor-core kernel (dm_mma_<dtype>; batches 5..8, or a group mixing NF4 and FP4; same K and
-// alignment conditions): why tensor cores at batch 8: the weights are 4 bits, so the GPU must
-// dequantize 2 elements per packed byte at HBM speed; a CUDA-core dot product costs a table lookup
-// and an FMA per element per batch row, 8 FMAs per element at batch 8, while one mma.sync m16n8k16
-// takes 256 weight elements and all 8 batch columns per warp instruction. A block owns 16 rows of
-// one member (one m-tile) and its 8 warps split K: warp w takes 128-wide k-steps w, w + 8, ... In a
-// k-step, lane (g = lane / 4, t = lane % 4) loads the 16 packed bytes of rows g and g + 8 at chunk
-// c = 4 * step + t (32 elements, inside one quantization block as 32 divides the block size and the
-// chunk start), i.e. every warp load is 8 rows x 64 contiguous bytes. The 8 mmas of the step use
-// k-slots permuted so that each thread's registers hold its own chunk: mma j takes from thread t
-// the chunk's elements 4 j + {0,1} (A/B registers of columns 2t, 2t+1) and 4 j + {2,3} (columns
-// 2t+8, 2t+9), so its B fragment (x of batch row g) is 4 consecutive values of x and its A
-// registers are packed bytes 2 j and 2 j + 1. A packed byte becomes an A register (two 16-bit
-// values, the high nibble in the low half) by one lookup in a 256-entry table replicated per bank
-// (entry b of lane l at word 32 b + l: conflict-free, 32 KB), then one packed multiply by the
-// chunk's scale in the model dtype. A warp's first loads go out before the block builds the table
-// (16-byte stores) and waits for it. The warps' accumulators are summed through shared memory and
-// 128 threads (16 rows x 8 batch columns) run the epilogue.
-//
-// Generic kernel (dm_any_<dtype>; any K, any alignment; the correctness path): one warp per
-// output row, lanes stride over k element by element, warp-shuffle reduction, same epilogue.
+// Generic kernel (dm_any_<dtype>; any K, any alignment, groups mixing NF4 and FP4; the correctness
+// path): one warp per output row, lanes stride over k element by element, warp-shuffle reduction,
+// same epilogue.
 #include "common.cuh"
 
 namespace {
@@ -66,11 +59,10 @@ constexpr int kMaxBatch = 8;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kTileRows = 16;
-// k-steps of one warp whose loads are issued together (4 x 2 x 16 bytes in flight per lane).
-constexpr int kUnroll = 4;
-// Resident blocks per SM asked of ptxas for the fast kernel: 3 caps it at 85 registers, so the
-// q/k/v group of an 8B model (384 tiles) runs in one wave on 132 SMs (97 registers gave 2).
-constexpr int kMmaMinBlocks = 3;
+// k-steps of one warp in flight (packed bytes and raw scales), and the resident blocks per SM
+// asked of ptxas (2: 128 registers hold the ring without spilling).
+constexpr int kRing = 4;
+constexpr int kSplitMinBlocks = 2;
 
 // One layer of the group; must match `MemberParams` in src/kernels/decode_matvec.rs.
 struct Member {
@@ -133,7 +125,6 @@ __device__ __forceinline__ void epilogue(const Params& p, const Member& m, int64
   static_cast<T*>(m.y)[(int64_t)b * m.n + n] = rf::from_f32<T>(acc);
 }
 
-// ------------------------------------------------------------------------------ fast kernel
 template <typename T> struct Mma;
 template <> struct Mma<__nv_bfloat16> {
   __device__ static __forceinline__ uint32_t pack(float lo, float hi) {
@@ -171,134 +162,7 @@ template <> struct Mma<__half> {
   }
 };
 
-// Table word of byte m (0..15) of a 16-byte chunk: entry 32 * byte + lane, whose byte offset
-// (byte << 7) | (lane << 2) is one shift and one and-or (the two fields do not overlap).
-__device__ __forceinline__ uint32_t lut_word(const uint32_t* lut, uint32_t lane4, const uint4& w,
-                                             int m) {
-  const uint32_t word = m < 4 ? w.x : m < 8 ? w.y : m < 12 ? w.z : w.w;
-  const int sh = 8 * (m & 3);
-  const uint32_t off = ((sh == 0 ? (word << 7) : (word >> (sh - 7))) & 0x7F80u) | lane4;
-  return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const uint8_t*>(lut) + off);
-}
-
-// The loads of one k-step for one lane: rows g and g + 8 of chunk c, and their scales.
-struct StepLoads {
-  uint4 w0, w1;
-  float s0, s1;
-};
-
-// Loads of the kUnroll k-steps s0, s0 + 8, ... (zeros, and no access, past K or the rows).
-__device__ __forceinline__ void load_steps(StepLoads (&ld)[kUnroll], const Member& m, int64_t s0,
-                                           int64_t steps, int64_t chunks, int t, int64_t ra,
-                                           int64_t rb, bool va, bool vb, const uint4* pa,
-                                           const uint4* pb, int64_t K) {
-#pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    const int64_t ch = 4 * (s0 + (int64_t)kWarps * u) + t;
-    const bool vc = s0 + kWarps * u < steps && ch < chunks;
-    ld[u].w0 = make_uint4(0, 0, 0, 0);
-    ld[u].w1 = ld[u].w0;
-    ld[u].s0 = 0.0f;
-    ld[u].s1 = 0.0f;
-    if (vc && va) {
-      ld[u].w0 = __ldg(pa + ch);
-      ld[u].s0 = block_scale(m, (ra * K + 32 * ch) >> m.bs_log2);
-    }
-    if (vc && vb) {
-      ld[u].w1 = __ldg(pb + ch);
-      ld[u].s1 = block_scale(m, (rb * K + 32 * ch) >> m.bs_log2);
-    }
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void mma_kernel(const Params& p) {
-  __shared__ __align__(16) uint32_t s_lut[256 * 32];
-  __shared__ float s_red[kWarps][kTileRows][kMaxBatch];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const int mi = member_of(p, blockIdx.x);
-  const Member& m = p.m[mi];
-  const int64_t row0 = (blockIdx.x - m.start) * kTileRows;
-  const int64_t ra = row0 + g, rb = row0 + g + 8;
-  const bool va = ra < m.n, vb = rb < m.n;
-  const int64_t K = p.k, chunks = K >> 5, steps = (chunks + 3) >> 2;
-  const uint4* pa = reinterpret_cast<const uint4*>(m.packed + ra * (K >> 1));
-  const uint4* pb = reinterpret_cast<const uint4*>(m.packed + rb * (K >> 1));
-  const bool vx = g < p.batch;
-  const uint4* px = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + g * K);
-
-  // The first k-steps' loads go out before the block builds the table and waits for it.
-  StepLoads ld[kUnroll];
-  load_steps(ld, m, warp, steps, chunks, t, ra, rb, va, vb, pa, pb, K);
-
-  // Table: word 32 b + r holds the two values of byte b (high nibble in the low half); 4 copies
-  // per 16-byte store, a warp writing 512 contiguous bytes per instruction.
-  const float* code = kCodes[m.quant_type];
-  for (int i = tid; i < 256 * 8; i += kThreads) {
-    const int b = i >> 3;
-    const uint32_t v = Mma<T>::pack(code[b >> 4], code[b & 15]);
-    reinterpret_cast<uint4*>(s_lut)[i] = make_uint4(v, v, v, v);
-  }
-  __syncthreads();
-  const uint32_t lane4 = lane << 2;
-
-  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for (int64_t s0 = warp; s0 < steps;) {
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t ch = 4 * (s0 + (int64_t)kWarps * u) + t;
-      const bool vc = s0 + kWarps * u < steps && ch < chunks;
-      // x of batch row g for this chunk: 32 values, 4 vectors (zeros past the batch or K).
-      uint4 xv[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        xv[q] = (vc && vx) ? __ldg(px + 4 * ch + q) : make_uint4(0, 0, 0, 0);
-      }
-      const uint32_t sa = Mma<T>::pack(ld[u].s0, ld[u].s0);
-      const uint32_t sb = Mma<T>::pack(ld[u].s1, ld[u].s1);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        uint32_t a[4];
-        a[0] = Mma<T>::mul(lut_word(s_lut, lane4, ld[u].w0, 2 * j), sa);
-        a[1] = Mma<T>::mul(lut_word(s_lut, lane4, ld[u].w1, 2 * j), sb);
-        a[2] = Mma<T>::mul(lut_word(s_lut, lane4, ld[u].w0, 2 * j + 1), sa);
-        a[3] = Mma<T>::mul(lut_word(s_lut, lane4, ld[u].w1, 2 * j + 1), sb);
-        const uint4& xq = xv[j >> 1];
-        const uint32_t b0 = (j & 1) ? xq.z : xq.x;
-        const uint32_t b1 = (j & 1) ? xq.w : xq.y;
-        Mma<T>::mma(c, a, b0, b1);
-      }
-    }
-    s0 += kWarps * kUnroll;
-    if (s0 < steps) load_steps(ld, m, s0, steps, chunks, t, ra, rb, va, vb, pa, pb, K);
-  }
-
-  // c[0], c[1]: row g, batch columns 2t, 2t + 1; c[2], c[3]: row g + 8.
-  s_red[warp][g][2 * t] = c[0];
-  s_red[warp][g][2 * t + 1] = c[1];
-  s_red[warp][g + 8][2 * t] = c[2];
-  s_red[warp][g + 8][2 * t + 1] = c[3];
-  __syncthreads();
-  if (tid < kTileRows * kMaxBatch) {
-    const int r = tid >> 3, b = tid & 7;
-    const int64_t n = row0 + r;
-    if (n < m.n && b < p.batch) {
-      float acc = 0.0f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) acc += s_red[w][r][b];
-      epilogue<T>(p, m, n, b, acc);
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------- stream kernel
-constexpr int kStreamRows = 4;  // rows of one warp tile
-// Threads of a stream block: 4 warps, so a small group's tiles spread over every SM in blocks of
-// even size (its 32 KB table is built by 128 threads in 16 stores each).
-constexpr int kStreamThreads = 128;
-constexpr int kStreamWarps = kStreamThreads / 32;
-
+// ---------------------------------------------------------------------------- fast kernel
 // Word m (0..3) of a 16-byte vector.
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int m) {
   return m == 0 ? v.x : m == 1 ? v.y : m == 2 ? v.z : v.w;
@@ -317,162 +181,183 @@ template <> __device__ __forceinline__ void unpack2<__half>(uint32_t w, float& l
   hi = f.y;
 }
 
-// The bits of v rounded to T.
-template <typename T> __device__ __forceinline__ uint32_t bits16(float v);
-template <> __device__ __forceinline__ uint32_t bits16<__nv_bfloat16>(float v) {
-  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+// 16 bytes read once: not kept in L1 (L2 fetches 256-byte sectors for the neighbours).
+__device__ __forceinline__ uint4 load_stream16(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
 }
-template <> __device__ __forceinline__ uint32_t bits16<__half>(float v) {
-  return __half_as_ushort(__float2half_rn(v));
+__device__ __forceinline__ uint32_t load_stream_u8(const uint8_t* p) {
+  unsigned short v;
+  asm volatile("ld.global.nc.L1::no_allocate.u8 %0, [%1];" : "=h"(v) : "l"(p));
+  return v;
 }
 
-// What one lane loads for one k-step of its tile: chunk c (16 packed bytes) of each row and the
-// raw scale of that chunk (the float32 absmax bits, or the uint8 code with double quantization).
-struct StreamLoads {
-  uint4 w[kStreamRows];
-  uint32_t s[kStreamRows];
+// Table word of byte m (0..15) of a 16-byte chunk: entry 32 * byte + lane, whose byte offset
+// (byte << 7) | (lane << 2) is one shift and one and-or (the two fields do not overlap).
+__device__ __forceinline__ uint32_t lut_word(const uint8_t* lut, uint32_t lane4, const uint4& w,
+                                             int m) {
+  const uint32_t word = word_of(w, m >> 2);
+  const int sh = 8 * (m & 3);
+  const uint32_t off = ((sh == 0 ? (word << 7) : (word >> (sh - 7))) & 0x7F80u) | lane4;
+  return *reinterpret_cast<const uint32_t*>(lut + off);
+}
+
+// One row of a lane in a tile: where its packed bytes and scales are. Rows past the member's end
+// read its last row (their outputs are not stored).
+struct RowSrc {
+  const uint4* w;      // the row's packed bytes as 16-byte chunks
+  const uint8_t* q;    // double quantization: the row's first block's scale code
+  const float* f;      // plain scales: the row's first block's absmax
+  const float* nested; // the nested absmax of the row's first block
+  int first;           // element offset of the row's start inside its first block
+  int nested_first;    // index of the row's first block inside its nested block of 256
 };
 
-__device__ __forceinline__ void stream_load(StreamLoads& ld, const Member& m, int64_t row0,
-                                            int64_t c, int64_t chunks, int64_t K) {
+__device__ __forceinline__ RowSrc row_src(const Member& m, int64_t row, int64_t K) {
+  const int64_t e = min(row, m.n - 1) * K;
+  const int64_t blk = e >> m.bs_log2;
+  RowSrc r;
+  r.w = reinterpret_cast<const uint4*>(m.packed + (e >> 1));
+  r.q = m.absmax_q != nullptr ? m.absmax_q + blk : nullptr;
+  r.f = m.absmax_q != nullptr ? nullptr : m.absmax + blk;
+  r.nested = m.absmax_q != nullptr ? m.nested + (blk >> 8) : nullptr;
+  r.first = (int)(e & ((1 << m.bs_log2) - 1));
+  r.nested_first = (int)(blk & 255);
+  return r;
+}
+
+// The block of chunk c relative to the row's first block.
+__device__ __forceinline__ int chunk_block(const RowSrc& r, int c, int bs_log2) {
+  return (r.first + 32 * c) >> bs_log2;
+}
+
+// What one lane loads for one k-step: the chunk of rows g and g + 8 and their raw scales (the
+// float32 absmax bits, or the uint8 code with double quantization).
+struct StepLoads {
+  uint4 w0, w1;
+  uint32_t s0, s1;
+};
+
+__device__ __forceinline__ uint32_t raw_scale(const RowSrc& r, int blk) {
+  return r.q != nullptr ? load_stream_u8(r.q + blk) : __float_as_uint(__ldg(r.f + blk));
+}
+
+__device__ __forceinline__ void load_step(StepLoads& ld, const RowSrc& a, const RowSrc& b, int c,
+                                          int bs_log2) {
+  ld.w0 = load_stream16(a.w + c);
+  ld.w1 = load_stream16(b.w + c);
+  ld.s0 = raw_scale(a, chunk_block(a, c, bs_log2));
+  ld.s1 = raw_scale(b, chunk_block(b, c, bs_log2));
+}
+
+// The scale of a loaded chunk (the nested decode reads the block's code through the shared copy
+// of ncode); 0 for a chunk past K, which then adds nothing.
+__device__ __forceinline__ float chunk_scale(const RowSrc& r, uint32_t raw, int c, bool valid,
+                                             int bs_log2, const float* s_ncode, float offset) {
+  if (!valid) return 0.0f;
+  if (r.q == nullptr) return __uint_as_float(raw);
+  const int blk = chunk_block(r, c, bs_log2);
+  return fmaf(s_ncode[raw], __ldg(r.nested + ((r.nested_first + blk) >> 8)), offset);
+}
+
+// A step's 8 mmas: chunk `ld` of rows g, g + 8 times x (32 values of batch row g in xv).
+template <typename T>
+__device__ __forceinline__ void step_mma(float (&c)[4], const StepLoads& ld, const uint4 (&xv)[4],
+                                         uint32_t sa, uint32_t sb, const uint8_t* lut,
+                                         uint32_t lane4) {
 #pragma unroll
-  for (int r = 0; r < kStreamRows; ++r) {
-    ld.w[r] = make_uint4(0, 0, 0, 0);
-    ld.s[r] = 0;
-    const int64_t row = row0 + r;
-    if (c < chunks && row < m.n) {
-      ld.w[r] = __ldg(reinterpret_cast<const uint4*>(m.packed + row * (K >> 1)) + c);
-      const int64_t blk = (row * K + 32 * c) >> m.bs_log2;
-      ld.s[r] = m.absmax_q != nullptr ? (uint32_t)__ldg(m.absmax_q + blk)
-                                      : __float_as_uint(__ldg(m.absmax + blk));
-    }
+  for (int j = 0; j < 8; ++j) {
+    uint32_t a[4];
+    a[0] = Mma<T>::mul(lut_word(lut, lane4, ld.w0, 2 * j), sa);
+    a[1] = Mma<T>::mul(lut_word(lut, lane4, ld.w1, 2 * j), sb);
+    a[2] = Mma<T>::mul(lut_word(lut, lane4, ld.w0, 2 * j + 1), sa);
+    a[3] = Mma<T>::mul(lut_word(lut, lane4, ld.w1, 2 * j + 1), sb);
+    const uint4& xq = xv[j >> 1];
+    Mma<T>::mma(c, a, (j & 1) ? xq.z : xq.x, (j & 1) ? xq.w : xq.y);
   }
 }
 
-// The scale of row0 + r's chunk c from its raw load (the nested decode reads L1-resident tables).
-__device__ __forceinline__ float stream_scale(const Member& m, uint32_t raw, int64_t row, int64_t c,
-                                              int64_t K) {
-  if (m.absmax_q == nullptr) return __uint_as_float(raw);
-  const int64_t blk = (row * K + 32 * c) >> m.bs_log2;
-  return __fadd_rn(__fmul_rn(__ldg(m.ncode + raw), __ldg(m.nested + (blk >> 8))), m.offset);
-}
-
-// One k-step of a warp tile: chunk c of the 4 rows (loaded in `cur`) times x, into acc.
-template <typename T, int NB>
-__device__ __forceinline__ void stream_step(float (&acc)[kStreamRows][NB], const StreamLoads& cur,
-                                            const Params& p, const Member& m, int64_t row0,
-                                            int64_t c, int64_t chunks, int64_t K,
-                                            const uint8_t* lut, uint32_t lane4) {
-  float part[kStreamRows][NB];
-#pragma unroll
-  for (int r = 0; r < kStreamRows; ++r)
-#pragma unroll
-    for (int b = 0; b < NB; ++b) part[r][b] = 0.0f;
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    // x[b, 32 c + 8 q .. + 8): 8 values per batch row (zeros past K or the batch).
-    uint4 xv[NB];
-#pragma unroll
-    for (int b = 0; b < NB; ++b) {
-      xv[b] = (c < chunks && b < p.batch)
-                  ? __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + b * K +
-                                                         32 * c + 8 * q))
-                  : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      // Packed byte 4 q + j of the chunk: elements 8 q + 2 j (high nibble) and + 1.
-      float xe[NB], xo[NB];
-#pragma unroll
-      for (int b = 0; b < NB; ++b) unpack2<T>(word_of(xv[b], j), xe[b], xo[b]);
-#pragma unroll
-      for (int r = 0; r < kStreamRows; ++r) {
-        const uint32_t wd = word_of(cur.w[r], q);
-        const uint32_t off = ((j == 0 ? (wd << 7) : (wd >> (8 * j - 7))) & 0x7F80u) | lane4;
-        const uint32_t t = *reinterpret_cast<const uint32_t*>(lut + off);
-        float we, wo;
-        unpack2<T>(t, we, wo);
-#pragma unroll
-        for (int b = 0; b < NB; ++b) {
-          part[r][b] = fmaf(we, xe[b], part[r][b]);
-          part[r][b] = fmaf(wo, xo[b], part[r][b]);
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < kStreamRows; ++r) {
-    const float s =
-        c < chunks && row0 + r < m.n ? stream_scale(m, cur.s[r], row0 + r, c, K) : 0.0f;
-#pragma unroll
-    for (int b = 0; b < NB; ++b) acc[r][b] = fmaf(s, part[r][b], acc[r][b]);
-  }
-}
-
-template <typename T, int NB, int D>
-__device__ __forceinline__ void stream_kernel(const Params& p) {
+template <typename T, int S>
+__device__ __forceinline__ void split_kernel(const Params& p) {
   __shared__ __align__(16) uint32_t s_lut[256 * 32];
-  const int tid = threadIdx.x, lane = tid & 31;
-  // Table: word 32 v + l holds byte v's two codes in T (high nibble, the even element, in the
-  // low half), one copy per lane so any 32 lookups hit 32 banks. Every member has the same
-  // quantization type (the launcher checks).
-  {
-    const float* code = kCodes[p.m[0].quant_type];
-    for (int i = tid; i < 256 * 8; i += kStreamThreads) {
-      const int v = i >> 3;
-      const uint32_t w = bits16<T>(code[v >> 4]) | (bits16<T>(code[v & 15]) << 16);
-      reinterpret_cast<uint4*>(s_lut)[i] = make_uint4(w, w, w, w);
-    }
+  __shared__ float s_ncode[256];
+  __shared__ float s_red[kWarps][4][32];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3, ks = warp % S;
+  const Member& last = p.m[p.members - 1];
+  const int64_t tiles = last.start + (last.n + kTileRows - 1) / kTileRows;
+  const int64_t my_tile = (int64_t)blockIdx.x * (kWarps / S) + warp / S;
+  const bool live = my_tile < tiles;  // the last block's spare warps work on the last tile
+  const int64_t tile = live ? my_tile : tiles - 1;
+  const Member& m = p.m[member_of(p, tile)];
+  const int64_t ra = (tile - m.start) * kTileRows + g, rb = ra + 8;
+  const int64_t K = p.k;
+  const int chunks = (int)(K >> 5), steps = (chunks + 3) >> 2;
+  const int mine = steps > ks ? (steps - ks + S - 1) / S : 0;  // this warp's k-steps
+  const int bsl = m.bs_log2;
+  const RowSrc src_a = row_src(m, ra, K), src_b = row_src(m, rb, K);
+  const auto chunk_of = [&](int i) { return 4 * (ks + S * i) + t; };
+
+  // The first steps' loads go out before the block builds its tables.
+  StepLoads ring[kRing];
+#pragma unroll
+  for (int u = 0; u < kRing; ++u) load_step(ring[u], src_a, src_b, min(chunk_of(u), chunks - 1), bsl);
+  // Table: word 32 b + r holds the two values of byte b (high nibble in the low half); 4 copies
+  // per 16-byte store, a warp writing 512 contiguous bytes per instruction. Every member has the
+  // same quantization type (the launcher checks).
+  const float* code = kCodes[p.m[0].quant_type];
+  for (int i = tid; i < 256 * 8; i += kThreads) {
+    const int b = i >> 3;
+    const uint32_t v = Mma<T>::pack(code[b >> 4], code[b & 15]);
+    reinterpret_cast<uint4*>(s_lut)[i] = make_uint4(v, v, v, v);
   }
+  if (m.absmax_q != nullptr && tid < 256) s_ncode[tid] = __ldg(m.ncode + tid);
   __syncthreads();
   const uint32_t lane4 = lane << 2;
   const uint8_t* lut = reinterpret_cast<const uint8_t*>(s_lut);
-  const int64_t K = p.k, chunks = K >> 5, steps = (chunks + 31) >> 5;
-  const int64_t tiles = p.m[p.members - 1].start +
-                        (p.m[p.members - 1].n + kStreamRows - 1) / kStreamRows;
-  const int64_t stride = (int64_t)gridDim.x * kStreamWarps;
+  // Batch columns past the batch read x's last row: their outputs are never stored.
+  const uint4* xr =
+      reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + min(g, p.batch - 1) * K);
 
-  for (int64_t tile = (int64_t)blockIdx.x * kStreamWarps + (tid >> 5); tile < tiles;
-       tile += stride) {
-    const Member& m = p.m[member_of(p, tile)];
-    const int64_t row0 = (tile - m.start) * kStreamRows;
-    float acc[kStreamRows][NB];
+  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int i0 = 0; i0 < mine; i0 += kRing) {
 #pragma unroll
-    for (int r = 0; r < kStreamRows; ++r)
+    for (int u = 0; u < kRing; ++u) {
+      const int i = i0 + u;
+      if (i >= mine) break;  // warp-uniform
+      const bool valid = chunk_of(i) < chunks;
+      const int ch = min(chunk_of(i), chunks - 1);
+      uint4 xv[4];
 #pragma unroll
-      for (int b = 0; b < NB; ++b) acc[r][b] = 0.0f;
-
-    // A ring of D k-steps' loads: step i's registers are taken, the slot refilled with step
-    // i + D, then step i's arithmetic runs with D steps' loads in flight.
-    StreamLoads ring[D];
-#pragma unroll
-    for (int u = 0; u < D; ++u) {
-      stream_load(ring[u], m, row0, 32 * u + lane, u < steps ? chunks : 0, K);
+      for (int q = 0; q < 4; ++q) xv[q] = __ldg(xr + 4 * ch + q);
+      const float fa = chunk_scale(src_a, ring[u].s0, ch, valid, bsl, s_ncode, m.offset);
+      const float fb = chunk_scale(src_b, ring[u].s1, ch, valid, bsl, s_ncode, m.offset);
+      step_mma<T>(c, ring[u], xv, Mma<T>::pack(fa, fa), Mma<T>::pack(fb, fb), lut, lane4);
+      if (i + kRing < mine) load_step(ring[u], src_a, src_b, min(chunk_of(i + kRing), chunks - 1), bsl);
     }
-    for (int64_t i0 = 0; i0 < steps; i0 += D) {
-#pragma unroll
-      for (int u = 0; u < D; ++u) {
-        const int64_t i = i0 + u;
-        if (i >= steps) break;  // warp-uniform
-        const StreamLoads cur = ring[u];
-        stream_load(ring[u], m, row0, 32 * (i + D) + lane, i + D < steps ? chunks : 0, K);
-        stream_step<T, NB>(acc, cur, p, m, row0, 32 * i + lane, chunks, K, lut, lane4);
-      }
-    }
+  }
 
-    // Warp sums; lane r * NB + b then runs the epilogue of row0 + r, batch row b.
-    float mine = 0.0f;
+  if (S > 1) {  // the tile's warps sum into its first warp
 #pragma unroll
-    for (int r = 0; r < kStreamRows; ++r)
+    for (int e = 0; e < 4; ++e) s_red[warp][e][lane] = c[e];
+    __syncthreads();
+    if (ks != 0) return;
 #pragma unroll
-      for (int b = 0; b < NB; ++b) {
-        float v = acc[r][b];
+    for (int e = 0; e < 4; ++e) {
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        mine = lane == r * NB + b ? v : mine;
-      }
-    const int r = lane / NB, b = lane % NB;
-    if (r < kStreamRows && b < p.batch && row0 + r < m.n) epilogue<T>(p, m, row0 + r, b, mine);
+      for (int w = 1; w < S; ++w) c[e] += s_red[warp + w][e][lane];
+    }
+  }
+  if (!live) return;
+  // c[0], c[1]: row g, batch columns 2t, 2t + 1; c[2], c[3]: row g + 8.
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int b = 2 * t + (e & 1);
+    const int64_t n = e < 2 ? ra : rb;
+    if (b < p.batch && n < m.n) epilogue<T>(p, m, n, b, c[e]);
   }
 }
 
@@ -606,10 +491,10 @@ __device__ __forceinline__ void xa_kernel(const XaParams& p) {
 // __grid_constant__: the kernels index the members with a computed index; without it the
 // compiler would copy the whole Params into each thread's local memory to take its address.
 #define DM_ENTRY(SUFFIX, T)                                                                   \
-  extern "C" __global__ void __launch_bounds__(kThreads, kMmaMinBlocks)                       \
-      dm_mma_##SUFFIX(const __grid_constant__ Params p) {                                     \
-    mma_kernel<T>(p);                                                                         \
-  }                                                                                           \
+  DM_SPLIT(SUFFIX, T, 1)                                                                      \
+  DM_SPLIT(SUFFIX, T, 2)                                                                      \
+  DM_SPLIT(SUFFIX, T, 4)                                                                      \
+  DM_SPLIT(SUFFIX, T, 8)                                                                      \
   extern "C" __global__ void __launch_bounds__(kThreads)                                      \
       dm_any_##SUFFIX(const __grid_constant__ Params p) {                                     \
     any_kernel<T>(p);                                                                         \
@@ -621,18 +506,13 @@ __device__ __forceinline__ void xa_kernel(const XaParams& p) {
   extern "C" __global__ void __launch_bounds__(kThreads)                                      \
       dm_lorab_##SUFFIX(const __grid_constant__ Params p) {                                   \
     lora_b_kernel<T>(p);                                                                      \
-  }                                                                                           \
-  DM_STREAM(SUFFIX, T, 1, 2, 4)                                                               \
-  DM_STREAM(SUFFIX, T, 2, 1, 4)                                                               \
-  DM_STREAM(SUFFIX, T, 4, 1, 4)
+  }
 
-// (batch padding NB, k-steps in flight DEPTH, resident blocks per SM asked of ptxas MINB): the
-// deepest ring that fits 128 registers (4 blocks of 4 warps per SM) without spilling, checked
-// with ptxas -v.
-#define DM_STREAM(SUFFIX, T, NB, DEPTH, MINB)                                                 \
-  extern "C" __global__ void __launch_bounds__(kStreamThreads, MINB)                          \
-      dm_stream##NB##_##SUFFIX(const __grid_constant__ Params p) {                            \
-    stream_kernel<T, NB, DEPTH>(p);                                                           \
+// S warps per 16-row tile.
+#define DM_SPLIT(SUFFIX, T, S)                                                                \
+  extern "C" __global__ void __launch_bounds__(kThreads, kSplitMinBlocks)                     \
+      dm_split##S##_##SUFFIX(const __grid_constant__ Params p) {                              \
+    split_kernel<T, S>(p);                                                                    \
   }
 
 DM_ENTRY(f16, __half)

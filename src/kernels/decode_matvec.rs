@@ -14,17 +14,11 @@ pub const MAX_MEMBERS: usize = 4;
 /// Batch rows one launch serves (`kMaxBatch`: the mma's n); larger batches take several.
 pub const MAX_BATCH: usize = 8;
 const THREADS: u32 = 256;
-/// Output rows per block of the tensor-core kernel (`kTileRows`).
+/// Output rows of one tile of the fast kernel (`kTileRows`: the mma's m).
 const TILE_ROWS: usize = 16;
-/// Output rows per warp tile of the stream kernel (`kStreamRows`).
-const STREAM_ROWS: usize = 4;
-/// Batch rows up to which the stream (CUDA-core) kernel runs; the tensor-core kernel takes
-/// 5..8, where the stream kernel's fp32 multiply-adds per weight grow with the batch.
-pub const STREAM_MAX_BATCH: usize = 4;
 const WARPS: usize = THREADS as usize / 32;
-/// Threads of a stream-kernel block (`kStreamThreads`): 4 warps, one 4-row tile each.
-const STREAM_THREADS: u32 = 128;
-const STREAM_WARPS: usize = STREAM_THREADS as usize / 32;
+/// Warps per tile the fast kernel is built for (`dm_split<s>_*`), most first.
+const SPLITS: [usize; 4] = [8, 4, 2, 1];
 
 /// One layer of a group: its 4-bit weight `[n, k]`, optional bias `[n]` and optional LoRA
 /// up-projection `lora_b` `[n, rank]` reading columns `xa_col..xa_col + rank` of `xa`.
@@ -95,11 +89,9 @@ struct Params {
 /// Which kernel one launch runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Path {
-    /// `dm_stream<nb>_*`: a warp per 4 rows, CUDA cores, batch rows padded to `nb`.
-    Stream(usize),
-    /// `dm_mma_*`: a block per 16 rows, tensor cores.
-    Mma,
-    /// `dm_any_*`: a warp per row, any K and alignment.
+    /// `dm_split<s>_*`: tensor cores, a 16-row tile per `s` warps that split its K.
+    Split(usize),
+    /// `dm_any_*`: a warp per row, any K and alignment, groups mixing NF4 and FP4.
     Any,
 }
 
@@ -107,8 +99,7 @@ impl Path {
     /// Output rows per grid unit (the members' `start` counts these units).
     fn unit_rows(self) -> usize {
         match self {
-            Path::Stream(_) => STREAM_ROWS,
-            Path::Mma => TILE_ROWS,
+            Path::Split(_) => TILE_ROWS,
             Path::Any => 1,
         }
     }
@@ -131,25 +122,29 @@ fn kernel(dtype: DType, path: Path) -> Result<&'static str> {
         "decode_matvec_4bit",
         dtype,
         [
-            "dm_stream1_bf16",
-            "dm_stream2_bf16",
-            "dm_stream4_bf16",
-            "dm_mma_bf16",
+            "dm_split8_bf16",
+            "dm_split4_bf16",
+            "dm_split2_bf16",
+            "dm_split1_bf16",
             "dm_any_bf16",
         ],
         [
-            "dm_stream1_f16",
-            "dm_stream2_f16",
-            "dm_stream4_f16",
-            "dm_mma_f16",
+            "dm_split8_f16",
+            "dm_split4_f16",
+            "dm_split2_f16",
+            "dm_split1_f16",
             "dm_any_f16",
         ],
     )?;
     Ok(match path {
-        Path::Stream(1) => names[0],
-        Path::Stream(2) => names[1],
-        Path::Stream(_) => names[2],
-        Path::Mma => names[3],
+        Path::Split(s) => match SPLITS.iter().position(|&v| v == s) {
+            Some(i) => names[i],
+            None => {
+                return Err(Error::invalid(format!(
+                    "decode_matvec_4bit: no kernel splits a tile over {s} warps"
+                )))
+            }
+        },
         Path::Any => names[4],
     })
 }
@@ -271,31 +266,39 @@ fn check_member(m: &Member, i: usize, k: usize, xa_ld: usize, es: usize) -> Resu
     Ok(())
 }
 
-/// Whether the fast kernels (stream, tensor-core) apply: whole 32-element chunks per row and
-/// 16-byte aligned rows of x and of every packed weight.
+/// Whether the fast kernel applies: whole 32-element chunks per row, 16-byte aligned rows of x
+/// and of every packed weight, and one quantization type (its code table is built per block).
 fn fast_path(a: &Args) -> bool {
     let mut ptrs = vec![a.x];
     ptrs.extend(a.members.iter().map(|m| m.packed));
-    a.k % 32 == 0 && all_aligned16(&ptrs)
-}
-
-/// The kernel for a launch of `rows` batch rows: the stream kernel up to [`STREAM_MAX_BATCH`]
-/// rows when every member has the same quantization type (its code table is built once per
-/// block), else the tensor-core one; the generic one when the fast kernels do not apply.
-fn path_for(a: &Args, rows: usize) -> Path {
-    if !fast_path(a) {
-        return Path::Any;
-    }
     let one_type = a
         .members
         .iter()
         .all(|m| m.quant_type == a.members[0].quant_type);
-    match rows {
-        1 if one_type => Path::Stream(1),
-        2 if one_type => Path::Stream(2),
-        r if r <= STREAM_MAX_BATCH && one_type => Path::Stream(4),
-        _ => Path::Mma,
+    a.k % 32 == 0 && all_aligned16(&ptrs) && one_type
+}
+
+/// 16-row tiles of the group.
+fn tiles(a: &Args) -> usize {
+    a.members.iter().map(|m| m.n.div_ceil(TILE_ROWS)).sum()
+}
+
+/// Warps per tile: the most (of 8, 4, 2, 1) for which every tile's warps are resident at once,
+/// so a small group (q/k/v: 384 tiles of an 8B model) still keeps every SM loading.
+fn split_warps(tiles: usize, resident_warps: usize) -> usize {
+    SPLITS
+        .into_iter()
+        .find(|&s| tiles.saturating_mul(s) <= resident_warps)
+        .unwrap_or(1)
+}
+
+/// The kernel for a group; `resident_warps` gives the fast kernel's warps resident at once
+/// (asked only when the fast kernel applies).
+fn path_for(a: &Args, resident_warps: impl FnOnce() -> Result<usize>) -> Result<Path> {
+    if !fast_path(a) {
+        return Ok(Path::Any);
     }
+    Ok(Path::Split(split_warps(tiles(a), resident_warps()?)))
 }
 
 fn member_params(m: &Member, start: usize, y: usize) -> Result<MemberParams> {
@@ -363,29 +366,30 @@ unsafe fn launch_params<P>(
     unsafe { cuda::launch(device, stream, "decode_matvec", name, cfg, &mut kargs) }
 }
 
-/// Each member's first grid unit, and the blocks: one per 16-row tile (tensor cores), per 8 rows
-/// (generic), or enough 4-warp blocks for one warp per 4-row tile up to the blocks resident on
-/// the device at once (the stream kernel strides over the rest, building its table once).
-fn grid(a: &Args, path: Path, name: &'static str, device: i32) -> Result<(Vec<usize>, u32)> {
+/// Each member's first grid unit (tile or row), and the blocks: 8 / s tiles per block (fast
+/// kernel), 8 rows per block (generic).
+fn grid(a: &Args, path: Path) -> Result<(Vec<usize>, u32)> {
     let mut starts = Vec::with_capacity(a.members.len());
     let mut units = 0usize;
     for m in &a.members {
         starts.push(units);
         units += m.n.div_ceil(path.unit_rows());
     }
-    let blocks = match path {
-        Path::Mma => units,
-        Path::Any => units.div_ceil(WARPS),
-        Path::Stream(_) => {
-            let resident = cuda::resident_blocks(device, "decode_matvec", name, STREAM_THREADS)?;
-            units.div_ceil(STREAM_WARPS).min(resident as usize)
-        }
+    let per_block = match path {
+        Path::Split(s) => WARPS / s,
+        Path::Any => WARPS,
     };
-    let blocks = u32::try_from(blocks)
+    let blocks = u32::try_from(units.div_ceil(per_block))
         .ok()
         .filter(|&b| b <= i32::MAX as u32)
         .ok_or_else(|| Error::invalid("decode_matvec_4bit: too many output rows"))?;
     Ok((starts, blocks))
+}
+
+/// The fast kernel's warps resident at once on `device` (the split variants share one shape).
+fn resident_warps(dtype: DType, device: i32) -> Result<usize> {
+    let name = kernel(dtype, Path::Split(1))?;
+    Ok(cuda::resident_blocks(device, "decode_matvec", name, THREADS)? as usize * WARPS)
 }
 
 /// Run the group for every batch row: one launch per [`MAX_BATCH`] rows.
@@ -399,15 +403,11 @@ pub unsafe fn launch(a: &Args, device: i32, stream: RawStream) -> Result<()> {
         return Ok(());
     }
     let es = a.dtype.size();
+    let path = path_for(a, || resident_warps(a.dtype, device))?;
+    let name = kernel(a.dtype, path)?;
+    let (starts, blocks) = grid(a, path)?;
     for b0 in (0..a.batch).step_by(MAX_BATCH) {
         let rows = (a.batch - b0).min(MAX_BATCH);
-        let path = path_for(a, rows);
-        let name = kernel(a.dtype, path)?;
-        let (starts, blocks) = grid(a, path, name, device)?;
-        let threads = match path {
-            Path::Stream(_) => STREAM_THREADS,
-            Path::Mma | Path::Any => THREADS,
-        };
         let ys = output_rows(a.out, a.members.iter().map(|m| m.n), a.batch, b0, es);
         let mut m = [MemberParams::default(); MAX_MEMBERS];
         for (i, mem) in a.members.iter().enumerate() {
@@ -430,7 +430,7 @@ pub unsafe fn launch(a: &Args, device: i32, stream: RawStream) -> Result<()> {
         // SAFETY: `Params` is laid out (repr(C)) exactly as the kernel's by-value struct;
         // `check` verified every extent the kernel reads or writes from the counts, and the
         // offsets above stay inside them (b0 < batch).
-        unsafe { launch_params(device, stream, name, (blocks, threads), &mut params)? };
+        unsafe { launch_params(device, stream, name, (blocks, THREADS), &mut params)? };
     }
     Ok(())
 }
@@ -748,29 +748,37 @@ mod tests {
     }
 
     #[test]
-    fn small_batches_stream_and_mixed_types_take_tensor_cores() {
-        let a = args(vec![member(8), member(3)]);
-        let paths: Vec<Path> = (1..=8).map(|r| path_for(&a, r)).collect();
-        assert_eq!(
-            &paths[..4],
-            &[
-                Path::Stream(1),
-                Path::Stream(2),
-                Path::Stream(4),
-                Path::Stream(4)
-            ]
-        );
-        assert!(paths[4..].iter().all(|&p| p == Path::Mma));
+    fn tiles_split_to_fill_the_resident_warps_once() {
+        // An H200: 132 SMs x 2 blocks x 8 warps.
+        let resident = 2112;
+        assert_eq!(split_warps(1792, resident), 1); // gate/up of an 8B model
+        assert_eq!(split_warps(384, resident), 4); // q/k/v
+        assert_eq!(split_warps(256, resident), 8); // o, down
+        assert_eq!(split_warps(1, resident), 8);
+        assert_eq!(split_warps(usize::MAX, resident), 1);
+        let a = args(vec![member(4096), member(1024), member(1024)]);
+        assert_eq!(tiles(&a), 384);
+        assert_eq!(path_for(&a, || Ok(resident)).unwrap(), Path::Split(4));
+        assert_eq!(grid(&a, Path::Split(4)).unwrap(), (vec![0, 256, 320], 192));
+        assert_eq!(grid(&a, Path::Split(1)).unwrap().1, 48);
+    }
+
+    #[test]
+    fn mixed_types_and_odd_k_take_the_generic_kernel() {
         let mut fp4 = member(8);
         fp4.quant_type = QuantType::Fp4;
-        assert_eq!(path_for(&args(vec![member(8), fp4]), 1), Path::Mma);
+        let never = || -> Result<usize> { panic!("the generic path asks no occupancy") };
+        assert_eq!(
+            path_for(&args(vec![member(8), fp4]), never).unwrap(),
+            Path::Any
+        );
         let mut odd = args(vec![member(8)]);
         odd.k = 100;
-        assert_eq!(path_for(&odd, 1), Path::Any);
-        assert_eq!(
-            kernel(DType::F16, Path::Stream(2)).unwrap(),
-            "dm_stream2_f16"
-        );
+        assert_eq!(path_for(&odd, never).unwrap(), Path::Any);
+        assert_eq!(grid(&odd, Path::Any).unwrap(), (vec![0], 1));
+        assert_eq!(kernel(DType::F16, Path::Split(2)).unwrap(), "dm_split2_f16");
+        assert_eq!(kernel(DType::BF16, Path::Any).unwrap(), "dm_any_bf16");
+        assert!(kernel(DType::BF16, Path::Split(3)).is_err());
     }
 
     #[test]

@@ -142,10 +142,10 @@ def test_core_lora_a_entry_rejects_bad_arguments(rows, xa_ld, k, dtype, text):
 
 
 # --------------------------------------------------------------------------------------- GPU
-# (K, member widths): the fast kernels (stream for batches 1..4, tensor cores for 5..8) with
-# whole and partial 4- and 16-row tiles and a K that is a multiple of 32 but not of 64 or 128,
-# and one of 33 chunks (the stream kernel's second k-step has one lane busy); the generic kernel
-# for a K that is not a multiple of 32 (37 x 3 elements: an odd count, the last byte half padding).
+# (K, member widths): the fast kernel with whole and partial 16-row tiles, tiles split over 1..8
+# warps, a K that is a multiple of 32 but not of 64 or 128 (a k-step's last chunks past K), and one
+# of 33 chunks (one lane of the last k-step busy); the generic kernel for a K that is not a
+# multiple of 32 (37 x 3 elements: an odd count, the last byte half padding).
 SHAPES = [
     (256, (64, 32, 32)),
     (96, (37, 5, 21)),
@@ -195,15 +195,17 @@ def test_kernel_block_sizes(blocksize, k, ns):
 
 @cuda
 @pytest.mark.cuda
-def test_stream_kernel_strides_over_more_tiles_than_resident_warps():
-    # 9,008 rows: more 4-row tiles than the warps resident on an H200 (132 SMs x 16), so warps
-    # take several tiles, crossing members.
+@pytest.mark.parametrize("widths", [(4000, 2400), (9000, 3800), (30000, 10001, 7)])
+def test_fast_kernel_splits_tiles_by_group_size(widths):
+    # On an H200 (2,112 resident warps) these groups' 400, 800 and 2,502 tiles take 4, 2 and 1
+    # warps per tile (the last: more tiles than resident warps, blocks crossing members); K = 256
+    # has 2 k-steps, so with 4 warps per tile two of them have none.
     dtype = torch.bfloat16
-    layers = _group(64, (6000, 3001, 7), quant=True, bias=True, rank=4, dtype=dtype, device="cuda")
+    layers = _group(256, widths, quant=True, bias=True, rank=4, dtype=dtype, device="cuda")
     group = ProjectionGroup.from_modules(layers, dtype)
     assert group.uses_kernel and use_kernels(layers[0].weight)
-    for batch in (1, 4):
-        x = torch.randn(batch, 64, device="cuda", dtype=dtype)
+    for batch in (1, 8):
+        x = torch.randn(batch, 256, device="cuda", dtype=dtype)
         for out, ref in zip(group(x), reference(x, group)):
             _close(out, ref, dtype)
 
@@ -212,7 +214,7 @@ def test_stream_kernel_strides_over_more_tiles_than_resident_warps():
 @pytest.mark.cuda
 @pytest.mark.parametrize("batch", [1, 3])
 def test_group_of_nf4_and_fp4_members(batch):
-    # The stream kernel's code table serves one type: a mixed group takes the tensor-core kernel.
+    # The fast kernel's code table serves one type: a mixed group takes the generic kernel.
     dtype = torch.float16
     layers = [
         _layer(256, 40, quant=True, bias=False, rank=0, dtype=dtype, device="cuda", quant_type=qt, seed=i)
