@@ -1,4 +1,5 @@
-"""Timing helpers shared by the Python benches: CUDA-event medians and the copy-bandwidth ceiling.
+"""What the Python kernel benches share: CUDA-event medians, the copy-bandwidth ceiling and the
+command-line flags every one of them takes.
 
 Every timed run is preceded by a write over a buffer larger than the L2 cache, queued on the same
 stream, then about 1 ms of GPU spin. The write makes the kernel start with a cold L2 (its inputs are
@@ -13,6 +14,7 @@ the host's queueing). Launch cost is real but is a separate figure
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -75,3 +77,18 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     dst = torch.empty_like(src)
     ms, _ = median_ms(lambda: dst.copy_(src), warmup=3, repeat=20)
     return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def gpu_bench_args(
+    parser: argparse.ArgumentParser, script: str, *, repeat: int, out: str, only_help: str
+) -> argparse.Namespace | None:
+    """Adds the flags every kernel bench takes (``--repeat``, ``--out``, ``--only``) to ``parser`` and
+    parses the command line; None, after saying so, where there is no CUDA GPU to time on."""
+    parser.add_argument("--repeat", type=int, default=repeat)
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--only", default="", help=only_help)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print(f"{script} needs a CUDA GPU")
+        return None
+    return args

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _gpu_timing import copy_bandwidth_gbs, median_ms  # noqa: E402
+from _gpu_timing import copy_bandwidth_gbs, gpu_bench_args, median_ms  # noqa: E402
 
 from rslora_fast.bench import emit_row  # noqa: E402
 from rslora_fast.generate.matvec import ProjectionGroup, reference  # noqa: E402
@@ -125,13 +125,15 @@ def bench_row(name, k, ns, quant, rank, batch, dtype, repeat, copy_gbs) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=50)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
-    parser.add_argument("--out", default="results/decode_matvec.jsonl")
-    parser.add_argument("--only", default="", help="only the groups whose name contains this")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("benches/decode_matvec.py needs a CUDA GPU")
+    args = gpu_bench_args(
+        parser,
+        "benches/decode_matvec.py",
+        repeat=50,
+        out="results/decode_matvec.jsonl",
+        only_help="only the groups whose name contains this",
+    )
+    if args is None:
         return 1
     dtype = getattr(torch, args.dtype)
     copy_gbs = copy_bandwidth_gbs()

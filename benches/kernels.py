@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _gpu_timing import copy_bandwidth_gbs, median_ms  # noqa: E402
+from _gpu_timing import copy_bandwidth_gbs, gpu_bench_args, median_ms  # noqa: E402
 
 from rslora_fast.bench import append_jsonl  # noqa: E402
 from rslora_fast.ops.swiglu import swiglu_bwd, swiglu_fwd  # noqa: E402
@@ -220,12 +220,14 @@ def add_rms_norm_rows(n: int, dtype: torch.dtype, hidden: int = 4096) -> list:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--elements", type=int, default=64 * 1024 * 1024)
-    parser.add_argument("--repeat", type=int, default=30)
-    parser.add_argument("--out", default="results/kernels.jsonl")
-    parser.add_argument("--only", default="", help="time only the kernels whose name contains this")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("benches/kernels.py needs a CUDA GPU")
+    args = gpu_bench_args(
+        parser,
+        "benches/kernels.py",
+        repeat=30,
+        out="results/kernels.jsonl",
+        only_help="time only the kernels whose name contains this",
+    )
+    if args is None:
         return 1
     copy = copy_bandwidth_gbs()
     gpu = torch.cuda.get_device_name()

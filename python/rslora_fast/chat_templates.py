@@ -68,25 +68,23 @@ class Family:
         """The text that closes an assistant turn (``eos`` stands in for the EOS sentinel)."""
         return _literal(self.assistant_end, eos=eos).strip()
 
+    @classmethod
+    def role_tagged(cls, header: str, end: tuple, start: tuple = ()) -> Family:
+        """A format whose system, user and assistant turns each open with ``header`` naming the role
+        (``{role}`` in it) and all close with the same ``end``."""
+        return cls(
+            start=start,
+            system=(header.format(role="system"),),
+            system_end=end,
+            user=(header.format(role="user"),),
+            user_end=end,
+            assistant=(header.format(role="assistant"),),
+            assistant_end=end,
+        )
 
-_LLAMA3 = Family(
-    start=(BOS,),
-    system=("<|start_header_id|>system<|end_header_id|>\n\n",),
-    system_end=("<|eot_id|>",),
-    user=("<|start_header_id|>user<|end_header_id|>\n\n",),
-    user_end=("<|eot_id|>",),
-    assistant=("<|start_header_id|>assistant<|end_header_id|>\n\n",),
-    assistant_end=("<|eot_id|>",),
-)
-_CHATML = Family(
-    start=(),
-    system=("<|im_start|>system\n",),
-    system_end=("<|im_end|>\n",),
-    user=("<|im_start|>user\n",),
-    user_end=("<|im_end|>\n",),
-    assistant=("<|im_start|>assistant\n",),
-    assistant_end=("<|im_end|>\n",),
-)
+
+_LLAMA3 = Family.role_tagged("<|start_header_id|>{role}<|end_header_id|>\n\n", ("<|eot_id|>",), start=(BOS,))
+_CHATML = Family.role_tagged("<|im_start|>{role}\n", ("<|im_end|>\n",))
 _QWEN25 = Family(
     **{
         **_CHATML.__dict__,
@@ -110,33 +108,9 @@ _MISTRAL = Family(
     system_into_user=True,
     markers=("[INST]", "[/INST]"),
 )
-_PHI3 = Family(
-    start=(),
-    system=("<|system|>\n",),
-    system_end=("<|end|>\n",),
-    user=("<|user|>\n",),
-    user_end=("<|end|>\n",),
-    assistant=("<|assistant|>\n",),
-    assistant_end=("<|end|>\n",),
-)
-_PHI4 = Family(
-    start=(),
-    system=("<|im_start|>system<|im_sep|>",),
-    system_end=("<|im_end|>",),
-    user=("<|im_start|>user<|im_sep|>",),
-    user_end=("<|im_end|>",),
-    assistant=("<|im_start|>assistant<|im_sep|>",),
-    assistant_end=("<|im_end|>",),
-)
-_ZEPHYR = Family(
-    start=(),
-    system=("<|system|>\n",),
-    system_end=(EOS, "\n"),
-    user=("<|user|>\n",),
-    user_end=(EOS, "\n"),
-    assistant=("<|assistant|>\n",),
-    assistant_end=(EOS, "\n"),
-)
+_PHI3 = Family.role_tagged("<|{role}|>\n", ("<|end|>\n",))
+_PHI4 = Family.role_tagged("<|im_start|>{role}<|im_sep|>", ("<|im_end|>",))
+_ZEPHYR = Family.role_tagged("<|{role}|>\n", (EOS, "\n"))
 _ALPACA = Family(
     start=(BOS,),
     system=(),

@@ -312,21 +312,7 @@ def test_cuda_poisoned_outputs_are_all_written(dtype, shape, gemma):
     assert n % per_block == 0 and 1 <= n <= -(-rows // per_block) * per_block
     dx = torch.full_like(x, float("nan"))
     partial = torch.full((n, cols), float("nan"), device="cuda")
-    _core.rms_norm_bwd(
-        dy.data_ptr(),
-        x.data_ptr(),
-        w.data_ptr(),
-        rstd.data_ptr(),
-        dx.data_ptr(),
-        partial.data_ptr(),
-        n,
-        rows,
-        cols,
-        gemma,
-        name,
-        0,
-        stream,
-    )
+    rms_norm_module.launch_bwd(dy, x, w, rstd, dx, partial, gemma)
     dx_only = torch.full_like(x, float("nan"))
     _core.rms_norm_bwd_dx(
         dy.data_ptr(),
@@ -366,12 +352,8 @@ def test_cuda_wrong_partial_rows_is_refused():
     n = _core.rms_norm_bwd_partial_rows(rows, cols, "bfloat16", 0)
     partial = torch.empty(n + 1, cols, device="cuda")
     dx = torch.empty_like(x)
-    stream = torch.cuda.current_stream().cuda_stream
     with pytest.raises(ValueError, match="partial buffer"):
-        _core.rms_norm_bwd(
-            x.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
-            partial.data_ptr(), n + 1, rows, cols, False, "bfloat16", 0, stream,
-        )  # fmt: skip
+        rms_norm_module.launch_bwd(x, x, w, rstd, dx, partial, False)
 
 
 @cuda

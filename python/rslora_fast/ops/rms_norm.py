@@ -108,6 +108,17 @@ def _backward_operands(dy, x, w, rstd):
     return dy.to(x.dtype).contiguous(), x.contiguous(), w.contiguous(), rstd.float().contiguous()
 
 
+def launch_bwd(dy, x, w, rstd, dx, partial, gemma: bool) -> None:
+    """Runs ``core().rms_norm_bwd`` over the rows of contiguous ``x``: writes ``dx`` and the float32
+    ``dw`` partial sums, one per row of ``partial`` (``rms_norm_bwd_partial_rows`` of them)."""
+    cols = x.shape[-1]
+    device, stream = stream_of(x)
+    pointers = [t.data_ptr() for t in (dy, x, w, rstd, dx, partial)]
+    core().rms_norm_bwd(
+        *pointers, partial.shape[0], x.numel() // cols, cols, gemma, dtype_name(x, "rms_norm"), device, stream
+    )
+
+
 @torch.library.custom_op("rslora_fast::rms_norm_bwd", mutates_args=())
 def rms_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, gemma: bool
@@ -122,24 +133,9 @@ def rms_norm_bwd(
     dx = torch.empty_like(x)
     if rows == 0:
         return dx, torch.zeros_like(w)
-    device, stream = stream_of(x)
-    n = core().rms_norm_bwd_partial_rows(rows, cols, dtype_name(x, "rms_norm"), device)
+    n = core().rms_norm_bwd_partial_rows(rows, cols, dtype_name(x, "rms_norm"), stream_of(x)[0])
     partial = torch.empty(n, cols, dtype=torch.float32, device=x.device)
-    core().rms_norm_bwd(
-        dy.data_ptr(),
-        x.data_ptr(),
-        w.data_ptr(),
-        rstd.data_ptr(),
-        dx.data_ptr(),
-        partial.data_ptr(),
-        n,
-        rows,
-        cols,
-        gemma,
-        dtype_name(x, "rms_norm"),
-        device,
-        stream,
-    )
+    launch_bwd(dy, x, w, rstd, dx, partial, gemma)
     # torch's reduction of a fixed shape runs in a fixed order: dw is deterministic.
     return dx, partial.sum(0).to(w.dtype)
 
