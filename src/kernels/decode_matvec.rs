@@ -787,6 +787,14 @@ mod tests {
     }
 
     #[test]
+    fn batch_chunks_cover_the_batch_eight_rows_at_a_time() {
+        let chunks: Vec<_> = batch_chunks(17).collect();
+        assert_eq!(chunks, [(0, 8), (8, 8), (16, 1)]);
+        assert_eq!(batch_chunks(8).collect::<Vec<_>>(), [(0, 8)]);
+        assert_eq!(batch_chunks(0).count(), 0);
+    }
+
+    #[test]
     fn fast_path_needs_whole_chunks_and_aligned_rows() {
         assert!(fast_path(&args(vec![member(8)])));
         let mut a = args(vec![member(8)]);
