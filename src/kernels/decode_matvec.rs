@@ -406,31 +406,84 @@ pub unsafe fn launch(a: &Args, device: i32, stream: RawStream) -> Result<()> {
     let path = path_for(a, || resident_warps(a.dtype, device))?;
     let name = kernel(a.dtype, path)?;
     let (starts, blocks) = grid(a, path)?;
-    for b0 in (0..a.batch).step_by(MAX_BATCH) {
-        let rows = (a.batch - b0).min(MAX_BATCH);
-        let ys = output_rows(a.out, a.members.iter().map(|m| m.n), a.batch, b0, es);
+    let g = Group {
+        name,
+        blocks,
+        widths: a.members.iter().map(|m| m.n).collect(),
+        out: a.out,
+        x: a.x,
+        k: a.k,
+        xa: a.xa,
+        xa_ld: a.xa_ld,
+        batch: a.batch,
+        es,
+    };
+    // SAFETY: the members' weights, scales, biases and LoRA terms are the ones `check` verified.
+    unsafe {
+        launch_group(&g, device, stream, |i, y| {
+            member_params(&a.members[i], starts[i], y)
+        })
+    }
+}
+
+/// One launch of the group kernel `name` per [`MAX_BATCH`] batch rows: the members' outputs
+/// (`widths` wide, elements of `es` bytes) are consecutive in `out` as in [`Args`]; `x`
+/// `[batch, k]` and `xa` `[batch, xa_ld]` are the inputs (0 and `k` 0: not read).
+struct Group {
+    name: &'static str,
+    blocks: u32,
+    widths: Vec<usize>,
+    out: usize,
+    x: usize,
+    k: usize,
+    xa: usize,
+    xa_ld: usize,
+    batch: usize,
+    es: usize,
+}
+
+/// Batch rows `b0` and their count: one launch's share of `batch`, [`MAX_BATCH`] at the most.
+fn batch_chunks(batch: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..batch)
+        .step_by(MAX_BATCH)
+        .map(move |b0| (b0, (batch - b0).min(MAX_BATCH)))
+}
+
+/// Run `g`: `member(i, y)` is the kernel member of member `i` whose first output row is at `y`.
+///
+/// # Safety
+/// `x`, `xa` and `out` must be live device allocations on `device` of the extents the caller's
+/// `check` verified from the counts in `g`, and so must every pointer `member` returns.
+unsafe fn launch_group(
+    g: &Group,
+    device: i32,
+    stream: RawStream,
+    member: impl Fn(usize, usize) -> Result<MemberParams>,
+) -> Result<()> {
+    for (b0, rows) in batch_chunks(g.batch) {
+        let ys = output_rows(g.out, g.widths.iter().copied(), g.batch, b0, g.es);
         let mut m = [MemberParams::default(); MAX_MEMBERS];
-        for (i, mem) in a.members.iter().enumerate() {
-            m[i] = member_params(mem, starts[i], ys[i])?;
+        for (i, &y) in ys.iter().enumerate() {
+            m[i] = member(i, y)?;
         }
         let mut params = Params {
             m,
-            x: a.x + b0 * a.k * es,
-            xa: if a.xa != 0 {
-                a.xa + b0 * a.xa_ld * es
+            x: g.x + b0 * g.k * g.es,
+            xa: if g.xa != 0 {
+                g.xa + b0 * g.xa_ld * g.es
             } else {
                 0
             },
-            k: a.k as i64,
+            k: g.k as i64,
             batch: rows as i32,
-            xa_ld: a.xa_ld as i32,
-            members: a.members.len() as i32,
+            xa_ld: g.xa_ld as i32,
+            members: ys.len() as i32,
             pad: 0,
         };
-        // SAFETY: `Params` is laid out (repr(C)) exactly as the kernel's by-value struct;
-        // `check` verified every extent the kernel reads or writes from the counts, and the
-        // offsets above stay inside them (b0 < batch).
-        unsafe { launch_params(device, stream, name, (blocks, THREADS), &mut params)? };
+        // SAFETY: `Params` is laid out (repr(C)) exactly as the kernel's by-value struct; the
+        // caller's `check` verified every extent the kernel reads or writes from the counts, and
+        // the offsets above stay inside them (b0 < batch).
+        unsafe { launch_params(device, stream, g.name, (g.blocks, THREADS), &mut params)? };
     }
     Ok(())
 }
@@ -513,8 +566,7 @@ pub unsafe fn launch_xa(a: &XaArgs, device: i32, stream: RawStream) -> Result<()
     let vec = a.k % 8 == 0 && all_aligned16(&[a.x, a.a]);
     let blocks =
         u32::try_from(a.rows).map_err(|_| Error::invalid("decode_lora_a: too many LoRA rows"))?;
-    for b0 in (0..a.batch).step_by(MAX_BATCH) {
-        let rows = (a.batch - b0).min(MAX_BATCH);
+    for (b0, rows) in batch_chunks(a.batch) {
         let mut params = XaParams {
             x: a.x + b0 * a.k * es,
             a: a.a,
@@ -645,30 +697,28 @@ pub unsafe fn launch_lora_b(a: &LoraBArgs, device: i32, stream: RawStream) -> Re
         .ok()
         .filter(|&b| b <= i32::MAX as u32)
         .ok_or_else(|| Error::invalid("decode_lora_b: too many output rows"))?;
-    for b0 in (0..a.batch).step_by(MAX_BATCH) {
-        let rows = (a.batch - b0).min(MAX_BATCH);
-        let ys = output_rows(a.out, a.members.iter().map(|m| m.n), a.batch, b0, es);
-        let mut m = [MemberParams::default(); MAX_MEMBERS];
-        let mut start = 0usize;
-        for (i, mem) in a.members.iter().enumerate() {
-            m[i] = mem.params(start, ys[i])?;
-            start += mem.n;
-        }
-        let mut params = Params {
-            m,
-            x: 0,
-            xa: a.xa + b0 * a.xa_ld * es,
-            k: 0,
-            batch: rows as i32,
-            xa_ld: a.xa_ld as i32,
-            members: a.members.len() as i32,
-            pad: 0,
-        };
-        // SAFETY: `Params` is laid out as the kernel's; the kernel reads only the members' n,
-        // start, y and LoRA fields, whose extents `check` verified (b0 < batch).
-        unsafe { launch_params(device, stream, name, (blocks, THREADS), &mut params)? };
-    }
-    Ok(())
+    let starts: Vec<usize> = (a.members.iter())
+        .scan(0usize, |start, m| {
+            let first = *start;
+            *start += m.n;
+            Some(first)
+        })
+        .collect();
+    let g = Group {
+        name,
+        blocks,
+        widths: a.members.iter().map(|m| m.n).collect(),
+        out: a.out,
+        x: 0,
+        k: 0,
+        xa: a.xa,
+        xa_ld: a.xa_ld,
+        batch: a.batch,
+        es,
+    };
+    // SAFETY: the kernel reads only the members' n, start, y and LoRA fields, whose extents
+    // `check` verified.
+    unsafe { launch_group(&g, device, stream, |i, y| a.members[i].params(starts[i], y)) }
 }
 
 #[cfg(test)]
@@ -734,6 +784,14 @@ mod tests {
         a.x = 0;
         assert!(err(a).contains("null"));
         assert_eq!(args(vec![member(8), member(3)]).check().unwrap(), 11);
+    }
+
+    #[test]
+    fn batch_chunks_cover_the_batch_eight_rows_at_a_time() {
+        let chunks: Vec<_> = batch_chunks(17).collect();
+        assert_eq!(chunks, [(0, 8), (8, 8), (16, 1)]);
+        assert_eq!(batch_chunks(8).collect::<Vec<_>>(), [(0, 8)]);
+        assert_eq!(batch_chunks(0).count(), 0);
     }
 
     #[test]

@@ -157,27 +157,29 @@ pub unsafe fn forward(r: &Rows, x: usize, w: usize, y: usize, rstd: usize, eps: 
     unsafe { launch_per_row("rms_norm forward", entry, r, (&ptrs, 3), Some(eps)) }
 }
 
+/// The buffers of the residual-add forward: the summands `x` and `residual`, the sum `s` and the
+/// normed `y` it writes (`rows x cols`), the weight `w` (`cols`) and `rstd` (`rows` f32).
+#[derive(Clone, Copy, Debug)]
+pub struct AddNorm {
+    pub x: usize,
+    pub residual: usize,
+    pub w: usize,
+    pub s: usize,
+    pub y: usize,
+    pub rstd: usize,
+}
+
 /// Residual add + RMSNorm forward: `s = x + residual` (rounded to `dtype`, `rows x cols`), and
 /// `y`, `rstd` of `s` as [`forward`] computes them, in one pass over the rows.
 ///
 /// # Safety
-/// `x`, `residual`, `s`, `y` must be device pointers on `device` to `rows * cols` contiguous
-/// elements of `dtype`, `w` to `cols` elements, `rstd` to `rows` f32, all live until the launch
-/// has run on `stream`; `s`, `y` and `rstd` overlap nothing else.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn add_forward(
-    r: &Rows,
-    x: usize,
-    residual: usize,
-    w: usize,
-    s: usize,
-    y: usize,
-    rstd: usize,
-    eps: f32,
-) -> Result<()> {
+/// The pointers of `b` must be device pointers on `device` to the sizes [`AddNorm`] names, of
+/// `dtype` but `rstd`, all live until the launch has run on `stream`; `s`, `y` and `rstd` overlap
+/// nothing else.
+pub unsafe fn add_forward(r: &Rows, b: &AddNorm, eps: f32) -> Result<()> {
     let kernel = by_dtype!("add_rms_norm_fwd", r.dtype);
     let entry = (kernel, forward_elems(r.dtype));
-    let ptrs = [x, residual, w, s, y, rstd];
+    let ptrs = [b.x, b.residual, b.w, b.s, b.y, b.rstd];
     // SAFETY: `add_rms_norm_fwd_<dtype>(const T* x, const T* res, const T* w, T* s, T* y,
     // float* rstd, ...)`; the caller guarantees the pointers and sizes.
     unsafe { launch_per_row("add_rms_norm forward", entry, r, (&ptrs, 5), Some(eps)) }
@@ -354,21 +356,15 @@ pub unsafe fn backward_dx(r: &Rows, g: &Grads) -> Result<()> {
 /// (`rows x cols`, `dtype`): the gradient of both `x` and `residual` of [`add_forward`], from the
 /// normed output's gradient `dy` and the sum's own gradient `ds`.
 ///
+/// `g.x` is the sum `s` (the normed input) and `g.rstd` its rstd as [`add_forward`] wrote them.
+///
 /// # Safety
-/// `dy`, `ds`, `s`, `dx` must be device pointers on `device` to `rows * cols` contiguous elements
-/// of `dtype`, `w` to `cols` elements, `rstd` to `rows` f32 (as written by [`add_forward`]), all
-/// live until the launch has run on `stream`; `dx` overlaps nothing else.
-pub unsafe fn add_backward_dx(
-    r: &Rows,
-    dy: usize,
-    ds: usize,
-    s: usize,
-    w: usize,
-    rstd: usize,
-    dx: usize,
-) -> Result<()> {
+/// The pointers of `g` must be device pointers on `device` to the sizes [`Grads`] names, of
+/// `dtype` but `rstd`, and `ds` to `rows * cols` elements of `dtype`, all live until the launch
+/// has run on `stream`; `dx` overlaps nothing else.
+pub unsafe fn add_backward_dx(r: &Rows, g: &Grads, ds: usize) -> Result<()> {
     let entry = dx_kernel(r.dtype, r.cols, true);
-    let ptrs = [dy, ds, s, w, rstd, dx];
+    let ptrs = [g.dy, ds, g.x, g.w, g.rstd, g.dx];
     // SAFETY: `add_rms_norm_bwd_dx{4,8}_<dtype>(const T* dy, const T* ds, const T* s, const T* w,
     // const float* rstd, T* dx, ...)`; the caller guarantees the pointers and sizes.
     unsafe { launch_per_row("add_rms_norm backward", entry, r, (&ptrs, 4), None) }

@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use super::{guard, launch};
 use crate::args::{check_device, row_span};
 use crate::cuda::RawStream;
-use crate::kernels::rms_norm::{self, Grads, Rows};
+use crate::kernels::rms_norm::{self, AddNorm, Grads, Rows};
 use crate::kernels::DType;
 
 /// The launch context of a binding, after parsing its dtype name.
@@ -167,11 +167,17 @@ fn add_rms_norm_fwd(
 ) -> PyResult<()> {
     let r = rows_of(dtype, rows, cols, gemma, device, stream)?;
     check_bufs("add_rms_norm_fwd", &r, &[x, residual, s, y], w, rstd)?;
+    let b = AddNorm {
+        x,
+        residual,
+        w,
+        s,
+        y,
+        rstd,
+    };
     // SAFETY: the Python op passes live contiguous tensors of the stated sizes on `device`, with
     // fresh outputs `s`, `y` and `rstd`.
-    launch(py, || unsafe {
-        rms_norm::add_forward(&r, x, residual, w, s, y, rstd, eps)
-    })
+    launch(py, || unsafe { rms_norm::add_forward(&r, &b, eps) })
 }
 
 /// add_rms_norm_bwd_dx(dy, ds, s, w, rstd, dx, rows, cols, gemma, dtype, device, stream) -> None
@@ -197,10 +203,15 @@ fn add_rms_norm_bwd_dx(
 ) -> PyResult<()> {
     let r = rows_of(dtype, rows, cols, gemma, device, stream)?;
     check_bufs("add_rms_norm_bwd_dx", &r, &[dy, ds, s, dx], w, rstd)?;
+    let g = Grads {
+        dy,
+        x: s,
+        w,
+        rstd,
+        dx,
+    };
     // SAFETY: as in add_rms_norm_fwd; `dx` is a fresh output allocated by torch.
-    launch(py, || unsafe {
-        rms_norm::add_backward_dx(&r, dy, ds, s, w, rstd, dx)
-    })
+    launch(py, || unsafe { rms_norm::add_backward_dx(&r, &g, ds) })
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

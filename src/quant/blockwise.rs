@@ -73,10 +73,8 @@ pub fn quantize_4bit(
     packed: &mut [u8],
     absmax: &mut [f32],
 ) -> Result<()> {
-    check_blocksize(blocksize)?;
     let n = src.len();
-    check_len("packed", packed.len(), packed_len(n))?;
-    check_len("absmax", absmax.len(), num_blocks(n, blocksize))?;
+    check_4bit_lens(n, blocksize, packed.len(), absmax.len())?;
     if n == 0 {
         return Ok(());
     }
@@ -130,10 +128,8 @@ pub fn dequantize_4bit(
     qt: QuantType,
     out: &mut [f32],
 ) -> Result<()> {
-    check_blocksize(blocksize)?;
     let n = out.len();
-    check_len("packed", packed.len(), packed_len(n))?;
-    check_len("absmax", absmax.len(), num_blocks(n, blocksize))?;
+    check_4bit_lens(n, blocksize, packed.len(), absmax.len())?;
     let code = qt.code();
     let bpt = blocks_per_task(blocksize);
     out.par_chunks_mut(bpt * blocksize)
@@ -210,12 +206,7 @@ pub fn double_quant_into(
     codes: &mut [u8],
     nested_absmax: &mut [f32],
 ) -> Result<()> {
-    check_len("codes", codes.len(), absmax.len())?;
-    check_len(
-        "nested_absmax",
-        nested_absmax.len(),
-        absmax.len().div_ceil(NESTED_BLOCKSIZE),
-    )?;
+    check_double_lens(absmax.len(), ("codes", codes.len()), nested_absmax.len())?;
     let lut = dynamic_lut();
     codes
         .par_chunks_mut(NESTED_BLOCKSIZE)
@@ -245,17 +236,26 @@ pub fn dequant_scales(
     offset: f32,
     out: &mut [f32],
 ) -> Result<()> {
-    check_len("out", out.len(), codes.len())?;
-    check_len(
-        "nested_absmax",
-        nested_absmax.len(),
-        codes.len().div_ceil(NESTED_BLOCKSIZE),
-    )?;
+    check_double_lens(codes.len(), ("out", out.len()), nested_absmax.len())?;
     let map = dynamic_map();
     for (i, (o, &c)) in out.iter_mut().zip(codes).enumerate() {
         *o = map[c as usize] * nested_absmax[i / NESTED_BLOCKSIZE] + offset;
     }
     Ok(())
+}
+
+/// Check the blocksize and the buffers of `n` 4-bit elements: `packed` bytes and `absmax` scales.
+fn check_4bit_lens(n: usize, blocksize: usize, packed: usize, absmax: usize) -> Result<()> {
+    check_blocksize(blocksize)?;
+    check_len("packed", packed, packed_len(n))?;
+    check_len("absmax", absmax, num_blocks(n, blocksize))
+}
+
+/// Check the buffers of `n` double-quantized scales: one element of buffer `name` per scale and
+/// `nested_absmax` one per [`NESTED_BLOCKSIZE`] of them.
+fn check_double_lens(n: usize, (name, len): (&str, usize), nested_absmax: usize) -> Result<()> {
+    check_len(name, len, n)?;
+    check_len("nested_absmax", nested_absmax, n.div_ceil(NESTED_BLOCKSIZE))
 }
 
 fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
