@@ -132,6 +132,56 @@ def nf4(name: str) -> str:
     return table(header, body)
 
 
+def decode_matvec(name: str) -> str:
+    """4-bit groups: microseconds per call (and % of copy without LoRA) at batch 1 and 8."""
+    cells: dict[str, dict[tuple[int, int], str]] = {}
+    for r in rows(name):
+        if r["weights"] != "nf4-dq":
+            continue
+        text = f"{r['us_per_call']:.2f} us"
+        if not r["lora_r"]:
+            text += f" ({r['pct_of_copy']:.0f}%)"
+        cells.setdefault(r["group"], {})[(r["batch"], r["lora_r"])] = text
+    keys = [(1, 0), (1, 16), (8, 0), (8, 16)]
+    body = [[group, *(c.get(k, "") for k in keys)] for group, c in cells.items()]
+    return table(["group", "batch 1", "batch 1, LoRA r=16", "batch 8", "batch 8, LoRA r=16"], body)
+
+
+#: generation systems of ours -> (row label, the Unsloth system measured beside it)
+GENERATE_PAIRS = {
+    "rslora_fast:4bit": ("4-bit", "unsloth:4bit"),
+    "rslora_fast:16bit:merged": ("16-bit, `merge_lora=True`", "unsloth:bf16"),
+    "rslora_fast:16bit": ("16-bit", "unsloth:bf16"),
+}
+
+
+def generate(name: str) -> str:
+    """Tokens/s beside Unsloth's per batch, then the long prompt's time to first token."""
+    by = {(r["system"], r["batch"]): r for r in rows(name) if r.get("kind") == "generate"}
+    body, ttft = [], []
+    for batch in sorted({b for _, b in by}):
+        for system, (label, peer_name) in GENERATE_PAIRS.items():
+            r, peer = by.get((system, batch)), by.get((peer_name, batch))
+            if r is None:
+                continue
+            ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}" if peer else ""
+            peer_tps = f"{peer['tokens_per_s']:,.1f}" if peer else "not run"
+            tps, gbs = f"{r['tokens_per_s']:,.1f}", f"{r['weight_gb_per_s']:,.0f}"
+            body.append([f"{label}, batch {batch}", tps, gbs, peer_tps, ratio])
+            if peer and "ttft_long_s" in r and "ttft_long_s" in peer:
+                prompt = f"time to first token, {r['long_prompt_len']:,}-token prompt, {label}"
+                ours, theirs = r["ttft_long_s"], peer["ttft_long_s"]
+                ttft.append([prompt, f"{ours:.4f} s", "", f"{theirs:.4f} s", f"{ours / theirs:.2f} (time)"])
+    header = [
+        "8B, prompt 512, 128 new tokens",
+        "rslora_fast tok/s",
+        "GB/s",
+        "Unsloth tok/s",
+        "ratio to Unsloth",
+    ]
+    return table(header, body + ttft)
+
+
 #: results file -> how its table is rendered (each table of docs/benchmarks.md that has a file).
 TABLES: dict[str, Callable[[str], str]] = {
     "train_step_2026-11-29.jsonl": train_step,
@@ -140,6 +190,8 @@ TABLES: dict[str, Callable[[str], str]] = {
     "train_step_five_systems_2026-11-28.jsonl": lambda n: train_step(n, with_load=False),
     "kernels_2026-11-29.jsonl": kernels,
     "nf4_2026-11-29.jsonl": nf4,
+    "decode_matvec_split_kernel_h200_2026-12-03.jsonl": decode_matvec,
+    "generate_8b_split_kernel_h200_2026-12-03.jsonl": generate,
 }
 
 
