@@ -11,4 +11,6 @@ bash scripts/setup.sh
 . .venv/bin/activate
 rslora-fast info
 rslora-fast selfcheck
-python -m rslora_fast.demo "$@"
+# PYTHONSAFEPATH (Python 3.11+): keep the checkout's root off sys.path, where the CUDA sources' folder
+# kernels/ would pass for a namespace package `kernels` (which bitsandbytes, when installed, probes).
+PYTHONSAFEPATH=1 python -m rslora_fast.demo "$@"

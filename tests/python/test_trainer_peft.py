@@ -194,3 +194,38 @@ def test_without_peft_the_class_is_ours_alone_and_trainer_users_are_told(base_di
     with pytest.warns(UserWarning, match=r"rslora-fast\[trainers\]"):
         pm, _ = _peft_4bit(base_dir)
     assert type(pm) is PeftModel and not isinstance(pm, peft.PeftModel)
+
+
+def test_importing_peft_holds_bitsandbytes_warnings(monkeypatch):
+    # peft imports bitsandbytes when installed, whose import warns about its optional CPU kernels
+    # (`pip install kernels`): noise the user did not ask for. A stand-in peft records the
+    # effective level of a bitsandbytes logger while it is imported.
+    import importlib.abc
+    import importlib.machinery
+    import logging
+    import sys
+
+    import rslora_fast.peft.model as pmod
+
+    seen = {}
+
+    class StandInPeft(importlib.abc.Loader):
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            seen["level"] = logging.getLogger("bitsandbytes.backends.cpu.ops").getEffectiveLevel()
+            module.PeftModel = type("PeftModel", (), {})
+
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            return importlib.machinery.ModuleSpec("peft", StandInPeft()) if name == "peft" else None
+
+    monkeypatch.delitem(sys.modules, "peft", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Finder(), *sys.meta_path])
+    bnb_log = logging.getLogger("bitsandbytes")
+    before = bnb_log.level
+    cls = pmod._hf_peft_class()
+    assert cls is sys.modules["peft"].PeftModel
+    assert seen["level"] >= logging.ERROR  # held while peft (and so bitsandbytes) imports
+    assert bnb_log.level == before  # and given back

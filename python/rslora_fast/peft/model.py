@@ -850,15 +850,25 @@ class PeftModel(nn.Module):
 
 
 def _hf_peft_class() -> type | None:
-    """HF peft's ``PeftModel`` when peft is installed (imported here, on first use), else None."""
+    """HF peft's ``PeftModel`` when peft is installed (imported here, on first use), else None.
+
+    peft imports bitsandbytes when that is installed, whose import logs warnings about its own
+    optional CPU kernels; the user asked for neither, so bitsandbytes' logger is held at ERROR
+    for the time of this import only."""
     import importlib.util
+    import logging
 
     if importlib.util.find_spec("peft") is None:
         return None
+    bnb_log = logging.getLogger("bitsandbytes")
+    level = bnb_log.level
+    bnb_log.setLevel(logging.ERROR)
     try:
         from peft import PeftModel as HFPeftModel
     except Exception:  # a broken peft install must not stop LoRA training
         return None
+    finally:
+        bnb_log.setLevel(level)
     return HFPeftModel
 
 
