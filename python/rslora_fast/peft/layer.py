@@ -215,11 +215,9 @@ class LoraLinear(nn.Module):
                 "merge_for_inference: a 4-bit base would be requantized with the update, which changes "
                 "it for good; generate with the adapter unmerged instead"
             )
-        w = self.base_layer.weight
-        kept = w.detach().to("cpu", copy=True)
-        w.add_(self.get_delta_weight().to(w.device, w.dtype))
+        kept = self.base_layer.weight.detach().to("cpu", copy=True)
+        self.merge()
         self.__dict__["_unmerged_weight"] = kept
-        self.merged = True
         return kept.numel() * kept.element_size()
 
     @torch.no_grad()
